@@ -1,0 +1,42 @@
+"""Engine settings: one typed object, built once by the caller (the offline API or a service)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import require
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF folder or .gguf file; None = the bundled SmolLM2-135M-Instruct
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
+    page_size: int = 16  # tokens per page of one (layer, kv-head)
+    prefill_chunk: int = 512  # prompt tokens processed per prefill step
+    max_model_len: int | None = None  # prompt + output positions; None = the model's own limit
+    kv_cache_bytes: int | None = None  # KV pool size; None = 2 GiB on CPU, 90% of free memory on CUDA
+    max_num_seqs: int = 64  # sequences decoded together at most
+
+    def __post_init__(self) -> None:
+        require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")
+        require(self.prefill_chunk >= 1, "prefill_chunk", f"must be >= 1, got {self.prefill_chunk}")
+        require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        require(self.dtype in ("auto", *_DTYPES), "dtype", f"must be auto or one of {sorted(_DTYPES)}")
+        require(
+            self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2 when given"
+        )
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

@@ -1,0 +1,97 @@
+"""What one model forward pass works on: a prefill chunk of one sequence, or a decode batch.
+
+Attention layers call `batch.attend(layer, q, k, v, k_pre_rope)`; the batch stores the new K/V
+into the sequence pages and runs paged attention. Compression scorers observe prefill chunks
+through `observer` (they see queries, pre-RoPE keys and post-RoPE keys layer by layer).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from engine.layers import paged_attention as ref
+from engine.page_table import SequenceKV
+
+
+class PrefillObserver(Protocol):
+    def observe(
+        self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
+    ) -> None: ...
+
+
+class PrefillBatch:
+    """One chunk of one sequence: tokens start..start+T-1, every head of the sequence `start` long."""
+
+    def __init__(
+        self, seq_kv: SequenceKV, start: int, num_tokens: int, observer: PrefillObserver | None = None
+    ):
+        self.seq_kv = seq_kv
+        self.start = start
+        self.num_tokens = num_tokens
+        self.observer = observer
+        device = seq_kv.pool.kv.device
+        self.positions = torch.arange(start, start + num_tokens, device=device)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pre_rope: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [T, Hq, D]; k, v, k_pre_rope [T, H, D] -> [T, Hq, D]."""
+        kv = self.seq_kv
+        pages, offsets = kv.slots(layer, self.num_tokens)  # [H, T]
+        device = kv.pool.kv.device
+        ref.store_kv(kv.pool.kv, pages.to(device), offsets.to(device), k.transpose(0, 1), v.transpose(0, 1))
+        if self.observer is not None:
+            self.observer.observe(layer, q, k_pre_rope, k, self.start)
+        return ref.prefill_attention(q, kv.pool.kv, kv.page_table[layer].to(device), self.start, scale)
+
+    def finish(self) -> None:
+        self.seq_kv.head_lens += self.num_tokens
+
+
+class DecodeBatch:
+    """One new token for each of B sequences; every head appends to its own tail."""
+
+    def __init__(self, seq_kvs: list[SequenceKV], positions: list[int]):
+        self.seq_kvs = seq_kvs
+        pool = seq_kvs[0].pool
+        device = pool.kv.device
+        self.pool = pool
+        self.positions = torch.tensor(positions, device=device)
+        lens = torch.stack([s.head_lens for s in seq_kvs])  # [B, L, H]
+        max_pages = int(((lens + pool.page_size) // pool.page_size).max())
+        self.page_tables = torch.stack([s.page_table[:, :, :max_pages] for s in seq_kvs]).to(
+            device
+        )  # [B, L, H, n]
+        self.lens = lens.to(device)
+        slot = self.lens  # the new token goes to position head_len of each head
+        self.write_pages = (
+            torch.gather(self.page_tables, 3, (slot // pool.page_size)[..., None]).squeeze(-1).long()
+        )
+        self.write_offsets = slot % pool.page_size  # [B, L, H]
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pre_rope: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [B, Hq, D]; k, v [B, H, D] -> [B, Hq, D]."""
+        ref.store_kv(self.pool.kv, self.write_pages[:, layer], self.write_offsets[:, layer], k, v)
+        return ref.decode_attention(
+            q, self.pool.kv, self.page_tables[:, layer], self.lens[:, layer] + 1, scale
+        )
+
+    def finish(self) -> None:
+        for s in self.seq_kvs:
+            s.head_lens += 1

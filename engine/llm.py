@@ -1,0 +1,86 @@
+"""The offline API: `LLM(model).generate(prompts, sampling_params)` runs the colocated engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Message, encode_chat, encode_prompt
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **options))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        compression: Any = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Text prompts or token-id prompts -> one RequestOutput each, in order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = [encode_prompt(self.engine.tokenizer, p) for p in prompts]  # type: ignore[union-attr]
+        return self._run(ids, sampling_params, compression, use_tqdm)
+
+    def generate_chat(
+        self,
+        messages_batch: list[list[Message]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        compression: Any = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Conversations (role/content dicts) through the model's chat template; a final assistant
+        message is treated as the start of the answer and continued."""
+        ids = [encode_chat(self.engine.tokenizer, m) for m in messages_batch]
+        return self._run(ids, sampling_params, compression, use_tqdm)
+
+    def _run(
+        self, prompt_ids: list[list[int]], sampling_params: Any, compression: Any, use_tqdm: bool
+    ) -> list[RequestOutput]:
+        n = len(prompt_ids)
+        sampling = _per_request(sampling_params, n, SamplingParams())
+        comp = _per_request(compression, n, None)
+        engine = self.engine
+        seqs = [engine.make_sequence(ids, sp, c) for ids, sp, c in zip(prompt_ids, sampling, comp)]
+        for s in seqs:  # validated all before queueing any, so a bad request leaves nothing behind
+            engine.scheduler.add(s)
+            engine.requests[s.request_id] = s
+        bar = tqdm(total=n, desc="generate", disable=not use_tqdm)
+        try:
+            while engine.has_unfinished():
+                done = [s for s in engine.step() if s.is_finished]
+                bar.update(len(done))
+        except BaseException:
+            for s in seqs:
+                engine.abort(s.request_id)
+            raise
+        finally:
+            bar.close()
+        return [engine.output(s) for s in seqs]
+
+
+def _per_request(value: Any, n: int, default: Any) -> list[Any]:
+    if value is None:
+        return [default] * n
+    if isinstance(value, Seq) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} per-request settings for {n} prompts")
+        return list(value)
+    return [value] * n

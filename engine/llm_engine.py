@@ -1,0 +1,190 @@
+"""LLMEngine: requests in, one scheduled step at a time, tokens out. Shared by the offline API and
+both services."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import InvalidArgumentError, require
+from engine.kv_pool import KVPool
+from engine.loader import LoadedModel, load_model
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.sampler import sample
+from engine.sampling_params import SamplingParams
+from engine.scheduler import DecodeStep, PrefillStep, Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from engine.tokenizer import eos_token_ids
+
+CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.loaded = loaded or load_model(config.model, self.dtype, self.device)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        mc = self.loaded.config
+        self.num_layers = mc.num_hidden_layers
+        self.num_kv_heads = mc.num_key_value_heads
+        self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self.max_model_len = config.max_model_len or int(getattr(mc, "max_position_embeddings", 8192))
+        self.pool = KVPool.from_memory_budget(
+            config.kv_cache_bytes or self._default_kv_bytes(),
+            config.page_size,
+            self.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.scheduler = Scheduler(
+            self.pool, self.num_layers, self.num_kv_heads, config.max_num_seqs, config.prefill_chunk
+        )
+        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.eos_ids = eos_token_ids(self.tokenizer, mc)
+        self.requests: dict[str, Sequence] = {}
+
+    def _default_kv_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.9)
+        return CPU_DEFAULT_KV_BYTES
+
+    # ---- requests -------------------------------------------------------------------------
+    def make_sequence(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        compression: Any = None,
+        request_id: str | None = None,
+    ) -> Sequence:
+        """Validate a request against this engine's limits and build its Sequence (not queued)."""
+        sampling.validate()
+        n = len(prompt_token_ids)
+        require(n > 0, "prompt", "must not be empty")
+        require(
+            n < self.max_model_len,
+            "prompt",
+            f"has {n} tokens but max_model_len is {self.max_model_len}; shorten it (one position must stay for output)",
+        )
+        vocab = self.loaded.config.vocab_size
+        require(all(0 <= t < vocab for t in prompt_token_ids), "prompt", f"token ids must be in [0, {vocab})")
+        if request_id is not None and request_id in self.requests:
+            raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
+        max_new = min(sampling.max_new_tokens, self.max_model_len - n)
+        return Sequence(prompt_token_ids, sampling, max_new, compression, request_id)
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        compression: Any = None,
+        request_id: str | None = None,
+    ) -> Sequence:
+        seq = self.make_sequence(prompt_token_ids, sampling, compression, request_id)
+        self.scheduler.add(seq)
+        self.requests[seq.request_id] = seq
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one scheduled step; returns the sequences that produced a token (finished ones included)."""
+        work = self.scheduler.schedule()
+        if isinstance(work, PrefillStep):
+            seq = work.seq
+            if seq.prefill_start is None:
+                seq.prefill_start = time.perf_counter()
+            logits = self.runner.prefill(seq, work.num_tokens)
+            if logits is None:
+                return []
+            self.finish_prefill(seq)
+            self._append(seq, sample(logits[None], [seq.sampling], [seq.generator])[0])
+            return [seq]
+        if isinstance(work, DecodeStep):
+            logits = self.runner.decode(work.seqs)
+            tokens = sample(logits, [s.sampling for s in work.seqs], [s.generator for s in work.seqs])
+            for seq, token in zip(work.seqs, tokens):
+                self._append(seq, token)
+            return work.seqs
+        return []
+
+    def finish_prefill(self, seq: Sequence) -> None:
+        """Prompt fully cached: record what it holds and shrink its page reservation to what decode needs."""
+        assert seq.kv is not None and seq.prefill_start is not None
+        kv = seq.kv
+        st = seq.stats
+        st.kept_tokens_per_layer = kv.head_lens.sum(dim=1).tolist()
+        st.kept_tokens = int(kv.head_lens.sum())
+        st.full_tokens = seq.num_prompt_tokens * self.num_layers * self.num_kv_heads
+        st.kv_pages = kv.num_pages_held
+        st.kv_bytes = kv.kv_bytes()
+        full_pages = -(-seq.num_prompt_tokens // self.pool.page_size) * self.num_layers * self.num_kv_heads
+        st.kv_bytes_full = full_pages * self.pool.bytes_per_page
+        still_needed = kv.pages_needed_to_grow(seq.max_new_tokens - 1)
+        if kv.reserved > still_needed:
+            self.pool.unreserve(kv.reserved - still_needed)
+            kv.reserved = still_needed
+        seq.status = SequenceStatus.DECODE
+        st.prefill_seconds = time.perf_counter() - seq.prefill_start
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        p = seq.sampling
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids) or p.stop and self._stop_string_index(seq) is not None:
+            reason = "stop"
+        elif len(seq.output_token_ids) >= seq.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.stats.output_tokens = len(seq.output_token_ids)
+        if seq.first_token_time is not None:
+            seq.stats.decode_seconds = time.perf_counter() - seq.first_token_time
+        self.scheduler.finish(seq, reason)
+        self.requests.pop(seq.request_id, None)
+
+    # ---- text -----------------------------------------------------------------------------
+    def decode_text(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _stop_string_index(self, seq: Sequence) -> int | None:
+        text = self.decode_text(seq.output_token_ids)
+        hits = [i for i in (text.find(s) for s in seq.sampling.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        text = self.decode_text(seq.output_token_ids)
+        if seq.sampling.stop:
+            cut = self._stop_string_index(seq)
+            if cut is not None:
+                text = text[:cut]
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt_token_ids,
+            text,
+            list(seq.output_token_ids),
+            seq.finish_reason,
+            seq.stats,
+        )

@@ -1,0 +1,82 @@
+"""Load a model, its config and tokenizer from a HF folder, a GGUF file, or the bundled default."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import ModelLoadError
+from engine.loader.default_model import default_model_path
+from engine.loader.gguf_file import read_gguf
+from engine.loader.hf_folder import read_hf_folder
+from engine.models import CausalLM, model_class
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: Any
+    tokenizer: Any | None  # a HF tokenizer, or None when the source ships none (token-id prompts only)
+    fingerprint: str  # identifies architecture + weights source; prefill and decode must agree
+    source: str
+
+
+def load_model(path: str | None, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
+    source = str(path) if path else default_model_path()
+    p = Path(source)
+    if not p.exists():
+        raise ModelLoadError(f"model path {source!r} does not exist", field="model")
+    if p.is_file() and p.suffix == ".gguf":
+        config, state_dict, tokenizer = read_gguf(p)
+    elif p.is_dir():
+        config, state_dict, tokenizer = read_hf_folder(p)
+    else:
+        raise ModelLoadError(
+            f"model {source!r} is neither a GGUF file nor a Hugging Face model folder", field="model"
+        )
+    cls = model_class(config)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu")
+    missing, unexpected = _load_weights(model, state_dict)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights in {source!r} do not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}",
+            field="model",
+        )
+    model.model.rotary.inv_freq = _fresh_inv_freq(model)
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, config, tokenizer, _fingerprint(config, p), source)
+
+
+def _fresh_inv_freq(model: CausalLM) -> torch.Tensor:
+    # Buffers built on the meta device hold no values; recompute them on CPU.
+    from engine.layers.rotary import inverse_frequencies, rope_parameters
+
+    head_dim = model.model.layers[0].self_attn.head_dim
+    return inverse_frequencies(head_dim, rope_parameters(model.config))
+
+
+def _load_weights(model: CausalLM, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        state_dict.pop("lm_head.weight", None)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = list(result.missing_keys)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    return missing, list(result.unexpected_keys)
+
+
+def _fingerprint(config: Any, path: Path) -> str:
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,76 @@
+"""A decoder-only transformer built from the shared layers; model families differ only in options.
+
+Parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj.weight`, ...), so a HF state
+dict loads with no renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.layers.attention import Attention
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, rope_parameters
+
+MLPFactory = Callable[[Any, int], nn.Module]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Any, idx: int, rotary: RotaryEmbedding, qk_norm: bool, mlp: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, idx, rotary, qk_norm)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: Any, qk_norm: bool, make_mlp: MLPFactory) -> None:
+        super().__init__()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = RotaryEmbedding(head_dim, rope_parameters(config))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, self.rotary, qk_norm, make_mlp(config, i))
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [N, hidden]
+        for layer in self.layers:
+            x = layer(x, positions, batch)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """`model` + `lm_head`; subclasses choose q/k norm and the feed-forward block."""
+
+    qk_norm = False
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, self.qk_norm, self.make_mlp)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def make_mlp(config: Any, layer_idx: int) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Hidden states [N, hidden] of every input token."""
+        return self.model(input_ids, positions, batch)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,23 @@
+"""Qwen3-MoE (HF model_type `qwen3_moe`): Qwen3 attention with top-k routed experts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from engine.layers.mlp import GatedMLP
+from engine.layers.moe import SparseMoE
+from engine.models.decoder import CausalLM
+
+
+class Qwen3MoeForCausalLM(CausalLM):
+    qk_norm = True
+
+    @staticmethod
+    def make_mlp(config: Any, layer_idx: int) -> nn.Module:
+        sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
+        dense_layers = getattr(config, "mlp_only_layers", None) or []
+        if layer_idx not in dense_layers and config.num_experts > 0 and (layer_idx + 1) % sparse_step == 0:
+            return SparseMoE(config)
+        return GatedMLP(config.hidden_size, config.intermediate_size)

@@ -1,0 +1,93 @@
+"""Per-sequence KV placement: a page table [layers, kv_heads, max_pages] and per-head lengths.
+
+Every (layer, kv-head) of a sequence owns its own chain of pages, so after compression each head
+can keep a different number of tokens. Token order inside a head does not matter for attention
+(keys are cached after RoPE), so compaction may reorder freely.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kv_pool import KVPool
+
+
+class SequenceKV:
+    def __init__(self, pool: KVPool, num_layers: int, num_kv_heads: int, max_tokens: int) -> None:
+        self.pool = pool
+        self.max_pages = -(-max_tokens // pool.page_size)
+        self.page_table = torch.full((num_layers, num_kv_heads, self.max_pages), -1, dtype=torch.int32)
+        self.head_lens = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64)
+        self.num_pages_held = 0
+        self.reserved = 0  # pages promised to this sequence by pool.reserve() and not yet allocated
+
+    @property
+    def num_layers(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.page_table.shape[1]
+
+    def pages_per_head(self, lens: torch.Tensor) -> torch.Tensor:
+        return (lens + self.pool.page_size - 1) // self.pool.page_size
+
+    def pages_needed_to_grow(self, num_new: int) -> int:
+        held = self.pages_per_head(self.head_lens)
+        return int((self.pages_per_head(self.head_lens + num_new) - held).sum())
+
+    def reserve(self, n: int) -> None:
+        self.pool.reserve(n)
+        self.reserved += n
+
+    def release_reservation(self) -> None:
+        self.pool.unreserve(self.reserved)
+        self.reserved = 0
+
+    def grow(self, num_new: int) -> None:
+        """Make room for `num_new` more tokens in every head (does not change head_lens)."""
+        held = self.pages_per_head(self.head_lens)
+        want = self.pages_per_head(self.head_lens + num_new)
+        need = int((want - held).sum())
+        if need == 0:
+            return
+        from_reservation = min(need, self.reserved)
+        pages = self.pool.allocate(from_reservation, reserved=True)
+        pages += self.pool.allocate(need - from_reservation)
+        self.reserved -= from_reservation
+        new_pages = torch.tensor(pages, dtype=torch.int32)
+        # Fill the new slots head by head: (layer, head, page index) for every missing page.
+        slot_mask = torch.arange(self.max_pages)[None, None, :]
+        missing = (slot_mask >= held[..., None]) & (slot_mask < want[..., None])
+        self.page_table[missing] = new_pages
+        self.num_pages_held += need
+
+    def slots(self, layer: int, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page ids and in-page offsets for the next `num_new` tokens of every head: ([H, T], [H, T])."""
+        pos = self.head_lens[layer][:, None] + torch.arange(num_new)[None, :]
+        page_idx = pos // self.pool.page_size
+        pages = torch.gather(self.page_table[layer], 1, page_idx.to(torch.int64))
+        return pages.to(torch.int64), pos % self.pool.page_size
+
+    def set_heads(self, kept_lens: torch.Tensor, page_table: torch.Tensor) -> None:
+        """Install a compacted layout (after compression) and free pages no longer referenced."""
+        old = self.page_table[self.page_table >= 0]
+        self.page_table = page_table.to(torch.int32)
+        self.head_lens = kept_lens.to(torch.int64)
+        new = self.page_table[self.page_table >= 0]
+        keep = torch.zeros(self.pool.num_pages, dtype=torch.bool)
+        keep[new.long()] = True
+        dropped = old[~keep[old.long()]]
+        self.pool.free(dropped)
+        self.num_pages_held = int(new.numel())
+
+    def free(self) -> None:
+        held = self.page_table[self.page_table >= 0]
+        self.pool.free(held)
+        self.page_table.fill_(-1)
+        self.head_lens.zero_()
+        self.num_pages_held = 0
+        self.release_reservation()
+
+    def kv_bytes(self) -> int:
+        return self.num_pages_held * self.pool.bytes_per_page

@@ -1,0 +1,92 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.page_table import SequenceKV
+from engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, no pages yet
+    PREFILL = "prefill"  # admitted, prompt being processed chunk by chunk
+    DECODE = "decode"  # producing tokens
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    kept_tokens_per_layer: list[int] = field(default_factory=list)  # summed over the layer's kv heads
+    kept_tokens: int = 0  # over all layers and heads
+    full_tokens: int = 0  # prompt_tokens * layers * kv_heads: what an uncompressed cache keeps
+    kv_pages: int = 0
+    kv_bytes: int = 0  # pages held after prefill (and compression) * page bytes
+    kv_bytes_full: int = 0  # the same prompt without compression
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # compression scoring + selection inside prefill
+
+    @property
+    def retention(self) -> float:
+        return self.kept_tokens / self.full_tokens if self.full_tokens else 1.0
+
+
+class Sequence:
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        compression: Any = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.seq_id = next(_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self.compression = compression
+        self.status = SequenceStatus.WAITING
+        self.num_prefilled = 0
+        self.kv: SequenceKV | None = None
+        self.finish_reason: str | None = None
+        self.stats = RequestStats(prompt_tokens=len(prompt_token_ids))
+        self.generator: torch.Generator | None = None
+        if sampling.seed is not None:
+            self.generator = torch.Generator().manual_seed(sampling.seed)
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.prefill_start: float | None = None
+        self.scorer_state: Any = None  # per-request compression state during prefill
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def cache_tokens_needed(self) -> int:
+        """Tokens every head must hold at most: the prompt plus every output token but the last."""
+        return self.num_prompt_tokens + self.max_new_tokens - 1

