@@ -10,10 +10,12 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import InvalidArgumentError, require
+from engine.kv_handoff import KVLayout
 from engine.kv_pool import KVPool
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
+from engine.page_table import SequenceKV
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import DecodeStep, PrefillStep, Scheduler
@@ -63,6 +65,7 @@ class LLMEngine:
         sampling: SamplingParams,
         compression: Any = None,
         request_id: str | None = None,
+        hold_kv: bool = False,
     ) -> Sequence:
         """Validate a request against this engine's limits and build its Sequence (not queued)."""
         sampling.validate()
@@ -78,7 +81,7 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
         max_new = min(sampling.max_new_tokens, self.max_model_len - n)
-        return Sequence(prompt_token_ids, sampling, max_new, compression, request_id)
+        return Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
 
     def add_request(
         self,
@@ -86,8 +89,11 @@ class LLMEngine:
         sampling: SamplingParams,
         compression: Any = None,
         request_id: str | None = None,
+        hold_kv: bool = False,
     ) -> Sequence:
-        seq = self.make_sequence(prompt_token_ids, sampling, compression, request_id)
+        """Queue a request. With hold_kv (prefill service) it stops after the first token and keeps
+        its KV pages until `release(request_id)`, unless that token already finished it."""
+        seq = self.make_sequence(prompt_token_ids, sampling, compression, request_id, hold_kv)
         self.scheduler.add(seq)
         self.requests[seq.request_id] = seq
         return seq
@@ -115,6 +121,8 @@ class LLMEngine:
                 return []
             self.finish_prefill(seq)
             self._append(seq, sample(logits[None], [seq.sampling], [seq.generator])[0])
+            if seq.hold_kv and not seq.is_finished:
+                self._hold(seq)
             return [seq]
         if isinstance(work, DecodeStep):
             logits = self.runner.decode(work.seqs)
@@ -149,7 +157,12 @@ class LLMEngine:
             seq.first_token_time = time.perf_counter()
         p = seq.sampling
         reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids) or p.stop and self._stop_string_index(seq) is not None:
+        if (
+            token in p.stop_token_ids
+            or (not p.ignore_eos and token in self.eos_ids)
+            or p.stop
+            and self._stop_string_index(seq) is not None
+        ):
             reason = "stop"
         elif len(seq.output_token_ids) >= seq.max_new_tokens:
             reason = "length"
@@ -162,6 +175,81 @@ class LLMEngine:
             seq.stats.decode_seconds = time.perf_counter() - seq.first_token_time
         self.scheduler.finish(seq, reason)
         self.requests.pop(seq.request_id, None)
+
+    # ---- KV handoff (prefill side: hold, export, release; decode side: reserve, fill, commit) ----
+    def _hold(self, seq: Sequence) -> None:
+        assert seq.kv is not None
+        self.scheduler.detach(seq)
+        seq.kv.release_reservation()  # held KV never grows here
+        seq.status = SequenceStatus.HELD
+
+    def held_kv(self, request_id: str) -> tuple[KVLayout, torch.Tensor]:
+        """Layout and page ids [N] ((layer, head, page) order) of a held request."""
+        seq = self._get(request_id, SequenceStatus.HELD)
+        assert seq.kv is not None
+        return KVLayout(seq.kv.head_lens.clone(), self.pool.page_size), seq.kv.ordered_page_ids()
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's pages after its KV was shipped (or the handoff failed)."""
+        seq = self._get(request_id, SequenceStatus.HELD)
+        self.requests.pop(request_id, None)
+        self.scheduler.finish(seq, "handoff")
+
+    def reserve_import(
+        self,
+        prompt_token_ids: list[int],
+        first_token: int,
+        sampling: SamplingParams,
+        layout: KVLayout,
+        request_id: str,
+    ) -> torch.Tensor:
+        """Set pages aside for an incoming KV (status RECEIVING) and return their ids [N] in the
+        order the pages travel. Reserves the decode growth too, so the request can never run out
+        of pages later. Raises ResourceExhaustedError when the pool cannot hold it now."""
+        seq = self.make_sequence(prompt_token_ids, sampling, None, request_id)
+        L, H = self.num_layers, self.num_kv_heads
+        lens = layout.head_lens.to(torch.int64)
+        require(tuple(lens.shape) == (L, H), "manifest.head_lens", f"must be [{L}, {H}] for this model")
+        require(
+            layout.page_size == self.pool.page_size, "manifest.page_size", f"must be {self.pool.page_size}"
+        )
+        require(
+            bool((lens >= 0).all()) and int(lens.max()) <= len(prompt_token_ids),
+            "manifest.head_lens",
+            "each head keeps between 0 and prompt-length tokens",
+        )
+        require(
+            0 <= first_token < self.loaded.config.vocab_size,
+            "first_token",
+            "must be a token id of this model",
+        )
+        seq.output_token_ids = [first_token]
+        seq.kv = SequenceKV(self.pool, L, H, seq.cache_tokens_needed() + 1)
+        # Every page this request can ever hold: kept tokens plus the max_new_tokens - 1 it will cache.
+        seq.kv.reserve(int(seq.kv.pages_per_head(lens + seq.max_new_tokens - 1).sum()))
+        seq.kv.grow_to(lens)
+        seq.status = SequenceStatus.RECEIVING
+        self.requests[request_id] = seq
+        return seq.kv.ordered_page_ids()
+
+    def commit_import(self, request_id: str) -> Sequence:
+        """The pages of a RECEIVING request are all written: start decoding it."""
+        seq = self._get(request_id, SequenceStatus.RECEIVING)
+        seq.status = SequenceStatus.DECODE
+        seq.first_token_time = time.perf_counter()
+        if len(seq.output_token_ids) >= seq.max_new_tokens:
+            self._finish(seq, "length")
+        else:
+            self.scheduler.attach(seq)
+        return seq
+
+    def _get(self, request_id: str, status: SequenceStatus) -> Sequence:
+        seq = self.requests.get(request_id)
+        if seq is None or seq.status != status:
+            raise InvalidArgumentError(
+                f"request_id: no {status.value} request {request_id!r}", field="request_id"
+            )
+        return seq
 
     # ---- text -----------------------------------------------------------------------------
     def decode_text(self, token_ids: list[int]) -> str:

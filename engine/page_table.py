@@ -46,8 +46,15 @@ class SequenceKV:
 
     def grow(self, num_new: int) -> None:
         """Make room for `num_new` more tokens in every head (does not change head_lens)."""
+        self._allocate_up_to(self.pages_per_head(self.head_lens + num_new))
+
+    def grow_to(self, head_lens: torch.Tensor) -> None:
+        """Allocate pages for `head_lens` [L, H] tokens per head and adopt those lengths (KV import)."""
+        self._allocate_up_to(self.pages_per_head(head_lens))
+        self.head_lens = head_lens.to(torch.int64).clone()
+
+    def _allocate_up_to(self, want: torch.Tensor) -> None:
         held = self.pages_per_head(self.head_lens)
-        want = self.pages_per_head(self.head_lens + num_new)
         need = int((want - held).sum())
         if need == 0:
             return
@@ -88,6 +95,12 @@ class SequenceKV:
         self.head_lens.zero_()
         self.num_pages_held = 0
         self.release_reservation()
+
+    def ordered_page_ids(self) -> torch.Tensor:
+        """Held page ids in (layer, head, page) order: the order pages travel in a handoff. [N]"""
+        held = self.pages_per_head(self.head_lens)
+        mask = torch.arange(self.max_pages)[None, None, :] < held[..., None]
+        return self.page_table[mask].to(torch.int64)
 
     def kv_bytes(self) -> int:
         return self.num_pages_held * self.pool.bytes_per_page

@@ -76,8 +76,16 @@ class Scheduler:
             if seq.status == SequenceStatus.PREFILL:
                 remaining = seq.num_prompt_tokens - seq.num_prefilled
                 return PrefillStep(seq, min(self.prefill_chunk, remaining))
-        decoding = [s for s in self.running if s.status == SequenceStatus.DECODE]
+        decoding = [s for s in self.running if s.status == SequenceStatus.DECODE][: self.max_num_seqs]
         return DecodeStep(decoding) if decoding else None
+
+    def detach(self, seq: Sequence) -> None:
+        """Stop scheduling `seq` but keep its pages (held for a handoff)."""
+        self.running.remove(seq)
+
+    def attach(self, seq: Sequence) -> None:
+        """Schedule an imported sequence whose pages are already filled (status DECODE)."""
+        self.running.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished and give back every page and reservation it holds."""
@@ -89,3 +97,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def running_count(self) -> int:
+        return len(self.running)

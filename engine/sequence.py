@@ -20,6 +20,8 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, no pages yet
     PREFILL = "prefill"  # admitted, prompt being processed chunk by chunk
     DECODE = "decode"  # producing tokens
+    HELD = "held"  # prefill done, KV kept for a handoff to a decode node (prefill service)
+    RECEIVING = "receiving"  # pages reserved, KV arriving from a prefill node (decode service)
     FINISHED = "finished"
 
 
@@ -50,6 +52,7 @@ class Sequence:
         max_new_tokens: int,
         compression: Any = None,
         request_id: str | None = None,
+        hold_kv: bool = False,
     ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
@@ -58,6 +61,7 @@ class Sequence:
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
         self.compression = compression
+        self.hold_kv = hold_kv  # after the first token, keep the KV for export instead of decoding
         self.status = SequenceStatus.WAITING
         self.num_prefilled = 0
         self.kv: SequenceKV | None = None
