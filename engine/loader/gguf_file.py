@@ -35,24 +35,63 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_ARCH_MODEL_TYPE = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+# GGUF metadata key (after the "<arch>." prefix) -> HF config attribute
+_CONFIG_FIELDS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "rope.freq_base": "rope_theta",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+}
+
+
+def _field(reader: Any, key: str) -> Any:
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def _config(reader: Any, tensor_names: set[str]) -> Any:
+    from transformers import AutoConfig
+
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCH_MODEL_TYPE:
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported", field="model")
+    values = {hf: _field(reader, f"{arch}.{key}") for key, hf in _CONFIG_FIELDS.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    if "head_dim" not in values and arch == "llama":
+        values["head_dim"] = _field(reader, "llama.rope.dimension_count")
+    if "vocab_size" not in values:
+        values["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = _field(reader, f"tokenizer.ggml.{name.replace('pad_', 'padding_')}")
+        if value is not None:
+            values[name] = value
+    values["tie_word_embeddings"] = "output.weight" not in tensor_names
+    if arch == "qwen3moe":
+        values["norm_topk_prob"] = True
+    return AutoConfig.for_model(_ARCH_MODEL_TYPE[arch], **values)
+
+
 def read_gguf(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
     import gguf
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from engine.loader.tokenizer_cache import gguf_tokenizer
 
     try:
-        meta = load_gguf_checkpoint(str(path), return_tensors=False)
+        reader = gguf.GGUFReader(str(path))
     except Exception as e:  # a corrupt or foreign file
         raise ModelLoadError(f"cannot read GGUF file {path}: {e}", field="model") from e
-    cfg = dict(meta["config"])
-    model_type = cfg.pop("model_type", None)
-    cfg.pop("_model_name_or_path", None)
-    config = AutoConfig.for_model(model_type, **cfg) if model_type else None
-    if config is None or model_type not in ("llama", "qwen3", "qwen3_moe"):
-        raise ModelLoadError(f"GGUF architecture {model_type!r} is not supported", field="model")
-    reader = gguf.GGUFReader(str(path))
-    if "output.weight" not in {t.name for t in reader.tensors}:
-        config.tie_word_embeddings = True
+    config = _config(reader, {t.name for t in reader.tensors})
+    model_type = config.model_type
     state_dict: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[str, torch.Tensor]] = {}
     for t in reader.tensors:
@@ -81,5 +120,4 @@ def read_gguf(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
             [parts["ffn_gate_exps"], parts["ffn_up_exps"]], dim=1
         )
         state_dict[f"model.layers.{layer}.mlp.experts.down_proj"] = parts["ffn_down_exps"]
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return config, state_dict, tokenizer
+    return config, state_dict, gguf_tokenizer(path)
