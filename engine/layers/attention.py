@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
+from engine.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, rotary: RotaryEmbedding, qk_norm: bool) -> None:
+    def __init__(self, config: Any, layer_idx: int, qk_norm: bool) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -30,16 +30,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary = [rotary]  # shared, kept out of this module's parameters
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
-        n = x.shape[0]  # x [N, hidden]
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Any) -> torch.Tensor:
+        n = x.shape[0]  # x [N, hidden]; rope = (cos, sin) [N, 1, D]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre_rope = k
-        q, k = self.rotary[0](positions, q, k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = batch.attend(self.layer_idx, q, k, v, k_pre_rope, self.scale)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, -1))

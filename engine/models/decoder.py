@@ -20,15 +20,15 @@ MLPFactory = Callable[[Any, int], nn.Module]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Any, idx: int, rotary: RotaryEmbedding, qk_norm: bool, mlp: nn.Module) -> None:
+    def __init__(self, config: Any, idx: int, qk_norm: bool, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = Attention(config, idx, rotary, qk_norm)
+        self.self_attn = Attention(config, idx, qk_norm)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, batch)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Any) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -39,15 +39,15 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(head_dim, rope_parameters(config))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, self.rotary, qk_norm, make_mlp(config, i))
-            for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, qk_norm, make_mlp(config, i)) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [N, hidden]
+        rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, batch)
+            x = layer(x, rope, batch)
         return self.norm(x)
 
 
