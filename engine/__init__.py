@@ -1,5 +1,6 @@
 """kvferry's inference engine: models, paged per-head KV cache, scheduler, sampler, offline API."""
 
+from engine.compression import CompressionParams
 from engine.config import EngineConfig
 from engine.errors import (
     InvalidArgumentError,
@@ -15,6 +16,7 @@ from engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
+    "CompressionParams",
     "EngineConfig",
     "InvalidArgumentError",
     "KvferryError",

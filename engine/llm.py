@@ -7,11 +7,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from engine.compression import CompressionParams, as_compression_params
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Message, encode_chat, encode_prompt
+from engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
 
 Prompt = str | list[int]
 
@@ -49,7 +50,19 @@ class LLM:
         """Conversations (role/content dicts) through the model's chat template; a final assistant
         message is treated as the start of the answer and continued."""
         ids = [encode_chat(self.engine.tokenizer, m) for m in messages_batch]
-        return self._run(ids, sampling_params, compression, use_tqdm)
+        per_chat = _per_request(compression, len(messages_batch), None)
+        comp = [self._chat_compression(m, c) for m, c in zip(messages_batch, per_chat)]
+        return self._run(ids, sampling_params, comp, use_tqdm)
+
+    def _chat_compression(self, messages: list[Message], compression: Any) -> CompressionParams | None:
+        """Turn protect_system_prompt / protect_last_user_turn into token spans of this conversation."""
+        params = as_compression_params(compression)
+        if params is None or not (params.protect_system_prompt or params.protect_last_user_turn):
+            return params
+        spans = chat_protected_spans(
+            self.engine.tokenizer, messages, params.protect_system_prompt, params.protect_last_user_turn
+        )
+        return params.with_spans(spans)
 
     def _run(
         self, prompt_ids: list[list[int]], sampling_params: Any, compression: Any, use_tqdm: bool

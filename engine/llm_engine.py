@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from engine.compression import as_compression_params, make_observer
 from engine.config import EngineConfig
 from engine.errors import InvalidArgumentError, require
 from engine.kv_handoff import KVLayout
@@ -80,6 +81,7 @@ class LLMEngine:
         require(all(0 <= t < vocab for t in prompt_token_ids), "prompt", f"token ids must be in [0, {vocab})")
         if request_id is not None and request_id in self.requests:
             raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
+        compression = as_compression_params(compression)
         max_new = min(sampling.max_new_tokens, self.max_model_len - n)
         return Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
 
@@ -116,7 +118,8 @@ class LLMEngine:
             seq = work.seq
             if seq.prefill_start is None:
                 seq.prefill_start = time.perf_counter()
-            logits = self.runner.prefill(seq, work.num_tokens)
+                seq.scorer_state = make_observer(seq)  # None when the request keeps its whole cache
+            logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
             if logits is None:
                 return []
             self.finish_prefill(seq)
@@ -135,6 +138,7 @@ class LLMEngine:
     def finish_prefill(self, seq: Sequence) -> None:
         """Prompt fully cached: record what it holds and shrink its page reservation to what decode needs."""
         assert seq.kv is not None and seq.prefill_start is not None
+        self.runner.compress(seq)  # select kept tokens per head, free dropped pages (no-op if none)
         kv = seq.kv
         st = seq.stats
         st.kept_tokens_per_layer = kv.head_lens.sum(dim=1).tolist()

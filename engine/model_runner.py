@@ -33,6 +33,14 @@ class ModelRunner:
             return None
         return self.model.logits(hidden[-1:])[0]
 
+    @torch.no_grad()  # not inference_mode: the compacted page table and lengths must stay normal tensors
+    def compress(self, seq: Sequence) -> None:
+        """Prompt fully cached: let the request's compression observer select and compact its pages."""
+        observer = seq.scorer_state
+        if observer is not None:
+            observer.compress(seq)
+            seq.scorer_state = None
+
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each sequence's last token; logits [B, V] for the next one."""

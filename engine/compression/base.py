@@ -1,0 +1,75 @@
+"""The scorer base class and the registry: a new method is one file with `@register("name")`
+plus one import line in engine/compression/__init__.py.
+
+A scorer lives for one request. Chunked prefill shows it every layer of every chunk through
+`observe` (queries post-RoPE, keys pre- and post-RoPE); once the prompt is cached, `scores()`
+returns one importance score per (layer, kv-head, prompt token) — higher means keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from engine.compression.params import CompressionParams
+from engine.layers.paged_attention import gather_heads
+from engine.page_table import SequenceKV
+
+
+@dataclass
+class PromptShape:
+    num_layers: int
+    num_kv_heads: int
+    prompt_len: int  # n: tokens the scores cover
+
+
+class Scorer:
+    name: ClassVar[str] = ""
+    # True when raw scores of different layers share one scale (needed by the `global` budget to be
+    # meaningful); z-standardised or rank-like scores are only comparable within a layer.
+    comparable_across_layers: ClassVar[bool] = False
+
+    def __init__(self, params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> None:
+        self.params = params
+        self.shape = shape
+        self.seq_kv = seq_kv
+
+    def observe(
+        self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
+    ) -> None:
+        """q [T, Hq, D] post-RoPE; k_pre_rope, k [T, H, D]; tokens start..start+T-1 of the prompt."""
+
+    def scores(self) -> torch.Tensor:
+        """Importance [L, H, n] (float32, CPU or device); called once, after the last chunk."""
+        raise NotImplementedError
+
+    def is_last_chunk(self, start: int, num_tokens: int) -> bool:
+        return start + num_tokens >= self.shape.prompt_len
+
+    def cached_keys(self, layer: int) -> torch.Tensor:
+        """Post-RoPE keys [H, n, D] of this layer's prompt, read back from the sequence's pages."""
+        kv = self.seq_kv
+        n = self.shape.prompt_len
+        table = kv.page_table[layer].to(kv.pool.kv.device)
+        k, _ = gather_heads(kv.pool.kv, table, -(-n // kv.pool.page_size))
+        return k[:, :n]
+
+
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register(name: str):  # noqa: ANN201 - a class decorator
+    def add(cls: type[Scorer]) -> type[Scorer]:
+        if name in SCORERS:
+            raise ValueError(f"compression method {name!r} is registered twice")
+        cls.name = name
+        SCORERS[name] = cls
+        return cls
+
+    return add
+
+
+def make_scorer(params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> Scorer:
+    return SCORERS[params.method](params, shape, seq_kv)

@@ -1,0 +1,97 @@
+"""Per-request compression settings, validated on construction.
+
+Retention is the fraction of the prompt's KV that is KEPT (1.0 = nothing removed). Protected tokens
+(the first `sink`, the last `recent`, and `protected_spans`) are always kept and count toward the
+budget; when they alone exceed it, they are kept anyway and the stats report the real count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.errors import InvalidArgumentError, require
+
+BUDGETS = ("uniform", "adaptive", "global")
+
+
+@dataclass
+class CompressionParams:
+    method: str = "compactor"  # a name in engine.compression.SCORERS
+    retention: float = 0.5  # fraction of prompt KV kept, in (0, 1]
+    # uniform: every head of a layer keeps round(retention * n); adaptive: one top-k across the layer's
+    # heads; global: one top-k across every head of every layer (kvcompress-style ranking).
+    budget: str = "uniform"
+    head_floor: float = 0.2  # adaptive/global: a head keeps at least this share of the uniform count
+    sink: int = 4  # first tokens always kept
+    recent: int = 32  # last tokens always kept
+    protected_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) token ranges
+    protect_system_prompt: bool = False  # generate_chat: keep the system message's tokens
+    protect_last_user_turn: bool = False  # generate_chat: keep the last user turn and all after it
+    # compactor
+    leverage_weight: float = 0.4  # λ in z(attention mass) + λ·z(leverage)
+    sketch_size: int = 48  # k: columns of the Gaussian sketch of pre-RoPE keys
+    leverage_block: int = 1024  # tokens per leverage block (each block centred, scored on its own)
+    attention_block: int = 128  # tokens per non-causal attention-mass block
+    # snapkv / kvcompress
+    window: int = 32  # observation window: the last prompt queries
+    pool_kernel: int = 5  # snapkv: max-pooling width over key positions (odd)
+    seed: int = 0  # random scorer
+
+    def __post_init__(self) -> None:
+        from engine.compression.base import SCORERS
+
+        self.protected_spans = [_span(s) for s in self.protected_spans]
+        require(
+            isinstance(self.method, str) and self.method in SCORERS,
+            "method",
+            f"unknown compression method {self.method!r}; choose one of {sorted(SCORERS)}",
+        )
+        require(
+            isinstance(self.retention, (int, float)) and 0 < self.retention <= 1,
+            "retention",
+            f"is the fraction of KV kept and must be in (0, 1], got {self.retention}",
+        )
+        require(self.budget in BUDGETS, "budget", f"must be one of {BUDGETS}, got {self.budget!r}")
+        require(0 <= self.head_floor <= 1, "head_floor", f"must be in [0, 1], got {self.head_floor}")
+        for name in ("sink", "recent"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0, got {value}")
+        for name in ("sketch_size", "leverage_block", "attention_block", "window", "pool_kernel"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value}")
+        require(self.pool_kernel % 2 == 1, "pool_kernel", f"must be odd, got {self.pool_kernel}")
+        require(self.leverage_weight >= 0, "leverage_weight", f"must be >= 0, got {self.leverage_weight}")
+
+    @property
+    def active(self) -> bool:
+        """False when the request keeps its whole prompt cache (output is exactly uncompressed)."""
+        return self.method != "none" and self.retention < 1.0
+
+    def with_spans(self, spans: list[tuple[int, int]]) -> CompressionParams:
+        return replace(self, protected_spans=[*self.protected_spans, *spans])
+
+
+def _span(value: Any) -> tuple[int, int]:
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)
+    require(ok, "protected_spans", f"each span is a (start, end) pair of ints, got {value!r}")
+    start, end = value
+    require(0 <= start < end, "protected_spans", f"each span needs 0 <= start < end, got {value!r}")
+    return (start, end)
+
+
+def as_compression_params(value: Any) -> CompressionParams | None:
+    """What a request may pass as `compression`: None, a method name, a dict of fields, or the params."""
+    if value is None or isinstance(value, CompressionParams):
+        return value
+    if isinstance(value, str):
+        return CompressionParams(method=value)
+    if isinstance(value, dict):
+        try:
+            return CompressionParams(**value)
+        except TypeError as e:
+            raise InvalidArgumentError(f"compression: {e}", field="compression") from None
+    raise InvalidArgumentError(
+        f"compression: expected CompressionParams, a method name or a dict, got {type(value).__name__}",
+        field="compression",
+    )

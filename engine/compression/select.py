@@ -1,0 +1,79 @@
+"""The PyTorch reference of select-and-pack: scores -> per-head kept tokens -> page-aligned packed
+layout. GPU kernels are tested against these functions.
+
+After packing, head (l, h) holds its kept tokens densely in the first ceil(kept/page_size) pages
+of its chain (kept positions ascending; keys are post-RoPE, so order does not matter to attention,
+but ascending order makes a head that keeps everything an exact no-op).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.compression.budget import keep_mask
+from engine.compression.params import CompressionParams
+from engine.compression.protection import protected_mask
+from engine.page_table import SequenceKV
+
+
+def select_tokens(scores: torch.Tensor, params: CompressionParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [L, H, n] -> kept positions [L, H, K] (ascending, -1 padded) and kept_lens [L, H]."""
+    n = scores.shape[-1]
+    protected = protected_mask(n, params.sink, params.recent, params.protected_spans, scores.device)
+    return mask_to_indices(keep_mask(scores, protected, params))
+
+
+def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [L, H, n] -> positions [L, H, K] ascending with -1 padding, counts [L, H]."""
+    n = mask.shape[-1]
+    lens = mask.sum(dim=-1)
+    position = torch.arange(n, device=mask.device)
+    order = torch.where(mask, position, position + n).sort(dim=-1).values  # kept first, ascending
+    width = int(lens.max()) if lens.numel() else 0
+    kept = order[..., :width]
+    kept = kept.masked_fill(torch.arange(width, device=mask.device) >= lens[..., None], -1)
+    return kept, lens
+
+
+def pack_kept(
+    pool_kv: torch.Tensor,
+    src_table: torch.Tensor,
+    kept: torch.Tensor,
+    kept_lens: torch.Tensor,
+    dst_table: torch.Tensor,
+) -> None:
+    """Copy each head's kept tokens densely into the first pages of `dst_table`.
+
+    pool_kv [num_pages, 2, P, D]; src_table, dst_table [L, H, max_pages] page ids; kept [L, H, K]
+    token positions in the source head; kept_lens [L, H]. Source and destination may share pages
+    (in-place compaction): every kept token is read before any is written.
+    """
+    page_size = pool_kv.shape[2]
+    device = pool_kv.device
+    slot = torch.arange(kept.shape[-1])
+    valid = slot < kept_lens[..., None].cpu()  # [L, H, K]
+    layer, head, j = valid.nonzero(as_tuple=True)
+    src = kept.cpu()[valid]
+    src_page = src_table[layer, head, src // page_size].long().to(device)
+    dst_page = dst_table[layer, head, j // page_size].long().to(device)
+    assert bool((src_page >= 0).all()) and bool((dst_page >= 0).all()), "a kept token maps to no page"
+    values = pool_kv[src_page, :, (src % page_size).to(device)]  # [N, 2, D]
+    pool_kv[dst_page, :, (j % page_size).to(device)] = values
+
+
+def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Tensor) -> None:
+    """Pack kept tokens into each head's first pages and free the pages no head needs any more."""
+    kept_lens = kept_lens.cpu().to(torch.int64)
+    pages_kept = seq_kv.pages_per_head(kept_lens)  # [L, H]
+    table = seq_kv.page_table.clone()
+    table[torch.arange(seq_kv.max_pages)[None, None, :] >= pages_kept[..., None]] = -1
+    pack_kept(seq_kv.pool.kv, seq_kv.page_table, kept, kept_lens, table)
+    seq_kv.set_heads(kept_lens, table)
+
+
+def compress_kv(seq_kv: SequenceKV, scores: torch.Tensor, params: CompressionParams) -> None:
+    """Select with `params` and compact the sequence's cache in place; a no-op if every head keeps all."""
+    kept, kept_lens = select_tokens(scores, params)
+    if bool((kept_lens.cpu() == seq_kv.head_lens).all()):
+        return
+    compact_in_place(seq_kv, kept, kept_lens)
