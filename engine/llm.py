@@ -72,11 +72,13 @@ class LLM:
         comp = _per_request(compression, n, None)
         engine = self.engine
         seqs = [engine.make_sequence(ids, sp, c) for ids, sp, c in zip(prompt_ids, sampling, comp)]
-        for s in seqs:  # validated all before queueing any, so a bad request leaves nothing behind
-            engine.scheduler.add(s)
-            engine.requests[s.request_id] = s
         bar = tqdm(total=n, desc="generate", disable=not use_tqdm)
         try:
+            # Validated all before queueing any; a request the pool can never hold is refused here,
+            # and the except below takes the already-queued ones back out, so nothing stays behind.
+            for s in seqs:
+                engine.scheduler.add(s)
+                engine.requests[s.request_id] = s
             while engine.has_unfinished():
                 done = [s for s in engine.step() if s.is_finished]
                 bar.update(len(done))

@@ -46,7 +46,7 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device | str)
     missing, unexpected = _load_weights(model, state_dict)
     if missing or unexpected:
         raise ModelLoadError(
-            f"weights in {source!r} do not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}",
+            f"model: weights in {source!r} do not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}",
             field="model",
         )
     model.model.rotary.inv_freq = _fresh_inv_freq(model)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, UnsupportedModelError
 
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -64,7 +64,10 @@ def _config(reader: Any, tensor_names: set[str]) -> Any:
 
     arch = _field(reader, "general.architecture")
     if arch not in _ARCH_MODEL_TYPE:
-        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported", field="model")
+        raise UnsupportedModelError(
+            f"model: GGUF architecture {arch!r} is not supported; kvferry runs {sorted(_ARCH_MODEL_TYPE)}",
+            field="model",
+        )
     values = {hf: _field(reader, f"{arch}.{key}") for key, hf in _CONFIG_FIELDS.items()}
     values = {k: v for k, v in values.items() if v is not None}
     if "head_dim" not in values and arch == "llama":
@@ -89,7 +92,7 @@ def read_gguf(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # a corrupt or foreign file
-        raise ModelLoadError(f"cannot read GGUF file {path}: {e}", field="model") from e
+        raise ModelLoadError(f"model: cannot read GGUF file {path}: {e}", field="model") from e
     config = _config(reader, {t.name for t in reader.tensors})
     model_type = config.model_type
     state_dict: dict[str, torch.Tensor] = {}

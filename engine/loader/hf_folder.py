@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from engine.errors import ModelLoadError
+from engine.models import model_class
 
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -17,11 +20,18 @@ _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_p
 def read_hf_folder(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any | None]:
     from transformers import AutoConfig, AutoTokenizer
 
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} has no config.json", field="model")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"model: {path} has no config.json", field="model")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model: {config_file} is not a valid JSON config: {e}", field="model") from e
+    # Refuse an architecture we do not run before reading weights (transformers may not know it either).
+    model_class(SimpleNamespace(model_type=raw.get("model_type") if isinstance(raw, dict) else None))
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weight files", field="model")
+        raise ModelLoadError(f"model: {path} has no *.safetensors weight files", field="model")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     state_dict: dict[str, torch.Tensor] = {}
     for f in files:
