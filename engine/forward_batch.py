@@ -7,12 +7,20 @@ through `observer` (they see queries, pre-RoPE keys and post-RoPE keys layer by 
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Protocol
 
 import torch
 
 from engine.layers import paged_attention as ref
 from engine.page_table import SequenceKV
+
+
+def _triton_kernels() -> ModuleType:
+    """The Triton kernels package, imported only when the pool is on CUDA (it needs triton)."""
+    import kernels
+
+    return kernels
 
 
 class PrefillObserver(Protocol):
@@ -33,6 +41,10 @@ class PrefillBatch:
         self.observer = observer
         device = seq_kv.pool.kv.device
         self.positions = torch.arange(start, start + num_tokens, device=device)
+        self.use_triton = device.type == "cuda"
+        if self.use_triton:  # the varlen kernel's view of this single chunk
+            self.cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+            self.starts = torch.tensor([start], dtype=torch.int32, device=device)
 
     def attend(
         self,
@@ -47,10 +59,20 @@ class PrefillBatch:
         kv = self.seq_kv
         pages, offsets = kv.slots(layer, self.num_tokens)  # [H, T]
         device = kv.pool.kv.device
-        ref.store_kv(kv.pool.kv, pages.to(device), offsets.to(device), k.transpose(0, 1), v.transpose(0, 1))
+        if self.use_triton:
+            _triton_kernels().store_kv(kv.pool.kv, pages.T.to(device), offsets.T.to(device), k, v)
+        else:
+            ref.store_kv(
+                kv.pool.kv, pages.to(device), offsets.to(device), k.transpose(0, 1), v.transpose(0, 1)
+            )
         if self.observer is not None:
             self.observer.observe(layer, q, k_pre_rope, k, self.start)
-        return ref.prefill_attention(q, kv.pool.kv, kv.page_table[layer].to(device), self.start, scale)
+        table = kv.page_table[layer].to(device)  # [H, max_pages]
+        if self.use_triton:
+            return _triton_kernels().prefill_attention(
+                q, kv.pool.kv, table[None], self.cu_seqlens, self.starts, self.num_tokens, scale
+            )
+        return ref.prefill_attention(q, kv.pool.kv, table, self.start, scale)
 
     def finish(self) -> None:
         self.seq_kv.head_lens += self.num_tokens
@@ -67,9 +89,13 @@ class DecodeBatch:
         self.positions = torch.tensor(positions, device=device)
         lens = torch.stack([s.head_lens for s in seq_kvs])  # [B, L, H]
         max_pages = int(((lens + pool.page_size) // pool.page_size).max())
-        self.page_tables = torch.stack([s.page_table[:, :, :max_pages] for s in seq_kvs]).to(
-            device
-        )  # [B, L, H, n]
+        # Sequences own page tables of different widths (sized to their own max length): cut or
+        # pad each to the batch's widest head with -1 (unallocated; masked out by the lengths).
+        tables = []
+        for s in seq_kvs:
+            t = s.page_table[:, :, :max_pages]
+            tables.append(torch.nn.functional.pad(t, (0, max_pages - t.shape[-1]), value=-1))
+        self.page_tables = torch.stack(tables).to(device)  # [B, L, H, n]
         self.lens = lens.to(device)
         slot = self.lens  # the new token goes to position head_len of each head
         self.write_pages = (
@@ -87,8 +113,9 @@ class DecodeBatch:
         scale: float,
     ) -> torch.Tensor:
         """q [B, Hq, D]; k, v [B, H, D] -> [B, Hq, D]."""
-        ref.store_kv(self.pool.kv, self.write_pages[:, layer], self.write_offsets[:, layer], k, v)
-        return ref.decode_attention(
+        impl = _triton_kernels() if self.pool.kv.is_cuda else ref
+        impl.store_kv(self.pool.kv, self.write_pages[:, layer], self.write_offsets[:, layer], k, v)
+        return impl.decode_attention(
             q, self.pool.kv, self.page_tables[:, layer], self.lens[:, layer] + 1, scale
         )
 

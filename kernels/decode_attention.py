@@ -1,0 +1,227 @@
+"""Decode attention over the head-sparse paged KV pool (Triton).
+
+One query token per sequence; every (sequence, kv-head) has its own length and its own chain of
+pages. A program handles the whole GQA group of one kv-head over one split of that head's tokens
+(split-K), so each K/V byte is read once; a second kernel merges the splits by log-sum-exp.
+
+Shapes: q [B, Hq, D]; pool_kv [num_pages, 2, P, D]; page_tables [B, H, max_pages] (int32, -1 where
+unallocated); lens [B, H] tokens kept by each head; out [B, Hq, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import LOG2E, check_pool, input_precision, next_pow2, num_sms, upcast_dots
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    kv_ptr,  # [num_pages, 2, P, D]
+    pt_ptr,  # [B, H, max_pages]
+    lens_ptr,  # [B, H]
+    out_ptr,  # [B, Hq, D] (NUM_SPLITS == 1)
+    mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32 (NUM_SPLITS > 1)
+    mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2 domain
+    scale_log2,
+    stride_qb,
+    stride_qh,
+    stride_pb,
+    stride_ph,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.load(lens_ptr + b * stride_lb + h * stride_lh).to(tl.int32)
+    # This head's tokens are cut into NUM_SPLITS equal, BLOCK_N-aligned pieces.
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    q_rows = b * stride_qb + (h * G + g) * stride_qh  # [BLOCK_G]
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(g < G)[:, None], other=0.0)  # [BLOCK_G, D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    pt = pt_ptr + b * stride_pb + h * stride_ph
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        tok = start + n  # [BLOCK_N]
+        valid = tok < hi
+        if PAGE_SIZE % BLOCK_N == 0:
+            page = tl.load(pt + start // PAGE_SIZE).to(tl.int64)  # the whole block lies in one page
+        else:
+            page = tl.load(pt + tok // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        row = page * (2 * PAGE_SIZE * D) + (tok % PAGE_SIZE) * D  # [BLOCK_N] offset of K
+        k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(kv_ptr + PAGE_SIZE * D + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        o_rows = b * stride_ob + (h * G + g) * stride_oh
+        tl.store(
+            out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None]
+        )
+    else:
+        qh = (b * H + h) * G + g  # flat (b, q-head) index into the contiguous mid buffers
+        tl.store(
+            mid_o_ptr + ((qh * NUM_SPLITS + split) * D)[:, None] + d[None, :], out, mask=(g < G)[:, None]
+        )
+        lse = tl.where(l_sum > 0, m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+        tl.store(mid_lse_ptr + qh * NUM_SPLITS + split, lse, mask=g < G)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+    mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    out_ptr,  # [B, Hq, D]
+    stride_ob,
+    stride_oh,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    qh = tl.program_id(0)  # flat (b, q-head)
+    b = qh // HQ
+    hq = qh % HQ
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    lse = tl.load(mid_lse_ptr + qh * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    o = tl.load(mid_o_ptr + ((qh * NUM_SPLITS + s) * D)[:, None] + d[None, :], mask=(s < NUM_SPLITS)[:, None])
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_tokens: int, device: torch.device, programs_per_sm: int = 4
+) -> int:
+    """Enough programs to fill the GPU, but no split shorter than 256 tokens.
+
+    Depends only on shapes (not on head lengths), so it is fixed under CUDA-graph capture.
+    """
+    want = -(-programs_per_sm * num_sms(device) // (batch * num_kv_heads))
+    return max(1, min(want, -(-max_tokens // 256), 128))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    pool_kv: torch.Tensor,
+    page_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, D], page_tables [B, H, max_pages], lens [B, H] -> [B, Hq, D] (see module doc).
+
+    `out` [B, Hq, D] and `workspace` (fp32 [B, Hq, S, D] and [B, Hq, S], S = num_splits) may be
+    given preallocated (CUDA graphs, tests that poison them); otherwise they are allocated here.
+    """
+    page_size, head_dim = check_pool(pool_kv)
+    b, hq, d = q.shape
+    h = page_tables.shape[1]
+    assert d == head_dim and hq % h == 0 and lens.shape == (b, h), (q.shape, page_tables.shape, lens.shape)
+    assert q.stride(-1) == 1 and page_tables.stride(-1) == 1
+    group = hq // h
+    if block_n is None:
+        block_n = 64 if page_size % 64 == 0 or page_size < 64 else 16
+    if num_splits is None:
+        num_splits = choose_num_splits(b, h, page_tables.shape[-1] * page_size, q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if num_splits > 1:
+        if workspace is None:
+            workspace = (
+                torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device),
+                torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device),
+            )
+        mid_o, mid_lse = workspace
+        assert mid_o.shape == (b, hq, num_splits, d) and mid_lse.shape == (b, hq, num_splits)
+        assert mid_o.is_contiguous() and mid_lse.is_contiguous()
+    else:
+        mid_o = mid_lse = out  # unused
+    _decode_split_kernel[(b * h, num_splits)](
+        q,
+        pool_kv,
+        page_tables,
+        lens,
+        out,
+        mid_o,
+        mid_lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        page_tables.stride(0),
+        page_tables.stride(1),
+        lens.stride(0),
+        lens.stride(1),
+        out.stride(0),
+        out.stride(1),
+        H=h,
+        G=group,
+        BLOCK_G=max(16, next_pow2(group)),
+        D=d,
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        PRECISION=input_precision(q),
+        UPCAST=upcast_dots(q),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(b * hq,)](
+            mid_o,
+            mid_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HQ=hq,
+            D=d,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=next_pow2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,253 @@
+"""Triton kernels against their PyTorch references (engine/layers/paged_attention.py).
+
+Without CUDA the kernels run on CPU under TRITON_INTERPRET=1 (set here, before triton decorates
+them) at small shapes; with CUDA the same tests run compiled, plus the `gpu` ones at real shapes.
+Every check draws fresh random inputs and poisons the outputs, so unwritten elements show as NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # the root conftest.py sets it before any triton import
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and "Interpreted" not in type(triton.language.max).__name__:
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
+
+import kernels  # noqa: E402  (after TRITON_INTERPRET)
+from engine.layers import paged_attention as ref  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative Frobenius error
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in the output: an element was not written"
+    return float((out.double() - want.double()).norm() / want.double().norm())
+
+
+def random_pool(num_pages: int, page_size: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(num_pages, 2, page_size, head_dim, device=DEVICE).to(dtype)  # [N, 2, P, D]
+
+
+def random_page_tables(lens: torch.Tensor, page_size: int, num_pages: int, max_pages: int) -> torch.Tensor:
+    """Scattered pages for heads of lengths `lens` [...]: page table [..., max_pages], -1 past each head."""
+    need = (lens.cpu() + page_size - 1) // page_size
+    table = torch.full((*need.shape, max_pages), -1, dtype=torch.int32)
+    used = (torch.arange(max_pages) < need[..., None]).cpu()
+    table[used] = torch.randperm(num_pages)[: int(used.sum())].int()
+    return table.to(DEVICE)
+
+
+def head_lens(shape: tuple[int, ...], max_len: int, page_size: int) -> torch.Tensor:
+    """Random per-head lengths in [1, max_len], with 1, page multiples and off-page lengths present."""
+    lens = torch.randint(1, max_len + 1, shape)
+    flat = lens.view(-1)
+    special = [1, max_len, page_size, 3 * page_size, page_size + 1, 2 * page_size - 1]
+    for i, n in enumerate(special[: flat.numel()]):
+        flat[i] = min(n, max_len)
+    return flat[torch.randperm(flat.numel())].view(shape).to(DEVICE)
+
+
+def check_decode(
+    batch: int, kv_heads: int, group: int, head_dim: int, page_size: int, max_len: int, dtype, **kw
+) -> None:
+    lens = head_lens((batch, kv_heads), max_len, page_size)  # [B, H]
+    max_pages = -(-max_len // page_size) + 1
+    num_pages = batch * kv_heads * max_pages + 3
+    pool = random_pool(num_pages, page_size, head_dim, dtype)
+    tables = random_page_tables(lens, page_size, num_pages, max_pages)  # [B, H, max_pages]
+    q = torch.randn(batch, kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    scale = head_dim**-0.5
+    out = torch.full_like(q, float("nan"))
+    workspace = None
+    if kw.get("num_splits", 1) > 1:
+        s = kw["num_splits"]
+        workspace = (
+            torch.full((batch, kv_heads * group, s, head_dim), float("nan"), device=DEVICE),
+            torch.full((batch, kv_heads * group, s), float("nan"), device=DEVICE),
+        )
+    got = kernels.decode_attention(q, pool, tables, lens, scale, out=out, workspace=workspace, **kw)
+    assert got is out
+    want = ref.decode_attention(q.float(), pool.float(), tables, lens, scale)
+    assert rel_err(out, want) < TOL[dtype]
+
+
+def check_prefill(
+    chunks: list[tuple[int, int]], kv_heads: int, group: int, head_dim: int, page_size: int, dtype, **kw
+) -> None:
+    """chunks: (start, num_tokens) of each sequence; each sequence's pages hold start + T tokens."""
+    starts = torch.tensor([s for s, _ in chunks])
+    sizes = torch.tensor([t for _, t in chunks])
+    totals = (starts + sizes)[:, None].expand(-1, kv_heads)  # [S, H]
+    max_pages = int(-(-totals.max() // page_size))
+    num_pages = len(chunks) * kv_heads * max_pages + 5
+    pool = random_pool(num_pages, page_size, head_dim, dtype)
+    tables = random_page_tables(totals, page_size, num_pages, max_pages)  # [S, H, max_pages]
+    cu = torch.zeros(len(chunks) + 1, dtype=torch.int32)
+    cu[1:] = sizes.cumsum(0)
+    q = torch.randn(int(cu[-1]), kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    scale = head_dim**-0.5
+    out = torch.full_like(q, float("nan"))
+    kernels.prefill_attention(
+        q, pool, tables, cu.to(DEVICE), starts.to(DEVICE), int(sizes.max()), scale, out=out, **kw
+    )
+    for i, (start, _) in enumerate(chunks):
+        lo, hi = int(cu[i]), int(cu[i + 1])
+        want = ref.prefill_attention(q[lo:hi].float(), pool.float(), tables[i], start, scale)
+        assert rel_err(out[lo:hi], want) < TOL[dtype], i
+
+
+# ---- small shapes: CPU interpreter in CI, compiled on a GPU ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "page_size,block_n", [(16, 16), (16, 32), (32, 16)]
+)  # one page per block, several pages per block
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_small(dtype, page_size, block_n, num_splits) -> None:
+    torch.manual_seed(1000 + page_size + block_n + num_splits)
+    check_decode(3, 2, 3, 32, page_size, 70, dtype, num_splits=num_splits, block_n=block_n)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_small_groups_and_auto_splits(group) -> None:
+    torch.manual_seed(7 + group)
+    check_decode(2, 2, group, 16, 16, 50, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size,block_n", [(16, 16), (8, 16)])
+@pytest.mark.parametrize("group", [1, 3])
+def test_prefill_small(dtype, page_size, block_n, group) -> None:
+    torch.manual_seed(2000 + page_size + group)
+    chunks = [(0, 1), (0, 21), (13, 9), (32, 17)]  # a fresh 1-token sequence, unaligned starts
+    check_prefill(chunks, 2, group, 32, page_size, dtype, block_m=16, block_n=block_n, num_warps=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv(dtype) -> None:
+    torch.manual_seed(3)
+    page_size, head_dim, heads, tokens = 16, 32, 3, 21
+    pool = random_pool(40, page_size, head_dim, dtype)
+    pos = torch.randint(0, 40 * page_size, (tokens * heads,))
+    pos = pos.unique()[torch.randperm(pos.unique().numel())][: tokens * heads // 2]  # distinct slots
+    pages, offsets = (pos // page_size).to(DEVICE), (pos % page_size).to(DEVICE)
+    k = torch.randn(pos.numel(), head_dim, device=DEVICE).to(dtype)  # the engine's k/v have the pool's dtype
+    v = torch.randn(pos.numel(), head_dim, device=DEVICE).to(dtype)
+    want = pool.clone()
+    ref.store_kv(want, pages, offsets, k, v)
+    kernels.store_kv(pool, pages, offsets, k, v)
+    assert torch.equal(pool, want)  # written slots match, every other slot untouched
+    # A [H, T] slot grid with [H, T, D] rows seen through a transpose (as prefill passes them).
+    pool2 = random_pool(40, page_size, head_dim, dtype)
+    want2 = pool2.clone()
+    grid = torch.randperm(40 * page_size)[: heads * tokens].view(heads, tokens)
+    pg, off = (grid // page_size).to(DEVICE), (grid % page_size).to(DEVICE)
+    kt = torch.randn(tokens, heads, head_dim, device=DEVICE).to(dtype)
+    vt = torch.randn(tokens, heads, head_dim, device=DEVICE).to(dtype)
+    ref.store_kv(want2, pg, off, kt.transpose(0, 1), vt.transpose(0, 1))
+    kernels.store_kv(pool2, pg.T, off.T, kt, vt)
+    assert torch.equal(pool2, want2)
+
+
+# ---- real shapes (GPU only) ----
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size", [16, 64, 128])
+def test_decode_gpu(dtype, page_size) -> None:
+    torch.manual_seed(page_size)
+    check_decode(6, 8, 4, 128, page_size, 5000, dtype)  # auto splits
+    check_decode(2, 8, 4, 128, page_size, 3000, dtype, num_splits=1)
+    check_decode(3, 2, 8, 64, page_size, 700, dtype, num_splits=5)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size", [16, 64, 128])
+def test_prefill_gpu(dtype, page_size) -> None:
+    torch.manual_seed(10 + page_size)
+    check_prefill([(0, 512), (1000, 1), (4097, 300), (0, 1029)], 8, 4, 128, page_size, dtype)
+    check_prefill([(77, 256), (0, 100)], 3, 3, 64, page_size, dtype)  # SmolLM2's group of 3
+
+
+@gpu
+@pytest.mark.gpu
+def test_store_kv_gpu() -> None:
+    torch.manual_seed(5)
+    pool = random_pool(5000, 16, 128, torch.bfloat16)
+    grid = torch.randperm(5000 * 16)[: 8 * 2048].view(8, 2048)  # [H, T] distinct slots
+    pg, off = (grid // 16).to(DEVICE), (grid % 16).to(DEVICE)
+    k = torch.randn(2048, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn(2048, 8, 128, device=DEVICE)  # fp32 rows are rounded to the pool's bf16 like .to()
+    want = pool.clone()
+    ref.store_kv(want, pg, off, k.transpose(0, 1), v.transpose(0, 1))
+    kernels.store_kv(pool, pg.T, off.T, k, v)
+    assert torch.equal(pool, want)
+
+
+@gpu
+@pytest.mark.gpu
+def test_forward_batches_run_triton_on_cuda() -> None:
+    """PrefillBatch/DecodeBatch on a CUDA pool (Triton path) against the references on the same pool."""
+    from engine.forward_batch import DecodeBatch, PrefillBatch
+    from engine.kv_pool import KVPool
+    from engine.page_table import SequenceKV
+
+    torch.manual_seed(11)
+    layers, heads, group, head_dim, dtype = 2, 8, 4, 128, torch.bfloat16
+    scale = head_dim**-0.5
+    pool = KVPool(4096, 16, head_dim, dtype, DEVICE)
+    seqs = [SequenceKV(pool, layers, heads, 4096) for _ in range(3)]
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=DEVICE).to(dtype)
+
+    for seq, prompt in zip(seqs, [700, 1, 1500]):
+        start = 0
+        while start < prompt:
+            chunk = min(512, prompt - start)
+            seq.grow(chunk)
+            batch = PrefillBatch(seq, start, chunk)
+            for layer in range(layers):
+                q, k, v = (
+                    rand(chunk, heads * group, head_dim),
+                    rand(chunk, heads, head_dim),
+                    rand(chunk, heads, head_dim),
+                )
+                out = batch.attend(layer, q, k, v, k, scale)
+                table = seq.page_table[layer].to(DEVICE)
+                want = ref.prefill_attention(q.float(), pool.kv.float(), table, start, scale)
+                assert rel_err(out, want) < TOL[dtype]
+            batch.finish()
+            start += chunk
+    # As after compression: every head keeps its own number of tokens, pages past them are freed.
+    for seq in seqs:
+        kept = torch.minimum(torch.randint(1, 1600, seq.head_lens.shape), seq.head_lens)  # [L, H]
+        table = seq.page_table.clone()
+        table[torch.arange(table.shape[-1]) >= seq.pages_per_head(kept)[..., None]] = -1
+        seq.set_heads(kept, table)
+        seq.grow(1)
+    batch = DecodeBatch(seqs, [int(s.head_lens.max()) for s in seqs])
+    for layer in range(layers):
+        q, k, v = rand(3, heads * group, head_dim), rand(3, heads, head_dim), rand(3, heads, head_dim)
+        out = batch.attend(layer, q, k, v, k, scale)
+        written = pool.kv[batch.write_pages[:, layer], 0, batch.write_offsets[:, layer]]  # [B, H, D]
+        assert torch.equal(written, k)
+        lens = batch.lens[:, layer] + 1
+        want = ref.decode_attention(q.float(), pool.kv.float(), batch.page_tables[:, layer], lens, scale)
+        assert rel_err(out, want) < TOL[dtype]
+    batch.finish()
+    for seq in seqs:
+        seq.free()
+    pool.assert_no_leaks()
