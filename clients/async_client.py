@@ -1,0 +1,88 @@
+"""The asyncio client of the coordinator (same arguments as Client)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from clients.client import CHANNEL_OPTIONS, DEFAULT_ADDRESS
+from clients.errors import KvferryRpcError
+from clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
+from clients.results import GenerateResult, StreamChunk
+from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+class AsyncClient:
+    """See Client for the arguments. Create it inside a running event loop."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Messages | None = None,
+        compression: str | Mapping[str, Any] | None = None,
+        retention: float | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> GenerateResult:
+        request = build_request(
+            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling
+        )
+        try:
+            reply = await self._stub.GenerateUnary(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+        return GenerateResult.from_proto(reply)
+
+    async def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Messages | None = None,
+        compression: str | Mapping[str, Any] | None = None,
+        retention: float | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[StreamChunk]:
+        """Chunks as tokens are produced; leaving the loop early (or cancelling the task) cancels the
+        request and frees its KV on every node."""
+        request = build_request(GENERATE, prompt, messages, compression, retention, request_id, sampling)
+        call = self._stub.Generate(request, timeout=timeout or self.timeout)
+        try:
+            async for msg in call:
+                yield StreamChunk.from_proto(msg)
+        except grpc.aio.AioRpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def info(self, timeout: float | None = None) -> coordinator_pb2.InfoResponse:
+        try:
+            return await self._stub.Info(coordinator_pb2.InfoRequest(), timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+
+    async def stats(self, timeout: float | None = None) -> coordinator_pb2.StatsResponse:
+        try:
+            return await self._stub.Stats(coordinator_pb2.StatsRequest(), timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

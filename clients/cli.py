@@ -1,0 +1,280 @@
+"""The `kvferry` command line.
+
+kvferry demo                         start a local cluster, ask the bundled document a question, stop
+kvferry up                           coordinator + prefill + decode on this machine (Ctrl-C stops all)
+kvferry ask --doc FILE QUESTION      stream an answer about a document through a running cluster
+kvferry stats                        the coordinator's counters and its nodes' page accounting
+kvferry coordinator|prefill|decode   run one service (the same flags as python -m <service>)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clients.client import DEFAULT_ADDRESS, Client
+from clients.errors import KvferryRpcError
+from clients.local_cluster import DEFAULT_PORTS, ClusterError, LocalCluster
+
+BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "engine" / "data" / "marrowick_canal.txt"
+BUNDLED_QUESTION = "Who was the chief engineer of the Marrowick Canal?"
+SERVICES = {"coordinator": "coordinator", "prefill": "prefill_service", "decode": "decode_service"}
+
+
+def document_messages(document: str, question: str) -> list[dict[str, str]]:
+    """The chat a document question becomes: the document, then the question as its own last turn (so
+    `protect_last_user_turn` keeps the whole question however hard the document is compressed)."""
+    return [
+        {"role": "system", "content": "Answer the question using the document.\n\n" + document},
+        {"role": "user", "content": question},
+    ]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _compression(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.method is None and args.retention is None:
+        return None
+    spec: dict[str, Any] = {"method": args.method or "compactor", "protect_last_user_turn": True}
+    if args.retention is not None:
+        spec["retention"] = args.retention
+    return spec
+
+
+def ask(
+    address: str,
+    document: str,
+    question: str,
+    compression: dict[str, Any] | None,
+    max_new_tokens: int,
+    out: Any = sys.stdout,
+) -> int:
+    """Stream the answer to `out`, then one summary line of what compression kept and shipped."""
+    stats = None
+    with Client(address) as client:
+        for chunk in client.stream(
+            messages=document_messages(document, question),
+            compression=compression,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+        ):
+            out.write(chunk.text)
+            out.flush()
+            if chunk.stats is not None:
+                stats = chunk.stats
+    out.write("\n")
+    if stats is not None:
+        out.write(summary(stats) + "\n")
+    return 0
+
+
+def summary(stats: Any) -> str:
+    p = stats.prefill
+    kept = f"kept {p.kept_tokens:,} of {p.full_tokens:,} cached tokens ({p.retention:.0%}, {p.compression_method})"
+    shipped = f"shipped {_human_bytes(p.kv_bytes_shipped)} of {_human_bytes(p.kv_bytes_full)} over {p.transport or '-'}"
+    tokens = stats.decode.output_tokens if stats.HasField("decode") else 1
+    timing = f"TTFT {stats.ttft_seconds:.2f} s, {tokens} tokens in {stats.total_seconds:.2f} s"
+    return f"[{p.prompt_tokens:,} prompt tokens; {kept}; {shipped}; {timing}]"
+
+
+def print_stats(address: str, out: Any = sys.stdout) -> int:
+    with Client(address, timeout=10.0) as client:
+        s = client.stats()
+        info = client.info()
+    out.write(f"coordinator {address}: up {s.uptime_seconds:.0f} s\n")
+    out.write(
+        f"  requests: {s.requests_total} total, {s.requests_active} active, {s.requests_failed} failed, "
+        f"{s.requests_cancelled} cancelled\n"
+    )
+    out.write(f"  tokens: {s.prompt_tokens_total:,} prompt, {s.output_tokens_total:,} output\n")
+    if s.kv_bytes_full_total:
+        share = s.kv_bytes_shipped_total / s.kv_bytes_full_total
+        out.write(
+            f"  KV shipped: {_human_bytes(s.kv_bytes_shipped_total)} of {_human_bytes(s.kv_bytes_full_total)}"
+            f" uncompressed ({share:.0%})\n"
+        )
+    finished = s.requests_total - s.requests_active - s.requests_failed - s.requests_cancelled
+    if finished > 0:
+        out.write(f"  mean TTFT: {s.ttft_seconds_sum / finished:.3f} s\n")
+    for kind, nodes in (("prefill", info.prefill_nodes), ("decode", info.decode_nodes)):
+        for n in nodes:
+            if not n.reachable:
+                out.write(f"  {kind} {n.address}: UNREACHABLE ({n.error})\n")
+                continue
+            pool = n.pool
+            out.write(
+                f"  {kind} {n.address}: load {n.load}, pages {pool.used_pages}/{pool.total_pages} used, "
+                f"{pool.available_pages} available ({_human_bytes(pool.available_pages * pool.bytes_per_page)}),"
+                f" model {n.model.source} [{n.model.dtype}]\n"
+            )
+    return 0
+
+
+def _engine_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for flag in ("model", "device", "dtype", "kv_cache_bytes", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += ["--" + flag.replace("_", "-"), str(value)]
+    return out
+
+
+def _start_cluster(
+    args: argparse.Namespace, ports: dict[str, int] | None, log_dir: Path | None
+) -> LocalCluster:
+    cluster = LocalCluster(_engine_args(args), ports=ports, log_dir=log_dir)
+    print("starting coordinator, prefill and decode services (each loads the model; ~10-60 s on CPU)...")
+    cluster.start()
+    start = time.monotonic()
+    try:
+        cluster.wait_ready(
+            timeout=args.ready_timeout,
+            progress=lambda line: print(f"  [{time.monotonic() - start:5.1f} s] {line}", flush=True),
+        )
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    ports = {"coordinator": args.port, "prefill": args.port + 1, "decode": args.port + 2}
+    cluster = _start_cluster(args, ports, args.log_dir)
+    print(f"kvferry is up: coordinator {cluster.coordinator_address} (clients connect here)")
+    print(f"  prefill {cluster.address('prefill')}, decode {cluster.address('decode')}")
+    print(f"  try: kvferry ask --address {cluster.coordinator_address} --doc FILE 'your question'")
+    print("Ctrl-C stops all three.")
+    try:
+        while True:
+            cluster.check()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping...")
+    except ClusterError as e:
+        print(f"error: {e}; stopping the others", file=sys.stderr)
+        cluster.stop()
+        return 1
+    codes = cluster.stop()
+    print("stopped: " + ", ".join(f"{node} exit {code}" for node, code in codes.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    document = BUNDLED_DOCUMENT.read_text()
+    with tempfile.TemporaryDirectory(prefix="kvferry-demo-") as logs:
+        log_dir = Path(logs)
+        try:
+            cluster = _start_cluster(args, None, log_dir)
+        except ClusterError as e:
+            print(f"error: {e}", file=sys.stderr)
+            for log in sorted(log_dir.glob("*.log")):
+                print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+            return 1
+        try:
+            print(f"\ndocument: {BUNDLED_DOCUMENT.name} ({len(document):,} characters)")
+            print(f"question: {args.question}")
+            print(f"compression: {args.method} at retention {args.retention}\nanswer: ", end="", flush=True)
+            compression = {"method": args.method, "retention": args.retention, "protect_last_user_turn": True}
+            return ask(cluster.coordinator_address, document, args.question, compression, args.max_new_tokens)
+        finally:
+            cluster.stop()
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    document = Path(args.doc).read_text()
+    return ask(args.address, document, args.question, _compression(args), args.max_new_tokens)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    return print_stats(args.address)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", help="torch device for both engines (default: auto)")
+    p.add_argument("--dtype", help="KV and weight dtype (default: auto)")
+    p.add_argument("--kv-cache-bytes", type=int, help="KV pool bytes per engine")
+    p.add_argument("--max-model-len", type=int, help="prompt + output positions")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="kvferry", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="local cluster answers a question about the bundled document")
+    _add_engine_flags(demo)
+    demo.add_argument("--question", default=BUNDLED_QUESTION)
+    demo.add_argument("--method", default="compactor", help="compression method")
+    demo.add_argument("--retention", type=float, default=0.5, help="fraction of the prompt KV kept")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.set_defaults(run=cmd_demo)
+
+    up = sub.add_parser("up", help="start coordinator + prefill + decode here; Ctrl-C stops all")
+    _add_engine_flags(up)
+    up.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORTS["coordinator"],
+        help="coordinator port; +1 prefill, +2 decode",
+    )
+    up.add_argument("--log-dir", type=Path, help="write each service's log here instead of this terminal")
+    up.set_defaults(run=cmd_up)
+
+    ask_p = sub.add_parser("ask", help="ask a question about a document through a running cluster")
+    ask_p.add_argument("question")
+    ask_p.add_argument("--doc", required=True, help="text file holding the document")
+    ask_p.add_argument("--address", default=DEFAULT_ADDRESS, help="coordinator host:port")
+    ask_p.add_argument(
+        "--method", help="compression method (compactor, snapkv, kvcompress, streaming, random, none)"
+    )
+    ask_p.add_argument("--retention", type=float, help="fraction of the prompt KV kept, in (0, 1]")
+    ask_p.add_argument("--max-new-tokens", type=int, default=128)
+    ask_p.set_defaults(run=cmd_ask)
+
+    stats = sub.add_parser("stats", help="coordinator counters and node page accounting")
+    stats.add_argument("--address", default=DEFAULT_ADDRESS, help="coordinator host:port")
+    stats.set_defaults(run=cmd_stats)
+
+    for name in SERVICES:
+        p = sub.add_parser(name, help=f"run a {name} service (see kvferry {name} --help)", add_help=False)
+        p.set_defaults(run=None)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVICES:  # hand every remaining flag to the service's own parser
+        import importlib
+
+        module = importlib.import_module(f"{SERVICES[argv[0]]}.__main__")
+        return int(module.main(argv[1:]))
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KvferryRpcError as e:
+        where = f" (field {e.field})" if e.field else ""
+        print(f"error: {e.code.name}: {e.details}{where}", file=sys.stderr)
+        return 2
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

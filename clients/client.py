@@ -1,0 +1,93 @@
+"""The blocking client of the coordinator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from clients.errors import KvferryRpcError
+from clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
+from clients.results import GenerateResult, StreamChunk
+from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class Client:
+    """Sampling keywords: max_new_tokens, temperature (0 = greedy), top_p, top_k, seed, stop,
+    stop_token_ids, ignore_eos. Compression: `compression` (a method name or a dict of
+    CompressionParams fields) and/or `retention` (fraction of the prompt KV kept). Failures raise
+    KvferryRpcError with the gRPC status code."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Messages | None = None,
+        compression: str | Mapping[str, Any] | None = None,
+        retention: float | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> GenerateResult:
+        request = build_request(
+            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling
+        )
+        try:
+            reply = self._stub.GenerateUnary(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+        return GenerateResult.from_proto(reply)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        messages: Messages | None = None,
+        compression: str | Mapping[str, Any] | None = None,
+        retention: float | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Iterator[StreamChunk]:
+        """Chunks as tokens are produced. Stopping early (break, close()) cancels the request and frees
+        its KV on every node."""
+        request = build_request(GENERATE, prompt, messages, compression, retention, request_id, sampling)
+        call = self._stub.Generate(request, timeout=timeout or self.timeout)
+        try:
+            for msg in call:
+                yield StreamChunk.from_proto(msg)
+        except grpc.RpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+        finally:
+            call.cancel()  # a no-op when the stream already ended
+
+    def info(self, timeout: float | None = None) -> coordinator_pb2.InfoResponse:
+        try:
+            return self._stub.Info(coordinator_pb2.InfoRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+
+    def stats(self, timeout: float | None = None) -> coordinator_pb2.StatsResponse:
+        try:
+            return self._stub.Stats(coordinator_pb2.StatsRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

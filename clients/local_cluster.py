@@ -1,0 +1,155 @@
+"""A coordinator, a prefill and a decode service as child processes on this machine (`kvferry up`).
+
+Each service is its own process, started exactly as a user would (`python -m decode_service ...`), so
+the cluster behaves like a deployed one: real gRPC between processes, KV shipped over the `grpc`
+transport. `wait_ready` polls the standard health service until every node reports SERVING.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_PORTS = {"coordinator": 50051, "prefill": 50052, "decode": 50053}
+MODULES = {"coordinator": "coordinator", "prefill": "prefill_service", "decode": "decode_service"}
+
+
+class ClusterError(RuntimeError):
+    """A node exited or did not become ready."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalCluster:
+    """`engine_args` go to both engine services (e.g. ["--model", path, "--device", "cpu"]);
+    `ports` maps node name -> port (None: pick free ports)."""
+
+    engine_args: Sequence[str] = ()
+    ports: dict[str, int] | None = None
+    host: str = "127.0.0.1"
+    log_dir: Path | None = None  # each node's output goes to <log_dir>/<node>.log; None: inherit ours
+    env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ports is None:
+            self.ports = {name: free_port() for name in DEFAULT_PORTS}
+
+    def address(self, node: str) -> str:
+        assert self.ports is not None
+        return f"{self.host}:{self.ports[node]}"
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.address("coordinator")
+
+    def start(self) -> None:
+        """Start the three processes (returns at once; see wait_ready)."""
+        args = {
+            "decode": [*self.engine_args],
+            "prefill": [*self.engine_args],
+            "coordinator": [
+                "--prefill-addresses",
+                self.address("prefill"),
+                "--decode-addresses",
+                self.address("decode"),
+            ],
+        }
+        env = {**os.environ, **self.env}
+        for node in ("decode", "prefill", "coordinator"):
+            assert self.ports is not None
+            command = [
+                sys.executable,
+                "-m",
+                MODULES[node],
+                "--host",
+                self.host,
+                "--port",
+                str(self.ports[node]),
+            ]
+            output = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                output = open(self.log_dir / f"{node}.log", "wb")  # noqa: SIM115 - the child owns it
+            self.processes[node] = subprocess.Popen(
+                [*command, *args[node]], env=env, stdout=output, stderr=subprocess.STDOUT if output else None
+            )
+            if output is not None:
+                output.close()
+
+    def wait_ready(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None) -> None:
+        """Block until every node's health service says SERVING; ClusterError if one exits first."""
+        deadline = time.monotonic() + timeout
+        pending = set(self.processes)
+        channels = {n: grpc.insecure_channel(self.address(n)) for n in pending}
+        try:
+            while pending:
+                for node in sorted(pending):
+                    self._check_alive(node)
+                    if _serving(channels[node]):
+                        pending.discard(node)
+                        if progress is not None:
+                            progress(f"{node} ready on {self.address(node)}")
+                if pending and time.monotonic() > deadline:
+                    raise ClusterError(f"{', '.join(sorted(pending))} not ready after {timeout:.0f} s")
+                if pending:
+                    time.sleep(0.25)
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+    def check(self) -> None:
+        """ClusterError when any node has exited."""
+        for node in self.processes:
+            self._check_alive(node)
+
+    def _check_alive(self, node: str) -> None:
+        code = self.processes[node].poll()
+        if code is not None:
+            where = f"; see {self.log_dir / (node + '.log')}" if self.log_dir else ""
+            raise ClusterError(f"the {node} service exited with code {code}{where}")
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM every node (graceful shutdown), SIGKILL what is left after `timeout`; exit codes."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for node, process in self.processes.items():
+            try:
+                codes[node] = process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[node] = process.wait()
+        return codes
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _serving(channel: grpc.Channel) -> bool:
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,97 @@
+"""Keyword arguments -> the coordinator's request messages (shared by both clients)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from protos.kvferry.v1 import common_pb2, coordinator_pb2
+
+Messages = Sequence[Mapping[str, str]]
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "seed",
+    "stop_token_ids",
+    "stop",
+    "ignore_eos",
+)
+_COMPRESSION_FIELDS = (
+    "retention",
+    "budget",
+    "head_floor",
+    "sink",
+    "recent",
+    "protect_system_prompt",
+    "protect_last_user_turn",
+)
+
+
+def build_request(
+    message_type: type,
+    prompt: str | Sequence[int] | None,
+    messages: Messages | None,
+    compression: str | Mapping[str, Any] | None,
+    retention: float | None,
+    request_id: str | None,
+    sampling: Mapping[str, Any],
+) -> Any:
+    """A GenerateRequest or GenerateUnaryRequest.
+
+    `prompt` is text or token ids; `messages` a chat ([{"role", "content"}]); exactly one of them.
+    `compression` is a method name or a dict of CompressionParams fields (method, retention, budget,
+    sink, recent, protected_spans, knobs...); `retention` alone implies the default method.
+    """
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt or messages")
+    request = message_type(request_id=request_id or "")
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif prompt is not None:
+        request.prompt_token_ids.ids.extend(int(t) for t in prompt)
+    else:
+        request.messages.messages.extend(
+            common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages
+        )
+    unknown = set(sampling) - set(_SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling arguments {sorted(unknown)}; known: {list(_SAMPLING_FIELDS)}")
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        if name in ("stop", "stop_token_ids"):
+            getattr(request.sampling, name).extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(request.sampling, name, value)
+    spec = _compression_spec(compression, retention)
+    if spec is not None:
+        request.compression.CopyFrom(spec)
+    return request
+
+
+def _compression_spec(compression: str | Mapping[str, Any] | None, retention: float | None) -> Any:
+    if compression is None and retention is None:
+        return None
+    values = (
+        {"method": compression} if isinstance(compression, str) or compression is None else dict(compression)
+    )
+    if retention is not None:
+        values["retention"] = retention
+    msg = common_pb2.CompressionParams(method=values.pop("method", None) or "")
+    for span in values.pop("protected_spans", ()):
+        msg.protected_spans.add(start=span[0], end=span[1])
+    for name, value in values.pop("knobs", {}).items():
+        msg.knobs[name] = value
+    for name in _COMPRESSION_FIELDS:
+        if values.get(name) is not None:
+            setattr(msg, name, values.pop(name))
+        values.pop(name, None)
+    for name, value in values.items():  # method-specific settings given flat: leverage_weight=0.4 ...
+        msg.knobs[name] = value
+    return msg
+
+
+GENERATE = coordinator_pb2.GenerateRequest
+GENERATE_UNARY = coordinator_pb2.GenerateUnaryRequest

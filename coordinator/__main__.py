@@ -1,0 +1,21 @@
+"""`python -m coordinator --help`"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from serving.settings import parse_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from coordinator.settings import CoordinatorSettings
+
+    settings = parse_settings(CoordinatorSettings, argv, prog="python -m coordinator")
+    from coordinator.server import serve
+
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

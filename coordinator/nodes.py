@@ -1,0 +1,102 @@
+"""The prefill and decode services behind a coordinator, and how one of each is picked per request:
+the decode node with the most available pages, the prefill node with the shortest queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from protos.kvferry.v1 import coordinator_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from serving.errors import UnavailableError
+from serving.server import CHANNEL_OPTIONS
+
+
+@dataclass
+class Node:
+    address: str
+    stub: Any  # PrefillServiceStub or DecodeServiceStub
+    channel: grpc.aio.Channel
+
+
+class NodePool:
+    def __init__(
+        self, prefill_addresses: list[str], decode_addresses: list[str], info_timeout: float
+    ) -> None:
+        self.prefill = [_node(a, prefill_pb2_grpc.PrefillServiceStub) for a in prefill_addresses]
+        self.decode = [_node(a, decode_pb2_grpc.DecodeServiceStub) for a in decode_addresses]
+        self._by_address = {n.address: n for n in self.decode}
+        self.info_timeout = info_timeout
+        self._turn = itertools.count()  # breaks ties so equal nodes share the load
+
+    async def close(self) -> None:
+        for node in [*self.prefill, *self.decode]:
+            await node.channel.close()
+
+    def decode_node(self, address: str) -> Node:
+        if address not in self._by_address:  # a handle naming a node this coordinator does not know
+            self._by_address[address] = _node(address, decode_pb2_grpc.DecodeServiceStub)
+        return self._by_address[address]
+
+    async def pick_prefill(self) -> Node:
+        infos = await self._infos(self.prefill, prefill_pb2.PrefillInfoRequest())
+        live = [
+            (info.queue_depth, next(self._turn) % 1000, n) for n, info in zip(self.prefill, infos) if info
+        ]
+        if not live:
+            raise UnavailableError(
+                f"no prefill service answers ({', '.join(n.address for n in self.prefill)})"
+            )
+        return min(live, key=lambda t: t[:2])[2]
+
+    async def pick_decode(self) -> Node:
+        infos = await self._infos(self.decode, decode_pb2.DecodeInfoRequest())
+        live = [
+            (info.pool.available_pages, -(next(self._turn) % 1000), n)
+            for n, info in zip(self.decode, infos)
+            if info
+        ]
+        if not live:
+            raise UnavailableError(f"no decode service answers ({', '.join(n.address for n in self.decode)})")
+        return max(live, key=lambda t: t[:2])[2]
+
+    async def describe(self) -> coordinator_pb2.InfoResponse:
+        prefill, decode = await asyncio.gather(
+            self._infos(self.prefill, prefill_pb2.PrefillInfoRequest(), errors=True),
+            self._infos(self.decode, decode_pb2.DecodeInfoRequest(), errors=True),
+        )
+        reply = coordinator_pb2.InfoResponse()
+        for node, info in zip(self.prefill, prefill):
+            reply.prefill_nodes.append(_node_info(node, info, lambda i: i.queue_depth))
+        for node, info in zip(self.decode, decode):
+            reply.decode_nodes.append(_node_info(node, info, lambda i: i.running))
+        return reply
+
+    async def _infos(self, nodes: list[Node], request: Any, errors: bool = False) -> list[Any]:
+        """Each node's Info reply; None (or the error, with errors=True) for nodes that do not answer."""
+
+        async def ask(node: Node) -> Any:
+            try:
+                return await node.stub.Info(request, timeout=self.info_timeout)
+            except grpc.aio.AioRpcError as e:
+                return e if errors else None
+
+        return list(await asyncio.gather(*(ask(n) for n in nodes)))
+
+
+def _node(address: str, stub_class: Any) -> Node:
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return Node(address, stub_class(channel), channel)
+
+
+def _node_info(node: Node, info: Any, load: Any) -> coordinator_pb2.NodeInfo:
+    if isinstance(info, grpc.aio.AioRpcError):
+        return coordinator_pb2.NodeInfo(
+            address=node.address, reachable=False, error=f"{info.code().name}: {info.details()}"
+        )
+    return coordinator_pb2.NodeInfo(
+        address=node.address, reachable=True, model=info.model, pool=info.pool, load=load(info)
+    )

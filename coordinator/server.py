@@ -1,0 +1,27 @@
+"""Wires a coordinator together: node pool, servicer, gRPC host."""
+
+from __future__ import annotations
+
+from coordinator.nodes import NodePool
+from coordinator.servicer import CoordinatorServicer
+from coordinator.settings import CoordinatorSettings
+from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+from serving.server import ServiceHost, configure_logging
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+
+
+def build(settings: CoordinatorSettings) -> ServiceHost:
+    """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
+    nodes = NodePool(settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds)
+    host = ServiceHost(settings, [SERVICE_NAME])
+    servicer = CoordinatorServicer(nodes)
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, host.server)
+    host.on_stop = nodes.close
+    host.component = servicer
+    return host
+
+
+async def serve(settings: CoordinatorSettings) -> int:
+    configure_logging(settings.log_level)
+    return await build(settings).run()

@@ -1,0 +1,76 @@
+"""CoordinatorService RPCs: thin wrappers over generation.generate, with counters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from coordinator.generation import generate
+from coordinator.nodes import NodePool
+from coordinator.stats import CoordinatorStats
+from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, nodes: NodePool) -> None:
+        self.nodes = nodes
+        self.stats = CoordinatorStats()
+
+    async def Generate(
+        self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        async for response in self._counted(request, context):
+            yield response
+
+    async def GenerateUnary(
+        self, request: coordinator_pb2.GenerateUnaryRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.GenerateUnaryResponse:
+        reply = coordinator_pb2.GenerateUnaryResponse()
+        async for part in self._counted(request, context):
+            reply.text += part.text
+            reply.token_ids.extend(part.token_ids)
+            if part.HasField("stats"):
+                reply.finish_reason = part.finish_reason
+                reply.stats.CopyFrom(part.stats)
+        return reply
+
+    async def Info(
+        self, request: coordinator_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.InfoResponse:
+        return await self.nodes.describe()
+
+    async def Stats(
+        self, request: coordinator_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.StatsResponse:
+        return self.stats.to_proto()
+
+    async def _counted(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        stats = self.stats
+        stats.requests_total += 1
+        stats.requests_active += 1
+        output_tokens = 0
+        try:
+            async for part in generate(self.nodes, request, context.time_remaining()):
+                output_tokens += len(part.token_ids)
+                if part.HasField("stats"):
+                    stats.finished(part.stats, output_tokens)
+                yield part
+        except (asyncio.CancelledError, GeneratorExit):
+            stats.requests_cancelled += 1
+            raise
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                stats.requests_cancelled += 1
+            else:
+                stats.requests_failed += 1
+            raise
+        except Exception:
+            stats.requests_failed += 1
+            raise
+        finally:
+            stats.requests_active -= 1

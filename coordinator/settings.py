@@ -1,0 +1,23 @@
+"""Settings of a coordinator process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.settings import ServerSettings, setting
+
+
+@dataclass
+class CoordinatorSettings(ServerSettings):
+    """kvferry coordinator: routes client requests through prefill and decode services."""
+
+    port: int = setting(50051, "port to bind (0 picks a free one and logs it)")
+    prefill_addresses: list[str] = setting(["127.0.0.1:50052"], "prefill services, comma-separated host:port")
+    decode_addresses: list[str] = setting(["127.0.0.1:50053"], "decode services, comma-separated host:port")
+    info_timeout_seconds: float = setting(2.0, "how long a node may take to answer Info before it is skipped")
+
+    def __post_init__(self) -> None:
+        if not self.prefill_addresses:
+            raise ValueError("prefill_addresses: name at least one prefill service")
+        if not self.decode_addresses:
+            raise ValueError("decode_addresses: name at least one decode service")

@@ -1,0 +1,21 @@
+"""`python -m decode_service --help`"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from serving.settings import parse_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from decode_service.settings import DecodeSettings
+
+    settings = parse_settings(DecodeSettings, argv, prog="python -m decode_service")
+    from decode_service.server import serve
+
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The decode node's engine side: reservations in, verified pages into the pool, tokens out.
+
+Every engine call goes through the engine thread (serving.engine_worker); reservations and their
+leases live on the event loop. Any failure or cancellation after pages were reserved frees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from decode_service.settings import DecodeSettings
+from decode_service.token_stream import TokenEvent, TokenStream
+from engine.errors import require
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from kvtransfer import (
+    ModelSpec,
+    Reservation,
+    ReservationNotFoundError,
+    ReservationState,
+    ReservationTable,
+    bytes_to_pages,
+    check_manifest,
+)
+from protos.kvferry.v1 import decode_pb2
+from serving.convert import sampling_from_proto
+from serving.engine_worker import EngineWorker
+from serving.errors import FailedPreconditionError, InvalidRequestError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class DecodeEngine:
+    def __init__(self, settings: DecodeSettings) -> None:
+        self.settings = settings
+        self.worker = EngineWorker(
+            lambda: LLMEngine(settings.engine_config()),
+            self._after_step,
+            self._step_failed,
+            name="decode-engine",
+        )
+        self.reservations = ReservationTable()
+        self._streams: dict[str, TokenStream] = {}  # engine thread only: requests still producing tokens
+        self._outputs: dict[str, TokenStream] = {}  # event loop: a reservation's stream until it ends
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.spec: ModelSpec | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.worker.start()
+        engine = await self.worker.wait_loaded()
+        await self.worker.call(_warm_up)
+        self.spec = ModelSpec.of_engine(engine)
+        self._sweeper = asyncio.create_task(self._sweep_leases())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for reservation_id in list(self._outputs):
+            self.abort(reservation_id)
+        await asyncio.to_thread(self.worker.stop, 10.0)
+
+    def ready_engine(self) -> LLMEngine:
+        """The engine once loaded and warmed; UNAVAILABLE before."""
+        if self.spec is None or self.worker.engine is None:
+            raise UnavailableError("the decode service is still loading its model")
+        return self.worker.engine
+
+    # ---- reserve, receive, commit -------------------------------------------------------------
+    async def reserve(self, request: decode_pb2.ReserveKVRequest) -> Reservation:
+        self.ready_engine()
+        assert self.spec is not None and self._loop is not None
+        layout = check_manifest(request.manifest, self.spec)  # before anything is reserved
+        require(
+            request.transport in ("", "grpc"),
+            "transport",
+            f"{request.transport!r} is not served here; use grpc",
+        )
+        sampling = sampling_from_proto(request.sampling)
+        prompt = list(request.prompt_token_ids)
+        first = request.first_token_id
+        rid = uuid.uuid4().hex
+        loop = self._loop
+
+        def reserve(engine: LLMEngine) -> tuple[Reservation, TokenStream]:
+            page_ids = engine.reserve_import(prompt, first, sampling, layout, rid)
+            kv = engine.requests[rid].kv
+            assert kv is not None
+            stream = TokenStream(loop, engine.tokenizer, sampling, first)
+            self._streams[rid] = stream
+            reservation = Reservation(
+                request.request_id, request.manifest, page_ids, kv.num_pages_held + kv.reserved,
+                self.settings.lease_seconds, id=rid,
+            )  # fmt: skip
+            return reservation, stream
+
+        try:
+            reservation, stream = await self.worker.call(reserve)
+        except asyncio.CancelledError:
+            self.worker.submit(lambda e: self._abort_on_engine(e, rid))  # runs after `reserve` if it ran
+            raise
+        self.reservations.add(reservation)
+        self._outputs[rid] = stream
+        log.info(
+            "reserved %s for %s: %d pages + %d for growth, lease %.1f s",
+            rid, request.request_id, reservation.page_ids.numel(),
+            reservation.reserved_pages - reservation.page_ids.numel(), reservation.lease_seconds,
+        )  # fmt: skip
+        return reservation
+
+    async def receive(self, chunks: AsyncIterator[decode_pb2.PushKVRequest]) -> decode_pb2.PushKVResponse:
+        """The grpc transport's receiving end: chunks -> verified bytes -> pool -> decoding starts."""
+        reservation: Reservation | None = None
+        try:
+            async for chunk in chunks:
+                if reservation is None:
+                    candidate = self.reservations.get(chunk.reservation_id)
+                    candidate.begin_receive()
+                    reservation = candidate
+                    started = time.perf_counter()
+                elif chunk.reservation_id not in ("", reservation.id):
+                    raise InvalidRequestError(
+                        "reservation_id: one PushKV stream carries one reservation", field="reservation_id"
+                    )
+                if len(chunk.data) > self.settings.max_chunk_bytes:
+                    raise InvalidRequestError(
+                        f"data: chunk of {len(chunk.data)} bytes exceeds max_chunk_bytes {self.settings.max_chunk_bytes}",
+                        field="data",
+                    )
+                self.reservations.get(reservation.id)  # NOT_FOUND if the lease ran out meanwhile
+                reservation.accept(chunk.offset, chunk.data)
+            if reservation is None:
+                raise InvalidRequestError(
+                    "reservation_id: the PushKV stream carried no chunk", field="reservation_id"
+                )
+            await self._commit(reservation)
+        except BaseException:
+            if reservation is not None:
+                self.abort(reservation.id)
+            raise
+        return decode_pb2.PushKVResponse(
+            bytes_received=reservation.received, transfer_seconds=time.perf_counter() - started
+        )
+
+    async def _commit(self, reservation: Reservation) -> None:
+        assert self.spec is not None
+        payload = reservation.verified_payload()  # count and checksum, before any page is written
+        pages = bytes_to_pages(payload, self.spec, reservation.page_ids.numel())
+        rid = reservation.id
+
+        def commit(engine: LLMEngine) -> None:
+            if rid not in engine.requests:  # aborted (lease, cancel) while the bytes were checked
+                raise ReservationNotFoundError(f"reservation_id: {rid} was aborted", field="reservation_id")
+            device = engine.pool.kv.device
+            engine.pool.kv[reservation.page_ids.to(device)] = pages.to(device)
+            seq = engine.commit_import(rid)
+            if seq.is_finished:  # the first token was the last one allowed
+                self._publish(engine, seq)
+
+        await self.worker.call(commit)
+        reservation.mark_committed()
+
+    # ---- decode, abort ------------------------------------------------------------------------
+    async def decode(self, reservation_id: str) -> AsyncIterator[tuple[TokenEvent, Reservation]]:
+        reservation = self.reservations.get(reservation_id)
+        if reservation.state != ReservationState.COMMITTED:
+            raise FailedPreconditionError(
+                f"reservation_id: {reservation_id} is {reservation.state.value}; Decode needs committed pages",
+                field="reservation_id",
+            )
+        reservation.state = ReservationState.DECODING  # the stream owns it now: no lease
+        stream = self._outputs[reservation_id]
+        finished = False
+        try:
+            async for event in stream.events():
+                finished = event.finish_reason is not None
+                yield event, reservation
+        finally:
+            if finished:
+                self.reservations.pop(reservation_id)
+                self._outputs.pop(reservation_id, None)
+            else:
+                self.abort(reservation_id)
+
+    def abort(self, reservation_id: str) -> bool:
+        """Free a reservation in any state (idempotent)."""
+        found = self.reservations.pop(reservation_id) is not None
+        stream = self._outputs.pop(reservation_id, None)
+        if found or stream is not None:
+            self.worker.submit(lambda e: self._abort_on_engine(e, reservation_id))
+        return found
+
+    def _abort_on_engine(self, engine: LLMEngine, rid: str) -> None:
+        engine.abort(rid)
+        stream = self._streams.pop(rid, None)
+        if stream is not None:
+            stream.close("abort")
+
+    async def _sweep_leases(self) -> None:
+        period = min(0.5, self.settings.lease_seconds / 4)
+        while True:
+            await asyncio.sleep(period)
+            for reservation in self.reservations.pop_expired():
+                log.warning(
+                    "lease of reservation %s (%s) expired while %s: freeing its pages",
+                    reservation.id, reservation.request_id, reservation.state.value,
+                )  # fmt: skip
+                self._outputs.pop(reservation.id, None)
+                self.worker.submit(lambda e, rid=reservation.id: self._abort_on_engine(e, rid))
+
+    # ---- engine thread hooks ------------------------------------------------------------------
+    def _after_step(self, engine: LLMEngine, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self._publish(engine, seq)
+
+    def _step_failed(self, engine: LLMEngine, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.close("abort")
+        self._streams.clear()
+
+    def _publish(self, engine: LLMEngine, seq: Sequence) -> None:
+        stream = self._streams.get(seq.request_id)
+        if stream is None:
+            return
+        if seq.is_finished:
+            del self._streams[seq.request_id]
+            stream.publish(seq, engine.output(seq))
+        else:
+            stream.publish(seq, None)
+
+
+def _warm_up(engine: LLMEngine) -> None:
+    """One short generation through the whole stack before reporting SERVING."""
+    prompt = list(range(1, 9))
+    seq = engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=2), request_id="warm-up")
+    while not seq.is_finished:
+        engine.step()
+    engine.pool.assert_no_leaks()

@@ -1,0 +1,30 @@
+"""Wires a decode service together: engine, servicer, gRPC host."""
+
+from __future__ import annotations
+
+import torch
+
+from decode_service.decode_engine import DecodeEngine
+from decode_service.servicer import DecodeServicer
+from decode_service.settings import DecodeSettings
+from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
+from serving.server import ServiceHost, configure_logging
+
+SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
+
+
+def build(settings: DecodeSettings) -> ServiceHost:
+    """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    decode = DecodeEngine(settings)
+    host = ServiceHost(settings, [SERVICE_NAME])
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(decode), host.server)
+    host.warm_up, host.on_stop = decode.start, decode.stop
+    host.component = decode
+    return host
+
+
+async def serve(settings: DecodeSettings) -> int:
+    configure_logging(settings.log_level)
+    return await build(settings).run()

@@ -1,0 +1,24 @@
+"""Settings of a decode service process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.settings import EngineSettings, ServerSettings, setting
+
+
+@dataclass
+class DecodeSettings(ServerSettings, EngineSettings):
+    """kvferry decode service: takes KV pages from prefill services and streams the generated tokens."""
+
+    port: int = setting(50053, "port to bind (0 picks a free one and logs it)")
+    lease_seconds: float = setting(
+        30.0, "a reservation whose pages, or whose Decode call, do not come within this many seconds is freed"
+    )
+    max_chunk_bytes: int = setting(4 << 20, "largest PushKV chunk accepted, in bytes")
+
+    def __post_init__(self) -> None:
+        if self.lease_seconds <= 0:
+            raise ValueError(f"lease_seconds: must be > 0, got {self.lease_seconds}")
+        if self.max_chunk_bytes < 1:
+            raise ValueError(f"max_chunk_bytes: must be >= 1, got {self.max_chunk_bytes}")

@@ -1,0 +1,17 @@
+"""Why a KV transfer is refused."""
+
+from __future__ import annotations
+
+from serving.errors import DataLossError, FailedPreconditionError, NotFoundError
+
+
+class ManifestMismatchError(FailedPreconditionError):
+    """The manifest describes KV this decode node cannot take: another model, dtype, page size or codec."""
+
+
+class TransferIntegrityError(DataLossError):
+    """The bytes that arrived are not the bytes announced: count, order or checksum differ."""
+
+
+class ReservationNotFoundError(NotFoundError):
+    """No such reservation: never made, already finished or aborted, or its lease expired."""

@@ -1,0 +1,53 @@
+"""The `grpc` transport: page bytes as a client stream of bounded chunks (DecodeService.PushKV).
+
+Works anywhere (CPU default, cross-host fallback). The decode node commits when the stream ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvtransfer.errors import TransferIntegrityError
+from kvtransfer.transport import TransferResult, Transport, register
+from protos.kvferry.v1 import decode_pb2
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+@register
+class GrpcTransport(Transport):
+    name = "grpc"
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+
+    async def send(
+        self,
+        decode: Any,
+        reservation: decode_pb2.ReserveKVResponse,
+        payload: memoryview,
+        timeout: float | None = None,
+    ) -> TransferResult:
+        chunk = min(self.chunk_bytes, reservation.max_chunk_bytes or self.chunk_bytes)
+        start = time.perf_counter()
+        reply = await decode.PushKV(_chunks(reservation.reservation_id, payload, chunk), timeout=timeout)
+        if reply.bytes_received != len(payload):
+            raise TransferIntegrityError(
+                f"sent {len(payload)} bytes but the decode node committed {reply.bytes_received}"
+            )
+        return TransferResult(len(payload), reply.bytes_received, time.perf_counter() - start)
+
+
+async def _chunks(
+    reservation_id: str, payload: memoryview, chunk: int
+) -> AsyncIterator[decode_pb2.PushKVRequest]:
+    if len(payload) == 0:  # still tell the decode node which reservation is complete
+        yield decode_pb2.PushKVRequest(reservation_id=reservation_id, offset=0, data=b"")
+        return
+    for offset in range(0, len(payload), chunk):
+        data = bytes(payload[offset : offset + chunk])
+        yield decode_pb2.PushKVRequest(reservation_id=reservation_id, offset=offset, data=data)

@@ -1,0 +1,119 @@
+"""The KV manifest: what a decode node checks before it reserves pages and again before it writes them."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import require
+from engine.kv_handoff import KVLayout
+from kvtransfer.errors import ManifestMismatchError
+from protos.kvferry.v1 import kv_pb2
+
+CHECKSUM_ALGORITHM = "crc32"
+CODECS = ("none",)
+
+
+def checksum(data: bytes | bytearray | memoryview, running: int = 0) -> int:
+    """crc32 of `data`, continuing from `running` (so chunks can be summed as they arrive)."""
+    return zlib.crc32(data, running)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What both ends must agree on for pages to be interchangeable."""
+
+    fingerprint: str
+    dtype: str  # "float32", "bfloat16", ...
+    page_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    element_size: int
+
+    @classmethod
+    def of_engine(cls, engine: object) -> ModelSpec:
+        pool = engine.pool  # type: ignore[attr-defined]
+        return cls(
+            fingerprint=engine.loaded.fingerprint,  # type: ignore[attr-defined]
+            dtype=str(pool.kv.dtype).removeprefix("torch."),
+            page_size=pool.page_size,
+            num_layers=engine.num_layers,  # type: ignore[attr-defined]
+            num_kv_heads=engine.num_kv_heads,  # type: ignore[attr-defined]
+            head_dim=pool.head_dim,
+            element_size=pool.kv.element_size(),
+        )
+
+    @property
+    def bytes_per_page(self) -> int:
+        return 2 * self.page_size * self.head_dim * self.element_size
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def build_manifest(
+    spec: ModelSpec, layout: KVLayout, payload: bytes | bytearray | memoryview
+) -> kv_pb2.KVManifest:
+    return kv_pb2.KVManifest(
+        model_fingerprint=spec.fingerprint,
+        dtype=spec.dtype,
+        codec="none",
+        page_size=layout.page_size,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        head_lens=layout.head_lens.flatten().tolist(),
+        num_pages=layout.num_pages,
+        byte_count=len(payload),
+        checksum_algorithm=CHECKSUM_ALGORITHM,
+        checksum=checksum(payload),
+    )
+
+
+def check_manifest(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> KVLayout:
+    """The layout a manifest describes, after checking it against this node's model and pool.
+
+    A different model, dtype, page size or codec raises ManifestMismatchError (FAILED_PRECONDITION); an
+    inconsistent manifest raises InvalidArgumentError. Nothing is reserved before this passes."""
+    for name, mine in (
+        ("model_fingerprint", spec.fingerprint),
+        ("dtype", spec.dtype),
+        ("page_size", spec.page_size),
+        ("num_layers", spec.num_layers),
+        ("num_kv_heads", spec.num_kv_heads),
+        ("head_dim", spec.head_dim),
+    ):
+        theirs = getattr(manifest, name)
+        if theirs != mine:
+            raise ManifestMismatchError(
+                f"manifest.{name}: the KV is {theirs!r} but this decode node has {mine!r}",
+                field=f"manifest.{name}",
+            )
+    if manifest.codec not in CODECS:
+        raise ManifestMismatchError(
+            f"manifest.codec: {manifest.codec!r} is not supported here; use one of {CODECS}",
+            field="manifest.codec",
+        )
+    require(
+        manifest.checksum_algorithm == CHECKSUM_ALGORITHM,
+        "manifest.checksum_algorithm",
+        f"must be {CHECKSUM_ALGORITHM!r}, got {manifest.checksum_algorithm!r}",
+    )
+    L, H = spec.num_layers, spec.num_kv_heads
+    require(len(manifest.head_lens) == L * H, "manifest.head_lens", f"must hold {L} x {H} counts")
+    layout = KVLayout(torch.tensor(list(manifest.head_lens), dtype=torch.int64).view(L, H), spec.page_size)
+    require(
+        manifest.num_pages == layout.num_pages,
+        "manifest.num_pages",
+        f"is {manifest.num_pages} but head_lens need {layout.num_pages} pages",
+    )
+    require(
+        manifest.byte_count == layout.num_pages * spec.bytes_per_page,
+        "manifest.byte_count",
+        f"is {manifest.byte_count} but {layout.num_pages} pages take {layout.num_pages * spec.bytes_per_page} bytes",
+    )
+    return layout

@@ -1,0 +1,129 @@
+"""Decode-side reservations: pages set aside for one incoming KV, under a lease.
+
+A reservation lives AWAITING_PAGES -> RECEIVING -> COMMITTED -> DECODING. Until DECODING (a Decode
+call is streaming it) it holds a lease: pages that never arrive, or a Decode that never comes, free
+it when the lease runs out. Each received chunk and the commit renew the lease.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtransfer.errors import ReservationNotFoundError, TransferIntegrityError
+from kvtransfer.manifest import checksum
+from protos.kvferry.v1 import kv_pb2
+from serving.errors import FailedPreconditionError
+
+
+class ReservationState(enum.Enum):
+    AWAITING_PAGES = "awaiting_pages"
+    RECEIVING = "receiving"
+    COMMITTED = "committed"
+    DECODING = "decoding"
+
+
+@dataclass
+class Reservation:
+    request_id: str  # the caller's id, for logs
+    manifest: kv_pb2.KVManifest
+    page_ids: torch.Tensor  # [N] pool pages to fill, in travel order
+    reserved_pages: int  # page_ids plus future decode growth
+    lease_seconds: float
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: ReservationState = ReservationState.AWAITING_PAGES
+    created: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    received: int = 0
+    _crc: int = 0
+    _buffer: bytearray | None = None
+    committed_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.deadline = time.monotonic() + self.lease_seconds
+
+    def expired(self, now: float) -> bool:
+        return self.state != ReservationState.DECODING and now > self.deadline
+
+    def begin_receive(self) -> None:
+        if self.state != ReservationState.AWAITING_PAGES:
+            raise FailedPreconditionError(
+                f"reservation_id: {self.id} is {self.state.value}, not waiting for pages",
+                field="reservation_id",
+            )
+        self.state = ReservationState.RECEIVING
+        self._buffer = bytearray(self.manifest.byte_count)
+
+    def accept(self, offset: int, data: bytes) -> None:
+        """Take the next chunk; bytes must come in order and never beyond what the manifest announced."""
+        assert self._buffer is not None
+        if offset != self.received:
+            raise TransferIntegrityError(
+                f"chunk at offset {offset} but {self.received} bytes were received so far"
+            )
+        end = offset + len(data)
+        if end > self.manifest.byte_count:
+            raise TransferIntegrityError(
+                f"got {end} bytes but the manifest announced {self.manifest.byte_count}"
+            )
+        self._buffer[offset:end] = data
+        self._crc = checksum(data, self._crc)
+        self.received = end
+        self.renew()
+
+    def verified_payload(self) -> bytearray:
+        """All bytes, after checking their count and checksum against the manifest."""
+        if self.received != self.manifest.byte_count:
+            raise TransferIntegrityError(
+                f"received {self.received} bytes but the manifest announced {self.manifest.byte_count}"
+            )
+        if self._crc != self.manifest.checksum:
+            raise TransferIntegrityError(
+                f"checksum mismatch: {self.manifest.checksum_algorithm} of the bytes is {self._crc:#010x}, "
+                f"the manifest says {self.manifest.checksum:#010x}"
+            )
+        assert self._buffer is not None
+        return self._buffer
+
+    def mark_committed(self) -> None:
+        self._buffer = None
+        self.state = ReservationState.COMMITTED
+        self.committed_at = time.monotonic()
+        self.renew()
+
+
+class ReservationTable:
+    def __init__(self) -> None:
+        self._by_id: dict[str, Reservation] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, reservation: Reservation) -> None:
+        self._by_id[reservation.id] = reservation
+
+    def get(self, reservation_id: str) -> Reservation:
+        reservation = self._by_id.get(reservation_id)
+        if reservation is None:
+            raise ReservationNotFoundError(
+                f"reservation_id: no reservation {reservation_id!r} (finished, aborted or lease expired)",
+                field="reservation_id",
+            )
+        return reservation
+
+    def pop(self, reservation_id: str) -> Reservation | None:
+        return self._by_id.pop(reservation_id, None)
+
+    def pop_expired(self, now: float | None = None) -> list[Reservation]:
+        now = time.monotonic() if now is None else now
+        gone = [r for r in self._by_id.values() if r.expired(now)]
+        for r in gone:
+            del self._by_id[r.id]
+        return gone

@@ -1,0 +1,21 @@
+"""`python -m prefill_service --help`"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from serving.settings import parse_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefill_service.settings import PrefillSettings
+
+    settings = parse_settings(PrefillSettings, argv, prog="python -m prefill_service")
+    from prefill_service.server import serve
+
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Shipping one request's kept pages to a decode service: manifest, ReserveKV, transport, and freeing
+the reservation when anything after ReserveKV fails or is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest, get_transport, pages_to_bytes
+from prefill_service.prefill_engine import PrefillOutcome
+from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
+from serving.deadline import Deadline
+from serving.server import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+ABORT_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass
+class Shipped:
+    handle: kv_pb2.KVHandle
+    manifest_bytes: int
+    transfer: TransferResult
+    seconds: float  # ReserveKV to commit
+    transport: str
+
+
+class KVHandoff:
+    def __init__(self, default_transport: str, chunk_bytes: int) -> None:
+        self.default_transport = default_transport
+        self.chunk_bytes = chunk_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def decode_stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return decode_pb2_grpc.DecodeServiceStub(self._channels[address])
+
+    def transport(self, name: str) -> Transport:
+        """The transport a request names, or the default one."""
+        return get_transport(name or self.default_transport, chunk_bytes=self.chunk_bytes)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def ship(
+        self,
+        request_id: str,
+        address: str,
+        outcome: PrefillOutcome,
+        prompt: list[int],
+        sampling: common_pb2.SamplingParams,
+        spec: ModelSpec,
+        transport: Transport,
+        deadline: Deadline,
+    ) -> Shipped:
+        assert outcome.layout is not None and outcome.pages is not None
+        payload = await asyncio.to_thread(pages_to_bytes, outcome.pages)
+        manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload)
+        decode = self.decode_stub(address)
+        start = time.perf_counter()
+        reservation = await decode.ReserveKV(
+            decode_pb2.ReserveKVRequest(
+                request_id=request_id,
+                manifest=manifest,
+                sampling=sampling,
+                prompt_token_ids=prompt,
+                first_token_id=outcome.first_token,
+                transport=transport.name,
+            ),
+            timeout=deadline.remaining(),
+        )
+        try:
+            result = await transport.send(decode, reservation, payload, timeout=deadline.remaining())
+        except BaseException:
+            await asyncio.shield(_abort(decode, reservation.reservation_id))
+            raise
+        return Shipped(
+            kv_pb2.KVHandle(decode_address=address, reservation_id=reservation.reservation_id),
+            manifest.ByteSize(),
+            result,
+            time.perf_counter() - start,
+            transport.name,
+        )
+
+
+async def _abort(decode: decode_pb2_grpc.DecodeServiceStub, reservation_id: str) -> None:
+    try:
+        await decode.Abort(
+            decode_pb2.AbortRequest(reservation_id=reservation_id), timeout=ABORT_TIMEOUT_SECONDS
+        )
+    except grpc.aio.AioRpcError as e:  # the decode node's lease frees it anyway
+        log.warning("could not abort reservation %s: %s", reservation_id, e.details())

@@ -1,0 +1,92 @@
+"""One Prefill call end to end: encode, prefill + compress, reserve on the decode node, ship, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from engine.compression import CompressionParams
+from engine.errors import require
+from kvtransfer import ModelSpec
+from prefill_service.handoff import KVHandoff
+from prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
+from protos.kvferry.v1 import prefill_pb2
+from serving.convert import FINISH_REASONS, compression_from_proto, encode_input, sampling_from_proto
+from serving.deadline import Deadline
+
+
+class PrefillPipeline:
+    def __init__(self, engine: PrefillEngine, handoff: KVHandoff) -> None:
+        self.engine = engine
+        self.handoff = handoff
+        self.in_flight = 0  # accepted and not answered: the queue depth the coordinator balances on
+
+    async def run(
+        self, request: prefill_pb2.PrefillRequest, timeout: float | None
+    ) -> prefill_pb2.PrefillResponse:
+        engine = self.engine.ready_engine()
+        deadline = Deadline(timeout)
+        require(bool(request.decode_address), "decode_address", "must name the decode service (host:port)")
+        self.in_flight += 1
+        try:
+            sampling = sampling_from_proto(request.sampling)
+            transport = self.handoff.transport(request.transport)  # an unknown one fails before prefill
+            prompt, compression = await asyncio.to_thread(_prepare, engine.tokenizer, request)
+            request_id = request.request_id or uuid.uuid4().hex
+            outcome = await self.engine.prefill(prompt, sampling, compression, request_id)
+            response = prefill_pb2.PrefillResponse(
+                first_token_id=outcome.first_token, first_text=outcome.first_text
+            )
+            _fill_stats(response.stats, outcome, compression)
+            if outcome.finish_reason is not None:
+                response.finish_reason = FINISH_REASONS[outcome.finish_reason]
+                return response
+            shipped = await self.handoff.ship(
+                request_id,
+                request.decode_address,
+                outcome,
+                prompt,
+                request.sampling,
+                ModelSpec.of_engine(engine),
+                transport,
+                deadline,
+            )
+            response.kv_handle.CopyFrom(shipped.handle)
+            response.stats.kv_bytes_shipped = shipped.transfer.bytes_sent
+            response.stats.manifest_bytes = shipped.manifest_bytes
+            response.stats.transfer_seconds = shipped.seconds
+            response.stats.transport = shipped.transport
+            return response
+        finally:
+            self.in_flight -= 1
+
+
+def _prepare(
+    tokenizer: Any, request: prefill_pb2.PrefillRequest
+) -> tuple[list[int], CompressionParams | None]:
+    """Tokenize (chat template included) and build the compression params; runs off the event loop."""
+    prompt, messages = encode_input(tokenizer, request)
+    if not request.HasField("compression"):
+        return prompt, None
+    return prompt, compression_from_proto(request.compression, tokenizer, messages)
+
+
+def _fill_stats(
+    stats: prefill_pb2.PrefillStats, outcome: PrefillOutcome, compression: CompressionParams | None
+) -> None:
+    s = outcome.stats
+    stats.prompt_tokens = s.prompt_tokens
+    stats.kept_tokens = s.kept_tokens
+    stats.full_tokens = s.full_tokens
+    stats.retention = s.retention
+    stats.kept_tokens_per_layer.extend(s.kept_tokens_per_layer)
+    stats.kv_pages = s.kv_pages
+    stats.kv_bytes = s.kv_bytes
+    stats.kv_bytes_full = s.kv_bytes_full
+    stats.queue_seconds = outcome.queue_seconds
+    stats.prefill_seconds = s.prefill_seconds
+    stats.scoring_seconds = s.scoring_seconds
+    stats.compression_method = (
+        compression.method if compression is not None and compression.active else "none"
+    )

@@ -1,0 +1,133 @@
+"""The prefill node's engine side: a request runs until its first token, then its kept pages are
+copied out and released at once (hold_kv), so the pool only holds requests still in prefill."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_handoff import KVLayout
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.sequence import RequestStats, Sequence, SequenceStatus
+from serving.detokenizer import IncrementalDetokenizer
+from serving.engine_worker import EngineWorker
+from serving.errors import UnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillOutcome:
+    first_token: int
+    first_text: str
+    finish_reason: str | None  # set when the first token already ended the request (nothing to ship)
+    layout: KVLayout | None  # kept tokens per (layer, head)
+    pages: torch.Tensor | None  # [N, 2, page_size, head_dim] copies of the kept pages, travel order
+    stats: RequestStats
+    queue_seconds: float
+
+
+Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[PrefillOutcome]"]
+
+
+class PrefillEngine:
+    def __init__(self, engine_config: EngineConfig) -> None:
+        self.worker = EngineWorker(
+            lambda: LLMEngine(engine_config), self._after_step, self._step_failed, name="prefill-engine"
+        )
+        self._waiters: dict[str, Waiter] = {}  # engine thread only
+        self._ready = False
+
+    async def start(self) -> None:
+        self.worker.start()
+        await self.worker.wait_loaded()
+        await self.worker.call(_warm_up)
+        self._ready = True
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.worker.stop, 10.0)
+
+    def ready_engine(self) -> LLMEngine:
+        if not self._ready or self.worker.engine is None:
+            raise UnavailableError("the prefill service is still loading its model")
+        return self.worker.engine
+
+    async def prefill(
+        self, prompt: list[int], sampling: SamplingParams, compression: object, request_id: str
+    ) -> PrefillOutcome:
+        """Prefill (and compress) one prompt; cancelling frees its pages."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PrefillOutcome] = loop.create_future()
+
+        def add(engine: LLMEngine) -> None:
+            engine.add_request(prompt, sampling, compression, request_id, hold_kv=True)
+            self._waiters[request_id] = (loop, future)
+
+        try:
+            await self.worker.call(add)
+            return await future
+        except asyncio.CancelledError:
+            self.worker.submit(lambda e: self._drop(e, request_id))
+            raise
+
+    def _drop(self, engine: LLMEngine, request_id: str) -> None:
+        self._waiters.pop(request_id, None)
+        engine.abort(request_id)
+
+    # ---- engine thread hooks ------------------------------------------------------------------
+    def _after_step(self, engine: LLMEngine, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            waiter = self._waiters.pop(seq.request_id, None)
+            if waiter is not None:
+                _resolve(waiter, _outcome(engine, seq))
+
+    def _step_failed(self, engine: LLMEngine, error: BaseException) -> None:
+        for waiter in self._waiters.values():
+            _resolve(waiter, error)
+        self._waiters.clear()
+
+
+def _outcome(engine: LLMEngine, seq: Sequence) -> PrefillOutcome:
+    """Runs on the engine thread right after the first token: copy the kept pages out and release them."""
+    first = seq.output_token_ids[0]
+    detokenizer = IncrementalDetokenizer(engine.tokenizer, seq.sampling.stop)
+    first_text = detokenizer.add([first])
+    queue_seconds = (seq.prefill_start or seq.arrival_time) - seq.arrival_time
+    if seq.status != SequenceStatus.HELD:  # finished by its first token: its pages are already free
+        first_text += detokenizer.finish(engine.output(seq).text)
+        return PrefillOutcome(first, first_text, seq.finish_reason, None, None, seq.stats, queue_seconds)
+    layout, page_ids = engine.held_kv(seq.request_id)
+    pages = engine.pool.kv[page_ids.to(engine.pool.kv.device)]  # a gather: a copy, not a view
+    engine.release(seq.request_id)
+    return PrefillOutcome(first, first_text, None, layout, pages, seq.stats, queue_seconds)
+
+
+def _resolve(waiter: Waiter, result: PrefillOutcome | BaseException) -> None:
+    loop, future = waiter
+
+    def settle() -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    loop.call_soon_threadsafe(settle)
+
+
+def _warm_up(engine: LLMEngine) -> None:
+    """One short request through prefill, hold and release before reporting SERVING."""
+    seq = engine.add_request(
+        list(range(1, 9)), SamplingParams(temperature=0, max_new_tokens=2), request_id="warm-up", hold_kv=True
+    )
+    while seq.status not in (SequenceStatus.HELD, SequenceStatus.FINISHED):
+        engine.step()
+    if seq.status == SequenceStatus.HELD:
+        engine.release(seq.request_id)
+    engine.pool.assert_no_leaks()

@@ -1,0 +1,39 @@
+"""Wires a prefill service together: engine, KV handoff, servicer, gRPC host."""
+
+from __future__ import annotations
+
+import torch
+
+from prefill_service.handoff import KVHandoff
+from prefill_service.pipeline import PrefillPipeline
+from prefill_service.prefill_engine import PrefillEngine
+from prefill_service.servicer import PrefillServicer
+from prefill_service.settings import PrefillSettings
+from protos.kvferry.v1 import prefill_pb2, prefill_pb2_grpc
+from serving.server import ServiceHost, configure_logging
+
+SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
+
+
+def build(settings: PrefillSettings) -> ServiceHost:
+    """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    engine = PrefillEngine(settings.engine_config())
+    handoff = KVHandoff(settings.transport, settings.chunk_bytes)
+    host = ServiceHost(settings, [SERVICE_NAME])
+    pipeline = PrefillPipeline(engine, handoff)
+    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(pipeline), host.server)
+
+    async def stop() -> None:
+        await handoff.close()
+        await engine.stop()
+
+    host.warm_up, host.on_stop = engine.start, stop
+    host.component = pipeline
+    return host
+
+
+async def serve(settings: PrefillSettings) -> int:
+    configure_logging(settings.log_level)
+    return await build(settings).run()

@@ -1,0 +1,20 @@
+"""Settings of a prefill service process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.settings import EngineSettings, ServerSettings, setting
+
+
+@dataclass
+class PrefillSettings(ServerSettings, EngineSettings):
+    """kvferry prefill service: prefills prompts, compresses their KV and ships it to decode services."""
+
+    port: int = setting(50052, "port to bind (0 picks a free one and logs it)")
+    transport: str = setting("grpc", "how KV pages move to decode services when a request names none: grpc")
+    chunk_bytes: int = setting(1 << 20, "bytes per PushKV message of the grpc transport")
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes: must be >= 1, got {self.chunk_bytes}")

@@ -1,0 +1,1 @@
+"""Generated code of the kvferry.v1 protos (`python -m protos.generate` rewrites it)."""

@@ -1,0 +1,124 @@
+"""The one server interceptor: typed errors raised by servicers become gRPC status codes.
+
+Engine errors map as InvalidArgumentError -> INVALID_ARGUMENT, ResourceExhaustedError ->
+RESOURCE_EXHAUSTED, ModelLoadError -> FAILED_PRECONDITION; a status received from a downstream service
+is passed on unchanged; anything else is INTERNAL, with its traceback logged. The offending field, when
+known, also travels as trailing metadata `kvferry-field`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from serving import errors
+
+log = logging.getLogger(__name__)
+FIELD_METADATA_KEY = "kvferry-field"
+
+_SERVICE_ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.DataLossError, grpc.StatusCode.DATA_LOSS),
+]
+
+
+def _status_table() -> list[tuple[type[Exception], grpc.StatusCode]]:
+    table = list(_SERVICE_ERRORS)
+    engine_errors = sys.modules.get("engine.errors")  # loaded in every process that can raise them
+    if engine_errors is not None:
+        table += [
+            (engine_errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+            (engine_errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+            (engine_errors.ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+        ]
+    return table
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a servicer error becomes (INTERNAL when it is not a typed error)."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code(), error.details() or ""
+    for cls, code in _status_table():
+        if isinstance(error, cls):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    code, details = status_of(error)
+    if code == grpc.StatusCode.INTERNAL and not isinstance(error, grpc.aio.AioRpcError):
+        log.error("%s failed", method, exc_info=error)
+    else:
+        log.info("%s -> %s: %s", method, code.name, details)
+    field = _field_of(error)
+    if field:
+        context.set_trailing_metadata(((FIELD_METADATA_KEY, str(field)),))
+    await context.abort(code, details)
+
+
+def _field_of(error: Exception) -> str | None:
+    """The offending field: a typed error's own, or the one a downstream service named."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        for key, value in error.trailing_metadata() or ():
+            if key == FIELD_METADATA_KEY:
+                return str(value)
+        return None
+    return getattr(error, "field", None)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        codecs = dict(
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_single(handler.unary_unary, method), **codecs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_single(handler.stream_unary, method), **codecs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **codecs)
+        return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream, method), **codecs)
+
+
+def _wrap_single(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e, method)
+
+    return call
+
+
+def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):  # a coroutine that writes with context.write()
+        return _wrap_single(behavior, method)
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e, method)
+
+    return call

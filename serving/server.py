@@ -1,0 +1,105 @@
+"""Running one gRPC service: a grpc.aio server with the error interceptor, grpc.health.v1 (NOT_SERVING
+until warm-up ends), server reflection, and a graceful stop on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.error_interceptor import ErrorInterceptor
+from serving.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 64 << 20  # PushKV chunks are a few MiB; this leaves room for long prompts too
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class ServiceHost:
+    """Owns the server; `service_names` are the full names (kvferry.v1.X) registered on it."""
+
+    def __init__(self, settings: ServerSettings, service_names: list[str]) -> None:
+        self.settings = settings
+        self.service_names = service_names
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+        # Set by the service that builds this host: load/warm the engine; release it after the server stops.
+        self.warm_up: Callable[[], Awaitable[None]] | None = None
+        self.on_stop: Callable[[], Awaitable[None]] | None = None
+        self.warmed: asyncio.Future[None] | None = None
+        self.component: Any = None  # the service's own state (engine, pipeline...), for tests and tools
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Listen now (NOT_SERVING), warm up in the background, then report SERVING.
+
+        `self.warmed` resolves when warm-up ends (with its exception if it failed)."""
+        await self.set_serving(False)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        await self.server.start()
+        log.info("listening on %s:%d (%s)", self.settings.host, self.port, ", ".join(self.service_names))
+
+        async def warm() -> None:
+            if self.warm_up is not None:
+                await self.warm_up()
+            await self.set_serving(True)
+            log.info("SERVING")
+
+        self.warmed = asyncio.ensure_future(warm())
+
+    async def stop(self) -> None:
+        """Stop taking calls, give in-flight ones `grace_seconds`, then run the service's own cleanup."""
+        log.info("stopping (grace %.1f s)", self.settings.grace_seconds)
+        if self.warmed is not None and not self.warmed.done():
+            self.warmed.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds)
+        if self.on_stop is not None:
+            await self.on_stop()
+        log.info("stopped")
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit code (1 when warm-up failed)."""
+        await self.start()
+        assert self.warmed is not None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        exit_code = 0
+
+        def warm_done(task: asyncio.Future[None]) -> None:
+            nonlocal exit_code
+            if not task.cancelled() and task.exception() is not None:
+                log.error("warm-up failed; stopping", exc_info=task.exception())
+                exit_code = 1
+                stop.set()
+
+        self.warmed.add_done_callback(warm_done)
+        await stop.wait()
+        await self.stop()
+        return exit_code

@@ -1,0 +1,145 @@
+"""One typed settings object per process, from CLI flags with KVFERRY_* environment fallbacks.
+
+A settings class is a dataclass whose fields are declared with `setting(default, help)`. Each field
+`foo_bar` becomes the flag `--foo-bar` with the environment fallback `KVFERRY_FOO_BAR`; a flag beats the
+environment, which beats the default. Parsed once, in the service's __main__.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+
+ENV_PREFIX = "KVFERRY_"
+S = TypeVar("S")
+
+
+def setting(default: Any, help: str, env: str | None = None) -> Any:
+    """A settings field; `env` overrides the environment variable name."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, "env": env})
+    return dataclasses.field(default=default, metadata={"help": help, "env": env})
+
+
+def env_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("env") or ENV_PREFIX + field.name.upper()
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(element type, optional) of `int`, `int | None`, `list[str]`..."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0]
+    return annotation, optional
+
+
+def _parser_for(kind: Any, optional: bool) -> Any:
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() in ("", "none"):
+            return None
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            return [item(part.strip()) for part in text.split(",") if part.strip()]
+        if kind is bool:
+            value = text.strip().lower()
+            if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"not a boolean: {text!r}")
+            return value in ("1", "true", "yes", "on")
+        return kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", str(kind))  # argparse names the type in errors
+    return parse
+
+
+def parse_settings(
+    cls: type[S],
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> S:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(cls.__doc__ or "").strip(),
+        epilog=f"Every flag falls back to an environment variable ({ENV_PREFIX}<FLAG_NAME>) and then to its default.",
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind, optional = _base_type(hints[f.name])
+        parse = _parser_for(kind, optional)
+        var = env_name(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if var in environ:
+            try:
+                default = parse(environ[var])
+            except ValueError as e:
+                parser.error(f"environment variable {var}={environ[var]!r}: {e}")
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [env {var}; default: {default!r}]"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            metavar = "LIST" if typing.get_origin(kind) is list else kind.__name__.upper()
+            parser.add_argument(flag, type=parse, default=default, metavar=metavar, help=help_text)
+    args = parser.parse_args(argv)
+    try:
+        return cls(**vars(args))
+    except ValueError as e:  # a settings class's own checks (engine.InvalidArgumentError included)
+        parser.error(str(e))
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    """Where and how a gRPC service listens."""
+
+    host: str = setting("127.0.0.1", "address to bind (0.0.0.0 to serve other hosts)")
+    port: int = setting(50051, "port to bind (0 picks a free one and logs it)")
+    grace_seconds: float = setting(5.0, "on SIGTERM, seconds in-flight calls get to finish")
+    log_level: str = setting("INFO", "logging level")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass
+class EngineSettings:
+    """The engine a prefill or decode service runs."""
+
+    model: str | None = setting(
+        None, "HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)"
+    )
+    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
+    dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    page_size: int = setting(16, "tokens per KV page of one (layer, kv-head)")
+    prefill_chunk: int = setting(512, "prompt tokens processed per prefill step")
+    max_model_len: int | None = setting(None, "prompt + output positions (default: the model's own limit)")
+    kv_cache_bytes: int | None = setting(
+        None, "KV pool size in bytes (default: 2 GiB on CPU, 90%% of free on CUDA)"
+    )
+    max_num_seqs: int = setting(64, "sequences decoded together at most")
+    torch_threads: int | None = setting(None, "torch intra-op CPU threads (default: torch's choice)")
+
+    def engine_config(self) -> EngineConfig:
+        from engine.config import EngineConfig  # torch loads here, not when a coordinator imports this
+
+        return EngineConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            page_size=self.page_size,
+            prefill_chunk=self.prefill_chunk,
+            max_model_len=self.max_model_len,
+            kv_cache_bytes=self.kv_cache_bytes,
+            max_num_seqs=self.max_num_seqs,
+        )

@@ -1,0 +1,138 @@
+"""A real cluster inside the test process: decode, prefill and coordinator gRPC servers on free ports,
+served by one asyncio loop on a background thread. Tests talk to it over real gRPC with the public
+clients; `leaks()` inspects both engines' pools on their own engine threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from coordinator import server as coordinator_server
+from coordinator.settings import CoordinatorSettings
+from decode_service import server as decode_server
+from decode_service.settings import DecodeSettings
+from prefill_service import server as prefill_server
+from prefill_service.settings import PrefillSettings
+from serving.server import ServiceHost
+
+T = TypeVar("T")
+
+
+@dataclass
+class ClusterSpec:
+    """Engine options shared by both engines, and per-service overrides."""
+
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineSettings fields
+    decode: dict[str, Any] = field(default_factory=dict)  # DecodeSettings fields (lease_seconds...)
+    prefill: dict[str, Any] = field(default_factory=dict)  # PrefillSettings fields
+
+
+class InProcessCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="cluster-loop", daemon=True)
+        self.hosts: dict[str, ServiceHost] = {}
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self, timeout: float = 300.0) -> InProcessCluster:
+        self._thread.start()
+        self.run(self._start(), timeout)
+        return self
+
+    async def _start(self) -> None:
+        common = dict(host="127.0.0.1", port=0, grace_seconds=1.0, log_level="WARNING", **self.spec.engine)
+        decode = decode_server.build(DecodeSettings(**{**common, **self.spec.decode}))
+        prefill = prefill_server.build(PrefillSettings(**{**common, **self.spec.prefill}))
+        for name, host in (("decode", decode), ("prefill", prefill)):
+            self.hosts[name] = host
+            await host.start()
+        await asyncio.gather(decode.warmed, prefill.warmed)  # type: ignore[arg-type]
+        coordinator = coordinator_server.build(
+            CoordinatorSettings(
+                host="127.0.0.1",
+                port=0,
+                grace_seconds=1.0,
+                log_level="WARNING",
+                prefill_addresses=[self.address("prefill")],
+                decode_addresses=[self.address("decode")],
+            )
+        )
+        self.hosts["coordinator"] = coordinator
+        await coordinator.start()
+        await coordinator.warmed  # type: ignore[misc]
+
+    def stop(self) -> None:
+        async def stop_all() -> None:
+            for name in ("coordinator", "prefill", "decode"):
+                if name in self.hosts:
+                    await self.hosts[name].stop()
+
+        try:
+            self.run(stop_all(), 60.0)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10.0)
+
+    # ---- access ---------------------------------------------------------------------------------
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run a coroutine on the cluster's loop and wait for its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.hosts[name].port}"
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.address("coordinator")
+
+    @property
+    def decode(self) -> Any:  # decode_service.decode_engine.DecodeEngine
+        return self.hosts["decode"].component
+
+    @property
+    def prefill(self) -> Any:  # prefill_service.pipeline.PrefillPipeline
+        return self.hosts["prefill"].component
+
+    def pool_state(self) -> dict[str, tuple[int, int]]:
+        """(pages in use, pages reserved) of each engine's pool, read on its engine thread."""
+
+        async def read() -> dict[str, tuple[int, int]]:
+            state = {}
+            for name, worker in (("prefill", self.prefill.engine.worker), ("decode", self.decode.worker)):
+                state[name] = await worker.call(lambda e: (e.pool.num_used, e.pool.num_reserved))
+            return state
+
+        return self.run(read())
+
+    def wait_idle(self, timeout: float = 20.0) -> dict[str, tuple[int, int]]:
+        """Poll until both pools hold nothing and no reservation is left (frees can trail a reply by a
+        step or a lease sweep); returns the last state seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.pool_state()
+            idle = all(v == (0, 0) for v in state.values()) and len(self.decode.reservations) == 0
+            if idle or time.monotonic() > deadline:
+                return state
+            time.sleep(0.05)
+
+    def assert_no_leaks(self, timeout: float = 20.0) -> None:
+        state = self.wait_idle(timeout)
+        assert state == {"prefill": (0, 0), "decode": (0, 0)}, f"pages still held (used, reserved): {state}"
+        assert len(self.decode.reservations) == 0, "a decode reservation outlived its request"
+
+        async def check() -> None:
+            for worker in (self.prefill.engine.worker, self.decode.worker):
+                await worker.call(lambda e: e.pool.assert_no_leaks())
+
+        self.run(check())
+
+
+def with_overrides(spec: ClusterSpec, **decode: Any) -> ClusterSpec:
+    return replace(spec, decode={**spec.decode, **decode})

@@ -1,0 +1,368 @@
+"""The services end to end over real gRPC, on a tiny random llama: coordinator -> prefill -> grpc
+transport -> decode equals the colocated engine token for token; errors arrive as the right status
+codes naming the field; cancellation, aborts and leases free every page on both nodes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from builders import TinyModel
+from cluster import ClusterSpec, InProcessCluster
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from clients import AsyncClient, Client, KvferryRpcError
+from engine import CompressionParams, SamplingParams
+from engine.kv_handoff import KVLayout
+from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+PAGE_SIZE = 4
+MAX_MODEL_LEN = 512
+DECODE_KV_BYTES = 1 << 20  # 2048 pages of 512 B: four max-length requests, so admission can be exercised
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: Callable[[str], TinyModel]) -> TinyModel:
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny: TinyModel) -> Iterator[InProcessCluster]:
+    spec = ClusterSpec(
+        engine=dict(
+            model=str(tiny.path),
+            device="cpu",
+            dtype="float32",
+            page_size=PAGE_SIZE,
+            prefill_chunk=64,
+            max_model_len=MAX_MODEL_LEN,
+            kv_cache_bytes=4 << 20,
+            torch_threads=1,
+        ),
+        decode=dict(kv_cache_bytes=DECODE_KV_BYTES, lease_seconds=1.5, max_chunk_bytes=64 << 10),
+        prefill=dict(chunk_bytes=16 << 10),  # several PushKV chunks per request
+    )
+    c = InProcessCluster(spec).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def client(cluster: InProcessCluster) -> Iterator[Client]:
+    with Client(cluster.coordinator_address, timeout=60) as c:
+        yield c
+    cluster.assert_no_leaks()  # every test leaves both pools empty
+
+
+def prompt(length: int, seed: int, vocab: int) -> list[int]:
+    return torch.randint(1, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[list[int]]:
+    engine = tiny.engine(page_size=PAGE_SIZE, prefill_chunk=64, max_model_len=MAX_MODEL_LEN)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+    seqs = [engine.add_request(p, sp, compression) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    engine.pool.assert_no_leaks()
+    return [s.output_token_ids for s in seqs]
+
+
+# ---- the golden path ------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [None, "compactor", "snapkv"])
+def test_disaggregated_greedy_equals_colocated(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client, method: str | None
+) -> None:
+    prompts = [prompt(n, seed=n, vocab=tiny.vocab_size) for n in (7, 64, 130, 301)]
+    comp = None if method is None else {"method": method, "retention": 0.5, "sink": 2, "recent": 8}
+    expected = colocated(tiny, prompts, 24, None if comp is None else CompressionParams(**comp))
+    results: dict[int, Any] = {}
+
+    def one(i: int) -> None:  # concurrently, so the decode node batches them
+        results[i] = client.generate(
+            prompts[i], max_new_tokens=24, temperature=0, ignore_eos=True, compression=comp
+        )
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        r = results[i]
+        assert r.token_ids == expected[i], f"prompt {i} ({len(p)} tokens)"
+        assert r.finish_reason == "length"
+        s = r.stats
+        assert s.prefill.prompt_tokens == len(p)
+        assert s.prefill.kv_bytes_shipped == s.prefill.kv_bytes == s.decode.kv_bytes_received
+        assert s.prefill.transport == "grpc"
+        assert s.decode.output_tokens == 24
+        if method is None:
+            assert s.prefill.kv_bytes == s.prefill.kv_bytes_full and s.prefill.compression_method == "none"
+        elif len(p) >= 64:
+            assert s.prefill.kv_bytes < 0.75 * s.prefill.kv_bytes_full
+            assert s.prefill.compression_method == method
+
+
+def test_stream_adds_up_to_unary(tiny: TinyModel, client: Client) -> None:
+    p = prompt(90, seed=5, vocab=tiny.vocab_size)
+    unary = client.generate(p, max_new_tokens=12, temperature=0, ignore_eos=True)
+    chunks = list(client.stream(p, max_new_tokens=12, temperature=0, ignore_eos=True))
+    assert [t for c in chunks for t in c.token_ids] == unary.token_ids
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].stats is not None
+
+
+def test_seeded_sampling_is_reproducible_across_the_handoff(tiny: TinyModel, client: Client) -> None:
+    p = prompt(40, seed=9, vocab=tiny.vocab_size)
+    a = client.generate(p, max_new_tokens=16, temperature=1.0, top_k=20, seed=1234, ignore_eos=True)
+    b = client.generate(p, max_new_tokens=16, temperature=1.0, top_k=20, seed=1234, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+
+
+def test_first_token_can_finish_the_request(tiny: TinyModel, client: Client) -> None:
+    r = client.generate(prompt(20, seed=2, vocab=tiny.vocab_size), max_new_tokens=1, temperature=0)
+    assert len(r.token_ids) == 1 and r.finish_reason == "length"
+    assert r.stats.decode_node == "" and r.stats.prefill.kv_bytes_shipped == 0
+
+
+def test_async_client(tiny: TinyModel, cluster: InProcessCluster) -> None:
+    import asyncio
+
+    p = prompt(50, seed=3, vocab=tiny.vocab_size)
+
+    async def go() -> tuple[list[int], list[int]]:
+        async with AsyncClient(cluster.coordinator_address) as c:
+            unary = await c.generate(p, max_new_tokens=8, temperature=0, ignore_eos=True)
+            streamed = [
+                t
+                async for chunk in c.stream(p, max_new_tokens=8, temperature=0, ignore_eos=True)
+                for t in chunk.token_ids
+            ]
+            return unary.token_ids, streamed
+
+    unary, streamed = asyncio.run(go())
+    assert unary == streamed == colocated(tiny, [p], 8)[0]
+    cluster.assert_no_leaks()
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "code", "field"),
+    [
+        (dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (dict(compression={"method": "zip"}), grpc.StatusCode.INVALID_ARGUMENT, "compression.method"),
+        (dict(compression={"retention": 1.5}), grpc.StatusCode.INVALID_ARGUMENT, "compression.retention"),
+        (dict(prompt=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+        (dict(prompt=[7] * 600), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (dict(prompt=[1, 999]), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ],
+)
+def test_bad_requests_are_invalid_argument_naming_the_field(
+    client: Client, kwargs: dict[str, Any], code: grpc.StatusCode, field: str
+) -> None:
+    kwargs = {"prompt": [1, 2, 3], **kwargs}
+    with pytest.raises(KvferryRpcError) as err:
+        client.generate(**kwargs)
+    assert err.value.code == code
+    assert err.value.field == field
+    assert field.split(".")[-1] in err.value.details
+
+
+def test_text_prompt_without_tokenizer_is_failed_precondition_or_invalid(client: Client) -> None:
+    """The tiny model ships no tokenizer: a text prompt cannot be served and must say so."""
+    with pytest.raises(KvferryRpcError) as err:
+        client.generate("hello")
+    assert err.value.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "tokenizer" in err.value.details
+
+
+def test_unreachable_nodes_are_unavailable() -> None:
+    """A coordinator whose nodes do not answer refuses with UNAVAILABLE (no model needed)."""
+    import asyncio
+
+    from coordinator import server as coordinator_server
+    from coordinator.settings import CoordinatorSettings
+    from serving.settings import ServerSettings  # noqa: F401
+
+    async def go() -> KvferryRpcError:
+        settings = CoordinatorSettings(
+            port=0,
+            prefill_addresses=["127.0.0.1:9"],
+            decode_addresses=["127.0.0.1:9"],
+            info_timeout_seconds=0.5,
+        )
+        host = coordinator_server.build(settings)
+        await host.start()
+        try:
+            async with AsyncClient(f"127.0.0.1:{host.port}") as c:
+                try:
+                    await c.generate([1, 2, 3])
+                except KvferryRpcError as e:
+                    return e
+                raise AssertionError("generate succeeded without nodes")
+        finally:
+            await host.stop()
+
+    err = asyncio.run(go())
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    assert "127.0.0.1:9" in err.details
+
+
+# ---- cancellation and leases ----------------------------------------------------------------------
+def test_cancelled_stream_frees_pages_on_both_nodes(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    p = prompt(200, seed=4, vocab=tiny.vocab_size)
+    stream = client.stream(p, max_new_tokens=400, temperature=0, ignore_eos=True)
+    got = [next(stream) for _ in range(3)]
+    assert all(c.finish_reason is None for c in got)
+    assert cluster.pool_state()["decode"] != (0, 0)  # it is really decoding, holding pages
+    stream.close()  # cancels the call; the client fixture's leak check waits for the pages to return
+    deadline = time.monotonic() + 10
+    while client.stats().requests_active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.stats().requests_cancelled >= 1
+
+
+def test_deadline_exceeded_frees_pages(tiny: TinyModel, client: Client) -> None:
+    p = prompt(100, seed=6, vocab=tiny.vocab_size)
+    with pytest.raises(KvferryRpcError) as err:
+        for _ in client.stream(p, max_new_tokens=480, temperature=0, ignore_eos=True, timeout=1.0):
+            pass
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _decode_stub(cluster: InProcessCluster) -> decode_pb2_grpc.DecodeServiceStub:
+    return decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(cluster.address("decode")))
+
+
+def _manifest(cluster: InProcessCluster, head_len: int, **overrides: Any) -> tuple[Any, memoryview]:
+    engine = cluster.decode.worker.engine
+    spec = ModelSpec.of_engine(engine)
+    layout = KVLayout(torch.full((engine.num_layers, engine.num_kv_heads), head_len), spec.page_size)
+    pages = torch.randn(layout.num_pages, 2, spec.page_size, spec.head_dim)
+    payload = pages_to_bytes(pages)
+    manifest = build_manifest(spec, layout, payload)
+    for name, value in overrides.items():
+        setattr(manifest, name, value)
+    return manifest, payload
+
+
+def _reserve(stub: Any, manifest: Any, prompt_len: int, max_new_tokens: int = 8) -> Any:
+    return stub.ReserveKV(
+        decode_pb2.ReserveKVRequest(
+            request_id="test",
+            manifest=manifest,
+            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=max_new_tokens),
+            prompt_token_ids=[1 + i % 250 for i in range(prompt_len)],
+            first_token_id=5,
+            transport="grpc",
+        ),
+        timeout=10,
+    )
+
+
+def test_manifest_of_another_model_is_failed_precondition(cluster: InProcessCluster, client: Client) -> None:
+    manifest, _ = _manifest(cluster, 10, model_fingerprint="someone-else")
+    with pytest.raises(grpc.RpcError) as err:
+        _reserve(_decode_stub(cluster), manifest, 10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(err.value.trailing_metadata())["kvferry-field"] == "manifest.model_fingerprint"
+
+
+def test_corrupt_pages_are_data_loss_and_freed(cluster: InProcessCluster, client: Client) -> None:
+    stub = _decode_stub(cluster)
+    manifest, payload = _manifest(cluster, 30)
+    reservation = _reserve(stub, manifest, 30)
+    corrupt = bytearray(payload)
+    corrupt[100] ^= 0xFF
+    chunks = [
+        decode_pb2.PushKVRequest(reservation_id=reservation.reservation_id, offset=0, data=bytes(corrupt))
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushKV(iter(chunks), timeout=10)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "checksum" in err.value.details()
+    with pytest.raises(grpc.RpcError) as gone:  # the reservation is gone with its pages
+        stub.Decode(decode_pb2.DecodeRequest(reservation_id=reservation.reservation_id), timeout=5).next()
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_reservation_is_not_found(cluster: InProcessCluster, client: Client) -> None:
+    stub = _decode_stub(cluster)
+    chunks = [decode_pb2.PushKVRequest(reservation_id="nope", offset=0, data=b"x")]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushKV(iter(chunks), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.Abort(decode_pb2.AbortRequest(reservation_id="nope"), timeout=5).found is False
+
+
+def test_lease_expiry_frees_a_reservation_whose_pages_never_come(
+    cluster: InProcessCluster, client: Client
+) -> None:
+    stub = _decode_stub(cluster)
+    manifest, _ = _manifest(cluster, 40)
+    reservation = _reserve(stub, manifest, 40)
+    assert reservation.lease_seconds == 1.5
+    assert cluster.pool_state()["decode"] != (0, 0)
+    time.sleep(reservation.lease_seconds + 1.0)
+    assert cluster.pool_state()["decode"] == (0, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushKV(
+            iter([decode_pb2.PushKVRequest(reservation_id=reservation.reservation_id, data=b"")]), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_decode_admission_refuses_when_the_pool_is_promised(
+    cluster: InProcessCluster, client: Client
+) -> None:
+    """Reservations promise pages; once the pool is promised a new one is RESOURCE_EXHAUSTED, and
+    aborting them gives every page back."""
+    stub = _decode_stub(cluster)
+    manifest, _ = _manifest(cluster, 400)
+    held = []
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in range(10):
+            held.append(_reserve(stub, manifest, 400, max_new_tokens=100).reservation_id)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 1 <= len(held) < 10
+    for rid in held:
+        assert stub.Abort(decode_pb2.AbortRequest(reservation_id=rid), timeout=5).found
+
+
+# ---- service plumbing -----------------------------------------------------------------------------
+@pytest.mark.parametrize("node", ["coordinator", "prefill", "decode"])
+def test_health_and_reflection(cluster: InProcessCluster, node: str) -> None:
+    channel = grpc.insecure_channel(cluster.address(node))
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    expected = {"coordinator": "CoordinatorService", "prefill": "PrefillService", "decode": "DecodeService"}
+    assert f"kvferry.v1.{expected[node]}" in names and "grpc.health.v1.Health" in names
+
+
+def test_info_and_stats(cluster: InProcessCluster, client: Client) -> None:
+    info = client.info()
+    (p,), (d,) = info.prefill_nodes, info.decode_nodes
+    assert p.reachable and d.reachable
+    assert p.model.fingerprint == d.model.fingerprint
+    assert d.pool.total_pages == DECODE_KV_BYTES // d.pool.bytes_per_page
+    before = client.stats()
+    client.generate([5, 6, 7, 8], max_new_tokens=3, temperature=0, ignore_eos=True)
+    after = client.stats()
+    assert after.requests_total == before.requests_total + 1
+    assert after.output_tokens_total == before.output_tokens_total + 3
+    assert after.prompt_tokens_total == before.prompt_tokens_total + 4
