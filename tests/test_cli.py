@@ -1,0 +1,77 @@
+"""`kvferry up` starts three real processes with the default model, `kvferry ask` answers a question
+about a document through them and reports what compression kept, `kvferry stats` shows the request,
+and Ctrl-C (SIGINT) stops every process cleanly."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION
+from clients.local_cluster import free_port
+
+pytestmark = pytest.mark.slow
+KVFERRY = [sys.executable, "-m", "clients.cli"]
+
+
+def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    while any(_taken(p) for p in (port + 1, port + 2)):
+        port = free_port()
+    logs = tmp_path / "logs"
+    up = subprocess.Popen(
+        [*KVFERRY, "up", "--port", str(port), "--log-dir", str(logs), "--kv-cache-bytes", str(256 << 20)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while not any("kvferry is up" in line for line in lines):
+            assert up.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            lines.append(up.stdout.readline())  # type: ignore[union-attr]
+        assert address in lines[-1]
+
+        ask = subprocess.run(
+            [*KVFERRY, "ask", "--address", address, "--doc", str(BUNDLED_DOCUMENT), "--retention", "0.5",
+             "--max-new-tokens", "24", BUNDLED_QUESTION],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert ask.returncode == 0, ask.stderr
+        assert "Eleanor Brandt" in ask.stdout
+        assert "(50%, compactor)" in ask.stdout and "over grpc" in ask.stdout
+
+        bad = subprocess.run(
+            [*KVFERRY, "ask", "--address", address, "--doc", str(BUNDLED_DOCUMENT), "--retention", "2", "Q?"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert bad.returncode == 2
+        assert "INVALID_ARGUMENT" in bad.stderr and "compression.retention" in bad.stderr
+
+        stats = subprocess.run(
+            [*KVFERRY, "stats", "--address", address], capture_output=True, text=True, timeout=60
+        )
+        assert stats.returncode == 0, stats.stderr
+        assert "requests: 2 total, 0 active, 1 failed" in stats.stdout
+        assert "decode 127.0.0.1" in stats.stdout and "0/" in stats.stdout  # no page left in use
+    finally:
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, out
+    stopped = [line for line in out.splitlines() if line.startswith("stopped:")]
+    assert stopped and stopped[0].count("exit 0") == 3, out
+
+
+def _taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

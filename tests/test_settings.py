@@ -1,0 +1,54 @@
+"""Service settings: flags beat KVFERRY_* environment variables, which beat defaults; bad values stop
+the process with a message naming the flag or variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.settings import CoordinatorSettings
+from decode_service.settings import DecodeSettings
+from prefill_service.settings import PrefillSettings
+from serving.settings import parse_settings
+
+
+def test_defaults() -> None:
+    s = parse_settings(DecodeSettings, [], environ={})
+    assert (s.port, s.lease_seconds, s.model, s.page_size) == (50053, 30.0, None, 16)
+    assert parse_settings(PrefillSettings, [], environ={}).port == 50052
+    assert parse_settings(CoordinatorSettings, [], environ={}).decode_addresses == ["127.0.0.1:50053"]
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    env = {"KVFERRY_PORT": "6000", "KVFERRY_LEASE_SECONDS": "4.5", "KVFERRY_KV_CACHE_BYTES": "1048576"}
+    s = parse_settings(DecodeSettings, ["--port", "7000"], environ=env)
+    assert s.port == 7000 and s.lease_seconds == 4.5 and s.kv_cache_bytes == 1 << 20
+
+
+def test_lists_and_optionals_from_environment() -> None:
+    env = {"KVFERRY_PREFILL_ADDRESSES": "a:1, b:2", "KVFERRY_DECODE_ADDRESSES": "c:3"}
+    s = parse_settings(CoordinatorSettings, [], environ=env)
+    assert s.prefill_addresses == ["a:1", "b:2"] and s.decode_addresses == ["c:3"]
+    assert parse_settings(DecodeSettings, ["--max-model-len", "none"], environ={}).max_model_len is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--port", "x"], {}, "--port"),
+        ([], {"KVFERRY_LEASE_SECONDS": "soon"}, "KVFERRY_LEASE_SECONDS"),
+        (["--lease-seconds", "0"], {}, "lease_seconds"),
+    ],
+)
+def test_bad_values_exit_naming_the_setting(
+    argv: list[str], env: dict[str, str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(DecodeSettings, argv, environ=env)
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_coordinator_needs_nodes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(CoordinatorSettings, ["--decode-addresses", ""], environ={})
+    assert "decode_addresses" in capsys.readouterr().err
