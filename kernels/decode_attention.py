@@ -23,9 +23,9 @@ def _decode_split_kernel(
     kv_ptr,  # [num_pages, 2, P, D]
     pt_ptr,  # [B, H, max_pages]
     lens_ptr,  # [B, H]
-    out_ptr,  # [B, Hq, D] (NUM_SPLITS == 1)
-    mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32 (NUM_SPLITS > 1)
-    mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2 domain
+    out_ptr,  # [B, Hq, D] (num_splits == 1)
+    mid_o_ptr,  # [B, Hq, S, D] fp32 (S = num_splits > 1)
+    mid_lse_ptr,  # [B, Hq, S] fp32, log2 domain
     scale_log2,
     stride_qb,
     stride_qh,
@@ -35,13 +35,14 @@ def _decode_split_kernel(
     stride_lh,
     stride_ob,
     stride_oh,
+    num_splits,  # a run-time value: a new split count costs no recompilation
     H: tl.constexpr,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partial results for the merge kernel
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -50,8 +51,8 @@ def _decode_split_kernel(
     b = bh // H
     h = bh % H
     length = tl.load(lens_ptr + b * stride_lb + h * stride_lh).to(tl.int32)
-    # This head's tokens are cut into NUM_SPLITS equal, BLOCK_N-aligned pieces.
-    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # This head's tokens are cut into num_splits equal, BLOCK_N-aligned pieces.
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
 
@@ -89,7 +90,7 @@ def _decode_split_kernel(
         m = m_new
 
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o_rows = b * stride_ob + (h * G + g) * stride_oh
         tl.store(
             out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None]
@@ -97,22 +98,22 @@ def _decode_split_kernel(
     else:
         qh = (b * H + h) * G + g  # flat (b, q-head) index into the contiguous mid buffers
         tl.store(
-            mid_o_ptr + ((qh * NUM_SPLITS + split) * D)[:, None] + d[None, :], out, mask=(g < G)[:, None]
+            mid_o_ptr + ((qh * num_splits + split) * D)[:, None] + d[None, :], out, mask=(g < G)[:, None]
         )
         lse = tl.where(l_sum > 0, m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
-        tl.store(mid_lse_ptr + qh * NUM_SPLITS + split, lse, mask=g < G)
+        tl.store(mid_lse_ptr + qh * num_splits + split, lse, mask=g < G)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
-    mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    mid_o_ptr,  # [B, Hq, S, D] fp32
+    mid_lse_ptr,  # [B, Hq, S] fp32
     out_ptr,  # [B, Hq, D]
     stride_ob,
     stride_oh,
+    num_splits,
     HQ: tl.constexpr,
     D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     qh = tl.program_id(0)  # flat (b, q-head)
@@ -120,23 +121,40 @@ def _decode_merge_kernel(
     hq = qh % HQ
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
-    lse = tl.load(mid_lse_ptr + qh * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    lse = tl.load(mid_lse_ptr + qh * num_splits + s, mask=s < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - m)  # 0 for empty splits
-    o = tl.load(mid_o_ptr + ((qh * NUM_SPLITS + s) * D)[:, None] + d[None, :], mask=(s < NUM_SPLITS)[:, None])
+    o = tl.load(
+        mid_o_ptr + ((qh * num_splits + s) * D)[:, None] + d[None, :],
+        mask=(s < num_splits)[:, None],
+        other=0.0,
+    )
     out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+# Measured on an H100 (benchmarks/kernels.py --sweep, docs/benchmarks/kernels.md): many small
+# programs per SM keep enough loads in flight at batch 1; the merge costs little.
+PROGRAMS_PER_SM = 32
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 256
+
+
 def choose_num_splits(
-    batch: int, num_kv_heads: int, max_tokens: int, device: torch.device, programs_per_sm: int = 4
+    batch: int,
+    num_kv_heads: int,
+    max_tokens: int,
+    device: torch.device,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+    min_split: int = MIN_SPLIT_TOKENS,
 ) -> int:
-    """Enough programs to fill the GPU, but no split shorter than 256 tokens.
+    """Enough programs to fill the GPU `programs_per_sm` times over, but no split shorter than
+    `min_split` tokens of the longest head (and at most MAX_SPLITS).
 
     Depends only on shapes (not on head lengths), so it is fixed under CUDA-graph capture.
     """
     want = -(-programs_per_sm * num_sms(device) // (batch * num_kv_heads))
-    return max(1, min(want, -(-max_tokens // 256), 128))
+    return max(1, min(want, -(-max_tokens // min_split), MAX_SPLITS))
 
 
 def decode_attention(
@@ -149,7 +167,7 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -164,8 +182,11 @@ def decode_attention(
     assert d == head_dim and hq % h == 0 and lens.shape == (b, h), (q.shape, page_tables.shape, lens.shape)
     assert q.stride(-1) == 1 and page_tables.stride(-1) == 1
     group = hq // h
+    wide = q.element_size() == 4  # fp32: dots run on CUDA cores, so small tiles (no spills)
     if block_n is None:
-        block_n = 64 if page_size % 64 == 0 or page_size < 64 else 16
+        block_n = 32 if wide else 128
+    if num_stages is None:
+        num_stages = 2
     if num_splits is None:
         num_splits = choose_num_splits(b, h, page_tables.shape[-1] * page_size, q.device)
     if out is None:
@@ -199,13 +220,14 @@ def decode_attention(
         lens.stride(1),
         out.stride(0),
         out.stride(1),
+        num_splits,
         H=h,
         G=group,
         BLOCK_G=max(16, next_pow2(group)),
         D=d,
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
+        SPLIT=num_splits > 1,
         PRECISION=input_precision(q),
         UPCAST=upcast_dots(q),
         num_warps=num_warps,
@@ -218,10 +240,10 @@ def decode_attention(
             out,
             out.stride(0),
             out.stride(1),
+            num_splits,
             HQ=hq,
             D=d,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=next_pow2(num_splits),
+            BLOCK_S=max(2, next_pow2(num_splits)),
             num_warps=4,
         )
     return out

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import LOG2E, check_pool, input_precision, upcast_dots
+from kernels._common import LOG2E, check_pool, input_precision, next_pow2, upcast_dots
 
 
 @triton.jit
@@ -150,15 +150,18 @@ def prefill_attention(
     max_q_len: int,
     scale: float,
     *,
-    block_m: int = 128,
-    block_n: int = 64,
-    num_warps: int = 8,
-    num_stages: int = 3,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [N, Hq, D], page_tables [S, H, max_pages], cu_seqlens [S+1], starts [S] -> [N, Hq, D].
 
     max_q_len bounds the chunk lengths (it sizes the grid); `out` may be given preallocated.
+    Unset tile parameters take the fastest measured on an H100 for 2-byte dtypes (128 query rows,
+    64 keys, 4 warps, 3 stages: benchmarks/kernels.py --sweep); fp32 takes small tiles, since its
+    dots run on CUDA cores and large ones spill registers (the launch then fails for lack of memory).
     """
     page_size, head_dim = check_pool(pool_kv)
     num_tokens, hq, d = q.shape
@@ -167,6 +170,11 @@ def prefill_attention(
     assert cu_seqlens.shape == (num_seqs + 1,) and starts.shape == (num_seqs,)
     assert q.stride(-1) == 1 and page_tables.stride(-1) == 1
     group = hq // h
+    wide = q.element_size() == 4
+    block_m = block_m or (max(32, next_pow2(group)) if wide else 128)
+    block_n = block_n or (32 if wide else 64)
+    num_warps = num_warps or 4
+    num_stages = num_stages or (1 if wide else 3)
     assert block_m >= group, "a query block must hold at least one token's whole GQA group"
     if out is None:
         out = torch.empty_like(q)

@@ -20,6 +20,7 @@ if not torch.cuda.is_available() and "Interpreted" not in type(triton.language.m
 
 import kernels  # noqa: E402  (after TRITON_INTERPRET)
 from engine.layers import paged_attention as ref  # noqa: E402
+from kernels.decode_attention import choose_num_splits  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -65,9 +66,10 @@ def check_decode(
     q = torch.randn(batch, kv_heads * group, head_dim, device=DEVICE).to(dtype)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
+    # The launcher's own split count when none is given: its workspace is poisoned too.
+    s = kw.get("num_splits") or choose_num_splits(batch, kv_heads, max_pages * page_size, DEVICE)
     workspace = None
-    if kw.get("num_splits", 1) > 1:
-        s = kw["num_splits"]
+    if s > 1:
         workspace = (
             torch.full((batch, kv_heads * group, s, head_dim), float("nan"), device=DEVICE),
             torch.full((batch, kv_heads * group, s), float("nan"), device=DEVICE),
@@ -97,9 +99,18 @@ def check_prefill(
     kernels.prefill_attention(
         q, pool, tables, cu.to(DEVICE), starts.to(DEVICE), int(sizes.max()), scale, out=out, **kw
     )
+    pool32 = pool.float()
     for i, (start, _) in enumerate(chunks):
         lo, hi = int(cu[i]), int(cu[i + 1])
-        want = ref.prefill_attention(q[lo:hi].float(), pool.float(), tables[i], start, scale)
+        # The reference in pieces of rows: its scores are [H, G, rows, keys], 1 GB at 256 x 32K.
+        want = torch.cat(
+            [
+                ref.prefill_attention(
+                    q[r : min(r + 256, hi)].float(), pool32, tables[i], start + r - lo, scale
+                )
+                for r in range(lo, hi, 256)
+            ]
+        )
         assert rel_err(out[lo:hi], want) < TOL[dtype], i
 
 
@@ -157,42 +168,115 @@ def test_store_kv(dtype) -> None:
     assert torch.equal(pool2, want2)
 
 
-# ---- real shapes (GPU only) ----
+# ---- real shapes (GPU only): Llama-3.1-8B attention, 32 q / 8 kv heads, head_dim 128 ----
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+PAGE_SIZES = [16, 32, 64, 128]
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("page_size", [16, 64, 128])
-def test_decode_gpu(dtype, page_size) -> None:
-    torch.manual_seed(page_size)
-    check_decode(6, 8, 4, 128, page_size, 5000, dtype)  # auto splits
-    check_decode(2, 8, 4, 128, page_size, 3000, dtype, num_splits=1)
-    check_decode(3, 2, 8, 64, page_size, 700, dtype, num_splits=5)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_decode_gpu_llama8b(dtype, page_size) -> None:
+    """Ragged per-head lengths (uniform in [1, max], with 1 and page edges present) up to 32K."""
+    torch.manual_seed(100 + page_size)
+    check_decode(4, 8, 4, 128, page_size, 32768, dtype)  # auto splits over long heads
+    check_decode(32, 8, 4, 128, page_size, 4096, dtype)  # a full batch: few splits
+    check_decode(1, 8, 4, 128, page_size, 32768, dtype, num_splits=1)  # one program walks a whole head
+    check_decode(3, 8, 4, 128, page_size, 9000, dtype, num_splits=37)  # short heads leave splits empty
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("page_size", [16, 64, 128])
-def test_prefill_gpu(dtype, page_size) -> None:
+@pytest.mark.parametrize("block_n", [16, 32, 64, 128])
+@pytest.mark.parametrize("num_warps,num_stages", [(4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 2), (8, 3)])
+def test_decode_gpu_configs(block_n, num_warps, num_stages) -> None:
+    """Every block/warp/stage choice the benchmark sweep may pick, on pages smaller and larger than a block."""
+    torch.manual_seed(block_n + num_warps + num_stages)
+    for page_size in (16, 128):
+        kw = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        check_decode(3, 8, 4, 128, page_size, 6000, torch.bfloat16, **kw)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kv_heads,group,head_dim", [(3, 3, 64), (4, 8, 128), (8, 1, 128), (2, 16, 64)]
+)  # SmolLM2-135M, a Qwen3-like group of 8, no GQA, a group of 16
+def test_decode_gpu_other_groups(kv_heads, group, head_dim) -> None:
+    torch.manual_seed(kv_heads * group)
+    for dtype in GPU_DTYPES:
+        check_decode(5, kv_heads, group, head_dim, 16, 3000, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_prefill_gpu_llama8b(dtype, page_size) -> None:
+    """A varlen batch: a fresh 4K prompt, chunks over cached prefixes up to 32K, 1-token chunks."""
     torch.manual_seed(10 + page_size)
-    check_prefill([(0, 512), (1000, 1), (4097, 300), (0, 1029)], 8, 4, 128, page_size, dtype)
-    check_prefill([(77, 256), (0, 100)], 3, 3, 64, page_size, dtype)  # SmolLM2's group of 3
+    chunks = [(0, 4096), (30000, 512), (4097, 300), (0, 1), (32768 - 777, 777), (63, 1)]
+    check_prefill(chunks, 8, 4, 128, page_size, dtype)
 
 
 @gpu
 @pytest.mark.gpu
-def test_store_kv_gpu() -> None:
-    torch.manual_seed(5)
-    pool = random_pool(5000, 16, 128, torch.bfloat16)
-    grid = torch.randperm(5000 * 16)[: 8 * 2048].view(8, 2048)  # [H, T] distinct slots
-    pg, off = (grid // 16).to(DEVICE), (grid % 16).to(DEVICE)
-    k = torch.randn(2048, 8, 128, device=DEVICE, dtype=torch.bfloat16)
-    v = torch.randn(2048, 8, 128, device=DEVICE)  # fp32 rows are rounded to the pool's bf16 like .to()
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("block_n", [32, 64, 128])
+@pytest.mark.parametrize("num_warps,num_stages", [(4, 2), (4, 3), (4, 4), (8, 3), (8, 4)])
+def test_prefill_gpu_configs(block_m, block_n, num_warps, num_stages) -> None:
+    """Every config the benchmark sweep may pick."""
+    torch.manual_seed(block_m + block_n + num_warps)
+    kw = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    for page_size in (16, 128):
+        check_prefill([(0, 700), (2000, 300), (5, 1)], 8, 4, 128, page_size, torch.bfloat16, **kw)
+
+
+@gpu
+@pytest.mark.gpu
+def test_fp32_default_tiles_gpu() -> None:
+    """fp32 pools (an engine run with dtype float32) on the launchers' default tiles: fp32 dots run
+    on CUDA cores, and the 2-byte tiles once spilled so much that the launch ran out of memory."""
+    torch.manual_seed(21)
+    check_decode(4, 8, 4, 128, 16, 4096, torch.float32)
+    check_decode(2, 3, 3, 64, 64, 2000, torch.float32)
+    check_prefill([(0, 600), (1000, 300), (3, 1)], 8, 4, 128, 16, torch.float32)
+    check_prefill([(0, 256), (100, 100)], 3, 3, 64, 16, torch.float32)
+
+
+@gpu
+@pytest.mark.gpu
+def test_prefill_gpu_other_groups() -> None:
+    torch.manual_seed(12)
+    for dtype in GPU_DTYPES:
+        check_prefill([(77, 256), (0, 100), (1000, 1)], 3, 3, 64, 16, dtype)  # SmolLM2's group of 3
+        check_prefill([(0, 300), (513, 64)], 4, 8, 128, 32, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_store_kv_gpu(dtype, page_size) -> None:
+    torch.manual_seed(5 + page_size)
+    num_pages = 80000 // page_size * 8
+    pool = random_pool(num_pages, page_size, 128, dtype)
+    grid = torch.randperm(num_pages * page_size)[: 8 * 4096].view(8, 4096)  # [H, T] distinct slots
+    pg, off = (grid // page_size).to(DEVICE), (grid % page_size).to(DEVICE)
+    k = torch.randn(4096, 8, 128, device=DEVICE, dtype=dtype)  # a prefill chunk's [T, H, D] rows
+    v = torch.randn(4096, 8, 128, device=DEVICE)  # fp32 rows are rounded to the pool's dtype like .to()
     want = pool.clone()
     ref.store_kv(want, pg, off, k.transpose(0, 1), v.transpose(0, 1))
     kernels.store_kv(pool, pg.T, off.T, k, v)
+    assert torch.equal(pool, want)
+    # A decode step: one row per (sequence, head), [B, H] slots.
+    slots = torch.randperm(num_pages * page_size)[: 32 * 8].view(32, 8)
+    pg, off = (slots // page_size).to(DEVICE), (slots % page_size).to(DEVICE)
+    k, v = (torch.randn(32, 8, 128, device=DEVICE, dtype=dtype) for _ in range(2))
+    ref.store_kv(want, pg, off, k, v)
+    kernels.store_kv(pool, pg, off, k, v)
     assert torch.equal(pool, want)
 
 

@@ -1,0 +1,487 @@
+"""Benchmark the Triton attention kernels against PyTorch SDPA on the dense cache.
+
+Decode: Llama-3.1-8B attention shape (32 q / 8 kv heads, head_dim 128, bf16) over batch x context x
+retention; our kernel reads a scattered head-sparse paged pool whose heads keep `retention` of the
+context on average (varied per head), SDPA reads the dense full cache. Both are timed as CUDA-graph
+replays that rotate over enough input copies to defeat the L2 cache. The device copy bandwidth is
+measured in the same run. Prefill: one whole causal sequence (same FLOPs as SDPA causal) and a last
+chunk over a long cached prefix.
+
+    python3 benchmarks/kernels.py --out docs/benchmarks            # on a GPU
+    python3 benchmarks/kernels.py --plot docs/benchmarks/kernels.json  # redraw the PNG only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HQ, H, D = 32, 8, 128  # Llama-3.1-8B attention
+L2_DEFEAT_BYTES = 256 << 20  # rotate input copies until each replay streams this much
+
+
+def time_calls(fns: list[Callable[[], object]], device: torch.device, trials: int = 7) -> float:
+    """Median seconds per call of fns (run in turn), from CUDA-graph replays timed with events."""
+    for f in fns:
+        f()
+    if device.type != "cuda":  # dry run on CPU (interpreter): correctness of the script only
+        t = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t) / len(fns)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    reps = max(1, min(200, int(0.01 / max(time.perf_counter() - t, 1e-6))))  # ~10 ms a trial
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_calls([lambda: dst.copy_(src)], device)
+    return 2 * nbytes / t
+
+
+def matmul_rate(device: torch.device, n: int) -> float:
+    """bf16 n x n x n matrix product through torch, FLOP/s (random operands)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / time_calls([lambda: a @ b], device)
+
+
+def check_targets(report: dict) -> list[dict]:
+    """The issue's targets, each with its worst cell (and every cell's value)."""
+
+    def target(name: str, want: float, cells: list[tuple[str, float]]) -> dict:
+        worst = min((v for _, v in cells), default=float("nan"))
+        return dict(name=name, want=f">= {want}", worst=worst, met=bool(worst >= want), cells=dict(cells))
+
+    dec = report["decode"]
+
+    def key(r: dict) -> str:
+        return f"B{r['batch']}_ctx{r['context']}_r{r['retention']}"
+
+    return [
+        target("decode r=1.0 speed vs SDPA", 0.95, [(key(r), r["speedup_vs_sdpa"]) for r in dec if r["retention"] == 1.0]),
+        target("decode r=0.5 speedup vs SDPA on the full cache", 1.8,
+               [(key(r), r["speedup_vs_sdpa"]) for r in dec if r["retention"] == 0.5]),
+        target("decode share of copy bandwidth, context >= 32K", 0.85,
+               [(key(r), r["ours_GBps"] / report["copy_GBps"]) for r in dec if r["context"] >= 32768]),
+        target("prefill TFLOP/s vs SDPA causal", 0.9,
+               [(f"ctx{r['context']}", r["ratio_vs_sdpa"]) for r in report["prefill"] if "ratio_vs_sdpa" in r]),
+    ]  # fmt: skip
+
+
+def head_lengths(batch: int, context: int, retention: float, gen: torch.Generator) -> torch.Tensor:
+    """[B, H] kept tokens: retention * context on average, varied per head (0.5x..1.5x), >= 1."""
+    if retention >= 1.0:
+        return torch.full((batch, H), context, dtype=torch.int32)
+    f = 0.5 + torch.rand(batch, H, generator=gen)
+    f = f / f.mean(dim=1, keepdim=True)
+    return (retention * context * f).round().clamp(1, context).to(torch.int32)
+
+
+def sdpa_backends() -> dict[str, list]:
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "default": [],
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    }
+
+
+def time_sdpa(make_calls: Callable[[], list[Callable[[], object]]], device: torch.device) -> dict[str, float]:
+    """Seconds per call of SDPA under each backend that accepts the inputs (default = PyTorch's pick)."""
+    from torch.nn.attention import sdpa_kernel
+
+    out: dict[str, float] = {}
+    for name, backends in sdpa_backends().items():
+        if device.type != "cuda" and name != "default":
+            continue
+        try:
+            if backends:
+                with sdpa_kernel(backends):
+                    out[name] = time_calls(make_calls(), device)
+            else:
+                out[name] = time_calls(make_calls(), device)
+        except RuntimeError as e:  # backend refuses these inputs
+            out[name] = float("nan")
+            print(f"    sdpa {name}: {str(e).splitlines()[0][:100]}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def decode_kwargs(cfg: dict, batch: int, width: int, page_size: int, device) -> dict:
+    """Kernel keyword arguments from a config; `programs_per_sm` and `min_split` become an explicit
+    split count (as the launcher's own choose_num_splits would pick with them)."""
+    from kernels.decode_attention import choose_num_splits
+
+    split_keys = ("programs_per_sm", "min_split")
+    kw = {k: v for k, v in cfg.items() if k not in split_keys}
+    if any(k in cfg for k in split_keys):
+        chosen = {k: cfg[k] for k in split_keys if k in cfg}
+        kw["num_splits"] = choose_num_splits(batch, H, width * page_size, device, **chosen)
+    return kw
+
+
+def bench_decode_cell(
+    kernels,
+    batch: int,
+    context: int,
+    retentions: list[float],
+    page_size: int,
+    device,
+    cfg: dict,
+    dry: bool = False,
+    sdpa: bool = True,
+) -> list[dict]:
+    dtype = torch.bfloat16
+    dense_bytes = batch * H * context * D * 2 * 2  # K + V
+    sets = max(1, math.ceil(L2_DEFEAT_BYTES / dense_bytes)) if device.type == "cuda" else 1
+    pages_per_head = -(-context // page_size)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 40
+    need = 2 * sets * dense_bytes * 1.05 + (256 << 20)
+    if need > 0.9 * free:
+        print(f"  skip B={batch} ctx={context}: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free")
+        return []
+    gen = torch.Generator().manual_seed(batch * 1000 + context)
+    num_pages = sets * batch * H * pages_per_head
+    pool = torch.empty(num_pages, 2, page_size, D, dtype=dtype, device=device).normal_()
+    perm = torch.randperm(num_pages, generator=gen).to(torch.int32)
+    tables = perm.view(sets, batch, H, pages_per_head).to(device)  # scattered pages
+    qs = [torch.randn(batch, HQ, D, device=device, dtype=dtype) for _ in range(sets)]
+    scale = D**-0.5
+    rows = []
+    for r in retentions:
+        lens = head_lengths(batch, context, r, gen).to(device)  # [B, H]
+        width = -(-int(lens.max()) // page_size)  # as DecodeBatch slices its tables
+        kw = decode_kwargs(cfg, batch, width, page_size, device)
+        calls = [
+            (
+                lambda q=q, t=t[:, :, :width], ln=lens, kw=kw: kernels.decode_attention(
+                    q, pool, t, ln, scale, **kw
+                )
+            )
+            for q, t in zip(qs, tables)
+        ]
+        t = time_calls(calls, device)
+        kv_bytes = int(lens.sum()) * D * 2 * 2
+        meta_bytes = int((-(-lens // page_size)).sum()) * 4 + 2 * batch * HQ * D * 2
+        rows.append(
+            dict(batch=batch, context=context, retention=r, kept_tokens=int(lens.sum()), ours_s=t,
+                 ours_bytes=kv_bytes + meta_bytes, ours_GBps=(kv_bytes + meta_bytes) / t / 1e9)
+        )  # fmt: skip
+        if dry:
+            want = kernels_ref_decode(qs[0], pool, tables[0, :, :, :width], lens, scale)
+            got = kernels.decode_attention(qs[0], pool, tables[0, :, :, :width], lens, scale, **kw)
+            assert (got.float() - want).abs().max() < 5e-2
+    pool = tables = None  # free before the dense caches
+    if not sdpa:
+        return rows
+    ks = [torch.randn(batch, H, context, D, device=device, dtype=dtype) for _ in range(sets)]
+    vs = [torch.randn(batch, H, context, D, device=device, dtype=dtype) for _ in range(sets)]
+    q4 = [q[:, :, None, :] for q in qs]  # [B, Hq, 1, D]
+
+    def make() -> list[Callable[[], object]]:
+        return [
+            (lambda i=i: F.scaled_dot_product_attention(q4[i], ks[i], vs[i], enable_gqa=True))
+            for i in range(sets)
+        ]
+
+    sdpa = time_sdpa(make, device)
+    ks = vs = None
+    for row in rows:
+        row["sdpa_s"] = sdpa
+        row["sdpa_GBps"] = dense_bytes / sdpa["default"] / 1e9
+        row["speedup_vs_sdpa"] = sdpa["default"] / row["ours_s"]
+        best = min(v for v in sdpa.values() if v == v)
+        row["speedup_vs_best_sdpa"] = best / row["ours_s"]
+        print(
+            f"  B={batch:3d} ctx={context:6d} r={row['retention']:.2f}: ours {row['ours_s'] * 1e6:8.1f} us "
+            f"{row['ours_GBps']:7.0f} GB/s | sdpa {sdpa['default'] * 1e6:8.1f} us "
+            f"{row['sdpa_GBps']:7.0f} GB/s | x{row['speedup_vs_sdpa']:.2f}"
+        )
+    return rows
+
+
+def kernels_ref_decode(q, pool, tables, lens, scale):
+    from engine.layers import paged_attention as ref
+
+    return ref.decode_attention(q.float(), pool.float(), tables, lens, scale)
+
+
+def bench_prefill(
+    kernels, context: int, chunk: int | None, page_size: int, device, cfg: dict, sdpa: bool = True
+) -> dict:
+    """chunk=None: the whole causal sequence in one call; else the last `chunk` tokens over the rest."""
+    dtype = torch.bfloat16
+    t = context if chunk is None else chunk
+    start = context - t
+    pages = -(-context // page_size)
+    gen = torch.Generator().manual_seed(context)
+    pool = torch.empty(H * pages, 2, page_size, D, dtype=dtype, device=device).normal_()
+    table = torch.randperm(H * pages, generator=gen).to(torch.int32).view(1, H, pages).to(device)
+    q = torch.randn(t, HQ, D, device=device, dtype=dtype)
+    cu = torch.tensor([0, t], dtype=torch.int32, device=device)
+    starts = torch.tensor([start], dtype=torch.int32, device=device)
+    scale = D**-0.5
+    ours = time_calls(
+        [lambda: kernels.prefill_attention(q, pool, table, cu, starts, t, scale, **cfg)], device, trials=5
+    )
+    pairs = t * start + t * (t + 1) / 2  # (query, key) pairs under the causal mask
+    flops = 4 * HQ * D * pairs
+    row = dict(context=context, chunk=t, ours_s=ours, flops=flops, ours_TFLOPs=flops / ours / 1e12)
+    pool = None
+    if chunk is None and sdpa:  # SDPA causal over the same sequence (identical FLOPs)
+        qd = q.transpose(0, 1)[None]  # [1, Hq, T, D]
+        kd = torch.randn(1, H, t, D, device=device, dtype=dtype)
+        vd = torch.randn(1, H, t, D, device=device, dtype=dtype)
+        sdpa = time_sdpa(
+            lambda: [lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)],
+            device,
+        )
+        row["sdpa_s"] = sdpa
+        row["sdpa_TFLOPs"] = flops / sdpa["default"] / 1e12
+        row["ratio_vs_sdpa"] = sdpa["default"] / ours
+        best = min(v for v in sdpa.values() if v == v)
+        row["ratio_vs_best_sdpa"] = best / ours
+    print(
+        f"  prefill ctx={context} chunk={t}: ours {ours * 1e3:.2f} ms {row['ours_TFLOPs']:.0f} TFLOP/s"
+        + (
+            f" | sdpa {row['sdpa_TFLOPs']:.0f} TFLOP/s | x{row['ratio_vs_sdpa']:.2f}"
+            if "sdpa_s" in row
+            else ""
+        )
+    )
+    return row
+
+
+def sweep(name: str, run: Callable[[dict], float], configs: list[dict]) -> dict:
+    """Time each config; return the fastest (a compile failure just drops that config)."""
+    results = []
+    for cfg in configs:
+        try:
+            results.append((run(cfg), cfg))
+            print(f"  {name} {cfg}: {results[-1][0] * 1e6:.1f} us")
+        except Exception as e:  # noqa: BLE001  (resources exceeded etc.)
+            print(f"  {name} {cfg}: failed {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+    best = min(results, key=lambda x: x[0])
+    return dict(best=best[1], results=[dict(cfg=c, s=t) for t, c in results])
+
+
+def fastest_overall(results: list[dict]) -> dict:
+    """The config with the smallest time summed over cells, each cell's times relative to its best."""
+    total: dict[str, float] = {}
+    for res in results:
+        fastest = min(r["s"] for r in res["results"])
+        for r in res["results"]:
+            k = json.dumps(r["cfg"], sort_keys=True)
+            total[k] = total.get(k, 0.0) + r["s"] / fastest
+    complete = {k: v for k, v in total.items() if v == v}
+    return json.loads(min(complete, key=complete.__getitem__)) if complete else {}
+
+
+def sweep_decode(kernels, page_size: int, device, log: dict, cells: list[tuple[int, int]]) -> dict:
+    """Block/warps/stages on a few decode cells (fastest by summed relative time), then the split count."""
+
+    def run(cfg: dict, b: int, ctx: int) -> float:
+        rows = bench_decode_cell(kernels, b, ctx, [0.5], page_size, device, cfg, sdpa=False)
+        return rows[0]["ours_s"]
+
+    configs = [
+        dict(block_n=bn, num_warps=nw, num_stages=ns) for bn in (64, 128) for nw in (4, 8) for ns in (1, 2, 3)
+    ]
+    results = []
+    for b, ctx in cells:
+        results.append(sweep(f"decode B={b} ctx={ctx}", lambda cfg, b=b, ctx=ctx: run(cfg, b, ctx), configs))
+        log[f"decode_B{b}_{ctx}"] = results[-1]
+    best = fastest_overall(results)
+    results = []
+    for b, ctx in cells:
+        results.append(
+            sweep(
+                f"decode splits B={b} ctx={ctx}",
+                lambda cfg, b=b, ctx=ctx: run(cfg, b, ctx),
+                [dict(best, programs_per_sm=f, min_split=m) for f in (8, 16, 32) for m in (64, 128, 256)],
+            )
+        )
+        log[f"decode_splits_B{b}_{ctx}"] = results[-1]
+    return fastest_overall(results)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["decode"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    labels = sorted({(r["batch"], r["context"]) for r in rows})
+    x = range(len(labels))
+    rets = sorted({r["retention"] for r in rows}, reverse=True)
+    w = 0.8 / len(rets)
+    for j, ret in enumerate(rets):
+        by = {(r["batch"], r["context"]): r for r in rows if r["retention"] == ret}
+        axes[0].bar([i + j * w for i in x], [by[k]["speedup_vs_sdpa"] for k in labels], w, label=f"r={ret}")
+        axes[1].bar([i + j * w for i in x], [by[k]["ours_GBps"] for k in labels], w, label=f"ours r={ret}")
+    axes[1].plot([i + 0.4 for i in x], [next(r["sdpa_GBps"] for r in rows if (r["batch"], r["context"]) == k)
+                 for k in labels], "k^", label="SDPA (dense)")  # fmt: skip
+    axes[1].axhline(report["copy_GBps"], color="r", ls="--", label="device copy")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    for ax, title in zip(axes[:2], ["decode speedup vs SDPA on the full cache", "decode bandwidth (GB/s)"]):
+        ax.set_xticks([i + 0.4 for i in x], [f"B{b}\n{c // 1024}K" for b, c in labels])
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    pre = [r for r in report["prefill"] if "sdpa_TFLOPs" in r]
+    axes[2].bar(
+        [i - 0.2 for i in range(len(pre))], [r["ours_TFLOPs"] for r in pre], 0.4, label="ours (paged)"
+    )
+    axes[2].bar([i + 0.2 for i in range(len(pre))], [r["sdpa_TFLOPs"] for r in pre], 0.4, label="SDPA causal")
+    axes[2].set_xticks(range(len(pre)), [f"{r['context'] // 1024}K" for r in pre])
+    axes[2].set_title("causal prefill TFLOP/s")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"{report['gpu']}  {report['date']}  page_size={report['page_size']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/benchmarks", help="folder for kernels.json and kernels.png")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    p.add_argument("--prefill-contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--sweep", action="store_true", help="try a few kernel configs first and use the fastest")
+    p.add_argument("--plot", metavar="JSON", help="only redraw the PNG from an earlier JSON")
+    p.add_argument("--date", help="date to record (default: today, UTC); the UTC clock is recorded too")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.plot:
+        report = json.loads(Path(args.plot).read_text())
+        plot(report, Path(args.plot).with_suffix(".png"))
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        os.environ["TRITON_INTERPRET"] = "1"  # dry run of the script at the sizes given
+    import triton
+
+    import kernels
+
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = dict(
+        command="python3 " + " ".join(sys.argv),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
+        date=args.date or datetime.date.today().isoformat(),
+        measured_at_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        shape=dict(q_heads=HQ, kv_heads=H, head_dim=D, dtype="bfloat16"),
+        page_size=args.page_size,
+    )
+    save = lambda: (out / "kernels.json").write_text(json.dumps(report, indent=1))  # noqa: E731
+    report["copy_GBps"] = copy_bandwidth(device, 2 << 30 if device.type == "cuda" else 1 << 20) / 1e9
+    print(f"device copy bandwidth (read+write): {report['copy_GBps']:.0f} GB/s")
+    report["matmul_TFLOPs"] = matmul_rate(device, 8192 if device.type == "cuda" else 64) / 1e12
+    print(f"bf16 matmul: {report['matmul_TFLOPs']:.0f} TFLOP/s")
+    decode_cfg: dict = {}
+    prefill_cfg: dict = {}
+    if args.sweep:
+        report["sweep"] = {}
+        ctxs, batches = sorted(args.contexts), sorted(args.batches)
+        cells = [
+            (1, ctxs[-1]),
+            (batches[-1], ctxs[len(ctxs) // 2]),
+            (1, ctxs[0]),
+            (batches[len(batches) // 2], ctxs[0]),
+        ]
+        decode_cfg = sweep_decode(kernels, args.page_size, device, report["sweep"], cells)
+        pre_configs = [
+            dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+            for bm in (64, 128) for bn in (32, 64) for nw in (4, 8) for ns in (3, 4)
+        ]  # fmt: skip
+        ctx = args.prefill_contexts[0]
+        report["sweep"][f"prefill_{ctx}"] = res = sweep(
+            "prefill",
+            lambda cfg: bench_prefill(kernels, ctx, None, args.page_size, device, cfg, sdpa=False)["ours_s"],
+            pre_configs,
+        )
+        prefill_cfg = res["best"]
+        print(f"chosen: decode {decode_cfg}, prefill {prefill_cfg}")
+        save()
+    report["decode_cfg"], report["prefill_cfg"] = decode_cfg, prefill_cfg
+    report["decode"] = []
+    for b in args.batches:
+        for ctx in args.contexts:
+            report["decode"] += bench_decode_cell(
+                kernels, b, ctx, args.retentions, args.page_size, device, decode_cfg, device.type != "cuda"
+            )
+            save()
+    report["prefill"] = []
+    for ctx in args.prefill_contexts:
+        report["prefill"].append(bench_prefill(kernels, ctx, None, args.page_size, device, prefill_cfg))
+        report["prefill"].append(
+            bench_prefill(kernels, ctx, args.prefill_chunk, args.page_size, device, prefill_cfg)
+        )
+        save()
+    # The cost of paging: the same whole 8K sequence over pages that hold a whole key tile.
+    if args.page_size < 128:
+        ctx = args.prefill_contexts[0]
+        row = bench_prefill(kernels, ctx, None, 128, device, prefill_cfg, sdpa=False)
+        report["prefill_page128"] = dict(row, page_size=128)
+        save()
+    report["targets"] = check_targets(report)
+    save()
+    plot(report, out / "kernels.png")
+    for t in report["targets"]:
+        print(
+            f"  target {t['name']}: {'met' if t['met'] else 'MISSED'} (worst {t['worst']:.3g}, want {t['want']})"
+        )
+    print(f"wrote {out / 'kernels.json'} and {out / 'kernels.png'}")
+
+
+if __name__ == "__main__":
+    main()
