@@ -123,7 +123,7 @@ def print_stats(address: str, out: Any = sys.stdout) -> int:
 
 def _engine_args(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
-    for flag in ("model", "device", "dtype", "kv_cache_bytes", "max_model_len"):
+    for flag in ("model", "device", "dtype", "kv_cache_bytes", "max_model_len", "torch_threads"):
         value = getattr(args, flag)
         if value is not None:
             out += ["--" + flag.replace("_", "-"), str(value)]
@@ -206,6 +206,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="KV and weight dtype (default: auto)")
     p.add_argument("--kv-cache-bytes", type=int, help="KV pool bytes per engine")
     p.add_argument("--max-model-len", type=int, help="prompt + output positions")
+    p.add_argument("--torch-threads", type=int, help="CPU threads per engine process")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
 
 

@@ -17,8 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving.healthcheck import is_serving
 
 DEFAULT_PORTS = {"coordinator": 50051, "prefill": 50052, "decode": 50053}
 MODULES = {"coordinator": "coordinator", "prefill": "prefill_service", "decode": "decode_service"}
@@ -96,22 +95,17 @@ class LocalCluster:
         """Block until every node's health service says SERVING; ClusterError if one exits first."""
         deadline = time.monotonic() + timeout
         pending = set(self.processes)
-        channels = {n: grpc.insecure_channel(self.address(n)) for n in pending}
-        try:
-            while pending:
-                for node in sorted(pending):
-                    self._check_alive(node)
-                    if _serving(channels[node]):
-                        pending.discard(node)
-                        if progress is not None:
-                            progress(f"{node} ready on {self.address(node)}")
-                if pending and time.monotonic() > deadline:
-                    raise ClusterError(f"{', '.join(sorted(pending))} not ready after {timeout:.0f} s")
-                if pending:
-                    time.sleep(0.25)
-        finally:
-            for channel in channels.values():
-                channel.close()
+        while pending:
+            for node in sorted(pending):
+                self._check_alive(node)
+                if is_serving(self.address(node), timeout=1.0):
+                    pending.discard(node)
+                    if progress is not None:
+                        progress(f"{node} ready on {self.address(node)}")
+            if pending and time.monotonic() > deadline:
+                raise ClusterError(f"{', '.join(sorted(pending))} not ready after {timeout:.0f} s")
+            if pending:
+                time.sleep(0.25)
 
     def check(self) -> None:
         """ClusterError when any node has exited."""
@@ -145,11 +139,3 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _serving(channel: grpc.Channel) -> bool:
-    try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-    except grpc.RpcError:
-        return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -16,7 +16,13 @@ class InvalidArgumentError(KvferryError, ValueError):
 
 
 class ResourceExhaustedError(KvferryError):
-    """Not enough KV pages (or queue room) for the request (maps to RESOURCE_EXHAUSTED)."""
+    """Not enough KV pages (or queue room) for the request (maps to RESOURCE_EXHAUSTED).
+
+    `retryable` is False when the request can never fit, whatever else finishes first."""
+
+    def __init__(self, message: str, field: str | None = None, retryable: bool = True) -> None:
+        super().__init__(message, field)
+        self.retryable = retryable
 
 
 class ModelLoadError(KvferryError):

@@ -55,9 +55,15 @@ class KVPool:
 
     def reserve(self, n: int) -> None:
         """Promise `n` pages to a caller that will allocate them later (admission control)."""
+        if n > self.num_pages:
+            raise ResourceExhaustedError(
+                f"need {n} KV pages but the whole pool has {self.num_pages}: the request can never fit; "
+                "shorten it or raise kv_cache_bytes",
+                retryable=False,
+            )
         if n > self.num_available:
             raise ResourceExhaustedError(
-                f"need {n} KV pages but only {self.num_available} of {self.num_pages} are available"
+                f"need {n} KV pages but only {self.num_available} of {self.num_pages} are available now"
             )
         self.num_reserved += n
 
@@ -71,8 +77,12 @@ class KVPool:
             self.unreserve(n)
         elif n > self.num_available:
             raise ResourceExhaustedError(f"need {n} KV pages but only {self.num_available} are available")
-        pages = [self._free.pop() for _ in range(n)]
-        self._is_free[pages] = False
+        if n == 0:
+            return []
+        pages = self._free[-n:]  # the same pages, in the same order, as n pops from the end
+        del self._free[-n:]
+        pages.reverse()
+        self._is_free[torch.tensor(pages, dtype=torch.long)] = False
         return pages
 
     def free(self, pages: list[int] | torch.Tensor) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -14,10 +15,13 @@ from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest, get
 from prefill_service.prefill_engine import PrefillOutcome
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 from serving.deadline import Deadline
+from serving.error_interceptor import is_retryable
 from serving.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_SECONDS = 5.0
+RESERVE_RETRY_FIRST_SECONDS = 0.02
+RESERVE_RETRY_MAX_SECONDS = 0.5
 
 
 @dataclass
@@ -30,9 +34,10 @@ class Shipped:
 
 
 class KVHandoff:
-    def __init__(self, default_transport: str, chunk_bytes: int) -> None:
+    def __init__(self, default_transport: str, chunk_bytes: int, reserve_wait_seconds: float = 30.0) -> None:
         self.default_transport = default_transport
         self.chunk_bytes = chunk_bytes
+        self.reserve_wait_seconds = reserve_wait_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def decode_stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
@@ -43,6 +48,36 @@ class KVHandoff:
     def transport(self, name: str) -> Transport:
         """The transport a request names, or the default one."""
         return get_transport(name or self.default_transport, chunk_bytes=self.chunk_bytes)
+
+    async def _reserve(
+        self,
+        decode: decode_pb2_grpc.DecodeServiceStub,
+        request: decode_pb2.ReserveKVRequest,
+        deadline: Deadline,
+    ) -> decode_pb2.ReserveKVResponse:
+        """ReserveKV, waiting while the decode pool is full for now (its running requests will free
+        pages): backpressure instead of failing a request whose KV is ready. Gives up with
+        RESOURCE_EXHAUSTED after `reserve_wait_seconds` or at the deadline, at once when it can never fit."""
+        give_up = time.monotonic() + self.reserve_wait_seconds
+        delays = _backoff_delays()
+        logged = False
+        while True:
+            try:
+                return await decode.ReserveKV(request, timeout=deadline.remaining())
+            except grpc.aio.AioRpcError as e:
+                delay = await anext(delays)
+                remaining = deadline.remaining()
+                out_of_time = time.monotonic() + delay > give_up or (
+                    remaining is not None and remaining < delay
+                )
+                if not is_retryable(e) or out_of_time:
+                    raise
+                if not logged:
+                    log.info(
+                        "decode pool full for %s; waiting for pages (%s)", request.request_id, e.details()
+                    )
+                    logged = True
+                await asyncio.sleep(delay)
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -64,17 +99,15 @@ class KVHandoff:
         manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload)
         decode = self.decode_stub(address)
         start = time.perf_counter()
-        reservation = await decode.ReserveKV(
-            decode_pb2.ReserveKVRequest(
-                request_id=request_id,
-                manifest=manifest,
-                sampling=sampling,
-                prompt_token_ids=prompt,
-                first_token_id=outcome.first_token,
-                transport=transport.name,
-            ),
-            timeout=deadline.remaining(),
+        reserve = decode_pb2.ReserveKVRequest(
+            request_id=request_id,
+            manifest=manifest,
+            sampling=sampling,
+            prompt_token_ids=prompt,
+            first_token_id=outcome.first_token,
+            transport=transport.name,
         )
+        reservation = await self._reserve(decode, reserve, deadline)
         try:
             result = await transport.send(decode, reservation, payload, timeout=deadline.remaining())
         except BaseException:
@@ -87,6 +120,13 @@ class KVHandoff:
             time.perf_counter() - start,
             transport.name,
         )
+
+
+async def _backoff_delays() -> AsyncIterator[float]:
+    delay = RESERVE_RETRY_FIRST_SECONDS
+    while True:
+        yield delay
+        delay = min(delay * 1.5, RESERVE_RETRY_MAX_SECONDS)
 
 
 async def _abort(decode: decode_pb2_grpc.DecodeServiceStub, reservation_id: str) -> None:

@@ -20,7 +20,7 @@ def build(settings: PrefillSettings) -> ServiceHost:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     engine = PrefillEngine(settings.engine_config())
-    handoff = KVHandoff(settings.transport, settings.chunk_bytes)
+    handoff = KVHandoff(settings.transport, settings.chunk_bytes, settings.reserve_wait_seconds)
     host = ServiceHost(settings, [SERVICE_NAME])
     pipeline = PrefillPipeline(engine, handoff)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(pipeline), host.server)

@@ -14,7 +14,12 @@ class PrefillSettings(ServerSettings, EngineSettings):
     port: int = setting(50052, "port to bind (0 picks a free one and logs it)")
     transport: str = setting("grpc", "how KV pages move to decode services when a request names none: grpc")
     chunk_bytes: int = setting(1 << 20, "bytes per PushKV message of the grpc transport")
+    reserve_wait_seconds: float = setting(
+        30.0, "how long a prefilled request waits for room on a full decode node before RESOURCE_EXHAUSTED"
+    )
 
     def __post_init__(self) -> None:
+        if self.reserve_wait_seconds < 0:
+            raise ValueError(f"reserve_wait_seconds: must be >= 0, got {self.reserve_wait_seconds}")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes: must be >= 1, got {self.chunk_bytes}")

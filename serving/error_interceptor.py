@@ -20,6 +20,7 @@ from serving import errors
 
 log = logging.getLogger(__name__)
 FIELD_METADATA_KEY = "kvferry-field"
+RETRYABLE_METADATA_KEY = "kvferry-retryable"  # RESOURCE_EXHAUSTED: "false" when it can never succeed
 
 _SERVICE_ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -58,20 +59,43 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
         log.error("%s failed", method, exc_info=error)
     else:
         log.info("%s -> %s: %s", method, code.name, details)
+    metadata = []
     field = _field_of(error)
     if field:
-        context.set_trailing_metadata(((FIELD_METADATA_KEY, str(field)),))
+        metadata.append((FIELD_METADATA_KEY, str(field)))
+    retryable = _retryable_of(error)
+    if retryable is not None:
+        metadata.append((RETRYABLE_METADATA_KEY, "true" if retryable else "false"))
+    if metadata:
+        context.set_trailing_metadata(tuple(metadata))
     await context.abort(code, details)
+
+
+def _metadata(error: grpc.aio.AioRpcError, key: str) -> str | None:
+    for k, value in error.trailing_metadata() or ():
+        if k == key:
+            return str(value)
+    return None
 
 
 def _field_of(error: Exception) -> str | None:
     """The offending field: a typed error's own, or the one a downstream service named."""
     if isinstance(error, grpc.aio.AioRpcError):
-        for key, value in error.trailing_metadata() or ():
-            if key == FIELD_METADATA_KEY:
-                return str(value)
-        return None
+        return _metadata(error, FIELD_METADATA_KEY)
     return getattr(error, "field", None)
+
+
+def _retryable_of(error: Exception) -> bool | None:
+    if isinstance(error, grpc.aio.AioRpcError):
+        value = _metadata(error, RETRYABLE_METADATA_KEY)
+        return None if value is None else value == "true"
+    value = getattr(error, "retryable", None)
+    return value if isinstance(value, bool) else None
+
+
+def is_retryable(error: grpc.aio.AioRpcError) -> bool:
+    """RESOURCE_EXHAUSTED that may succeed later (pages will be freed), as the server marked it."""
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _retryable_of(error) is not False
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -80,7 +80,9 @@ def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: An
 def test_disaggregated_greedy_equals_colocated(
     tiny: TinyModel, cluster: InProcessCluster, client: Client, method: str | None
 ) -> None:
-    prompts = [prompt(n, seed=n, vocab=tiny.vocab_size) for n in (7, 64, 130, 301)]
+    # 16 simultaneous requests of different lengths, so the decode node batches them
+    prompts = [prompt(n, seed=n, vocab=tiny.vocab_size) for n in (7, 64, 130, 301, *range(20, 260, 20))]
+    assert len(prompts) == 16
     comp = None if method is None else {"method": method, "retention": 0.5, "sink": 2, "recent": 8}
     expected = colocated(tiny, prompts, 24, None if comp is None else CompressionParams(**comp))
     results: dict[int, Any] = {}
@@ -162,6 +164,7 @@ def test_async_client(tiny: TinyModel, cluster: InProcessCluster) -> None:
         (dict(max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         (dict(compression={"method": "zip"}), grpc.StatusCode.INVALID_ARGUMENT, "compression.method"),
         (dict(compression={"retention": 1.5}), grpc.StatusCode.INVALID_ARGUMENT, "compression.retention"),
+        (dict(compression={"retention": 0.0}), grpc.StatusCode.INVALID_ARGUMENT, "compression.retention"),
         (dict(prompt=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
         (dict(prompt=[7] * 600), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (dict(prompt=[1, 999]), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
@@ -366,3 +369,18 @@ def test_info_and_stats(cluster: InProcessCluster, client: Client) -> None:
     assert after.requests_total == before.requests_total + 1
     assert after.output_tokens_total == before.output_tokens_total + 3
     assert after.prompt_tokens_total == before.prompt_tokens_total + 4
+
+
+def test_full_pool_is_retryable_but_never_fitting_is_not() -> None:
+    """The prefill side waits for room on a full decode node only when room can ever come."""
+    from engine.errors import ResourceExhaustedError
+    from engine.kv_pool import KVPool
+
+    pool = KVPool(8, PAGE_SIZE, 16, torch.float32, "cpu")
+    with pytest.raises(ResourceExhaustedError, match="never fit") as never:
+        pool.reserve(9)
+    assert never.value.retryable is False
+    pool.reserve(8)
+    with pytest.raises(ResourceExhaustedError, match="available now") as full:
+        pool.reserve(1)
+    assert full.value.retryable is True
