@@ -2,8 +2,8 @@
 # The test command named in the README. pytest's exit 5 ("no tests collected") is a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m ruff check .
-python3 -m ruff format --check .
+python3 -m ruff check . || exit 1
+python3 -m ruff format --check . || exit 1
 python3 -m pytest -q -m "not gpu" "$@"
 rc=$?
 if [ $rc -eq 5 ]; then echo "no tests were collected: failing" >&2; exit 1; fi

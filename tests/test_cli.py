@@ -25,7 +25,18 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
         port = free_port()
     logs = tmp_path / "logs"
     up = subprocess.Popen(
-        [*KVFERRY, "up", "--port", str(port), "--log-dir", str(logs), "--kv-cache-bytes", str(256 << 20), "--torch-threads", "1"],
+        [
+            *KVFERRY,
+            "up",
+            "--port",
+            str(port),
+            "--log-dir",
+            str(logs),
+            "--kv-cache-bytes",
+            str(256 << 20),
+            "--torch-threads",
+            "1",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -29,7 +29,16 @@ CHATS = [
 @pytest.fixture(scope="module")
 def smollm2_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     logs = tmp_path_factory.mktemp("logs")
-    engine = ["--device", "cpu", "--dtype", "float32", "--kv-cache-bytes", str(256 << 20), "--torch-threads", "1"]
+    engine = [
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--kv-cache-bytes",
+        str(256 << 20),
+        "--torch-threads",
+        "1",
+    ]
     cluster = LocalCluster(engine, log_dir=Path(logs))
     cluster.start()
     try:
