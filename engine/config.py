@@ -21,11 +21,13 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output positions; None = the model's own limit
     kv_cache_bytes: int | None = None  # KV pool size; None = 2 GiB on CPU, 90% of free memory on CUDA
     max_num_seqs: int = 64  # sequences decoded together at most
+    load_format: str = "auto"  # "auto" reads weights; "dummy" = random weights from config.json (speed work)
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")
         require(self.prefill_chunk >= 1, "prefill_chunk", f"must be >= 1, got {self.prefill_chunk}")
         require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        require(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         require(self.dtype in ("auto", *_DTYPES), "dtype", f"must be auto or one of {sorted(_DTYPES)}")
         require(
             self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2 when given"

@@ -31,7 +31,7 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
-        self.loaded = loaded or load_model(config.model, self.dtype, self.device)
+        self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.load_format)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config

@@ -119,6 +119,7 @@ class EngineSettings:
     model: str | None = setting(
         None, "HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)"
     )
+    load_format: str = setting("auto", "auto reads the weights; dummy builds random ones from config.json")
     device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     page_size: int = setting(16, "tokens per KV page of one (layer, kv-head)")
@@ -135,6 +136,7 @@ class EngineSettings:
 
         return EngineConfig(
             model=self.model,
+            load_format=self.load_format,
             device=self.device,
             dtype=self.dtype,
             page_size=self.page_size,

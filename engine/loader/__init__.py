@@ -26,11 +26,16 @@ class LoadedModel:
     source: str
 
 
-def load_model(path: str | None, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
+def load_model(
+    path: str | None, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto"
+) -> LoadedModel:
+    """`load_format` "auto" reads the weights; "dummy" builds random ones from config.json alone."""
     source = str(path) if path else default_model_path()
     p = Path(source)
     if not p.exists():
         raise ModelLoadError(f"model path {source!r} does not exist", field="model")
+    if load_format == "dummy":
+        return _load_dummy(p, dtype, device)
     if p.is_file() and p.suffix == ".gguf":
         config, state_dict, tokenizer = read_gguf(p)
     elif p.is_dir():
@@ -49,9 +54,21 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device | str)
             f"model: weights in {source!r} do not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}",
             field="model",
         )
-    model.model.rotary.inv_freq = _fresh_inv_freq(model)
     model = model.to(device=device, dtype=dtype).eval()
+    # After the dtype cast, which would round the RoPE frequencies to bf16 (angles off by ~0.4% at
+    # long positions): they stay float32, as in transformers.
+    model.model.rotary.inv_freq = _fresh_inv_freq(model).to(device)
     return LoadedModel(model, config, tokenizer, _fingerprint(config, p), source)
+
+
+def _load_dummy(path: Path, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
+    from engine.loader.dummy import DUMMY_SEED, build_dummy, read_config
+
+    config, tokenizer = read_config(path)
+    model = build_dummy(config, dtype, device)
+    model.model.rotary.inv_freq = _fresh_inv_freq(model).to(device)
+    fingerprint = _fingerprint(config, path)[:8] + f"-dummy{DUMMY_SEED}"
+    return LoadedModel(model, config, tokenizer, fingerprint, str(path))
 
 
 def _fresh_inv_freq(model: CausalLM) -> torch.Tensor:
