@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -40,9 +41,14 @@ class KVHandoff:
         self.reserve_wait_seconds = reserve_wait_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
 
+    channels: Any = None  # serving.security.ChannelFactory, set by the server: outgoing TLS settings
+
     def decode_stub(self, address: str) -> decode_pb2_grpc.DecodeServiceStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self.channels is not None:
+                self._channels[address] = self.channels.aio_channel(address)
+            else:
+                self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return decode_pb2_grpc.DecodeServiceStub(self._channels[address])
 
     def transport(self, name: str) -> Transport:
