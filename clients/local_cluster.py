@@ -40,6 +40,8 @@ class LocalCluster:
 
     engine_args: Sequence[str] = ()
     ports: dict[str, int] | None = None
+    decode_args: Sequence[str] = ()  # extra flags for the decode service only (e.g. its KV budget)
+    prefill_args: Sequence[str] = ()  # extra flags for the prefill service only
     host: str = "127.0.0.1"
     log_dir: Path | None = None  # each node's output goes to <log_dir>/<node>.log; None: inherit ours
     env: dict[str, str] = field(default_factory=dict)
@@ -60,8 +62,8 @@ class LocalCluster:
     def start(self) -> None:
         """Start the three processes (returns at once; see wait_ready)."""
         args = {
-            "decode": [*self.engine_args],
-            "prefill": [*self.engine_args],
+            "decode": [*self.engine_args, *self.decode_args],
+            "prefill": [*self.engine_args, *self.prefill_args],
             "coordinator": [
                 "--prefill-addresses",
                 self.address("prefill"),
