@@ -7,20 +7,37 @@ from typing import Any
 
 import grpc
 
-from clients.client import CHANNEL_OPTIONS, DEFAULT_ADDRESS
+from clients.client import DEFAULT_ADDRESS, channel_options
 from clients.errors import KvferryRpcError
 from clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
 from clients.results import GenerateResult, StreamChunk
 from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+from serving.security import auth_metadata, client_credentials
 
 
 class AsyncClient:
     """See Client for the arguments. Create it inside a running event loop."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | bytes | None = None,
+        tls_cert: str | bytes | None = None,
+        tls_key: str | bytes | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = auth_metadata(token) or None
+        credentials = client_credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(tls_server_name)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
 
     async def generate(
@@ -38,7 +55,9 @@ class AsyncClient:
             GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling
         )
         try:
-            reply = await self._stub.GenerateUnary(request, timeout=timeout or self.timeout)
+            reply = await self._stub.GenerateUnary(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             raise KvferryRpcError.from_rpc_error(e) from None
         return GenerateResult.from_proto(reply)
@@ -57,7 +76,7 @@ class AsyncClient:
         """Chunks as tokens are produced; leaving the loop early (or cancelling the task) cancels the
         request and frees its KV on every node."""
         request = build_request(GENERATE, prompt, messages, compression, retention, request_id, sampling)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout)
+        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for msg in call:
                 yield StreamChunk.from_proto(msg)
@@ -68,13 +87,17 @@ class AsyncClient:
 
     async def info(self, timeout: float | None = None) -> coordinator_pb2.InfoResponse:
         try:
-            return await self._stub.Info(coordinator_pb2.InfoRequest(), timeout=timeout or self.timeout)
+            return await self._stub.Info(
+                coordinator_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             raise KvferryRpcError.from_rpc_error(e) from None
 
     async def stats(self, timeout: float | None = None) -> coordinator_pb2.StatsResponse:
         try:
-            return await self._stub.Stats(coordinator_pb2.StatsRequest(), timeout=timeout or self.timeout)
+            return await self._stub.Stats(
+                coordinator_pb2.StatsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             raise KvferryRpcError.from_rpc_error(e) from None
 

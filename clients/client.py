@@ -11,21 +11,49 @@ from clients.errors import KvferryRpcError
 from clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
 from clients.results import GenerateResult, StreamChunk
 from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+from serving.security import auth_metadata, client_credentials
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def channel_options(tls_server_name: str | None = None) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = list(CHANNEL_OPTIONS)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return options
 
 
 class Client:
     """Sampling keywords: max_new_tokens, temperature (0 = greedy), top_p, top_k, seed, stop,
     stop_token_ids, ignore_eos. Compression: `compression` (a method name or a dict of
     CompressionParams fields) and/or `retention` (fraction of the prompt KV kept). Failures raise
-    KvferryRpcError with the gRPC status code."""
+    KvferryRpcError with the gRPC status code.
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+    Security: `token` is the coordinator's bearer token; `tls_ca` (a PEM file path or bytes) turns on
+    TLS and verifies the coordinator's certificate; `tls_cert`/`tls_key` present a client certificate
+    (mutual TLS); `tls_server_name` overrides the name expected in the certificate."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | bytes | None = None,
+        tls_cert: str | bytes | None = None,
+        tls_key: str | bytes | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = auth_metadata(token) or None
+        credentials = client_credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(tls_server_name)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
 
     def generate(
@@ -43,7 +71,9 @@ class Client:
             GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling
         )
         try:
-            reply = self._stub.GenerateUnary(request, timeout=timeout or self.timeout)
+            reply = self._stub.GenerateUnary(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise KvferryRpcError.from_rpc_error(e) from None
         return GenerateResult.from_proto(reply)
@@ -62,7 +92,7 @@ class Client:
         """Chunks as tokens are produced. Stopping early (break, close()) cancels the request and frees
         its KV on every node."""
         request = build_request(GENERATE, prompt, messages, compression, retention, request_id, sampling)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout)
+        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for msg in call:
                 yield StreamChunk.from_proto(msg)
@@ -73,13 +103,17 @@ class Client:
 
     def info(self, timeout: float | None = None) -> coordinator_pb2.InfoResponse:
         try:
-            return self._stub.Info(coordinator_pb2.InfoRequest(), timeout=timeout or self.timeout)
+            return self._stub.Info(
+                coordinator_pb2.InfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise KvferryRpcError.from_rpc_error(e) from None
 
     def stats(self, timeout: float | None = None) -> coordinator_pb2.StatsResponse:
         try:
-            return self._stub.Stats(coordinator_pb2.StatsRequest(), timeout=timeout or self.timeout)
+            return self._stub.Stats(
+                coordinator_pb2.StatsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise KvferryRpcError.from_rpc_error(e) from None
 

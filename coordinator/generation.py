@@ -15,6 +15,7 @@ import grpc
 
 from coordinator.nodes import NodePool
 from protos.kvferry.v1 import common_pb2, coordinator_pb2, decode_pb2, prefill_pb2
+from serving import request_context
 from serving.deadline import Deadline
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,13 @@ async def generate(
     start = time.perf_counter()
     deadline = Deadline(timeout)
     request_id = request.request_id or uuid.uuid4().hex
+    request_context.bind(request_id)  # every log line of this call, here and downstream, names it
+    metadata = request_context.metadata(request_id)
     prefill_node, decode_node = await asyncio.gather(nodes.pick_prefill(), nodes.pick_decode())
+    log.debug("prefill on %s, decode on %s", prefill_node.address, decode_node.address)
     prefill_request = _prefill_request(request, request_id, decode_node.address)
     prefilled: prefill_pb2.PrefillResponse = await prefill_node.stub.Prefill(
-        prefill_request, timeout=deadline.remaining()
+        prefill_request, timeout=deadline.remaining(), metadata=metadata
     )
     stats = coordinator_pb2.GenerateStats(
         request_id=request_id,
@@ -52,7 +56,9 @@ async def generate(
     try:
         yield first
         stream = decode.stub.Decode(
-            decode_pb2.DecodeRequest(reservation_id=handle.reservation_id), timeout=deadline.remaining()
+            decode_pb2.DecodeRequest(reservation_id=handle.reservation_id),
+            timeout=deadline.remaining(),
+            metadata=metadata,
         )
         async for part in stream:
             response = coordinator_pb2.GenerateResponse(token_ids=part.token_ids, text=part.text)
@@ -66,7 +72,7 @@ async def generate(
             yield response
     finally:
         if not finished:  # cancelled, deadline, or the stream broke: free the pages now
-            await asyncio.shield(_abort(decode.stub, handle.reservation_id))
+            await asyncio.shield(_abort(decode.stub, handle.reservation_id, metadata))
 
 
 def _prefill_request(request: Any, request_id: str, decode_address: str) -> prefill_pb2.PrefillRequest:
@@ -85,10 +91,12 @@ def _prefill_request(request: Any, request_id: str, decode_address: str) -> pref
     return out
 
 
-async def _abort(decode: Any, reservation_id: str) -> None:
+async def _abort(decode: Any, reservation_id: str, metadata: Any = ()) -> None:
     try:
         await decode.Abort(
-            decode_pb2.AbortRequest(reservation_id=reservation_id), timeout=ABORT_TIMEOUT_SECONDS
+            decode_pb2.AbortRequest(reservation_id=reservation_id),
+            timeout=ABORT_TIMEOUT_SECONDS,
+            metadata=metadata,
         )
     except grpc.aio.AioRpcError as e:  # its lease frees it anyway
         log.warning("could not abort reservation %s: %s", reservation_id, e.details())

@@ -12,6 +12,7 @@ import grpc
 
 from protos.kvferry.v1 import coordinator_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from serving.errors import UnavailableError
+from serving.security import ChannelFactory
 from serving.server import CHANNEL_OPTIONS
 
 
@@ -24,10 +25,15 @@ class Node:
 
 class NodePool:
     def __init__(
-        self, prefill_addresses: list[str], decode_addresses: list[str], info_timeout: float
+        self,
+        prefill_addresses: list[str],
+        decode_addresses: list[str],
+        info_timeout: float,
+        channels: ChannelFactory | None = None,
     ) -> None:
-        self.prefill = [_node(a, prefill_pb2_grpc.PrefillServiceStub) for a in prefill_addresses]
-        self.decode = [_node(a, decode_pb2_grpc.DecodeServiceStub) for a in decode_addresses]
+        self.channels = channels or ChannelFactory(options=tuple(CHANNEL_OPTIONS))
+        self.prefill = [self._node(a, prefill_pb2_grpc.PrefillServiceStub) for a in prefill_addresses]
+        self.decode = [self._node(a, decode_pb2_grpc.DecodeServiceStub) for a in decode_addresses]
         self._by_address = {n.address: n for n in self.decode}
         self.info_timeout = info_timeout
         self._turn = itertools.count()  # breaks ties so equal nodes share the load
@@ -38,8 +44,12 @@ class NodePool:
 
     def decode_node(self, address: str) -> Node:
         if address not in self._by_address:  # a handle naming a node this coordinator does not know
-            self._by_address[address] = _node(address, decode_pb2_grpc.DecodeServiceStub)
+            self._by_address[address] = self._node(address, decode_pb2_grpc.DecodeServiceStub)
         return self._by_address[address]
+
+    def _node(self, address: str, stub_class: Any) -> Node:
+        channel = self.channels.aio_channel(address)
+        return Node(address, stub_class(channel), channel)
 
     async def pick_prefill(self) -> Node:
         infos = await self._infos(self.prefill, prefill_pb2.PrefillInfoRequest())
@@ -85,11 +95,6 @@ class NodePool:
                 return e if errors else None
 
         return list(await asyncio.gather(*(ask(n) for n in nodes)))
-
-
-def _node(address: str, stub_class: Any) -> Node:
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return Node(address, stub_class(channel), channel)
 
 
 def _node_info(node: Node, info: Any, load: Any) -> coordinator_pb2.NodeInfo:

@@ -6,6 +6,7 @@ from coordinator.nodes import NodePool
 from coordinator.servicer import CoordinatorServicer
 from coordinator.settings import CoordinatorSettings
 from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+from serving.security import TokenAuth, read_token
 from serving.server import ServiceHost, configure_logging
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
@@ -13,9 +14,13 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
 
 def build(settings: CoordinatorSettings) -> ServiceHost:
     """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
-    nodes = NodePool(settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds)
-    host = ServiceHost(settings, [SERVICE_NAME])
-    servicer = CoordinatorServicer(nodes)
+    token = read_token(settings.auth_token, settings.auth_token_file)
+    auth = TokenAuth(token, [SERVICE_NAME]) if token else None
+    host = ServiceHost(settings, [SERVICE_NAME], auth=auth)
+    nodes = NodePool(
+        settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels
+    )
+    servicer = CoordinatorServicer(nodes, host.metrics, settings.max_active_requests)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, host.server)
     host.on_stop = nodes.close
     host.component = servicer

@@ -9,15 +9,22 @@ from typing import Any
 import grpc
 
 from coordinator.generation import generate
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.nodes import NodePool
 from coordinator.stats import CoordinatorStats
 from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+from serving.errors import OverloadedError
+from serving.metrics import Registry
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, nodes: NodePool) -> None:
+    def __init__(
+        self, nodes: NodePool, metrics: Registry | None = None, max_active_requests: int = 0
+    ) -> None:
         self.nodes = nodes
         self.stats = CoordinatorStats()
+        self.metrics = CoordinatorMetrics(metrics or Registry())
+        self.max_active_requests = max_active_requests
 
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -50,27 +57,40 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def _counted(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        stats = self.stats
+        stats, metrics = self.stats, self.metrics
+        if self.max_active_requests and stats.requests_active >= self.max_active_requests:
+            metrics.requests.inc(outcome="rejected")
+            raise OverloadedError(
+                f"the coordinator is serving {stats.requests_active} requests, its max_active_requests; "
+                "retry later"
+            )
         stats.requests_total += 1
         stats.requests_active += 1
+        metrics.active.inc()
         output_tokens = 0
         try:
             async for part in generate(self.nodes, request, context.time_remaining()):
                 output_tokens += len(part.token_ids)
                 if part.HasField("stats"):
                     stats.finished(part.stats, output_tokens)
+                    metrics.finished(part.stats, output_tokens)
                 yield part
         except (asyncio.CancelledError, GeneratorExit):
             stats.requests_cancelled += 1
+            metrics.requests.inc(outcome="cancelled")
             raise
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
                 stats.requests_cancelled += 1
+                metrics.requests.inc(outcome="cancelled")
             else:
                 stats.requests_failed += 1
+                metrics.requests.inc(outcome="failed")
             raise
         except Exception:
             stats.requests_failed += 1
+            metrics.requests.inc(outcome="failed")
             raise
         finally:
             stats.requests_active -= 1
+            metrics.active.dec()

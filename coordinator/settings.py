@@ -15,9 +15,19 @@ class CoordinatorSettings(ServerSettings):
     prefill_addresses: list[str] = setting(["127.0.0.1:50052"], "prefill services, comma-separated host:port")
     decode_addresses: list[str] = setting(["127.0.0.1:50053"], "decode services, comma-separated host:port")
     info_timeout_seconds: float = setting(2.0, "how long a node may take to answer Info before it is skipped")
+    auth_token: str | None = setting(
+        None,
+        "bearer token clients must send (metadata 'authorization: Bearer <token>'); default: none needed",
+    )
+    auth_token_file: str | None = setting(None, "file holding the bearer token (instead of auth_token)")
+    max_active_requests: int = setting(
+        256, "Generate calls served at once; more are refused with RESOURCE_EXHAUSTED (0: no limit)"
+    )
 
     def __post_init__(self) -> None:
         if not self.prefill_addresses:
             raise ValueError("prefill_addresses: name at least one prefill service")
         if not self.decode_addresses:
             raise ValueError("decode_addresses: name at least one decode service")
+        if self.max_active_requests < 0:
+            raise ValueError(f"max_active_requests: must be >= 0, got {self.max_active_requests}")

@@ -8,6 +8,7 @@ from decode_service.decode_engine import DecodeEngine
 from decode_service.servicer import DecodeServicer
 from decode_service.settings import DecodeSettings
 from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
+from serving.engine_metrics import register_engine_metrics
 from serving.server import ServiceHost, configure_logging
 
 SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
@@ -19,7 +20,18 @@ def build(settings: DecodeSettings) -> ServiceHost:
         torch.set_num_threads(settings.torch_threads)
     decode = DecodeEngine(settings)
     host = ServiceHost(settings, [SERVICE_NAME])
-    decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(decode), host.server)
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(decode, host.metrics), host.server)
+    register_engine_metrics(host.metrics, lambda: decode.worker.engine)
+    held = host.metrics.gauge("kvferry_decode_reservations", "reservations held (any state)")
+    expired = host.metrics.counter(
+        "kvferry_decode_leases_expired_total", "reservations freed because their lease ran out"
+    )
+
+    def collect() -> None:
+        held.set(len(decode.reservations))
+        expired.inc(decode.reservations.expired_total - expired.value())
+
+    host.metrics.add_collector(collect)
     host.warm_up, host.on_stop = decode.start, decode.stop
     host.component = decode
     return host

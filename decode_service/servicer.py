@@ -2,22 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from decode_service.decode_engine import DecodeEngine
+from kvtransfer.errors import ReservationNotFoundError
+from kvtransfer.manifest import check_transfer_size
 from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
+from serving import request_context
 from serving.convert import FINISH_REASONS, model_info, pool_info
+from serving.metrics import Registry
+
+
+class DecodeMetrics:
+    def __init__(self, registry: Registry) -> None:
+        self.received = registry.counter(
+            "kvferry_kv_bytes_received_total", "KV bytes committed into the pool"
+        )
+        self.output_tokens = registry.counter(
+            "kvferry_decode_output_tokens_total", "tokens of finished Decode streams"
+        )
+        self.decode = registry.histogram("kvferry_decode_seconds", "commit to last token, per request")
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, decode: DecodeEngine) -> None:
+    def __init__(self, decode: DecodeEngine, metrics: Registry | None = None) -> None:
         self.decode = decode
+        self.metrics = DecodeMetrics(metrics or Registry())
+
+    def _bind(self, reservation_id: str) -> None:
+        """Log lines of a call about a reservation carry its request's id."""
+        with contextlib.suppress(ReservationNotFoundError):
+            request_context.bind(self.decode.reservations.get(reservation_id).request_id)
 
     async def ReserveKV(
         self, request: decode_pb2.ReserveKVRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.ReserveKVResponse:
+        request_context.bind(request.request_id)
+        engine = self.decode.ready_engine()
+        assert self.decode.spec is not None
+        # An oversized transfer is refused before the manifest is even parsed into a layout.
+        check_transfer_size(
+            request.manifest, self.decode.spec, engine.pool.num_pages, self.decode.settings.max_transfer_bytes
+        )
         r = await self.decode.reserve(request)
         return decode_pb2.ReserveKVResponse(
             reservation_id=r.id,
@@ -30,11 +59,24 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def PushKV(
         self, request_iterator: AsyncIterator[decode_pb2.PushKVRequest], context: grpc.aio.ServicerContext
     ) -> decode_pb2.PushKVResponse:
-        return await self.decode.receive(request_iterator)
+        reply = await self.decode.receive(self._bound(request_iterator))
+        self.metrics.received.inc(reply.bytes_received)
+        return reply
+
+    async def _bound(
+        self, chunks: AsyncIterator[decode_pb2.PushKVRequest]
+    ) -> AsyncIterator[decode_pb2.PushKVRequest]:
+        first = True
+        async for chunk in chunks:
+            if first:
+                self._bind(chunk.reservation_id)
+                first = False
+            yield chunk
 
     async def Decode(
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        self._bind(request.reservation_id)
         async for event, reservation in self.decode.decode(request.reservation_id):
             response = decode_pb2.DecodeResponse(token_ids=event.token_ids, text=event.text)
             if event.finish_reason is not None:
@@ -47,11 +89,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if event.output is not None:
                     stats.output_tokens = len(event.output.token_ids)
                     stats.decode_seconds = event.output.stats.decode_seconds
+                    self.metrics.output_tokens.inc(stats.output_tokens)
+                    self.metrics.decode.observe(stats.decode_seconds)
             yield response
 
     async def Abort(
         self, request: decode_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.AbortResponse:
+        self._bind(request.reservation_id)
         return decode_pb2.AbortResponse(found=self.decode.abort(request.reservation_id))
 
     async def Info(

@@ -16,9 +16,14 @@ class DecodeSettings(ServerSettings, EngineSettings):
         30.0, "a reservation whose pages, or whose Decode call, do not come within this many seconds is freed"
     )
     max_chunk_bytes: int = setting(4 << 20, "largest PushKV chunk accepted, in bytes")
+    max_transfer_bytes: int = setting(
+        0, "largest KV transfer (manifest byte_count) ReserveKV accepts (0: whatever the pool can hold)"
+    )
 
     def __post_init__(self) -> None:
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds: must be > 0, got {self.lease_seconds}")
+        if self.max_transfer_bytes < 0:
+            raise ValueError(f"max_transfer_bytes: must be >= 0, got {self.max_transfer_bytes}")
         if self.max_chunk_bytes < 1:
             raise ValueError(f"max_chunk_bytes: must be >= 1, got {self.max_chunk_bytes}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import require
+from engine.errors import ResourceExhaustedError, require
 from engine.kv_handoff import KVLayout
 from kvtransfer.errors import ManifestMismatchError
 from protos.kvferry.v1 import kv_pb2
@@ -117,3 +117,23 @@ def check_manifest(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> KVLayout:
         f"is {manifest.byte_count} but {layout.num_pages} pages take {layout.num_pages * spec.bytes_per_page} bytes",
     )
     return layout
+
+
+def check_transfer_size(
+    manifest: kv_pb2.KVManifest, spec: ModelSpec, pool_pages: int, max_bytes: int
+) -> None:
+    """Refuse a transfer that can never be taken, before anything is reserved or allocated: more
+    bytes than `max_bytes` (0: no limit of its own) or more pages than the whole pool holds."""
+    if manifest.byte_count > max_bytes > 0:
+        raise ResourceExhaustedError(
+            f"manifest.byte_count: {manifest.byte_count} bytes exceed this node's max_transfer_bytes {max_bytes}",
+            field="manifest.byte_count",
+            retryable=False,
+        )
+    if manifest.num_pages > pool_pages or manifest.byte_count > pool_pages * spec.bytes_per_page:
+        raise ResourceExhaustedError(
+            f"manifest.num_pages: {manifest.num_pages} pages ({manifest.byte_count} bytes) can never fit in "
+            f"this node's pool of {pool_pages} pages",
+            field="manifest.num_pages",
+            retryable=False,
+        )

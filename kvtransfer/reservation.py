@@ -102,6 +102,7 @@ class Reservation:
 class ReservationTable:
     def __init__(self) -> None:
         self._by_id: dict[str, Reservation] = {}
+        self.expired_total = 0  # reservations freed by their lease since start (a metric)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -126,4 +127,5 @@ class ReservationTable:
         gone = [r for r in self._by_id.values() if r.expired(now)]
         for r in gone:
             del self._by_id[r.id]
+        self.expired_total += len(gone)
         return gone

@@ -12,15 +12,44 @@ from kvtransfer import ModelSpec
 from prefill_service.handoff import KVHandoff
 from prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
 from protos.kvferry.v1 import prefill_pb2
+from serving import request_context
 from serving.convert import FINISH_REASONS, compression_from_proto, encode_input, sampling_from_proto
 from serving.deadline import Deadline
+from serving.errors import OverloadedError
+from serving.metrics import RATIO_BUCKETS, Registry
+
+
+class PrefillMetrics:
+    def __init__(self, registry: Registry) -> None:
+        self.rejected = registry.counter(
+            "kvferry_prefill_rejected_total",
+            "Prefill calls refused because max_pending_requests were pending",
+        )
+        self.queue = registry.histogram("kvferry_prefill_queue_seconds", "arrival to first prefill chunk")
+        self.prefill = registry.histogram("kvferry_prefill_seconds", "chunked prefill + scoring, per request")
+        self.retention = registry.histogram(
+            "kvferry_retention_ratio", "fraction of the prompt KV kept per request", buckets=RATIO_BUCKETS
+        )
+        self.shipped = registry.counter("kvferry_kv_bytes_shipped_total", "KV bytes sent to decode nodes")
+        self.full = registry.counter(
+            "kvferry_kv_bytes_uncompressed_total", "KV bytes the shipped prompts take uncompressed"
+        )
+        self.transfer = registry.histogram("kvferry_kv_transfer_seconds", "ReserveKV to commit, per request")
 
 
 class PrefillPipeline:
-    def __init__(self, engine: PrefillEngine, handoff: KVHandoff) -> None:
+    def __init__(
+        self,
+        engine: PrefillEngine,
+        handoff: KVHandoff,
+        max_pending: int = 0,
+        metrics: Registry | None = None,
+    ) -> None:
         self.engine = engine
         self.handoff = handoff
         self.in_flight = 0  # accepted and not answered: the queue depth the coordinator balances on
+        self.max_pending = max_pending  # 0: unbounded
+        self.metrics = PrefillMetrics(metrics or Registry())
 
     async def run(
         self, request: prefill_pb2.PrefillRequest, timeout: float | None
@@ -28,6 +57,12 @@ class PrefillPipeline:
         engine = self.engine.ready_engine()
         deadline = Deadline(timeout)
         require(bool(request.decode_address), "decode_address", "must name the decode service (host:port)")
+        request_context.bind(request.request_id)
+        if self.max_pending and self.in_flight >= self.max_pending:
+            self.metrics.rejected.inc()
+            raise OverloadedError(
+                f"{self.in_flight} requests are pending on this prefill node (max_pending_requests); retry later"
+            )
         self.in_flight += 1
         try:
             sampling = sampling_from_proto(request.sampling)
@@ -39,6 +74,11 @@ class PrefillPipeline:
                 first_token_id=outcome.first_token, first_text=outcome.first_text
             )
             _fill_stats(response.stats, outcome, compression)
+            m = self.metrics
+            m.queue.observe(outcome.queue_seconds)
+            m.prefill.observe(outcome.stats.prefill_seconds)
+            if outcome.stats.full_tokens:
+                m.retention.observe(outcome.stats.retention)
             if outcome.finish_reason is not None:
                 response.finish_reason = FINISH_REASONS[outcome.finish_reason]
                 return response
@@ -57,6 +97,9 @@ class PrefillPipeline:
             response.stats.manifest_bytes = shipped.manifest_bytes
             response.stats.transfer_seconds = shipped.seconds
             response.stats.transport = shipped.transport
+            m.shipped.inc(shipped.transfer.bytes_sent)
+            m.full.inc(outcome.stats.kv_bytes_full)
+            m.transfer.observe(shipped.seconds)
             return response
         finally:
             self.in_flight -= 1

@@ -10,6 +10,7 @@ from prefill_service.prefill_engine import PrefillEngine
 from prefill_service.servicer import PrefillServicer
 from prefill_service.settings import PrefillSettings
 from protos.kvferry.v1 import prefill_pb2, prefill_pb2_grpc
+from serving.engine_metrics import register_engine_metrics
 from serving.server import ServiceHost, configure_logging
 
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
@@ -22,7 +23,11 @@ def build(settings: PrefillSettings) -> ServiceHost:
     engine = PrefillEngine(settings.engine_config())
     handoff = KVHandoff(settings.transport, settings.chunk_bytes, settings.reserve_wait_seconds)
     host = ServiceHost(settings, [SERVICE_NAME])
-    pipeline = PrefillPipeline(engine, handoff)
+    handoff.channels = host.channels  # TLS toward decode nodes
+    pipeline = PrefillPipeline(engine, handoff, settings.max_pending_requests, host.metrics)
+    depth = host.metrics.gauge("kvferry_prefill_queue_depth", "Prefill calls accepted and not answered")
+    host.metrics.add_collector(lambda: depth.set(pipeline.in_flight))
+    register_engine_metrics(host.metrics, lambda: engine.worker.engine)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(pipeline), host.server)
 
     async def stop() -> None:

@@ -17,9 +17,15 @@ class PrefillSettings(ServerSettings, EngineSettings):
     reserve_wait_seconds: float = setting(
         30.0, "how long a prefilled request waits for room on a full decode node before RESOURCE_EXHAUSTED"
     )
+    max_pending_requests: int = setting(
+        64,
+        "Prefill calls accepted and not answered yet; more are refused with RESOURCE_EXHAUSTED (0: no limit)",
+    )
 
     def __post_init__(self) -> None:
         if self.reserve_wait_seconds < 0:
             raise ValueError(f"reserve_wait_seconds: must be >= 0, got {self.reserve_wait_seconds}")
+        if self.max_pending_requests < 0:
+            raise ValueError(f"max_pending_requests: must be >= 0, got {self.max_pending_requests}")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes: must be >= 1, got {self.chunk_bytes}")

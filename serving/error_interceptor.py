@@ -28,6 +28,7 @@ _SERVICE_ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DataLossError, grpc.StatusCode.DATA_LOSS),
+    (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 

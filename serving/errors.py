@@ -33,3 +33,10 @@ class DataLossError(ServiceError):
 
 class InvalidRequestError(ServiceError):
     """A request field is wrong before it reaches an engine (INVALID_ARGUMENT)."""
+
+
+class OverloadedError(ServiceError):
+    """A bounded queue is full: the call is refused now and may succeed later (RESOURCE_EXHAUSTED,
+    marked retryable)."""
+
+    retryable = True

@@ -1,5 +1,7 @@
-"""Running one gRPC service: a grpc.aio server with the error interceptor, grpc.health.v1 (NOT_SERVING
-until warm-up ends), server reflection, and a graceful stop on SIGTERM or SIGINT."""
+"""Running one gRPC service: a grpc.aio server with the call interceptor (bearer token, request id,
+call metrics) around the error interceptor, grpc.health.v1 (NOT_SERVING until warm-up ends), server
+reflection, TLS/mTLS from the settings, an optional Prometheus endpoint, and a graceful stop on
+SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.call_interceptor import CallInterceptor, RpcMetrics
 from serving.error_interceptor import ErrorInterceptor
+from serving.gpu_metrics import register_gpu_metrics
+from serving.metrics import MetricsServer, Registry
+from serving.request_context import LOG_FORMAT, RequestIdFilter
+from serving.security import ChannelFactory, TokenAuth, server_credentials
 from serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -25,16 +32,30 @@ CHANNEL_OPTIONS = [
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Log lines carry the request id they belong to (`[-]` outside a request)."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
 
 
 class ServiceHost:
-    """Owns the server; `service_names` are the full names (kvferry.v1.X) registered on it."""
+    """Owns the server; `service_names` are the full names (kvferry.v1.X) registered on it. With
+    `auth`, calls to the services it protects need the bearer token (health and reflection never do).
+    `channels` opens this service's channels to other services with its TLS settings."""
 
-    def __init__(self, settings: ServerSettings, service_names: list[str]) -> None:
+    def __init__(
+        self, settings: ServerSettings, service_names: list[str], auth: TokenAuth | None = None
+    ) -> None:
         self.settings = settings
         self.service_names = service_names
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+        self.credentials = server_credentials(settings)  # reads the PEM files now: a bad path fails here
+        self.channels = ChannelFactory.from_settings(settings, CHANNEL_OPTIONS)
+        self.metrics = Registry()
+        self.gpu_metrics = register_gpu_metrics(self.metrics)
+        interceptors = [CallInterceptor(RpcMetrics(self.metrics), auth), ErrorInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+        self.metrics_server: MetricsServer | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -59,9 +80,20 @@ class ServiceHost:
 
         `self.warmed` resolves when warm-up ends (with its exception if it failed)."""
         await self.set_serving(False)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.credentials)
         await self.server.start()
-        log.info("listening on %s:%d (%s)", self.settings.host, self.port, ", ".join(self.service_names))
+        log.info(
+            "listening on %s:%d (%s; %s)",
+            self.settings.host, self.port, ", ".join(self.service_names), self.security_summary(),
+        )  # fmt: skip
+        if self.settings.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
+            port = await self.metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, port)
 
         async def warm() -> None:
             if self.warm_up is not None:
@@ -71,6 +103,17 @@ class ServiceHost:
 
         self.warmed = asyncio.ensure_future(warm())
 
+    def security_summary(self) -> str:
+        if self.credentials is None:
+            serving = "plaintext"
+        else:
+            serving = "mTLS" if self.settings.tls_client_ca else "TLS"
+        return f"{serving}; outgoing {'TLS' if self.channels.secure else 'plaintext'}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.port
+
     async def stop(self) -> None:
         """Stop taking calls, give in-flight ones `grace_seconds`, then run the service's own cleanup."""
         log.info("stopping (grace %.1f s)", self.settings.grace_seconds)
@@ -78,6 +121,8 @@ class ServiceHost:
             self.warmed.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self.on_stop is not None:
             await self.on_stop()
         log.info("stopped")

@@ -106,6 +106,24 @@ class ServerSettings:
     port: int = setting(50051, "port to bind (0 picks a free one and logs it)")
     grace_seconds: float = setting(5.0, "on SIGTERM, seconds in-flight calls get to finish")
     log_level: str = setting("INFO", "logging level")
+    tls_cert: str | None = setting(
+        None,
+        "PEM certificate chain this service presents: TLS on its port, and its client certificate "
+        "toward the services it calls",
+    )
+    tls_key: str | None = setting(None, "PEM private key of tls_cert")
+    tls_client_ca: str | None = setting(
+        None, "PEM CA bundle: require client certificates signed by it on this port (mutual TLS)"
+    )
+    tls_ca: str | None = setting(
+        None, "PEM CA bundle to verify the services this one calls (TLS on its outgoing channels)"
+    )
+    tls_server_name: str | None = setting(
+        None, "name expected in called services' certificates (default: the host of their address)"
+    )
+    metrics_port: int | None = setting(
+        None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default: off)"
+    )
 
     @property
     def address(self) -> str:

@@ -30,6 +30,8 @@ class ClusterSpec:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineSettings fields
     decode: dict[str, Any] = field(default_factory=dict)  # DecodeSettings fields (lease_seconds...)
     prefill: dict[str, Any] = field(default_factory=dict)  # PrefillSettings fields
+    server: dict[str, Any] = field(default_factory=dict)  # ServerSettings fields of all three (TLS...)
+    coordinator: dict[str, Any] = field(default_factory=dict)  # CoordinatorSettings fields (auth...)
 
 
 class InProcessCluster:
@@ -46,7 +48,8 @@ class InProcessCluster:
         return self
 
     async def _start(self) -> None:
-        common = dict(host="127.0.0.1", port=0, grace_seconds=1.0, log_level="WARNING", **self.spec.engine)
+        server = dict(host="127.0.0.1", port=0, grace_seconds=1.0, log_level="WARNING", **self.spec.server)
+        common = dict(**server, **self.spec.engine)
         decode = decode_server.build(DecodeSettings(**{**common, **self.spec.decode}))
         prefill = prefill_server.build(PrefillSettings(**{**common, **self.spec.prefill}))
         for name, host in (("decode", decode), ("prefill", prefill)):
@@ -55,12 +58,12 @@ class InProcessCluster:
         await asyncio.gather(decode.warmed, prefill.warmed)  # type: ignore[arg-type]
         coordinator = coordinator_server.build(
             CoordinatorSettings(
-                host="127.0.0.1",
-                port=0,
-                grace_seconds=1.0,
-                log_level="WARNING",
-                prefill_addresses=[self.address("prefill")],
-                decode_addresses=[self.address("decode")],
+                **{
+                    **server,
+                    "prefill_addresses": [self.address("prefill")],
+                    "decode_addresses": [self.address("decode")],
+                    **self.spec.coordinator,
+                }
             )
         )
         self.hosts["coordinator"] = coordinator
