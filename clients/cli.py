@@ -10,6 +10,7 @@ kvferry coordinator|prefill|decode   run one service (the same flags as python -
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -59,10 +60,12 @@ def ask(
     compression: dict[str, Any] | None,
     max_new_tokens: int,
     out: Any = sys.stdout,
+    security: dict[str, Any] | None = None,
 ) -> int:
-    """Stream the answer to `out`, then one summary line of what compression kept and shipped."""
+    """Stream the answer to `out`, then one summary line of what compression kept and shipped.
+    `security`: Client keywords (token, tls_ca, tls_cert, tls_key, tls_server_name)."""
     stats = None
-    with Client(address) as client:
+    with Client(address, **(security or {})) as client:
         for chunk in client.stream(
             messages=document_messages(document, question),
             compression=compression,
@@ -88,8 +91,8 @@ def summary(stats: Any) -> str:
     return f"[{p.prompt_tokens:,} prompt tokens; {kept}; {shipped}; {timing}]"
 
 
-def print_stats(address: str, out: Any = sys.stdout) -> int:
-    with Client(address, timeout=10.0) as client:
+def print_stats(address: str, out: Any = sys.stdout, security: dict[str, Any] | None = None) -> int:
+    with Client(address, timeout=10.0, **(security or {})) as client:
         s = client.stats()
         info = client.info()
     out.write(f"coordinator {address}: up {s.uptime_seconds:.0f} s\n")
@@ -191,13 +194,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cluster.stop()
 
 
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """Client keywords from --token/--token-file/--tls-* (env KVFERRY_AUTH_TOKEN, KVFERRY_TLS_CA...)."""
+    from serving.security import read_token
+
+    token = read_token(args.token or os.environ.get("KVFERRY_AUTH_TOKEN") or None, args.token_file)
+    return dict(
+        token=token,
+        tls_ca=args.tls_ca or os.environ.get("KVFERRY_TLS_CA") or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+    )
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     document = Path(args.doc).read_text()
-    return ask(args.address, document, args.question, _compression(args), args.max_new_tokens)
+    return ask(
+        args.address,
+        document,
+        args.question,
+        _compression(args),
+        args.max_new_tokens,
+        security=_security(args),
+    )
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    return print_stats(args.address)
+    return print_stats(args.address, security=_security(args))
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="coordinator host:port")
+    p.add_argument("--token", help="the coordinator's bearer token [env KVFERRY_AUTH_TOKEN]")
+    p.add_argument("--token-file", help="file holding the bearer token")
+    p.add_argument("--tls-ca", help="PEM CA to verify the coordinator: turns TLS on [env KVFERRY_TLS_CA]")
+    p.add_argument("--tls-cert", help="PEM client certificate (when the coordinator requires mTLS)")
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
+    p.add_argument("--tls-server-name", help="name expected in the coordinator's certificate")
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -238,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     ask_p = sub.add_parser("ask", help="ask a question about a document through a running cluster")
     ask_p.add_argument("question")
     ask_p.add_argument("--doc", required=True, help="text file holding the document")
-    ask_p.add_argument("--address", default=DEFAULT_ADDRESS, help="coordinator host:port")
+    _add_client_flags(ask_p)
     ask_p.add_argument(
         "--method", help="compression method (compactor, snapkv, kvcompress, streaming, random, none)"
     )
@@ -247,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     ask_p.set_defaults(run=cmd_ask)
 
     stats = sub.add_parser("stats", help="coordinator counters and node page accounting")
-    stats.add_argument("--address", default=DEFAULT_ADDRESS, help="coordinator host:port")
+    _add_client_flags(stats)
     stats.set_defaults(run=cmd_stats)
 
     for name in SERVICES:
@@ -273,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # unreadable certificate or token file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -69,6 +69,11 @@ async def generate(
                 stats.decode.CopyFrom(part.stats)
                 stats.total_seconds = time.perf_counter() - start
                 response.stats.CopyFrom(stats)
+                log.info(
+                    "finished (%s): TTFT %.3f s, %d tokens in %.3f s",
+                    common_pb2.FinishReason.Name(part.finish_reason), stats.ttft_seconds,
+                    part.stats.output_tokens, stats.total_seconds,
+                )  # fmt: skip
             yield response
     finally:
         if not finished:  # cancelled, deadline, or the stream broke: free the pages now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -17,6 +18,8 @@ from serving.convert import FINISH_REASONS, compression_from_proto, encode_input
 from serving.deadline import Deadline
 from serving.errors import OverloadedError
 from serving.metrics import RATIO_BUCKETS, Registry
+
+log = logging.getLogger(__name__)
 
 
 class PrefillMetrics:
@@ -100,6 +103,11 @@ class PrefillPipeline:
             m.shipped.inc(shipped.transfer.bytes_sent)
             m.full.inc(outcome.stats.kv_bytes_full)
             m.transfer.observe(shipped.seconds)
+            log.info(
+                "prefilled %d prompt tokens in %.3f s (kept %.0f%%); shipped %d bytes to %s in %.3f s",
+                outcome.stats.prompt_tokens, outcome.stats.prefill_seconds, 100 * outcome.stats.retention,
+                shipped.transfer.bytes_sent, request.decode_address, shipped.seconds,
+            )  # fmt: skip
             return response
         finally:
             self.in_flight -= 1

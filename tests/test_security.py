@@ -265,3 +265,17 @@ def test_bad_manifests_are_refused_before_any_page(
     assert dict(err.value.trailing_metadata())["kvferry-field"] == field
     assert cluster.pool_state()["decode"] == before == (0, 0)
     assert len(cluster.decode.reservations) == 0
+
+
+def test_cli_takes_token_and_ca(
+    cluster: InProcessCluster, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clients.cli import main
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    base = ["stats", "--address", cluster.coordinator_address, "--tls-ca", str(pki.ca)]
+    assert main([*base, "--token-file", str(token_file)]) == 0
+    assert "requests:" in capsys.readouterr().out
+    assert main(base) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err

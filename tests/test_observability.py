@@ -1,0 +1,194 @@
+"""Prometheus endpoints of the three services, the request id in every service's log lines, and
+bounded admission (RESOURCE_EXHAUSTED, retryable) on the coordinator and the prefill service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from builders import TinyModel
+from cluster import ClusterSpec, InProcessCluster
+
+from clients import Client, KvferryRpcError
+from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from serving.metrics import Registry, parse_text
+from serving.request_context import RequestIdFilter
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Callable[[str], TinyModel]) -> Iterator[InProcessCluster]:
+    spec = ClusterSpec(
+        engine=dict(
+            model=str(tiny_model("llama").path),
+            device="cpu",
+            dtype="float32",
+            page_size=4,
+            prefill_chunk=64,
+            max_model_len=512,
+            kv_cache_bytes=2 << 20,
+            torch_threads=1,
+        ),
+        server=dict(metrics_port=0),
+        prefill=dict(max_pending_requests=1),
+        coordinator=dict(max_active_requests=1),
+    )
+    c = InProcessCluster(spec).start()
+    yield c
+    c.stop()
+
+
+def scrape(cluster: InProcessCluster, node: str) -> dict[str, float]:
+    port = cluster.hosts[node].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return parse_text(reply.read().decode())
+
+
+def test_metrics_endpoints(cluster: InProcessCluster) -> None:
+    with Client(cluster.coordinator_address, timeout=30) as client:
+        r = client.generate(
+            list(range(1, 200)),
+            max_new_tokens=5,
+            temperature=0,
+            ignore_eos=True,
+            compression={"retention": 0.5},
+        )
+    assert r.finish_reason == "length"
+    cluster.assert_no_leaks()
+    c, p, d = (scrape(cluster, n) for n in ("coordinator", "prefill", "decode"))
+    assert c['kvferry_requests_total{outcome="ok"}'] >= 1
+    assert c["kvferry_ttft_seconds_count"] >= 1 and c["kvferry_tpot_seconds_count"] >= 1
+    assert c['kvferry_ttft_seconds_bucket{le="+Inf"}'] == c["kvferry_ttft_seconds_count"]
+    assert c["kvferry_retention_ratio_count"] >= 1
+    assert 0 < c["kvferry_kv_bytes_shipped_total"] < c["kvferry_kv_bytes_uncompressed_total"]
+    assert c["kvferry_kv_transfer_seconds_count"] >= 1
+    assert (
+        c['kvferry_rpc_requests_total{method="kvferry.v1.CoordinatorService/GenerateUnary",code="OK"}'] >= 1
+    )
+    assert p['kvferry_rpc_requests_total{method="kvferry.v1.PrefillService/Prefill",code="OK"}'] >= 1
+    assert p["kvferry_kv_bytes_shipped_total"] == c["kvferry_kv_bytes_shipped_total"]
+    assert p["kvferry_prefill_queue_depth"] == 0 and p["kvferry_prefill_seconds_count"] >= 1
+    assert d["kvferry_kv_bytes_received_total"] == p["kvferry_kv_bytes_shipped_total"]
+    assert d["kvferry_decode_output_tokens_total"] >= 5
+    for s in (p, d):  # pages: all free again, and the states add up
+        assert s['kvferry_kv_pages{state="total"}'] == s['kvferry_kv_pages{state="free"}'] > 0
+        assert s['kvferry_kv_pages{state="used"}'] == s['kvferry_kv_pages{state="reserved"}'] == 0
+        assert s['kvferry_engine_sequences{state="waiting"}'] == 0
+    assert d["kvferry_decode_reservations"] == 0
+    port = cluster.hosts["decode"].metrics_port
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
+    assert err.value.code == 404
+
+
+def test_exposition_format() -> None:
+    registry = Registry()
+    registry.counter("a_total", "a counter", ["x"]).inc(2, x='q"uote')
+    h = registry.histogram("h_seconds", "a histogram", buckets=(0.1, 1.0))
+    h.observe(0.05)
+    h.observe(0.5)
+    h.observe(5)
+    registry.gauge("g", "a gauge").set(1.5)
+    text = registry.render()
+    assert "# TYPE a_total counter" in text and 'a_total{x="q\\"uote"} 2' in text
+    samples = parse_text(text)
+    assert samples['h_seconds_bucket{le="0.1"}'] == 1 and samples['h_seconds_bucket{le="1"}'] == 2
+    assert samples['h_seconds_bucket{le="+Inf"}'] == 3 and samples["h_seconds_count"] == 3
+    assert samples["h_seconds_sum"] == pytest.approx(5.55) and samples["g"] == 1.5
+
+
+def test_request_id_is_in_every_services_log_lines(cluster: InProcessCluster) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(RequestIdFilter())
+    loggers = [logging.getLogger(n) for n in ("coordinator", "prefill_service", "decode_service")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    try:
+        with Client(cluster.coordinator_address, timeout=30) as client:
+            client.generate([1, 2, 3, 4, 5], max_new_tokens=3, request_id="trace-me-42", ignore_eos=True)
+        cluster.assert_no_leaks()
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    tagged = {r.name.split(".")[0] for r in records if r.request_id == "trace-me-42"}
+    assert tagged == {"coordinator", "prefill_service", "decode_service"}, [
+        (r.name, r.request_id, r.getMessage()) for r in records
+    ]
+
+
+def test_coordinator_refuses_beyond_max_active_requests(cluster: InProcessCluster) -> None:
+    with Client(cluster.coordinator_address, timeout=30) as client:
+        stream = client.stream(list(range(1, 50)), max_new_tokens=400, temperature=0, ignore_eos=True)
+        next(stream)  # one request is active (max_active_requests=1)
+        with pytest.raises(KvferryRpcError) as err:
+            client.generate([1, 2, 3], max_new_tokens=2)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_active_requests" in err.value.details
+        stream.close()
+        assert scrape(cluster, "coordinator")['kvferry_requests_total{outcome="rejected"}'] >= 1
+    cluster.assert_no_leaks()
+
+
+def test_prefill_refuses_beyond_max_pending_requests(cluster: InProcessCluster) -> None:
+    """Eight simultaneous Prefill calls on a node that takes one at a time: the others are refused
+    at once with a retryable RESOURCE_EXHAUSTED, the accepted ones complete, nothing leaks."""
+    prefill = prefill_pb2_grpc.PrefillServiceStub(grpc.insecure_channel(cluster.address("prefill")))
+    decode = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(cluster.address("decode")))
+    results: list[object] = []
+
+    def one(i: int) -> None:
+        request = prefill_pb2.PrefillRequest(
+            request_id=f"burst-{i}",
+            prompt_token_ids=common_pb2.TokenIds(ids=[1 + i % 250 for i in range(400)]),
+            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+            decode_address=cluster.address("decode"),
+        )
+        try:
+            results.append(prefill.Prefill(request, timeout=30))
+        except grpc.RpcError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if isinstance(r, grpc.RpcError)]
+    served = [r for r in results if not isinstance(r, grpc.RpcError)]
+    assert refused and served and len(refused) + len(served) == 8
+    for e in refused:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+        assert dict(e.trailing_metadata())["kvferry-retryable"] == "true"
+    for r in served:  # nobody will decode these: give their reservations back
+        decode.Abort(decode_pb2.AbortRequest(reservation_id=r.kv_handle.reservation_id), timeout=5)
+    assert scrape(cluster, "prefill")["kvferry_prefill_rejected_total"] == len(refused)
+    cluster.assert_no_leaks()
+
+
+def test_metrics_server_survives_garbage() -> None:
+    from serving.metrics import MetricsServer
+
+    async def go() -> bytes:
+        server = MetricsServer(Registry(), "127.0.0.1", 0)
+        port = await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\xff\xfe garbage\r\n\r\n")
+            await writer.drain()
+            reply = await reader.read()
+            writer.close()
+            return reply
+        finally:
+            await server.stop()
+
+    assert asyncio.run(go()).startswith(b"HTTP/1.1 404")
