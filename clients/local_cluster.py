@@ -42,6 +42,7 @@ class LocalCluster:
     ports: dict[str, int] | None = None
     decode_args: Sequence[str] = ()  # extra flags for the decode service only (e.g. its KV budget)
     prefill_args: Sequence[str] = ()  # extra flags for the prefill service only
+    coordinator_args: Sequence[str] = ()  # extra flags for the coordinator only (e.g. its auth token)
     host: str = "127.0.0.1"
     log_dir: Path | None = None  # each node's output goes to <log_dir>/<node>.log; None: inherit ours
     env: dict[str, str] = field(default_factory=dict)
@@ -61,6 +62,11 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the three processes (returns at once; see wait_ready)."""
+        for node in ("decode", "prefill", "coordinator"):
+            self.start_node(node)
+
+    def start_node(self, node: str) -> None:
+        """Start (or restart, after kill) one node on its port; returns at once (see wait_ready)."""
         args = {
             "decode": [*self.engine_args, *self.decode_args],
             "prefill": [*self.engine_args, *self.prefill_args],
@@ -69,34 +75,40 @@ class LocalCluster:
                 self.address("prefill"),
                 "--decode-addresses",
                 self.address("decode"),
+                *self.coordinator_args,
             ],
         }
         env = {**os.environ, **self.env}
-        for node in ("decode", "prefill", "coordinator"):
-            assert self.ports is not None
-            command = [
-                sys.executable,
-                "-m",
-                MODULES[node],
-                "--host",
-                self.host,
-                "--port",
-                str(self.ports[node]),
-            ]
-            output = None
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                output = open(self.log_dir / f"{node}.log", "wb")  # noqa: SIM115 - the child owns it
-            self.processes[node] = subprocess.Popen(
-                [*command, *args[node]], env=env, stdout=output, stderr=subprocess.STDOUT if output else None
-            )
-            if output is not None:
-                output.close()
+        assert self.ports is not None
+        command = [sys.executable, "-m", MODULES[node], "--host", self.host, "--port", str(self.ports[node])]
+        output = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            mode = "ab" if node in self.processes else "wb"  # a restarted node appends to its log
+            output = open(self.log_dir / f"{node}.log", mode)  # noqa: SIM115 - the child owns it
+        self.processes[node] = subprocess.Popen(
+            [*command, *args[node]], env=env, stdout=output, stderr=subprocess.STDOUT if output else None
+        )
+        if output is not None:
+            output.close()
 
-    def wait_ready(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None) -> None:
-        """Block until every node's health service says SERVING; ClusterError if one exits first."""
+    def kill(self, node: str, sig: int = signal.SIGKILL) -> int:
+        """Signal one node (SIGKILL by default: a crash) and wait for it to exit; its exit code."""
+        process = self.processes[node]
+        if process.poll() is None:
+            process.send_signal(sig)
+        return process.wait(30)
+
+    def wait_ready(
+        self,
+        timeout: float = 600.0,
+        progress: Callable[[str], None] | None = None,
+        nodes: Sequence[str] | None = None,
+    ) -> None:
+        """Block until every node's (or `nodes`') health service says SERVING; ClusterError if one
+        exits first."""
         deadline = time.monotonic() + timeout
-        pending = set(self.processes)
+        pending = set(self.processes if nodes is None else nodes)
         while pending:
             for node in sorted(pending):
                 self._check_alive(node)

@@ -28,7 +28,7 @@ async def generate(
     """`request` is a GenerateRequest or GenerateUnaryRequest; the last response carries the stats."""
     start = time.perf_counter()
     deadline = Deadline(timeout)
-    request_id = request.request_id or uuid.uuid4().hex
+    request_id = request_context.check_request_id(request.request_id) or uuid.uuid4().hex
     request_context.bind(request_id)  # every log line of this call, here and downstream, names it
     metadata = request_context.metadata(request_id)
     prefill_node, decode_node = await asyncio.gather(nodes.pick_prefill(), nodes.pick_decode())

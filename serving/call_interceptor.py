@@ -65,6 +65,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
         wrap = _Wrap(self.metrics, short, denial, request_id)
+        if handler.unary_unary or handler.unary_stream:  # undecodable bytes: INVALID_ARGUMENT, not UNKNOWN
+            codecs["request_deserializer"] = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(wrap.single(handler.unary_unary), **codecs)
         if handler.stream_unary:
@@ -72,6 +74,31 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(wrap.stream(handler.unary_stream), **codecs)
         return grpc.stream_stream_rpc_method_handler(wrap.stream(handler.stream_stream), **codecs)
+
+
+class _Undecodable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf DecodeError
+            return _Undecodable(e)
+
+    return parse
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({type(request.error).__name__})"
+        )
 
 
 class _Wrap:
@@ -92,6 +119,7 @@ class _Wrap:
             try:
                 if self.denial is not None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.denial)
+                await _refuse_undecodable(request, context)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = _code_name(context)
@@ -117,6 +145,7 @@ class _Wrap:
             try:
                 if self.denial is not None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.denial)
+                await _refuse_undecodable(request, context)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:

@@ -9,10 +9,25 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
+
+from serving.errors import InvalidRequestError
 
 REQUEST_ID_METADATA_KEY = "kvferry-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("kvferry_request_id", default="-")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+MAX_REQUEST_ID_LENGTH = 128
+_REQUEST_ID = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no spaces: safe in metadata and log lines
+
+
+def check_request_id(request_id: str) -> str:
+    """A caller's request id, or INVALID_ARGUMENT (it travels as gRPC metadata and into log lines)."""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH or not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequestError(
+            f"request_id: at most {MAX_REQUEST_ID_LENGTH} printable ASCII characters without spaces",
+            field="request_id",
+        )
+    return request_id
 
 
 def metadata(request_id: str) -> tuple[tuple[str, str], ...]:
