@@ -269,3 +269,60 @@ def test_logs_carry_the_request_id_across_processes(cluster: LocalCluster, clien
     for node in ("coordinator", "prefill", "decode"):
         text = Path(cluster.log_dir / f"{node}.log").read_text()
         assert "[fault-trace-7]" in text, f"{node}: no line names the request"
+
+
+RESERVER = """
+import sys, time, grpc
+from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
+request = decode_pb2.ReserveKVRequest.FromString(open(sys.argv[2], "rb").read())
+stub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(sys.argv[1]))
+print(stub.ReserveKV(request, timeout=10).reservation_id, flush=True)
+time.sleep(600)  # killed before any page is sent
+"""
+
+
+def test_sender_killed_between_reserve_and_pages_is_freed_by_the_lease(
+    cluster: LocalCluster, client: Client, tmp_path: Path
+) -> None:
+    """A process that reserved KV on the decode node is kill -9'd before sending a page: nothing
+    breaks on the decode side (no stream is open), so only the lease can free the pages."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from engine.kv_handoff import KVLayout
+    from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+    from protos.kvferry.v1 import common_pb2
+
+    stub = decode_stub(cluster)
+    info = stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5)
+    m = info.model
+    spec = ModelSpec(m.fingerprint, m.dtype, info.pool.page_size, m.num_layers, m.num_kv_heads, m.head_dim, 4)
+    layout = KVLayout(torch.full((m.num_layers, m.num_kv_heads), 40), spec.page_size)
+    payload = pages_to_bytes(torch.zeros(layout.num_pages, 2, spec.page_size, spec.head_dim))
+    request = decode_pb2.ReserveKVRequest(
+        request_id="doomed-sender",
+        manifest=build_manifest(spec, layout, payload),
+        sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=8),
+        prompt_token_ids=tokens(40, 9),
+        first_token_id=5,
+        transport="grpc",
+    )
+    (tmp_path / "reserve.bin").write_bytes(request.SerializeToString())
+    root = Path(__file__).resolve().parent.parent
+    sender = subprocess.Popen(
+        [sys.executable, "-c", RESERVER, cluster.address("decode"), str(tmp_path / "reserve.bin")],
+        cwd=root, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        reservation_id = sender.stdout.readline().strip()  # type: ignore[union-attr]
+        assert reservation_id, "the sender could not reserve"
+        assert stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5).reservations == 1
+    finally:
+        sender.kill()
+        sender.wait()
+    elapsed, state, reservations = wait_empty(cluster, LEASE_SECONDS + 3)
+    assert state["decode"] == (0, 0) and reservations == 0, (state, reservations)
+    assert LEASE_SECONDS * 0.5 < elapsed <= LEASE_SECONDS + 1.5, elapsed  # the lease, not anything sooner
+    print(f"\nsender kill before pages: reservation freed by its lease {elapsed:.2f} s after the kill")
