@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -23,61 +23,119 @@ ABORT_TIMEOUT_SECONDS = 5.0
 
 
 async def generate(
-    nodes: NodePool, request: Any, timeout: float | None
+    nodes: NodePool,
+    request: Any,
+    timeout: float | None,
+    decode_retries: int = 0,
+    on_retry: Callable[[], None] | None = None,
 ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-    """`request` is a GenerateRequest or GenerateUnaryRequest; the last response carries the stats."""
+    """`request` is a GenerateRequest or GenerateUnaryRequest; the last response carries the stats.
+
+    When the decode node fails mid-stream (UNAVAILABLE) and `decode_retries` allow, the request runs
+    again with the prompt plus every token already streamed, on another decode node, for the tokens
+    still due: the client sees one uninterrupted answer. Only token-id prompts can be continued (the
+    coordinator has no tokenizer)."""
     start = time.perf_counter()
     deadline = Deadline(timeout)
     request_id = request_context.check_request_id(request.request_id) or uuid.uuid4().hex
     request_context.bind(request_id)  # every log line of this call, here and downstream, names it
     metadata = request_context.metadata(request_id)
-    prefill_node, decode_node = await asyncio.gather(nodes.pick_prefill(), nodes.pick_decode())
-    log.debug("prefill on %s, decode on %s", prefill_node.address, decode_node.address)
-    prefill_request = _prefill_request(request, request_id, decode_node.address)
-    prefilled: prefill_pb2.PrefillResponse = await prefill_node.stub.Prefill(
-        prefill_request, timeout=deadline.remaining(), metadata=metadata
-    )
-    stats = coordinator_pb2.GenerateStats(
-        request_id=request_id,
-        prefill_node=prefill_node.address,
-        prefill=prefilled.stats,
-        ttft_seconds=time.perf_counter() - start,
-    )
-    first = coordinator_pb2.GenerateResponse(token_ids=[prefilled.first_token_id], text=prefilled.first_text)
-    if prefilled.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-        first.finish_reason = prefilled.finish_reason
-        stats.total_seconds = time.perf_counter() - start
-        first.stats.CopyFrom(stats)
-        yield first
-        return
-    handle = prefilled.kv_handle
-    decode = nodes.decode_node(handle.decode_address)
-    finished = False
-    try:
-        yield first
-        stream = decode.stub.Decode(
-            decode_pb2.DecodeRequest(reservation_id=handle.reservation_id),
+    streamed: list[int] = []  # tokens already sent to the client
+    failed: set[str] = set()  # decode nodes that broke during this request
+    stats: coordinator_pb2.GenerateStats | None = None
+    while True:
+        current = request if not streamed else _continuation(request, streamed)
+        prefill_node, decode_node = await asyncio.gather(nodes.pick_prefill(), nodes.pick_decode(failed))
+        log.debug("prefill on %s, decode on %s", prefill_node.address, decode_node.address)
+        prefilled: prefill_pb2.PrefillResponse = await prefill_node.stub.Prefill(
+            _prefill_request(current, request_id, decode_node.address),
             timeout=deadline.remaining(),
             metadata=metadata,
         )
-        async for part in stream:
-            response = coordinator_pb2.GenerateResponse(token_ids=part.token_ids, text=part.text)
-            if part.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                finished = True
-                response.finish_reason = part.finish_reason
-                stats.decode_node = decode.address
-                stats.decode.CopyFrom(part.stats)
-                stats.total_seconds = time.perf_counter() - start
-                response.stats.CopyFrom(stats)
-                log.info(
-                    "finished (%s): TTFT %.3f s, %d tokens in %.3f s",
-                    common_pb2.FinishReason.Name(part.finish_reason), stats.ttft_seconds,
-                    part.stats.output_tokens, stats.total_seconds,
-                )  # fmt: skip
-            yield response
-    finally:
-        if not finished:  # cancelled, deadline, or the stream broke: free the pages now
-            await asyncio.shield(_abort(decode.stub, handle.reservation_id, metadata))
+        if stats is None:
+            stats = coordinator_pb2.GenerateStats(
+                request_id=request_id,
+                prefill_node=prefill_node.address,
+                prefill=prefilled.stats,
+                ttft_seconds=time.perf_counter() - start,
+            )
+        first = coordinator_pb2.GenerateResponse(
+            token_ids=[prefilled.first_token_id], text=prefilled.first_text
+        )
+        if prefilled.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            first.finish_reason = prefilled.finish_reason
+            stats.total_seconds = time.perf_counter() - start
+            first.stats.CopyFrom(stats)
+            yield first
+            return
+        handle = prefilled.kv_handle
+        decode = nodes.decode_node(handle.decode_address)
+        finished = False
+        try:
+            yield first
+            streamed.append(prefilled.first_token_id)
+            stream = decode.stub.Decode(
+                decode_pb2.DecodeRequest(reservation_id=handle.reservation_id),
+                timeout=deadline.remaining(),
+                metadata=metadata,
+            )
+            async for part in stream:
+                response = coordinator_pb2.GenerateResponse(token_ids=part.token_ids, text=part.text)
+                if part.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    finished = True
+                    response.finish_reason = part.finish_reason
+                    stats.decode_node = decode.address
+                    stats.decode.CopyFrom(part.stats)
+                    stats.decode.output_tokens = len(streamed) + len(part.token_ids)
+                    stats.total_seconds = time.perf_counter() - start
+                    response.stats.CopyFrom(stats)
+                    log.info(
+                        "finished (%s): TTFT %.3f s, %d tokens in %.3f s",
+                        common_pb2.FinishReason.Name(part.finish_reason), stats.ttft_seconds,
+                        stats.decode.output_tokens, stats.total_seconds,
+                    )  # fmt: skip
+                yield response
+                streamed.extend(part.token_ids)
+            return
+        except grpc.aio.AioRpcError as e:
+            if not _may_continue(e, request, streamed, len(failed), decode_retries):
+                raise
+            failed.add(decode.address)
+            log.warning(
+                "decode node %s failed after %d tokens (%s); continuing on another decode node",
+                decode.address, len(streamed), e.code().name,
+            )  # fmt: skip
+            if on_retry is not None:
+                on_retry()
+        finally:
+            if not finished:  # cancelled, deadline, or the stream broke: free the pages now
+                await asyncio.shield(_abort(decode.stub, handle.reservation_id, metadata))
+
+
+def _remaining_tokens(request: Any, streamed: list[int]) -> int:
+    wanted = request.sampling.max_new_tokens if request.sampling.HasField("max_new_tokens") else 256
+    return wanted - len(streamed)
+
+
+def _may_continue(
+    error: grpc.aio.AioRpcError, request: Any, streamed: list[int], retried: int, retries: int
+) -> bool:
+    return (
+        error.code() == grpc.StatusCode.UNAVAILABLE
+        and retried < retries
+        and request.WhichOneof("input") == "prompt_token_ids"
+        and bool(streamed)
+        and _remaining_tokens(request, streamed) >= 1
+    )
+
+
+def _continuation(request: Any, streamed: list[int]) -> Any:
+    """The same request with the streamed tokens appended to its prompt, for the tokens still due."""
+    out = type(request)()
+    out.CopyFrom(request)
+    out.prompt_token_ids.ids.extend(streamed)
+    out.sampling.max_new_tokens = _remaining_tokens(request, streamed)
+    return out
 
 
 def _prefill_request(request: Any, request_id: str, decode_address: str) -> prefill_pb2.PrefillRequest:

@@ -33,6 +33,9 @@ class CoordinatorMetrics:
             "kvferry_prompt_tokens_total", "prompt tokens of finished requests"
         )
         self.output_tokens = registry.counter("kvferry_output_tokens_total", "tokens streamed to clients")
+        self.retries = registry.counter(
+            "kvferry_decode_retries_total", "requests continued on another decode node after theirs failed"
+        )
         for outcome in ("ok", "failed", "cancelled", "rejected"):
             self.requests.inc(0, outcome=outcome)
 

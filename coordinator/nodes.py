@@ -62,11 +62,12 @@ class NodePool:
             )
         return min(live, key=lambda t: t[:2])[2]
 
-    async def pick_decode(self) -> Node:
-        infos = await self._infos(self.decode, decode_pb2.DecodeInfoRequest())
+    async def pick_decode(self, exclude: set[str] | frozenset[str] = frozenset()) -> Node:
+        candidates = [n for n in self.decode if n.address not in exclude]
+        infos = await self._infos(candidates, decode_pb2.DecodeInfoRequest())
         live = [
             (info.pool.available_pages, -(next(self._turn) % 1000), n)
-            for n, info in zip(self.decode, infos)
+            for n, info in zip(candidates, infos)
             if info
         ]
         if not live:

@@ -20,7 +20,7 @@ def build(settings: CoordinatorSettings) -> ServiceHost:
     nodes = NodePool(
         settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels
     )
-    servicer = CoordinatorServicer(nodes, host.metrics, settings.max_active_requests)
+    servicer = CoordinatorServicer(nodes, host.metrics, settings.max_active_requests, settings.decode_retries)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, host.server)
     host.on_stop = nodes.close
     host.component = servicer

@@ -19,12 +19,17 @@ from serving.metrics import Registry
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(
-        self, nodes: NodePool, metrics: Registry | None = None, max_active_requests: int = 0
+        self,
+        nodes: NodePool,
+        metrics: Registry | None = None,
+        max_active_requests: int = 0,
+        decode_retries: int = 0,
     ) -> None:
         self.nodes = nodes
         self.stats = CoordinatorStats()
         self.metrics = CoordinatorMetrics(metrics or Registry())
         self.max_active_requests = max_active_requests
+        self.decode_retries = decode_retries
 
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -69,7 +74,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         metrics.active.inc()
         output_tokens = 0
         try:
-            async for part in generate(self.nodes, request, context.time_remaining()):
+            async for part in generate(
+                self.nodes, request, context.time_remaining(), self.decode_retries, metrics.retries.inc
+            ):
                 output_tokens += len(part.token_ids)
                 if part.HasField("stats"):
                     stats.finished(part.stats, output_tokens)

@@ -20,6 +20,11 @@ class CoordinatorSettings(ServerSettings):
         "bearer token clients must send (metadata 'authorization: Bearer <token>'); default: none needed",
     )
     auth_token_file: str | None = setting(None, "file holding the bearer token (instead of auth_token)")
+    decode_retries: int = setting(
+        1,
+        "times a request whose decode node fails mid-stream is continued on another decode node "
+        "(prompt + tokens streamed so far; token-id prompts only)",
+    )
     max_active_requests: int = setting(
         256, "Generate calls served at once; more are refused with RESOURCE_EXHAUSTED (0: no limit)"
     )
@@ -29,5 +34,7 @@ class CoordinatorSettings(ServerSettings):
             raise ValueError("prefill_addresses: name at least one prefill service")
         if not self.decode_addresses:
             raise ValueError("decode_addresses: name at least one decode service")
+        if self.decode_retries < 0:
+            raise ValueError(f"decode_retries: must be >= 0, got {self.decode_retries}")
         if self.max_active_requests < 0:
             raise ValueError(f"max_active_requests: must be >= 0, got {self.max_active_requests}")

@@ -126,6 +126,7 @@ def test_cancel_frees_pages_on_both_services_within_1s(cluster: LocalCluster, cl
         stream.close()
         elapsed, state, reservations = wait_empty(cluster, 5.0)
         assert elapsed < 1.0, (elapsed, state, reservations)
+        print(f"\ncancel: both pools empty {elapsed:.3f} s after the client closed its stream")
 
 
 # ---- load -----------------------------------------------------------------------------------------
@@ -326,3 +327,67 @@ def test_sender_killed_between_reserve_and_pages_is_freed_by_the_lease(
     assert state["decode"] == (0, 0) and reservations == 0, (state, reservations)
     assert LEASE_SECONDS * 0.5 < elapsed <= LEASE_SECONDS + 1.5, elapsed  # the lease, not anything sooner
     print(f"\nsender kill before pages: reservation freed by its lease {elapsed:.2f} s after the kill")
+
+
+def test_decode_killed_mid_stream_is_continued_on_another_decode_node(
+    cluster: LocalCluster, client: Client, tmp_path: Path
+) -> None:
+    """A second decode node and a coordinator that knows both: the decode node serving a stream is
+    kill -9'd mid-stream; the coordinator continues the request (prompt + tokens streamed so far) on
+    the other one, and the client reads one uninterrupted answer, equal to an undisturbed run."""
+    import subprocess
+    import sys
+
+    from clients.local_cluster import free_port
+
+    ports = {"decode2": free_port(), "coordinator2": free_port()}
+    decodes = [cluster.address("decode"), f"127.0.0.1:{ports['decode2']}"]
+    log = tmp_path / "coordinator2.log"
+    children = {
+        "decode2": subprocess.Popen(
+            [sys.executable, "-m", "decode_service", "--port", str(ports["decode2"]),
+             *cluster.engine_args, *cluster.decode_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        "coordinator2": subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "--port", str(ports["coordinator2"]), "--log-level", "INFO",
+             "--prefill-addresses", cluster.address("prefill"), "--decode-addresses", ",".join(decodes)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        ),
+    }  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        for name, port in ports.items():
+            while not is_serving(f"127.0.0.1:{port}", timeout=1.0):
+                assert children[name].poll() is None and time.monotonic() < deadline, f"{name} did not start"
+                time.sleep(0.25)
+        prompt = tokens(20, 11)
+        kwargs: dict[str, Any] = dict(max_new_tokens=480, temperature=0, ignore_eos=True)
+        with Client(f"127.0.0.1:{ports['coordinator2']}", timeout=120) as c2:
+            expected = c2.generate(prompt, **kwargs).token_ids
+            stream = c2.stream(prompt, **kwargs)
+            got = [t for _ in range(3) for t in next(stream).token_ids]
+            busy = [a for a in decodes if _running(a) > 0]
+            assert len(busy) == 1, busy
+            if busy[0] == cluster.address("decode"):
+                cluster.kill("decode")
+            else:
+                children["decode2"].kill()
+            chunks = list(stream)
+        got += [t for chunk in chunks for t in chunk.token_ids]
+        assert chunks[-1].finish_reason == "length" and chunks[-1].stats is not None
+        assert "continuing on another decode node" in log.read_text()
+        assert got == expected
+    finally:
+        for child in children.values():
+            child.kill()
+            child.wait()
+        if cluster.processes["decode"].poll() is not None:  # the client fixture checks its pool next
+            cluster.start_node("decode")
+            cluster.wait_ready(timeout=120, nodes=["decode"])
+
+
+def _running(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        return stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5).running
