@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serving.healthcheck import is_serving
 
@@ -46,6 +47,8 @@ class LocalCluster:
     host: str = "127.0.0.1"
     log_dir: Path | None = None  # each node's output goes to <log_dir>/<node>.log; None: inherit ours
     env: dict[str, str] = field(default_factory=dict)
+    # When the nodes serve TLS (KVFERRY_TLS_* in `env`): how the health checks connect (mTLS: cert + key)
+    health_credentials: Any = None  # grpc.ChannelCredentials
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,7 +115,7 @@ class LocalCluster:
         while pending:
             for node in sorted(pending):
                 self._check_alive(node)
-                if is_serving(self.address(node), timeout=1.0):
+                if is_serving(self.address(node), timeout=1.0, credentials=self.health_credentials):
                     pending.discard(node)
                     if progress is not None:
                         progress(f"{node} ready on {self.address(node)}")

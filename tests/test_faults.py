@@ -391,3 +391,45 @@ def _running(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = decode_pb2_grpc.DecodeServiceStub(channel)
         return stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5).running
+
+
+def test_tls_cluster_of_real_processes(tiny_model: Callable[[str], TinyModel], tmp_path: Path) -> None:
+    """The three processes configured only through KVFERRY_* env (as in compose): mutual TLS between
+    all of them, the coordinator with a token; a client with the CA and token is served, and a
+    plaintext one is refused."""
+    from certs import make_pki
+
+    from serving.security import client_credentials
+
+    pki = make_pki(tmp_path / "pki")
+    env = {
+        "KVFERRY_TLS_CERT": str(pki.service_cert),
+        "KVFERRY_TLS_KEY": str(pki.service_key),
+        "KVFERRY_TLS_CLIENT_CA": str(pki.ca),
+        "KVFERRY_TLS_CA": str(pki.ca),
+        "KVFERRY_AUTH_TOKEN": "real-process-token",  # only the coordinator has this setting
+    }
+    engine = ["--model", str(tiny_model("llama").path), "--device", "cpu", "--dtype", "float32",
+              "--page-size", "4", "--max-model-len", "512", "--kv-cache-bytes", str(2 << 20),
+              "--torch-threads", "1"]  # fmt: skip
+    c = LocalCluster(
+        engine_args=engine,
+        env=env,
+        log_dir=tmp_path / "logs",
+        health_credentials=client_credentials(pki.ca, pki.client_cert, pki.client_key),
+    )
+    c.start()
+    try:
+        c.wait_ready(timeout=180)
+        secure = dict(token="real-process-token", tls_ca=str(pki.ca), tls_cert=str(pki.client_cert),
+                      tls_key=str(pki.client_key))  # fmt: skip
+        with Client(c.coordinator_address, timeout=30, **secure) as client:
+            r = client.generate(tokens(50, 4), max_new_tokens=4, temperature=0, ignore_eos=True)
+            assert len(r.token_ids) == 4 and r.stats.prefill.kv_bytes_shipped > 0
+        with Client(c.coordinator_address, timeout=5, token="real-process-token") as plain:
+            with pytest.raises(KvferryRpcError) as err:
+                plain.info()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "mTLS; outgoing TLS" in (tmp_path / "logs" / "decode.log").read_text()
+    finally:
+        c.stop()
