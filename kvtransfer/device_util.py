@@ -1,0 +1,157 @@
+"""What the device transports (`cuda_ipc`, `nccl`) share: their errors, waiting on the GPU under a
+deadline, runs of consecutive page ids, a word view of pages, and a cheap on-device checksum."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import torch
+
+from serving.errors import UnavailableError
+
+
+class TransferTimeoutError(UnavailableError):
+    """The peer did not finish its side of a transfer in time (dead, hung or silent).
+
+    `drained` says whether the local GPU work of the transfer finished after the abort: when it did not,
+    the pages it may still write must not be handed to anyone else."""
+
+    def __init__(self, message: str, drained: bool = True) -> None:
+        super().__init__(message)
+        self.drained = drained
+
+
+class PeerUnreachableError(UnavailableError):
+    """The transport cannot reach the peer: another host, no device access, or its pool is gone."""
+
+
+def host_id() -> str:
+    """Who shares this machine's GPUs and shared memory: the kernel's boot id plus the IPC namespace.
+
+    Two processes (or containers) with equal ids run on one host and see one /dev/shm (`ipc: host`),
+    which CUDA IPC through torch needs; a hostname alone differs between containers of one host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = socket.gethostname()
+    try:
+        ipc_ns = os.readlink("/proc/self/ns/ipc")
+    except OSError:
+        ipc_ns = ""
+    return f"{boot}/{ipc_ns}"
+
+
+def device_uuid(device: torch.device | int) -> str:
+    """Stable name of a CUDA device across processes (indices depend on CUDA_VISIBLE_DEVICES)."""
+    index = device if isinstance(device, int) else torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def local_device_index(uuid: str) -> int | None:
+    """This process's index of the CUDA device named `uuid`, or None when it cannot see it."""
+    if not torch.cuda.is_available():
+        return None
+    for index in range(torch.cuda.device_count()):
+        if device_uuid(index) == uuid:
+            return index
+    return None
+
+
+def page_runs(page_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive ids: (position in page_ids, first id, length). [5,6,7,2,3] ->
+    [(0, 5, 3), (3, 2, 2)]. A fresh pool hands out consecutive pages, so a request is often one run."""
+    ids = page_ids.detach().to("cpu", torch.int64).flatten()
+    n = ids.numel()
+    if n == 0:
+        return []
+    breaks = (torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*breaks, n]
+    first = ids[starts].tolist()
+    return [(s, f, e - s) for s, f, e in zip(starts, first, ends)]
+
+
+def encode_runs(page_ids: torch.Tensor) -> list[int]:
+    """Page ids as flat [first, length, first, length, ...] runs: what a reservation reply carries to a
+    cuda_ipc writer (a fresh pool's reservation is one run, whatever its size)."""
+    return [v for _, first, length in page_runs(page_ids) for v in (first, length)]
+
+
+def decode_runs(runs: list[int] | torch.Tensor) -> torch.Tensor:
+    """The [N] int64 page ids of encode_runs output."""
+    flat = torch.as_tensor(runs, dtype=torch.int64).view(-1, 2)
+    firsts, lengths = flat[:, 0], flat[:, 1]
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.empty(0, dtype=torch.int64)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    return torch.repeat_interleave(firsts - offsets, lengths) + torch.arange(total)
+
+
+def as_words(pages: torch.Tensor) -> torch.Tensor:
+    """Contiguous [N, ...] pages as an [N, W] view of the widest integer type dividing a page: copies
+    and NCCL moves of int64 words are bit-exact whatever the pool dtype, and wider than 2-byte ones."""
+    if not pages.is_contiguous():
+        raise ValueError("pages must be contiguous to be moved as words")
+    n = pages.shape[0]
+    row = 1
+    for size in pages.shape[1:]:
+        row *= size
+    raw = pages.reshape(n, row).view(torch.uint8)
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if raw.shape[1] % size == 0 and raw.storage_offset() % size == 0:
+            return raw.view(dtype)
+    return raw
+
+
+CHECKSUM_ALGORITHM = "sum64"
+_MASK64 = (1 << 64) - 1
+
+
+def page_checksum(pages: torch.Tensor, chunk_pages: int = 1 << 14) -> int:
+    """Position-weighted sum of 32-bit words, mod 2^64, computed where the pages are (no host copy).
+
+    Sum over pages i of (i + 1) * (sum of page i's int32 words). Integer adds commute, so both ends get
+    the same value whatever their reduction order; a moved, dropped or altered page changes it (not
+    cryptographic: it catches transport and placement bugs, not an adversary). Pages of a whole number
+    of 4-byte words only."""
+    total = 0
+    for start in range(0, pages.shape[0], chunk_pages):
+        total = (total + _weighted_sum(pages[start : start + chunk_pages], start)) & _MASK64
+    return total
+
+
+def pool_checksum(kv: torch.Tensor, page_ids: torch.Tensor, chunk_pages: int = 1 << 14) -> int:
+    """page_checksum of pool pages `page_ids`, in that order, gathered chunk by chunk."""
+    ids = page_ids.to(kv.device, torch.int64)
+    total = 0
+    for start in range(0, ids.numel(), chunk_pages):
+        block = kv.index_select(0, ids[start : start + chunk_pages])
+        total = (total + _weighted_sum(block, start)) & _MASK64
+    return total
+
+
+def _weighted_sum(block: torch.Tensor, start: int) -> int:
+    words = as_words(block.contiguous())
+    words = words.view(torch.uint8).view(torch.int32)
+    per_page = words.sum(dim=1, dtype=torch.int64)
+    weights = torch.arange(start + 1, start + 1 + block.shape[0], device=block.device, dtype=torch.int64)
+    return int((per_page * weights).sum()) & _MASK64
+
+
+def wait_for(done: Callable[[], bool], deadline: float | None, what: str) -> None:
+    """Poll `done()` (e.g. a CUDA event's query) until it holds or the monotonic `deadline` passes.
+
+    Spins briefly first (a handoff is a few ms), then sleeps 100 us between polls."""
+    polls = 0
+    while not done():
+        if deadline is not None and time.monotonic() > deadline:
+            raise TransferTimeoutError(f"{what}: no completion before the deadline")
+        polls += 1
+        time.sleep(0 if polls < 200 else 1e-4)

@@ -1,0 +1,116 @@
+"""cuda_ipc and nccl between two real processes (tests/transfer_roles.py): pages of random bits verified
+bit for bit, on one GPU (IPC) and across two GPUs (IPC through peer access, NCCL); aborted reservations
+free pages on both sides; a killed peer fails the other side's transfer within its timeout.
+
+GPU machine only (`-m gpu`); CI runs `-m "not gpu"`. The pytest process itself never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+TIMEOUT = 3.0  # transfer timeout of the surviving side in the killed-peer tests
+SLACK = 6.0  # abort + drain + process scheduling on top of it
+
+
+def run_pair(decode_cfg: dict, prefill_cfg: dict, expect: tuple[str, ...] = ("decode", "prefill")) -> dict:
+    import transfer_roles
+
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    results = ctx.Queue()
+    procs = {
+        "decode": ctx.Process(target=transfer_roles.decode_main, args=(a, results, decode_cfg)),
+        "prefill": ctx.Process(target=transfer_roles.prefill_main, args=(b, results, prefill_cfg)),
+    }
+    for p in procs.values():
+        p.start()
+    a.close()
+    b.close()
+    got: dict[str, dict] = {}
+    end = time.monotonic() + 90
+    while len(got) < len(expect) and time.monotonic() < end:
+        try:
+            out = results.get(timeout=1.0)
+            got[out["role"]] = out
+            if not out["ok"]:  # the other role ends by lease or EOF; don't wait the full time
+                end = min(end, time.monotonic() + 20)
+        except queue.Empty:
+            continue
+    for p in procs.values():
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for role in expect:
+        assert role in got, f"{role} role reported nothing (crashed or hung); got {list(got)}"
+        assert got[role]["ok"], f"{role} role failed:\n{got[role].get('error')}"
+    return got
+
+
+def _cfgs(transport: str, decode_dev: int, prefill_dev: int, scenario: str, **extra) -> tuple[dict, dict]:
+    common = {"transport": transport, "timeout": extra.pop("timeout", 20.0), **extra}
+    return (
+        {**common, "device": decode_dev},
+        {**common, "device": prefill_dev, "scenario": scenario},
+    )
+
+
+def _check_transfers(got: dict) -> None:
+    decode, prefill = got["decode"], got["prefill"]
+    assert [v[0] for v in decode["verified"]] == ["contiguous", "scattered", "empty", "one-page"]
+    assert all(exact and poison for _, _, exact, poison in decode["verified"]), decode["verified"]
+    assert decode["leak_free"] and prefill["leak_free"]
+    assert prefill["decode_after_release"] == (0, 0, 0)
+
+
+def test_cuda_ipc_one_gpu():
+    got = run_pair(*_cfgs("cuda_ipc", 0, 0, "transfers"))
+    _check_transfers(got)
+
+
+@two_gpus
+def test_cuda_ipc_across_gpus():
+    got = run_pair(*_cfgs("cuda_ipc", 0, 1, "transfers"))
+    _check_transfers(got)
+
+
+@two_gpus
+def test_nccl_across_gpus():
+    got = run_pair(*_cfgs("nccl", 0, 1, "transfers", chunk_bytes=4 << 20))  # 1500 pages: 3 chunks
+    _check_transfers(got)
+
+
+@two_gpus
+@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
+def test_killed_decode_fails_the_prefill_side_in_time(transport: str):
+    got = run_pair(*_cfgs(transport, 0, 1, "decode_dies", timeout=TIMEOUT), expect=("prefill",))
+    prefill = got["prefill"]
+    assert prefill["failed_after"] < TIMEOUT + SLACK, prefill
+    assert prefill["gpu_ok_after_failure"] and prefill["leak_free"] and prefill["drained"]
+
+
+@two_gpus
+@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
+def test_killed_prefill_frees_the_decode_reservation(transport: str):
+    decode_cfg, prefill_cfg = _cfgs(transport, 0, 1, "prefill_dies", timeout=TIMEOUT, lease_seconds=TIMEOUT)
+    started = time.monotonic()
+    got = run_pair(decode_cfg, prefill_cfg, expect=("decode",))
+    decode = got["decode"]
+    assert decode["leak_free"], decode
+    if transport == "nccl":
+        (rid, _, drained), *_ = decode["failures"]
+        assert rid == "orphan" and drained
+        assert decode["failed_after"] < TIMEOUT + SLACK
+        assert decode["gpu_ok_after_failure"]
+    else:
+        assert decode["freed_by_lease"] == 1
+    assert time.monotonic() - started < 120
