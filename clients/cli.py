@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -151,7 +152,19 @@ def _start_cluster(
     return cluster
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop `up` cleanly, also when started with SIGINT ignored (a background
+    job of a non-interactive shell inherits SIG_IGN, and Python then installs no handler of its own)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    _stop_on_signals()
     ports = {"coordinator": args.port, "prefill": args.port + 1, "decode": args.port + 2}
     cluster = _start_cluster(args, ports, args.log_dir)
     print(f"kvferry is up: coordinator {cluster.coordinator_address} (clients connect here)")

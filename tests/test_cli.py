@@ -75,7 +75,12 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
         assert "decode 127.0.0.1" in stats.stdout and "0/" in stats.stdout  # no page left in use
     finally:
         up.send_signal(signal.SIGINT)
-        out, _ = up.communicate(timeout=60)
+        try:
+            out, _ = up.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # never leave a cluster behind, even when the test fails
+            up.kill()
+            subprocess.run(["pkill", "-f", f"--port {port}|--port {port + 1}|--port {port + 2}"], check=False)
+            raise
     assert up.returncode == 0, out
     stopped = [line for line in out.splitlines() if line.startswith("stopped:")]
     assert stopped and stopped[0].count("exit 0") == 3, out
