@@ -60,11 +60,12 @@ def ask(
     question: str,
     compression: dict[str, Any] | None,
     max_new_tokens: int,
-    out: Any = sys.stdout,
+    out: Any = None,
     security: dict[str, Any] | None = None,
 ) -> int:
     """Stream the answer to `out`, then one summary line of what compression kept and shipped.
     `security`: Client keywords (token, tls_ca, tls_cert, tls_key, tls_server_name)."""
+    out = out or sys.stdout  # looked up at call time: callers and tests may swap sys.stdout
     stats = None
     with Client(address, **(security or {})) as client:
         for chunk in client.stream(
@@ -92,7 +93,8 @@ def summary(stats: Any) -> str:
     return f"[{p.prompt_tokens:,} prompt tokens; {kept}; {shipped}; {timing}]"
 
 
-def print_stats(address: str, out: Any = sys.stdout, security: dict[str, Any] | None = None) -> int:
+def print_stats(address: str, out: Any = None, security: dict[str, Any] | None = None) -> int:
+    out = out or sys.stdout
     with Client(address, timeout=10.0, **(security or {})) as client:
         s = client.stats()
         info = client.info()
