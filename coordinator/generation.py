@@ -17,9 +17,9 @@ from coordinator.nodes import NodePool
 from protos.kvferry.v1 import common_pb2, coordinator_pb2, decode_pb2, prefill_pb2
 from serving import request_context
 from serving.deadline import Deadline
+from serving.reservations import abort_reservation
 
 log = logging.getLogger(__name__)
-ABORT_TIMEOUT_SECONDS = 5.0
 
 
 async def generate(
@@ -109,7 +109,7 @@ async def generate(
                 on_retry()
         finally:
             if not finished:  # cancelled, deadline, or the stream broke: free the pages now
-                await asyncio.shield(_abort(decode.stub, handle.reservation_id, metadata))
+                await asyncio.shield(abort_reservation(decode.stub, handle.reservation_id, metadata))
 
 
 def _remaining_tokens(request: Any, streamed: list[int]) -> int:
@@ -152,14 +152,3 @@ def _prefill_request(request: Any, request_id: str, decode_address: str) -> pref
     if request.HasField("compression"):
         out.compression.CopyFrom(request.compression)
     return out
-
-
-async def _abort(decode: Any, reservation_id: str, metadata: Any = ()) -> None:
-    try:
-        await decode.Abort(
-            decode_pb2.AbortRequest(reservation_id=reservation_id),
-            timeout=ABORT_TIMEOUT_SECONDS,
-            metadata=metadata,
-        )
-    except grpc.aio.AioRpcError as e:  # its lease frees it anyway
-        log.warning("could not abort reservation %s: %s", reservation_id, e.details())

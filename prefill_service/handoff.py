@@ -17,10 +17,10 @@ from prefill_service.prefill_engine import PrefillOutcome
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 from serving.deadline import Deadline
 from serving.error_interceptor import is_retryable
+from serving.reservations import abort_reservation
 from serving.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
-ABORT_TIMEOUT_SECONDS = 5.0
 RESERVE_RETRY_FIRST_SECONDS = 0.02
 RESERVE_RETRY_MAX_SECONDS = 0.5
 
@@ -117,7 +117,7 @@ class KVHandoff:
         try:
             result = await transport.send(decode, reservation, payload, timeout=deadline.remaining())
         except BaseException:
-            await asyncio.shield(_abort(decode, reservation.reservation_id))
+            await asyncio.shield(abort_reservation(decode, reservation.reservation_id))
             raise
         return Shipped(
             kv_pb2.KVHandle(decode_address=address, reservation_id=reservation.reservation_id),
@@ -133,12 +133,3 @@ async def _backoff_delays() -> AsyncIterator[float]:
     while True:
         yield delay
         delay = min(delay * 1.5, RESERVE_RETRY_MAX_SECONDS)
-
-
-async def _abort(decode: decode_pb2_grpc.DecodeServiceStub, reservation_id: str) -> None:
-    try:
-        await decode.Abort(
-            decode_pb2.AbortRequest(reservation_id=reservation_id), timeout=ABORT_TIMEOUT_SECONDS
-        )
-    except grpc.aio.AioRpcError as e:  # the decode node's lease frees it anyway
-        log.warning("could not abort reservation %s: %s", reservation_id, e.details())

@@ -64,13 +64,14 @@ def test_smollm2_disaggregated_equals_colocated(
     )
     assert expected[2].stats.prompt_tokens >= 2000
     with Client(smollm2_processes.coordinator_address, timeout=300) as client:
+        page_bytes = client.info().decode_nodes[0].pool.bytes_per_page
         for chat, want in zip(CHATS, expected):
             got = client.generate(messages=chat, compression=spec, temperature=0.0, max_new_tokens=NEW_TOKENS)
             assert got.token_ids == want.token_ids
             assert got.text == want.text
             p = got.stats.prefill
             assert p.prompt_tokens == want.stats.prompt_tokens
-            assert p.kv_bytes_shipped == p.kv_pages * smollm2_pool_page_bytes(client)
+            assert p.kv_bytes_shipped == p.kv_pages * page_bytes
             assert 0 < p.manifest_bytes < 0.01 * p.kv_bytes_shipped
             if retention is None:
                 assert p.kv_bytes_shipped == p.kv_bytes_full
@@ -80,7 +81,3 @@ def test_smollm2_disaggregated_equals_colocated(
     assert "Eleanor Brandt" in expected[1].text and "5093" in expected[2].text
     for node in [*info.prefill_nodes, *info.decode_nodes]:
         assert (node.pool.used_pages, node.pool.reserved_pages) == (0, 0), node
-
-
-def smollm2_pool_page_bytes(client: Client) -> int:
-    return client.info().decode_nodes[0].pool.bytes_per_page
