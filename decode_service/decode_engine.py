@@ -12,6 +12,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import torch
+
+from decode_service.direct_receiver import DirectReceiver
 from decode_service.settings import DecodeSettings
 from decode_service.token_stream import TokenEvent, TokenStream
 from engine.errors import require
@@ -27,6 +30,10 @@ from kvtransfer import (
     bytes_to_pages,
     check_manifest,
 )
+from kvtransfer.device_util import TransferTimeoutError, pool_checksum
+from kvtransfer.errors import TransferIntegrityError
+from kvtransfer.manifest import CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM
+from kvtransfer.transport import run_to_end
 from protos.kvferry.v1 import decode_pb2
 from serving.convert import sampling_from_proto
 from serving.engine_worker import EngineWorker
@@ -50,12 +57,15 @@ class DecodeEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.spec: ModelSpec | None = None
+        self.direct = DirectReceiver(settings)
+        self.quarantined_pages = 0  # pages a failed NCCL receive may still write: never reused
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.worker.start()
         engine = await self.worker.wait_loaded()
+        await self.worker.call(lambda e: self.direct.share_pool(e.pool))
         await self.worker.call(_warm_up)
         self.spec = ModelSpec.of_engine(engine)
         self._sweeper = asyncio.create_task(self._sweep_leases())
@@ -66,6 +76,7 @@ class DecodeEngine:
         for reservation_id in list(self._outputs):
             self.abort(reservation_id)
         await asyncio.to_thread(self.worker.stop, 10.0)
+        await self.direct.close()
 
     def ready_engine(self) -> LLMEngine:
         """The engine once loaded and warmed; UNAVAILABLE before."""
@@ -78,10 +89,12 @@ class DecodeEngine:
         self.ready_engine()
         assert self.spec is not None and self._loop is not None
         layout = check_manifest(request.manifest, self.spec)  # before anything is reserved
+        transport = self.direct.check_transport(request.transport, request.nccl_pair_id)
+        algorithm = CHECKSUM_ALGORITHM if transport == "grpc" else DEVICE_CHECKSUM_ALGORITHM
         require(
-            request.transport in ("", "grpc"),
-            "transport",
-            f"{request.transport!r} is not served here; use grpc",
+            request.manifest.checksum_algorithm == algorithm,
+            "manifest.checksum_algorithm",
+            f"must be {algorithm!r} for the {transport} transport, got {request.manifest.checksum_algorithm!r}",
         )
         sampling = sampling_from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
@@ -97,7 +110,7 @@ class DecodeEngine:
             self._streams[rid] = stream
             reservation = Reservation(
                 request.request_id, request.manifest, page_ids, kv.num_pages_held + kv.reserved,
-                self.settings.lease_seconds, id=rid,
+                self.settings.lease_seconds, id=rid, transport=transport, nccl_pair_id=request.nccl_pair_id,
             )  # fmt: skip
             return reservation, stream
 
@@ -140,7 +153,9 @@ class DecodeEngine:
                 raise InvalidRequestError(
                     "reservation_id: the PushKV stream carried no chunk", field="reservation_id"
                 )
-            await self._commit(reservation)
+            assert self.spec is not None
+            payload = reservation.verified_payload()  # count and checksum, before any page is written
+            await self._commit(reservation, bytes_to_pages(payload, self.spec, reservation.page_ids.numel()))
         except BaseException:
             if reservation is not None:
                 self.abort(reservation.id)
@@ -149,17 +164,66 @@ class DecodeEngine:
             bytes_received=reservation.received, transfer_seconds=time.perf_counter() - started
         )
 
-    async def _commit(self, reservation: Reservation) -> None:
-        assert self.spec is not None
-        payload = reservation.verified_payload()  # count and checksum, before any page is written
-        pages = bytes_to_pages(payload, self.spec, reservation.page_ids.numel())
+    async def commit_direct(self, reservation_id: str) -> decode_pb2.CommitKVResponse:
+        """A direct transport's commit: receive the pages (nccl) or find them written (cuda_ipc, shm),
+        verify their sum64 where they are, start decoding. Any failure frees the reservation, except
+        pages an aborted NCCL receive may still write, which stay quarantined."""
+        reservation = self.reservations.get(reservation_id)
+        reservation.begin_receive(direct=True)
+        started = time.perf_counter()
+        engine = self.ready_engine()
+        page_ids = reservation.page_ids.to(engine.pool.kv.device)
+        try:
+            if reservation.transport == "nccl":
+                pair = await self.direct.nccl_pair(reservation.nccl_pair_id)
+                await run_to_end(
+                    pair.recv_pages, engine.pool.kv, page_ids, self.settings.nccl_timeout_seconds
+                )
+            if self.settings.verify_direct_writes and page_ids.numel():
+                found = await run_to_end(pool_checksum, engine.pool.kv, page_ids)
+                if found != reservation.manifest.checksum:
+                    raise TransferIntegrityError(
+                        f"checksum mismatch: sum64 of the {reservation.transport} pages in the pool is "
+                        f"{found:#018x}, the manifest says {reservation.manifest.checksum:#018x}"
+                    )
+            reservation.received = reservation.manifest.byte_count
+            await self._commit(reservation, None)
+        except TransferTimeoutError as e:
+            if e.drained:
+                self.abort(reservation.id)
+            else:
+                self._quarantine(reservation)
+            raise
+        except BaseException:
+            self.abort(reservation.id)
+            raise
+        return decode_pb2.CommitKVResponse(
+            bytes_received=reservation.received, transfer_seconds=time.perf_counter() - started
+        )
+
+    def _quarantine(self, reservation: Reservation) -> None:
+        """Forget the reservation but keep its pages held forever: an aborted NCCL receive that did not
+        drain may still write them."""
+        self.reservations.pop(reservation.id)
+        stream = self._outputs.pop(reservation.id, None)
+        if stream is not None:
+            stream.close("abort")
+        self.quarantined_pages += reservation.reserved_pages
+        log.error(
+            "reservation %s: the aborted nccl receive did not drain; its %d pages stay out of use",
+            reservation.id, reservation.reserved_pages,
+        )  # fmt: skip
+
+    async def _commit(self, reservation: Reservation, pages: torch.Tensor | None) -> None:
+        """Write `pages` (grpc; None: a direct transport already wrote them) and start decoding."""
         rid = reservation.id
 
         def commit(engine: LLMEngine) -> None:
             if rid not in engine.requests:  # aborted (lease, cancel) while the bytes were checked
                 raise ReservationNotFoundError(f"reservation_id: {rid} was aborted", field="reservation_id")
-            device = engine.pool.kv.device
-            engine.pool.kv[reservation.page_ids.to(device)] = pages.to(device)
+            if pages is not None:
+                device = engine.pool.kv.device
+                engine.pool.kv[reservation.page_ids.to(device)] = pages.to(device)
             seq = engine.commit_import(rid)
             if seq.is_finished:  # the first token was the last one allowed
                 self._publish(engine, seq)

@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from decode_service.decode_engine import DecodeEngine
+from kvtransfer.device_util import encode_runs
 from kvtransfer.errors import ReservationNotFoundError
 from kvtransfer.manifest import check_transfer_size
+from kvtransfer.selection import DIRECT_WRITE
 from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
 from serving import request_context
 from serving.convert import FINISH_REASONS, model_info, pool_info
@@ -25,6 +27,12 @@ class DecodeMetrics:
             "kvferry_decode_output_tokens_total", "tokens of finished Decode streams"
         )
         self.decode = registry.histogram("kvferry_decode_seconds", "commit to last token, per request")
+        self.transfers = registry.counter(
+            "kvferry_kv_transfers_received_total", "KV transfers committed, by transport", ["transport"]
+        )
+        self.commit = registry.histogram(
+            "kvferry_kv_commit_seconds", "CommitKV: nccl receive, checksum and commit", ["transport"]
+        )
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -54,6 +62,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             num_pages=r.page_ids.numel(),
             reserved_pages=r.reserved_pages,
             max_chunk_bytes=self.decode.settings.max_chunk_bytes,
+            page_runs=encode_runs(r.page_ids) if r.transport in DIRECT_WRITE else [],
+            node_id=self.decode.direct.node_id,
         )
 
     async def PushKV(
@@ -61,7 +71,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     ) -> decode_pb2.PushKVResponse:
         reply = await self.decode.receive(self._bound(request_iterator))
         self.metrics.received.inc(reply.bytes_received)
+        self.metrics.transfers.inc(transport="grpc")
         return reply
+
+    async def CommitKV(
+        self, request: decode_pb2.CommitKVRequest, context: grpc.aio.ServicerContext
+    ) -> decode_pb2.CommitKVResponse:
+        self._bind(request.reservation_id)
+        transport = self.decode.reservations.get(request.reservation_id).transport
+        reply = await self.decode.commit_direct(request.reservation_id)
+        self.metrics.received.inc(reply.bytes_received)
+        self.metrics.transfers.inc(transport=transport)
+        self.metrics.commit.observe(reply.transfer_seconds, transport=transport)
+        return reply
+
+    async def ExportKV(
+        self, request: decode_pb2.ExportKVRequest, context: grpc.aio.ServicerContext
+    ) -> decode_pb2.ExportKVResponse:
+        self.decode.ready_engine()
+        return self.decode.direct.export()
+
+    async def OpenNccl(
+        self, request: decode_pb2.OpenNcclRequest, context: grpc.aio.ServicerContext
+    ) -> decode_pb2.OpenNcclResponse:
+        self.decode.ready_engine()
+        return await self.decode.direct.open_nccl(request)
 
     async def _bound(
         self, chunks: AsyncIterator[decode_pb2.PushKVRequest]

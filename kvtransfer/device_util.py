@@ -110,7 +110,6 @@ def as_words(pages: torch.Tensor) -> torch.Tensor:
     return raw
 
 
-CHECKSUM_ALGORITHM = "sum64"
 _MASK64 = (1 << 64) - 1
 
 

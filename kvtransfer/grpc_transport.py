@@ -9,14 +9,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
+
 from kvtransfer.errors import TransferIntegrityError
-from kvtransfer.transport import TransferResult, Transport, register
+from kvtransfer.payload import pages_to_bytes
+from kvtransfer.transport import TransferResult, Transport
 from protos.kvferry.v1 import decode_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
 
-@register
 class GrpcTransport(Transport):
     name = "grpc"
 
@@ -24,6 +26,9 @@ class GrpcTransport(Transport):
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
+
+    def payload(self, pages: torch.Tensor) -> memoryview:
+        return pages_to_bytes(pages)
 
     async def send(
         self,

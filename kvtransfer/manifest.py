@@ -12,7 +12,9 @@ from engine.kv_handoff import KVLayout
 from kvtransfer.errors import ManifestMismatchError
 from protos.kvferry.v1 import kv_pb2
 
-CHECKSUM_ALGORITHM = "crc32"
+CHECKSUM_ALGORITHM = "crc32"  # of the bytes, as they stream (grpc)
+DEVICE_CHECKSUM_ALGORITHM = "sum64"  # of the pages, where they are (direct transports: device_util)
+CHECKSUM_ALGORITHMS = (CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM)
 CODECS = ("none",)
 
 
@@ -56,8 +58,17 @@ class ModelSpec:
 
 
 def build_manifest(
-    spec: ModelSpec, layout: KVLayout, payload: bytes | bytearray | memoryview
+    spec: ModelSpec, layout: KVLayout, payload: bytes | bytearray | memoryview | torch.Tensor
 ) -> kv_pb2.KVManifest:
+    """The manifest of `payload`: page bytes (checksum crc32, for grpc) or the pages themselves
+    ([N, 2, page_size, head_dim], checksum sum64 computed where they live, for direct transports)."""
+    if isinstance(payload, torch.Tensor):
+        from kvtransfer.device_util import page_checksum
+
+        byte_count = payload.numel() * payload.element_size()
+        algorithm, value = DEVICE_CHECKSUM_ALGORITHM, page_checksum(payload) if payload.numel() else 0
+    else:
+        byte_count, algorithm, value = len(payload), CHECKSUM_ALGORITHM, checksum(payload)
     return kv_pb2.KVManifest(
         model_fingerprint=spec.fingerprint,
         dtype=spec.dtype,
@@ -68,9 +79,9 @@ def build_manifest(
         head_dim=spec.head_dim,
         head_lens=layout.head_lens.flatten().tolist(),
         num_pages=layout.num_pages,
-        byte_count=len(payload),
-        checksum_algorithm=CHECKSUM_ALGORITHM,
-        checksum=checksum(payload),
+        byte_count=byte_count,
+        checksum_algorithm=algorithm,
+        checksum=value,
     )
 
 
@@ -99,9 +110,9 @@ def check_manifest(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> KVLayout:
             field="manifest.codec",
         )
     require(
-        manifest.checksum_algorithm == CHECKSUM_ALGORITHM,
+        manifest.checksum_algorithm in CHECKSUM_ALGORITHMS,
         "manifest.checksum_algorithm",
-        f"must be {CHECKSUM_ALGORITHM!r}, got {manifest.checksum_algorithm!r}",
+        f"must be one of {CHECKSUM_ALGORITHMS}, got {manifest.checksum_algorithm!r}",
     )
     L, H = spec.num_layers, spec.num_kv_heads
     require(len(manifest.head_lens) == L * H, "manifest.head_lens", f"must hold {L} x {H} counts")

@@ -35,6 +35,8 @@ class Reservation:
     reserved_pages: int  # page_ids plus future decode growth
     lease_seconds: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    transport: str = "grpc"  # grpc: bytes through accept(); a direct one writes the pool itself
+    nccl_pair_id: str = ""
     state: ReservationState = ReservationState.AWAITING_PAGES
     created: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
@@ -50,16 +52,29 @@ class Reservation:
         self.deadline = time.monotonic() + self.lease_seconds
 
     def expired(self, now: float) -> bool:
+        if self.state == ReservationState.RECEIVING and self.transport != "grpc":
+            return False  # a CommitKV call owns it and ends it (with its own timeout)
         return self.state != ReservationState.DECODING and now > self.deadline
 
-    def begin_receive(self) -> None:
+    def begin_receive(self, direct: bool = False) -> None:
+        """Pages start arriving: as bytes through accept() (grpc), or written into the pool by a direct
+        transport (`direct`: no buffer here)."""
         if self.state != ReservationState.AWAITING_PAGES:
             raise FailedPreconditionError(
                 f"reservation_id: {self.id} is {self.state.value}, not waiting for pages",
                 field="reservation_id",
             )
+        if direct != (self.transport != "grpc"):
+            how = "CommitKV" if self.transport != "grpc" else "PushKV"
+            raise FailedPreconditionError(
+                f"reservation_id: {self.id} was reserved for the {self.transport} transport; its pages come "
+                f"through {how}",
+                field="reservation_id",
+            )
         self.state = ReservationState.RECEIVING
-        self._buffer = bytearray(self.manifest.byte_count)
+        self.renew()
+        if not direct:
+            self._buffer = bytearray(self.manifest.byte_count)
 
     def accept(self, offset: int, data: bytes) -> None:
         """Take the next chunk; bytes must come in order and never beyond what the manifest announced."""

@@ -1,8 +1,8 @@
 """Which transport moves a request's pages: automatic, or named by settings / the request.
 
-auto: either end on CPU -> `grpc`; same host (and shared memory namespace) with the decode pool's GPU
-reachable from ours (the same GPU, or peer access) -> `cuda_ipc`; another GPU or host -> `nccl`;
-anything else -> `grpc`. A named transport is honoured or refused with the reason, never swapped
+auto: same host (and shared memory namespace) with the decode pool's GPU reachable from ours (the same
+GPU, or peer access) -> `cuda_ipc`; both ends on CPU on one host -> `shm`; two GPUs that cannot map
+each other's memory (another host) -> `nccl`; anything else -> `grpc`. A named transport is honoured or refused with the reason, never swapped
 silently for another.
 """
 
@@ -15,7 +15,10 @@ from engine.errors import InvalidArgumentError
 from serving.errors import FailedPreconditionError
 
 AUTO = "auto"
-TRANSPORT_NAMES = ("grpc", "cuda_ipc", "nccl")
+TRANSPORT_NAMES = ("grpc", "cuda_ipc", "nccl", "shm")
+DIRECT_WRITE = ("cuda_ipc", "shm")  # the writer maps the decode pool and writes pages into it
+CPU_TRANSPORTS = ("grpc", "shm")
+GPU_TRANSPORTS = ("grpc", "cuda_ipc", "nccl")
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,29 @@ def cuda_peer_access(mine: str, theirs: str) -> bool | None:
 
 
 def local_node(device: str, transports: tuple[str, ...] = TRANSPORT_NAMES) -> NodeInfo:
-    """This process's NodeInfo for a torch device string ("cpu", "cuda", "cuda:1")."""
+    """This process's NodeInfo for a torch device string ("cpu", "cuda", "cuda:1"): the transports of
+    `transports` its device can serve."""
     import torch
 
     from kvtransfer.device_util import device_uuid, host_id
 
     dev = torch.device(device)
     if dev.type != "cuda":
-        return NodeInfo(host_id(), dev.type, "", ("grpc",))
-    return NodeInfo(host_id(), "cuda", device_uuid(dev), transports)
+        return NodeInfo(host_id(), dev.type, "", tuple(t for t in transports if t in CPU_TRANSPORTS))
+    return NodeInfo(host_id(), "cuda", device_uuid(dev), tuple(t for t in transports if t in GPU_TRANSPORTS))
+
+
+def parse_transports(text: str) -> tuple[str, ...]:
+    """A `transports` setting ("auto" or a comma list such as "grpc,shm") as names; grpc is always in."""
+    names = (
+        TRANSPORT_NAMES
+        if text.strip() in ("", AUTO)
+        else tuple(n.strip() for n in text.split(",") if n.strip())
+    )
+    unknown = [n for n in names if n not in TRANSPORT_NAMES]
+    if unknown:
+        raise ValueError(f"transports: unknown {unknown}; use {AUTO} or names from {TRANSPORT_NAMES}")
+    return ("grpc", *(n for n in names if n != "grpc"))
 
 
 def choose_transport(
@@ -73,14 +90,17 @@ def choose_transport(
             field="transport",
         )
     ipc_why = _ipc_unavailable(local, peer, peer_access)
+    shm_why = _shm_unavailable(local, peer)
     nccl_why = _nccl_unavailable(local, peer)
     if requested == AUTO:
         if ipc_why is None:
             return Choice("cuda_ipc", "same host, the decode pool's GPU is reachable")
+        if shm_why is None:
+            return Choice("shm", "same host, both on CPU")
         if nccl_why is None:
             return Choice("nccl", f"cuda_ipc not possible ({ipc_why})")
-        return Choice("grpc", f"no device transport: cuda_ipc: {ipc_why}; nccl: {nccl_why}")
-    why = {"grpc": None, "cuda_ipc": ipc_why, "nccl": nccl_why}[requested]
+        return Choice("grpc", f"no direct transport: cuda_ipc: {ipc_why}; shm: {shm_why}; nccl: {nccl_why}")
+    why = {"grpc": None, "cuda_ipc": ipc_why, "shm": shm_why, "nccl": nccl_why}[requested]
     if requested == "grpc" and "grpc" not in peer.transports:
         why = "the decode node does not serve grpc"
     if why is not None:
@@ -102,6 +122,16 @@ def _ipc_unavailable(local: NodeInfo, peer: NodeInfo, peer_access: PeerAccess) -
         return "the decode GPU is not visible from this process"
     if not access:
         return "no peer access between the two GPUs"
+    return None
+
+
+def _shm_unavailable(local: NodeInfo, peer: NodeInfo) -> str | None:
+    if "shm" not in peer.transports or "shm" not in local.transports:
+        return "an end does not serve shm"
+    if local.device_type != "cpu" or peer.device_type != "cpu":
+        return "both ends need a CPU pool"
+    if local.host_id != peer.host_id:
+        return "different hosts (or IPC namespaces)"
     return None
 
 

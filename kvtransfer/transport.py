@@ -1,19 +1,28 @@
-"""The transport interface both sides use, and the registry of transports by name.
+"""The transport interface the prefill side uses, and the registry of transports by name.
 
-The prefill side calls `send` after ReserveKV succeeded; on the decode side each transport delivers
-bytes into the Reservation (kvtransfer.reservation), which verifies them before anything is written to
-the pool. `grpc` streams bytes (PushKV); `cuda_ipc` and `nccl` will write pages directly and only
-commit over gRPC.
+A Transport is bound to one decode node (prefill_service.links sets direct ones up). The prefill side
+turns the gathered pages into the transport's payload (`payload`), builds the manifest from it, reserves
+on the decode node, then calls `send`, which must not return before the decode node committed.
+
+- `grpc` streams page bytes (PushKV); the decode node verifies their crc32 and writes them.
+- `cuda_ipc` and `shm` write the pages into the decode node's mapped pool, then call CommitKV; the
+  decode node verifies the pages' sum64 where they are.
+- `nccl` sends the pages while CommitKV runs; the decode node receives them into the reserved pages.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from engine.errors import InvalidArgumentError
+import torch
+
 from protos.kvferry.v1 import decode_pb2
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,30 +35,31 @@ class TransferResult:
 class Transport(ABC):
     name: ClassVar[str]
 
+    def payload(self, pages: torch.Tensor) -> Any:
+        """What `send` moves and the manifest describes: the pages themselves by default."""
+        return pages.contiguous()
+
+    def reserve_fields(self) -> dict[str, Any]:
+        """Extra ReserveKVRequest fields this transport needs (nccl: its pair)."""
+        return {}
+
     @abstractmethod
     async def send(
         self,
         decode: Any,  # a DecodeServiceStub on an aio channel
         reservation: decode_pb2.ReserveKVResponse,
-        payload: memoryview,
+        payload: Any,
         timeout: float | None = None,
     ) -> TransferResult:
         """Deliver `payload` (the pages in travel order) into `reservation` and commit it."""
 
 
-TRANSPORTS: dict[str, type[Transport]] = {}
-
-
-def register(cls: type[Transport]) -> type[Transport]:
-    TRANSPORTS[cls.name] = cls
-    return cls
-
-
-def get_transport(name: str, **options: Any) -> Transport:
-    from kvtransfer import grpc_transport  # noqa: F401 - registers itself
-
-    if name not in TRANSPORTS:
-        raise InvalidArgumentError(
-            f"transport: unknown transport {name!r}; available: {sorted(TRANSPORTS)}", field="transport"
-        )
-    return TRANSPORTS[name](**options)
+async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a thread; a cancelled caller still waits for it to end before the cancellation
+    goes on, so no write into a reservation's pages can outlive the reservation's abort."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise

@@ -1,5 +1,5 @@
-"""Shipping one request's kept pages to a decode service: manifest, ReserveKV, transport, and freeing
-the reservation when anything after ReserveKV fails or is cancelled."""
+"""Shipping one request's kept pages to a decode service: transport, manifest, ReserveKV, send, and
+freeing the reservation when anything after ReserveKV fails or is cancelled."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from typing import Any
 
 import grpc
 
-from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest, get_transport, pages_to_bytes
+from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest
+from prefill_service.links import DecodeLinks
 from prefill_service.prefill_engine import PrefillOutcome
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 from serving.deadline import Deadline
 from serving.error_interceptor import is_retryable
+from serving.errors import UnavailableError
 from serving.reservations import abort_reservation
 from serving.server import CHANNEL_OPTIONS
 
@@ -35,9 +37,8 @@ class Shipped:
 
 
 class KVHandoff:
-    def __init__(self, default_transport: str, chunk_bytes: int, reserve_wait_seconds: float = 30.0) -> None:
-        self.default_transport = default_transport
-        self.chunk_bytes = chunk_bytes
+    def __init__(self, links: DecodeLinks, reserve_wait_seconds: float = 30.0) -> None:
+        self.links = links
         self.reserve_wait_seconds = reserve_wait_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -50,10 +51,6 @@ class KVHandoff:
             else:
                 self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return decode_pb2_grpc.DecodeServiceStub(self._channels[address])
-
-    def transport(self, name: str) -> Transport:
-        """The transport a request names, or the default one."""
-        return get_transport(name or self.default_transport, chunk_bytes=self.chunk_bytes)
 
     async def _reserve(
         self,
@@ -86,6 +83,7 @@ class KVHandoff:
                 await asyncio.sleep(delay)
 
     async def close(self) -> None:
+        self.links.close()
         for channel in self._channels.values():
             await channel.close()
 
@@ -97,13 +95,14 @@ class KVHandoff:
         prompt: list[int],
         sampling: common_pb2.SamplingParams,
         spec: ModelSpec,
-        transport: Transport,
+        transport_name: str,
         deadline: Deadline,
     ) -> Shipped:
         assert outcome.layout is not None and outcome.pages is not None
-        payload = await asyncio.to_thread(pages_to_bytes, outcome.pages)
-        manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload)
         decode = self.decode_stub(address)
+        transport = await self.links.transport(address, decode, transport_name)
+        payload = await asyncio.to_thread(transport.payload, outcome.pages)
+        manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload)
         start = time.perf_counter()
         reserve = decode_pb2.ReserveKVRequest(
             request_id=request_id,
@@ -112,11 +111,21 @@ class KVHandoff:
             prompt_token_ids=prompt,
             first_token_id=outcome.first_token,
             transport=transport.name,
+            **transport.reserve_fields(),
         )
-        reservation = await self._reserve(decode, reserve, deadline)
         try:
+            reservation = await self._reserve(decode, reserve, deadline)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _LINK_FAILURES:
+                self.links.forget(address)
+            raise
+        try:
+            if transport is not self.links.grpc and not self.links.matches(address, reservation.node_id):
+                transport = await self._relink(address, decode, transport_name, transport.name)
             result = await transport.send(decode, reservation, payload, timeout=deadline.remaining())
-        except BaseException:
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                self.links.forget(address)
             await asyncio.shield(abort_reservation(decode, reservation.reservation_id))
             raise
         return Shipped(
@@ -126,6 +135,25 @@ class KVHandoff:
             time.perf_counter() - start,
             transport.name,
         )
+
+    async def _relink(self, address: str, decode: Any, requested: str, name: str) -> Transport:
+        """The decode node restarted after its link was set up (its ReserveKV reply names another
+        process): set the link up again; the payload and manifest stay valid for the same transport."""
+        log.info("decode node %s restarted; setting its %s link up again", address, name)
+        self.links.forget(address)
+        transport = await self.links.transport(address, decode, requested)
+        if transport.name != name:
+            raise UnavailableError(
+                f"decode node {address} restarted and now takes {transport.name}, not {name}"
+            )
+        return transport
+
+
+_LINK_FAILURES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION,  # e.g. a transport the (restarted) node no longer serves
+    grpc.StatusCode.NOT_FOUND,
+)
 
 
 async def _backoff_delays() -> AsyncIterator[float]:

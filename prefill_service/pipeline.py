@@ -38,6 +38,9 @@ class PrefillMetrics:
             "kvferry_kv_bytes_uncompressed_total", "KV bytes the shipped prompts take uncompressed"
         )
         self.transfer = registry.histogram("kvferry_kv_transfer_seconds", "ReserveKV to commit, per request")
+        self.by_transport = registry.counter(
+            "kvferry_kv_transfers_total", "KV transfers committed, by transport", ["transport"]
+        )
 
 
 class PrefillPipeline:
@@ -69,7 +72,9 @@ class PrefillPipeline:
         self.in_flight += 1
         try:
             sampling = sampling_from_proto(request.sampling)
-            transport = self.handoff.transport(request.transport)  # an unknown one fails before prefill
+            transport = self.handoff.links.check_name(
+                request.transport
+            )  # an unknown one fails before prefill
             prompt, compression = await asyncio.to_thread(_prepare, engine.tokenizer, request)
             request_id = request.request_id or uuid.uuid4().hex
             outcome = await self.engine.prefill(prompt, sampling, compression, request_id)
@@ -103,6 +108,7 @@ class PrefillPipeline:
             m.shipped.inc(shipped.transfer.bytes_sent)
             m.full.inc(outcome.stats.kv_bytes_full)
             m.transfer.observe(shipped.seconds)
+            m.by_transport.inc(transport=shipped.transport)
             log.info(
                 "prefilled %d prompt tokens in %.3f s (kept %.0f%%); shipped %d bytes to %s in %.3f s",
                 outcome.stats.prompt_tokens, outcome.stats.prefill_seconds, 100 * outcome.stats.retention,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from kvtransfer.selection import parse_transports
 from prefill_service.handoff import KVHandoff
+from prefill_service.links import DecodeLinks
 from prefill_service.pipeline import PrefillPipeline
 from prefill_service.prefill_engine import PrefillEngine
 from prefill_service.servicer import PrefillServicer
@@ -21,7 +23,13 @@ def build(settings: PrefillSettings) -> ServiceHost:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     engine = PrefillEngine(settings.engine_config())
-    handoff = KVHandoff(settings.transport, settings.chunk_bytes, settings.reserve_wait_seconds)
+    links = DecodeLinks(
+        str(settings.engine_config().torch_device()),
+        parse_transports(settings.transports),
+        settings.transport,
+        settings.chunk_bytes,
+    )
+    handoff = KVHandoff(links, settings.reserve_wait_seconds)
     host = ServiceHost(settings, [SERVICE_NAME])
     handoff.channels = host.channels  # TLS toward decode nodes
     pipeline = PrefillPipeline(engine, handoff, settings.max_pending_requests, host.metrics)

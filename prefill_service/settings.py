@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtransfer.selection import AUTO, TRANSPORT_NAMES, parse_transports
 from serving.settings import EngineSettings, ServerSettings, setting
 
 
@@ -12,7 +13,15 @@ class PrefillSettings(ServerSettings, EngineSettings):
     """kvferry prefill service: prefills prompts, compresses their KV and ships it to decode services."""
 
     port: int = setting(50052, "port to bind (0 picks a free one and logs it)")
-    transport: str = setting("grpc", "how KV pages move to decode services when a request names none: grpc")
+    transport: str = setting(
+        "auto",
+        "how KV pages move to decode services when a request names none: auto (cuda_ipc on one host with GPUs, "
+        "shm on one host with CPUs, nccl between GPUs that cannot map each other, else grpc), grpc, cuda_ipc, "
+        "shm or nccl",
+    )
+    transports: str = setting(
+        "auto", "transports this node may use (auto: all its device can; or e.g. grpc,shm)"
+    )
     chunk_bytes: int = setting(1 << 20, "bytes per PushKV message of the grpc transport")
     reserve_wait_seconds: float = setting(
         30.0, "how long a prefilled request waits for room on a full decode node before RESOURCE_EXHAUSTED"
@@ -23,6 +32,9 @@ class PrefillSettings(ServerSettings, EngineSettings):
     )
 
     def __post_init__(self) -> None:
+        parse_transports(self.transports)
+        if self.transport not in (AUTO, *TRANSPORT_NAMES):
+            raise ValueError(f"transport: unknown {self.transport!r}; use {AUTO} or one of {TRANSPORT_NAMES}")
         if self.reserve_wait_seconds < 0:
             raise ValueError(f"reserve_wait_seconds: must be >= 0, got {self.reserve_wait_seconds}")
         if self.max_pending_requests < 0:

@@ -1,5 +1,5 @@
-"""The services end to end over real gRPC, on a tiny random llama: coordinator -> prefill -> grpc
-transport -> decode equals the colocated engine token for token; errors arrive as the right status
+"""The services end to end over real gRPC, on a tiny random llama: coordinator -> prefill -> transport
+(shm, which auto picks on one CPU host, and grpc) -> decode equals the colocated engine token for token; errors arrive as the right status
 codes naming the field; cancellation, aborts and leases free every page on both nodes."""
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ def tiny(tiny_model: Callable[[str], TinyModel]) -> TinyModel:
     return tiny_model("llama")
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny: TinyModel) -> Iterator[InProcessCluster]:
-    spec = ClusterSpec(
+def cluster_spec(tiny: TinyModel, transport: str = "auto") -> ClusterSpec:
+    return ClusterSpec(
         engine=dict(
             model=str(tiny.path),
             device="cpu",
@@ -47,9 +46,20 @@ def cluster(tiny: TinyModel) -> Iterator[InProcessCluster]:
             torch_threads=1,
         ),
         decode=dict(kv_cache_bytes=DECODE_KV_BYTES, lease_seconds=1.5, max_chunk_bytes=64 << 10),
-        prefill=dict(chunk_bytes=16 << 10),  # several PushKV chunks per request
+        prefill=dict(chunk_bytes=16 << 10, transport=transport),  # several PushKV chunks per request
     )
-    c = InProcessCluster(spec).start()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny: TinyModel) -> Iterator[InProcessCluster]:
+    c = InProcessCluster(cluster_spec(tiny)).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_cluster(tiny: TinyModel) -> Iterator[InProcessCluster]:
+    c = InProcessCluster(cluster_spec(tiny, transport="grpc")).start()
     yield c
     c.stop()
 
@@ -76,9 +86,19 @@ def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: An
 
 
 # ---- the golden path ------------------------------------------------------------------------------
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
 @pytest.mark.parametrize("method", [None, "compactor", "snapkv"])
 def test_disaggregated_greedy_equals_colocated(
-    tiny: TinyModel, cluster: InProcessCluster, client: Client, method: str | None
+    tiny: TinyModel, request: pytest.FixtureRequest, method: str | None, transport: str
+) -> None:
+    nodes: InProcessCluster = request.getfixturevalue("cluster" if transport == "shm" else "grpc_cluster")
+    with Client(nodes.coordinator_address, timeout=60) as client:
+        _check_greedy_equals_colocated(tiny, client, method, transport)
+    nodes.assert_no_leaks()
+
+
+def _check_greedy_equals_colocated(
+    tiny: TinyModel, client: Client, method: str | None, transport: str
 ) -> None:
     # 16 simultaneous requests of different lengths, so the decode node batches them
     prompts = [prompt(n, seed=n, vocab=tiny.vocab_size) for n in (7, 64, 130, 301, *range(20, 260, 20))]
@@ -104,7 +124,7 @@ def test_disaggregated_greedy_equals_colocated(
         s = r.stats
         assert s.prefill.prompt_tokens == len(p)
         assert s.prefill.kv_bytes_shipped == s.prefill.kv_bytes == s.decode.kv_bytes_received
-        assert s.prefill.transport == "grpc"
+        assert s.prefill.transport == transport
         assert s.decode.output_tokens == 24
         if method is None:
             assert s.prefill.kv_bytes == s.prefill.kv_bytes_full and s.prefill.compression_method == "none"

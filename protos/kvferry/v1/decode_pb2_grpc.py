@@ -60,6 +60,21 @@ class DecodeServiceStub:
                 request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.FromString,
                 _registered_method=True)
+        self.ExportKV = channel.unary_unary(
+                '/kvferry.v1.DecodeService/ExportKV',
+                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.SerializeToString,
+                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.FromString,
+                _registered_method=True)
+        self.OpenNccl = channel.unary_unary(
+                '/kvferry.v1.DecodeService/OpenNccl',
+                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.SerializeToString,
+                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.FromString,
+                _registered_method=True)
+        self.CommitKV = channel.unary_unary(
+                '/kvferry.v1.DecodeService/CommitKV',
+                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
+                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -104,6 +119,33 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportKV(self, request, context):
+        """What a prefill node needs once to pick a transport to this node and set a direct one up: where the
+        KV pool lives, the transports served, and the pool's export for the direct-write transports
+        (cuda_ipc on a GPU, shm on a CPU), which a prefill node maps once per decode process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenNccl(self, request, context):
+        """The nccl transport's rendezvous: a fresh 2-rank pair (prefill = rank 0, decode = rank 1) on this
+        node's TCPStore. This node joins at once; the caller joins with the returned offer. One pair per
+        prefill process, reused for all its requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitKV(self, request, context):
+        """Direct transports: the reservation's pages are in the pool (cuda_ipc, shm: written before the call)
+        or arrive during the call (nccl: this node receives while the caller sends). They are verified
+        against the manifest's checksum, then decoding starts; the reply means committed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +173,21 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.FromString,
                     response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.SerializeToString,
+            ),
+            'ExportKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportKV,
+                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.FromString,
+                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.SerializeToString,
+            ),
+            'OpenNccl': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenNccl,
+                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.FromString,
+                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.SerializeToString,
+            ),
+            'CommitKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitKV,
+                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.FromString,
+                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +326,87 @@ class DecodeService:
             '/kvferry.v1.DecodeService/Info',
             protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.SerializeToString,
             protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.DecodeService/ExportKV',
+            protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.SerializeToString,
+            protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenNccl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.DecodeService/OpenNccl',
+            protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.SerializeToString,
+            protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.DecodeService/CommitKV',
+            protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
+            protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

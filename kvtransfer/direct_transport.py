@@ -1,0 +1,97 @@
+"""The direct transports, bound to one decode node: the pages go device to device (or shared memory to
+shared memory), and gRPC carries only the reservation and the commit.
+
+`DirectWriteTransport` (cuda_ipc, shm): write the pages into the decode node's mapped pool at the
+reservation's page runs, then CommitKV. `NcclTransport`: CommitKV and the send run together (the decode
+node receives during the call); one transfer at a time per pair, so both ends see them in one order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Protocol
+
+import torch
+
+from kvtransfer.device_util import decode_runs
+from kvtransfer.errors import TransferIntegrityError
+from kvtransfer.nccl import NcclPair
+from kvtransfer.transport import TransferResult, Transport, run_to_end
+from protos.kvferry.v1 import decode_pb2
+
+
+class MappedPool(Protocol):
+    """A decode pool mapped into this process (cuda_ipc.MappedPool, shm.MappedShmPool)."""
+
+    node_id: str
+
+    def write(self, pages: torch.Tensor, page_ids: torch.Tensor) -> float: ...
+
+
+class DirectWriteTransport(Transport):
+    def __init__(self, name: str, mapped: MappedPool) -> None:
+        self.name = name  # type: ignore[misc] - one class serves cuda_ipc and shm
+        self.mapped = mapped
+
+    async def send(
+        self,
+        decode: Any,
+        reservation: decode_pb2.ReserveKVResponse,
+        payload: torch.Tensor,
+        timeout: float | None = None,
+    ) -> TransferResult:
+        page_ids = decode_runs(list(reservation.page_runs))
+        if page_ids.numel() != payload.shape[0]:
+            raise TransferIntegrityError(
+                f"the decode node gave {page_ids.numel()} pages to write, the manifest has {payload.shape[0]}"
+            )
+        start = time.perf_counter()
+        await run_to_end(self.mapped.write, payload, page_ids)
+        return await _commit(decode, reservation, payload, start, timeout)
+
+
+class NcclTransport(Transport):
+    name = "nccl"
+
+    def __init__(self, pair: NcclPair, lock: asyncio.Lock) -> None:
+        self.pair = pair
+        self.lock = lock  # one transfer at a time on the pair
+
+    def reserve_fields(self) -> dict[str, Any]:
+        return {"nccl_pair_id": self.pair.pair_id}
+
+    async def send(
+        self,
+        decode: Any,
+        reservation: decode_pb2.ReserveKVResponse,
+        payload: torch.Tensor,
+        timeout: float | None = None,
+    ) -> TransferResult:
+        async with self.lock:
+            start = time.perf_counter()
+            commit = asyncio.ensure_future(_commit(decode, reservation, payload, start, timeout))
+            try:
+                await run_to_end(self.pair.send_pages, payload, timeout)
+            except BaseException:
+                commit.cancel()
+                raise
+            return await commit
+
+
+async def _commit(
+    decode: Any,
+    reservation: decode_pb2.ReserveKVResponse,
+    payload: torch.Tensor,
+    start: float,
+    timeout: float | None,
+) -> TransferResult:
+    reply = await decode.CommitKV(
+        decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id), timeout=timeout
+    )
+    sent = payload.numel() * payload.element_size()
+    if reply.bytes_received != sent:
+        raise TransferIntegrityError(
+            f"sent {sent} bytes but the decode node committed {reply.bytes_received}"
+        )
+    return TransferResult(sent, reply.bytes_received, time.perf_counter() - start)
