@@ -16,7 +16,7 @@ import torch
 
 from decode_service.settings import DecodeSettings
 from kvtransfer.device_util import device_uuid, host_id
-from kvtransfer.selection import CPU_TRANSPORTS, GPU_TRANSPORTS, parse_transports
+from kvtransfer.selection import CPU_TRANSPORTS, GPU_TRANSPORTS, IN_PROCESS_NODES, parse_transports
 from protos.kvferry.v1 import decode_pb2
 from serving.errors import FailedPreconditionError, UnavailableError
 
@@ -76,9 +76,11 @@ class DirectReceiver:
                 log.warning("nccl transport off: %s", e)
         possible = CPU_TRANSPORTS if self.device.type == "cpu" else GPU_TRANSPORTS
         self.transports = tuple(t for t in served if t in possible)
+        IN_PROCESS_NODES.add(self.node_id)
         log.info("KV transports served: %s (node %s)", ", ".join(self.transports), self.node_id)
 
     async def close(self) -> None:
+        IN_PROCESS_NODES.discard(self.node_id)
         for task in self._joining:
             task.cancel()
         if self._hub is not None:

@@ -19,6 +19,9 @@ TRANSPORT_NAMES = ("grpc", "cuda_ipc", "nccl", "shm")
 DIRECT_WRITE = ("cuda_ipc", "shm")  # the writer maps the decode pool and writes pages into it
 CPU_TRANSPORTS = ("grpc", "shm")
 GPU_TRANSPORTS = ("grpc", "cuda_ipc", "nccl")
+# Decode nodes serving from this very process (in-process clusters): CUDA cannot open an IPC handle in
+# the process that exported it, so cuda_ipc to them is unavailable (shm works: a file maps twice).
+IN_PROCESS_NODES: set[str] = set()
 
 
 @dataclass(frozen=True)

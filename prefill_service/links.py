@@ -15,9 +15,17 @@ from typing import Any
 import grpc
 import torch
 
+from kvtransfer.device_util import PeerUnreachableError
 from kvtransfer.direct_transport import DirectWriteTransport, NcclTransport
 from kvtransfer.grpc_transport import GrpcTransport
-from kvtransfer.selection import AUTO, TRANSPORT_NAMES, NodeInfo, choose_transport, local_node
+from kvtransfer.selection import (
+    AUTO,
+    IN_PROCESS_NODES,
+    TRANSPORT_NAMES,
+    NodeInfo,
+    choose_transport,
+    local_node,
+)
 from kvtransfer.transport import Transport
 from protos.kvferry.v1 import decode_pb2
 from serving.errors import InvalidRequestError, UnavailableError
@@ -132,6 +140,8 @@ class DecodeLinks:
         if name == "cuda_ipc":
             from kvtransfer.cuda_ipc import IpcPeers, PoolExport
 
+            if peer.export.node_id in IN_PROCESS_NODES:
+                raise PeerUnreachableError("cuda_ipc: the decode node runs in this process (IPC needs two)")
             self._ipc = self._ipc or IpcPeers(self.device)
             mapped = await asyncio.to_thread(self._ipc.map, PoolExport.from_bytes(peer.export.pool_export))
             return DirectWriteTransport("cuda_ipc", mapped)

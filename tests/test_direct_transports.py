@@ -1,0 +1,281 @@
+"""The direct-transport protocol of the services (ExportKV, page runs, CommitKV) on CPU, through the
+`shm` transport: a CPU decode node's pool lives in a /dev/shm file that a writer maps and fills. The
+same RPCs and checks carry cuda_ipc and nccl on GPUs (tests/test_serving_gpu.py).
+
+Covered: transport selection with shm; the pool file's life (export, sweep of dead processes' files,
+unlink at stop); pages written through a mapping verified by CommitKV (sum64), corrupt ones refused
+with DATA_LOSS and freed; a reservation taking its pages only the way it was reserved for; transports
+the node does not serve refused before anything is reserved; auto falling back to grpc when the pool
+cannot be mapped while a named transport fails."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from builders import TinyModel
+from cluster import ClusterSpec, InProcessCluster
+
+from engine.kv_handoff import KVLayout
+from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+from kvtransfer.device_util import decode_runs
+from kvtransfer.selection import NodeInfo, choose_transport
+from kvtransfer.shm import MappedShmPool, ShmExport, sweep_stale_files
+from prefill_service.links import DecodeLinks
+from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from serving.errors import FailedPreconditionError, UnavailableError
+
+PAGE_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Callable[[str], TinyModel]) -> Iterator[InProcessCluster]:
+    tiny = tiny_model("llama")
+    engine = dict(
+        model=str(tiny.path), device="cpu", dtype="float32", page_size=PAGE_SIZE, prefill_chunk=64,
+        max_model_len=512, kv_cache_bytes=1 << 20, torch_threads=1,
+    )  # fmt: skip
+    c = InProcessCluster(ClusterSpec(engine=engine, decode=dict(lease_seconds=5.0))).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def stub(cluster: InProcessCluster) -> Iterator[decode_pb2_grpc.DecodeServiceStub]:
+    channel = grpc.insecure_channel(cluster.address("decode"))
+    yield decode_pb2_grpc.DecodeServiceStub(channel)
+    channel.close()
+    cluster.assert_no_leaks()
+
+
+def _pages(cluster: InProcessCluster, head_len: int) -> tuple[ModelSpec, KVLayout, torch.Tensor]:
+    engine = cluster.decode.worker.engine
+    spec = ModelSpec.of_engine(engine)
+    layout = KVLayout(torch.full((engine.num_layers, engine.num_kv_heads), head_len), spec.page_size)
+    return spec, layout, torch.randn(layout.num_pages, 2, spec.page_size, spec.head_dim)
+
+
+def _reserve(stub: Any, manifest: Any, transport: str, prompt_len: int) -> Any:
+    return stub.ReserveKV(
+        decode_pb2.ReserveKVRequest(
+            request_id="test",
+            manifest=manifest,
+            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+            prompt_token_ids=[1 + i % 250 for i in range(prompt_len)],
+            first_token_id=5,
+            transport=transport,
+        ),
+        timeout=10,
+    )
+
+
+# ---- selection ------------------------------------------------------------------------------------
+def test_auto_picks_shm_between_cpu_processes_of_one_host() -> None:
+    cpu = NodeInfo("h1", "cpu", "", ("grpc", "shm"))
+    assert choose_transport(cpu, cpu).name == "shm"
+    assert choose_transport(cpu, NodeInfo("h2", "cpu", "", ("grpc", "shm"))).name == "grpc"  # other host
+    assert choose_transport(cpu, NodeInfo("h1", "cpu", "", ("grpc",))).name == "grpc"  # decode: grpc only
+    gpu = NodeInfo("h1", "cuda", "GPU-0", ("grpc", "cuda_ipc", "nccl"))
+    assert choose_transport(gpu, gpu).name == "cuda_ipc"
+    with pytest.raises(FailedPreconditionError) as e:
+        choose_transport(gpu, cpu, "shm")
+    assert e.value.field == "transport"
+
+
+# ---- the pool file --------------------------------------------------------------------------------
+def test_export_names_a_mappable_pool_file_holding_the_pool(cluster: InProcessCluster, stub: Any) -> None:
+    export = stub.ExportKV(decode_pb2.ExportKVRequest(), timeout=10)
+    assert export.device_type == "cpu" and export.device_uuid == ""
+    assert list(export.transports) == ["grpc", "shm"]
+    shm = ShmExport.from_bytes(export.pool_export)
+    assert shm.node_id == export.node_id and os.path.exists(shm.path)
+    mapped = MappedShmPool(shm)
+    pool = cluster.decode.worker.engine.pool.kv
+    assert mapped.kv is not None and mapped.kv.shape == pool.shape
+    assert mapped.kv.data_ptr() != pool.data_ptr()  # a second mapping of the same file...
+    before = pool[7].clone()
+    mapped.kv[7, 0, 0, 0] += 1.0  # ...whose writes the pool sees
+    assert pool[7, 0, 0, 0] == before[0, 0, 0] + 1.0
+    pool[7] = before
+
+
+def test_files_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f"kvferry-kv-{int(dead.stdout)}-abc123"
+    alive = tmp_path / f"kvferry-kv-{os.getpid()}-def456"
+    stale.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    assert sweep_stale_files(tmp_path) == 1
+    assert not stale.exists() and alive.exists()
+
+
+def test_the_pool_file_is_removed_when_the_decode_node_stops(tiny_model: Callable[[str], TinyModel]) -> None:
+    tiny = tiny_model("llama")
+    engine = dict(
+        model=str(tiny.path), device="cpu", dtype="float32", page_size=PAGE_SIZE, kv_cache_bytes=1 << 18
+    )
+    c = InProcessCluster(ClusterSpec(engine=engine)).start()
+    try:
+        path = ShmExport.from_bytes(c.decode.direct.export().pool_export).path
+        assert os.path.exists(path)
+    finally:
+        c.stop()
+    assert not os.path.exists(path)
+
+
+# ---- write, commit, verify -----------------------------------------------------------------------
+def test_pages_written_through_the_mapping_decode_after_commit(cluster: InProcessCluster, stub: Any) -> None:
+    spec, layout, pages = _pages(cluster, 12)  # whole pages: decoding writes its tokens into new ones
+    manifest = build_manifest(spec, layout, pages)
+    assert manifest.checksum_algorithm == "sum64"
+    reservation = _reserve(stub, manifest, "shm", 12)
+    ids = decode_runs(list(reservation.page_runs))
+    assert ids.numel() == reservation.num_pages == layout.num_pages
+    assert reservation.node_id == stub.ExportKV(decode_pb2.ExportKVRequest(), timeout=10).node_id
+    mapped = MappedShmPool(
+        ShmExport.from_bytes(stub.ExportKV(decode_pb2.ExportKVRequest(), timeout=10).pool_export)
+    )
+    mapped.write(pages, ids)
+    reply = stub.CommitKV(decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id), timeout=10)
+    assert reply.bytes_received == manifest.byte_count
+    assert torch.equal(cluster.decode.worker.engine.pool.kv[ids], pages)
+    tokens = [
+        t
+        for r in stub.Decode(decode_pb2.DecodeRequest(reservation_id=reservation.reservation_id))
+        for t in r.token_ids
+    ]
+    assert len(tokens) == 3  # the first token came from "prefill"; three more to max_new_tokens=4
+
+
+def test_a_corrupt_page_is_data_loss_and_freed(cluster: InProcessCluster, stub: Any) -> None:
+    spec, layout, pages = _pages(cluster, 21)
+    reservation = _reserve(stub, build_manifest(spec, layout, pages), "shm", 21)
+    export = ShmExport.from_bytes(stub.ExportKV(decode_pb2.ExportKVRequest(), timeout=10).pool_export)
+    corrupt = pages.clone()
+    corrupt[3, 1, 2, 5] += 0.5
+    MappedShmPool(export).write(corrupt, decode_runs(list(reservation.page_runs)))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CommitKV(decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS and "sum64" in err.value.details()
+    with pytest.raises(grpc.RpcError) as gone:
+        stub.CommitKV(decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id), timeout=10)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND  # freed with its pages (the fixture checks)
+
+
+def test_a_reservation_takes_pages_only_the_way_it_was_reserved_for(
+    cluster: InProcessCluster, stub: Any
+) -> None:
+    spec, layout, pages = _pages(cluster, 9)
+    direct = _reserve(stub, build_manifest(spec, layout, pages), "shm", 9)
+    push = [decode_pb2.PushKVRequest(reservation_id=direct.reservation_id, data=bytes(pages_to_bytes(pages)))]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushKV(iter(push), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "CommitKV" in err.value.details()
+    stub.Abort(decode_pb2.AbortRequest(reservation_id=direct.reservation_id), timeout=10)
+    streamed = _reserve(stub, build_manifest(spec, layout, pages_to_bytes(pages)), "grpc", 9)
+    assert list(streamed.page_runs) == []  # nothing to write directly
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CommitKV(decode_pb2.CommitKVRequest(reservation_id=streamed.reservation_id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "PushKV" in err.value.details()
+    stub.Abort(decode_pb2.AbortRequest(reservation_id=streamed.reservation_id), timeout=10)
+
+
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl"])
+def test_transports_not_served_are_refused_before_reserving(
+    cluster: InProcessCluster, stub: Any, transport: str
+) -> None:
+    spec, layout, pages = _pages(cluster, 9)
+    with pytest.raises(grpc.RpcError) as err:
+        _reserve(stub, build_manifest(spec, layout, pages), transport, 9)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(err.value.trailing_metadata())["kvferry-field"] == "transport"
+    assert cluster.pool_state()["decode"] == (0, 0)
+
+
+def test_checksum_must_match_the_transport(cluster: InProcessCluster, stub: Any) -> None:
+    spec, layout, pages = _pages(cluster, 9)
+    with pytest.raises(grpc.RpcError) as err:
+        _reserve(stub, build_manifest(spec, layout, pages_to_bytes(pages)), "shm", 9)  # crc32 for shm
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.value.trailing_metadata())["kvferry-field"] == "manifest.checksum_algorithm"
+
+
+@pytest.mark.parametrize(
+    "transport, code", [("cuda_ipc", "FAILED_PRECONDITION"), ("rdma", "INVALID_ARGUMENT")]
+)
+def test_a_transport_the_nodes_cannot_use_is_refused_and_nothing_leaks(
+    cluster: InProcessCluster, transport: str, code: str
+) -> None:
+    request = prefill_pb2.PrefillRequest(
+        prompt_token_ids=common_pb2.TokenIds(ids=[5, 6, 7, 8, 9]),
+        sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+        decode_address=cluster.address("decode"),
+        transport=transport,
+    )
+    with grpc.insecure_channel(cluster.address("prefill")) as channel, pytest.raises(grpc.RpcError) as err:
+        prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(request, timeout=30)
+    assert err.value.code() == getattr(grpc.StatusCode, code) and transport in err.value.details()
+    assert dict(err.value.trailing_metadata())["kvferry-field"] == "transport"
+    cluster.assert_no_leaks()
+
+
+# ---- links ----------------------------------------------------------------------------------------
+class _DecodeAnswering:
+    """Answers ExportKV as a decode node whose pool file is not there (another /dev/shm)."""
+
+    def __init__(self, export: decode_pb2.ExportKVResponse) -> None:
+        self.export = export
+        self.calls = 0
+
+    async def ExportKV(self, request: Any, timeout: float) -> decode_pb2.ExportKVResponse:  # noqa: N802
+        self.calls += 1
+        return self.export
+
+
+def test_auto_falls_back_to_grpc_when_the_pool_cannot_be_mapped_and_a_named_one_fails(
+    cluster: InProcessCluster,
+) -> None:
+    real = cluster.decode.direct.export()
+    shm = ShmExport.from_bytes(real.pool_export)
+    missing = ShmExport(shm.node_id, shm.host_id, shm.path + "-missing", shm.shape, shm.dtype)
+    export = decode_pb2.ExportKVResponse()
+    export.CopyFrom(real)
+    export.pool_export = missing.to_bytes()
+    decode = _DecodeAnswering(export)
+
+    async def scenario() -> tuple[str, str]:
+        links = DecodeLinks("cpu", ("grpc", "shm"), "auto", 1 << 20)
+        first = await links.transport("decode:1", decode, "")
+        again = await links.transport("decode:1", decode, "auto")
+        with pytest.raises(UnavailableError):
+            await links.transport("decode:1", decode, "shm")
+        return first.name, again.name
+
+    assert asyncio.run(scenario()) == ("grpc", "grpc")
+    assert decode.calls == 1  # asked once, remembered
+
+
+def test_links_follow_a_restarted_decode_node(cluster: InProcessCluster) -> None:
+    real = cluster.decode.direct.export()
+
+    async def scenario() -> None:
+        links = DecodeLinks("cpu", ("grpc", "shm"), "auto", 1 << 20)
+        decode = _DecodeAnswering(real)
+        transport = await links.transport("decode:1", decode, "")
+        assert transport.name == "shm"
+        assert links.matches("decode:1", real.node_id) and not links.matches("decode:1", "another-process")
+        links.forget("decode:1")
+        assert not links.matches("decode:1", real.node_id)
+        assert (await links.transport("decode:1", decode, "")).name == "shm" and decode.calls == 2
+
+    asyncio.run(scenario())
