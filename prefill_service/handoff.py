@@ -34,6 +34,7 @@ class Shipped:
     transfer: TransferResult
     seconds: float  # ReserveKV to commit
     transport: str
+    handoff_seconds: float  # payload + manifest + ReserveKV to commit
 
 
 class KVHandoff:
@@ -101,6 +102,7 @@ class KVHandoff:
         assert outcome.layout is not None and outcome.pages is not None
         decode = self.decode_stub(address)
         transport = await self.links.transport(address, decode, transport_name)
+        handoff_start = time.perf_counter()
         payload = await asyncio.to_thread(transport.payload, outcome.pages)
         manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload)
         start = time.perf_counter()
@@ -134,6 +136,7 @@ class KVHandoff:
             result,
             time.perf_counter() - start,
             transport.name,
+            time.perf_counter() - handoff_start,
         )
 
     async def _relink(self, address: str, decode: Any, requested: str, name: str) -> Transport:

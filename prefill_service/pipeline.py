@@ -105,6 +105,7 @@ class PrefillPipeline:
             response.stats.manifest_bytes = shipped.manifest_bytes
             response.stats.transfer_seconds = shipped.seconds
             response.stats.transport = shipped.transport
+            response.stats.handoff_seconds = shipped.handoff_seconds
             m.shipped.inc(shipped.transfer.bytes_sent)
             m.full.inc(outcome.stats.kv_bytes_full)
             m.transfer.observe(shipped.seconds)

@@ -43,7 +43,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., first_text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., kv_handle: _Optional[_Union[_kv_pb2.KVHandle, _Mapping]] = ..., stats: _Optional[_Union[PrefillStats, _Mapping]] = ...) -> None: ...
 
 class PrefillStats(_message.Message):
-    __slots__ = ("prompt_tokens", "kept_tokens", "full_tokens", "retention", "kept_tokens_per_layer", "kv_pages", "kv_bytes", "kv_bytes_full", "kv_bytes_shipped", "manifest_bytes", "queue_seconds", "prefill_seconds", "scoring_seconds", "transfer_seconds", "transport", "compression_method")
+    __slots__ = ("prompt_tokens", "kept_tokens", "full_tokens", "retention", "kept_tokens_per_layer", "kv_pages", "kv_bytes", "kv_bytes_full", "kv_bytes_shipped", "manifest_bytes", "queue_seconds", "prefill_seconds", "scoring_seconds", "transfer_seconds", "transport", "compression_method", "handoff_seconds")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FULL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class PrefillStats(_message.Message):
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_METHOD_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     kept_tokens: int
     full_tokens: int
@@ -76,7 +77,8 @@ class PrefillStats(_message.Message):
     transfer_seconds: float
     transport: str
     compression_method: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., full_tokens: _Optional[int] = ..., retention: _Optional[float] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ..., kv_pages: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_bytes_full: _Optional[int] = ..., kv_bytes_shipped: _Optional[int] = ..., manifest_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., scoring_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., transport: _Optional[str] = ..., compression_method: _Optional[str] = ...) -> None: ...
+    handoff_seconds: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., full_tokens: _Optional[int] = ..., retention: _Optional[float] = ..., kept_tokens_per_layer: _Optional[_Iterable[int]] = ..., kv_pages: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_bytes_full: _Optional[int] = ..., kv_bytes_shipped: _Optional[int] = ..., manifest_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., scoring_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., transport: _Optional[str] = ..., compression_method: _Optional[str] = ..., handoff_seconds: _Optional[float] = ...) -> None: ...
 
 class PrefillInfoRequest(_message.Message):
     __slots__ = ()
