@@ -1,11 +1,24 @@
-"""Triton kernels for the GPU engine; each has a PyTorch reference in engine/layers/paged_attention.py.
+"""Triton kernels for the GPU engine; each has a PyTorch reference (attention: engine/layers/
+paged_attention.py; scoring and select-and-pack: engine/compression/).
 
 Importing this package needs triton. Tests run the kernels on CPU with TRITON_INTERPRET=1 set
 before this import.
 """
 
+from kernels.attention_mass import attention_mass
 from kernels.decode_attention import decode_attention
+from kernels.leverage_scores import leverage_scores, padded_sketch
+from kernels.pack_kept import pack_kept, scatter_pages
 from kernels.prefill_attention import prefill_attention
 from kernels.store_kv import store_kv
 
-__all__ = ["decode_attention", "prefill_attention", "store_kv"]
+__all__ = [
+    "attention_mass",
+    "decode_attention",
+    "leverage_scores",
+    "pack_kept",
+    "padded_sketch",
+    "prefill_attention",
+    "scatter_pages",
+    "store_kv",
+]

@@ -27,17 +27,33 @@ class BlockStream:
 
     def push(self, start: int, *tensors: torch.Tensor) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
         """Add tokens start..start+T-1; returns [(block_start, tensors of that block)] completed now."""
+        span = self.push_span(start, *tensors)
+        if span is None:
+            return []
+        lo, joined, first, last = span
+        edges = self.bounds[first : last + 1]
+        return [(a, tuple(t[a - lo : b - lo] for t in joined)) for a, b in zip(edges, edges[1:])]
+
+    def push_span(
+        self, start: int, *tensors: torch.Tensor
+    ) -> tuple[int, tuple[torch.Tensor, ...], int, int] | None:
+        """Add tokens start..start+T-1; returns every block completed now as one span:
+        (span_start, tensors of the span, first block, last block + 1), or None when none completed.
+        The span's blocks are `bounds[first:last + 1]` (prompt positions)."""
         assert start == self.pending_from + sum(t[0].shape[0] for t in self.pending), "chunks out of order"
         self.pending.append(tensors)
         have_until = start + tensors[0].shape[0]
-        done = []
+        first = self.next_block
         while self.next_block + 1 < len(self.bounds) and self.bounds[self.next_block + 1] <= have_until:
-            lo, hi = self.bounds[self.next_block], self.bounds[self.next_block + 1]
-            joined = tuple(torch.cat(parts) for parts in zip(*self.pending))
-            offset = lo - self.pending_from
-            done.append((lo, tuple(t[offset : offset + hi - lo] for t in joined)))
-            rest = tuple(t[offset + hi - lo :] for t in joined)
-            self.pending = [rest] if rest[0].shape[0] else []
-            self.pending_from = hi
             self.next_block += 1
-        return done
+        if self.next_block == first:
+            return None
+        lo, hi = self.bounds[first], self.bounds[self.next_block]
+        parts = self.pending
+        joined = parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
+        # pending_from == lo: pending tokens always start at a block edge
+        rest = tuple(t[hi - lo :] for t in joined)
+        # a copy of the leftover tokens, so the caller's whole chunk is not kept alive for them
+        self.pending = [tuple(t.clone() for t in rest)] if rest[0].shape[0] else []
+        self.pending_from = hi
+        return lo, tuple(t[: hi - lo] for t in joined), first, self.next_block

@@ -12,6 +12,8 @@ Both statistics stream with chunked prefill; nothing but [L, H, n] floats is kep
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from engine.compression.attention_scores import block_attention_mass
@@ -31,6 +33,12 @@ def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:
 
 @register("compactor")
 class CompactorScorer(Scorer):
+    # On CUDA: the fused Triton kernels (kernels/leverage_scores.py, kernels/attention_mass.py),
+    # launched on a side stream so scoring overlaps the prefill's own work. Off CUDA, or with
+    # use_kernels False: the PyTorch reference below. Class knobs, for tests and benchmarks.
+    use_kernels: ClassVar[bool] = True
+    use_side_stream: ClassVar[bool] = True
+
     def __init__(self, params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> None:
         super().__init__(params, shape, seq_kv)
         n = shape.prompt_len
@@ -39,24 +47,96 @@ class CompactorScorer(Scorer):
         self.leverage: torch.Tensor | None = None  # [L, H, n]
         self.mass: torch.Tensor | None = None  # [L, H, n]
         self.sketch: torch.Tensor | None = None  # Φ [D, k]
+        self.fused: FusedScoring | None = None
+        self.stream: torch.cuda.Stream | None = None
 
     def observe(
         self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
     ) -> None:
         if self.sketch is None:
-            s = self.shape
-            self.sketch = gaussian_sketch(k.shape[-1], self.params.sketch_size, k.device)
-            self.leverage = torch.zeros(s.num_layers, s.num_kv_heads, s.prompt_len, device=k.device)
-            self.mass = torch.zeros_like(self.leverage)
-        assert self.leverage is not None and self.mass is not None
-        for lo, (keys,) in self.leverage_streams[layer].push(start, k_pre_rope):
-            o = sketched_leverage(keys.transpose(0, 1), self.sketch)  # [H, b]
-            self.leverage[layer, :, lo : lo + o.shape[1]] = o / o.mean(dim=1, keepdim=True).clamp(min=1e-12)
+            self._start(k)
+        if self.stream is None:
+            self._observe(layer, q, k_pre_rope, k, start)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(k.device))
+        with torch.cuda.stream(self.stream):
+            self._observe(layer, q, k_pre_rope, k, start)
+        for t in (q, k_pre_rope, k):
+            t.record_stream(self.stream)  # the prefill may free them before the side stream is done
+
+    def _start(self, k: torch.Tensor) -> None:
+        s, p = self.shape, self.params
+        self.sketch = gaussian_sketch(k.shape[-1], p.sketch_size, k.device)
+        self.leverage = torch.zeros(s.num_layers, s.num_kv_heads, s.prompt_len, device=k.device)
+        self.mass = torch.zeros_like(self.leverage)
+        d = k.shape[-1]
+        if k.is_cuda and self.use_kernels and d >= 16 and d & (d - 1) == 0:  # the kernels' head dims
+            self.fused = FusedScoring(
+                self.sketch, self.leverage_streams[0].bounds, self.mass_streams[0].bounds
+            )
+            if self.use_side_stream:
+                self.stream = torch.cuda.Stream(k.device)
+
+    def _observe(
+        self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
+    ) -> None:
+        assert self.leverage is not None and self.mass is not None and self.sketch is not None
         scale = k.shape[-1] ** -0.5
-        for lo, (qb, kb) in self.mass_streams[layer].push(start, q, k):
-            self.mass[layer, :, lo : lo + qb.shape[0]] = block_attention_mass(qb, kb, scale)
+        fused = self.fused
+        if fused is not None:
+            span = self.leverage_streams[layer].push_span(start, k_pre_rope)
+            if span is not None:
+                fused.leverage(self.leverage[layer], span, self.params.sketch_size)
+        else:
+            for lo, (keys,) in self.leverage_streams[layer].push(start, k_pre_rope):
+                o = sketched_leverage(keys.transpose(0, 1), self.sketch)  # [H, b]
+                self.leverage[layer, :, lo : lo + o.shape[1]] = o / o.mean(dim=1, keepdim=True).clamp(
+                    min=1e-12
+                )
+        if fused is not None and fused.mass_fits:
+            span = self.mass_streams[layer].push_span(start, q, k)
+            if span is not None:
+                fused.mass(self.mass[layer], span, scale)
+        else:
+            for lo, (qb, kb) in self.mass_streams[layer].push(start, q, k):
+                self.mass[layer, :, lo : lo + qb.shape[0]] = block_attention_mass(qb, kb, scale)
 
     def scores(self) -> torch.Tensor:
         assert self.leverage is not None and self.mass is not None, "no prefill chunk was observed"
+        if self.stream is not None:
+            torch.cuda.current_stream(self.leverage.device).wait_stream(self.stream)
         lam = self.params.leverage_weight
         return standardize_per_layer(self.mass) + lam * standardize_per_layer(self.leverage)
+
+
+class FusedScoring:
+    """The compactor's two statistics through the Triton kernels, one launch per completed span of
+    blocks (block edges live on the device once, so a launch copies nothing from the host)."""
+
+    def __init__(self, sketch: torch.Tensor, leverage_bounds: list[int], mass_bounds: list[int]) -> None:
+        import kernels
+        from kernels.attention_mass import MAX_BLOCK
+
+        self.kernels = kernels
+        device = sketch.device
+        self.sketch = kernels.padded_sketch(sketch)  # [D, KP]
+        self.leverage_bounds = torch.tensor(leverage_bounds, dtype=torch.int32, device=device)
+        self.mass_bounds = torch.tensor(mass_bounds, dtype=torch.int32, device=device)
+        self.max_mass_block = max(b - a for a, b in zip(mass_bounds, mass_bounds[1:]))
+        self.mass_fits = self.max_mass_block <= MAX_BLOCK  # else: the PyTorch reference for the mass
+
+    def leverage(self, out: torch.Tensor, span: tuple, sketch_size: int) -> None:
+        """out [H, n]: fill the span's tokens with their block-normalised leverage."""
+        lo, (keys,), first, last = span
+        self.kernels.leverage_scores(
+            keys, self.leverage_bounds[first : last + 1], self.sketch, sketch_size,
+            out[:, lo : lo + keys.shape[0]], offset=lo,
+        )  # fmt: skip
+
+    def mass(self, out: torch.Tensor, span: tuple, scale: float) -> None:
+        """out [H, n]: fill the span's tokens with their non-causal block attention mass."""
+        lo, (q, k), first, last = span
+        self.kernels.attention_mass(
+            q, k, self.mass_bounds[first : last + 1], self.max_mass_block, scale,
+            out[:, lo : lo + q.shape[0]], offset=lo,
+        )  # fmt: skip

@@ -1,5 +1,5 @@
-"""The PyTorch reference of select-and-pack: scores -> per-head kept tokens -> page-aligned packed
-layout. GPU kernels are tested against these functions.
+"""Select-and-pack: scores -> per-head kept tokens -> page-aligned packed layout. `pack_kept` is the
+PyTorch reference of the Triton kernel kernels/pack_kept.py, which compaction uses on CUDA.
 
 After packing, head (l, h) holds its kept tokens densely in the first ceil(kept/page_size) pages
 of its chain (kept positions ascending; keys are post-RoPE, so order does not matter to attention,
@@ -67,7 +67,16 @@ def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Te
     pages_kept = seq_kv.pages_per_head(kept_lens)  # [L, H]
     table = seq_kv.page_table.clone()
     table[torch.arange(seq_kv.max_pages)[None, None, :] >= pages_kept[..., None]] = -1
-    pack_kept(seq_kv.pool.kv, seq_kv.page_table, kept, kept_lens, table)
+    pool_kv = seq_kv.pool.kv
+    if pool_kv.is_cuda:  # the Triton kernel: no host round trip, each head packed in place
+        import kernels
+
+        device = pool_kv.device
+        kernels.pack_kept(
+            pool_kv, seq_kv.page_table.to(device), kept.to(device), kept_lens.to(device), table.to(device)
+        )
+    else:
+        pack_kept(pool_kv, seq_kv.page_table, kept, kept_lens, table)
     seq_kv.set_heads(kept_lens, table)
 
 

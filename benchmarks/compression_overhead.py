@@ -1,0 +1,366 @@
+"""Compression overhead: compactor scoring + selection + packing as a share of prefill wall time.
+
+Llama-3.1-8B shape (benchmarks/configs/llama-3.1-8b, load_format="dummy": random weights, bf16) on
+one GPU, one prompt of random token ids at each context, retention 0.5, chunked prefill.
+
+End to end: the wall time of the whole prefill (every chunk, then selection and in-place
+compaction) with compression, against the same prefill without it, in three modes: the fused
+kernels on a side stream (the default), the fused kernels inline on the prefill's stream, and the
+PyTorch scorers (the reference) with the Triton pack. Components, timed alone with CUDA events on
+inputs of the same shapes: the two scoring kernels per launch (and their PyTorch references),
+selection (z-scores, top-k, kept positions), the pack kernel (and the PyTorch pack), and the page
+scatter a receiver runs (and index_copy_), each with its bytes or FLOPs and achieved rate; the
+device copy bandwidth is measured in the same run.
+
+    python3 benchmarks/compression_overhead.py --out docs/benchmarks     # on a GPU
+    python3 benchmarks/compression_overhead.py --plot docs/benchmarks/compression_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+if not torch.cuda.is_available():  # a dry run of the script: kernels in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+CONFIG_8B = ROOT / "benchmarks" / "configs" / "llama-3.1-8b"
+TARGET_SHARE = 0.03
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_gpu(fn: Callable[[], object], reps: int = 10, warmup: int = 2) -> float:
+    """Median seconds of one call (CUDA events around each call; wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_gpu(lambda: dst.copy_(src))
+
+
+# ---- end to end --------------------------------------------------------------------------------------
+def prefill_seconds(engine: Any, n: int, compression: Any, seed: int) -> tuple[float, Any]:
+    """Wall time of one whole prefill of n random tokens (the request stops after its first token)."""
+    from engine import SamplingParams
+
+    vocab = engine.loaded.config.vocab_size
+    prompt = torch.randint(1000, vocab - 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    sp = SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True)
+    sync()
+    t = time.perf_counter()
+    seq = engine.add_request(prompt, sp, compression)
+    while engine.has_unfinished():
+        engine.step()
+    sync()
+    return time.perf_counter() - t, seq.stats
+
+
+def end_to_end(engine: Any, n: int, retention: float, reps: int) -> dict[str, Any]:
+    from engine import CompressionParams
+    from engine.compression.compactor import CompactorScorer
+
+    params = CompressionParams(method="compactor", retention=retention)
+    modes = {
+        "none": (None, True, True),
+        "fused_side_stream": (params, True, True),
+        "fused_inline": (params, True, False),
+        "reference_scoring": (params, False, False),
+    }
+    out: dict[str, Any] = {}
+    prefill_seconds(engine, n, None, seed=0)  # warm-up (kernel compilation, allocator)
+    prefill_seconds(engine, n, params, seed=0)
+    for name, (comp, kernels_on, side) in modes.items():
+        CompactorScorer.use_kernels, CompactorScorer.use_side_stream = kernels_on, side
+        times, stats = [], None
+        for r in range(reps):
+            t, stats = prefill_seconds(engine, n, comp, seed=1 + r)
+            times.append(t)
+        out[name] = {"seconds": statistics.median(times), "all_seconds": times}
+        if comp is not None and stats is not None:
+            out[name]["retention"] = stats.retention
+            out[name]["observer_host_seconds"] = stats.scoring_seconds
+        print(f"  ctx {n} {name}: {statistics.median(times) * 1e3:.1f} ms", flush=True)
+    CompactorScorer.use_kernels, CompactorScorer.use_side_stream = True, True
+    base = out["none"]["seconds"]
+    for name in modes:
+        out[name]["overhead_share"] = out[name]["seconds"] / base - 1.0
+    engine.pool.assert_no_leaks()
+    return out
+
+
+# ---- components --------------------------------------------------------------------------------------
+def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int, retention: float) -> dict:
+    """Each piece timed alone at the model's shape; totals scale a launch to the whole prefill."""
+    import kernels
+    from engine import CompressionParams
+    from engine.compression.attention_scores import block_attention_mass
+    from engine.compression.blocks import block_bounds
+    from engine.compression.compactor import standardize_per_layer
+    from engine.compression.leverage import gaussian_sketch, sketched_leverage
+    from engine.compression.select import compact_in_place, pack_kept, select_tokens
+    from engine.kv_pool import KVPool
+    from engine.page_table import SequenceKV
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    params = CompressionParams(retention=retention)
+    launches = layers * -(-n // chunk)  # one launch of each scoring kernel per layer per chunk
+    span = min(chunk, n)
+    res: dict[str, Any] = {"launches": launches, "span_tokens": span}
+
+    # leverage: a chunk-long span of pre-RoPE keys (blocks of leverage_block)
+    keys = (torch.randn(span, heads, dim, device=device) + 3 * torch.randn(dim, device=device)).to(dtype)
+    sketch = gaussian_sketch(dim, params.sketch_size, device)
+    padded = kernels.padded_sketch(sketch)
+    lb = block_bounds(span, params.leverage_block)
+    lbounds = torch.tensor(lb, dtype=torch.int32, device=device)
+    out = torch.empty(heads, span, device=device)
+    t = time_gpu(lambda: kernels.leverage_scores(keys, lbounds, padded, params.sketch_size, out))
+
+    def lev_ref() -> None:
+        for a, b in zip(lb, lb[1:]):
+            o = sketched_leverage(keys[a:b].transpose(0, 1), sketch)
+            out[:, a:b] = o / o.mean(dim=1, keepdim=True)
+
+    kp = padded.shape[1]
+    flops = span * heads * (2 * 2 * dim * kp + 2 * 2 * kp * kp)  # sketch twice, Gram, x G⁻¹
+    res["leverage"] = dict(
+        launch_seconds=t, total_seconds=t * launches, flops_per_launch=flops, tflops=flops / t / 1e12,
+        bytes_per_launch=3 * keys.numel() * keys.element_size(),
+        reference_launch_seconds=time_gpu(lev_ref, reps=3),
+    )  # fmt: skip
+
+    # attention mass: the same span of queries and post-RoPE keys (blocks of attention_block)
+    q = torch.randn(span, heads * group, dim, device=device).to(dtype)
+    k = torch.randn(span, heads, dim, device=device).to(dtype)
+    mb = block_bounds(span, params.attention_block)
+    mbounds = torch.tensor(mb, dtype=torch.int32, device=device)
+    max_block = max(b - a for a, b in zip(mb, mb[1:]))
+    scale = dim**-0.5
+    t = time_gpu(lambda: kernels.attention_mass(q, k, mbounds, max_block, scale, out))
+
+    def mass_ref() -> None:
+        for a, b in zip(mb, mb[1:]):
+            out[:, a:b] = block_attention_mass(q[a:b], k[a:b], scale)
+
+    flops = sum(2 * (b - a) ** 2 * dim * heads * group for a, b in zip(mb, mb[1:]))  # Q Kᵀ
+    res["attention_mass"] = dict(
+        launch_seconds=t, total_seconds=t * launches, flops_per_launch=flops, tflops=flops / t / 1e12,
+        bytes_per_launch=(q.numel() + k.numel()) * q.element_size(),
+        reference_launch_seconds=time_gpu(mass_ref, reps=3),
+    )  # fmt: skip
+
+    # selection: z-scores of both statistics, top-k per head, kept positions ascending
+    mass_all = torch.rand(layers, heads, n, device=device)
+    lev_all = torch.rand(layers, heads, n, device=device)
+
+    def select() -> tuple[torch.Tensor, torch.Tensor]:
+        scores = standardize_per_layer(mass_all) + params.leverage_weight * standardize_per_layer(lev_all)
+        return select_tokens(scores, params)
+
+    res["selection"] = dict(total_seconds=time_gpu(select, reps=5))
+    adaptive = CompressionParams(retention=retention, budget="adaptive")
+    res["selection_adaptive"] = dict(
+        total_seconds=time_gpu(lambda: select_tokens(mass_all, adaptive), reps=5)
+    )
+
+    # pack: every head's kept tokens into the first pages of its own chain (in place)
+    kept, lens = select()
+    page_size = 16
+    pool = KVPool(layers * heads * -(-n // page_size) + 8, page_size, dim, dtype, device)
+    seq = SequenceKV(pool, layers, heads, n)
+    seq.grow(n)
+    seq.head_lens += n
+    src = seq.page_table.to(device)
+    lens_cpu = lens.cpu()
+    dst_cpu = seq.page_table.clone()
+    dst_cpu[torch.arange(seq.max_pages) >= seq.pages_per_head(lens_cpu)[..., None]] = -1
+    dst = dst_cpu.to(device)
+    moved = 2 * int(lens_cpu.sum()) * 2 * dim * pool.kv.element_size()  # K and V rows, read + write
+    t = time_gpu(lambda: kernels.pack_kept(pool.kv, src, kept, lens, dst), reps=5)
+    t_ref = time_gpu(lambda: pack_kept(pool.kv, seq.page_table, kept, lens_cpu, dst_cpu), reps=2, warmup=1)
+    res["pack"] = dict(
+        total_seconds=t, bytes=moved, GBps=moved / t / 1e9, reference_seconds=t_ref,
+        reference_GBps=moved / t_ref / 1e9,
+    )  # fmt: skip
+    # the engine's whole compaction step (tables, pack, page accounting), host work included
+    sync()
+    t0 = time.perf_counter()
+    compact_in_place(seq, kept, lens)
+    sync()
+    res["compaction_step"] = dict(total_seconds=time.perf_counter() - t0)
+
+    # receive: kept pages, packed in travel order, scattered into a pool
+    ids = seq.ordered_page_ids().to(device)
+    pages = torch.randn(ids.numel(), *pool.kv.shape[1:], device=device).to(dtype)
+    page_bytes = 2 * pages.numel() * pages.element_size()
+    t = time_gpu(lambda: kernels.scatter_pages(pool.kv, ids, pages))
+    t_ref = time_gpu(lambda: pool.kv.index_copy_(0, ids, pages))
+    res["scatter_pages"] = dict(
+        total_seconds=t, bytes=page_bytes, GBps=page_bytes / t / 1e9, index_copy_seconds=t_ref,
+        index_copy_GBps=page_bytes / t_ref / 1e9,
+    )  # fmt: skip
+    seq.free()
+    pool.assert_no_leaks()
+    return res
+
+
+# ---- report ------------------------------------------------------------------------------------------
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ctxs = [c["context"] for c in report["contexts"]]
+    modes = ["fused_side_stream", "fused_inline", "reference_scoring"]
+    width = 0.25
+    for i, m in enumerate(modes):
+        vals = [100 * c["end_to_end"][m]["overhead_share"] for c in report["contexts"]]
+        bars = ax1.bar([x + (i - 1) * width for x in range(len(ctxs))], vals, width, label=m)
+        ax1.bar_label(bars, fmt="%.1f%%", fontsize=7)
+    ax1.axhline(100 * TARGET_SHARE, color="k", ls="--", lw=1, label="target 3%")
+    ax1.set_xticks(range(len(ctxs)), [f"{c / 1024:g}K" for c in ctxs])
+    ax1.set_ylabel("prefill wall time added (% of uncompressed prefill)")
+    ax1.set_title("end to end (retention 0.5)")
+    ax1.legend(fontsize=7)
+    parts = ["leverage", "attention_mass", "selection", "pack"]
+    bottom = [0.0] * len(ctxs)
+    for p in parts:
+        vals = [
+            100 * c["components"][p]["total_seconds"] / c["end_to_end"]["none"]["seconds"]
+            for c in report["contexts"]
+        ]
+        ax2.bar(range(len(ctxs)), vals, 0.5, bottom=bottom, label=p)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for x, b in enumerate(bottom):
+        ax2.text(x, b, f"{b:.2f}%", ha="center", va="bottom", fontsize=8)
+    ax2.set_xticks(range(len(ctxs)), [f"{c / 1024:g}K" for c in ctxs])
+    ax2.set_ylabel("% of uncompressed prefill")
+    ax2.set_title("components timed alone, summed over the prefill")
+    ax2.legend(fontsize=7)
+    fig.suptitle(
+        f"compression overhead, {report['model']} (dummy weights), {report['device']}, {report['date']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="folder for compression_overhead.{json,png}")
+    p.add_argument("--plot", type=Path, help="redraw the PNG from this JSON and exit")
+    p.add_argument("--model", default=str(CONFIG_8B), help="folder with config.json (dummy weights)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--retention", type=float, default=0.5)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--date", help="date to record (default: today, UTC)")
+    args = p.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
+
+    import triton
+
+    from engine import EngineConfig, LLMEngine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: dict[str, Any] = dict(
+        device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        date=args.date or datetime.date.today().isoformat(),
+        measured_at_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command="python3 " + " ".join(sys.argv),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        model=Path(args.model).name,
+        load_format="dummy",
+        prefill_chunk=args.prefill_chunk,
+        retention=args.retention,
+        page_size=16,
+        target_share=TARGET_SHARE,
+    )
+    report["copy_GBps"] = copy_bandwidth(device) / 1e9 if device.type == "cuda" else None
+    t = time.perf_counter()
+    engine = LLMEngine(
+        EngineConfig(
+            model=args.model,
+            load_format="dummy",
+            device=str(device),
+            dtype="bfloat16" if device.type == "cuda" else "float32",
+            prefill_chunk=args.prefill_chunk,
+            max_model_len=max(args.contexts) + 16,
+            kv_cache_bytes=(12 << 30) if device.type == "cuda" else (256 << 20),
+        )
+    )
+    mc = engine.loaded.config
+    print(f"model built in {time.perf_counter() - t:.1f} s", flush=True)
+    report["contexts"] = []
+    for n in args.contexts:
+        e2e = end_to_end(engine, n, args.retention, args.reps)
+        comp = components(
+            n, args.prefill_chunk, mc.num_hidden_layers, mc.num_key_value_heads,
+            mc.num_attention_heads // mc.num_key_value_heads, engine.head_dim, args.retention,
+        )  # fmt: skip
+        base = e2e["none"]["seconds"]
+        parts = ["leverage", "attention_mass", "selection", "pack"]
+        comp["sum_share"] = sum(comp[p]["total_seconds"] for p in parts) / base
+        report["contexts"].append(dict(context=n, end_to_end=e2e, components=comp))
+        print(json.dumps(report["contexts"][-1], indent=1), flush=True)
+        report["targets"] = [
+            dict(
+                context=c["context"],
+                want=f"<= {TARGET_SHARE:.0%}",
+                end_to_end_share=c["end_to_end"]["fused_side_stream"]["overhead_share"],
+                components_share=c["components"]["sum_share"],
+                met=bool(c["end_to_end"]["fused_side_stream"]["overhead_share"] <= TARGET_SHARE),
+            )
+            for c in report["contexts"]
+        ]
+        if args.out:  # after every context, so a run cut short keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / "compression_overhead.json"
+            path.write_text(json.dumps(report, indent=1))
+            plot(report, path.with_suffix(".png"))
+            print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

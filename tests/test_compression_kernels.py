@@ -1,0 +1,305 @@
+"""Compression kernels (fused scoring, select-and-pack) against their PyTorch references in
+engine/compression/.
+
+Without CUDA the kernels run on CPU under TRITON_INTERPRET=1 (set by the root conftest.py before
+triton is imported) at small shapes; with CUDA the same tests run compiled, plus the `gpu` ones at
+Llama-3.1-8B shapes. Inputs are fresh random (never zeros) and outputs are poisoned with NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and "Interpreted" not in type(triton.language.max).__name__:
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
+
+import kernels  # noqa: E402  (after TRITON_INTERPRET)
+from engine import CompressionParams  # noqa: E402
+from engine.compression.attention_scores import block_attention_mass  # noqa: E402
+from engine.compression.base import PromptShape  # noqa: E402
+from engine.compression.blocks import block_bounds  # noqa: E402
+from engine.compression.compactor import CompactorScorer, FusedScoring  # noqa: E402
+from engine.compression.leverage import gaussian_sketch, sketched_leverage  # noqa: E402
+from engine.compression.select import pack_kept, select_tokens  # noqa: E402
+from engine.kv_pool import KVPool  # noqa: E402
+from engine.page_table import SequenceKV  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in the output: an element was not written"
+    return float((out.double() - want.double()).norm() / want.double().norm())
+
+
+def random_keys(t: int, h: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """Pre-RoPE-like keys [T, H, D] with a large shared offset (as real keys have), seen through a
+    strided view (every other head of a wider tensor)."""
+    wide = torch.randn(t, 2 * h, d, device=DEVICE) + 4 * torch.randn(d, device=DEVICE)
+    return wide[:, ::2].to(dtype)
+
+
+# ---- references, block by block, as compactor calls them ----
+
+
+def leverage_ref(keys: torch.Tensor, bounds: list[int], sketch: torch.Tensor) -> torch.Tensor:
+    """keys [T, H, D] (token 0 at bounds[0]) -> [H, T]: each block's leverage over its block mean."""
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        o = sketched_leverage(keys[a - bounds[0] : b - bounds[0]].transpose(0, 1), sketch)
+        out.append(o / o.mean(dim=1, keepdim=True).clamp(min=1e-12))
+    return torch.cat(out, dim=1)
+
+
+def mass_ref(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scale: float) -> torch.Tensor:
+    lo = bounds[0]
+    return torch.cat(
+        [
+            block_attention_mass(q[a - lo : b - lo], k[a - lo : b - lo], scale)
+            for a, b in zip(bounds, bounds[1:])
+        ],
+        dim=1,
+    )
+
+
+def check_leverage(
+    n: int, span: tuple[int, int], block: int, h: int, d: int, k: int, dtype, tol: float
+) -> None:
+    """Blocks of an n-token prompt; the launch covers the blocks inside span (prompt positions)."""
+    bounds = [b for b in block_bounds(n, block) if span[0] <= b <= span[1]]
+    lo, hi = bounds[0], bounds[-1]
+    keys = random_keys(hi - lo, h, d, dtype)
+    sketch = gaussian_sketch(d, k, DEVICE)
+    full = torch.full((h, n + 5), float("nan"), device=DEVICE)  # a view into a wider [H, n] buffer
+    out = full[:, lo:hi]
+    edges = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    kernels.leverage_scores(keys, edges, kernels.padded_sketch(sketch), k, out, offset=lo)
+    assert rel_err(out, leverage_ref(keys.float(), bounds, sketch)) < tol
+    assert full[:, :lo].isnan().all() and full[:, hi:].isnan().all(), "wrote outside its span"
+
+
+def check_mass(n: int, span: tuple[int, int], block: int, h: int, g: int, d: int, dtype, tol: float) -> None:
+    bounds = [b for b in block_bounds(n, block) if span[0] <= b <= span[1]]
+    lo, hi = bounds[0], bounds[-1]
+    q = torch.randn(hi - lo, h * g, d, device=DEVICE).to(dtype)
+    k = torch.randn(hi - lo, h, d, device=DEVICE).to(dtype)
+    scale = d**-0.5 * 2  # sharper than uniform attention
+    full = torch.full((h, n + 3), float("nan"), device=DEVICE)
+    out = full[:, lo:hi]
+    edges = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    max_block = max(b - a for a, b in zip(bounds, bounds[1:]))
+    kernels.attention_mass(q, k, edges, max_block, scale, out, offset=lo)
+    want = mass_ref(q.float(), k.float(), bounds, scale)
+    assert rel_err(out, want) < tol
+    assert full[:, :lo].isnan().all() and full[:, hi:].isnan().all(), "wrote outside its span"
+
+
+def scattered_sequence(layers: int, heads: int, n: int, page_size: int, head_dim: int, dtype) -> SequenceKV:
+    """A sequence holding n random tokens per head in pages scattered over a random pool."""
+    max_pages = -(-n // page_size)
+    pool = KVPool(layers * heads * max_pages + 7, page_size, head_dim, dtype, DEVICE)
+    pool.kv.copy_(torch.randn(pool.kv.shape, device=DEVICE).to(dtype))
+    seq = SequenceKV(pool, layers, heads, n)
+    seq.grow(n)
+    seq.head_lens += n
+    seq.page_table.view(-1)[:] = seq.page_table.view(-1)[torch.randperm(seq.page_table.numel())]
+    return seq
+
+
+def check_pack(
+    layers: int, heads: int, n: int, page_size: int, head_dim: int, dtype, budget: str, r: float
+) -> None:
+    seq = scattered_sequence(layers, heads, n, page_size, head_dim, dtype)
+    pool = seq.pool.kv
+    params = CompressionParams(retention=r, budget=budget, sink=3, recent=5)
+    kept, lens = select_tokens(torch.randn(layers, heads, n, device=DEVICE), params)  # [L, H, K], [L, H]
+    table = seq.page_table.clone()
+    table[torch.arange(table.shape[-1]) >= seq.pages_per_head(lens.cpu())[..., None]] = -1
+    src, dst = seq.page_table.to(DEVICE), table.to(DEVICE)
+    # into a separate packed buffer, pages in (layer, head, page) travel order
+    pages = seq.pages_per_head(lens.cpu())
+    buf_table = torch.full_like(table, -1)
+    buf_table[torch.arange(table.shape[-1]) < pages[..., None]] = torch.arange(
+        int(pages.sum()), dtype=torch.int32
+    )
+    buf = torch.full((int(pages.sum()), 2, page_size, head_dim), float("nan"), device=DEVICE).to(dtype)
+    got = kernels.pack_kept(pool, src, kept, lens, buf_table.to(DEVICE), dst_kv=buf)
+    assert got is buf
+    want_buf = torch.full_like(buf, float("nan"))
+    pack_kept_into(pool, src, kept, lens, buf_table.to(DEVICE), want_buf)
+    written = ~want_buf.isnan()
+    assert torch.equal(buf[written], want_buf[written]) and buf[~written].isnan().all()
+    # in place: the first pages of each head's own chain, as compaction does
+    want = pool.clone()
+    pack_kept(want, src, kept, lens, dst)
+    kernels.pack_kept(pool, src, kept, lens, dst)
+    assert torch.equal(pool, want)
+
+
+def pack_kept_into(pool, src, kept, lens, dst_table, dst_kv) -> None:
+    """The reference pack into another buffer: pack into a copy of the pool extended by dst_kv."""
+    joined = torch.cat([pool, dst_kv])
+    pack_kept(joined, src, kept, lens, torch.where(dst_table >= 0, dst_table + pool.shape[0], -1))
+    dst_kv.copy_(joined[pool.shape[0] :])
+
+
+# ---- small shapes: CPU interpreter in CI, compiled on a GPU ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [12, 20])  # sketch widths padded to 16 and 32
+def test_leverage_small(dtype, k) -> None:
+    torch.manual_seed(k)
+    check_leverage(150, (0, 150), 40, 2, 32, k, dtype, tol=1e-4)  # 4 blocks of 37-38 tokens
+    check_leverage(150, (38, 113), 40, 2, 32, k, dtype, tol=1e-4)  # a span in the middle of the prompt
+
+
+def test_leverage_block_shorter_than_the_sketch() -> None:
+    """A block of fewer tokens than k: the Gram is singular and only the relative ridge inverts it."""
+    torch.manual_seed(3)
+    check_leverage(30, (0, 30), 10, 2, 16, 12, torch.float32, tol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_attention_mass_small(dtype, group) -> None:
+    torch.manual_seed(10 + group)
+    check_mass(100, (0, 100), 30, 2, group, 32, dtype, tol=1e-5)
+    check_mass(100, (25, 75), 30, 2, group, 32, dtype, tol=1e-5)
+    check_mass(40, (0, 40), 40, 1, group, 16, dtype, tol=1e-5)  # one block, not a power of 2
+
+
+@pytest.mark.parametrize("budget,retention", [("uniform", 0.4), ("adaptive", 0.3), ("uniform", 1.0)])
+def test_pack_kept_small(budget, retention) -> None:
+    torch.manual_seed(20)
+    check_pack(2, 3, 53, 8, 16, torch.float32, budget, retention)
+
+
+def test_scatter_pages_small() -> None:
+    torch.manual_seed(30)
+    pool = torch.randn(40, 2, 8, 16, device=DEVICE)
+    ids = torch.randperm(40, device=DEVICE)[:13]
+    pages = torch.randn(13, 2, 8, 16, device=DEVICE)
+    want = pool.clone()
+    want[ids] = pages
+    kernels.scatter_pages(pool, ids, pages)
+    assert torch.equal(pool, want)
+
+
+def test_compactor_scores_through_kernels_match_the_reference_path() -> None:
+    """The compactor scorer streaming chunks through the fused path (as on CUDA) against its PyTorch
+    path, chunks not aligned with either block size."""
+    torch.manual_seed(40)
+    layers, h, g, d, n = 2, 2, 2, 32, 300
+    params = CompressionParams(leverage_block=128, attention_block=40, sketch_size=12)
+    q = torch.randn(layers, n, h * g, d, device=DEVICE)
+    k_pre = random_keys(layers * n, h, d, torch.float32).view(layers, n, h, d)
+    k = torch.randn(layers, n, h, d, device=DEVICE)
+    results = []
+    for fused in (False, True):
+        scorer = CompactorScorer(params, PromptShape(layers, h, n), seq_kv=None)  # type: ignore[arg-type]
+        scorer._start(k[0])  # on CUDA: the fused path on a side stream
+        if not fused:
+            scorer.fused, scorer.stream = None, None
+        elif scorer.fused is None:  # on CPU: the same kernels under the interpreter
+            scorer.fused = FusedScoring(
+                scorer.sketch, scorer.leverage_streams[0].bounds, scorer.mass_streams[0].bounds
+            )
+        for s in range(0, n, 70):
+            for layer in range(layers):
+                e = min(n, s + 70)
+                scorer.observe(layer, q[layer, s:e], k_pre[layer, s:e], k[layer, s:e], s)
+        results.append(scorer.scores())
+    assert rel_err(results[1], results[0]) < 1e-3
+
+
+# ---- real shapes (GPU only): Llama-3.1-8B, 32 q / 8 kv heads, head_dim 128, bf16 ----
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_leverage_gpu_llama8b(dtype) -> None:
+    torch.manual_seed(50)
+    check_leverage(32768, (8192, 10240), 1024, 8, 128, 48, dtype, tol=2e-3)  # one 2048-token chunk
+    check_leverage(9000, (0, 9000), 1024, 8, 128, 48, dtype, tol=2e-3)  # 9 blocks of 1000
+    check_leverage(2000, (0, 2000), 512, 8, 128, 48, dtype, tol=2e-3)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_mass_gpu_llama8b(dtype) -> None:
+    torch.manual_seed(60)
+    check_mass(32768, (8192, 10240), 128, 8, 4, 128, dtype, tol=2e-3)
+    check_mass(9000, (0, 9000), 128, 8, 4, 128, dtype, tol=2e-3)  # blocks of 127-128 tokens
+    check_mass(5000, (0, 5000), 64, 3, 3, 64, dtype, tol=2e-3)  # SmolLM2's heads
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("budget", ["uniform", "adaptive"])
+def test_pack_kept_gpu_llama8b(page_size, budget) -> None:
+    torch.manual_seed(70 + page_size)
+    check_pack(32, 8, 8192, page_size, 128, torch.bfloat16, budget, 0.5)
+    check_pack(4, 8, 32768, page_size, 128, torch.bfloat16, budget, 0.25)
+
+
+@gpu
+@pytest.mark.gpu
+def test_scatter_pages_gpu() -> None:
+    torch.manual_seed(80)
+    pool = torch.randn(100000, 2, 16, 128, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randperm(100000, device=DEVICE)[:60000]
+    pages = torch.randn(60000, 2, 16, 128, device=DEVICE, dtype=torch.bfloat16)
+    want = pool.clone()
+    want.index_copy_(0, ids, pages)
+    kernels.scatter_pages(pool, ids, pages)
+    assert torch.equal(pool, want)
+
+
+@gpu
+@pytest.mark.gpu
+def test_compactor_on_cuda_keeps_what_the_cpu_compactor_keeps() -> None:
+    """The whole compactor (side stream, fused kernels, selection, in-place pack) on a CUDA pool
+    against the PyTorch path on CPU, fed the same chunks: scores agree, kept sets agree up to
+    near-ties, and every kept token lands where the CPU compaction puts it."""
+    from engine.compression.select import compress_kv
+
+    torch.manual_seed(90)
+    layers, h, g, d, n, chunk = 4, 8, 4, 128, 5000, 2048
+    q = torch.randn(layers, n, h * g, d)
+    k_pre = torch.randn(layers, n, h, d) + 3 * torch.randn(d)
+    k = torch.randn(layers, n, h, d)
+    params = CompressionParams(retention=0.5)
+    got = {}
+    for device in ("cpu", "cuda"):
+        pool = KVPool(layers * h * 320, 16, d, torch.float32, torch.device(device))
+        seq = SequenceKV(pool, layers, h, n)
+        seq.grow(n)
+        seq.head_lens += n
+        torch.manual_seed(91)
+        pool.kv.copy_(torch.randn(pool.kv.shape))
+        scorer = CompactorScorer(params, PromptShape(layers, h, n), seq)
+        for s in range(0, n, chunk):
+            for layer in range(layers):
+                e = min(n, s + chunk)
+                scorer.observe(layer, *(x[layer, s:e].to(device) for x in (q, k_pre, k)), s)
+        scores = scorer.scores()
+        compress_kv(seq, scores, params)
+        got[device] = (scores.cpu(), seq.head_lens.clone(), seq.page_table.clone(), pool.kv.cpu())
+    assert rel_err(got["cuda"][0], got["cpu"][0]) < 1e-3
+    assert torch.equal(got["cuda"][1], got["cpu"][1])  # uniform budget: same counts
+    # the same pages (same allocation order) hold nearly the same tokens
+    table = got["cpu"][2]
+    held = table[table >= 0].long()
+    same = (got["cuda"][3][held] == got["cpu"][3][held]).all(dim=-1).float().mean()
+    assert same > 0.99, float(same)
