@@ -11,8 +11,10 @@ seen through NVLink peer access, so a copy or scatter kernel on the writer's GPU
 the decode GPU's pool: no staging buffer, no memory taken on the decode GPU.
 
 Write: runs of consecutive page ids are copied with one memcpy each; scattered ids go through one
-index_copy_ of int64 words. Writes run on the writer's own stream and are synchronised before `write`
-returns, so a commit sent afterwards always finds the pages in place.
+index_copy_ of int64 words. The runs come from the reservation (`runs`, encode_runs format: a fresh
+pool's reservation is one run) or are found on the host from CPU ids, so nothing waits on the GPU before
+the copies. Writes run on the writer's own stream and are synchronised before `write` returns, so a
+commit sent afterwards always finds the pages in place.
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from kvtransfer.device_util import (
     PeerUnreachableError,
     as_words,
+    check_runs,
+    decode_runs,
     device_uuid,
     host_id,
+    host_runs,
     local_device_index,
 )
 
@@ -132,6 +138,47 @@ def reachable(export: PoolExport, writer_device: torch.device | int | None = Non
     return None
 
 
+@dataclass(frozen=True)
+class WritePlan:
+    """How `MappedPool.write` moves N pages, decided on the host before any GPU work."""
+
+    num_pages: int
+    firsts: list[int]  # runs of destination pages (memcpy per run) when scatter_ids is None
+    lengths: list[int]
+    scatter_ids: np.ndarray | None = None  # too many runs: the [N] ids for one scatter kernel
+    device_ids: torch.Tensor | None = None  # ids already on a GPU: checked and cut there
+
+
+def plan_write(
+    pool_pages: int,
+    page_ids: torch.Tensor | None,
+    runs: list[int] | None,
+    max_direct_runs: int = DEFAULT_MAX_DIRECT_RUNS,
+) -> WritePlan:
+    """The runs (or scatter ids) of a write into a pool of `pool_pages`, from the reservation's `runs`
+    (encode_runs format; they win over `page_ids`) or from CPU `page_ids`, checked on the host:
+    ValueError for ids or runs outside the pool. CUDA `page_ids` are left to the device path."""
+    if runs is not None:
+        firsts, lengths, n = check_runs(runs, pool_pages)
+        if len(firsts) <= max_direct_runs:
+            return WritePlan(n, firsts, lengths)
+        return WritePlan(n, [], [], scatter_ids=decode_runs(runs).numpy())
+    if page_ids is None:
+        raise ValueError("write needs page_ids or runs")
+    n = page_ids.numel()
+    if n == 0:
+        return WritePlan(0, [], [])
+    if page_ids.device.type != "cpu":
+        return WritePlan(n, [], [], device_ids=page_ids)
+    ids = page_ids.detach().to(torch.int64).reshape(-1).numpy()
+    if int(ids.min()) < 0 or int(ids.max()) >= pool_pages:
+        raise ValueError(f"page ids outside the pool of {pool_pages} pages")
+    firsts, lengths = host_runs(ids)
+    if firsts.size <= max_direct_runs:
+        return WritePlan(n, firsts.tolist(), lengths.tolist())
+    return WritePlan(n, [], [], scatter_ids=ids)
+
+
 class MappedPool:
     """A decode node's pool as seen from this (writer) process. Use IpcPeers to get one."""
 
@@ -169,47 +216,86 @@ class MappedPool:
         self._words = as_words(kv)
         self.bytes_written = 0
         self.writes = 0
+        self._lock = threading.Lock()
+        self._pinned: torch.Tensor | None = None
 
     @property
     def closed(self) -> bool:
         return self.kv is None
 
-    def write(self, pages: torch.Tensor, page_ids: torch.Tensor) -> float:
-        """Copy `pages` ([N, 2, page_size, head_dim], travel order) into pool pages `page_ids` ([N]).
+    def write(
+        self,
+        pages: torch.Tensor,
+        page_ids: torch.Tensor | None = None,
+        runs: list[int] | None = None,
+    ) -> float:
+        """Copy `pages` ([N, 2, page_size, head_dim], travel order) into pool pages `page_ids` ([N]), or
+        into the pages of `runs` (the reservation's encode_runs output [first, length, ...], which wins
+        when both are given).
 
         Waits for the caller's current stream on the pages' device first (the producer), and returns
-        (seconds) only once every byte is in the pool, so the caller may commit right after."""
+        (seconds) only once every byte is in the pool, so the caller may commit right after.
+
+        Fixed cost: with `runs` or CPU `page_ids`, the ids are checked and cut into runs on the host, so
+        nothing waits on the GPU before the copies; up to `max_direct_runs` runs are one memcpy each
+        (no id upload at all), more go through one scatter kernel fed from a pinned buffer. The only
+        host sync is the final one. CUDA `page_ids` take the device path (three syncs)."""
         if self.kv is None:
             raise PeerUnreachableError(f"cuda_ipc: the mapping of node {self.node_id} is closed")
-        n = page_ids.numel()
-        if tuple(pages.shape) != (n, *self.kv.shape[1:]) or pages.dtype != self.kv.dtype:
+        plan = plan_write(self.kv.shape[0], page_ids, runs, self.max_direct_runs)
+        if tuple(pages.shape) != (plan.num_pages, *self.kv.shape[1:]) or pages.dtype != self.kv.dtype:
             raise ValueError(
-                f"pages {tuple(pages.shape)} {pages.dtype} do not fit {n} pool pages of "
+                f"pages {tuple(pages.shape)} {pages.dtype} do not fit {plan.num_pages} pool pages of "
                 f"{tuple(self.kv.shape[1:])} {self.kv.dtype}"
             )
-        if n == 0:
+        if plan.num_pages == 0:
             return 0.0
-        start = time.perf_counter()
-        src = pages if pages.device == self.device else pages.to(self.device)
-        self.stream.wait_stream(torch.cuda.current_stream(src.device))
-        words = as_words(src.contiguous())
+        with self._lock:  # one stream and one pinned buffer per mapping
+            start = time.perf_counter()
+            src = pages if pages.device == self.device else pages.to(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(src.device))
+            words = as_words(src.contiguous())
+            with torch.cuda.stream(self.stream):
+                if plan.device_ids is not None:
+                    self._write_device_ids(words, plan.device_ids, plan.num_pages)
+                elif plan.scatter_ids is None:  # few runs: one memcpy each, no ids at all
+                    pos = 0
+                    for first, length in zip(plan.firsts, plan.lengths):
+                        self._words[first : first + length].copy_(
+                            words[pos : pos + length], non_blocking=True
+                        )
+                        pos += length
+                else:  # scattered: one scatter kernel over int64 words, ids from pinned memory
+                    self._words.index_copy_(0, self._upload(plan.scatter_ids), words)
+            self.stream.synchronize()
+            self.bytes_written += plan.num_pages * self._words.shape[1] * self._words.element_size()
+            self.writes += 1
+            return time.perf_counter() - start
+
+    def _write_device_ids(self, words: torch.Tensor, page_ids: torch.Tensor, n: int) -> None:
+        """Ids already on a GPU: checked and cut into runs there (three syncs on our stream)."""
         num_pages = self._words.shape[0]
-        with torch.cuda.stream(self.stream):
-            ids = page_ids.detach().to(self.device, torch.int64, non_blocking=True)
-            if bool(((ids < 0) | (ids >= num_pages)).any()):  # one sync on our stream
-                raise ValueError(f"page ids outside the pool of {num_pages} pages")
-            breaks = torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1  # run starts after the first
-            if breaks.numel() + 1 <= self.max_direct_runs:  # few runs: one memcpy each
-                starts = [0, *breaks.tolist()]
-                ends = [*starts[1:], n]
-                for pos, end, first in zip(starts, ends, ids[starts].tolist()):
-                    self._words[first : first + end - pos].copy_(words[pos:end], non_blocking=True)
-            else:  # scattered: one scatter kernel over int64 words
-                self._words.index_copy_(0, ids, words)
-        self.stream.synchronize()
-        self.bytes_written += n * self._words.shape[1] * self._words.element_size()
-        self.writes += 1
-        return time.perf_counter() - start
+        ids = page_ids.detach().to(self.device, torch.int64, non_blocking=True).reshape(-1)
+        if bool(((ids < 0) | (ids >= num_pages)).any()):
+            raise ValueError(f"page ids outside the pool of {num_pages} pages")
+        breaks = torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1  # run starts after the first
+        if breaks.numel() + 1 <= self.max_direct_runs:
+            starts = [0, *breaks.tolist()]
+            ends = [*starts[1:], n]
+            for pos, end, first in zip(starts, ends, ids[starts].tolist()):
+                self._words[first : first + end - pos].copy_(words[pos:end], non_blocking=True)
+        else:
+            self._words.index_copy_(0, ids, words)
+
+    def _upload(self, ids: np.ndarray) -> torch.Tensor:
+        """Host ids to the GPU through a reused pinned buffer (an async copy; the previous write's copy
+        finished at its final sync, so the buffer is free)."""
+        n = ids.size
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(max(n, 2 * (0 if self._pinned is None else self._pinned.numel())),
+                                       dtype=torch.int64, pin_memory=True)  # fmt: skip
+        self._pinned[:n].numpy()[:] = ids
+        return self._pinned[:n].to(self.device, non_blocking=True)
 
     def close(self) -> None:
         """Unmap: waits for our writes, then drops the storage (torch closes the IPC handle and releases

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from serving.errors import UnavailableError
@@ -25,7 +27,14 @@ class TransferTimeoutError(UnavailableError):
 
 
 class PeerUnreachableError(UnavailableError):
-    """The transport cannot reach the peer: another host, no device access, or its pool is gone."""
+    """The transport cannot reach the peer: another host, no device access, its pool or its process is
+    gone (e.g. the NCCL rendezvous store it hosts went away with it).
+
+    Raised only when nothing of the failed transfer can still write local memory (`drained` is always
+    True): when a stuck transfer's local GPU work did not finish after an abort, the transports raise
+    TransferTimeoutError(drained=False) instead, so one check of `drained` decides about the pages."""
+
+    drained = True
 
 
 def host_id() -> str:
@@ -77,10 +86,47 @@ def page_runs(page_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(s, f, e - s) for s, f, e in zip(starts, first, ends)]
 
 
+def host_runs(page_ids: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal runs of consecutive ids, found on the host: (first ids, lengths). O(n) in numpy, no
+    device round trip (CPU ids only)."""
+    ids = (
+        page_ids.detach().to(torch.int64).reshape(-1).numpy()
+        if isinstance(page_ids, torch.Tensor)
+        else page_ids
+    )
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    n = ids.size
+    if n == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    breaks = np.flatnonzero(ids[1:] != ids[:-1] + 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [n]))
+    return ids[starts], ends - starts
+
+
 def encode_runs(page_ids: torch.Tensor) -> list[int]:
     """Page ids as flat [first, length, first, length, ...] runs: what a reservation reply carries to a
     cuda_ipc writer (a fresh pool's reservation is one run, whatever its size)."""
-    return [v for _, first, length in page_runs(page_ids) for v in (first, length)]
+    firsts, lengths = host_runs(page_ids.detach().cpu() if isinstance(page_ids, torch.Tensor) else page_ids)
+    flat = np.empty(2 * firsts.size, dtype=np.int64)
+    flat[0::2], flat[1::2] = firsts, lengths
+    return flat.tolist()
+
+
+def check_runs(
+    runs: list[int] | torch.Tensor | np.ndarray, num_pages: int
+) -> tuple[list[int], list[int], int]:
+    """Validate encode_runs output against a pool of `num_pages`: (firsts, lengths, total pages).
+    ValueError for an odd length, a negative or empty run, or a run outside the pool."""
+    flat = np.asarray(runs.cpu() if isinstance(runs, torch.Tensor) else runs, dtype=np.int64).reshape(-1)
+    if flat.size % 2:
+        raise ValueError(f"page runs must be [first, length, ...] pairs, got {flat.size} numbers")
+    firsts, lengths = flat[0::2], flat[1::2]
+    if firsts.size and (
+        int(firsts.min()) < 0 or int(lengths.min()) < 1 or int((firsts + lengths).max()) > num_pages
+    ):
+        raise ValueError(f"page runs outside the pool of {num_pages} pages (or empty runs)")
+    return firsts.tolist(), lengths.tolist(), int(lengths.sum())
 
 
 def decode_runs(runs: list[int] | torch.Tensor) -> torch.Tensor:
@@ -154,3 +200,28 @@ def wait_for(done: Callable[[], bool], deadline: float | None, what: str) -> Non
             raise TransferTimeoutError(f"{what}: no completion before the deadline")
         polls += 1
         time.sleep(0 if polls < 200 else 1e-4)
+
+
+def run_bounded(
+    fn: Callable[[], object], seconds: float, name: str
+) -> tuple[bool, object, BaseException | None]:
+    """Run `fn()` in a daemon thread and wait for it at most `seconds`: (finished, result, error).
+
+    For calls that may block inside native code with no deadline of their own (NCCL communicator
+    set-up and abort, seen stuck on dead peers): past `seconds` the caller goes on and the thread is
+    left behind, still running; it cannot be interrupted."""
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    thread.join(max(0.0, seconds))
+    if thread.is_alive():
+        return False, None, None
+    error = box.get("error")
+    return True, box.get("result"), error if isinstance(error, BaseException) else None

@@ -1,18 +1,38 @@
-"""The CPU-checkable parts of the device transports: transport selection, chunk plans, page runs, word
-views, the on-device checksum (run here on CPU), and what travels over gRPC (pool export, NCCL offer).
+"""The CPU-checkable parts of the device transports: transport selection, chunk plans, page runs and
+cuda_ipc write plans, word views, the on-device checksum (run here on CPU), what travels over gRPC (pool
+export, NCCL offer), and NCCL failure handling that needs no GPU (a decode node's rendezvous store dying
+with its process, bounded calls, the environment that keeps torch from killing the process).
 The transfers themselves are in tests/test_transfer_gpu.py."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from engine.errors import InvalidArgumentError
-from kvtransfer.cuda_ipc import PoolExport
-from kvtransfer.device_util import as_words, page_checksum, page_runs, pool_checksum
-from kvtransfer.nccl import NcclOffer, chunk_plan
+from kvtransfer.cuda_ipc import PoolExport, plan_write
+from kvtransfer.device_util import (
+    PeerUnreachableError,
+    as_words,
+    check_runs,
+    decode_runs,
+    encode_runs,
+    page_checksum,
+    page_runs,
+    pool_checksum,
+    run_bounded,
+)
+from kvtransfer.nccl import NcclOffer, NcclPeers, _prepare_env, check_store, chunk_plan, connect_store
 from kvtransfer.selection import NodeInfo, choose_transport
-from serving.errors import FailedPreconditionError
+from serving.errors import FailedPreconditionError, UnavailableError
 
 ALL = ("grpc", "cuda_ipc", "nccl")
 
@@ -146,3 +166,147 @@ def test_pool_export_round_trips_through_bytes():
 def test_nccl_offer_is_plain_data():
     offer = NcclOffer("p", "10.0.0.2", 29500, 1 << 28, "d", "GPU-x", "boot/ipc")
     assert NcclOffer(**offer.to_dict()) == offer
+
+
+# ---- page runs on the host (reservation replies, cuda_ipc write plans) ---------------------------
+def test_encode_check_decode_runs_round_trip():
+    ids = torch.tensor([5, 6, 7, 2, 3, 9, 8])
+    runs = encode_runs(ids)
+    assert runs == [5, 3, 2, 2, 9, 1, 8, 1]
+    assert decode_runs(runs).tolist() == ids.tolist()
+    assert check_runs(runs, 10) == ([5, 2, 9, 8], [3, 2, 1, 1], 7)
+    assert encode_runs(torch.arange(262_144)) == [0, 262_144]  # a fresh pool: one run
+    assert encode_runs(torch.tensor([], dtype=torch.int64)) == [] and check_runs([], 4) == ([], [], 0)
+    assert encode_runs(torch.tensor([3, 4], dtype=torch.int32)) == [3, 2]
+    for bad in ([1, 2, 3], [8, 3], [-1, 2], [2, 0]):  # odd, past the end, negative, empty run
+        with pytest.raises(ValueError):
+            check_runs(bad, 10)
+
+
+@pytest.mark.parametrize(
+    "page_ids, runs, want_runs, scatter",
+    [
+        (None, [4, 3], ([4], [3]), False),  # the reservation's runs: no ids at all
+        (torch.tensor([9, 9, 9]), [4, 3], ([4], [3]), False),  # runs win over ids
+        (torch.tensor([4, 5, 6, 0, 1]), None, ([4, 0], [3, 2]), False),  # CPU ids cut on the host
+        (torch.tensor([7, 1, 5, 3]), None, None, True),  # more runs than max_direct_runs (2): scatter
+        (None, [7, 1, 1, 1, 5, 1], None, True),
+    ],
+)
+def test_ipc_write_plan(page_ids, runs, want_runs, scatter):
+    plan = plan_write(10, page_ids, runs, max_direct_runs=2)
+    assert plan.device_ids is None
+    n = len(decode_runs(runs)) if runs is not None else page_ids.numel()
+    assert plan.num_pages == n
+    if scatter:
+        want = decode_runs(runs) if runs is not None else page_ids
+        assert plan.scatter_ids.tolist() == want.tolist() and plan.firsts == []
+    else:
+        assert plan.scatter_ids is None and (plan.firsts, plan.lengths) == want_runs
+
+
+def test_ipc_write_plan_refuses_pages_outside_the_pool():
+    for ids in (torch.tensor([3, 10]), torch.tensor([-1])):
+        with pytest.raises(ValueError, match="outside the pool"):
+            plan_write(10, ids, None)
+    with pytest.raises(ValueError, match="outside the pool"):
+        plan_write(10, None, [8, 3])
+    with pytest.raises(ValueError, match="page_ids or runs"):
+        plan_write(10, None, None)
+    assert plan_write(10, torch.empty(0, dtype=torch.int64), None).num_pages == 0
+
+
+# ---- NCCL failure handling: the rendezvous store and bounded calls, on real processes ----------
+def test_run_bounded():
+    assert run_bounded(lambda: 42, 5.0, "t") == (True, 42, None)
+    finished, _, error = run_bounded(lambda: 1 / 0, 5.0, "t")
+    assert finished and isinstance(error, ZeroDivisionError)
+    never = threading.Event()
+    started = time.monotonic()
+    assert run_bounded(never.wait, 0.2, "stuck") == (False, None, None)  # left behind, caller goes on
+    assert time.monotonic() - started < 2.0
+    never.set()
+
+
+def test_nccl_env_never_lets_torch_kill_the_process(monkeypatch: pytest.MonkeyPatch):
+    for name in ("TORCH_NCCL_ENABLE_MONITORING", "TORCH_NCCL_DUMP_ON_TIMEOUT", "NCCL_NVLS_ENABLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # 1 = tear the process down
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")  # would make work.wait() block without deadline
+    _prepare_env()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    assert os.environ["TORCH_NCCL_BLOCKING_WAIT"] == "0"
+    assert os.environ["TORCH_NCCL_ENABLE_MONITORING"] == "0"  # no heartbeat monitor (SIGABRT, store polls)
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "0"
+    monkeypatch.setenv("TORCH_NCCL_ENABLE_MONITORING", "1")
+    _prepare_env()
+    assert os.environ["TORCH_NCCL_ENABLE_MONITORING"] == "1"  # an explicit choice is kept
+
+
+HUB = """
+import sys, time
+from kvtransfer.nccl import NcclHub
+hub = NcclHub(0, port=int(sys.argv[1]), timeout=5.0)  # the decode node's store; no GPU needed for it
+print(hub.port, flush=True)
+time.sleep(120)
+"""
+
+
+def _start_hub(port: int = 0) -> tuple[subprocess.Popen, int]:
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUB, str(port)], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    line = proc.stdout.readline()
+    assert line.strip() == str(port).encode(), line
+    return proc, port
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()  # SIGKILL: the store goes with the process, as on a crash
+    proc.wait(timeout=10)
+
+
+def test_dead_decode_store_is_peer_unreachable():
+    """The failure seen on the device: the decode process hosting the TCPStore dies; store calls then
+    fail with DistNetworkError ("Connection was likely closed"). They must become PeerUnreachableError
+    (UNAVAILABLE), fast for a live connection and within the store timeout for a new one."""
+    proc, port = _start_hub()
+    try:
+        store = connect_store("127.0.0.1", port, timeout=5.0)
+        check_store(store, "test")  # alive: no error
+    finally:
+        _kill(proc)
+    started = time.monotonic()
+    with pytest.raises(PeerUnreachableError, match="stopped answering") as e:
+        check_store(store, "test")
+    assert time.monotonic() - started < 2.0
+    assert isinstance(e.value, UnavailableError) and e.value.drained
+    assert "\n" not in str(e.value)  # the first line of the c10d error, not its C++ stack
+    started = time.monotonic()
+    with pytest.raises(PeerUnreachableError, match="unreachable"):
+        connect_store("127.0.0.1", port, timeout=1.0)
+    assert time.monotonic() - started < 5.0
+
+
+def test_prefill_side_drops_a_dead_store_and_reconnects_to_a_restarted_node():
+    proc, port = _start_hub()
+    offer = NcclOffer("p1", "127.0.0.1", port, 1 << 20, "d1", "GPU-x", "h")
+    peers = NcclPeers(0, timeout=5.0)  # the prefill side's cache of store clients (no GPU used here)
+    try:
+        first = peers._store(offer)
+        assert peers._store(offer) is first  # reused while it answers
+    finally:
+        _kill(proc)
+    proc, _ = _start_hub(port)  # the decode node restarted on the same address
+    try:
+        second = peers._store(offer)
+        assert second is not first
+        check_store(second, "test")
+    finally:
+        _kill(proc)
+    with pytest.raises(PeerUnreachableError):
+        NcclPeers(0, timeout=1.0)._store(offer)  # nobody there at all

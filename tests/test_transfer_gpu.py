@@ -90,12 +90,25 @@ def test_nccl_across_gpus():
 
 
 @two_gpus
-@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
-def test_killed_decode_fails_the_prefill_side_in_time(transport: str):
-    got = run_pair(*_cfgs(transport, 0, 1, "decode_dies", timeout=TIMEOUT), expect=("prefill",))
+@pytest.mark.parametrize(
+    "transport, check_peer",
+    [("nccl", True), ("nccl", False), ("cuda_ipc", True)],
+    ids=["nccl-store-check", "nccl-deadline", "cuda_ipc"],
+)
+def test_killed_decode_fails_the_prefill_side_in_time(transport: str, check_peer: bool):
+    """nccl-store-check: the decode node's store went with its process, the send fails at once
+    (PeerUnreachableError); nccl-deadline: without that check the send is stuck on the dead peer until
+    its deadline aborts it (TransferTimeoutError). Either way UNAVAILABLE within the timeout, drained."""
+    decode_cfg, prefill_cfg = _cfgs(transport, 0, 1, "decode_dies", timeout=TIMEOUT, check_peer=check_peer)
+    got = run_pair(decode_cfg, prefill_cfg, expect=("prefill",))
     prefill = got["prefill"]
     assert prefill["failed_after"] < TIMEOUT + SLACK, prefill
-    assert prefill["gpu_ok_after_failure"] and prefill["leak_free"] and prefill["drained"]
+    assert prefill["gpu_ok_after_failure"] and prefill["leak_free"] and prefill["drained"], prefill
+    if transport == "nccl":
+        assert prefill["unavailable"], prefill["failure"]
+        if check_peer:  # found by the store check, not the deadline
+            assert prefill["failure_type"] == "PeerUnreachableError", prefill["failure"]
+            assert prefill["failed_after"] < TIMEOUT, prefill
 
 
 @two_gpus
@@ -106,9 +119,10 @@ def test_killed_prefill_frees_the_decode_reservation(transport: str):
     got = run_pair(decode_cfg, prefill_cfg, expect=("decode",))
     decode = got["decode"]
     assert decode["leak_free"], decode
-    if transport == "nccl":
-        (rid, _, drained), *_ = decode["failures"]
-        assert rid == "orphan" and drained
+    if transport == "nccl":  # the receive fails by its own deadline (UNAVAILABLE) and frees the pages
+        (rid, error, drained), *_ = decode["failures"]
+        assert rid == "orphan" and drained, decode["failures"]
+        assert error.startswith(("TransferTimeoutError", "PeerUnreachableError")), error
         assert decode["failed_after"] < TIMEOUT + SLACK
         assert decode["gpu_ok_after_failure"]
     else:

@@ -49,8 +49,9 @@ def decode_main(conn, results, cfg: dict) -> None:  # noqa: ANN001
 def _decode(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
     from engine.kv_pool import KVPool
     from kvtransfer.cuda_ipc import export_pool
-    from kvtransfer.device_util import TransferTimeoutError, pool_checksum
+    from kvtransfer.device_util import pool_checksum
     from kvtransfer.nccl import NcclHub
+    from serving.errors import UnavailableError
 
     device = torch.device("cuda", cfg["device"])
     torch.cuda.set_device(device)
@@ -122,10 +123,11 @@ def _decode(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
             started = time.monotonic()
             try:
                 seconds = pair.recv_pages(pool.kv, ids, timeout=timeout)
-            except TransferTimeoutError as e:
-                out["failures"].append((rid, str(e), e.drained))
+            except UnavailableError as e:  # TransferTimeoutError or PeerUnreachableError
+                drained = getattr(e, "drained", True)
+                out["failures"].append((rid, f"{type(e).__name__}: {e}", drained))
                 out["failed_after"] = time.monotonic() - started
-                if e.drained:
+                if drained:
                     free(rid)
                 hub.close_all()
                 torch.ones(4, device=device).sum().item()  # the GPU still works
@@ -184,8 +186,9 @@ class _Held:
 def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
     from engine.kv_pool import KVPool
     from kvtransfer.cuda_ipc import IpcPeers
-    from kvtransfer.device_util import PeerUnreachableError, TransferTimeoutError, page_checksum
+    from kvtransfer.device_util import page_checksum
     from kvtransfer.nccl import NcclPeers
+    from serving.errors import UnavailableError
 
     device = torch.device("cuda", cfg["device"])
     torch.cuda.set_device(device)
@@ -211,6 +214,7 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
         conn.send(("nccl_open",))
         _, offer = conn.recv()
         pair = peers.connect(offer)
+        pair.check_peer = cfg.get("check_peer", True)  # off: a dead peer is only found by the deadline
         node = offer.decode_node_id
 
     def transfer(rid: str, n: int, scattered: bool, seed: int, die_before_reply: bool = False) -> None:
@@ -270,11 +274,14 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
                     peers.get(node).send_pages(held.pages, timeout=timeout)
                 finally:
                     held.free()
-        except (TransferTimeoutError, PeerUnreachableError, TimeoutError, EOFError, ConnectionError) as e:
+        # nccl: the transport's own UNAVAILABLE errors; cuda_ipc: the Pipe standing in for the commit RPC
+        except (UnavailableError, TimeoutError, EOFError, ConnectionError) as e:
             failure = e
         assert failure is not None, "the transfer to a dead decode node succeeded"
         out["failed_after"] = time.monotonic() - started
         out["failure"] = f"{type(failure).__name__}: {failure}"
+        out["failure_type"] = type(failure).__name__
+        out["unavailable"] = isinstance(failure, UnavailableError)
         out["drained"] = getattr(failure, "drained", True)
         peers.close(node)
         torch.ones(4, device=device).sum().item()
