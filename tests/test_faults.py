@@ -210,11 +210,11 @@ def test_decode_killed_mid_stream_is_unavailable_within_2s(cluster: LocalCluster
 def test_prefill_killed_mid_transfer_frees_the_decode_reservation(
     cluster: LocalCluster, client: Client
 ) -> None:
-    """A prefill node that ships pages in 16-byte chunks (so the transfer lasts seconds) is killed once
-    the decode node holds its reservation; the decode node frees it (stream break, or lease)."""
+    """A prefill node that ships pages over grpc in 16-byte chunks (so the transfer lasts seconds) is
+    killed once the decode node holds its reservation; the decode node frees it (stream break, or lease)."""
     normal = list(cluster.prefill_args)
     cluster.kill("prefill")
-    cluster.prefill_args = [*normal, "--chunk-bytes", "16"]
+    cluster.prefill_args = [*normal, "--transport", "grpc", "--chunk-bytes", "16"]
     try:
         cluster.start_node("prefill")
         cluster.wait_ready(timeout=120, nodes=["prefill"])
