@@ -7,53 +7,17 @@ GPU machine only (`-m gpu`); CI runs `-m "not gpu"`. The pytest process itself n
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
 import time
 
 import pytest
 import torch
+from transfer_roles import run_pair
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 TIMEOUT = 3.0  # transfer timeout of the surviving side in the killed-peer tests
 SLACK = 6.0  # abort + drain + process scheduling on top of it
-
-
-def run_pair(decode_cfg: dict, prefill_cfg: dict, expect: tuple[str, ...] = ("decode", "prefill")) -> dict:
-    import transfer_roles
-
-    ctx = mp.get_context("spawn")
-    a, b = ctx.Pipe()
-    results = ctx.Queue()
-    procs = {
-        "decode": ctx.Process(target=transfer_roles.decode_main, args=(a, results, decode_cfg)),
-        "prefill": ctx.Process(target=transfer_roles.prefill_main, args=(b, results, prefill_cfg)),
-    }
-    for p in procs.values():
-        p.start()
-    a.close()
-    b.close()
-    got: dict[str, dict] = {}
-    end = time.monotonic() + 90
-    while len(got) < len(expect) and time.monotonic() < end:
-        try:
-            out = results.get(timeout=1.0)
-            got[out["role"]] = out
-            if not out["ok"]:  # the other role ends by lease or EOF; don't wait the full time
-                end = min(end, time.monotonic() + 20)
-        except queue.Empty:
-            continue
-    for p in procs.values():
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    for role in expect:
-        assert role in got, f"{role} role reported nothing (crashed or hung); got {list(got)}"
-        assert got[role]["ok"], f"{role} role failed:\n{got[role].get('error')}"
-    return got
 
 
 def _cfgs(transport: str, decode_dev: int, prefill_dev: int, scenario: str, **extra) -> tuple[dict, dict]:

@@ -9,10 +9,13 @@ poison pattern that must survive every transfer.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 import traceback
+import uuid
 from typing import Any
 
 import torch
@@ -41,6 +44,49 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _device(cfg: dict) -> torch.device:
+    """An int is a CUDA index; "cpu" runs the roles on CPU (the shm transport)."""
+    device = cfg["device"]
+    if isinstance(device, int):
+        torch.cuda.set_device(device)
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def run_pair(decode_cfg: dict, prefill_cfg: dict, expect: tuple[str, ...] = ("decode", "prefill")) -> dict:
+    """Spawn both roles, collect their reports, assert the expected ones reported ok."""
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    results = ctx.Queue()
+    procs = {
+        "decode": ctx.Process(target=decode_main, args=(a, results, decode_cfg)),
+        "prefill": ctx.Process(target=prefill_main, args=(b, results, prefill_cfg)),
+    }
+    for p in procs.values():
+        p.start()
+    a.close()
+    b.close()
+    got: dict[str, dict] = {}
+    end = time.monotonic() + 90
+    while len(got) < len(expect) and time.monotonic() < end:
+        try:
+            out = results.get(timeout=1.0)
+            got[out["role"]] = out
+            if not out["ok"]:  # the other role ends by lease or EOF; don't wait the full time
+                end = min(end, time.monotonic() + 20)
+        except queue.Empty:
+            continue
+    for p in procs.values():
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for role in expect:
+        assert role in got, f"{role} role reported nothing (crashed or hung); got {list(got)}"
+        assert got[role]["ok"], f"{role} role failed:\n{got[role].get('error')}"
+    return got
+
+
 # ---- decode role ------------------------------------------------------------------------------------
 def decode_main(conn, results, cfg: dict) -> None:  # noqa: ANN001
     _report(results, "decode", lambda out: _decode(conn, cfg, out))
@@ -53,17 +99,24 @@ def _decode(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
     from kvtransfer.nccl import NcclHub
     from serving.errors import UnavailableError
 
-    device = torch.device("cuda", cfg["device"])
-    torch.cuda.set_device(device)
+    device = _device(cfg)
     pool = KVPool(cfg.get("num_pages", 8192), PAGE_SIZE, HEAD_DIM, DTYPE, device)
-    pool.kv.view(torch.int16).fill_(POISON)
     reservations: dict[str, tuple[torch.Tensor, float]] = {}  # rid -> (page ids, lease deadline)
     lease = cfg.get("lease_seconds", 10.0)
     timeout = cfg.get("timeout", 10.0)
-    hub = None
+    hub = shared = None
     if cfg["transport"] == "cuda_ipc":
+        pool.kv.view(torch.int16).fill_(POISON)
         conn.send(("export", export_pool(pool.kv)))
+    elif cfg["transport"] == "shm":  # the CPU counterpart of cuda_ipc: the pool moves into /dev/shm
+        from kvtransfer.shm import SharedPool
+
+        shared = SharedPool(pool.kv, uuid.uuid4().hex)
+        pool.kv = shared.kv
+        pool.kv.view(torch.int16).fill_(POISON)
+        conn.send(("export", shared.export))
     else:
+        pool.kv.view(torch.int16).fill_(POISON)
         hub = NcclHub(device, timeout=timeout, chunk_bytes=cfg.get("chunk_bytes", 4 << 20))
     out["verified"] = []
     out["failures"] = []
@@ -137,7 +190,7 @@ def _decode(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
             ok = verify(rid, seed)
             reservations[rid] = (ids, time.monotonic() + lease)  # committed: waits for its Decode call
             conn.send(("committed", rid, ok, seconds))
-        elif kind == "commit":  # cuda_ipc: the writer synchronised before sending this
+        elif kind == "commit":  # cuda_ipc / shm: the writer's bytes are in place when this arrives
             _, rid, seed, checksum, die_before_reply = msg
             if die_before_reply:
                 _die()
@@ -156,6 +209,8 @@ def _decode(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
             break
     if hub is not None:
         hub.close_all()
+    if shared is not None:
+        shared.close()
     out["num_used"] = pool.num_used
     out["num_reserved"] = pool.num_reserved
     if not reservations:
@@ -186,12 +241,12 @@ class _Held:
 def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
     from engine.kv_pool import KVPool
     from kvtransfer.cuda_ipc import IpcPeers
-    from kvtransfer.device_util import page_checksum
+    from kvtransfer.device_util import encode_runs, page_checksum
     from kvtransfer.nccl import NcclPeers
+    from kvtransfer.shm import ShmPeers
     from serving.errors import UnavailableError
 
-    device = torch.device("cuda", cfg["device"])
-    torch.cuda.set_device(device)
+    device = _device(cfg)
     pool = KVPool(cfg.get("num_pages", 4096), PAGE_SIZE, HEAD_DIM, DTYPE, device)
     scenario = cfg["scenario"]
     timeout = cfg.get("timeout", 10.0)
@@ -204,9 +259,10 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
             raise TimeoutError(f"no reply to {msg[0]} within {wait} s")
         return conn.recv()
 
-    if transport == "cuda_ipc":
+    direct = transport in ("cuda_ipc", "shm")  # the writer writes the pool, then commits
+    if direct:
         _, export = conn.recv()
-        peers = IpcPeers(device)
+        peers = IpcPeers(device) if transport == "cuda_ipc" else ShmPeers()
         mapped = peers.map(export)
         node = export.node_id
     else:
@@ -222,8 +278,12 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
         try:
             kind, _, ids = ask(("reserve", rid, n, scattered, seed))
             assert kind == "reserved"
-            if transport == "cuda_ipc":
-                seconds = peers.map(export).write(held.pages, torch.tensor(ids, dtype=torch.int64))
+            if direct:
+                page_ids = torch.tensor(ids, dtype=torch.int64)
+                if transport == "cuda_ipc" and not scattered:  # the reservation's runs: no ids at all
+                    seconds = peers.map(export).write(held.pages, runs=encode_runs(page_ids))
+                else:  # CPU ids (cut into runs on the host, or scattered through pinned memory)
+                    seconds = peers.map(export).write(held.pages, page_ids)
                 reply = ask(("commit", rid, seed, page_checksum(held.pages), die_before_reply), wait=timeout)
             else:
                 conn.send(("receive", rid, seed))
@@ -253,7 +313,7 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
         _, used, reserved, live = ask(("stats",))
         out["decode_after_release"] = (used, reserved, live)
         assert (used, reserved, live) == (0, 0, 0), (used, reserved, live)
-        if transport == "cuda_ipc":
+        if direct:
             assert peers.map(export) is mapped and peers.opened == 1  # mapped once, reused
         else:
             assert peers.get(node) is pair and peers.opened == 1 and pair.transfers == 4
@@ -264,7 +324,7 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
         started = time.monotonic()
         failure: BaseException | None = None
         try:
-            if transport == "cuda_ipc":  # decode dies after the write, before acknowledging the commit
+            if direct:  # decode dies after the write, before acknowledging the commit
                 transfer("lost", 800, False, 12, die_before_reply=True)
             else:  # decode dies before the pages move
                 conn.send(("die",))
