@@ -9,7 +9,12 @@ finished -> decode ready) of a 32K request at retention 0.5, and for nccl a laye
 experiment. Control messages go over a multiprocessing Pipe standing in for gRPC.
 
     python -m benchmarks.transfer --out docs/benchmarks            # on the GPU machine
+    python -m benchmarks.transfer --quick --out $OUT/bench          # <= 6 min on nvidia-h200-x2
+    python -m benchmarks.transfer --modes alloc                     # the pool allocator only (CPU)
     python -m benchmarks.transfer --render docs/benchmarks/transfer.json   # redo PNG + MD from JSON
+
+The JSON (and MD) are rewritten after every row of every mode, so a run cut short by a time limit keeps
+everything measured before it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -31,7 +38,9 @@ DTYPE = torch.bfloat16
 PAGE_BYTES = 2 * PAGE_SIZE * HEAD_DIM * 2
 CONTEXTS = (8192, 32768, 131072)
 RETENTIONS = (1.0, 0.5, 0.25)
-DATE = "2026-11-22"
+DATE = "2026-11-23"
+QUICK_CONTEXTS = (8192, 32768)
+HANDOFF_CONTEXT, HANDOFF_RETENTION = 32768, 0.5
 
 
 def request_pages(context: int, retention: float) -> int:
@@ -72,7 +81,7 @@ def _decode(conn, cfg: dict) -> None:  # noqa: ANN001
     hub = NcclHub(device, timeout=60.0) if cfg["transport"] == "nccl" else None
     ids = torch.empty(0, dtype=torch.int64)
     raw: torch.Tensor | None = None
-    held: list[int] = []
+    held: torch.Tensor | list[int] = []
     while True:
         msg = conn.recv()
         kind = msg[0]
@@ -114,10 +123,12 @@ def _decode(conn, cfg: dict) -> None:  # noqa: ANN001
             conn.send(("checksum", pool_checksum(pool.kv, ids)))
         elif kind == "reserve":  # the handoff: ReserveKV through the engine's pool allocator
             _, n, use_allocator = msg
-            held = pool.allocate(n) if use_allocator else []
-            ids = torch.tensor(held, dtype=torch.int64) if use_allocator else torch.arange(n)
+            t0 = time.perf_counter()
+            ids = pool.allocate_ids(n) if use_allocator else torch.arange(n)
+            held = ids if use_allocator else []
             # cuda_ipc needs the destination: page runs [first, length, ...] (one run in a fresh pool)
-            conn.send(("reserved", encode_runs(ids) if cfg["transport"] == "cuda_ipc" else []))
+            runs = encode_runs(ids) if cfg["transport"] == "cuda_ipc" else []
+            conn.send(("reserved", runs, time.perf_counter() - t0))
         elif kind == "commit":  # cuda_ipc: pages are in place; optionally verify the checksum
             _, checksum = msg
             ok = checksum is None or pool_checksum(pool.kv, ids) == checksum
@@ -141,12 +152,14 @@ def _decode(conn, cfg: dict) -> None:  # noqa: ANN001
 
 # ---- prefill role (drives the run) ------------------------------------------------------------------
 def prefill_main(conn, results, cfg: dict) -> None:  # noqa: ANN001
+    """Drives the mode; every result goes to `results` as soon as it is measured ("row", "handoff",
+    "overlap"), then ("done", everything), so the parent can save partial results."""
     out: dict = {"mode": cfg["mode"], "rows": [], "handoff": {}, "overlap": None}
     try:
-        _prefill(conn, cfg, out)
+        _prefill(conn, cfg, out, lambda kind, value: results.put((kind, value)))
     except BaseException:  # noqa: BLE001
         out["error"] = traceback.format_exc()
-    results.put(out)
+    results.put(("done", out))
 
 
 def _ask(conn, msg: tuple) -> tuple:  # noqa: ANN001
@@ -157,7 +170,7 @@ def _ask(conn, msg: tuple) -> tuple:  # noqa: ANN001
     return reply
 
 
-def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
+def _prefill(conn, cfg: dict, out: dict, report) -> None:  # noqa: ANN001
     from kvtransfer.cuda_ipc import IpcPeers
     from kvtransfer.device_util import page_checksum
     from kvtransfer.nccl import NcclPeers
@@ -203,7 +216,7 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
         return time.perf_counter() - t0
 
     for context in cfg["contexts"]:
-        for retention in RETENTIONS:
+        for retention in cfg["retentions"]:
             n = request_pages(context, retention)
             nbytes = n * PAGE_BYTES
             gen = torch.Generator(device=device).manual_seed(n)
@@ -247,41 +260,48 @@ def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
             row["raw_s"] = statistics.median(raw_times[1:])
             row["raw_s_all"] = raw_times[1:]
             out["rows"].append(row)
+            report("row", row)
             print(_row_line(cfg["mode"], row), flush=True)
             del pages
             torch.cuda.empty_cache()
 
     out["handoff"] = _handoff(conn, cfg, pair, mapped, reps)
+    report("handoff", out["handoff"])
     if transport == "nccl" and cfg.get("overlap", True):
         try:
             out["overlap"] = _overlap(conn, pair, device, reps)
         except Exception:  # noqa: BLE001 - reported, not fatal
             out["overlap"] = {"error": traceback.format_exc()}
+        report("overlap", out["overlap"])
     _ask(conn, ("close",))
 
 
 def _handoff(conn, cfg: dict, pair, mapped, reps: int) -> dict:  # noqa: ANN001
     """Prefill finished (pages gathered, synced) -> decode ready (pages in place, commit processed)."""
-    from kvtransfer.device_util import decode_runs, page_checksum
+    from kvtransfer.device_util import page_checksum
 
     device = torch.device("cuda", cfg["device"])
-    n = request_pages(32768, 0.5)
+    n = request_pages(HANDOFF_CONTEXT, HANDOFF_RETENTION)
     pages = torch.randint(-(1 << 15), 1 << 15, (n, 2, PAGE_SIZE, HEAD_DIM), dtype=torch.int16, device=device)
     pages = pages.view(DTYPE)
     torch.cuda.synchronize(device)
-    result = {"context": 32768, "retention": 0.5, "num_pages": n, "payload_bytes": n * PAGE_BYTES}
+    result = {
+        "context": HANDOFF_CONTEXT, "retention": HANDOFF_RETENTION, "num_pages": n,
+        "payload_bytes": n * PAGE_BYTES,
+    }  # fmt: skip
     for name, use_allocator, verify in (
         ("transport_only", False, False),
         ("with_pool_allocator", True, False),
         ("with_allocator_and_checksum", True, True),
     ):
-        times = []
+        times, reserve_times = [], []
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             checksum = page_checksum(pages) if verify else None
-            _, reply = _ask(conn, ("reserve", n, use_allocator))
+            _, runs, reserve_s = _ask(conn, ("reserve", n, use_allocator))
+            reserve_times.append(reserve_s)
             if cfg["transport"] == "cuda_ipc":
-                mapped.write(pages, decode_runs(reply))
+                mapped.write(pages, runs=runs)  # the reservation's runs: no id upload, no sync before
                 _, t_ready, ok = _ask(conn, ("commit", checksum))
             else:
                 conn.send(("receive", checksum))
@@ -292,6 +312,7 @@ def _handoff(conn, cfg: dict, pair, mapped, reps: int) -> dict:  # noqa: ANN001
             _ask(conn, ("release",))
         result[f"{name}_s"] = statistics.median(times[1:])
         result[f"{name}_s_all"] = times[1:]
+        result[f"{name}_reserve_s"] = statistics.median(reserve_times[1:])  # decode side: allocate + runs
     return result
 
 
@@ -360,15 +381,26 @@ MODES = {  # name: (transport, decode GPU, prefill GPU)
     "ipc-2gpu": ("cuda_ipc", 0, 1),
     "nccl-2gpu": ("nccl", 0, 1),
 }
+ALL_MODES = ("alloc", *MODES)  # alloc: the pool allocator on the host (no GPU)
 
 
-def run_mode(mode: str, contexts: tuple[int, ...], reps: int, timeout: float = 240.0) -> dict:
+def run_mode(
+    mode: str,
+    contexts: tuple[int, ...],
+    reps: int,
+    timeout: float = 240.0,
+    retentions: tuple[float, ...] = RETENTIONS,
+    on_update=None,  # noqa: ANN001 - called with the partial result after every message
+) -> dict:
     transport, decode_dev, prefill_dev = MODES[mode]
     max_pages = max(request_pages(c, 1.0) for c in contexts)
+    max_pages = max(max_pages, request_pages(HANDOFF_CONTEXT, HANDOFF_RETENTION))
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     results = ctx.Queue()
-    common = {"transport": transport, "mode": mode, "contexts": contexts, "reps": reps}
+    common = {
+        "transport": transport, "mode": mode, "contexts": contexts, "reps": reps, "retentions": retentions,
+    }  # fmt: skip
     decode = ctx.Process(
         target=decode_main,
         args=(a, {**common, "device": decode_dev, "num_pages": max_pages + max_pages // 50}),
@@ -378,8 +410,29 @@ def run_mode(mode: str, contexts: tuple[int, ...], reps: int, timeout: float = 2
     )
     decode.start()
     prefill.start()
+    partial: dict = {"mode": mode, "rows": [], "handoff": {}, "overlap": None}
+    deadline = time.monotonic() + timeout
     try:
-        return results.get(timeout=timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                partial["error"] = f"{mode}: no result within {timeout:.0f} s (partial results kept)"
+                return partial
+            try:
+                kind, value = results.get(timeout=min(left, 5.0))
+            except queue.Empty:
+                if not prefill.is_alive():
+                    partial["error"] = f"{mode}: the prefill role died (exit code {prefill.exitcode})"
+                    return partial
+                continue
+            if kind == "done":
+                return value
+            if kind == "row":
+                partial["rows"].append(value)
+            else:
+                partial[kind] = value
+            if on_update is not None:
+                on_update(partial)
     finally:
         for p in (prefill, decode):
             p.join(timeout=10)
@@ -388,13 +441,54 @@ def run_mode(mode: str, contexts: tuple[int, ...], reps: int, timeout: float = 2
                 p.join()
 
 
+def allocator_bench(num_pages: int = 0, reps: int = 7) -> dict:
+    """The decode side's share of ReserveKV and release on the host: KVPool.allocate_ids + encode_runs
+    and KVPool.free of a 32K@0.5 request (262,144 pages), plus the list API (allocate / free of a list),
+    medians in seconds. No GPU: the pool's tensor is one element per page."""
+    from engine.kv_pool import KVPool
+    from kvtransfer.device_util import encode_runs
+
+    n = num_pages or request_pages(HANDOFF_CONTEXT, HANDOFF_RETENTION)
+    pool = KVPool(n + n // 50, PAGE_SIZE, 1, DTYPE, "cpu")
+    times: dict[str, list[float]] = {
+        k: [] for k in ("allocate_ids", "encode_runs", "free_ids", "allocate", "free")
+    }
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ids = pool.allocate_ids(n)
+        t1 = time.perf_counter()
+        encode_runs(ids)
+        t2 = time.perf_counter()
+        pool.free(ids)
+        t3 = time.perf_counter()
+        pages = pool.allocate(n)
+        t4 = time.perf_counter()
+        pool.free(pages)
+        t5 = time.perf_counter()
+        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            times[k].append(dt)
+    pool.assert_no_leaks()
+    return {"num_pages": n, "reps": reps, "cpu_threads": torch.get_num_threads()} | {
+        f"{k}_s": statistics.median(v) for k, v in times.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
-    parser.add_argument("--mode-timeout", type=float, default=240.0, help="seconds per mode before giving up")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions after one warm-up (5; --quick 3)")
+    parser.add_argument(
+        "--modes", default=None, help=f"comma list of {', '.join(ALL_MODES)} (default: all the GPUs allow)"
+    )
+    parser.add_argument(
+        "--contexts", default=None, help="comma list (default 8192,32768,131072; --quick 8K,32K)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="8K and 32K contexts, 3 reps, 100 s per mode: <= 6 min on 2 GPUs"
+    )
+    parser.add_argument(
+        "--mode-timeout", type=float, default=None, help="seconds per mode (240; --quick 100)"
+    )
     parser.add_argument("--render", help="only redo the PNG and MD from this JSON")
     args = parser.parse_args()
     if args.render:
@@ -402,29 +496,68 @@ def main() -> None:
         render(data, Path(args.render).parent)
         return
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    contexts = tuple(int(c) for c in args.contexts.split(","))
+    reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    mode_timeout = args.mode_timeout if args.mode_timeout is not None else (100.0 if args.quick else 240.0)
+    default_contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
+    contexts = tuple(int(c) for c in args.contexts.split(",")) if args.contexts else default_contexts
     gpus = torch.cuda.device_count()
-    modes = [m for m in args.modes.split(",") if max(MODES[m][1:]) < gpus]
+    wanted = args.modes.split(",") if args.modes else ["alloc", *MODES]
+    unknown = [m for m in wanted if m not in ALL_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
+    modes = [m for m in wanted if m == "alloc" or max(MODES[m][1:]) < gpus]
+    skipped = [m for m in wanted if m not in modes]
+    if skipped:
+        print(f"skipped (not enough GPUs: {gpus}): {', '.join(skipped)}", flush=True)
+    command = "NCCL_NVLS_ENABLE=0 python -m benchmarks.transfer " + " ".join(sys.argv[1:])
     data = {
         "date": DATE,
-        "command": "NCCL_NVLS_ENABLE=0 python -m benchmarks.transfer --out " + args.out
-        + (f" --reps {args.reps}" if args.reps != 5 else ""),
+        "command": command.strip(),
         "device": torch.cuda.get_device_name(0) if gpus else "none",
         "gpus": gpus,
         "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpus else None,
         "shape": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "page_size": PAGE_SIZE,
                   "dtype": "bfloat16", "page_bytes": PAGE_BYTES},
+        "quick": args.quick,
+        "reps": reps,
         "modes": {},
     }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for mode in modes:  # the JSON is rewritten after every mode: a later hang loses nothing before it
-        started = time.perf_counter()
+
+    def save() -> None:
+        (out / "transfer.json").write_text(json.dumps(data, indent=1))
         try:
-            data["modes"][mode] = run_mode(mode, contexts, args.reps, args.mode_timeout)
-        except Exception:  # noqa: BLE001 - e.g. the mode ran past its time: record it, go on
-            data["modes"][mode] = {"mode": mode, "rows": [], "error": traceback.format_exc()}
+            render(data, out)
+        except Exception:  # noqa: BLE001 - a report glitch must not lose the JSON
+            traceback.print_exc()
+
+    for mode in modes:  # saved after every row and every mode: a later hang or kill loses nothing before it
+        started = time.perf_counter()
+        if mode == "alloc":
+            data["allocator"] = allocator_bench()
+            a = data["allocator"]
+            print(
+                f"alloc {a['num_pages']} pages (32K@0.5): allocate_ids {1e3 * a['allocate_ids_s']:.2f} ms, "
+                f"encode_runs {1e3 * a['encode_runs_s']:.2f} ms, free {1e3 * a['free_ids_s']:.2f} ms; "
+                f"list API allocate {1e3 * a['allocate_s']:.2f} ms, free {1e3 * a['free_s']:.2f} ms",
+                flush=True,
+            )
+            save()
+            continue
+
+        def update(partial: dict, mode: str = mode) -> None:
+            data["modes"][mode] = partial
+            save()
+
+        try:
+            data["modes"][mode] = run_mode(mode, contexts, reps, mode_timeout, on_update=update)
+        except Exception:  # noqa: BLE001 - record it, go on
+            data["modes"][mode] = {
+                **data["modes"].get(mode, {"mode": mode, "rows": []}),
+                "error": traceback.format_exc(),
+            }
         data["modes"][mode]["wall_s"] = time.perf_counter() - started
         if "error" in data["modes"][mode]:
             print(f"{mode} FAILED:\n{data['modes'][mode]['error']}", flush=True)
@@ -432,11 +565,11 @@ def main() -> None:
         if h:
             print(
                 f"{mode} handoff 32K@0.5: transport only {1e3 * h['transport_only_s']:.2f} ms, with allocator "
-                f"{1e3 * h['with_pool_allocator_s']:.2f} ms, + checksum {1e3 * h['with_allocator_and_checksum_s']:.2f} ms",
+                f"{1e3 * h['with_pool_allocator_s']:.2f} ms (reserve {1e3 * h['with_pool_allocator_reserve_s']:.2f} ms),"
+                f" + checksum {1e3 * h['with_allocator_and_checksum_s']:.2f} ms",
                 flush=True,
             )
-        (out / "transfer.json").write_text(json.dumps(data, indent=1))
-        render(data, out)
+        save()
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -489,8 +622,14 @@ def render(data: dict, out: Path) -> None:
                 "decode ready (control messages over a local Pipe, not gRPC):",
                 "",
                 f"- transport only (destination ids known): {1e3 * h['transport_only_s']:.2f} ms",
-                f"- with the engine's pool allocator (KVPool.allocate of {h['num_pages']} pages): "
-                f"{1e3 * h['with_pool_allocator_s']:.2f} ms",
+                f"- with the engine's pool allocator (KVPool.allocate_ids of {h['num_pages']} pages): "
+                f"{1e3 * h['with_pool_allocator_s']:.2f} ms"
+                + (
+                    f" (of which the decode side's reserve, allocate + page runs: "
+                    f"{1e3 * h['with_pool_allocator_reserve_s']:.2f} ms)"
+                    if "with_pool_allocator_reserve_s" in h
+                    else ""
+                ),
                 f"- plus sum64 checksum on both ends: {1e3 * h['with_allocator_and_checksum_s']:.2f} ms",
             ]
         o = res.get("overlap")
@@ -511,6 +650,17 @@ def render(data: dict, out: Path) -> None:
         elif o:
             lines += ["", "Layer-wise overlap failed:", "", "```", o["error"][-2000:], "```"]
         lines.append("")
+    a = data.get("allocator")
+    if a:
+        lines += [
+            "## Pool allocator (host, no GPU)",
+            "",
+            f"{a['num_pages']} pages (a 32K request at retention 0.5), median of {a['reps']}: "
+            f"`KVPool.allocate_ids` {1e3 * a['allocate_ids_s']:.2f} ms, `encode_runs` {1e3 * a['encode_runs_s']:.2f} ms, "
+            f"`free` of the id tensor {1e3 * a['free_ids_s']:.2f} ms; with Python lists (`allocate` / `free`): "
+            f"{1e3 * a['allocate_s']:.2f} / {1e3 * a['free_s']:.2f} ms.",
+            "",
+        ]
     lines += _targets(data)
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
     _plot(data, out / "transfer.png")
@@ -544,6 +694,8 @@ def _plot(data: dict, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return
+    if not any(res.get("rows") for res in data["modes"].values()):
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {"ipc-1gpu": "tab:blue", "ipc-2gpu": "tab:green", "nccl-2gpu": "tab:red"}
