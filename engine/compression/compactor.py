@@ -122,6 +122,7 @@ class FusedScoring:
         self.sketch = kernels.padded_sketch(sketch)  # [D, KP]
         self.leverage_bounds = torch.tensor(leverage_bounds, dtype=torch.int32, device=device)
         self.mass_bounds = torch.tensor(mass_bounds, dtype=torch.int32, device=device)
+        self.max_leverage_block = max(b - a for a, b in zip(leverage_bounds, leverage_bounds[1:]))
         self.max_mass_block = max(b - a for a, b in zip(mass_bounds, mass_bounds[1:]))
         self.mass_fits = self.max_mass_block <= MAX_BLOCK  # else: the PyTorch reference for the mass
 
@@ -130,7 +131,7 @@ class FusedScoring:
         lo, (keys,), first, last = span
         self.kernels.leverage_scores(
             keys, self.leverage_bounds[first : last + 1], self.sketch, sketch_size,
-            out[:, lo : lo + keys.shape[0]], offset=lo,
+            out[:, lo : lo + keys.shape[0]], offset=lo, max_block=self.max_leverage_block,
         )  # fmt: skip
 
     def mass(self, out: torch.Tensor, span: tuple, scale: float) -> None:
