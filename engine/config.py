@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # KV pool size; None = 2 GiB on CPU, 90% of free memory on CUDA
     max_num_seqs: int = 64  # sequences decoded together at most
     load_format: str = "auto"  # "auto" reads weights; "dummy" = random weights from config.json (speed work)
+    enforce_eager: bool = False  # True: never replay decode steps from CUDA graphs (engine/cuda_graphs.py)
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")

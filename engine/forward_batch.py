@@ -1,7 +1,8 @@
 """What one model forward pass works on: a prefill chunk of one sequence, or a decode batch.
 
 Attention layers call `batch.attend(layer, q, k, v, k_pre_rope)`; the batch stores the new K/V
-into the sequence pages and runs paged attention. Compression scorers observe prefill chunks
+into the sequence pages and runs paged attention. `PaddedDecodeBatch` is the decode batch a CUDA
+graph captures: it works only on static device buffers (engine/decode_buffers.py). Compression scorers observe prefill chunks
 through `observer` (they see queries, pre-RoPE keys and post-RoPE keys layer by layer).
 """
 
@@ -122,3 +123,46 @@ class DecodeBatch:
     def finish(self) -> None:
         for s in self.seq_kvs:
             s.head_lens += 1
+
+
+class PaddedDecodeBatch:
+    """A decode step over static device buffers, B real rows padded to N (what a CUDA graph captures).
+
+    page_tables [N, L, H, max_pages] stay on the device between steps and hold every page of each
+    row's heads up to their lengths; lens [N, L, H] are the tokens each head held before this step;
+    new_pages [N, L, H] the page a head's new token opens, -1 when it goes into the head's last page,
+    PADDING (-2) on padding rows (lens 0: they store nothing and attend to nothing). Only device work
+    here, no host synchronisation: the same code runs eagerly (CPU tests) and under capture.
+    """
+
+    def __init__(
+        self, pool_kv: torch.Tensor, page_tables: torch.Tensor, lens: torch.Tensor, new_pages: torch.Tensor
+    ):
+        page_size = pool_kv.shape[2]
+        self.pool_kv = pool_kv
+        self.page_tables = page_tables
+        index = (lens // page_size)[..., None]  # [N, L, H, 1] page index of each head's new token
+        last = page_tables.gather(3, index)[..., 0].to(lens.dtype)  # stale where a page opens
+        write_pages = torch.where(new_pages == -1, last, new_pages)  # [N, L, H], < 0 on padding rows
+        page_tables.scatter_(3, index, write_pages[..., None].to(page_tables.dtype))  # opened pages in
+        real = write_pages >= 0
+        # Layer-major copies so that each layer reads contiguous [N, H] rows.
+        self.write_pages = write_pages.transpose(0, 1).contiguous()  # [L, N, H]
+        self.write_offsets = (lens % page_size).transpose(0, 1).contiguous()  # [L, N, H]
+        self.attn_lens = (lens + real).transpose(0, 1).contiguous()  # [L, N, H]: the new token included
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pre_rope: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [N, Hq, D]; k, v [N, H, D] -> [N, Hq, D] (padding rows: zeros or NaN, never read)."""
+        impl = _triton_kernels() if self.pool_kv.is_cuda else ref
+        impl.store_kv(self.pool_kv, self.write_pages[layer], self.write_offsets[layer], k, v)
+        return impl.decode_attention(
+            q, self.pool_kv, self.page_tables[:, layer], self.attn_lens[layer], scale
+        )

@@ -10,6 +10,7 @@ import torch
 
 from engine.compression import as_compression_params, make_observer
 from engine.config import EngineConfig
+from engine.cuda_graphs import make_decode_graph_runner
 from engine.errors import InvalidArgumentError, require
 from engine.kv_handoff import KVLayout
 from engine.kv_pool import KVPool
@@ -49,7 +50,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.pool, self.num_layers, self.num_kv_heads, config.max_num_seqs, config.prefill_chunk
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device)
+        graphs = make_decode_graph_runner(
+            config, self.model, self.pool, self.num_layers, self.num_kv_heads, self.max_model_len
+        )
+        self.runner = ModelRunner(self.model, self.pool, self.device, graphs)
         self.eos_ids = eos_token_ids(self.tokenizer, mc)
         self.requests: dict[str, Sequence] = {}
 

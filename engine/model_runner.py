@@ -1,9 +1,11 @@
-"""Runs the model for one scheduled step: a prefill chunk or a decode batch."""
+"""Runs the model for one scheduled step: a prefill chunk or a decode batch (replayed from a CUDA
+graph when the engine has a `DecodeGraphRunner` with a bucket for the batch, else eagerly)."""
 
 from __future__ import annotations
 
 import torch
 
+from engine.cuda_graphs import DecodeGraphRunner
 from engine.forward_batch import DecodeBatch, PrefillBatch, PrefillObserver
 from engine.kv_pool import KVPool
 from engine.models import CausalLM
@@ -11,10 +13,17 @@ from engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        pool: KVPool,
+        device: torch.device,
+        graphs: DecodeGraphRunner | None = None,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.device = device
+        self.graphs = graphs
 
     @torch.inference_mode()
     def prefill(
@@ -44,9 +53,11 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each sequence's last token; logits [B, V] for the next one."""
+        assert all(s.kv is not None for s in seqs)
+        if self.graphs is not None and self.graphs.bucket_for(len(seqs)) is not None:
+            return self.graphs.run(seqs)  # grows every sequence by one token itself
         for s in seqs:
-            assert s.kv is not None
-            s.kv.grow(1)
+            s.kv.grow(1)  # type: ignore[union-attr]
         ids = torch.tensor([s.last_token for s in seqs], device=self.device)
         batch = DecodeBatch([s.kv for s in seqs], [s.num_tokens - 1 for s in seqs])  # type: ignore[misc]
         hidden = self.model(ids, batch.positions, batch)

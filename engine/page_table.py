@@ -104,3 +104,36 @@ class SequenceKV:
 
     def kv_bytes(self) -> int:
         return self.num_pages_held * self.pool.bytes_per_page
+
+
+def grow_decode_batch(kvs: list[SequenceKV], lens: torch.Tensor) -> torch.Tensor:
+    """`kv.grow(1)` for every sequence of a decode step at once: a few tensor operations for the
+    batch instead of a dozen per sequence (where reservations cover the growth, as admission makes
+    sure, the same pages land in the same slots as sequence by sequence).
+
+    lens [B, L, H] are the stacked head lengths. A head whose length is a multiple of the page size
+    opens a page for its next token. Returns new_pages [B, L, H]: the page each head's new token
+    opens, -1 where the token goes into the head's current last page.
+    """
+    pool = kvs[0].pool
+    page_size = pool.page_size
+    new_pages = torch.full_like(lens, -1)
+    opening = lens % page_size == 0  # [B, L, H]
+    b, layer, head = opening.nonzero(as_tuple=True)  # (b, layer, head) order: each sequence's own order
+    n = b.numel()
+    if n == 0:
+        return new_pages
+    counts = torch.bincount(b, minlength=len(kvs)).tolist()
+    from_reservation = [min(c, kv.reserved) for c, kv in zip(counts, kvs)]
+    pages = pool.allocate_ids(sum(from_reservation), reserved=True)
+    if n > pages.numel():
+        pages = torch.cat([pages, pool.allocate_ids(n - pages.numel())])
+    new_pages[b, layer, head] = pages
+    index = lens[b, layer, head] // page_size
+    parts = zip(kvs, counts, from_reservation, *(t.split(counts) for t in (layer, head, index, pages)))
+    for kv, count, reserved, part_layer, part_head, part_index, part_pages in parts:
+        if count:
+            kv.page_table[part_layer, part_head, part_index] = part_pages.to(torch.int32)
+            kv.reserved -= reserved
+            kv.num_pages_held += count
+    return new_pages

@@ -10,9 +10,13 @@ from engine.sampling_params import SamplingParams
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    """logits [B, V] (float32) -> one token id per row."""
-    logits = logits.float().cpu()
+    """logits [B, V] (float32, any device) -> one token id per row.
+
+    Greedy rows take their argmax where the logits are; only other rows bring logits to the host."""
     greedy = logits.argmax(dim=-1).tolist()
+    if all(p.greedy for p in params):
+        return greedy
+    logits = logits.float().cpu()
     out = []
     for i, p in enumerate(params):
         if p.greedy:

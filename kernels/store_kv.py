@@ -1,7 +1,8 @@
 """Write new K/V rows into their pool slots (Triton).
 
 Shapes: pool_kv [num_pages, 2, P, D]; pages, offsets [...] (page id and in-page offset of every
-new token of every head); k, v [..., D] with the same leading shape.
+new token of every head); k, v [..., D] with the same leading shape. A negative page id marks a
+padding row (CUDA-graph batches padded to a bucket size): nothing is written for it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def _store_kv_kernel(
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
-    ok = r < num_rows
-    page = tl.load(pages_ptr + r, mask=ok, other=0).to(tl.int64)
+    page = tl.load(pages_ptr + r, mask=r < num_rows, other=-1).to(tl.int64)
+    ok = page >= 0  # rows past the end and padding rows (page -1) write nothing
     offset = tl.load(offsets_ptr + r, mask=ok, other=0).to(tl.int64)
     dst = page * (2 * PAGE_SIZE * D) + offset * D  # [BLOCK_R] K row of each slot
     k = tl.load(k_ptr + r.to(tl.int64)[:, None] * stride_k + d[None, :], mask=ok[:, None])

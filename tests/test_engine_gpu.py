@@ -59,6 +59,7 @@ def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple
             page_size=16,
             prefill_chunk=256,
             kv_cache_bytes=256 << 20,
+            enforce_eager=True,  # the logit hook sees every eager step (graph replays run no Python)
         )
     )
     prompts = [random_prompt(n, VOCAB, seed=n) for n in PROMPT_LENS]

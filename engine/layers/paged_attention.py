@@ -12,7 +12,12 @@ import torch
 def store_kv(
     pool_kv: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Write k, v [..., D] into pool slots (pages[...], offsets[...]), same leading shape."""
+    """Write k, v [..., D] into pool slots (pages[...], offsets[...]), same leading shape.
+
+    A negative page marks a padding row (a CUDA-graph batch padded to its bucket): nothing is written."""
+    real = pages >= 0
+    if not bool(real.all()):
+        pages, offsets, k, v = pages[real], offsets[real], k[real], v[real]
     pool_kv[pages, 0, offsets] = k.to(pool_kv.dtype)
     pool_kv[pages, 1, offsets] = v.to(pool_kv.dtype)
 

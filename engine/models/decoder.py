@@ -55,6 +55,7 @@ class CausalLM(nn.Module):
     """`model` + `lm_head`; subclasses choose q/k norm and the feed-forward block."""
 
     qk_norm = False
+    supports_cuda_graphs = True  # the forward never synchronises with the host (engine/cuda_graphs.py)
 
     def __init__(self, config: Any) -> None:
         super().__init__()

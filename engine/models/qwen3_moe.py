@@ -13,6 +13,7 @@ from engine.models.decoder import CausalLM
 
 class Qwen3MoeForCausalLM(CausalLM):
     qk_norm = True
+    supports_cuda_graphs = False  # routing reads the chosen experts back to the host
 
     @staticmethod
     def make_mlp(config: Any, layer_idx: int) -> nn.Module:
