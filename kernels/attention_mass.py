@@ -1,9 +1,9 @@
 """Non-causal attention mass inside token blocks (Triton).
 
 The reference is engine/compression/attention_scores.py (`block_attention_mass`). One program takes
-one (block, query head): softmax(Q Kᵀ · scale) over the block (no causal mask) and its column sums;
-the sums of a GQA group's query heads are added afterwards. A block fits one tile (at most
-MAX_BLOCK tokens), so every row's softmax is complete in registers.
+one (block, kv-head): it loads the block's keys once, and for each query head of the GQA group
+computes softmax(Q Kᵀ · scale) over the block (no causal mask) and adds its column sums. A block
+fits one tile (at most MAX_BLOCK tokens), so every row's softmax is complete in registers.
 
 Shapes: q [T, Hq, D], k [T, H, D] (post-RoPE; any token/head strides); bounds [NB + 1] block
 edges (prompt positions, token 0 of q/k at `offset`); out [H, T] fp32 (any head stride; may be a
@@ -26,14 +26,13 @@ def _attention_mass_kernel(
     q_ptr,  # [T, Hq, D]
     k_ptr,  # [T, H, D]
     bounds_ptr,  # [NB + 1] int32, prompt positions
-    out_ptr,  # [G, H, T] fp32 (one slice per query head of the group)
+    out_ptr,  # [H, T] fp32
     offset,  # prompt position of token 0 of the inputs
     scale_log2,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
-    stride_og,
     stride_oh,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -42,8 +41,7 @@ def _attention_mass_kernel(
     UPCAST: tl.constexpr,
 ):
     blk = tl.program_id(0)
-    h = tl.program_id(1) // G
-    g = tl.program_id(1) % G
+    h = tl.program_id(1)
     lo = tl.load(bounds_ptr + blk) - offset
     hi = tl.load(bounds_ptr + blk + 1) - offset
     i = tl.arange(0, BLOCK_B)
@@ -52,16 +50,20 @@ def _attention_mass_kernel(
     ok = tok < hi
     rows = tok.to(tl.int64)
     k = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
-    q_rows = rows[:, None] * stride_qt + (h * G + g) * stride_qh
-    q = tl.load(q_ptr + q_rows + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_B, D]
     if UPCAST:
-        q, k = q.to(tl.float32), k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [queries, keys]
-    s = tl.where(ok[None, :], s, float("-inf"))
-    p = tl.exp2(s - tl.max(s, 1)[:, None])
-    p = p * (1.0 / tl.sum(p, 1))[:, None]
-    mass = tl.sum(tl.where(ok[:, None], p, 0.0), 0)
-    tl.store(out_ptr + g * stride_og + h * stride_oh + tok, mass, mask=ok)
+        k = k.to(tl.float32)
+    mass = tl.zeros([BLOCK_B], tl.float32)
+    for g in range(G):
+        q_rows = rows[:, None] * stride_qt + (h * G + g) * stride_qh
+        q = tl.load(q_ptr + q_rows + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_B, D]
+        if UPCAST:
+            q = q.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [queries, keys]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        p = tl.exp2(s - tl.max(s, 1)[:, None])
+        p = p / tl.sum(p, 1)[:, None]
+        mass += tl.sum(tl.where(ok[:, None], p, 0.0), 0)
+    tl.store(out_ptr + h * stride_oh + tok, mass, mask=ok)
 
 
 def attention_mass(
@@ -87,29 +89,23 @@ def attention_mass(
     if num_blocks <= 0:
         return out
     block_b = max(16, next_pow2(max_block))
-    group = hq // h
-    # one program per (block, query head); the group's column sums are added afterwards
-    per_head = out[None] if group == 1 else torch.empty(group, h, t_len, dtype=torch.float32, device=q.device)
-    _attention_mass_kernel[(num_blocks, hq)](
+    _attention_mass_kernel[(num_blocks, h)](
         q,
         k,
         bounds,
-        per_head,
+        out,
         offset,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
         k.stride(0),
         k.stride(1),
-        per_head.stride(0),
-        per_head.stride(1),
-        G=group,
+        out.stride(0),
+        G=hq // h,
         D=d,
         BLOCK_B=block_b,
         PRECISION=input_precision(q),
         UPCAST=upcast_dots(q),
         num_warps=num_warps or (8 if block_b >= 128 else 4),
     )
-    if group > 1:
-        out.copy_(per_head.sum(dim=0))
     return out
