@@ -1,7 +1,10 @@
 """The `kvferry` command line.
 
 kvferry demo                         start a local cluster, ask the bundled document a question, stop
-kvferry up                           coordinator + prefill + decode on this machine (Ctrl-C stops all)
+kvferry up                           coordinator + prefill + decode on this machine (Ctrl-C stops all);
+                                     --prefill-device cuda:0 --decode-device cuda:1 --transport auto ...
+kvferry bench                        load generator: TTFT / TPOT / throughput, JSON + PNG (a local
+                                     cluster, --target HOST:PORT, --colocated or --compare)
 kvferry ask --doc FILE QUESTION      stream an answer about a document through a running cluster
 kvferry stats                        the coordinator's counters and its nodes' page accounting
 kvferry coordinator|prefill|decode   run one service (the same flags as python -m <service>)
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -19,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clients import bench
 from clients.client import DEFAULT_ADDRESS, Client
+from clients.cluster_options import add_cluster_flags, cluster_options
 from clients.errors import KvferryRpcError
 from clients.local_cluster import DEFAULT_PORTS, ClusterError, LocalCluster
 
@@ -127,19 +133,10 @@ def print_stats(address: str, out: Any = None, security: dict[str, Any] | None =
     return 0
 
 
-def _engine_args(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    for flag in ("model", "device", "dtype", "kv_cache_bytes", "max_model_len", "torch_threads"):
-        value = getattr(args, flag)
-        if value is not None:
-            out += ["--" + flag.replace("_", "-"), str(value)]
-    return out
-
-
 def _start_cluster(
     args: argparse.Namespace, ports: dict[str, int] | None, log_dir: Path | None
 ) -> LocalCluster:
-    cluster = LocalCluster(_engine_args(args), ports=ports, log_dir=log_dir)
+    cluster = LocalCluster.from_options(cluster_options(args), ports=ports, log_dir=log_dir)
     print("starting coordinator, prefill and decode services (each loads the model; ~10-60 s on CPU)...")
     cluster.start()
     start = time.monotonic()
@@ -250,13 +247,12 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF model folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--device", help="torch device for both engines (default: auto)")
-    p.add_argument("--dtype", help="KV and weight dtype (default: auto)")
-    p.add_argument("--kv-cache-bytes", type=int, help="KV pool bytes per engine")
-    p.add_argument("--max-model-len", type=int, help="prompt + output positions")
-    p.add_argument("--torch-threads", type=int, help="CPU threads per engine process")
+    add_cluster_flags(p)
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return bench.run(args, "kvferry " + shlex.join(args.argv))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -295,6 +291,15 @@ def parser() -> argparse.ArgumentParser:
     ask_p.add_argument("--max-new-tokens", type=int, default=128)
     ask_p.set_defaults(run=cmd_ask)
 
+    bench_p = sub.add_parser(
+        "bench",
+        help="load generator: TTFT / TPOT / ITL / throughput p50-p99, KV, JSON + PNG",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_bench_flags(bench_p)
+    bench_p.set_defaults(run=cmd_bench)
+
     stats = sub.add_parser("stats", help="coordinator counters and node page accounting")
     _add_client_flags(stats)
     stats.set_defaults(run=cmd_stats)
@@ -313,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(f"{SERVICES[argv[0]]}.__main__")
         return int(module.main(argv[1:]))
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.run(args))
     except KvferryRpcError as e:

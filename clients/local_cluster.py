@@ -1,8 +1,9 @@
 """A coordinator, a prefill and a decode service as child processes on this machine (`kvferry up`).
 
 Each service is its own process, started exactly as a user would (`python -m decode_service ...`), so
-the cluster behaves like a deployed one: real gRPC between processes, KV shipped over the `grpc`
-transport. `wait_ready` polls the standard health service until every node reports SERVING.
+the cluster behaves like a deployed one: real gRPC between processes, KV shipped over the transport
+the prefill service picks (auto by default: cuda_ipc between GPUs of this host, shm between CPU
+engines; `ClusterOptions.transport` names one). `wait_ready` polls the standard health service until every node reports SERVING.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.cluster_options import ClusterOptions
 from serving.healthcheck import is_serving
 
 DEFAULT_PORTS = {"coordinator": 50051, "prefill": 50052, "decode": 50053}
@@ -51,6 +53,12 @@ class LocalCluster:
     health_credentials: Any = None  # grpc.ChannelCredentials
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    @classmethod
+    def from_options(cls, options: ClusterOptions, **kwargs: Any) -> LocalCluster:
+        """A cluster whose prefill and decode services get `options` (per-service device, KV budget,
+        transport...); `kwargs`: the other fields (ports, log_dir, env...)."""
+        return cls(prefill_args=options.prefill_argv(), decode_args=options.decode_argv(), **kwargs)
+
     def __post_init__(self) -> None:
         if self.ports is None:
             self.ports = {name: free_port() for name in DEFAULT_PORTS}
@@ -68,8 +76,8 @@ class LocalCluster:
         for node in ("decode", "prefill", "coordinator"):
             self.start_node(node)
 
-    def start_node(self, node: str) -> None:
-        """Start (or restart, after kill) one node on its port; returns at once (see wait_ready)."""
+    def command(self, node: str) -> list[str]:
+        """The command line that starts `node` ("coordinator", "prefill" or "decode")."""
         args = {
             "decode": [*self.engine_args, *self.decode_args],
             "prefill": [*self.engine_args, *self.prefill_args],
@@ -81,16 +89,28 @@ class LocalCluster:
                 *self.coordinator_args,
             ],
         }
-        env = {**os.environ, **self.env}
         assert self.ports is not None
-        command = [sys.executable, "-m", MODULES[node], "--host", self.host, "--port", str(self.ports[node])]
+        return [
+            sys.executable,
+            "-m",
+            MODULES[node],
+            "--host",
+            self.host,
+            "--port",
+            str(self.ports[node]),
+            *args[node],
+        ]
+
+    def start_node(self, node: str) -> None:
+        """Start (or restart, after kill) one node on its port; returns at once (see wait_ready)."""
+        env = {**os.environ, **self.env}
         output = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             mode = "ab" if node in self.processes else "wb"  # a restarted node appends to its log
             output = open(self.log_dir / f"{node}.log", mode)  # noqa: SIM115 - the child owns it
         self.processes[node] = subprocess.Popen(
-            [*command, *args[node]], env=env, stdout=output, stderr=subprocess.STDOUT if output else None
+            self.command(node), env=env, stdout=output, stderr=subprocess.STDOUT if output else None
         )
         if output is not None:
             output.close()

@@ -1,6 +1,7 @@
-"""`kvferry up` starts three real processes with the default model, `kvferry ask` answers a question
-about a document through them and reports what compression kept, `kvferry stats` shows the request,
-and Ctrl-C (SIGINT) stops every process cleanly."""
+"""`kvferry up` starts three real processes with the default model (its --transport flag reaching the
+prefill service), `kvferry ask` answers a question about a document through them and reports what
+compression kept and how it was shipped, `kvferry stats` shows the request, and Ctrl-C (SIGINT) stops
+every process cleanly."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
             str(256 << 20),
             "--torch-threads",
             "1",
+            "--transport",
+            "grpc",  # auto would pick shm here (tests/test_bench.py runs that); this checks the flag
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,625 @@
+"""`kvferry bench`: a load generator for kvferry on long prompts (also `python benchmarks/serving.py`).
+
+Requests are random token-id prompts (speed does not depend on the words) with input and output
+lengths drawn from the given ranges (uniform, or a normal centred in the range), `ignore_eos` so every
+request produces exactly its output length. Load is a fixed number of requests in flight
+(--concurrency) or Poisson arrivals (--rate). Reports TTFT, TPOT (mean time per output token after the
+first), inter-token latency and end-to-end latency at p50/p90/p99, output and request throughput,
+retention, KV bytes shipped vs uncompressed, the transport, and the decode side's KV bytes in use and
+batch size sampled over the run; writes <out>.json and <out>.png.
+
+Where the load goes:
+  (default)          start coordinator + prefill + decode here with the cluster flags, stop them after
+  --target ADDR      a running coordinator (kvferry up, docker compose, ...)
+  --colocated        the in-process engine, no services (the decode node's device and KV budget)
+  --compare colocated,disaggregated
+                     the same requests (and arrival times) through both, one after the other; one
+                     plot compares their TTFT, TPOT and throughput
+
+    kvferry bench --model benchmarks/configs/llama-3.1-8b --load-format dummy --decode-kv-cache-gib 6 \\
+        --input-len 16k-32k --output-len 256 --num-requests 16 --rate 0.5 --retention 1,0.25 --out run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import gc
+import json
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clients.cluster_options import ClusterOptions, add_cluster_flags, cluster_options
+
+MODES = ("colocated", "disaggregated")
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass
+class Record:
+    input_len: int
+    output_len: int = 0
+    send: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    retention: float = 1.0
+    kv_bytes_shipped: int = 0
+    kv_bytes_full: int = 0
+    transfer_seconds: float = 0.0
+    handoff_seconds: float = 0.0
+    transport: str = ""
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.send
+
+    @property
+    def e2e(self) -> float:
+        return self.token_times[-1] - self.send
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+
+
+# ---- workload -------------------------------------------------------------------------------------
+def parse_length(text: str) -> tuple[int, int]:
+    """ "8192" -> (8192, 8192); "16k" -> (16384, 16384); "16k-32k" or "16384:32768" -> a range (k = 1024)."""
+
+    def one(part: str) -> int:
+        part = part.strip().lower()
+        value = int(float(part[:-1]) * 1024) if part.endswith("k") else int(part)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"lengths must be >= 1, got {part!r}")
+        return value
+
+    for sep in ("-", ":"):
+        if sep in text:
+            lo, hi = (one(p) for p in text.split(sep, 1))
+            if hi < lo:
+                raise argparse.ArgumentTypeError(f"empty range {text!r}")
+            return lo, hi
+    n = one(text)
+    return n, n
+
+
+def _draw(rng: random.Random, lo: int, hi: int, dist: str) -> int:
+    if hi <= lo:
+        return lo
+    if dist == "normal":  # centred in the range, 3 sigma to either end, clipped
+        return min(hi, max(lo, round(rng.gauss((lo + hi) / 2, (hi - lo) / 6))))
+    return rng.randint(lo, hi)
+
+
+def length_range(args: argparse.Namespace, which: str) -> tuple[int, int]:
+    lo, hi = getattr(args, f"{which}_len")
+    top = getattr(args, f"{which}_len_max")
+    return lo, max(lo, top) if top else hi
+
+
+def make_workload(args: argparse.Namespace, vocab: int) -> list[Request]:
+    rng = random.Random(args.seed)
+    (in_lo, in_hi), (out_lo, out_hi) = length_range(args, "input"), length_range(args, "output")
+    out = []
+    for _ in range(args.num_requests):
+        n_in = _draw(rng, in_lo, in_hi, args.input_dist)
+        n_out = _draw(rng, out_lo, out_hi, args.output_dist)
+        out.append(Request([rng.randrange(1, vocab) for _ in range(n_in)], n_out))
+    return out
+
+
+def warmup_workload(args: argparse.Namespace, vocab: int) -> list[Request]:
+    """--warmup requests, run (and discarded) before each measured run: short (at most 2048 prompt and
+    16 output tokens, so 32K workloads do not spend minutes warming up), enough to compile the kernels
+    and take every code path once."""
+    rng = random.Random(args.seed + 7)
+    n_in = min(length_range(args, "input")[0], 2048)
+    n_out = min(length_range(args, "output")[0], 16)
+    return [Request([rng.randrange(1, vocab) for _ in range(n_in)], n_out) for _ in range(args.warmup)]
+
+
+def arrival_offsets(args: argparse.Namespace, n: int) -> list[float] | None:
+    """Seconds after the start at which each request arrives (Poisson at --rate); None: concurrency."""
+    if not args.request_rate:
+        return None
+    rng = random.Random(args.seed + 1)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(args.request_rate)
+    return out
+
+
+# ---- results --------------------------------------------------------------------------------------
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"mean": statistics.fmean(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+
+def summarize(records: list[Record], wall: float, samples: list[dict[str, float]]) -> dict[str, Any]:
+    ok = [r for r in records if r.error is None and r.token_times]
+    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    out_tokens = sum(len(r.token_times) for r in ok)
+    return {
+        "requests": len(records),
+        "failed": len(records) - len(ok),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "wall_seconds": wall,
+        "input_tokens": sum(r.input_len for r in ok),
+        "output_tokens": out_tokens,
+        "output_throughput_tok_s": out_tokens / wall,
+        "request_throughput_req_s": len(ok) / wall,
+        "ttft_s": percentiles([r.ttft for r in ok]),
+        "tpot_s": percentiles([t for r in ok if (t := r.tpot) is not None]),
+        "itl_s": percentiles(itl),
+        "e2e_s": percentiles([r.e2e for r in ok]),
+        "retention_mean": statistics.fmean(r.retention for r in ok) if ok else None,
+        "kv_bytes_shipped": sum(r.kv_bytes_shipped for r in ok),
+        "kv_bytes_full": sum(r.kv_bytes_full for r in ok),
+        "transports": sorted({r.transport for r in ok if r.transport}),
+        "transfer_s": percentiles([r.transfer_seconds for r in ok if r.transport]),
+        "handoff_s": percentiles([r.handoff_seconds for r in ok if r.handoff_seconds]),
+        "decode_batch": percentiles([s["running"] for s in samples]),
+        "decode_kv_used_bytes": percentiles([s["kv_used_bytes"] for s in samples]),
+        "samples": samples,
+        "per_request": [
+            {
+                "input_len": r.input_len,
+                "output_len": len(r.token_times),
+                "ttft_s": r.ttft,
+                "tpot_s": r.tpot,
+                "e2e_s": r.e2e,
+            }  # fmt: skip
+            for r in ok
+        ],
+    }
+
+
+# ---- against a coordinator ------------------------------------------------------------------------
+async def drive(
+    args: argparse.Namespace, jobs: list[Callable[[], Awaitable[None]]], offsets: list[float] | None
+) -> None:
+    """Fixed concurrency, or each job started at its arrival offset (Poisson at --rate)."""
+    if offsets is not None:
+        loop = asyncio.get_running_loop()
+        start, tasks = loop.time(), []
+        for job, at in zip(jobs, offsets):
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(job()))
+        await asyncio.gather(*tasks)
+        return
+    queue = list(reversed(jobs))
+
+    async def worker() -> None:
+        while queue:
+            await queue.pop()()
+
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+
+
+def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"token": getattr(args, "token", None), "tls_ca": getattr(args, "tls_ca", None)}
+
+
+async def run_cluster(
+    args: argparse.Namespace, address: str, work: list[Request], retention: float, quiet: bool = False
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from clients import AsyncClient
+
+    records = [Record(len(r.prompt)) for r in work]
+    samples: list[dict[str, float]] = []
+    compression = None if retention >= 1.0 else {"method": args.method, "retention": retention}
+    bar = tqdm(total=len(work), desc=f"disaggregated r={retention}", disable=quiet or args.quiet)
+    pool: dict[str, Any] = {}
+    async with AsyncClient(address, timeout=args.timeout, **_client_kwargs(args)) as client:
+        info = await client.info(timeout=10)
+        decode = [n for n in info.decode_nodes if n.reachable]
+        pool["kv_pool_bytes"] = sum(n.pool.total_pages * n.pool.bytes_per_page for n in decode)
+        pool["model"] = decode[0].model.source if decode else ""
+        start = time.perf_counter()
+        done = asyncio.Event()
+
+        async def sample() -> None:  # the coordinator's view of its decode nodes (works through TLS)
+            while not done.is_set():
+                try:
+                    nodes = [n for n in (await client.info(timeout=5)).decode_nodes if n.reachable]
+                except Exception:  # a sample missed is not a failed request
+                    nodes = None
+                if nodes is not None:
+                    samples.append(
+                        {
+                            "t": time.perf_counter() - start,
+                            "running": sum(n.load for n in nodes),
+                            "kv_used_bytes": sum(n.pool.used_pages * n.pool.bytes_per_page for n in nodes),
+                        }
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), args.sample_seconds)
+
+        async def one(i: int) -> None:
+            rec, req = records[i], work[i]
+            rec.send = time.perf_counter()
+            try:
+                async for chunk in client.stream(
+                    req.prompt, compression=compression, temperature=0.0, max_new_tokens=req.output_len,
+                    ignore_eos=True,
+                ):  # fmt: skip
+                    now = time.perf_counter()
+                    rec.token_times += [now] * len(chunk.token_ids)
+                    if chunk.stats is not None:
+                        p = chunk.stats.prefill
+                        rec.retention, rec.kv_bytes_shipped, rec.kv_bytes_full = (
+                            p.retention,
+                            p.kv_bytes_shipped,
+                            p.kv_bytes_full,
+                        )
+                        rec.transfer_seconds, rec.handoff_seconds = p.transfer_seconds, p.handoff_seconds
+                        rec.transport = p.transport
+            except Exception as e:  # counted, not fatal: a benchmark reports failures
+                rec.error = f"{type(e).__name__}: {e}"
+            bar.update(1)
+
+        sampler = asyncio.create_task(sample())
+        await drive(args, [lambda i=i: one(i) for i in range(len(work))], arrival_offsets(args, len(work)))
+        wall = time.perf_counter() - start
+        done.set()
+        await sampler
+    bar.close()
+    return {**summarize(records, wall, samples), **pool}
+
+
+# ---- colocated engine ------------------------------------------------------------------------------
+def run_colocated(
+    args: argparse.Namespace, engine: Any, work: list[Request], retention: float, quiet: bool = False
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from engine import CompressionParams, SamplingParams
+
+    compression = None if retention >= 1.0 else CompressionParams(method=args.method, retention=retention)
+    records = [Record(len(r.prompt)) for r in work]
+    samples: list[dict[str, float]] = []
+    offsets = arrival_offsets(args, len(work))
+    pending = list(range(len(work)))
+    live: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    bar = tqdm(total=len(work), desc=f"colocated r={retention}", disable=quiet or args.quiet)
+    start = time.perf_counter()
+    last_sample = -1e9
+    decode_seconds, decode_tokens = 0.0, 0
+    while pending or live:
+        now = time.perf_counter()
+        while pending and (
+            now - start >= offsets[pending[0]] if offsets is not None else len(live) < args.concurrency
+        ):
+            i = pending.pop(0)
+            sp = SamplingParams(temperature=0.0, max_new_tokens=work[i].output_len, ignore_eos=True)
+            # Under --rate a request counts from its arrival, also when a long step delayed its admission.
+            records[i].send = start + offsets[i] if offsets is not None else time.perf_counter()
+            seq = engine.add_request(work[i].prompt, sp, compression)
+            live[seq.request_id] = i
+            seen[seq.request_id] = 0
+        if not live:  # idle until the next arrival
+            assert offsets is not None
+            time.sleep(max(0.0, start + offsets[pending[0]] - time.perf_counter()))
+            continue
+        t0 = time.perf_counter()
+        produced = engine.step()
+        now = time.perf_counter()
+        if produced and all(len(s.output_token_ids) > 1 for s in produced):  # a decode step
+            decode_seconds += now - t0
+            decode_tokens += len(produced)
+        for seq in produced:
+            i = live.get(seq.request_id)
+            if i is None:
+                continue
+            new = len(seq.output_token_ids) - seen[seq.request_id]
+            seen[seq.request_id] += new
+            records[i].token_times += [now] * new
+            if seq.is_finished:
+                s = seq.stats
+                records[i].retention = s.retention
+                records[i].kv_bytes_shipped = s.kv_bytes  # what a disaggregated run would ship
+                records[i].kv_bytes_full = s.kv_bytes_full
+                del live[seq.request_id]
+                bar.update(1)
+        if now - last_sample >= args.sample_seconds:
+            last_sample = now
+            samples.append(
+                {
+                    "t": now - start,
+                    "running": engine.scheduler.running_count(),
+                    "kv_used_bytes": engine.pool.num_used * engine.pool.bytes_per_page,
+                }
+            )
+    bar.close()
+    engine.pool.assert_no_leaks()
+    result = summarize(records, time.perf_counter() - start, samples)
+    # What a decode node alone would do at this KV budget: tokens per second of decode steps.
+    result["decode_step_throughput_tok_s"] = decode_tokens / decode_seconds if decode_seconds else None
+    result["decode_step_seconds"] = decode_seconds
+    result["kv_pool_bytes"] = engine.pool.num_pages * engine.pool.bytes_per_page
+    result["model"] = str(engine.loaded.source)
+    return result
+
+
+# ---- plot -----------------------------------------------------------------------------------------
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except Exception:
+        pass
+    return "cpu"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Throughput, TTFT and TPOT (p50 / p90 / p99) per run, and decode KV in use over time; runs of
+    different modes (a --compare) side by side in one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    labels = [f"{r['mode']}\nr={r['retention']}" for r in runs]
+    colors = {"colocated": "tab:orange", "disaggregated": "tab:blue"}
+    x = list(range(len(runs)))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
+    axes[0].bar(x, [r["output_throughput_tok_s"] for r in runs],
+                color=[colors.get(r["mode"], "tab:gray") for r in runs])  # fmt: skip
+    axes[0].set_ylabel("output tokens / s")
+    axes[0].set_title("throughput")
+    for key, ax, title, scale in (
+        ("ttft_s", axes[1], "TTFT (s)", 1.0),
+        ("tpot_s", axes[2], "TPOT (ms)", 1e3),
+    ):
+        for k, q in enumerate(("p50", "p90", "p99")):
+            ax.bar([i + (k - 1) * 0.27 for i in x], [r[key].get(q, 0) * scale for r in runs], 0.27, label=q)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    for ax in axes[:3]:
+        ax.set_xticks(x, labels)
+        ax.tick_params(axis="x", labelsize=7)
+    for r, label in zip(runs, labels):
+        s = r.get("samples") or []
+        axes[3].plot([p["t"] for p in s], [p["kv_used_bytes"] / (1 << 30) for p in s], label=label.replace("\n", " "),
+                     color=colors.get(r["mode"]), alpha=0.4 + 0.6 * float(r["retention"]))  # fmt: skip
+    axes[3].set_xlabel("s")
+    axes[3].set_ylabel("GiB")
+    axes[3].set_title("decode KV in use")
+    axes[3].legend(fontsize=6)
+    meta = results["meta"]
+    fig.suptitle(f"kvferry serving - {meta['device']} - {meta['date']} - {meta['workload']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command --------------------------------------------------------------------------------------
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target", "--address", dest="target", help="a running coordinator host:port")
+    where.add_argument("--start-cluster", action="store_true", help="start the services here (the default)")
+    where.add_argument("--colocated", action="store_true", help="the in-process engine, no services")
+    p.add_argument(
+        "--compare",
+        help="comma list of modes run on the same load: colocated,disaggregated (the disaggregated one on "
+        "--target or on services started here)",
+    )
+    p.add_argument("--token", help="bearer token of --target")
+    p.add_argument("--tls-ca", help="PEM CA of --target (turns TLS on)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--num-requests", type=int, default=32)
+    w.add_argument("--input-len", type=parse_length, default=(8192, 8192), help="N, 16k or a range 16k-32k")
+    w.add_argument("--input-len-max", type=int, help="top of the input range (same as --input-len A-B)")
+    w.add_argument("--input-dist", choices=("uniform", "normal"), default="uniform")
+    w.add_argument("--output-len", type=parse_length, default=(256, 256), help="N or a range 128-512")
+    w.add_argument("--output-len-max", type=int)
+    w.add_argument("--output-dist", choices=("uniform", "normal"), default="uniform")
+    w.add_argument("--concurrency", type=int, default=16, help="requests in flight (without --rate)")
+    w.add_argument("--rate", "--request-rate", dest="request_rate", type=float,
+                   help="Poisson arrivals per second (instead of --concurrency)")  # fmt: skip
+    w.add_argument("--retention", default="1.0", help="comma-separated sweep; 1.0 = uncompressed")
+    w.add_argument("--method", default="compactor", help="compression method")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--warmup", type=int, default=2, help="short requests (<= 2048 in, 16 out) run and discarded first"
+    )
+    o = p.add_argument_group("run and output")
+    o.add_argument("--decode-kv-bytes", type=int, help="decode (or colocated) KV budget in bytes")
+    o.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
+    o.add_argument("--sample-seconds", type=float, default=0.5, help="decode KV / batch sampling period")
+    o.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for started services to load")
+    o.add_argument("--log-dir", type=Path, help="started services' logs (default: a temporary folder)")
+    o.add_argument("--out", type=Path, help="write <out>.json and <out>.png")
+    o.add_argument("--append", action="store_true", help="add the runs to an existing <out>.json")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cluster_flags(p)
+
+
+def bench_modes(args: argparse.Namespace) -> list[str]:
+    if args.colocated and args.compare:
+        raise ValueError("--colocated and --compare: pick one")
+    if args.colocated:
+        return ["colocated"]
+    if args.compare:
+        modes = [m.strip() for m in args.compare.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad or not modes:
+            raise ValueError(f"--compare: unknown modes {bad}; use {','.join(MODES)}")
+        return modes
+    return ["disaggregated"]
+
+
+def bench_options(args: argparse.Namespace) -> ClusterOptions:
+    options = cluster_options(args)
+    if args.decode_kv_bytes and options.decode_kv_cache_bytes is None:
+        options.decode_kv_cache_bytes = args.decode_kv_bytes
+    return options
+
+
+def _check_fits(args: argparse.Namespace, max_model_len: int) -> None:
+    longest = length_range(args, "input")[1] + length_range(args, "output")[1]
+    if max_model_len and longest > max_model_len:
+        raise ValueError(
+            f"the longest request ({longest} positions) exceeds the model's max_model_len {max_model_len}; "
+            "lower --input-len / --output-len or raise --max-model-len"
+        )
+
+
+def _colocated_runs(
+    args: argparse.Namespace, options: ClusterOptions, retentions: list[float]
+) -> list[dict[str, Any]]:
+    import torch
+
+    from engine.llm_engine import LLMEngine
+
+    settings = options.colocated_settings()
+    threads = torch.get_num_threads()
+    if settings.torch_threads:  # as a service applies it to its own process
+        torch.set_num_threads(settings.torch_threads)
+    engine = LLMEngine(settings.engine_config())
+    runs = []
+    try:
+        vocab = engine.loaded.config.vocab_size
+        _check_fits(args, int(engine.max_model_len))
+        for retention in retentions:
+            if args.warmup:
+                run_colocated(args, engine, warmup_workload(args, vocab), retention, quiet=True)
+            result = run_colocated(args, engine, make_workload(args, vocab), retention)
+            runs.append({"mode": "colocated", "retention": retention, **result})
+    finally:
+        torch.set_num_threads(threads)
+        device = engine.device
+        del engine
+        gc.collect()
+        if device.type == "cuda":  # give the memory to the services started next
+            torch.cuda.empty_cache()
+    return runs
+
+
+def _disaggregated_runs(
+    args: argparse.Namespace, options: ClusterOptions, retentions: list[float]
+) -> list[dict[str, Any]]:
+    from clients import Client
+    from clients.local_cluster import LocalCluster
+
+    cluster = None
+    address = args.target
+    if address is None:
+        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvferry-bench-"))
+        cluster = LocalCluster.from_options(options, log_dir=log_dir)
+        print(f"starting coordinator, prefill and decode (logs in {log_dir})", file=sys.stderr, flush=True)
+        cluster.start()
+    try:
+        if cluster is not None:
+            cluster.wait_ready(timeout=args.ready_timeout, progress=lambda line: print(line, file=sys.stderr))
+            address = cluster.coordinator_address
+        assert address is not None
+        with Client(address, timeout=30, **_client_kwargs(args)) as c:
+            model = c.info().decode_nodes[0].model
+        _check_fits(args, model.max_model_len)
+        runs = []
+        for retention in retentions:
+            if args.warmup:
+                warm = warmup_workload(args, model.vocab_size)
+                asyncio.run(run_cluster(args, address, warm, retention, quiet=True))
+            result = asyncio.run(run_cluster(args, address, make_workload(args, model.vocab_size), retention))
+            runs.append({"mode": "disaggregated", "retention": retention, "target": address, **result})
+        return runs
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def describe_workload(args: argparse.Namespace) -> str:
+    (a, b), (c, d) = length_range(args, "input"), length_range(args, "output")
+    dist = "" if args.input_dist == "uniform" else f" ({args.input_dist})"
+    load = f"rate {args.request_rate}/s" if args.request_rate else f"concurrency {args.concurrency}"
+    return f"{args.num_requests} req, in {a}-{b}{dist}, out {c}-{d}, {load}"
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """Run the benchmark `args` describe (flags of add_bench_flags); `command` is recorded in the JSON."""
+    modes = bench_modes(args)
+    retentions = [float(x) for x in args.retention.split(",")]
+    options = bench_options(args)
+    runs: list[dict[str, Any]] = []
+    for mode in modes:
+        runs += (_colocated_runs if mode == "colocated" else _disaggregated_runs)(args, options, retentions)
+    results = {
+        "meta": {
+            "device": device_name(),
+            "date": datetime.date.today().isoformat(),
+            "command": command,
+            "workload": describe_workload(args),
+            "modes": modes,
+            "target": args.target,
+            "decode_kv_bytes": options.decode_kv_cache_bytes or options.kv_cache_bytes,
+            "prefill_argv": options.prefill_argv(),
+            "decode_argv": options.decode_argv(),
+        },
+        "runs": runs,
+    }
+    for r in runs:
+        print(
+            f"{r['mode']:>13} r={r['retention']:<5} {r['output_throughput_tok_s']:9.1f} tok/s  "
+            f"TTFT p50 {r['ttft_s'].get('p50', float('nan')):.3f}s p99 {r['ttft_s'].get('p99', float('nan')):.3f}s  "
+            f"TPOT p50 {r['tpot_s'].get('p50', float('nan')) * 1e3:.1f}ms  batch mean "
+            f"{r['decode_batch'].get('mean', 0):.1f}  KV shipped {r['kv_bytes_shipped'] / (1 << 30):.2f} GiB"
+            f"  {','.join(r.get('transports', [])) or '-'}  failed {r['failed']}"
+            + (f"  decode-step {d:.1f} tok/s" if (d := r.get("decode_step_throughput_tok_s")) else "")
+        )
+    if args.out:
+        json_path = args.out.with_suffix(".json")
+        if args.append and json_path.exists():
+            previous = json.loads(json_path.read_text())
+            results["runs"] = previous["runs"] + runs
+            results["meta"]["command"] = previous["meta"]["command"] + " ; " + command
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=1))
+        plot(results, args.out.with_suffix(".png"))
+        print(f"wrote {json_path} and {args.out.with_suffix('.png')}")
+    failed = sum(r["failed"] for r in runs)
+    if failed:
+        print(f"{failed} requests failed (see 'errors' in the JSON)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/serving.py") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_bench_flags(p)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    return run(args, " ".join([prog, *(shlex.quote(a) for a in argv)]))
