@@ -1,6 +1,8 @@
 """docker-compose.yml and the Dockerfile, checked without a Docker engine: the three roles run the CLI's
 service commands, every KVFERRY_* variable is a real setting of its role and parses, ports, addresses
-and health checks agree, GPU roles reserve a GPU and share the host IPC namespace (CUDA IPC)."""
+and health checks agree; the base file runs anywhere (CPU), and with docker-compose.gpu.yml over it the
+prefill and decode roles reserve GPUs, share the host IPC namespace (CUDA IPC) and sit on the GPUs
+the host's PREFILL_GPU / DECODE_GPU name."""
 
 from __future__ import annotations
 
@@ -65,12 +67,72 @@ def test_ports_addresses_and_health_checks_agree(services: dict[str, Any]) -> No
     assert set(services["coordinator"]["depends_on"]) == {"prefill", "decode"}
 
 
-def test_gpu_roles_reserve_a_gpu_and_share_ipc(services: dict[str, Any]) -> None:
+def test_base_file_runs_without_gpus_and_shares_ipc(services: dict[str, Any]) -> None:
     for name in ("prefill", "decode"):
-        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-        assert services[name]["ipc"] == "host"
-    assert "deploy" not in services["coordinator"]  # the coordinator never touches a GPU
+        assert services[name]["ipc"] == "host"  # shm between CPU containers needs one IPC namespace
+    assert not any("deploy" in svc for svc in services.values())  # GPUs: docker-compose.gpu.yml
+
+
+def _interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's ${VAR} / ${VAR:-default} substitution, for the values this test reads."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if isinstance(value, str):
+        return re.sub(
+            r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or (m.group(2) or ""), value
+        )
+    return value
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """`docker compose -f base -f override`: mappings merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _merge(base[k], v) if k in base else v for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override
+        }
+    return override
+
+
+def gpu_services(host_env: dict[str, str]) -> dict[str, Any]:
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    override = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    assert set(override["services"]) <= set(base["services"])  # an override adds no role
+    return _interpolate(_merge(base, override), host_env)["services"]
+
+
+@pytest.mark.parametrize(
+    ("host_env", "devices"),
+    [({}, ("cuda:0", "cuda:0")), ({"DECODE_GPU": "1"}, ("cuda:0", "cuda:1"))],
+    ids=["one-gpu", "two-gpus"],
+)
+def test_gpu_override_reserves_gpus_shares_ipc_and_places_each_role(
+    host_env: dict[str, str], devices: tuple[str, str]
+) -> None:
+    services = gpu_services(host_env)
+    settings = {}
+    for name, svc in services.items():
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        known = {env_name(f) for f in dataclasses.fields(SETTINGS[name])}
+        assert set(env) <= known, f"{name}: unknown variables {sorted(set(env) - known)}"
+        settings[name] = parse_settings(SETTINGS[name], [], environ=env)
+        assert svc["image"] == "kvferry:gpu" and svc["build"]["args"]["BASE"]  # one CUDA-torch image
+    for name in ("prefill", "decode"):
+        (reservation,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert reservation["driver"] == "nvidia" and "gpu" in reservation["capabilities"]
+        assert reservation.get("count") == "all"  # each role sees the other's GPU (CUDA IPC peer access)
+        assert services[name]["ipc"] == "host"  # CUDA IPC handles only open in one IPC namespace
+        assert settings[name].host == "0.0.0.0" and settings[name].dtype == "bfloat16"
+    assert (settings["prefill"].device, settings["decode"].device) == devices
+    assert settings["prefill"].transport == "auto"
+    # the NCCL rendezvous store is reached by the decode service's name on the compose network
+    assert settings["decode"].nccl_store_host == "decode"
+    assert "deploy" not in services["coordinator"]
+    assert (
+        services["coordinator"]["environment"]
+        == yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["coordinator"]["environment"]
+    )
 
 
 def test_dockerfile_copies_every_package() -> None:
