@@ -30,9 +30,11 @@ import gc
 import json
 import random
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -497,8 +499,11 @@ def _check_fits(args: argparse.Namespace, max_model_len: int) -> None:
 
 
 def _colocated_runs(
-    args: argparse.Namespace, options: ClusterOptions, retentions: list[float]
-) -> list[dict[str, Any]]:
+    args: argparse.Namespace,
+    options: ClusterOptions,
+    retentions: list[float],
+    done: Callable[[dict[str, Any]], None],
+) -> None:
     import torch
 
     from engine.llm_engine import LLMEngine
@@ -508,7 +513,6 @@ def _colocated_runs(
     if settings.torch_threads:  # as a service applies it to its own process
         torch.set_num_threads(settings.torch_threads)
     engine = LLMEngine(settings.engine_config())
-    runs = []
     try:
         vocab = engine.loaded.config.vocab_size
         _check_fits(args, int(engine.max_model_len))
@@ -516,7 +520,7 @@ def _colocated_runs(
             if args.warmup:
                 run_colocated(args, engine, warmup_workload(args, vocab), retention, quiet=True)
             result = run_colocated(args, engine, make_workload(args, vocab), retention)
-            runs.append({"mode": "colocated", "retention": retention, **result})
+            done({"mode": "colocated", "retention": retention, **result})
     finally:
         torch.set_num_threads(threads)
         device = engine.device
@@ -524,12 +528,14 @@ def _colocated_runs(
         gc.collect()
         if device.type == "cuda":  # give the memory to the services started next
             torch.cuda.empty_cache()
-    return runs
 
 
 def _disaggregated_runs(
-    args: argparse.Namespace, options: ClusterOptions, retentions: list[float]
-) -> list[dict[str, Any]]:
+    args: argparse.Namespace,
+    options: ClusterOptions,
+    retentions: list[float],
+    done: Callable[[dict[str, Any]], None],
+) -> None:
     from clients import Client
     from clients.local_cluster import LocalCluster
 
@@ -548,14 +554,12 @@ def _disaggregated_runs(
         with Client(address, timeout=30, **_client_kwargs(args)) as c:
             model = c.info().decode_nodes[0].model
         _check_fits(args, model.max_model_len)
-        runs = []
         for retention in retentions:
             if args.warmup:
                 warm = warmup_workload(args, model.vocab_size)
                 asyncio.run(run_cluster(args, address, warm, retention, quiet=True))
             result = asyncio.run(run_cluster(args, address, make_workload(args, model.vocab_size), retention))
-            runs.append({"mode": "disaggregated", "retention": retention, "target": address, **result})
-        return runs
+            done({"mode": "disaggregated", "retention": retention, "target": address, **result})
     finally:
         if cluster is not None:
             cluster.stop()
@@ -568,19 +572,34 @@ def describe_workload(args: argparse.Namespace) -> str:
     return f"{args.num_requests} req, in {a}-{b}{dist}, out {c}-{d}, {load}"
 
 
+def _line(r: dict[str, Any]) -> str:
+    nan = float("nan")
+    return (
+        f"{r['mode']:>13} r={r['retention']:<5} {r['output_throughput_tok_s']:9.1f} tok/s  "
+        f"TTFT p50 {r['ttft_s'].get('p50', nan):.3f}s p99 {r['ttft_s'].get('p99', nan):.3f}s  "
+        f"TPOT p50 {r['tpot_s'].get('p50', nan) * 1e3:.1f}ms  batch mean {r['decode_batch'].get('mean', 0):.1f}  "
+        f"KV shipped {r['kv_bytes_shipped'] / (1 << 30):.2f} GiB  {','.join(r.get('transports', [])) or '-'}  "
+        f"failed {r['failed']}"
+        + (f"  decode-step {d:.1f} tok/s" if (d := r.get("decode_step_throughput_tok_s")) else "")
+    )
+
+
 def run(args: argparse.Namespace, command: str) -> int:
-    """Run the benchmark `args` describe (flags of add_bench_flags); `command` is recorded in the JSON."""
+    """Run the benchmark `args` describe (flags of add_bench_flags); `command` is recorded in the JSON.
+
+    <out>.json and <out>.png are rewritten after every run, so a run cut short keeps what finished.
+    SIGTERM stops services started here before exiting (as Ctrl-C does)."""
     modes = bench_modes(args)
     retentions = [float(x) for x in args.retention.split(",")]
     options = bench_options(args)
-    runs: list[dict[str, Any]] = []
-    for mode in modes:
-        runs += (_colocated_runs if mode == "colocated" else _disaggregated_runs)(args, options, retentions)
-    results = {
+    previous: dict[str, Any] | None = None
+    if args.out and args.append and args.out.with_suffix(".json").exists():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+    results: dict[str, Any] = {
         "meta": {
             "device": device_name(),
             "date": datetime.date.today().isoformat(),
-            "command": command,
+            "command": command if previous is None else previous["meta"]["command"] + " ; " + command,
             "workload": describe_workload(args),
             "modes": modes,
             "target": args.target,
@@ -588,27 +607,33 @@ def run(args: argparse.Namespace, command: str) -> int:
             "prefill_argv": options.prefill_argv(),
             "decode_argv": options.decode_argv(),
         },
-        "runs": runs,
+        "runs": [] if previous is None else list(previous["runs"]),
     }
-    for r in runs:
-        print(
-            f"{r['mode']:>13} r={r['retention']:<5} {r['output_throughput_tok_s']:9.1f} tok/s  "
-            f"TTFT p50 {r['ttft_s'].get('p50', float('nan')):.3f}s p99 {r['ttft_s'].get('p99', float('nan')):.3f}s  "
-            f"TPOT p50 {r['tpot_s'].get('p50', float('nan')) * 1e3:.1f}ms  batch mean "
-            f"{r['decode_batch'].get('mean', 0):.1f}  KV shipped {r['kv_bytes_shipped'] / (1 << 30):.2f} GiB"
-            f"  {','.join(r.get('transports', [])) or '-'}  failed {r['failed']}"
-            + (f"  decode-step {d:.1f} tok/s" if (d := r.get("decode_step_throughput_tok_s")) else "")
-        )
+    runs: list[dict[str, Any]] = []
+
+    def done(result: dict[str, Any]) -> None:
+        runs.append(result)
+        results["runs"].append(result)
+        print(_line(result), flush=True)
+        if args.out:
+            json_path = args.out.with_suffix(".json")
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(results, indent=1))
+            plot(results, args.out.with_suffix(".png"))
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    try:
+        for mode in modes:
+            (_colocated_runs if mode == "colocated" else _disaggregated_runs)(args, options, retentions, done)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, before)
     if args.out:
-        json_path = args.out.with_suffix(".json")
-        if args.append and json_path.exists():
-            previous = json.loads(json_path.read_text())
-            results["runs"] = previous["runs"] + runs
-            results["meta"]["command"] = previous["meta"]["command"] + " ; " + command
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1))
-        plot(results, args.out.with_suffix(".png"))
-        print(f"wrote {json_path} and {args.out.with_suffix('.png')}")
+        print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     failed = sum(r["failed"] for r in runs)
     if failed:
         print(f"{failed} requests failed (see 'errors' in the JSON)", file=sys.stderr)

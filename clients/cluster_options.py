@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serving.settings import EngineSettings
@@ -44,6 +44,8 @@ class ClusterOptions:
     torch_threads: int | None = None
     transport: str | None = None  # the prefill service's `transport` (how its pages reach decode)
     engine_args: list[str] = field(default_factory=list)  # raw engine flags for both, before the above
+    prefill_args: list[str] = field(default_factory=list)  # raw prefill-only flags, last
+    decode_args: list[str] = field(default_factory=list)  # raw decode-only flags, last
 
     def _common(self) -> list[str]:
         out = list(self.engine_args)
@@ -65,17 +67,23 @@ class ClusterOptions:
     def prefill_argv(self) -> list[str]:
         """Every flag the prefill service gets (later flags win in argparse)."""
         transport = ["--transport", self.transport] if self.transport else []
-        return [*self._common(), *self._own(self.prefill_device, self.prefill_kv_cache_bytes), *transport]
+        own = self._own(self.prefill_device, self.prefill_kv_cache_bytes)
+        return [*self._common(), *own, *transport, *self.prefill_args]
 
     def decode_argv(self) -> list[str]:
         """Every flag the decode service gets."""
-        return [*self._common(), *self._own(self.decode_device, self.decode_kv_cache_bytes)]
+        return [
+            *self._common(),
+            *self._own(self.decode_device, self.decode_kv_cache_bytes),
+            *self.decode_args,
+        ]
 
     def colocated_settings(self) -> EngineSettings:
         """The engine a colocated run uses: the decode node's (device, KV budget), which also prefills."""
         from serving.settings import EngineSettings, parse_settings
 
-        return parse_settings(EngineSettings, self.decode_argv(), environ={})
+        argv = [*self._common(), *self._own(self.decode_device, self.decode_kv_cache_bytes)]
+        return parse_settings(EngineSettings, argv, environ={})
 
 
 def _gib(text: str) -> int:
@@ -118,10 +126,17 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", choices=TRANSPORTS,
                    help="how the prefill service ships KV pages (default: the service's, auto)")  # fmt: skip
     g.add_argument("--engine-args", default="", help="more engine flags for both services, one string")
+    g.add_argument(
+        "--prefill-args", default="", help="more prefill service flags, e.g. '--reserve-wait-seconds 600'"
+    )
+    g.add_argument("--decode-args", default="", help="more decode service flags, e.g. '--lease-seconds 60'")
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     """ClusterOptions from the flags of add_cluster_flags (missing attributes: None)."""
-    names = [n for n in ClusterOptions.__dataclass_fields__ if n != "engine_args"]
-    values = {n: getattr(args, n, None) for n in names}
-    return ClusterOptions(**values, engine_args=shlex.split(getattr(args, "engine_args", "") or ""))
+    raw = ("engine_args", "prefill_args", "decode_args")
+    values: dict[str, Any] = {
+        n: getattr(args, n, None) for n in ClusterOptions.__dataclass_fields__ if n not in raw
+    }
+    values.update({n: shlex.split(getattr(args, n, "") or "") for n in raw})
+    return ClusterOptions(**values)

@@ -7,9 +7,12 @@ settings classes, parsed from the command lines the local cluster would run."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -194,7 +197,8 @@ def test_up_gpu_flags_reach_each_service() -> None:
         ["up", "--model", "benchmarks/configs/llama-3.1-8b", "--load-format", "dummy", "--device", "cuda",
          "--prefill-device", "cuda:0", "--decode-device", "cuda:1", "--dtype", "bfloat16", "--kv-cache-gib", "4",
          "--decode-kv-cache-gib", "40.5", "--max-model-len", "33000", "--max-num-seqs", "32",
-         "--transport", "nccl"]
+         "--transport", "nccl", "--prefill-args", "--reserve-wait-seconds 600", "--decode-args",
+         "--lease-seconds 60"]
     )  # fmt: skip
     prefill, decode = _settings(LocalCluster.from_options(cluster_options(args)))
     assert (prefill.device, decode.device) == ("cuda:0", "cuda:1")
@@ -203,6 +207,7 @@ def test_up_gpu_flags_reach_each_service() -> None:
         assert (s.model, s.load_format, s.dtype) == ("benchmarks/configs/llama-3.1-8b", "dummy", "bfloat16")
         assert (s.max_model_len, s.max_num_seqs) == (33000, 32)
     assert prefill.transport == "nccl"
+    assert (prefill.reserve_wait_seconds, decode.lease_seconds) == (600, 60)
 
 
 def test_defaults_leave_the_services_defaults() -> None:
@@ -232,6 +237,18 @@ def test_bench_colocated_engine_is_the_decode_nodes() -> None:
 
 
 # ---- the command starting its own cluster (three processes) ------------------------------------------
+def _reap(model_path: Path) -> list[int]:
+    """Services of these tests still running (their command line names the tiny model's folder, which
+    only they use): killed by pid so a failing test leaves nothing behind; their pids."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"_service .*--model {model_path}"], capture_output=True, text=True
+    )
+    pids = [int(p) for p in found.stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 @pytest.mark.slow
 def test_bench_starts_and_stops_a_local_cluster(tiny: TinyModel, tmp_path: Path) -> None:
     out = tmp_path / "local"
@@ -250,5 +267,52 @@ def test_bench_starts_and_stops_a_local_cluster(tiny: TinyModel, tmp_path: Path)
     _check_latencies(run)
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.log")}
     assert set(logs) == {"coordinator.log", "prefill.log", "decode.log"}
-    leftover = subprocess.run(["pgrep", "-f", str(tiny.path)], capture_output=True, text=True)
-    assert leftover.stdout == "", "a service outlived kvferry bench"
+    assert _reap(tiny.path) == [], "a service outlived kvferry bench"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_services_bench_started(tiny: TinyModel, tmp_path: Path) -> None:
+    """`timeout 300 kvferry bench ...` on a device machine must not leave GPU processes behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "bench", "--model", str(tiny.path), "--device", "cpu",
+         "--engine-args", " ".join(ENGINE), "--kv-cache-bytes", str(4 << 20), "--num-requests", "500",
+         "--input-len", "256", "--output-len", "200", "--warmup", "0", "--log-dir", str(tmp_path / "logs"),
+         "--out", str(tmp_path / "never"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    services: list[int] = []
+    try:
+        lines: list[str] = []
+        while not any("coordinator ready" in line for line in lines):
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, "".join(lines)
+            lines.append(line)
+        time.sleep(1.0)  # requests in flight
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        services = [int(p) for p in children.stdout.split()]
+        assert len(services) == 3
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        alive = [pid for pid in services if _alive(pid)]
+        assert alive == [], "a service outlived kvferry bench"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in services:  # never leave them behind, also when the test fails
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert not (tmp_path / "never.json").exists()  # nothing finished, nothing claimed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes (it only waits for its parent, already exited, to be reaped)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
