@@ -301,7 +301,11 @@ class DecodeEngine:
 
 
 def _warm_up(engine: LLMEngine) -> None:
-    """One short generation through the whole stack before reporting SERVING."""
+    """Every decode CUDA graph captured, then one short generation through the whole stack, before
+    reporting SERVING."""
+    if engine.runner.graphs is not None:
+        seconds = engine.runner.graphs.capture_all()
+        log.info("captured %d decode CUDA graphs in %.1f s", len(engine.runner.graphs.buckets), seconds)
     prompt = list(range(1, 9))
     seq = engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=2), request_id="warm-up")
     while not seq.is_finished:

@@ -12,6 +12,8 @@ that is how the padding and buffer logic is tested on CPU.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from engine.config import EngineConfig
@@ -90,6 +92,16 @@ class DecodeGraphRunner:
         for s in seqs:
             s.kv.head_lens += 1  # type: ignore[union-attr]
         return logits[: len(seqs)]
+
+    def capture_all(self) -> float:
+        """Capture every bucket now (a service does it before it reports SERVING, so no capture runs
+        while requests are served); seconds taken."""
+        start = time.perf_counter()
+        if self.use_graphs:
+            for n in self.buckets:
+                if n not in self.graphs:
+                    self._capture(n)
+        return time.perf_counter() - start
 
     def _capture(self, n: int) -> None:
         buf = self.buffers

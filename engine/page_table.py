@@ -59,10 +59,11 @@ class SequenceKV:
         if need == 0:
             return
         from_reservation = min(need, self.reserved)
-        pages = self.pool.allocate(from_reservation, reserved=True)
-        pages += self.pool.allocate(need - from_reservation)
+        pages = self.pool.allocate_ids(from_reservation, reserved=True)
+        if need > from_reservation:
+            pages = torch.cat([pages, self.pool.allocate_ids(need - from_reservation)])
         self.reserved -= from_reservation
-        new_pages = torch.tensor(pages, dtype=torch.int32)
+        new_pages = pages.to(torch.int32)
         # Fill the new slots head by head: (layer, head, page index) for every missing page.
         slot_mask = torch.arange(self.max_pages)[None, None, :]
         missing = (slot_mask >= held[..., None]) & (slot_mask < want[..., None])

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import torch
 
-from kvtransfer.device_util import decode_runs
 from kvtransfer.errors import TransferIntegrityError
 from kvtransfer.nccl import NcclPair
 from kvtransfer.transport import TransferResult, Transport, run_to_end
@@ -26,7 +25,9 @@ class MappedPool(Protocol):
 
     node_id: str
 
-    def write(self, pages: torch.Tensor, page_ids: torch.Tensor) -> float: ...
+    def write(
+        self, pages: torch.Tensor, page_ids: torch.Tensor | None = None, runs: list[int] | None = None
+    ) -> float: ...
 
 
 class DirectWriteTransport(Transport):
@@ -41,13 +42,14 @@ class DirectWriteTransport(Transport):
         payload: torch.Tensor,
         timeout: float | None = None,
     ) -> TransferResult:
-        page_ids = decode_runs(list(reservation.page_runs))
-        if page_ids.numel() != payload.shape[0]:
+        runs = list(reservation.page_runs)
+        pages = sum(runs[1::2])
+        if pages != payload.shape[0]:
             raise TransferIntegrityError(
-                f"the decode node gave {page_ids.numel()} pages to write, the manifest has {payload.shape[0]}"
+                f"the decode node gave {pages} pages to write, the manifest has {payload.shape[0]}"
             )
         start = time.perf_counter()
-        await run_to_end(self.mapped.write, payload, page_ids)
+        await run_to_end(self.mapped.write, payload, None, runs)  # runs: no page-id upload
         return await _commit(decode, reservation, payload, start, timeout)
 
 

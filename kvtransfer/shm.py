@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kvtransfer.device_util import PeerUnreachableError, host_id
+from kvtransfer.device_util import PeerUnreachableError, decode_runs, host_id
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,18 @@ class MappedShmPool:
     def closed(self) -> bool:
         return self.kv is None
 
-    def write(self, pages: torch.Tensor, page_ids: torch.Tensor) -> float:
-        """Copy `pages` ([N, 2, page_size, head_dim], travel order) into pool pages `page_ids` ([N]); the
-        bytes are in the pool when this returns. Returns seconds."""
+    def write(
+        self, pages: torch.Tensor, page_ids: torch.Tensor | None = None, runs: list[int] | None = None
+    ) -> float:
+        """Copy `pages` ([N, 2, page_size, head_dim], travel order) into pool pages `page_ids` ([N]) or
+        the pages of `runs` (encode_runs format; wins when both are given), as cuda_ipc's write does;
+        the bytes are in the pool when this returns. Returns seconds."""
         if self.kv is None:
             raise PeerUnreachableError(f"shm: the mapping of node {self.node_id} is closed")
+        if runs is not None:
+            page_ids = decode_runs(runs)
+        if page_ids is None:
+            raise ValueError("write needs page_ids or runs")
         n = page_ids.numel()
         if tuple(pages.shape) != (n, *self.kv.shape[1:]) or pages.dtype != self.kv.dtype:
             raise ValueError(

@@ -148,6 +148,7 @@ class EngineSettings:
     )
     max_num_seqs: int = setting(64, "sequences decoded together at most")
     torch_threads: int | None = setting(None, "torch intra-op CPU threads (default: torch's choice)")
+    enforce_eager: bool = setting(False, "never replay decode steps from CUDA graphs (debugging; GPU only)")
 
     def engine_config(self) -> EngineConfig:
         from engine.config import EngineConfig  # torch loads here, not when a coordinator imports this
@@ -162,4 +163,5 @@ class EngineSettings:
             max_model_len=self.max_model_len,
             kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs,
+            enforce_eager=self.enforce_eager,
         )
