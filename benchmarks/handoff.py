@@ -37,7 +37,11 @@ def measure(args: argparse.Namespace, transport: str) -> dict[str, Any]:
         "--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
         "--page-size", str(args.page_size), "--prefill-chunk", str(args.prefill_chunk),
     ]  # fmt: skip
-    logs = Path(tempfile.mkdtemp(prefix=f"handoff-{transport}-"))
+    logs = (
+        Path(args.log_dir) / transport
+        if args.log_dir
+        else Path(tempfile.mkdtemp(prefix=f"handoff-{transport}-"))
+    )
     cluster = LocalCluster(
         engine,
         decode_args=[
@@ -161,6 +165,9 @@ def main() -> None:
     p.add_argument("--decode-kv-gib", type=float, default=8.0)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument(
+        "--log-dir", default=None, help="service logs go to LOG_DIR/<transport>/ (default: a temp folder)"
+    )
     args = p.parse_args()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():

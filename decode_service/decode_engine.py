@@ -114,6 +114,7 @@ class DecodeEngine:
             )  # fmt: skip
             return reservation, stream
 
+        asked = time.perf_counter()
         try:
             reservation, stream = await self.worker.call(reserve)
         except asyncio.CancelledError:
@@ -122,9 +123,10 @@ class DecodeEngine:
         self.reservations.add(reservation)
         self._outputs[rid] = stream
         log.info(
-            "reserved %s for %s: %d pages + %d for growth, lease %.1f s",
+            "reserved %s for %s: %d pages + %d for growth, lease %.1f s, in %.1f ms",
             rid, request.request_id, reservation.page_ids.numel(),
             reservation.reserved_pages - reservation.page_ids.numel(), reservation.lease_seconds,
+            1e3 * (time.perf_counter() - asked),
         )  # fmt: skip
         return reservation
 
@@ -173,12 +175,14 @@ class DecodeEngine:
         started = time.perf_counter()
         engine = self.ready_engine()
         page_ids = reservation.page_ids.to(engine.pool.kv.device)
+        received = verified = started
         try:
             if reservation.transport == "nccl":
                 pair = await self.direct.nccl_pair(reservation.nccl_pair_id)
                 await run_to_end(
                     pair.recv_pages, engine.pool.kv, page_ids, self.settings.nccl_timeout_seconds
                 )
+            received = time.perf_counter()
             if self.settings.verify_direct_writes and page_ids.numel():
                 found = await run_to_end(pool_checksum, engine.pool.kv, page_ids)
                 if found != reservation.manifest.checksum:
@@ -187,6 +191,7 @@ class DecodeEngine:
                         f"{found:#018x}, the manifest says {reservation.manifest.checksum:#018x}"
                     )
             reservation.received = reservation.manifest.byte_count
+            verified = time.perf_counter()
             await self._commit(reservation, None)
         except TransferTimeoutError as e:
             if e.drained:
@@ -197,8 +202,14 @@ class DecodeEngine:
         except BaseException:
             self.abort(reservation.id)
             raise
+        done = time.perf_counter()
+        log.info(
+            "committed %s (%d bytes over %s): receive %.1f ms, sum64 %.1f ms, commit %.1f ms",
+            reservation.id, reservation.received, reservation.transport, 1e3 * (received - started),
+            1e3 * (verified - received), 1e3 * (done - verified),
+        )  # fmt: skip
         return decode_pb2.CommitKVResponse(
-            bytes_received=reservation.received, transfer_seconds=time.perf_counter() - started
+            bytes_received=reservation.received, transfer_seconds=done - started
         )
 
     def _quarantine(self, reservation: Reservation) -> None:

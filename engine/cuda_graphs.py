@@ -104,6 +104,10 @@ class DecodeGraphRunner:
         return time.perf_counter() - start
 
     def _capture(self, n: int) -> None:
+        with torch.cuda.device(self.device):  # the capture stream must be on the pool's GPU
+            self._capture_on_device(n)
+
+    def _capture_on_device(self, n: int) -> None:
         buf = self.buffers
         buf.set_padding(n)  # the warm-up run below stores nothing and reads nothing
         self.forward(n)  # compiles this bucket's kernels outside the capture

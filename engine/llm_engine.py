@@ -31,6 +31,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.device = config.torch_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # this (engine) thread's current GPU: streams, graphs
         self.dtype = config.torch_dtype()
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.load_format)
         self.model = self.loaded.model

@@ -115,6 +115,7 @@ class KVHandoff:
             transport=transport.name,
             **transport.reserve_fields(),
         )
+        prepared = time.perf_counter()
         try:
             reservation = await self._reserve(decode, reserve, deadline)
         except grpc.aio.AioRpcError as e:
@@ -124,7 +125,13 @@ class KVHandoff:
         try:
             if transport is not self.links.grpc and not self.links.matches(address, reservation.node_id):
                 transport = await self._relink(address, decode, transport_name, transport.name)
+            reserved = time.perf_counter()
             result = await transport.send(decode, reservation, payload, timeout=deadline.remaining())
+            log.info(
+                "handoff over %s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
+                transport.name, 1e3 * (prepared - handoff_start), 1e3 * (reserved - prepared),
+                1e3 * (time.perf_counter() - reserved),
+            )  # fmt: skip
         except BaseException as e:
             if not isinstance(e, asyncio.CancelledError):
                 self.links.forget(address)
