@@ -148,7 +148,9 @@ def test_graph_decode_matches_eager_bf16(dummy_8b_heads: Path) -> None:
                 assert gap < 2 * row_diff, f"{rid}: tokens differ with an eager top-2 gap of {gap}"
                 diverged.add(rid)
     assert compared > 100
-    print(f"bf16: {len(diverged)} of {len(graph['tokens'])} requests diverged at a near-tie: {sorted(diverged)}")
+    print(
+        f"bf16: {len(diverged)} of {len(graph['tokens'])} requests diverged at a near-tie: {sorted(diverged)}"
+    )
     matching = [rid for rid in graph["tokens"] if rid not in diverged]
     assert all(graph["tokens"][r] == eager["tokens"][r] for r in matching)
 
