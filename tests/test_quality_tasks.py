@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from quality_tasks import TASKS, make_sample, score  # noqa: E402
+# Imported by package path: putting benchmarks/ itself on sys.path would let benchmarks/serving.py
+# shadow the `serving` package in every process this test session spawns.
+from benchmarks.quality_tasks import TASKS, make_sample, score
 
 
 def words(text: str) -> int:
