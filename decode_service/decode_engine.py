@@ -166,11 +166,15 @@ class DecodeEngine:
             bytes_received=reservation.received, transfer_seconds=time.perf_counter() - started
         )
 
-    async def commit_direct(self, reservation_id: str) -> decode_pb2.CommitKVResponse:
+    async def commit_direct(
+        self, reservation_id: str, checksum: int | None = None
+    ) -> decode_pb2.CommitKVResponse:
         """A direct transport's commit: receive the pages (nccl) or find them written (cuda_ipc, shm),
-        verify their sum64 where they are, start decoding. Any failure frees the reservation, except
-        pages an aborted NCCL receive may still write, which stay quarantined."""
+        verify their sum64 where they are (`checksum`, or the manifest's when None), start decoding.
+        Any failure frees the reservation, except pages an aborted NCCL receive may still write, which
+        stay quarantined."""
         reservation = self.reservations.get(reservation_id)
+        expected = reservation.manifest.checksum if checksum is None else checksum
         reservation.begin_receive(direct=True)
         started = time.perf_counter()
         engine = self.ready_engine()
@@ -185,10 +189,10 @@ class DecodeEngine:
             received = time.perf_counter()
             if self.settings.verify_direct_writes and page_ids.numel():
                 found = await run_to_end(pool_checksum, engine.pool.kv, page_ids)
-                if found != reservation.manifest.checksum:
+                if found != expected:
                     raise TransferIntegrityError(
                         f"checksum mismatch: sum64 of the {reservation.transport} pages in the pool is "
-                        f"{found:#018x}, the manifest says {reservation.manifest.checksum:#018x}"
+                        f"{found:#018x}, the sender says {expected:#018x}"
                     )
             reservation.received = reservation.manifest.byte_count
             verified = time.perf_counter()

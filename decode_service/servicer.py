@@ -79,7 +79,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     ) -> decode_pb2.CommitKVResponse:
         self._bind(request.reservation_id)
         transport = self.decode.reservations.get(request.reservation_id).transport
-        reply = await self.decode.commit_direct(request.reservation_id)
+        checksum = request.checksum if request.HasField("checksum") else None
+        reply = await self.decode.commit_direct(request.reservation_id, checksum)
         self.metrics.received.inc(reply.bytes_received)
         self.metrics.transfers.inc(transport=transport)
         self.metrics.commit.observe(reply.transfer_seconds, transport=transport)

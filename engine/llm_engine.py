@@ -84,7 +84,11 @@ class LLMEngine:
             f"has {n} tokens but max_model_len is {self.max_model_len}; shorten it (one position must stay for output)",
         )
         vocab = self.loaded.config.vocab_size
-        require(all(0 <= t < vocab for t in prompt_token_ids), "prompt", f"token ids must be in [0, {vocab})")
+        require(
+            min(prompt_token_ids) >= 0 and max(prompt_token_ids) < vocab,
+            "prompt",
+            f"token ids must be in [0, {vocab})",
+        )
         if request_id is not None and request_id in self.requests:
             raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
         compression = as_compression_params(compression)
@@ -237,10 +241,10 @@ class LLMEngine:
         seq.kv = SequenceKV(self.pool, L, H, seq.cache_tokens_needed() + 1)
         # Every page this request can ever hold: kept tokens plus the max_new_tokens - 1 it will cache.
         seq.kv.reserve(int(seq.kv.pages_per_head(lens + seq.max_new_tokens - 1).sum()))
-        seq.kv.grow_to(lens)
+        page_ids = seq.kv.grow_to(lens)  # a fresh sequence: every page, in travel order
         seq.status = SequenceStatus.RECEIVING
         self.requests[request_id] = seq
-        return seq.kv.ordered_page_ids()
+        return page_ids
 
     def commit_import(self, request_id: str) -> Sequence:
         """The pages of a RECEIVING request are all written: start decoding it."""

@@ -48,16 +48,18 @@ class SequenceKV:
         """Make room for `num_new` more tokens in every head (does not change head_lens)."""
         self._allocate_up_to(self.pages_per_head(self.head_lens + num_new))
 
-    def grow_to(self, head_lens: torch.Tensor) -> None:
-        """Allocate pages for `head_lens` [L, H] tokens per head and adopt those lengths (KV import)."""
-        self._allocate_up_to(self.pages_per_head(head_lens))
+    def grow_to(self, head_lens: torch.Tensor) -> torch.Tensor:
+        """Allocate pages for `head_lens` [L, H] tokens per head and adopt those lengths (KV import).
+        Returns the new page ids [N] in (layer, head, page) order: all of them for a fresh sequence."""
+        new_pages = self._allocate_up_to(self.pages_per_head(head_lens))
         self.head_lens = head_lens.to(torch.int64).clone()
+        return new_pages
 
-    def _allocate_up_to(self, want: torch.Tensor) -> None:
+    def _allocate_up_to(self, want: torch.Tensor) -> torch.Tensor:
         held = self.pages_per_head(self.head_lens)
         need = int((want - held).sum())
         if need == 0:
-            return
+            return torch.empty(0, dtype=torch.int64)
         from_reservation = min(need, self.reserved)
         pages = self.pool.allocate_ids(from_reservation, reserved=True)
         if need > from_reservation:
@@ -69,6 +71,7 @@ class SequenceKV:
         missing = (slot_mask >= held[..., None]) & (slot_mask < want[..., None])
         self.page_table[missing] = new_pages
         self.num_pages_held += need
+        return pages
 
     def slots(self, layer: int, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Page ids and in-page offsets for the next `num_new` tokens of every head: ([H, T], [H, T])."""

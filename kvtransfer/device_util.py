@@ -165,7 +165,12 @@ def page_checksum(pages: torch.Tensor, chunk_pages: int = 1 << 14) -> int:
     Sum over pages i of (i + 1) * (sum of page i's int32 words). Integer adds commute, so both ends get
     the same value whatever their reduction order; a moved, dropped or altered page changes it (not
     cryptographic: it catches transport and placement bugs, not an adversary). Pages of a whole number
-    of 4-byte words only."""
+    of 4-byte words only. On CUDA one Triton kernel reads each page once (kernels/page_checksum.py);
+    this is its reference."""
+    if pages.is_cuda and pages.is_contiguous():
+        from kernels.page_checksum import page_checksum as fused
+
+        return fused(pages)
     total = 0
     for start in range(0, pages.shape[0], chunk_pages):
         total = (total + _weighted_sum(pages[start : start + chunk_pages], start)) & _MASK64
@@ -173,7 +178,12 @@ def page_checksum(pages: torch.Tensor, chunk_pages: int = 1 << 14) -> int:
 
 
 def pool_checksum(kv: torch.Tensor, page_ids: torch.Tensor, chunk_pages: int = 1 << 14) -> int:
-    """page_checksum of pool pages `page_ids`, in that order, gathered chunk by chunk."""
+    """page_checksum of pool pages `page_ids`, in that order: on CUDA read in place by the kernel,
+    elsewhere gathered chunk by chunk (the reference)."""
+    if kv.is_cuda and kv.is_contiguous():
+        from kernels.page_checksum import page_checksum as fused
+
+        return fused(kv, page_ids)
     ids = page_ids.to(kv.device, torch.int64)
     total = 0
     for start in range(0, ids.numel(), chunk_pages):

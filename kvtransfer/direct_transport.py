@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import torch
@@ -41,6 +42,7 @@ class DirectWriteTransport(Transport):
         reservation: decode_pb2.ReserveKVResponse,
         payload: torch.Tensor,
         timeout: float | None = None,
+        checksum: Awaitable[int] | None = None,
     ) -> TransferResult:
         runs = list(reservation.page_runs)
         pages = sum(runs[1::2])
@@ -50,7 +52,8 @@ class DirectWriteTransport(Transport):
             )
         start = time.perf_counter()
         await run_to_end(self.mapped.write, payload, None, runs)  # runs: no page-id upload
-        return await _commit(decode, reservation, payload, start, timeout)
+        value = None if checksum is None else await checksum  # computed while the write ran
+        return await _commit(decode, reservation, payload, start, timeout, value)
 
 
 class NcclTransport(Transport):
@@ -69,10 +72,12 @@ class NcclTransport(Transport):
         reservation: decode_pb2.ReserveKVResponse,
         payload: torch.Tensor,
         timeout: float | None = None,
+        checksum: Awaitable[int] | None = None,
     ) -> TransferResult:
+        value = None if checksum is None else await checksum  # CommitKV carries it: ready before the send
         async with self.lock:
             start = time.perf_counter()
-            commit = asyncio.ensure_future(_commit(decode, reservation, payload, start, timeout))
+            commit = asyncio.ensure_future(_commit(decode, reservation, payload, start, timeout, value))
             try:
                 await run_to_end(self.pair.send_pages, payload, timeout)
             except BaseException:
@@ -87,9 +92,11 @@ async def _commit(
     payload: torch.Tensor,
     start: float,
     timeout: float | None,
+    checksum: int | None,
 ) -> TransferResult:
     reply = await decode.CommitKV(
-        decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id), timeout=timeout
+        decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id, checksum=checksum),
+        timeout=timeout,
     )
     sent = payload.numel() * payload.element_size()
     if reply.bytes_received != sent:

@@ -6,7 +6,7 @@ Works anywhere (CPU default, cross-host fallback). The decode node commits when 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ class GrpcTransport(Transport):
         reservation: decode_pb2.ReserveKVResponse,
         payload: memoryview,
         timeout: float | None = None,
+        checksum: Awaitable[int] | None = None,  # unused: the manifest's crc32 covers the bytes
     ) -> TransferResult:
         chunk = min(self.chunk_bytes, reservation.max_chunk_bytes or self.chunk_bytes)
         start = time.perf_counter()

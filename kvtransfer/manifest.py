@@ -58,15 +58,20 @@ class ModelSpec:
 
 
 def build_manifest(
-    spec: ModelSpec, layout: KVLayout, payload: bytes | bytearray | memoryview | torch.Tensor
+    spec: ModelSpec,
+    layout: KVLayout,
+    payload: bytes | bytearray | memoryview | torch.Tensor,
+    with_checksum: bool = True,
 ) -> kv_pb2.KVManifest:
     """The manifest of `payload`: page bytes (checksum crc32, for grpc) or the pages themselves
-    ([N, 2, page_size, head_dim], checksum sum64 computed where they live, for direct transports)."""
+    ([N, 2, page_size, head_dim], checksum sum64 computed where they live, for direct transports).
+    `with_checksum=False` (direct transports): checksum 0, the sum64 comes with CommitKV instead."""
     if isinstance(payload, torch.Tensor):
         from kvtransfer.device_util import page_checksum
 
         byte_count = payload.numel() * payload.element_size()
-        algorithm, value = DEVICE_CHECKSUM_ALGORITHM, page_checksum(payload) if payload.numel() else 0
+        value = page_checksum(payload) if payload.numel() and with_checksum else 0
+        algorithm = DEVICE_CHECKSUM_ALGORITHM
     else:
         byte_count, algorithm, value = len(payload), CHECKSUM_ALGORITHM, checksum(payload)
     return kv_pb2.KVManifest(

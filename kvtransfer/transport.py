@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -50,8 +50,11 @@ class Transport(ABC):
         reservation: decode_pb2.ReserveKVResponse,
         payload: Any,
         timeout: float | None = None,
+        checksum: Awaitable[int] | None = None,
     ) -> TransferResult:
-        """Deliver `payload` (the pages in travel order) into `reservation` and commit it."""
+        """Deliver `payload` (the pages in travel order) into `reservation` and commit it. `checksum`:
+        the pages' sum64 still being computed (direct transports), sent with CommitKV when the manifest
+        left it out."""
 
 
 async def run_to_end(fn: Callable[..., T], *args: Any) -> T:

@@ -4,15 +4,19 @@ freeing the reservation when anything after ReserveKV fails or is cancelled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import torch
 
 from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest
+from kvtransfer.device_util import page_checksum
+from kvtransfer.transport import run_to_end
 from prefill_service.links import DecodeLinks
 from prefill_service.prefill_engine import PrefillOutcome
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
@@ -23,6 +27,7 @@ from serving.reservations import abort_reservation
 from serving.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RESERVE_RETRY_FIRST_SECONDS = 0.02
 RESERVE_RETRY_MAX_SECONDS = 0.5
 
@@ -104,7 +109,10 @@ class KVHandoff:
         transport = await self.links.transport(address, decode, transport_name)
         handoff_start = time.perf_counter()
         payload = await asyncio.to_thread(transport.payload, outcome.pages)
-        manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload)
+        # Direct transports: the pages' sum64 is computed while ReserveKV and the write are under way
+        # and goes with CommitKV; grpc's crc32 is part of the manifest (its bytes are on the host).
+        direct = isinstance(payload, torch.Tensor)
+        manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload, not direct)
         start = time.perf_counter()
         reserve = decode_pb2.ReserveKVRequest(
             request_id=request_id,
@@ -116,27 +124,30 @@ class KVHandoff:
             **transport.reserve_fields(),
         )
         prepared = time.perf_counter()
-        try:
-            reservation = await self._reserve(decode, reserve, deadline)
-        except grpc.aio.AioRpcError as e:
-            if e.code() in _LINK_FAILURES:
-                self.links.forget(address)
-            raise
-        try:
-            if transport is not self.links.grpc and not self.links.matches(address, reservation.node_id):
-                transport = await self._relink(address, decode, transport_name, transport.name)
-            reserved = time.perf_counter()
-            result = await transport.send(decode, reservation, payload, timeout=deadline.remaining())
-            log.info(
-                "handoff over %s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
-                transport.name, 1e3 * (prepared - handoff_start), 1e3 * (reserved - prepared),
-                1e3 * (time.perf_counter() - reserved),
-            )  # fmt: skip
-        except BaseException as e:
-            if not isinstance(e, asyncio.CancelledError):
-                self.links.forget(address)
-            await asyncio.shield(abort_reservation(decode, reservation.reservation_id))
-            raise
+        with _running(run_to_end(page_checksum, payload) if direct else None) as checksum:
+            try:
+                reservation = await self._reserve(decode, reserve, deadline)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _LINK_FAILURES:
+                    self.links.forget(address)
+                raise
+            try:
+                if transport is not self.links.grpc and not self.links.matches(address, reservation.node_id):
+                    transport = await self._relink(address, decode, transport_name, transport.name)
+                reserved = time.perf_counter()
+                result = await transport.send(
+                    decode, reservation, payload, timeout=deadline.remaining(), checksum=checksum
+                )
+                log.info(
+                    "handoff over %s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
+                    transport.name, 1e3 * (prepared - handoff_start), 1e3 * (reserved - prepared),
+                    1e3 * (time.perf_counter() - reserved),
+                )  # fmt: skip
+            except BaseException as e:
+                if not isinstance(e, asyncio.CancelledError):
+                    self.links.forget(address)
+                await asyncio.shield(abort_reservation(decode, reservation.reservation_id))
+                raise
         return Shipped(
             kv_pb2.KVHandle(decode_address=address, reservation_id=reservation.reservation_id),
             manifest.ByteSize(),
@@ -164,6 +175,18 @@ _LINK_FAILURES = (
     grpc.StatusCode.FAILED_PRECONDITION,  # e.g. a transport the (restarted) node no longer serves
     grpc.StatusCode.NOT_FOUND,
 )
+
+
+@contextlib.contextmanager
+def _running(work: Coroutine[Any, Any, T] | None) -> Iterator[asyncio.Future[T] | None]:
+    """`work` started as a task for the block's duration; cancelled if the block ends before it does
+    (its thread, if any, still runs to its end: run_to_end)."""
+    task = None if work is None else asyncio.ensure_future(work)
+    try:
+        yield task
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
 
 
 async def _backoff_delays() -> AsyncIterator[float]:

@@ -193,6 +193,44 @@ def test_scatter_pages_small() -> None:
     assert torch.equal(pool, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_checksum_small(dtype) -> None:
+    """sum64 through the kernel (pages read in place at their ids) equals the gathering reference,
+    and a single flipped bit, a swapped pair of ids or a dropped page changes it."""
+    from kernels.page_checksum import page_checksum
+    from kvtransfer.device_util import _weighted_sum
+
+    torch.manual_seed(31)
+    pool = (torch.randn(50, 2, 8, 16, device=DEVICE) * 1e3).to(dtype)  # 8 * 16 * 2 values: 64+ words
+    ids = torch.randperm(50, device=DEVICE)[:21]
+    want = _weighted_sum(pool.index_select(0, ids), 0)
+    got = page_checksum(pool, ids)
+    assert got == want
+    assert page_checksum(pool[ids].contiguous()) == want  # no ids: pages 0..N-1 of a packed payload
+    swapped = ids.clone()
+    swapped[[3, 7]] = swapped[[7, 3]]
+    assert page_checksum(pool, swapped) != want
+    assert page_checksum(pool, ids[:-1]) != want
+    flipped = pool.clone()
+    flipped.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[ids[5], 1, 2, 3] ^= 1
+    assert page_checksum(flipped, ids) != want
+    assert page_checksum(pool, ids[:0]) == 0
+
+
+def test_page_checksum_wide_pages_loop_over_blocks() -> None:
+    """A page wider than one program's block (page_size 128 x head_dim 32: 8192 words)."""
+    from kernels.page_checksum import MAX_BLOCK, page_checksum
+    from kvtransfer.device_util import _weighted_sum
+
+    torch.manual_seed(32)
+    pool = torch.randint(-(2**31), 2**31 - 1, (6, 2, 128, 32), dtype=torch.int32, device=DEVICE).view(
+        torch.float32
+    )
+    assert MAX_BLOCK < 2 * 128 * 32
+    ids = torch.tensor([4, 0, 5], device=DEVICE)
+    assert page_checksum(pool, ids) == _weighted_sum(pool.index_select(0, ids), 0)
+
+
 def test_compactor_scores_through_kernels_match_the_reference_path() -> None:
     """The compactor scorer streaming chunks through the fused path (as on CUDA) against its PyTorch
     path, chunks not aligned with either block size."""
@@ -251,6 +289,23 @@ def test_pack_kept_gpu_llama8b(page_size, budget) -> None:
     torch.manual_seed(70 + page_size)
     check_pack(32, 8, 8192, page_size, 128, torch.bfloat16, budget, 0.5)
     check_pack(4, 8, 32768, page_size, 128, torch.bfloat16, budget, 0.25)
+
+
+@gpu
+@pytest.mark.gpu
+def test_page_checksum_gpu_llama8b() -> None:
+    """32K at retention 0.5 of the 8B shape: 262,144 scattered pages of 8 KiB (2 GiB), in place."""
+    from kvtransfer.device_util import _weighted_sum, pool_checksum
+
+    torch.manual_seed(81)
+    pool = torch.randn(300000, 2, 16, 128, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randperm(300000, device=DEVICE)[:262144]
+    want = 0
+    for start in range(0, ids.numel(), 1 << 14):
+        want = (want + _weighted_sum(pool.index_select(0, ids[start : start + (1 << 14)]), start)) & (
+            (1 << 64) - 1
+        )
+    assert pool_checksum(pool, ids) == want
 
 
 @gpu

@@ -26,7 +26,7 @@ from cluster import ClusterSpec, InProcessCluster
 
 from engine.kv_handoff import KVLayout
 from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-from kvtransfer.device_util import decode_runs
+from kvtransfer.device_util import decode_runs, page_checksum
 from kvtransfer.selection import NodeInfo, choose_transport
 from kvtransfer.shm import MappedShmPool, ShmExport, sweep_stale_files
 from prefill_service.links import DecodeLinks
@@ -170,6 +170,32 @@ def test_a_corrupt_page_is_data_loss_and_freed(cluster: InProcessCluster, stub: 
     with pytest.raises(grpc.RpcError) as gone:
         stub.CommitKV(decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id), timeout=10)
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND  # freed with its pages (the fixture checks)
+
+
+def test_the_checksum_may_come_with_commit_instead_of_the_manifest(
+    cluster: InProcessCluster, stub: Any
+) -> None:
+    """What the prefill node does: ReserveKV with a manifest whose checksum is left out, the sum64
+    computed while the pages are written, sent with CommitKV. A wrong value is DATA_LOSS, freed."""
+    spec, layout, pages = _pages(cluster, 12)
+    export = ShmExport.from_bytes(stub.ExportKV(decode_pb2.ExportKVRequest(), timeout=10).pool_export)
+    deferred = build_manifest(spec, layout, pages, with_checksum=False)
+    assert deferred.checksum == 0 and deferred.checksum_algorithm == "sum64"
+    wrong = _reserve(stub, deferred, "shm", 12)
+    MappedShmPool(export).write(pages, decode_runs(list(wrong.page_runs)))
+    with pytest.raises(grpc.RpcError) as err:  # a checksum of other pages: the manifest's 0 is not used
+        stub.CommitKV(
+            decode_pb2.CommitKVRequest(
+                reservation_id=wrong.reservation_id, checksum=page_checksum(pages[1:])
+            ),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    right = _reserve(stub, deferred, "shm", 12)
+    MappedShmPool(export).write(pages, decode_runs(list(right.page_runs)))
+    commit = decode_pb2.CommitKVRequest(reservation_id=right.reservation_id, checksum=page_checksum(pages))
+    assert stub.CommitKV(commit, timeout=10).bytes_received == deferred.byte_count
+    stub.Abort(decode_pb2.AbortRequest(reservation_id=right.reservation_id), timeout=10)
 
 
 def test_a_reservation_takes_pages_only_the_way_it_was_reserved_for(

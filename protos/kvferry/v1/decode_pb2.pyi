@@ -87,10 +87,12 @@ class OpenNcclResponse(_message.Message):
     def __init__(self, pair_id: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class CommitKVRequest(_message.Message):
-    __slots__ = ("reservation_id",)
+    __slots__ = ("reservation_id", "checksum")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
-    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+    checksum: int
+    def __init__(self, reservation_id: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class CommitKVResponse(_message.Message):
     __slots__ = ("bytes_received", "transfer_seconds")
