@@ -32,13 +32,19 @@ from clients import Client
 from clients.local_cluster import LocalCluster
 
 
-def measure(args: argparse.Namespace, transport: str) -> dict[str, Any]:
+def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """One cluster for `variant`: a transport name, `:noverify` for a decode node that skips the sum64
+    check of direct writes (what the check costs)."""
+    transport, _, option = variant.partition(":")
+    if option not in ("", "noverify"):
+        raise SystemExit(f"--transports: unknown option {option!r} in {variant!r} (only :noverify)")
+    verify = [] if option == "" else ["--no-verify-direct-writes"]
     engine = [
         "--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
         "--page-size", str(args.page_size), "--prefill-chunk", str(args.prefill_chunk),
     ]  # fmt: skip
     logs = (
-        Path(args.log_dir) / transport
+        Path(args.log_dir) / variant.replace(":", "-")
         if args.log_dir
         else Path(tempfile.mkdtemp(prefix=f"handoff-{transport}-"))
     )
@@ -49,6 +55,7 @@ def measure(args: argparse.Namespace, transport: str) -> dict[str, Any]:
             args.decode_device,
             "--kv-cache-bytes",
             str(int(args.decode_kv_gib * (1 << 30))),
+            *verify,
         ],
         prefill_args=[
             "--device",
@@ -96,8 +103,9 @@ def measure(args: argparse.Namespace, transport: str) -> dict[str, Any]:
     transfer = statistics.median(r["transfer_s"] for r in counted)
     shipped = counted[0]["bytes_shipped"]
     return {
-        "requested": transport,
-        "transport": counted[0]["transport"],
+        "requested": variant,
+        "transport": counted[0]["transport"] + (" (no sum64 check)" if verify else ""),
+        "verify_direct_writes": not verify,
         "handoff_ms_median": 1e3 * handoff,
         "transfer_ms_median": 1e3 * transfer,
         "payload_gb": shipped / 1e9,
@@ -158,7 +166,11 @@ def main() -> None:
     p.add_argument(
         "--requests", type=int, default=3, help="measured requests per transport (plus one warm-up)"
     )
-    p.add_argument("--transports", default="grpc,cuda_ipc")
+    p.add_argument(
+        "--transports",
+        default="grpc,cuda_ipc",
+        help="comma-separated; NAME:noverify runs the decode node without its sum64 check of direct writes",
+    )
     p.add_argument("--prefill-device", default="cuda:0")
     p.add_argument("--decode-device", default="cuda:0")
     p.add_argument("--prefill-kv-gib", type=float, default=8.0)
