@@ -42,6 +42,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     engine = [
         "--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
         "--page-size", str(args.page_size), "--prefill-chunk", str(args.prefill_chunk),
+        "--max-model-len", str(args.context + 64),  # buffers sized for the model's 128K would not fit twice
     ]  # fmt: skip
     logs = (
         Path(args.log_dir) / variant.replace(":", "-")

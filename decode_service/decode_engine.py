@@ -86,6 +86,7 @@ class DecodeEngine:
 
     # ---- reserve, receive, commit -------------------------------------------------------------
     async def reserve(self, request: decode_pb2.ReserveKVRequest) -> Reservation:
+        checked = time.perf_counter()
         self.ready_engine()
         assert self.spec is not None and self._loop is not None
         layout = check_manifest(request.manifest, self.spec)  # before anything is reserved
@@ -102,7 +103,10 @@ class DecodeEngine:
         rid = uuid.uuid4().hex
         loop = self._loop
 
+        ran: list[float] = []  # when the engine thread started and ended `reserve`
+
         def reserve(engine: LLMEngine) -> tuple[Reservation, TokenStream]:
+            ran.append(time.perf_counter())
             page_ids = engine.reserve_import(prompt, first, sampling, layout, rid)
             kv = engine.requests[rid].kv
             assert kv is not None
@@ -112,6 +116,7 @@ class DecodeEngine:
                 request.request_id, request.manifest, page_ids, kv.num_pages_held + kv.reserved,
                 self.settings.lease_seconds, id=rid, transport=transport, nccl_pair_id=request.nccl_pair_id,
             )  # fmt: skip
+            ran.append(time.perf_counter())
             return reservation, stream
 
         asked = time.perf_counter()
@@ -122,11 +127,14 @@ class DecodeEngine:
             raise
         self.reservations.add(reservation)
         self._outputs[rid] = stream
+        done = time.perf_counter()
         log.info(
-            "reserved %s for %s: %d pages + %d for growth, lease %.1f s, in %.1f ms",
+            "reserved %s for %s: %d pages + %d for growth, lease %.1f s, in %.1f ms (checks %.1f, "
+            "waiting for the engine thread %.1f, on it %.1f, back %.1f)",
             rid, request.request_id, reservation.page_ids.numel(),
             reservation.reserved_pages - reservation.page_ids.numel(), reservation.lease_seconds,
-            1e3 * (time.perf_counter() - asked),
+            1e3 * (done - checked), 1e3 * (asked - checked), 1e3 * (ran[0] - asked),
+            1e3 * (ran[1] - ran[0]), 1e3 * (done - ran[1]),
         )  # fmt: skip
         return reservation
 

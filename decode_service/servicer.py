@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +18,8 @@ from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
 from serving import request_context
 from serving.convert import FINISH_REASONS, model_info, pool_info
 from serving.metrics import Registry
+
+log = logging.getLogger(__name__)
 
 
 class DecodeMetrics:
@@ -49,6 +53,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self, request: decode_pb2.ReserveKVRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.ReserveKVResponse:
         request_context.bind(request.request_id)
+        started = time.perf_counter()
         engine = self.decode.ready_engine()
         assert self.decode.spec is not None
         # An oversized transfer is refused before the manifest is even parsed into a layout.
@@ -56,7 +61,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             request.manifest, self.decode.spec, engine.pool.num_pages, self.decode.settings.max_transfer_bytes
         )
         r = await self.decode.reserve(request)
-        return decode_pb2.ReserveKVResponse(
+        reply = decode_pb2.ReserveKVResponse(
             reservation_id=r.id,
             lease_seconds=r.lease_seconds,
             num_pages=r.page_ids.numel(),
@@ -65,6 +70,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             page_runs=encode_runs(r.page_ids) if r.transport in DIRECT_WRITE else [],
             node_id=self.decode.direct.node_id,
         )
+        log.info(
+            "ReserveKV answered in %.1f ms (%d page runs)", 1e3 * (time.perf_counter() - started),
+            len(reply.page_runs) // 2,
+        )  # fmt: skip
+        return reply
 
     async def PushKV(
         self, request_iterator: AsyncIterator[decode_pb2.PushKVRequest], context: grpc.aio.ServicerContext
