@@ -134,7 +134,10 @@ class KVPool:
             if int(np.count_nonzero(self._is_free)) != self._top + n:  # a duplicate flipped no flag
                 self._is_free[idx] = False  # all of them were in use a moment ago: undo
                 raise RuntimeError("double free of a KV page")
-        self._stack[self._top : self._top + n] = idx
+        # Pushed in reverse, so the next allocation of these pages hands them out in the order given:
+        # a request's pages, freed in the order they were allocated (ascending runs on a fresh pool),
+        # come back as the same runs, and a direct transfer into them stays a few large copies.
+        self._stack[self._top : self._top + n] = idx[::-1]
         self._top += n
 
     def assert_no_leaks(self) -> None:

@@ -122,12 +122,32 @@ def _resolve(waiter: Waiter, result: PrefillOutcome | BaseException) -> None:
 
 
 def _warm_up(engine: LLMEngine) -> None:
-    """One short request through prefill, hold and release before reporting SERVING."""
+    """One short request through prefill, hold and release before reporting SERVING. On CUDA also a
+    compressed one over a full chunk and a ragged one: the first long compressed request on the H100
+    waited ~16 s (2026-11-23), most likely for kernel variants that short prompts never compile."""
+    _run_warm_up(engine, list(range(1, 9)), None)
+    if engine.device.type == "cuda":
+        config = engine.config
+        half_pool = (
+            engine.pool.num_pages * engine.pool.page_size // (2 * engine.num_layers * engine.num_kv_heads)
+        )
+        length = min(config.prefill_chunk + 37, engine.max_model_len - 2, half_pool)
+        vocab = int(engine.loaded.config.vocab_size)
+        _run_warm_up(
+            engine, [1 + t % (vocab - 1) for t in range(length)], {"method": "compactor", "retention": 0.5}
+        )
+    engine.pool.assert_no_leaks()
+
+
+def _run_warm_up(engine: LLMEngine, prompt: list[int], compression: dict | None) -> None:
     seq = engine.add_request(
-        list(range(1, 9)), SamplingParams(temperature=0, max_new_tokens=2), request_id="warm-up", hold_kv=True
+        prompt,
+        SamplingParams(temperature=0, max_new_tokens=2),
+        compression,
+        request_id="warm-up",
+        hold_kv=True,
     )
     while seq.status not in (SequenceStatus.HELD, SequenceStatus.FINISHED):
         engine.step()
     if seq.status == SequenceStatus.HELD:
         engine.release(seq.request_id)
-    engine.pool.assert_no_leaks()

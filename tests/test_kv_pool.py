@@ -28,7 +28,7 @@ class ListAllocator:
         return [self.free_list.pop() for _ in range(n)]
 
     def free(self, pages: list[int]) -> None:
-        self.free_list.extend(pages)
+        self.free_list.extend(reversed(pages))  # freed pages come back in the order given
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -71,7 +71,20 @@ def test_fresh_pool_hands_out_one_run_in_order() -> None:
     assert pool.allocate(5) == [0, 1, 2, 3, 4]
     assert pool.allocate_ids(3).tolist() == [5, 6, 7]
     pool.free([6, 2])
-    assert pool.allocate(3) == [2, 6, 8]  # last freed first, then the fresh ones
+    assert pool.allocate(3) == [6, 2, 8]  # freed pages first, in the order they were freed, then fresh
+
+
+def test_a_request_freed_and_reallocated_keeps_its_runs() -> None:
+    """A sequence frees its pages in allocation order; the next one of the same size gets the same
+    ascending runs back (not single pages in reverse), so direct transfers stay a few large copies."""
+    from kvtransfer.device_util import encode_runs
+
+    pool = make_pool(10000)
+    first = pool.allocate_ids(4096)
+    pool.free(first)
+    again = pool.allocate_ids(4096)
+    assert torch.equal(again, first)
+    assert len(encode_runs(again)) // 2 == 1
 
 
 @pytest.mark.parametrize("n", [3, 90])  # a few pages (marks) and most of the pool (one pass over the flags)
