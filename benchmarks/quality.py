@@ -159,7 +159,7 @@ def run_sample(
     t0 = time.perf_counter()
     logits = None
     while base.num_prefilled < n:
-        logits = engine.runner.prefill(base, min(engine.config.prefill_chunk, n - base.num_prefilled), fan)
+        logits = engine.runner.prefill(base, min(engine.scheduler.prefill_chunk, n - base.num_prefilled), fan)
     assert logits is not None
     prefill_total = time.perf_counter() - t0
     first = int(logits.argmax())

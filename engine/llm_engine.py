@@ -50,7 +50,7 @@ class LLMEngine:
             self.device,
         )
         self.scheduler = Scheduler(
-            self.pool, self.num_layers, self.num_kv_heads, config.max_num_seqs, config.prefill_chunk
+            self.pool, self.num_layers, self.num_kv_heads, config.max_num_seqs, config.prefill_chunk_tokens()
         )
         graphs = make_decode_graph_runner(
             config, self.model, self.pool, self.num_layers, self.num_kv_heads, self.max_model_len

@@ -127,11 +127,10 @@ def _warm_up(engine: LLMEngine) -> None:
     waited ~16 s (2026-11-23), most likely for kernel variants that short prompts never compile."""
     _run_warm_up(engine, list(range(1, 9)), None)
     if engine.device.type == "cuda":
-        config = engine.config
         half_pool = (
             engine.pool.num_pages * engine.pool.page_size // (2 * engine.num_layers * engine.num_kv_heads)
         )
-        length = min(config.prefill_chunk + 37, engine.max_model_len - 2, half_pool)
+        length = min(engine.scheduler.prefill_chunk + 37, engine.max_model_len - 2, half_pool)
         vocab = int(engine.loaded.config.vocab_size)
         _run_warm_up(
             engine, [1 + t % (vocab - 1) for t in range(length)], {"method": "compactor", "retention": 0.5}

@@ -141,7 +141,9 @@ class EngineSettings:
     device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     page_size: int = setting(16, "tokens per KV page of one (layer, kv-head)")
-    prefill_chunk: int = setting(512, "prompt tokens processed per prefill step")
+    prefill_chunk: int | None = setting(
+        None, "prompt tokens processed per prefill step (default: 2048 on CUDA, 512 on CPU)"
+    )
     max_model_len: int | None = setting(None, "prompt + output positions (default: the model's own limit)")
     kv_cache_bytes: int | None = setting(
         None, "KV pool size in bytes (default: 2 GiB on CPU, 90%% of free on CUDA)"

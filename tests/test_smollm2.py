@@ -56,7 +56,7 @@ def runs(smollm2: LLM, smollm2_hf: Any) -> list[Run]:
         outs = smollm2.generate_chat(CHATS, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
     # All three are admitted at once and prefills run before any decode step, chunk by chunk in
     # request order; the last row of each request's last chunk predicted its first token.
-    chunk = engine.config.prefill_chunk
+    chunk = engine.scheduler.prefill_chunk
     prefill_rows = iter(rows)
     firsts = []
     for ids in prompts:
@@ -133,7 +133,7 @@ def test_tokenizer_matches_transformers(smollm2: LLM) -> None:
 
 def test_long_prompt_is_long_and_chunked(smollm2: LLM, runs: list[Run]) -> None:
     assert len(runs[2].prompt_ids) >= 1500
-    assert len(runs[2].prompt_ids) > 2 * smollm2.engine.config.prefill_chunk
+    assert len(runs[2].prompt_ids) > 2 * smollm2.engine.scheduler.prefill_chunk
 
 
 @pytest.mark.parametrize("i", range(len(CHATS)), ids=["arithmetic", "explain", "long_doc"])
