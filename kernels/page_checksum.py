@@ -13,6 +13,8 @@ reference's does).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -63,9 +65,11 @@ def page_checksum_terms(kv: torch.Tensor, page_ids: torch.Tensor | None = None) 
         return terms
     ids = terms if page_ids is None else page_ids.to(kv.device, torch.int64).contiguous()
     width = words.shape[1]
-    _page_terms_kernel[(n,)](
-        words, ids, terms, W=width, BLOCK=min(next_pow2(width), MAX_BLOCK), HAS_IDS=page_ids is not None
-    )
+    # Triton launches on the current device: a transfer thread's may be another GPU than the pages'.
+    with torch.cuda.device(kv.device) if kv.is_cuda else contextlib.nullcontext():
+        _page_terms_kernel[(n,)](
+            words, ids, terms, W=width, BLOCK=min(next_pow2(width), MAX_BLOCK), HAS_IDS=page_ids is not None
+        )
     return terms
 
 
