@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.call_interceptor import CallInterceptor, RpcMetrics
 from serving.error_interceptor import ErrorInterceptor
+from serving.gc_pauses import GcPauses, freeze_start_up_heap
 from serving.gpu_metrics import register_gpu_metrics
 from serving.metrics import MetricsServer, Registry
 from serving.request_context import LOG_FORMAT, RequestIdFilter
@@ -67,6 +68,7 @@ class ServiceHost:
         self.on_stop: Callable[[], Awaitable[None]] | None = None
         self.warmed: asyncio.Future[None] | None = None
         self.component: Any = None  # the service's own state (engine, pipeline...), for tests and tools
+        self.owns_process = False  # run() (a service process): GC tuned for it after warm-up
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -98,6 +100,9 @@ class ServiceHost:
         async def warm() -> None:
             if self.warm_up is not None:
                 await self.warm_up()
+            if self.owns_process:
+                frozen = freeze_start_up_heap()
+                log.info("start-up heap frozen out of garbage collection: %d objects", frozen)
             await self.set_serving(True)
             log.info("SERVING")
 
@@ -137,6 +142,10 @@ class ServiceHost:
             loop.add_signal_handler(sig, stop.set)
         exit_code = 0
 
+        gc_pauses = GcPauses(self.metrics)
+        gc_pauses.install()  # the process's own GC: in-process (test) hosts leave it alone
+        self.owns_process = True
+
         def warm_done(task: asyncio.Future[None]) -> None:
             nonlocal exit_code
             if not task.cancelled() and task.exception() is not None:
@@ -147,4 +156,5 @@ class ServiceHost:
         self.warmed.add_done_callback(warm_done)
         await stop.wait()
         await self.stop()
+        gc_pauses.uninstall()
         return exit_code

@@ -192,3 +192,39 @@ def test_metrics_server_survives_garbage() -> None:
             await server.stop()
 
     assert asyncio.run(go()).startswith(b"HTTP/1.1 404")
+
+
+def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+
+    from serving import gc_pauses
+
+    registry = Registry()
+    pauses = gc_pauses.GcPauses(registry)
+    pauses.install()
+    try:
+        gc.collect()
+        gc.collect(0)
+    finally:
+        pauses.uninstall()
+    gc.collect()  # not counted: uninstalled
+    samples = parse_text(registry.render())
+    assert samples['kvferry_gc_pause_seconds_count{generation="2"}'] == 1
+    assert samples['kvferry_gc_pause_seconds_count{generation="0"}'] >= 1
+    with caplog.at_level(logging.INFO, logger="serving.gc_pauses"):
+        pauses._callback("start", {})
+        pauses._started -= 0.05  # a 50 ms pause
+        pauses._callback("stop", {"generation": 2, "collected": 7})
+    assert "paused the process" in caplog.text
+
+
+def test_freezing_the_start_up_heap_takes_it_out_of_collections() -> None:
+    import gc
+
+    from serving.gc_pauses import freeze_start_up_heap
+
+    try:
+        assert freeze_start_up_heap() > 1000  # the interpreter and this test session alone
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
