@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks still owed, batched for one device call each (10 minutes at most).
+#
+#   bash benchmarks/device_runs.sh 2gpu-tests   # nvidia-h200-x2: GPU tests of the services and transports
+#   bash benchmarks/device_runs.sh 2gpu-bench   # nvidia-h200-x2: handoff (cuda_ipc, nccl) + fixed-KV sweep
+#   bash benchmarks/device_runs.sh 1gpu-bench   # nvidia-h100-x1: handoff after the pool-order fix + long inputs
+#
+# Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
+# Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0
+MODEL=benchmarks/configs/llama-3.1-8b
+nvidia-smi --query-gpu=name --format=csv,noheader
+date -u
+
+handoff() {  # $1: tag, then extra flags
+  local tag=$1
+  shift
+  timeout 200 python -m benchmarks.handoff --model $MODEL --context 32768 --retention 0.5 --requests 4 \
+    --prefill-kv-gib 5 --decode-kv-gib 3 --out "$OUT/bench" --tag "$tag" --log-dir "$OUT/logs-$tag" "$@" \
+    2>&1 | grep -v "^  \[" | tail -8
+  grep -hE "handoff over|ReserveKV answered|committed" "$OUT"/logs-"$tag"/*/*.log | cut -c1-220 | tail -12
+}
+
+case ${1:-} in
+  2gpu-tests)
+    timeout 280 python -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_serving_gpu.py 2>&1 | tail -12
+    timeout 280 python -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_transfer_gpu.py 2>&1 | tail -14
+    ;;
+  2gpu-bench)
+    handoff 2xh200 --decode-device cuda:1 --transports cuda_ipc,nccl,cuda_ipc:noverify
+    timeout 330 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
+      --prefill-device cuda:0 --decode-device cuda:1 --prefill-kv-cache-gib 6 --decode-kv-cache-gib 2.5 \
+      --prefill-args "--reserve-wait-seconds 300" --num-requests 16 --input-len 8192 --output-len 512 \
+      --concurrency 16 --retention 1,0.5,0.25,0.1 --warmup 1 --quiet --out "$OUT/bench/serving_2xh200_fixed_kv" \
+      2>&1 | tail -6
+    ;;
+  1gpu-bench)
+    handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify
+    timeout 300 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 33280 \
+      --device cuda:0 --prefill-kv-cache-gib 10 --decode-kv-cache-gib 12 \
+      --prefill-args "--reserve-wait-seconds 300" --num-requests 6 --input-len 16k-32k --output-len 256 \
+      --concurrency 6 --retention 1,0.25 --warmup 1 --quiet --out "$OUT/bench/serving_h100_long" 2>&1 | tail -4
+    ;;
+  *)
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench}" >&2
+    exit 2
+    ;;
+esac
