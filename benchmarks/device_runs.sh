@@ -8,6 +8,13 @@
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
+case ${1:-} in
+  2gpu-tests | 2gpu-bench | 1gpu-bench) ;;
+  *)
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench}" >&2
+    exit 2
+    ;;
+esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
@@ -44,9 +51,5 @@ case ${1:-} in
       --device cuda:0 --prefill-kv-cache-gib 10 --decode-kv-cache-gib 12 \
       --prefill-args "--reserve-wait-seconds 300" --num-requests 6 --input-len 16k-32k --output-len 256 \
       --concurrency 6 --retention 1,0.25 --warmup 1 --quiet --out "$OUT/bench/serving_h100_long" 2>&1 | tail -4
-    ;;
-  *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench}" >&2
-    exit 2
     ;;
 esac
