@@ -134,6 +134,9 @@ class ServiceHost:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code (1 when warm-up failed)."""
+        self.owns_process = True  # before start(): its warm-up freezes the heap for this process
+        gc_pauses = GcPauses(self.metrics)
+        gc_pauses.install()  # the process's own GC: in-process (test) hosts leave it alone
         await self.start()
         assert self.warmed is not None
         stop = asyncio.Event()
@@ -141,10 +144,6 @@ class ServiceHost:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         exit_code = 0
-
-        gc_pauses = GcPauses(self.metrics)
-        gc_pauses.install()  # the process's own GC: in-process (test) hosts leave it alone
-        self.owns_process = True
 
         def warm_done(task: asyncio.Future[None]) -> None:
             nonlocal exit_code
