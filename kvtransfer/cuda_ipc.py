@@ -40,6 +40,7 @@ from kvtransfer.device_util import (
     host_runs,
     local_device_index,
 )
+from kvtransfer.peer_maps import PeerMaps
 
 log = logging.getLogger(__name__)
 
@@ -310,46 +311,13 @@ class MappedPool:
         self._words = None  # type: ignore[assignment]
 
 
-class IpcPeers:
-    """The writer side's mappings, one per decode node, opened on first use and reused."""
+class IpcPeers(PeerMaps[MappedPool]):
+    """The writer side's cuda_ipc mappings, one per decode node, in this process's GPU context."""
 
     def __init__(self, device: torch.device | int | None = None, max_direct_runs: int = 0) -> None:
+        super().__init__(lambda export: MappedPool(export, device, max_direct_runs))
         self.device = device
         self.max_direct_runs = max_direct_runs
-        self._maps: dict[str, MappedPool] = {}
-        self._lock = threading.Lock()
-        self.opened = 0  # mappings ever opened (a test checks reuse)
-
-    def map(self, export: PoolExport) -> MappedPool:
-        with self._lock:
-            mapped = self._maps.get(export.node_id)
-            if mapped is not None and not mapped.closed and mapped.export == export:
-                return mapped
-            if mapped is not None:  # the node restarted or re-exported: drop the stale mapping
-                mapped.close()
-            mapped = MappedPool(export, self.device, self.max_direct_runs)
-            self._maps[export.node_id] = mapped
-            self.opened += 1
-            return mapped
-
-    def get(self, node_id: str) -> MappedPool | None:
-        return self._maps.get(node_id)
-
-    def close(self, node_id: str) -> bool:
-        """Forget a decode node (it went away or failed a transfer); True when it was mapped."""
-        with self._lock:
-            mapped = self._maps.pop(node_id, None)
-        if mapped is None:
-            return False
-        mapped.close()
-        return True
-
-    def close_all(self) -> None:
-        for node_id in list(self._maps):
-            self.close(node_id)
-
-    def __len__(self) -> int:
-        return len(self._maps)
 
 
 def _index(device: torch.device | int | None) -> int:

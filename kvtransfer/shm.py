@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kvtransfer.device_util import PeerUnreachableError, decode_runs, host_id
+from kvtransfer.peer_maps import PeerMaps
 
 log = logging.getLogger(__name__)
 
@@ -156,34 +156,11 @@ class MappedShmPool:
         self.kv = None
 
 
-class ShmPeers:
-    """The writer side's mappings, one per decode node, opened on first use and reused."""
+class ShmPeers(PeerMaps[MappedShmPool]):
+    """The writer side's shm mappings, one per decode node."""
 
     def __init__(self) -> None:
-        self._maps: dict[str, MappedShmPool] = {}
-        self._lock = threading.Lock()
-        self.opened = 0
-
-    def map(self, export: ShmExport) -> MappedShmPool:
-        with self._lock:
-            mapped = self._maps.get(export.node_id)
-            if mapped is not None and not mapped.closed and mapped.export == export:
-                return mapped
-            mapped = MappedShmPool(export)
-            self._maps[export.node_id] = mapped
-            self.opened += 1
-            return mapped
-
-    def close(self, node_id: str) -> bool:
-        with self._lock:
-            mapped = self._maps.pop(node_id, None)
-        if mapped is not None:
-            mapped.close()
-        return mapped is not None
-
-    def close_all(self) -> None:
-        for node_id in list(self._maps):
-            self.close(node_id)
+        super().__init__(MappedShmPool)
 
 
 def _map(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
