@@ -4,14 +4,16 @@
 #   bash benchmarks/device_runs.sh 2gpu-tests   # nvidia-h200-x2: GPU tests of the services and transports
 #   bash benchmarks/device_runs.sh 2gpu-bench   # nvidia-h200-x2: handoff (cuda_ipc, nccl) + fixed-KV sweep
 #   bash benchmarks/device_runs.sh 1gpu-bench   # nvidia-h100-x1: handoff after the pool-order fix + long inputs
+#   bash benchmarks/device_runs.sh 1gpu-handoff # nvidia-h100-x1: GPU tests, then early vs late reservation
+#   bash benchmarks/device_runs.sh 1gpu-serving # nvidia-h100-x1: fixed-KV retention sweep (24 requests), scoring kernels
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving}" >&2
     exit 2
     ;;
 esac
@@ -26,7 +28,7 @@ date -u
 handoff() {  # $1: tag, then extra flags
   local tag=$1
   shift
-  timeout 200 python -m benchmarks.handoff --model $MODEL --context 32768 --retention 0.5 --requests 4 \
+  timeout ${HANDOFF_TIMEOUT:-200} python -m benchmarks.handoff --model $MODEL --context 32768 --retention 0.5 --requests 4 \
     --prefill-kv-gib 5 --decode-kv-gib 3 --out "$OUT/bench" --tag "$tag" --log-dir "$OUT/logs-$tag" "$@" \
     2>&1 | grep -v "^  \[" | tail -8
   grep -hE "handoff over|ReserveKV answered|committed" "$OUT"/logs-"$tag"/*/*.log | cut -c1-220 | tail -12
@@ -44,6 +46,18 @@ case ${1:-} in
       --prefill-args "--reserve-wait-seconds 300" --num-requests 16 --input-len 8192 --output-len 512 \
       --concurrency 16 --retention 1,0.5,0.25,0.1 --warmup 1 --quiet --out "$OUT/bench/serving_2xh200_fixed_kv" \
       2>&1 | tail -6
+    ;;
+  1gpu-handoff)
+    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_serving_gpu.py 2>&1 | tail -8
+    HANDOFF_TIMEOUT=330 handoff h100_early --transports cuda_ipc,cuda_ipc:late,cuda_ipc:noverify
+    ;;
+  1gpu-serving)
+    timeout 420 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
+      --device cuda:0 --prefill-kv-cache-gib 6 --decode-kv-cache-gib 2.5 \
+      --prefill-args "--reserve-wait-seconds 600" --num-requests 24 --input-len 8192 --output-len 512 \
+      --concurrency 24 --retention 1,0.5,0.25,0.1 --warmup 1 --quiet --out "$OUT/bench/serving_h100_fixed_kv24" \
+      2>&1 | tail -6
+    [ -f benchmarks/scoring_kernels.py ] && timeout 100 python benchmarks/scoring_kernels.py --out "$OUT/bench/scoring_kernels.json" 2>&1 | tail -25
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

@@ -33,12 +33,15 @@ from clients.local_cluster import LocalCluster
 
 
 def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
-    """One cluster for `variant`: a transport name, `:noverify` for a decode node that skips the sum64
-    check of direct writes (what the check costs)."""
+    """One cluster for `variant`: a transport name, then options after `:` joined by `+`: `noverify`
+    for a decode node that skips the sum64 check of direct writes (what the check costs), `late` for a
+    prefill node that reserves after prefill instead of when the last chunk starts."""
     transport, _, option = variant.partition(":")
-    if option not in ("", "noverify"):
-        raise SystemExit(f"--transports: unknown option {option!r} in {variant!r} (only :noverify)")
-    verify = [] if option == "" else ["--no-verify-direct-writes"]
+    options = set(option.split("+")) - {""}
+    if options - {"noverify", "late"}:
+        raise SystemExit(f"--transports: unknown option in {variant!r} (noverify, late)")
+    verify = ["--no-verify-direct-writes"] if "noverify" in options else []
+    late = ["--no-early-reserve"] if "late" in options else []
     engine = [
         "--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
         "--page-size", str(args.page_size), "--prefill-chunk", str(args.prefill_chunk),
@@ -65,6 +68,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             transport,
             "--kv-cache-bytes",
             str(int(args.prefill_kv_gib * (1 << 30))),
+            *late,
         ],  # fmt: skip
         log_dir=logs,
         env={"NCCL_NVLS_ENABLE": "0"},
@@ -105,8 +109,11 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     shipped = counted[0]["bytes_shipped"]
     return {
         "requested": variant,
-        "transport": counted[0]["transport"] + (" (no sum64 check)" if verify else ""),
+        "transport": counted[0]["transport"]
+        + (" (no sum64 check)" if verify else "")
+        + (" (reserved after prefill)" if late else ""),
         "verify_direct_writes": not verify,
+        "early_reserve": not late,
         "handoff_ms_median": 1e3 * handoff,
         "transfer_ms_median": 1e3 * transfer,
         "payload_gb": shipped / 1e9,
@@ -175,7 +182,8 @@ def main() -> None:
     p.add_argument(
         "--transports",
         default="grpc,cuda_ipc",
-        help="comma-separated; NAME:noverify runs the decode node without its sum64 check of direct writes",
+        help="comma-separated; NAME:noverify runs the decode node without its sum64 check of direct writes, "
+        "NAME:late reserves after prefill (no early reservation), NAME:late+noverify both",
     )
     p.add_argument("--prefill-device", default="cuda:0")
     p.add_argument("--decode-device", default="cuda:0")

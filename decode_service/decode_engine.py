@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,7 @@ from decode_service.direct_receiver import DirectReceiver
 from decode_service.settings import DecodeSettings
 from decode_service.token_stream import TokenEvent, TokenStream
 from engine.errors import require
+from engine.kv_handoff import KVLayout
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -32,14 +34,22 @@ from kvtransfer import (
 )
 from kvtransfer.device_util import TransferTimeoutError, pool_checksum
 from kvtransfer.errors import TransferIntegrityError
-from kvtransfer.manifest import CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM
+from kvtransfer.manifest import CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM, check_early_manifest
 from kvtransfer.transport import run_to_end
-from protos.kvferry.v1 import decode_pb2
+from protos.kvferry.v1 import decode_pb2, kv_pb2
 from serving.convert import sampling_from_proto
 from serving.engine_worker import EngineWorker
 from serving.errors import FailedPreconditionError, InvalidRequestError, UnavailableError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EarlyCommit:
+    """What CommitKV brings for an early reservation: the manifest of the pages written and the first token."""
+
+    manifest: kv_pb2.KVManifest
+    first_token_id: int
 
 
 class DecodeEngine:
@@ -89,8 +99,16 @@ class DecodeEngine:
         checked = time.perf_counter()
         self.ready_engine()
         assert self.spec is not None and self._loop is not None
-        layout = check_manifest(request.manifest, self.spec)  # before anything is reserved
         transport = self.direct.check_transport(request.transport, request.nccl_pair_id)
+        if request.early:  # the layout comes with CommitKV
+            require(
+                transport != "grpc",
+                "early",
+                "an early reservation needs a direct transport (its pages are laid out at CommitKV)",
+            )
+            early_pages = check_early_manifest(request.manifest, self.spec)
+        else:
+            layout = check_manifest(request.manifest, self.spec)  # before anything is reserved
         algorithm = CHECKSUM_ALGORITHM if transport == "grpc" else DEVICE_CHECKSUM_ALGORITHM
         require(
             request.manifest.checksum_algorithm == algorithm,
@@ -107,14 +125,18 @@ class DecodeEngine:
 
         def reserve(engine: LLMEngine) -> tuple[Reservation, TokenStream]:
             ran.append(time.perf_counter())
-            page_ids = engine.reserve_import(prompt, first, sampling, layout, rid)
+            if request.early:
+                page_ids = engine.reserve_import_early(prompt, sampling, early_pages, rid)
+            else:
+                page_ids = engine.reserve_import(prompt, first, sampling, layout, rid)
             kv = engine.requests[rid].kv
             assert kv is not None
-            stream = TokenStream(loop, engine.tokenizer, sampling, first)
+            stream = TokenStream(loop, engine.tokenizer, sampling, None if request.early else first)
             self._streams[rid] = stream
             reservation = Reservation(
                 request.request_id, request.manifest, page_ids, kv.num_pages_held + kv.reserved,
                 self.settings.lease_seconds, id=rid, transport=transport, nccl_pair_id=request.nccl_pair_id,
+                early=request.early,
             )  # fmt: skip
             ran.append(time.perf_counter())
             return reservation, stream
@@ -175,18 +197,30 @@ class DecodeEngine:
         )
 
     async def commit_direct(
-        self, reservation_id: str, checksum: int | None = None
+        self, reservation_id: str, checksum: int | None = None, final: EarlyCommit | None = None
     ) -> decode_pb2.CommitKVResponse:
         """A direct transport's commit: receive the pages (nccl) or find them written (cuda_ipc, shm),
         verify their sum64 where they are (`checksum`, or the manifest's when None), start decoding.
-        Any failure frees the reservation, except pages an aborted NCCL receive may still write, which
-        stay quarantined."""
+        An early reservation needs `final` (the manifest of what was written and the first token): its
+        pages are the first ones of the reservation, laid out at the commit. Any failure frees the
+        reservation, except pages an aborted NCCL receive may still write, which stay quarantined."""
         reservation = self.reservations.get(reservation_id)
-        expected = reservation.manifest.checksum if checksum is None else checksum
+        layout = None
+        if reservation.early:
+            try:
+                layout = self._early_layout(reservation, final)
+            except BaseException:
+                self.abort(reservation.id)
+                raise
+        expected_manifest = (
+            final.manifest if final is not None and reservation.early else reservation.manifest
+        )
+        expected = expected_manifest.checksum if checksum is None else checksum
         reservation.begin_receive(direct=True)
         started = time.perf_counter()
         engine = self.ready_engine()
-        page_ids = reservation.page_ids.to(engine.pool.kv.device)
+        written = reservation.page_ids if layout is None else reservation.page_ids[: layout.num_pages]
+        page_ids = written.to(engine.pool.kv.device)
         received = verified = started
         try:
             if reservation.transport == "nccl":
@@ -202,9 +236,12 @@ class DecodeEngine:
                         f"checksum mismatch: sum64 of the {reservation.transport} pages in the pool is "
                         f"{found:#018x}, the sender says {expected:#018x}"
                     )
-            reservation.received = reservation.manifest.byte_count
+            reservation.received = expected_manifest.byte_count
             verified = time.perf_counter()
-            await self._commit(reservation, None)
+            placement = None if layout is None or final is None else (final.first_token_id, layout)
+            await self._commit(reservation, None, placement)
+            if placement is not None:
+                reservation.manifest = expected_manifest
         except TransferTimeoutError as e:
             if e.drained:
                 self.abort(reservation.id)
@@ -224,6 +261,25 @@ class DecodeEngine:
             bytes_received=reservation.received, transfer_seconds=done - started
         )
 
+    def _early_layout(self, reservation: Reservation, final: EarlyCommit | None) -> KVLayout:
+        """The layout an early reservation's commit brings, checked against this model and the pages
+        reserved."""
+        assert self.spec is not None
+        require(final is not None, "manifest", "CommitKV of an early reservation needs the final manifest")
+        assert final is not None
+        layout = check_manifest(final.manifest, self.spec)
+        require(
+            final.manifest.checksum_algorithm == DEVICE_CHECKSUM_ALGORITHM,
+            "manifest.checksum_algorithm",
+            f"must be {DEVICE_CHECKSUM_ALGORITHM!r} for the {reservation.transport} transport",
+        )
+        require(
+            layout.num_pages <= reservation.page_ids.numel(),
+            "manifest.num_pages",
+            f"is {layout.num_pages} but the early reservation holds {reservation.page_ids.numel()} pages",
+        )
+        return layout
+
     def _quarantine(self, reservation: Reservation) -> None:
         """Forget the reservation but keep its pages held forever: an aborted NCCL receive that did not
         drain may still write them."""
@@ -237,13 +293,28 @@ class DecodeEngine:
             reservation.id, reservation.reserved_pages,
         )  # fmt: skip
 
-    async def _commit(self, reservation: Reservation, pages: torch.Tensor | None) -> None:
-        """Write `pages` (grpc; None: a direct transport already wrote them) and start decoding."""
+    async def _commit(
+        self,
+        reservation: Reservation,
+        pages: torch.Tensor | None,
+        placement: tuple[int, KVLayout] | None = None,
+    ) -> None:
+        """Write `pages` (grpc; None: a direct transport already wrote them), lay an early reservation's
+        pages out (`placement`: its first token and layout) and start decoding."""
         rid = reservation.id
 
         def commit(engine: LLMEngine) -> None:
             if rid not in engine.requests:  # aborted (lease, cancel) while the bytes were checked
                 raise ReservationNotFoundError(f"reservation_id: {rid} was aborted", field="reservation_id")
+            if placement is not None:
+                first_token, layout = placement
+                freed = engine.place_import(rid, first_token, layout)
+                self._streams[rid].set_first(first_token)
+                kv = engine.requests[rid].kv
+                assert kv is not None
+                reservation.reserved_pages = kv.num_pages_held + kv.reserved
+                log.info("laid out early reservation %s: %d pages written, %d unused freed", rid,
+                         layout.num_pages, freed)  # fmt: skip
             if pages is not None:
                 device = engine.pool.kv.device
                 engine.pool.kv[reservation.page_ids.to(device)] = pages.to(device)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_service.decode_engine import DecodeEngine
+from decode_service.decode_engine import DecodeEngine, EarlyCommit
 from kvtransfer.device_util import encode_runs
 from kvtransfer.errors import ReservationNotFoundError
 from kvtransfer.manifest import check_transfer_size
@@ -90,7 +90,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._bind(request.reservation_id)
         transport = self.decode.reservations.get(request.reservation_id).transport
         checksum = request.checksum if request.HasField("checksum") else None
-        reply = await self.decode.commit_direct(request.reservation_id, checksum)
+        final = (
+            EarlyCommit(request.manifest, request.first_token_id) if request.HasField("manifest") else None
+        )
+        reply = await self.decode.commit_direct(request.reservation_id, checksum, final)
         self.metrics.received.inc(reply.bytes_received)
         self.metrics.transfers.inc(transport=transport)
         self.metrics.commit.observe(reply.transfer_seconds, transport=transport)

@@ -26,14 +26,20 @@ class TokenStream:
     come before the Decode call arrives wait in the queue."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, tokenizer: Any, sampling: SamplingParams, first: int
+        self, loop: asyncio.AbstractEventLoop, tokenizer: Any, sampling: SamplingParams, first: int | None
     ) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._detokenizer = IncrementalDetokenizer(tokenizer, sampling.stop)
-        self._detokenizer.add([first])  # the prefill service already returned the first token's text
         self._num_sent = 1
         self.closed = False
+        if first is not None:
+            self.set_first(first)
+
+    def set_first(self, first: int) -> None:
+        """The first token, which the prefill service already returned with its text (an early
+        reservation learns it at the commit, before any other token)."""
+        self._detokenizer.add([first])
 
     def publish(self, seq: Sequence, output: RequestOutput | None) -> None:
         """New tokens of `seq`; `output` is the engine's final output once it finished."""

@@ -222,21 +222,7 @@ class LLMEngine:
         of pages later. Raises ResourceExhaustedError when the pool cannot hold it now."""
         seq = self.make_sequence(prompt_token_ids, sampling, None, request_id)
         L, H = self.num_layers, self.num_kv_heads
-        lens = layout.head_lens.to(torch.int64)
-        require(tuple(lens.shape) == (L, H), "manifest.head_lens", f"must be [{L}, {H}] for this model")
-        require(
-            layout.page_size == self.pool.page_size, "manifest.page_size", f"must be {self.pool.page_size}"
-        )
-        require(
-            bool((lens >= 0).all()) and int(lens.max()) <= len(prompt_token_ids),
-            "manifest.head_lens",
-            "each head keeps between 0 and prompt-length tokens",
-        )
-        require(
-            0 <= first_token < self.loaded.config.vocab_size,
-            "first_token",
-            "must be a token id of this model",
-        )
+        lens = self._checked_lens(layout, len(prompt_token_ids), first_token)
         seq.output_token_ids = [first_token]
         seq.kv = SequenceKV(self.pool, L, H, seq.cache_tokens_needed() + 1)
         # Every page this request can ever hold: kept tokens plus the max_new_tokens - 1 it will cache.
@@ -245,6 +231,72 @@ class LLMEngine:
         seq.status = SequenceStatus.RECEIVING
         self.requests[request_id] = seq
         return page_ids
+
+    def reserve_import_early(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, max_pages: int, request_id: str
+    ) -> torch.Tensor:
+        """An early `reserve_import`, made while the prefill still runs: the kept KV's layout is not
+        known, only that it takes at most `max_pages` pages. Allocates those pages (the sender writes its
+        pages into the first ones, in travel order) and reserves the decode growth of any layout that
+        fits them; `place_import` lays the pages out and frees what is unused. Returns their ids [max_pages]."""
+        seq = self.make_sequence(prompt_token_ids, sampling, None, request_id)
+        L, H, page_size = self.num_layers, self.num_kv_heads, self.pool.page_size
+        full = L * H * -(-len(prompt_token_ids) // page_size)
+        require(
+            0 < max_pages <= full,
+            "manifest.num_pages",
+            f"an early reservation takes 1 to {full} pages (the whole prompt's KV), got {max_pages}",
+        )
+        seq.kv = SequenceKV(self.pool, L, H, seq.cache_tokens_needed() + 1)
+        # Each head's growth takes at most ceil(growth / page_size) pages beyond its kept ones.
+        growth = L * H * -(-(seq.max_new_tokens - 1) // page_size)
+        seq.kv.reserve(max_pages + growth)
+        page_ids = seq.kv.stage(max_pages)
+        seq.status = SequenceStatus.RECEIVING
+        self.requests[request_id] = seq
+        return page_ids
+
+    def place_import(self, request_id: str, first_token: int, layout: KVLayout) -> int:
+        """Lay out the pages of an early reservation once the prefill node says what they hold: the
+        first `layout.num_pages` staged pages take the heads in travel order, the rest go back to the
+        pool, and the growth reservation shrinks to what this layout needs. Returns the pages freed."""
+        seq = self._get(request_id, SequenceStatus.RECEIVING)
+        kv = seq.kv
+        assert kv is not None
+        lens = self._checked_lens(layout, len(seq.prompt_token_ids), first_token)
+        require(
+            layout.num_pages <= kv.staged.numel(),
+            "manifest.num_pages",
+            f"is {layout.num_pages} but the early reservation holds {kv.staged.numel()} pages",
+        )
+        seq.output_token_ids = [first_token]
+        freed = kv.adopt_staged(lens)
+        need = kv.pages_needed_to_grow(seq.max_new_tokens - 1)
+        if kv.reserved > need:
+            self.pool.unreserve(kv.reserved - need)
+            kv.reserved = need
+        elif kv.reserved < need:  # cannot happen: the early reservation covers any layout's growth
+            kv.reserve(need - kv.reserved)
+        return freed
+
+    def _checked_lens(self, layout: KVLayout, prompt_len: int, first_token: int) -> torch.Tensor:
+        L, H = self.num_layers, self.num_kv_heads
+        lens = layout.head_lens.to(torch.int64)
+        require(tuple(lens.shape) == (L, H), "manifest.head_lens", f"must be [{L}, {H}] for this model")
+        require(
+            layout.page_size == self.pool.page_size, "manifest.page_size", f"must be {self.pool.page_size}"
+        )
+        require(
+            bool((lens >= 0).all()) and int(lens.max()) <= prompt_len,
+            "manifest.head_lens",
+            "each head keeps between 0 and prompt-length tokens",
+        )
+        require(
+            0 <= first_token < self.loaded.config.vocab_size,
+            "first_token",
+            "must be a token id of this model",
+        )
+        return lens
 
     def commit_import(self, request_id: str) -> Sequence:
         """The pages of a RECEIVING request are all written: start decoding it."""

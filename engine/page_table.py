@@ -20,6 +20,9 @@ class SequenceKV:
         self.head_lens = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64)
         self.num_pages_held = 0
         self.reserved = 0  # pages promised to this sequence by pool.reserve() and not yet allocated
+        # Pages allocated for an early KV import (written before their layout is known), in the order
+        # they will be laid out; counted in num_pages_held.
+        self.staged = torch.empty(0, dtype=torch.int64)
 
     @property
     def num_layers(self) -> int:
@@ -54,6 +57,35 @@ class SequenceKV:
         new_pages = self._allocate_up_to(self.pages_per_head(head_lens))
         self.head_lens = head_lens.to(torch.int64).clone()
         return new_pages
+
+    def stage(self, n: int) -> torch.Tensor:
+        """Allocate `n` pages (from this sequence's reservation first) before the layout they will
+        hold is known: an early KV import writes them, `adopt_staged` lays them out. Returns their ids [n]."""
+        assert self.num_pages_held == 0, "staging is for a fresh sequence"
+        from_reservation = min(n, self.reserved)
+        pages = self.pool.allocate_ids(from_reservation, reserved=True)
+        if n > from_reservation:
+            pages = torch.cat([pages, self.pool.allocate_ids(n - from_reservation)])
+        self.reserved -= from_reservation
+        self.staged = pages
+        self.num_pages_held = n
+        return pages
+
+    def adopt_staged(self, head_lens: torch.Tensor) -> int:
+        """Lay the staged pages out for `head_lens` [L, H]: the first ones go to the heads in
+        (layer, head, page) order (travel order), the rest are freed. Returns how many were freed."""
+        want = self.pages_per_head(head_lens.to(torch.int64))
+        need = int(want.sum())
+        if need > self.staged.numel():
+            raise ValueError(f"the layout needs {need} pages but {self.staged.numel()} were staged")
+        mask = torch.arange(self.max_pages)[None, None, :] < want[..., None]
+        self.page_table[mask] = self.staged[:need].to(torch.int32)
+        self.head_lens = head_lens.to(torch.int64).clone()
+        unused = self.staged[need:]
+        self.pool.free(unused)
+        self.staged = torch.empty(0, dtype=torch.int64)
+        self.num_pages_held = need
+        return int(unused.numel())
 
     def _allocate_up_to(self, want: torch.Tensor) -> torch.Tensor:
         held = self.pages_per_head(self.head_lens)
@@ -95,6 +127,8 @@ class SequenceKV:
     def free(self) -> None:
         held = self.page_table[self.page_table >= 0]
         self.pool.free(held)
+        self.pool.free(self.staged)
+        self.staged = torch.empty(0, dtype=torch.int64)
         self.page_table.fill_(-1)
         self.head_lens.zero_()
         self.num_pages_held = 0

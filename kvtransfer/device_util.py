@@ -113,6 +113,22 @@ def encode_runs(page_ids: torch.Tensor) -> list[int]:
     return flat.tolist()
 
 
+def first_pages_of_runs(runs: list[int], n: int) -> list[int]:
+    """The runs of the first `n` pages of `runs` (encode_runs output): where an early reservation's
+    sender writes its n pages. Raises ValueError when the runs hold fewer."""
+    out: list[int] = []
+    left = n
+    for first, length in zip(runs[0::2], runs[1::2]):
+        if left == 0:
+            break
+        take = min(length, left)
+        out += [first, take]
+        left -= take
+    if left:
+        raise ValueError(f"the runs hold {n - left} pages, not {n}")
+    return out
+
+
 def check_runs(
     runs: list[int] | torch.Tensor | np.ndarray, num_pages: int
 ) -> tuple[list[int], list[int], int]:

@@ -15,9 +15,10 @@ from typing import Any, Protocol
 
 import torch
 
+from kvtransfer.device_util import first_pages_of_runs
 from kvtransfer.errors import TransferIntegrityError
 from kvtransfer.nccl import NcclPair
-from kvtransfer.transport import TransferResult, Transport, run_to_end
+from kvtransfer.transport import EarlyFinal, TransferResult, Transport, run_to_end
 from protos.kvferry.v1 import decode_pb2
 
 
@@ -43,9 +44,12 @@ class DirectWriteTransport(Transport):
         payload: torch.Tensor,
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,
+        early: EarlyFinal | None = None,
     ) -> TransferResult:
         runs = list(reservation.page_runs)
         pages = sum(runs[1::2])
+        if early is not None and payload.shape[0] <= pages:  # an early reservation: its first pages
+            runs, pages = first_pages_of_runs(runs, payload.shape[0]), payload.shape[0]
         if pages != payload.shape[0]:
             raise TransferIntegrityError(
                 f"the decode node gave {pages} pages to write, the manifest has {payload.shape[0]}"
@@ -53,7 +57,7 @@ class DirectWriteTransport(Transport):
         start = time.perf_counter()
         await run_to_end(self.mapped.write, payload, None, runs)  # runs: no page-id upload
         value = None if checksum is None else await checksum  # computed while the write ran
-        return await _commit(decode, reservation, payload, start, timeout, value)
+        return await _commit(decode, reservation, payload, start, timeout, value, early)
 
 
 class NcclTransport(Transport):
@@ -73,11 +77,14 @@ class NcclTransport(Transport):
         payload: torch.Tensor,
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,
+        early: EarlyFinal | None = None,
     ) -> TransferResult:
         value = None if checksum is None else await checksum  # CommitKV carries it: ready before the send
         async with self.lock:
             start = time.perf_counter()
-            commit = asyncio.ensure_future(_commit(decode, reservation, payload, start, timeout, value))
+            commit = asyncio.ensure_future(
+                _commit(decode, reservation, payload, start, timeout, value, early)
+            )
             try:
                 await run_to_end(self.pair.send_pages, payload, timeout)
             except BaseException:
@@ -93,11 +100,13 @@ async def _commit(
     start: float,
     timeout: float | None,
     checksum: int | None,
+    early: EarlyFinal | None = None,
 ) -> TransferResult:
-    reply = await decode.CommitKV(
-        decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id, checksum=checksum),
-        timeout=timeout,
-    )
+    request = decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id, checksum=checksum)
+    if early is not None:
+        request.manifest.CopyFrom(early.manifest)
+        request.first_token_id = early.first_token_id
+    reply = await decode.CommitKV(request, timeout=timeout)
     sent = payload.numel() * payload.element_size()
     if reply.bytes_received != sent:
         raise TransferIntegrityError(

@@ -13,7 +13,7 @@ import torch
 
 from kvtransfer.errors import TransferIntegrityError
 from kvtransfer.payload import pages_to_bytes
-from kvtransfer.transport import TransferResult, Transport
+from kvtransfer.transport import EarlyFinal, TransferResult, Transport
 from protos.kvferry.v1 import decode_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -37,7 +37,10 @@ class GrpcTransport(Transport):
         payload: memoryview,
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,  # unused: the manifest's crc32 covers the bytes
+        early: EarlyFinal | None = None,
     ) -> TransferResult:
+        if early is not None:
+            raise ValueError("the grpc transport takes no early reservation (its manifest carries the crc32)")
         chunk = min(self.chunk_bytes, reservation.max_chunk_bytes or self.chunk_bytes)
         start = time.perf_counter()
         reply = await decode.PushKV(_chunks(reservation.reservation_id, payload, chunk), timeout=timeout)

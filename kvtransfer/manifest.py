@@ -90,11 +90,53 @@ def build_manifest(
     )
 
 
+def early_manifest(spec: ModelSpec, max_pages: int) -> kv_pb2.KVManifest:
+    """The manifest of an early reservation (ReserveKVRequest.early): this model's KV of at most
+    `max_pages` pages, with no layout and no checksum yet (both come with CommitKV)."""
+    return kv_pb2.KVManifest(
+        model_fingerprint=spec.fingerprint,
+        dtype=spec.dtype,
+        codec="none",
+        page_size=spec.page_size,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        num_pages=max_pages,
+        byte_count=max_pages * spec.bytes_per_page,
+        checksum_algorithm=DEVICE_CHECKSUM_ALGORITHM,
+        checksum=0,
+    )
+
+
+def check_early_manifest(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> int:
+    """The page count an early reservation's manifest asks for, after checking it against this node's
+    model (as `check_manifest` does) and that it carries no layout yet."""
+    _check_model(manifest, spec)
+    require(
+        len(manifest.head_lens) == 0,
+        "manifest.head_lens",
+        "must be empty in an early reservation (the layout comes with CommitKV)",
+    )
+    require(
+        manifest.byte_count == manifest.num_pages * spec.bytes_per_page,
+        "manifest.byte_count",
+        f"is {manifest.byte_count} but {manifest.num_pages} pages take {manifest.num_pages * spec.bytes_per_page} bytes",
+    )
+    return manifest.num_pages
+
+
 def check_manifest(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> KVLayout:
     """The layout a manifest describes, after checking it against this node's model and pool.
 
     A different model, dtype, page size or codec raises ManifestMismatchError (FAILED_PRECONDITION); an
     inconsistent manifest raises InvalidArgumentError. Nothing is reserved before this passes."""
+    _check_model(manifest, spec)
+    L, H = spec.num_layers, spec.num_kv_heads
+    require(len(manifest.head_lens) == L * H, "manifest.head_lens", f"must hold {L} x {H} counts")
+    return _layout_of(manifest, spec)
+
+
+def _check_model(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> None:
     for name, mine in (
         ("model_fingerprint", spec.fingerprint),
         ("dtype", spec.dtype),
@@ -119,8 +161,10 @@ def check_manifest(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> KVLayout:
         "manifest.checksum_algorithm",
         f"must be one of {CHECKSUM_ALGORITHMS}, got {manifest.checksum_algorithm!r}",
     )
+
+
+def _layout_of(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> KVLayout:
     L, H = spec.num_layers, spec.num_kv_heads
-    require(len(manifest.head_lens) == L * H, "manifest.head_lens", f"must hold {L} x {H} counts")
     layout = KVLayout(torch.tensor(list(manifest.head_lens), dtype=torch.int64).view(L, H), spec.page_size)
     require(
         manifest.num_pages == layout.num_pages,

@@ -37,6 +37,7 @@ class Reservation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     transport: str = "grpc"  # grpc: bytes through accept(); a direct one writes the pool itself
     nccl_pair_id: str = ""
+    early: bool = False  # ReserveKVRequest.early: page_ids are staged, laid out at the commit
     state: ReservationState = ReservationState.AWAITING_PAGES
     created: float = field(default_factory=time.monotonic)
     deadline: float = 0.0

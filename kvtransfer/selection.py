@@ -17,6 +17,7 @@ from serving.errors import FailedPreconditionError
 AUTO = "auto"
 TRANSPORT_NAMES = ("grpc", "cuda_ipc", "nccl", "shm")
 DIRECT_WRITE = ("cuda_ipc", "shm")  # the writer maps the decode pool and writes pages into it
+DIRECT_TRANSPORTS = (*DIRECT_WRITE, "nccl")  # pages move device to device, gRPC carries the commit
 CPU_TRANSPORTS = ("grpc", "shm")
 GPU_TRANSPORTS = ("grpc", "cuda_ipc", "nccl")
 # Decode nodes serving from this very process (in-process clusters): CUDA cannot open an IPC handle in

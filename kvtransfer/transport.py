@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from protos.kvferry.v1 import decode_pb2
+from protos.kvferry.v1 import decode_pb2, kv_pb2
 
 T = TypeVar("T")
 
@@ -30,6 +30,15 @@ class TransferResult:
     bytes_sent: int  # page bytes, the manifest excluded
     bytes_received: int  # as confirmed by the decode node on commit
     seconds: float  # first byte to commit
+
+
+@dataclass(frozen=True)
+class EarlyFinal:
+    """What the commit of an early reservation (ReserveKVRequest.early) brings: the manifest of the
+    pages sent, which fill the reservation's first pages, and the first token."""
+
+    manifest: kv_pb2.KVManifest
+    first_token_id: int
 
 
 class Transport(ABC):
@@ -51,10 +60,12 @@ class Transport(ABC):
         payload: Any,
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,
+        early: EarlyFinal | None = None,
     ) -> TransferResult:
         """Deliver `payload` (the pages in travel order) into `reservation` and commit it. `checksum`:
         the pages' sum64 still being computed (direct transports), sent with CommitKV when the manifest
-        left it out."""
+        left it out. `early`: the reservation was made early (direct transports only); the pages go to
+        its first pages and the commit carries their manifest and the first token."""
 
 
 async def run_to_end(fn: Callable[..., T], *args: Any) -> T:

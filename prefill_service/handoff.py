@@ -16,7 +16,8 @@ import torch
 
 from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest
 from kvtransfer.device_util import page_checksum
-from kvtransfer.transport import run_to_end
+from kvtransfer.transport import EarlyFinal, run_to_end
+from prefill_service.early_reservation import EarlyReservation
 from prefill_service.links import DecodeLinks
 from prefill_service.prefill_engine import PrefillOutcome
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
@@ -29,7 +30,7 @@ from serving.server import CHANNEL_OPTIONS
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RESERVE_RETRY_FIRST_SECONDS = 0.02
-RESERVE_RETRY_MAX_SECONDS = 0.5
+RESERVE_RETRY_MAX_SECONDS = 0.1  # a decode step frees pages every ~10 ms on a GPU: poll close behind it
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Shipped:
     seconds: float  # ReserveKV to commit
     transport: str
     handoff_seconds: float  # payload + manifest + ReserveKV to commit
+    reserved_early: bool = False  # shipped into a reservation made while the prefill ran
 
 
 class KVHandoff:
@@ -58,7 +60,7 @@ class KVHandoff:
                 self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return decode_pb2_grpc.DecodeServiceStub(self._channels[address])
 
-    async def _reserve(
+    async def reserve(
         self,
         decode: decode_pb2_grpc.DecodeServiceStub,
         request: decode_pb2.ReserveKVRequest,
@@ -93,6 +95,23 @@ class KVHandoff:
         for channel in self._channels.values():
             await channel.close()
 
+    def early(
+        self,
+        request_id: str,
+        address: str,
+        prompt: list[int],
+        sampling: common_pb2.SamplingParams,
+        spec: ModelSpec,
+        max_pages: int,
+        transport_name: str,
+        deadline: Deadline,
+    ) -> EarlyReservation:
+        """An early reservation for this request, started by `EarlyReservation.start` while its prefill
+        runs and used by `ship`."""
+        return EarlyReservation(
+            self, request_id, address, prompt, sampling, spec, max_pages, transport_name, deadline
+        )
+
     async def ship(
         self,
         request_id: str,
@@ -103,45 +122,63 @@ class KVHandoff:
         spec: ModelSpec,
         transport_name: str,
         deadline: Deadline,
+        early: EarlyReservation | None = None,
     ) -> Shipped:
         assert outcome.layout is not None and outcome.pages is not None
         decode = self.decode_stub(address)
-        transport = await self.links.transport(address, decode, transport_name)
         handoff_start = time.perf_counter()
+        taken = None if early is None else await early.take()
+        if taken is not None:
+            transport = taken[0]
+        else:
+            transport = await self.links.transport(address, decode, transport_name)
         payload = await asyncio.to_thread(transport.payload, outcome.pages)
         # Direct transports: the pages' sum64 is computed while ReserveKV and the write are under way
         # and goes with CommitKV; grpc's crc32 is part of the manifest (its bytes are on the host).
         direct = isinstance(payload, torch.Tensor)
         manifest = await asyncio.to_thread(build_manifest, spec, outcome.layout, payload, not direct)
+        if taken is not None and manifest.num_pages > taken[1].num_pages:
+            log.warning(
+                "the kept KV takes %d pages, more than the %d reserved early; reserving again",
+                manifest.num_pages, taken[1].num_pages,
+            )  # fmt: skip
+            assert early is not None
+            early.give_up()
+            await early.discard()
+            taken = None
         start = time.perf_counter()
-        reserve = decode_pb2.ReserveKVRequest(
-            request_id=request_id,
-            manifest=manifest,
-            sampling=sampling,
-            prompt_token_ids=prompt,
-            first_token_id=outcome.first_token,
-            transport=transport.name,
-            **transport.reserve_fields(),
-        )
         prepared = time.perf_counter()
         with _running(run_to_end(page_checksum, payload) if direct else None) as checksum:
-            try:
-                reservation = await self._reserve(decode, reserve, deadline)
-            except grpc.aio.AioRpcError as e:
-                if e.code() in _LINK_FAILURES:
-                    self.links.forget(address)
-                raise
+            if taken is not None:
+                reservation = taken[1]
+            else:
+                reserve = decode_pb2.ReserveKVRequest(
+                    request_id=request_id,
+                    manifest=manifest,
+                    sampling=sampling,
+                    prompt_token_ids=prompt,
+                    first_token_id=outcome.first_token,
+                    transport=transport.name,
+                    **transport.reserve_fields(),
+                )
+                try:
+                    reservation = await self.reserve(decode, reserve, deadline)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() in _LINK_FAILURES:
+                        self.links.forget(address)
+                    raise
             try:
                 if transport is not self.links.grpc and not self.links.matches(address, reservation.node_id):
                     transport = await self._relink(address, decode, transport_name, transport.name)
                 reserved = time.perf_counter()
+                final = None if taken is None else EarlyFinal(manifest, outcome.first_token)
                 result = await transport.send(
-                    decode, reservation, payload, timeout=deadline.remaining(), checksum=checksum
+                    decode, reservation, payload, timeout=deadline.remaining(), checksum=checksum, early=final
                 )
                 log.info(
-                    "handoff over %s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
-                    transport.name, 1e3 * (prepared - handoff_start), 1e3 * (reserved - prepared),
-                    1e3 * (time.perf_counter() - reserved),
+                    "handoff over %s%s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
+                    transport.name, " (reserved early)" if taken else "", 1e3 * (prepared - handoff_start),
+                    1e3 * (reserved - prepared), 1e3 * (time.perf_counter() - reserved),
                 )  # fmt: skip
             except BaseException as e:
                 if not isinstance(e, asyncio.CancelledError):
@@ -155,6 +192,7 @@ class KVHandoff:
             time.perf_counter() - start,
             transport.name,
             time.perf_counter() - handoff_start,
+            taken is not None,
         )
 
     async def _relink(self, address: str, decode: Any, requested: str, name: str) -> Transport:

@@ -8,8 +8,10 @@ import uuid
 from typing import Any
 
 from engine.compression import CompressionParams
+from engine.compression.budget import max_kept_pages
 from engine.errors import require
 from kvtransfer import ModelSpec
+from prefill_service.early_reservation import EarlyReservation
 from prefill_service.handoff import KVHandoff
 from prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
 from protos.kvferry.v1 import prefill_pb2
@@ -38,6 +40,10 @@ class PrefillMetrics:
             "kvferry_kv_bytes_uncompressed_total", "KV bytes the shipped prompts take uncompressed"
         )
         self.transfer = registry.histogram("kvferry_kv_transfer_seconds", "ReserveKV to commit, per request")
+        self.early = registry.counter(
+            "kvferry_kv_early_reservations_total",
+            "KV handoffs into a decode reservation made while the prefill ran (direct transports)",
+        )
         self.by_transport = registry.counter(
             "kvferry_kv_transfers_total", "KV transfers committed, by transport", ["transport"]
         )
@@ -50,9 +56,11 @@ class PrefillPipeline:
         handoff: KVHandoff,
         max_pending: int = 0,
         metrics: Registry | None = None,
+        early_reserve: bool = True,
     ) -> None:
         self.engine = engine
         self.handoff = handoff
+        self.early_reserve = early_reserve  # ReserveKV when the last prefill chunk starts (direct transports)
         self.in_flight = 0  # accepted and not answered: the queue depth the coordinator balances on
         self.max_pending = max_pending  # 0: unbounded
         self.metrics = PrefillMetrics(metrics or Registry())
@@ -77,47 +85,82 @@ class PrefillPipeline:
             )  # an unknown one fails before prefill
             prompt, compression = await asyncio.to_thread(_prepare, engine.tokenizer, request)
             request_id = request.request_id or uuid.uuid4().hex
-            outcome = await self.engine.prefill(prompt, sampling, compression, request_id)
-            response = prefill_pb2.PrefillResponse(
-                first_token_id=outcome.first_token, first_text=outcome.first_text
-            )
-            _fill_stats(response.stats, outcome, compression)
-            m = self.metrics
-            m.queue.observe(outcome.queue_seconds)
-            m.prefill.observe(outcome.stats.prefill_seconds)
-            if outcome.stats.full_tokens:
-                m.retention.observe(outcome.stats.retention)
-            if outcome.finish_reason is not None:
-                response.finish_reason = FINISH_REASONS[outcome.finish_reason]
-                return response
-            shipped = await self.handoff.ship(
-                request_id,
-                request.decode_address,
-                outcome,
-                prompt,
-                request.sampling,
-                ModelSpec.of_engine(engine),
-                transport,
-                deadline,
-            )
-            response.kv_handle.CopyFrom(shipped.handle)
-            response.stats.kv_bytes_shipped = shipped.transfer.bytes_sent
-            response.stats.manifest_bytes = shipped.manifest_bytes
-            response.stats.transfer_seconds = shipped.seconds
-            response.stats.transport = shipped.transport
-            response.stats.handoff_seconds = shipped.handoff_seconds
-            m.shipped.inc(shipped.transfer.bytes_sent)
-            m.full.inc(outcome.stats.kv_bytes_full)
-            m.transfer.observe(shipped.seconds)
-            m.by_transport.inc(transport=shipped.transport)
-            log.info(
-                "prefilled %d prompt tokens in %.3f s (kept %.0f%%); shipped %d bytes to %s in %.3f s",
-                outcome.stats.prompt_tokens, outcome.stats.prefill_seconds, 100 * outcome.stats.retention,
-                shipped.transfer.bytes_sent, request.decode_address, shipped.seconds,
-            )  # fmt: skip
-            return response
+            spec = ModelSpec.of_engine(engine)
+            early = None
+            if self.early_reserve:
+                max_pages = max_kept_pages(
+                    compression, len(prompt), spec.num_layers, spec.num_kv_heads, spec.page_size
+                )
+                early = self.handoff.early(
+                    request_id, request.decode_address, prompt, request.sampling, spec, max_pages,
+                    transport, deadline,
+                )  # fmt: skip
+            try:
+                return await self._prefill_and_ship(
+                    request, prompt, sampling, compression, request_id, spec, transport, deadline, early
+                )
+            finally:
+                if early is not None:
+                    await early.discard()
         finally:
             self.in_flight -= 1
+
+    async def _prefill_and_ship(
+        self,
+        request: prefill_pb2.PrefillRequest,
+        prompt: list[int],
+        sampling: Any,
+        compression: CompressionParams | None,
+        request_id: str,
+        spec: ModelSpec,
+        transport: str,
+        deadline: Deadline,
+        early: EarlyReservation | None,
+    ) -> prefill_pb2.PrefillResponse:
+        outcome = await self.engine.prefill(
+            prompt, sampling, compression, request_id, None if early is None else early.start
+        )
+        response = prefill_pb2.PrefillResponse(
+            first_token_id=outcome.first_token, first_text=outcome.first_text
+        )
+        _fill_stats(response.stats, outcome, compression)
+        m = self.metrics
+        m.queue.observe(outcome.queue_seconds)
+        m.prefill.observe(outcome.stats.prefill_seconds)
+        if outcome.stats.full_tokens:
+            m.retention.observe(outcome.stats.retention)
+        if outcome.finish_reason is not None:
+            response.finish_reason = FINISH_REASONS[outcome.finish_reason]
+            return response
+        shipped = await self.handoff.ship(
+            request_id,
+            request.decode_address,
+            outcome,
+            prompt,
+            request.sampling,
+            spec,
+            transport,
+            deadline,
+            early,
+        )
+        response.kv_handle.CopyFrom(shipped.handle)
+        response.stats.kv_bytes_shipped = shipped.transfer.bytes_sent
+        response.stats.manifest_bytes = shipped.manifest_bytes
+        response.stats.transfer_seconds = shipped.seconds
+        response.stats.transport = shipped.transport
+        response.stats.handoff_seconds = shipped.handoff_seconds
+        m.shipped.inc(shipped.transfer.bytes_sent)
+        m.full.inc(outcome.stats.kv_bytes_full)
+        m.transfer.observe(shipped.seconds)
+        m.by_transport.inc(transport=shipped.transport)
+        if shipped.reserved_early:
+            m.early.inc()
+        log.info(
+            "prefilled %d prompt tokens in %.3f s (kept %.0f%%); shipped %d bytes to %s in %.3f s",
+            outcome.stats.prompt_tokens, outcome.stats.prefill_seconds, 100 * outcome.stats.retention,
+            shipped.transfer.bytes_sent, request.decode_address, shipped.seconds,
+        )  # fmt: skip
+        return response
 
 
 def _prepare(

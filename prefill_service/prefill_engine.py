@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,8 @@ class PrefillEngine:
             lambda: LLMEngine(engine_config), self._after_step, self._step_failed, name="prefill-engine"
         )
         self._waiters: dict[str, Waiter] = {}  # engine thread only
+        # engine thread only: callbacks for when a request's last prefill chunk starts
+        self._near_end: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = {}
         self._ready = False
 
     async def start(self) -> None:
@@ -58,15 +61,24 @@ class PrefillEngine:
         return self.worker.engine
 
     async def prefill(
-        self, prompt: list[int], sampling: SamplingParams, compression: object, request_id: str
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        compression: object,
+        request_id: str,
+        last_chunk_starts: Callable[[], None] | None = None,
     ) -> PrefillOutcome:
-        """Prefill (and compress) one prompt; cancelling frees its pages."""
+        """Prefill (and compress) one prompt; cancelling frees its pages. `last_chunk_starts` runs on
+        this event loop once the request is prefilling and one chunk is left (never for a prompt that
+        fits one chunk)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[PrefillOutcome] = loop.create_future()
 
         def add(engine: LLMEngine) -> None:
             engine.add_request(prompt, sampling, compression, request_id, hold_kv=True)
             self._waiters[request_id] = (loop, future)
+            if last_chunk_starts is not None:
+                self._near_end[request_id] = (loop, last_chunk_starts)
 
         try:
             await self.worker.call(add)
@@ -77,6 +89,7 @@ class PrefillEngine:
 
     def _drop(self, engine: LLMEngine, request_id: str) -> None:
         self._waiters.pop(request_id, None)
+        self._near_end.pop(request_id, None)
         engine.abort(request_id)
 
     # ---- engine thread hooks ------------------------------------------------------------------
@@ -85,11 +98,24 @@ class PrefillEngine:
             waiter = self._waiters.pop(seq.request_id, None)
             if waiter is not None:
                 _resolve(waiter, _outcome(engine, seq))
+        if self._near_end:
+            self._signal_last_chunks(engine)
+
+    def _signal_last_chunks(self, engine: LLMEngine) -> None:
+        chunk = engine.scheduler.prefill_chunk
+        for request_id, (loop, callback) in list(self._near_end.items()):
+            seq = engine.requests.get(request_id)
+            if seq is None or seq.status not in (SequenceStatus.WAITING, SequenceStatus.PREFILL):
+                del self._near_end[request_id]  # prefilled in one chunk, finished or aborted
+            elif seq.status == SequenceStatus.PREFILL and seq.num_prompt_tokens - seq.num_prefilled <= chunk:
+                del self._near_end[request_id]
+                loop.call_soon_threadsafe(callback)
 
     def _step_failed(self, engine: LLMEngine, error: BaseException) -> None:
         for waiter in self._waiters.values():
             _resolve(waiter, error)
         self._waiters.clear()
+        self._near_end.clear()
 
 
 def _outcome(engine: LLMEngine, seq: Sequence) -> PrefillOutcome:

@@ -32,7 +32,9 @@ def build(settings: PrefillSettings) -> ServiceHost:
     handoff = KVHandoff(links, settings.reserve_wait_seconds)
     host = ServiceHost(settings, [SERVICE_NAME])
     handoff.channels = host.channels  # TLS toward decode nodes
-    pipeline = PrefillPipeline(engine, handoff, settings.max_pending_requests, host.metrics)
+    pipeline = PrefillPipeline(
+        engine, handoff, settings.max_pending_requests, host.metrics, early_reserve=settings.early_reserve
+    )
     depth = host.metrics.gauge("kvferry_prefill_queue_depth", "Prefill calls accepted and not answered")
     host.metrics.add_collector(lambda: depth.set(pipeline.in_flight))
     register_engine_metrics(host.metrics, lambda: engine.worker.engine)

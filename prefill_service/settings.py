@@ -26,6 +26,11 @@ class PrefillSettings(ServerSettings, EngineSettings):
     reserve_wait_seconds: float = setting(
         30.0, "how long a prefilled request waits for room on a full decode node before RESOURCE_EXHAUSTED"
     )
+    early_reserve: bool = setting(
+        True,
+        "direct transports: reserve on the decode node when a request's last prefill chunk starts (for the "
+        "most pages its compression budget can keep), so the handoff after prefill is the write and the commit",
+    )
     max_pending_requests: int = setting(
         64,
         "Prefill calls accepted and not answered yet; more are refused with RESOURCE_EXHAUSTED (0: no limit)",

@@ -4,7 +4,7 @@ asyncio handlers send it between steps, and steps while there is work.
 Handlers never touch the engine directly: `await worker.call(fn)` runs `fn(engine)` on the engine
 thread and returns its result; `worker.submit(fn)` does the same without waiting (cleanup paths).
 After each step `after_step(engine, seqs)` runs on the engine thread with the sequences that produced
-a token; services use it to hand tokens to asyncio through `loop.call_soon_threadsafe`.
+a token (none after a prefill chunk that is not a prompt's last); services use it to hand tokens to asyncio through `loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class EngineWorker:
                 engine.abort(request_id)
             return
         self.steps += 1
-        if produced and self._after_step is not None:
+        if self._after_step is not None:
             try:
                 self._after_step(engine, produced)
             except Exception:

@@ -26,7 +26,8 @@ from cluster import ClusterSpec, InProcessCluster
 
 from engine.kv_handoff import KVLayout
 from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-from kvtransfer.device_util import decode_runs, page_checksum
+from kvtransfer.device_util import decode_runs, first_pages_of_runs, page_checksum
+from kvtransfer.manifest import early_manifest
 from kvtransfer.selection import NodeInfo, choose_transport
 from kvtransfer.shm import MappedShmPool, ShmExport, sweep_stale_files
 from prefill_service.links import DecodeLinks
@@ -305,3 +306,114 @@ def test_links_follow_a_restarted_decode_node(cluster: InProcessCluster) -> None
         assert (await links.transport("decode:1", decode, "")).name == "shm" and decode.calls == 2
 
     asyncio.run(scenario())
+
+
+# ---- early reservations ---------------------------------------------------------------------------
+def _reserve_early(stub: Any, spec: ModelSpec, max_pages: int, transport: str, prompt_len: int) -> Any:
+    return stub.ReserveKV(
+        decode_pb2.ReserveKVRequest(
+            request_id="early",
+            manifest=early_manifest(spec, max_pages),
+            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+            prompt_token_ids=[1 + i % 250 for i in range(prompt_len)],
+            transport=transport,
+            early=True,
+        ),
+        timeout=10,
+    )
+
+
+def test_an_early_reservation_is_laid_out_by_its_commit(cluster: InProcessCluster, stub: Any) -> None:
+    """What the prefill node does when the last chunk starts: reserve the budget's bound, write the kept
+    pages into the first pages of the runs, commit with their manifest and the first token."""
+    spec, layout, pages = _pages(cluster, 12)
+    early = _reserve_early(stub, spec, layout.num_pages + 10, "shm", 40)
+    assert early.num_pages == layout.num_pages + 10
+    runs = first_pages_of_runs(list(early.page_runs), layout.num_pages)
+    export = ShmExport.from_bytes(stub.ExportKV(decode_pb2.ExportKVRequest(), timeout=10).pool_export)
+    MappedShmPool(export).write(pages, None, runs)
+    manifest = build_manifest(spec, layout, pages, with_checksum=False)
+    commit = decode_pb2.CommitKVRequest(
+        reservation_id=early.reservation_id,
+        checksum=page_checksum(pages),
+        manifest=manifest,
+        first_token_id=5,
+    )
+    assert stub.CommitKV(commit, timeout=10).bytes_received == manifest.byte_count
+    assert torch.equal(cluster.decode.worker.engine.pool.kv[decode_runs(runs)], pages)
+    tokens = [
+        t
+        for r in stub.Decode(decode_pb2.DecodeRequest(reservation_id=early.reservation_id))
+        for t in r.token_ids
+    ]
+    assert len(tokens) == 3
+
+
+def test_an_early_commit_that_does_not_fit_is_refused_and_freed(cluster: InProcessCluster, stub: Any) -> None:
+    spec, layout, pages = _pages(cluster, 12)
+    manifest = build_manifest(spec, layout, pages, with_checksum=False)
+    small = _reserve_early(stub, spec, layout.num_pages - 1, "shm", 40)
+    commit = decode_pb2.CommitKVRequest(
+        reservation_id=small.reservation_id,
+        checksum=page_checksum(pages),
+        manifest=manifest,
+        first_token_id=5,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CommitKV(commit, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.value.trailing_metadata())["kvferry-field"] == "manifest.num_pages"
+    bare = _reserve_early(stub, spec, layout.num_pages, "shm", 40)
+    with pytest.raises(grpc.RpcError) as err:  # no manifest: the node cannot lay the pages out
+        stub.CommitKV(decode_pb2.CommitKVRequest(reservation_id=bare.reservation_id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for reservation in (small, bare):  # both freed: the fixture checks the pool, this the table
+        with pytest.raises(grpc.RpcError) as gone:
+            stub.CommitKV(decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id), timeout=10)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_early_reservation_needs_a_direct_transport(cluster: InProcessCluster, stub: Any) -> None:
+    spec = ModelSpec.of_engine(cluster.decode.worker.engine)
+    with pytest.raises(grpc.RpcError) as err:
+        _reserve_early(stub, spec, 10, "grpc", 12)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.value.trailing_metadata())["kvferry-field"] == "early"
+    assert cluster.pool_state()["decode"] == (0, 0)
+
+
+def test_prefill_reserves_early_for_prompts_longer_than_a_chunk(cluster: InProcessCluster) -> None:
+    """Through the prefill service: a prompt of several chunks ships into an early reservation, a
+    one-chunk prompt the usual way; both give the tokens of an uncompressed regular handoff."""
+    channel = grpc.insecure_channel(cluster.address("prefill"))
+    prefill = prefill_pb2_grpc.PrefillServiceStub(channel)
+    decode = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(cluster.address("decode")))
+    early = cluster.prefill.metrics.early
+    counts: list[float] = []
+    try:
+        for length, compression in ((150, None), (150, 0.5), (40, 0.5)):
+            request = prefill_pb2.PrefillRequest(
+                request_id=f"p{length}-{compression}",
+                prompt_token_ids=common_pb2.TokenIds(ids=[1 + i % 250 for i in range(length)]),
+                sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+                decode_address=cluster.address("decode"),
+                transport="shm",
+            )
+            if compression is not None:
+                request.compression.method = "compactor"
+                request.compression.retention = compression
+            reply = prefill.Prefill(request, timeout=60)
+            assert reply.stats.transport == "shm"
+            tokens = [
+                t
+                for r in decode.Decode(
+                    decode_pb2.DecodeRequest(reservation_id=reply.kv_handle.reservation_id)
+                )
+                for t in r.token_ids
+            ]
+            assert len(tokens) == 3
+            cluster.assert_no_leaks()
+            counts.append(early.value())
+    finally:
+        channel.close()
+    assert counts == [1, 2, 2]  # 150 tokens: 3 chunks of 64, reserved early; 40: one chunk, as usual

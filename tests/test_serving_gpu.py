@@ -92,7 +92,9 @@ def test_gpu_processes_over_device_transports_equal_colocated(
         env={"NCCL_NVLS_ENABLE": "0"},
     )
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, 32000, (n,), generator=gen).tolist() for n in (200, 2000)]
+    prompts = [
+        torch.randint(1, 32000, (n,), generator=gen).tolist() for n in (200, 2000, 5000)
+    ]  # 5000: three chunks, an early reservation
     colocated = LLMEngine(EngineConfig(model=str(model_dir), **ENGINE))
     sp = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     expected_transport = "cuda_ipc" if transport == "auto" else transport  # auto: peer access on one host

@@ -15,6 +15,7 @@ import math
 import torch
 
 from engine.compression.params import CompressionParams
+from engine.compression.protection import protected_mask
 
 
 def uniform_share(n: int, retention: float) -> int:
@@ -48,3 +49,27 @@ def keep_mask(scores: torch.Tensor, protected: torch.Tensor, params: Compression
         return top_mask(s.reshape(num_layers, num_heads * n), total).reshape(s.shape)
     total = num_layers * num_heads * max(share, floor)
     return top_mask(s.reshape(-1), total).reshape(s.shape)
+
+
+def max_kept_pages(
+    params: CompressionParams | None, n: int, num_layers: int, num_kv_heads: int, page_size: int
+) -> int:
+    """The most pages an n-token prompt's kept KV can take under `params`, known before its prefill
+    runs (what an early decode reservation sets aside). `keep_mask` keeps exactly max(share, protected)
+    tokens per head under uniform, and that share times the heads per layer (adaptive) or per model
+    (global) in all; each head then wastes less than one page."""
+    full_head = -(-n // page_size)
+    full = num_layers * num_kv_heads * full_head
+    if params is None or not params.active:
+        return full
+    share = uniform_share(n, params.retention)
+    num_protected = int(protected_mask(n, params.sink, params.recent, params.protected_spans).sum())
+    if params.budget == "uniform":
+        return num_layers * num_kv_heads * -(-min(n, max(share, num_protected)) // page_size)
+    floor = min(n, max(1, num_protected, math.ceil(params.head_floor * share)))
+    per_head = max(share, floor)
+    if params.budget == "adaptive":
+        per_layer = (num_kv_heads * per_head + num_kv_heads * (page_size - 1)) // page_size
+        return num_layers * min(num_kv_heads * full_head, per_layer)
+    heads = num_layers * num_kv_heads
+    return min(full, (heads * per_head + heads * (page_size - 1)) // page_size)

@@ -26,7 +26,7 @@ from protos.kvferry.v1 import common_pb2 as protos_dot_kvferry_dot_v1_dot_common
 from protos.kvferry.v1 import kv_pb2 as protos_dot_kvferry_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/kvferry/v1/decode.proto\x12\nkvferry.v1\x1a\x1eprotos/kvferry/v1/common.proto\x1a\x1aprotos/kvferry/v1/kv.proto\"\xd9\x01\n\x10ReserveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.kvferry.v1.KVManifest\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x05 \x01(\r\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x14\n\x0cnccl_pair_id\x18\x07 \x01(\t\"\xaa\x01\n\x11ReserveKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x11\n\tnum_pages\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_pages\x18\x04 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x11\n\tpage_runs\x18\x06 \x03(\x04\x12\x0f\n\x07node_id\x18\x07 \x01(\t\"\x11\n\x0f\x45xportKVRequest\"\x87\x01\n\x10\x45xportKVResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12\x13\n\x0bpool_export\x18\x06 \x01(\x0c\"G\n\x0fOpenNcclRequest\x12\x17\n\x0fprefill_host_id\x18\x01 \x01(\t\x12\x1b\n\x13prefill_device_uuid\x18\x02 \x01(\t\"y\n\x10OpenNcclResponse\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"M\n\x0f\x43ommitKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\x08\x63hecksum\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_checksum\"D\n\x10\x43ommitKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"E\n\rPushKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"\'\n\rDecodeRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x8a\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.kvferry.v1.DecodeStats\"\x83\x01\n\x0b\x44\x65\x63odeStats\x12\x15\n\routput_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x04\x12\x10\n\x08kv_pages\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11\x44\x65\x63odeInfoRequest\"\x9c\x01\n\x12\x44\x65\x63odeInfoResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x02 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x14\n\x0creservations\x18\x04 \x01(\r\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\x32\xb9\x04\n\rDecodeService\x12H\n\tReserveKV\x12\x1c.kvferry.v1.ReserveKVRequest\x1a\x1d.kvferry.v1.ReserveKVResponse\x12\x41\n\x06PushKV\x12\x19.kvferry.v1.PushKVRequest\x1a\x1a.kvferry.v1.PushKVResponse(\x01\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvferry.v1.DecodeRequest\x1a\x1a.kvferry.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvferry.v1.AbortRequest\x1a\x19.kvferry.v1.AbortResponse\x12\x45\n\x04Info\x12\x1d.kvferry.v1.DecodeInfoRequest\x1a\x1e.kvferry.v1.DecodeInfoResponse\x12\x45\n\x08\x45xportKV\x12\x1b.kvferry.v1.ExportKVRequest\x1a\x1c.kvferry.v1.ExportKVResponse\x12\x45\n\x08OpenNccl\x12\x1b.kvferry.v1.OpenNcclRequest\x1a\x1c.kvferry.v1.OpenNcclResponse\x12\x45\n\x08\x43ommitKV\x12\x1b.kvferry.v1.CommitKVRequest\x1a\x1c.kvferry.v1.CommitKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/kvferry/v1/decode.proto\x12\nkvferry.v1\x1a\x1eprotos/kvferry/v1/common.proto\x1a\x1aprotos/kvferry/v1/kv.proto\"\xe8\x01\n\x10ReserveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.kvferry.v1.KVManifest\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x05 \x01(\r\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x14\n\x0cnccl_pair_id\x18\x07 \x01(\t\x12\r\n\x05\x65\x61rly\x18\x08 \x01(\x08\"\xaa\x01\n\x11ReserveKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x11\n\tnum_pages\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_pages\x18\x04 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x11\n\tpage_runs\x18\x06 \x03(\x04\x12\x0f\n\x07node_id\x18\x07 \x01(\t\"\x11\n\x0f\x45xportKVRequest\"\x87\x01\n\x10\x45xportKVResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12\x13\n\x0bpool_export\x18\x06 \x01(\x0c\"G\n\x0fOpenNcclRequest\x12\x17\n\x0fprefill_host_id\x18\x01 \x01(\t\x12\x1b\n\x13prefill_device_uuid\x18\x02 \x01(\t\"y\n\x10OpenNcclResponse\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"\x8f\x01\n\x0f\x43ommitKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\x08\x63hecksum\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12(\n\x08manifest\x18\x03 \x01(\x0b\x32\x16.kvferry.v1.KVManifest\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\rB\x0b\n\t_checksum\"D\n\x10\x43ommitKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"E\n\rPushKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"\'\n\rDecodeRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x8a\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.kvferry.v1.DecodeStats\"\x83\x01\n\x0b\x44\x65\x63odeStats\x12\x15\n\routput_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x04\x12\x10\n\x08kv_pages\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11\x44\x65\x63odeInfoRequest\"\x9c\x01\n\x12\x44\x65\x63odeInfoResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x02 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x14\n\x0creservations\x18\x04 \x01(\r\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\x32\xb9\x04\n\rDecodeService\x12H\n\tReserveKV\x12\x1c.kvferry.v1.ReserveKVRequest\x1a\x1d.kvferry.v1.ReserveKVResponse\x12\x41\n\x06PushKV\x12\x19.kvferry.v1.PushKVRequest\x1a\x1a.kvferry.v1.PushKVResponse(\x01\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvferry.v1.DecodeRequest\x1a\x1a.kvferry.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvferry.v1.AbortRequest\x1a\x19.kvferry.v1.AbortResponse\x12\x45\n\x04Info\x12\x1d.kvferry.v1.DecodeInfoRequest\x1a\x1e.kvferry.v1.DecodeInfoResponse\x12\x45\n\x08\x45xportKV\x12\x1b.kvferry.v1.ExportKVRequest\x1a\x1c.kvferry.v1.ExportKVResponse\x12\x45\n\x08OpenNccl\x12\x1b.kvferry.v1.OpenNcclRequest\x1a\x1c.kvferry.v1.OpenNcclResponse\x12\x45\n\x08\x43ommitKV\x12\x1b.kvferry.v1.CommitKVRequest\x1a\x1c.kvferry.v1.CommitKVResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,39 +34,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kvferry.v1.decode_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEKVREQUEST']._serialized_start=107
-  _globals['_RESERVEKVREQUEST']._serialized_end=324
-  _globals['_RESERVEKVRESPONSE']._serialized_start=327
-  _globals['_RESERVEKVRESPONSE']._serialized_end=497
-  _globals['_EXPORTKVREQUEST']._serialized_start=499
-  _globals['_EXPORTKVREQUEST']._serialized_end=516
-  _globals['_EXPORTKVRESPONSE']._serialized_start=519
-  _globals['_EXPORTKVRESPONSE']._serialized_end=654
-  _globals['_OPENNCCLREQUEST']._serialized_start=656
-  _globals['_OPENNCCLREQUEST']._serialized_end=727
-  _globals['_OPENNCCLRESPONSE']._serialized_start=729
-  _globals['_OPENNCCLRESPONSE']._serialized_end=850
-  _globals['_COMMITKVREQUEST']._serialized_start=852
-  _globals['_COMMITKVREQUEST']._serialized_end=929
-  _globals['_COMMITKVRESPONSE']._serialized_start=931
-  _globals['_COMMITKVRESPONSE']._serialized_end=999
-  _globals['_PUSHKVREQUEST']._serialized_start=1001
-  _globals['_PUSHKVREQUEST']._serialized_end=1070
-  _globals['_PUSHKVRESPONSE']._serialized_start=1072
-  _globals['_PUSHKVRESPONSE']._serialized_end=1138
-  _globals['_DECODEREQUEST']._serialized_start=1140
-  _globals['_DECODEREQUEST']._serialized_end=1179
-  _globals['_DECODERESPONSE']._serialized_start=1182
-  _globals['_DECODERESPONSE']._serialized_end=1320
-  _globals['_DECODESTATS']._serialized_start=1323
-  _globals['_DECODESTATS']._serialized_end=1454
-  _globals['_ABORTREQUEST']._serialized_start=1456
-  _globals['_ABORTREQUEST']._serialized_end=1494
-  _globals['_ABORTRESPONSE']._serialized_start=1496
-  _globals['_ABORTRESPONSE']._serialized_end=1526
-  _globals['_DECODEINFOREQUEST']._serialized_start=1528
-  _globals['_DECODEINFOREQUEST']._serialized_end=1547
-  _globals['_DECODEINFORESPONSE']._serialized_start=1550
-  _globals['_DECODEINFORESPONSE']._serialized_end=1706
-  _globals['_DECODESERVICE']._serialized_start=1709
-  _globals['_DECODESERVICE']._serialized_end=2278
+  _globals['_RESERVEKVREQUEST']._serialized_end=339
+  _globals['_RESERVEKVRESPONSE']._serialized_start=342
+  _globals['_RESERVEKVRESPONSE']._serialized_end=512
+  _globals['_EXPORTKVREQUEST']._serialized_start=514
+  _globals['_EXPORTKVREQUEST']._serialized_end=531
+  _globals['_EXPORTKVRESPONSE']._serialized_start=534
+  _globals['_EXPORTKVRESPONSE']._serialized_end=669
+  _globals['_OPENNCCLREQUEST']._serialized_start=671
+  _globals['_OPENNCCLREQUEST']._serialized_end=742
+  _globals['_OPENNCCLRESPONSE']._serialized_start=744
+  _globals['_OPENNCCLRESPONSE']._serialized_end=865
+  _globals['_COMMITKVREQUEST']._serialized_start=868
+  _globals['_COMMITKVREQUEST']._serialized_end=1011
+  _globals['_COMMITKVRESPONSE']._serialized_start=1013
+  _globals['_COMMITKVRESPONSE']._serialized_end=1081
+  _globals['_PUSHKVREQUEST']._serialized_start=1083
+  _globals['_PUSHKVREQUEST']._serialized_end=1152
+  _globals['_PUSHKVRESPONSE']._serialized_start=1154
+  _globals['_PUSHKVRESPONSE']._serialized_end=1220
+  _globals['_DECODEREQUEST']._serialized_start=1222
+  _globals['_DECODEREQUEST']._serialized_end=1261
+  _globals['_DECODERESPONSE']._serialized_start=1264
+  _globals['_DECODERESPONSE']._serialized_end=1402
+  _globals['_DECODESTATS']._serialized_start=1405
+  _globals['_DECODESTATS']._serialized_end=1536
+  _globals['_ABORTREQUEST']._serialized_start=1538
+  _globals['_ABORTREQUEST']._serialized_end=1576
+  _globals['_ABORTRESPONSE']._serialized_start=1578
+  _globals['_ABORTRESPONSE']._serialized_end=1608
+  _globals['_DECODEINFOREQUEST']._serialized_start=1610
+  _globals['_DECODEINFOREQUEST']._serialized_end=1629
+  _globals['_DECODEINFORESPONSE']._serialized_start=1632
+  _globals['_DECODEINFORESPONSE']._serialized_end=1788
+  _globals['_DECODESERVICE']._serialized_start=1791
+  _globals['_DECODESERVICE']._serialized_end=2360
 # @@protoc_insertion_point(module_scope)

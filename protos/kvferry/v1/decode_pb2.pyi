@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReserveKVRequest(_message.Message):
-    __slots__ = ("request_id", "manifest", "sampling", "prompt_token_ids", "first_token_id", "transport", "nccl_pair_id")
+    __slots__ = ("request_id", "manifest", "sampling", "prompt_token_ids", "first_token_id", "transport", "nccl_pair_id", "early")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class ReserveKVRequest(_message.Message):
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NCCL_PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     manifest: _kv_pb2.KVManifest
     sampling: _common_pb2.SamplingParams
@@ -24,7 +25,8 @@ class ReserveKVRequest(_message.Message):
     first_token_id: int
     transport: str
     nccl_pair_id: str
-    def __init__(self, request_id: _Optional[str] = ..., manifest: _Optional[_Union[_kv_pb2.KVManifest, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., transport: _Optional[str] = ..., nccl_pair_id: _Optional[str] = ...) -> None: ...
+    early: bool
+    def __init__(self, request_id: _Optional[str] = ..., manifest: _Optional[_Union[_kv_pb2.KVManifest, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., transport: _Optional[str] = ..., nccl_pair_id: _Optional[str] = ..., early: _Optional[bool] = ...) -> None: ...
 
 class ReserveKVResponse(_message.Message):
     __slots__ = ("reservation_id", "lease_seconds", "num_pages", "reserved_pages", "max_chunk_bytes", "page_runs", "node_id")
@@ -87,12 +89,16 @@ class OpenNcclResponse(_message.Message):
     def __init__(self, pair_id: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class CommitKVRequest(_message.Message):
-    __slots__ = ("reservation_id", "checksum")
+    __slots__ = ("reservation_id", "checksum", "manifest", "first_token_id")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     checksum: int
-    def __init__(self, reservation_id: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
+    manifest: _kv_pb2.KVManifest
+    first_token_id: int
+    def __init__(self, reservation_id: _Optional[str] = ..., checksum: _Optional[int] = ..., manifest: _Optional[_Union[_kv_pb2.KVManifest, _Mapping]] = ..., first_token_id: _Optional[int] = ...) -> None: ...
 
 class CommitKVResponse(_message.Message):
     __slots__ = ("bytes_received", "transfer_seconds")
