@@ -156,3 +156,27 @@ def test_an_early_reservation_beyond_the_prompt_or_a_full_pool_is_refused(engine
         engine.pool.unreserve(taken)
     assert "big" not in engine.requests
     assert engine.pool.num_used == 0 and engine.pool.num_reserved == 0
+
+
+def test_imports_into_a_reused_pool_get_few_page_runs(engine: LLMEngine) -> None:
+    """Decode growth takes one page per head between a request's kept pages; once freed, a later import
+    must still get its pages as a few long runs (cuda_ipc writes one memcpy per run, a scatter past 64)."""
+    from kvtransfer.device_util import encode_runs
+
+    prompt = list(range(1, 33))  # 6 kept pages per head: the first decode token opens a new page
+    layout = KVLayout(torch.full((engine.num_layers, engine.num_kv_heads), 24), engine.pool.page_size)
+    runs = []
+    for i in range(3):
+        for early in (True, False):
+            rid = f"r{i}{early}"
+            if early:
+                ids = engine.reserve_import_early(prompt, greedy(6), layout.num_pages + 3, rid)
+                engine.place_import(rid, 5, layout)
+            else:
+                ids = engine.reserve_import(prompt, 5, greedy(6), layout, rid)
+            runs.append(len(encode_runs(ids)) // 2)
+            engine.commit_import(rid)
+            while engine.has_unfinished():
+                engine.step()
+    assert max(runs) <= 4, runs  # in free order: up to one run per (layer, head)
+    engine.pool.assert_no_leaks()
