@@ -13,6 +13,15 @@ the two 1024-token blocks of one 2048-token chunk spread over hundreds of progra
 The sketch width k is padded to a power of two with zero columns of Φ; the padded part of G gets
 an identity, so it never mixes with the real part.
 
+The sketch paths (`method="sketch3"`, the default, and "sketch2") compute x once: the Gram kernel
+keeps x = (K - k_lo)Φ (k_lo: the block's first key, one row instead of a mean of BLOCK_T keys) in a
+workspace, and the score kernel reads it back (no keys, no Φ, no second sketch product). The sketch
+product runs in tf32 on CUDA: since the Gram and the scores share the same x, its rounding acts as a
+slightly different sketch. sketch2 also inverts inside the Gram launch: the last program of each
+(block, head) to finish (an atomic ticket) sums the partials and inverts (two launches, not three).
+Scratch buffers live in a `LeverageWorkspace` that a caller can keep (no allocations per call).
+"split3" is the path of 2026-11-23 above, kept for comparison.
+
 Shapes: keys [T, H, D] (any token/head strides); bounds [NB + 1] block edges (prompt positions,
 token 0 of keys at `offset`); sketch [D, KP] (`padded_sketch`); out [H, T] fp32 (any head stride;
 may be a view into a larger [H, n] buffer).
@@ -173,6 +182,172 @@ def _score_kernel(
     tl.store(out_ptr + h * stride_oh + s0 + t, o / tl.load(norm_ptr + bh), mask=ok)
 
 
+# ---- the "sketch" paths: x computed once and kept, the shift is the block's first key ----
+
+
+@triton.jit
+def _invert_tile(gram, xsum, count, ridge, r, c, K: tl.constexpr):
+    """(G + ridge)⁻¹ [KP, KP] of the centred Gram, the mean m of x and the block mean of o, from the
+    summed partials (the algorithm of _invert_kernel)."""
+    m = xsum / count
+    gram = gram - count * m[:, None] * m[None, :]  # Σ (x - m)(x - m)ᵀ: the centred keys' Gram
+    eye = r[:, None] == c[None, :]
+    diag = tl.sum(tl.where(eye, gram, 0.0), 1)
+    lift = ridge * tl.maximum(tl.sum(tl.where(r < K, diag, 0.0), 0) / K, 1e-12)
+    a = gram + tl.where(eye, tl.where(r < K, lift, 1.0)[:, None], 0.0)
+    for p in range(K):  # symmetric sweeps: a becomes -A⁻¹ (see _invert_kernel)
+        col = tl.sum(tl.where((c == p)[None, :], a, 0.0), 1)
+        pivot = tl.sum(tl.where(r == p, col, 0.0), 0)
+        scaled = col / pivot
+        a = a - col[:, None] * scaled[None, :]
+        on_p = (r == p)[:, None] | (c == p)[None, :]
+        a = tl.where(on_p, scaled[:, None] * (c == p)[None, :] + scaled[None, :] * (r == p)[:, None], a)
+        a = tl.where(eye & (r == p)[:, None], -1.0 / pivot, a)
+    inv = tl.where((r < K)[:, None] & (c < K)[None, :], -a, 0.0)
+    norm = tl.maximum(tl.sum(tl.sum(inv * gram, 1), 0) / count, 1e-12)  # tr(G⁻¹ Σ x xᵀ) / b
+    return inv, m, norm
+
+
+@triton.jit
+def _sketch_gram_kernel(
+    keys_ptr,  # [T, H, D]
+    bounds_ptr,  # [NB + 1] int32, prompt positions
+    sketch_ptr,  # [D, KP] fp32, zero columns past K
+    x_ptr,  # [NB, H, S, BLOCK_T, KP] fp32: the shifted sketch x of each token (0 past the block)
+    gram_ptr,  # [NB, H, S, KP, KP] fp32: Σ x xᵀ of each split
+    xsum_ptr,  # [NB, H, S, KP] fp32: Σ x of each split
+    ticket_ptr,  # [NB, H] int32 (TICKET): zero before the launch, and again after it
+    inv_ptr,  # [NB, H, KP, KP] fp32 (TICKET): (G + ridge)⁻¹
+    mean_ptr,  # [NB, H, KP] fp32 (TICKET)
+    norm_ptr,  # [NB, H] fp32 (TICKET)
+    offset,  # prompt position of token 0 of the keys
+    ridge,
+    stride_kt,
+    stride_kh,
+    H: tl.constexpr,
+    S: tl.constexpr,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SKETCH_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TICKET: tl.constexpr,
+):
+    """x = (K - k_lo)Φ of BLOCK_T tokens (k_lo: the block's first key, which takes a large shared
+    offset out as well as a mean would), kept for the score pass, and its partial sums. With TICKET,
+    the last program of a (block, head) to finish also sums the partials and inverts."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    lo = tl.load(bounds_ptr + blk) - offset
+    hi = tl.load(bounds_ptr + blk + 1) - offset
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, D)
+    r = tl.arange(0, KP)
+    c = tl.arange(0, KP)
+    base = keys_ptr + h * stride_kh
+    bh = blk * H + h
+    s0 = lo + split * BLOCK_T
+    if s0 < hi:  # splits past a shorter block's end write nothing, and nothing reads them
+        phi = tl.load(sketch_ptr + d[:, None] * KP + c[None, :])  # [D, KP]
+        shift = tl.load(base + lo.to(tl.int64) * stride_kt + d).to(tl.float32)
+        # x is computed once, so the Gram and the scores see the same x whatever the precision
+        x, ok = _sketch_tile(base, s0, hi, shift, phi, stride_kt, t, d, SKETCH_PRECISION)
+        ws = bh * S + split
+        tl.store(x_ptr + ws * BLOCK_T * KP + t[:, None] * KP + c[None, :], x)
+        gram = tl.dot(tl.trans(x), x, input_precision=PRECISION)  # [KP, KP]
+        tl.store(gram_ptr + ws * KP * KP + r[:, None] * KP + c[None, :], gram)
+        tl.store(xsum_ptr + ws * KP + c, tl.sum(x, 0))
+    if TICKET:
+        # All threads' stores, then one acq_rel atomic at gpu scope (a CUTLASS semaphore's order):
+        # the program that draws the last ticket sees every partial of its (block, head).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + bh, 1)
+        if ticket == S - 1:
+            tl.atomic_xchg(ticket_ptr + bh, 0)  # ready for the next launch
+            gram = tl.zeros([KP, KP], tl.float32)
+            xsum = tl.zeros([KP], tl.float32)
+            for sp in range(tl.cdiv(hi - lo, BLOCK_T)):  # a fixed order: the same sums every launch
+                ws = bh * S + sp
+                gram += tl.load(gram_ptr + ws * KP * KP + r[:, None] * KP + c[None, :], cache_modifier=".cg")
+                xsum += tl.load(xsum_ptr + ws * KP + r, cache_modifier=".cg")
+            inv, m, norm = _invert_tile(gram, xsum, (hi - lo).to(tl.float32), ridge, r, c, K)
+            tl.store(inv_ptr + bh * KP * KP + r[:, None] * KP + c[None, :], inv)
+            tl.store(mean_ptr + bh * KP + r, m)
+            tl.store(norm_ptr + bh, norm)
+
+
+@triton.jit
+def _invert_partials_kernel(
+    bounds_ptr,  # [NB + 1] int32
+    gram_ptr,  # [NB, H, S, KP, KP] fp32
+    xsum_ptr,  # [NB, H, S, KP] fp32
+    inv_ptr,  # [NB, H, KP, KP] fp32
+    mean_ptr,  # [NB, H, KP] fp32
+    norm_ptr,  # [NB, H] fp32
+    ridge,
+    H: tl.constexpr,
+    S: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """_invert_kernel for the sketch paths: only the block's own splits are summed."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.load(bounds_ptr + blk + 1) - tl.load(bounds_ptr + blk)
+    r = tl.arange(0, KP)
+    c = tl.arange(0, KP)
+    bh = blk * H + h
+    gram = tl.zeros([KP, KP], tl.float32)
+    xsum = tl.zeros([KP], tl.float32)
+    for sp in range(tl.cdiv(n, BLOCK_T)):
+        ws = bh * S + sp
+        gram += tl.load(gram_ptr + ws * KP * KP + r[:, None] * KP + c[None, :])
+        xsum += tl.load(xsum_ptr + ws * KP + r)
+    inv, m, norm = _invert_tile(gram, xsum, n.to(tl.float32), ridge, r, c, K)
+    tl.store(inv_ptr + bh * KP * KP + r[:, None] * KP + c[None, :], inv)
+    tl.store(mean_ptr + bh * KP + r, m)
+    tl.store(norm_ptr + bh, norm)
+
+
+@triton.jit
+def _score_x_kernel(
+    bounds_ptr,  # [NB + 1] int32
+    x_ptr,  # [NB, H, S, BLOCK_T, KP] fp32
+    inv_ptr,  # [NB, H, KP, KP] fp32
+    mean_ptr,  # [NB, H, KP] fp32
+    norm_ptr,  # [NB, H] fp32
+    out_ptr,  # [H, T] fp32
+    offset,
+    stride_oh,
+    H: tl.constexpr,
+    S: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """o_i = x_iᵀ G⁻¹ x_i over the block mean, from the kept x (no keys, no sketch)."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    lo = tl.load(bounds_ptr + blk) - offset
+    hi = tl.load(bounds_ptr + blk + 1) - offset
+    s0 = lo + split * BLOCK_T
+    if s0 >= hi:
+        return
+    t = tl.arange(0, BLOCK_T)
+    c = tl.arange(0, KP)
+    bh = blk * H + h
+    ws = bh * S + split
+    x = tl.load(x_ptr + ws * BLOCK_T * KP + t[:, None] * KP + c[None, :])
+    x = x - tl.load(mean_ptr + bh * KP + c)[None, :]  # the centred sketch
+    inv = tl.load(inv_ptr + bh * KP * KP + c[:, None] * KP + c[None, :])
+    o = tl.sum(x * tl.dot(x, inv, input_precision=PRECISION), 1)  # x_iᵀ G⁻¹ x_i
+    tl.store(out_ptr + h * stride_oh + s0 + t, o / tl.load(norm_ptr + bh), mask=s0 + t < hi)
+
+
 def padded_sketch(sketch: torch.Tensor) -> torch.Tensor:
     """Φ [D, k] -> fp32 [D, KP] with zero columns past k (KP = max(16, next_pow2(k)))."""
     d, k = sketch.shape
@@ -180,6 +355,47 @@ def padded_sketch(sketch: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(d, kp, dtype=torch.float32, device=sketch.device)
     out[:, :k] = sketch.float()
     return out
+
+
+STAGES = {
+    "split3": ("gram", "invert", "score"),  # the three kernels of 2026-11-23
+    "sketch3": ("sketch_gram", "invert", "score"),  # x kept: the score pass reads no keys
+    "sketch2": ("sketch_gram", "score"),  # sketch3 with the inverse in the Gram launch (tickets)
+}
+DEFAULT_METHOD = "sketch3"
+INVERT_WARPS = 8  # the sweep's 48 steps are throughput-bound: more warps, fewer elements each
+
+
+class LeverageWorkspace:
+    """Scratch buffers of `leverage_scores`, grown on demand and reused across calls: a caller that
+    keeps one (compactor keeps one per prompt) allocates nothing per call, and CUDA-graph captures
+    see fixed addresses. One workspace serves one stream at a time: launches on a stream run in
+    order, and sketch2's tickets are back to zero when its launch ends."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, method: str, nbh: int, splits: int, block_t: int, kp: int, device: torch.device) -> dict:
+        need = dict(
+            grams=nbh * splits * kp * kp,
+            xsums=nbh * splits * kp,
+            inv=nbh * kp * kp,
+            means=nbh * kp,
+            norms=nbh,
+        )
+        if method != "split3":
+            need["xs"] = nbh * splits * block_t * kp
+        if method == "sketch2":
+            need["tickets"] = nbh
+        bufs = self.bufs
+        for name, n in need.items():
+            buf = bufs.get(name)
+            if buf is None or buf.numel() < n or buf.device != device:
+                if name == "tickets":  # sketch2's counters start (and end) at zero
+                    bufs[name] = torch.zeros(n, dtype=torch.int32, device=device)
+                else:
+                    bufs[name] = torch.empty(n, dtype=torch.float32, device=device)
+        return bufs
 
 
 def leverage_scores(
@@ -192,36 +408,75 @@ def leverage_scores(
     max_block: int | None = None,
     ridge: float = 1e-4,
     block_t: int = 64,
+    method: str | None = None,
+    workspace: LeverageWorkspace | None = None,
+    num_warps: int = 4,
+    invert_warps: int | None = None,
+    sketch_precision: str | None = None,
+    stages: tuple[str, ...] | None = None,
 ) -> torch.Tensor:
     """keys [T, H, D] of prompt positions offset..offset+T-1; bounds [NB + 1] block edges (int32
     prompt positions, on the keys' device, within that range; no block longer than `max_block`,
     default T); sketch [D, KP] from `padded_sketch`; out [H, T] fp32 -> out: each block's leverage
-    divided by its block mean."""
+    divided by its block mean.
+
+    method: a key of STAGES (default DEFAULT_METHOD). workspace: scratch buffers to reuse (one
+    stream at a time); a fresh one per call if None. num_warps: every kernel's but the inverse's
+    (invert_warps: split3 4, else INVERT_WARPS). sketch_precision: of x = (K - s)Φ in the sketch
+    paths, "tf32" on CUDA by default: x is computed once and used by both the Gram and the scores,
+    so its rounding acts as a slightly different sketch (the Gram and x G⁻¹ stay tf32x3).
+    stages: for benchmarks, a subset of STAGES[method] launched alone on the workspace's contents."""
     t_len, h, d = keys.shape
     assert keys.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == (h, t_len), (keys.shape, out.shape)
     assert sketch.shape[0] == d and sketch.dtype == torch.float32 and sketch.is_contiguous()
     assert d == next_pow2(d) and d >= 16, f"head_dim {d}: a power of 2 >= 16"
+    method = method or DEFAULT_METHOD
+    stages = stages or STAGES[method]
     num_blocks = bounds.numel() - 1
     if num_blocks <= 0:
         return out
     kp = sketch.shape[1]
     splits = triton.cdiv(max_block or t_len, block_t)
     precision = "tf32x3" if keys.is_cuda else "ieee"
-    f32 = dict(dtype=torch.float32, device=keys.device)
-    grams = torch.empty(num_blocks, h, splits, kp, kp, **f32)
-    xsums = torch.empty(num_blocks, h, splits, kp, **f32)
-    inv = torch.empty(num_blocks, h, kp, kp, **f32)
-    means = torch.empty(num_blocks, h, kp, **f32)
-    norms = torch.empty(num_blocks, h, **f32)
-    common = dict(H=h, D=d, KP=kp, BLOCK_T=block_t, PRECISION=precision, num_warps=4)
-    _partial_gram_kernel[(num_blocks, h, splits)](
-        keys, bounds, sketch, grams, xsums, offset, keys.stride(0), keys.stride(1), S=splits, **common
-    )
-    _invert_kernel[(num_blocks, h)](
-        bounds, grams, xsums, inv, means, norms, ridge, H=h, S=splits, K=sketch_size, KP=kp, num_warps=4
-    )
-    _score_kernel[(num_blocks, h, splits)](
-        keys, bounds, sketch, inv, means, norms, out, offset, keys.stride(0), keys.stride(1), out.stride(0),
-        **common,
-    )  # fmt: skip
+    ws = (workspace or LeverageWorkspace()).get(method, num_blocks * h, splits, block_t, kp, keys.device)
+    grid = (num_blocks, h, splits)
+    if method == "split3":
+        common = dict(H=h, D=d, KP=kp, BLOCK_T=block_t, PRECISION=precision, num_warps=num_warps)
+        if "gram" in stages:
+            _partial_gram_kernel[grid](
+                keys, bounds, sketch, ws["grams"], ws["xsums"], offset, keys.stride(0), keys.stride(1),
+                S=splits, **common,
+            )  # fmt: skip
+        if "invert" in stages:
+            _invert_kernel[(num_blocks, h)](
+                bounds, ws["grams"], ws["xsums"], ws["inv"], ws["means"], ws["norms"], ridge, H=h,
+                S=splits, K=sketch_size, KP=kp, num_warps=invert_warps or 4,
+            )  # fmt: skip
+        if "score" in stages:
+            _score_kernel[grid](
+                keys, bounds, sketch, ws["inv"], ws["means"], ws["norms"], out, offset, keys.stride(0),
+                keys.stride(1), out.stride(0), **common,
+            )  # fmt: skip
+        return out
+    assert method in STAGES, method
+    ticket = method == "sketch2"
+    sketch_precision = sketch_precision or ("tf32" if keys.is_cuda else "ieee")
+    if "sketch_gram" in stages:
+        extra = (ws["tickets"], ws["inv"], ws["means"], ws["norms"]) if ticket else (keys,) * 4  # unused
+        _sketch_gram_kernel[grid](
+            keys, bounds, sketch, ws["xs"], ws["grams"], ws["xsums"], *extra, offset, ridge,
+            keys.stride(0), keys.stride(1), H=h, S=splits, D=d, K=sketch_size, KP=kp, BLOCK_T=block_t,
+            SKETCH_PRECISION=sketch_precision, PRECISION=precision, TICKET=ticket,
+            num_warps=(invert_warps or INVERT_WARPS) if ticket else num_warps,
+        )  # fmt: skip
+    if "invert" in stages and not ticket:
+        _invert_partials_kernel[(num_blocks, h)](
+            bounds, ws["grams"], ws["xsums"], ws["inv"], ws["means"], ws["norms"], ridge, H=h, S=splits,
+            K=sketch_size, KP=kp, BLOCK_T=block_t, num_warps=invert_warps or INVERT_WARPS,
+        )  # fmt: skip
+    if "score" in stages:
+        _score_x_kernel[grid](
+            bounds, ws["xs"], ws["inv"], ws["means"], ws["norms"], out, offset, out.stride(0), H=h,
+            S=splits, KP=kp, BLOCK_T=block_t, PRECISION=precision, num_warps=num_warps,
+        )  # fmt: skip
     return out

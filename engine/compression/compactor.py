@@ -116,8 +116,11 @@ class FusedScoring:
     def __init__(self, sketch: torch.Tensor, leverage_bounds: list[int], mass_bounds: list[int]) -> None:
         import kernels
         from kernels.attention_mass import MAX_BLOCK
+        from kernels.leverage_scores import LeverageWorkspace
 
         self.kernels = kernels
+        # scratch buffers reused by every leverage launch of this prompt (all on the scorer's stream)
+        self.leverage_workspace = LeverageWorkspace()
         device = sketch.device
         self.sketch = kernels.padded_sketch(sketch)  # [D, KP]
         self.leverage_bounds = torch.tensor(leverage_bounds, dtype=torch.int32, device=device)
@@ -132,6 +135,7 @@ class FusedScoring:
         self.kernels.leverage_scores(
             keys, self.leverage_bounds[first : last + 1], self.sketch, sketch_size,
             out[:, lo : lo + keys.shape[0]], offset=lo, max_block=self.max_leverage_block,
+            workspace=self.leverage_workspace,
         )  # fmt: skip
 
     def mass(self, out: torch.Tensor, span: tuple, scale: float) -> None:

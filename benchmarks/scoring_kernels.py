@@ -1,0 +1,511 @@
+"""Time the compactor's scoring kernels stage by stage, old and new variants side by side.
+
+Shape: Llama-3.1-8B (32 q / 8 kv heads, head_dim 128, bf16), the compactor's defaults (sketch k=48
+padded to 64, leverage blocks of 1024 tokens, attention-mass blocks of 128). Two spans: one
+2048-token prefill chunk of a 32K prompt (what one launch per layer per chunk sees) and a whole 32K
+prompt in one launch (what deferring the scoring to the prompt's end would see).
+
+Each measurement is a CUDA-graph replay of N calls rotating over enough input sets to defeat the L2
+cache (the timer of benchmarks/kernels.py), plus, for the whole calls, eager wall time (back-to-back
+calls, and one call then a synchronise) to expose host launch overhead. Every variant is also checked
+against the PyTorch reference on fresh random inputs: relative error, and for leverage the overlap of
+the top half of each (block, head) with the reference's, on keys with a moderate and a large shared
+offset. One failing measurement is recorded and the rest go on.
+
+    python3 benchmarks/scoring_kernels.py --out docs/benchmarks/scoring_kernels.json   # on a GPU
+    python3 benchmarks/scoring_kernels.py --cpu-smoke    # tiny shapes, Triton interpreter, no timing claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+L2_DEFEAT_BYTES = 256 << 20  # input sets rotated until one replay streams at least this much
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--out", help="JSON report path (default docs/benchmarks/scoring_kernels.json; smoke: a temp file)"
+    )
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 (logic only)"
+    )
+    p.add_argument("--date", help="date to record (default: today, UTC)")
+    p.add_argument("--no-32k", action="store_true", help="skip the whole-32K-prompt span")
+    p.add_argument("--eager-calls", type=int, default=50, help="back-to-back eager calls per timing")
+    return p.parse_args()
+
+
+args = parse_args() if __name__ == "__main__" else None
+
+import torch  # noqa: E402  (after --help, which needs no torch)
+
+if args is not None and (args.cpu_smoke or not torch.cuda.is_available()):
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+# ---- timers ----
+
+
+def _graph_timer() -> Callable | None:
+    """time_calls of benchmarks/kernels.py (that file's module name would shadow the kernels package)."""
+    try:
+        spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.time_calls
+    except Exception as e:  # noqa: BLE001
+        print(f"benchmarks/kernels.py not importable ({type(e).__name__}: {e}); using the local timer")
+        return None
+
+
+def _local_time_calls(fns: list[Callable[[], object]], device: torch.device, trials: int = 7) -> float:
+    """Median seconds per call of fns, from CUDA-graph replays timed with events (same as kernels.py)."""
+    for f in fns:
+        f()
+    if device.type != "cuda":
+        t = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t) / len(fns)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    reps = max(1, min(200, int(0.01 / max(time.perf_counter() - t, 1e-6))))
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
+    del graph
+    return statistics.median(times)
+
+
+time_calls = _graph_timer() or _local_time_calls
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eager_times(fns: list[Callable[[], object]], device: torch.device, calls: int) -> dict:
+    """Wall seconds per call: back-to-back (max of host and device time) and one call + synchronise."""
+    for f in fns:
+        f()
+    sync(device)
+    t = time.perf_counter()
+    for i in range(calls):
+        fns[i % len(fns)]()
+    host = time.perf_counter() - t  # enqueue time alone (host side)
+    sync(device)
+    loop = time.perf_counter() - t
+    singles = []
+    for i in range(min(calls, 20)):
+        sync(device)
+        t = time.perf_counter()
+        fns[i % len(fns)]()
+        sync(device)
+        singles.append(time.perf_counter() - t)
+    return dict(
+        eager_loop_s=loop / calls, eager_host_s=host / calls, eager_single_s=statistics.median(singles)
+    )
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_calls([lambda: dst.copy_(src)], device)
+    return 2 * nbytes / t
+
+
+# ---- inputs and references ----
+
+
+class Shape:
+    def __init__(self, smoke: bool) -> None:
+        if smoke:
+            self.hq, self.h, self.d, self.k = 4, 2, 32, 12
+            self.lev_block, self.mass_block = 128, 40
+            self.spans = {"chunk": (600, 100, 500)}  # prompt length, span lo, span hi
+        else:
+            self.hq, self.h, self.d, self.k = 32, 8, 128, 48
+            self.lev_block, self.mass_block = 1024, 128
+            self.spans = {"chunk2048": (32768, 8192, 10240), "span32k": (32768, 0, 32768)}
+
+
+def qkv_views(t: int, s: Shape, device, dtype, offset_scale: float, gen: torch.Generator):
+    """q [T, Hq, D], k_pre [T, H, D], k [T, H, D] as strided views of one fused qkv row (as the
+    model's projection leaves them); pre-RoPE keys carry a shared offset of offset_scale."""
+    width = (s.hq + 2 * s.h) * s.d
+    qkv = torch.randn(t, width, generator=gen).to(device=device)
+    kpre = qkv[:, s.hq * s.d : (s.hq + s.h) * s.d].view(t, s.h, s.d)
+    kpre += offset_scale * torch.randn(s.d, generator=gen).to(device)
+    qkv = qkv.to(dtype)
+    q = qkv[:, : s.hq * s.d].view(t, s.hq, s.d)
+    kpre = qkv[:, s.hq * s.d : (s.hq + s.h) * s.d].view(t, s.h, s.d)
+    k = qkv[:, (s.hq + s.h) * s.d :].view(t, s.h, s.d)
+    return q, kpre, k
+
+
+def leverage_ref(keys: torch.Tensor, bounds: list[int], sketch: torch.Tensor) -> torch.Tensor:
+    from engine.compression.leverage import sketched_leverage
+
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        o = sketched_leverage(keys[a - bounds[0] : b - bounds[0]].float().transpose(0, 1), sketch)
+        out.append(o / o.mean(dim=1, keepdim=True).clamp(min=1e-12))
+    return torch.cat(out, dim=1)
+
+
+def mass_ref(q, k, bounds: list[int], scale: float) -> torch.Tensor:
+    from engine.compression.attention_scores import block_attention_mass
+
+    lo = bounds[0]
+    return torch.cat(
+        [
+            block_attention_mass(q[a - lo : b - lo], k[a - lo : b - lo], scale)
+            for a, b in zip(bounds, bounds[1:])
+        ],
+        dim=1,
+    )
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    if out.isnan().any():
+        return float("nan")
+    return float((out.double() - want.double()).norm() / want.double().norm())
+
+
+def topk_overlap(out: torch.Tensor, want: torch.Tensor, bounds: list[int], frac: float = 0.5) -> float:
+    """Smallest share, over (block, head), of the reference's top `frac` that out's top `frac` holds."""
+    worst = 1.0
+    lo = bounds[0]
+    for a, b in zip(bounds, bounds[1:]):
+        n = max(1, int(frac * (b - a)))
+        got = out[:, a - lo : b - lo].topk(n, dim=1).indices
+        ref = want[:, a - lo : b - lo].topk(n, dim=1).indices
+        hit = torch.zeros(want.shape[0], b - a, dtype=torch.bool, device=want.device)
+        hit.scatter_(1, ref, True)
+        worst = min(worst, float(hit.gather(1, got).float().mean(dim=1).min()))
+    return worst
+
+
+# ---- the benchmark ----
+
+
+def leverage_variants(kernels_mod) -> dict[str, dict]:
+    """name -> keyword arguments of leverage_scores (ws: a reused workspace)."""
+    return {
+        "split3_fresh": dict(method="split3", ws=False),  # the engine's path of 2026-11-23
+        "split3_ws": dict(method="split3", ws=True),
+        "sketch3_ws": dict(method="sketch3", ws=True),  # the new default (compactor keeps a workspace)
+        "sketch3_fresh": dict(method="sketch3", ws=False),
+        "sketch3_ws_x3": dict(method="sketch3", ws=True, sketch_precision="tf32x3"),
+        "sketch3_ws_inv4": dict(method="sketch3", ws=True, invert_warps=4),
+        "sketch3_ws_inv16": dict(method="sketch3", ws=True, invert_warps=16),
+        "sketch2_ws": dict(method="sketch2", ws=True),
+        "sketch2_ws_inv4": dict(method="sketch2", ws=True, invert_warps=4),
+    }
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.failures: list[dict] = []
+
+    def run(self, what: str, fn: Callable[[], dict]) -> None:
+        """One measurement; an exception is recorded and the benchmark goes on."""
+        t = time.perf_counter()
+        try:
+            row = dict(what=what, **fn())
+            self.rows.append(row)
+            print(
+                f"  {what}: " + ", ".join(f"{k}={fmt(k, v)}" for k, v in row.items() if k != "what"),
+                flush=True,
+            )
+        except Exception as e:  # noqa: BLE001
+            self.failures.append(
+                dict(what=what, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
+            )
+            print(
+                f"  {what}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
+                flush=True,
+            )
+        finally:
+            print(f"    ({time.perf_counter() - t:.1f} s)", flush=True)
+
+
+def fmt(k: str, v) -> str:
+    if isinstance(v, float):
+        return f"{v * 1e6:.1f}us" if k.endswith("_s") else f"{v:.4g}"
+    return str(v)
+
+
+def bench_leverage(
+    report: Report, kernels_mod, lev, s: Shape, span_name: str, span, device, dtype, eager_calls
+):
+    from engine.compression.blocks import block_bounds
+    from engine.compression.leverage import gaussian_sketch
+
+    n, lo, hi = span
+    bounds = [b for b in block_bounds(n, s.lev_block) if lo <= b <= hi]
+    lo, hi = bounds[0], bounds[-1]  # the span's whole blocks
+    t = hi - lo
+    max_block = max(b - a for a, b in zip(bounds, bounds[1:]))
+    edges = torch.tensor(bounds, dtype=torch.int32, device=device)
+    sketch = gaussian_sketch(s.d, s.k, device)
+    padded = kernels_mod.padded_sketch(sketch)
+    per_set = t * (s.hq + 2 * s.h) * s.d * dtype.itemsize
+    sets = max(1, math.ceil(L2_DEFEAT_BYTES / per_set)) if device.type == "cuda" else 1
+    gen = torch.Generator().manual_seed(1234)
+    inputs = [qkv_views(t, s, device, dtype, 4.0, gen)[1] for _ in range(sets)]
+    outs = [torch.empty(s.h, t, device=device) for _ in range(sets)]
+    kp = padded.shape[1]
+    # bytes: keys read twice (Gram and score passes), scores written; FLOPs: x = KΦ twice, Σ x xᵀ, x G⁻¹
+    key_bytes = t * s.h * s.d * dtype.itemsize
+    nbytes = 2 * key_bytes + t * s.h * 4
+    flops = t * s.h * (2 * 2 * s.d * kp + 2 * kp * kp + 2 * kp * kp)
+    meta = dict(
+        span=span_name,
+        tokens=t,
+        blocks=len(bounds) - 1,
+        max_block=max_block,
+        sets=sets,
+        bytes=nbytes,
+        flops=flops,
+    )
+
+    for name, cfg in leverage_variants(kernels_mod).items():
+        cfg = dict(cfg)
+        use_ws = cfg.pop("ws")
+        wss = [lev.LeverageWorkspace() if use_ws else None for _ in range(sets)]
+
+        def call(i, stages=None, cfg=cfg, wss=wss):
+            return kernels_mod.leverage_scores(
+                inputs[i], edges, padded, s.k, outs[i], offset=lo, max_block=max_block, workspace=wss[i],
+                stages=stages, **cfg,
+            )  # fmt: skip
+
+        def whole(call=call, name=name):
+            fns = [lambda i=i: call(i) for i in range(sets)]
+            res = dict(meta, variant=name, graph_s=time_calls(fns, device))
+            res.update(eager_times(fns, device, eager_calls if device.type == "cuda" else 2))
+            res["roofline_x"] = res["graph_s"] / (nbytes / COPY_BPS) if COPY_BPS else float("nan")
+            return res
+
+        report.run(f"leverage {span_name} {name} whole", whole)
+        if use_ws:  # stages alone, on workspaces a whole call filled
+            for stage in lev.STAGES[cfg["method"]]:
+
+                def one(call=call, stage=stage, name=name):
+                    for i in range(sets):
+                        call(i)
+                    fns = [lambda i=i: call(i, (stage,)) for i in range(sets)]
+                    return dict(meta, variant=name, stage=stage, graph_s=time_calls(fns, device))
+
+                report.run(f"leverage {span_name} {name} stage {stage}", one)
+
+        def check(call=call, name=name, cfg=cfg):
+            res = dict(span=span_name, variant=name)
+            for label, offset_scale in (("offset4", 4.0), ("offset50", 50.0)):
+                g = torch.Generator().manual_seed(99 + int(offset_scale))
+                keys = qkv_views(t, s, device, dtype, offset_scale, g)[1]
+                out = torch.full((s.h, t), float("nan"), device=device)
+                ws = lev.LeverageWorkspace()
+                for _ in range(2):  # twice on one workspace: the tickets must be reset by the first
+                    out.fill_(float("nan"))
+                    kernels_mod.leverage_scores(
+                        keys, edges, padded, s.k, out, offset=lo, max_block=max_block, workspace=ws, **cfg
+                    )
+                want = leverage_ref(keys, bounds, sketch)
+                res[f"rel_err_{label}"] = rel_err(out, want)
+                res[f"top50_overlap_{label}"] = topk_overlap(out, want, bounds)
+            return res
+
+        report.run(f"leverage {span_name} {name} check", check)
+    return dict(span=span_name, setup="done")
+
+
+def bench_mass(report: Report, kernels_mod, s: Shape, span_name: str, span, device, dtype, eager_calls):
+    from engine.compression.blocks import block_bounds
+
+    n, lo, hi = span
+    bounds = [b for b in block_bounds(n, s.mass_block) if lo <= b <= hi]
+    lo, hi = bounds[0], bounds[-1]  # the span's whole blocks
+    t = hi - lo
+    max_block = max(b - a for a, b in zip(bounds, bounds[1:]))
+    edges = torch.tensor(bounds, dtype=torch.int32, device=device)
+    scale = s.d**-0.5
+    per_set = t * (s.hq + 2 * s.h) * s.d * dtype.itemsize
+    sets = max(1, math.ceil(L2_DEFEAT_BYTES / per_set)) if device.type == "cuda" else 1
+    gen = torch.Generator().manual_seed(4321)
+    inputs = []
+    for _ in range(sets):
+        q, _, k = qkv_views(t, s, device, dtype, 0.0, gen)
+        inputs.append((q, k))
+    outs = [torch.empty(s.h, t, device=device) for _ in range(sets)]
+    nbytes = t * (s.hq + s.h) * s.d * dtype.itemsize + t * s.h * 4
+    flops = sum(2 * s.hq * (b - a) ** 2 * s.d for a, b in zip(bounds, bounds[1:]))
+    meta = dict(span=span_name, tokens=t, blocks=len(bounds) - 1, sets=sets, bytes=nbytes, flops=flops)
+    for name, cfg in {"mass_w8": dict(num_warps=8), "mass_w4": dict(num_warps=4)}.items():
+
+        def call(i, cfg=cfg):
+            q, k = inputs[i]
+            return kernels_mod.attention_mass(q, k, edges, max_block, scale, outs[i], offset=lo, **cfg)
+
+        def whole(call=call, name=name):
+            fns = [lambda i=i: call(i) for i in range(sets)]
+            res = dict(meta, variant=name, graph_s=time_calls(fns, device))
+            res.update(eager_times(fns, device, eager_calls if device.type == "cuda" else 2))
+            res["roofline_x"] = res["graph_s"] / (nbytes / COPY_BPS) if COPY_BPS else float("nan")
+            res["TFLOPs"] = flops / res["graph_s"] / 1e12
+            return res
+
+        report.run(f"attention_mass {span_name} {name} whole", whole)
+
+        def check(cfg=cfg, name=name):
+            g = torch.Generator().manual_seed(77)
+            q, _, k = qkv_views(t, s, device, dtype, 0.0, g)
+            out = torch.full((s.h, t), float("nan"), device=device)
+            kernels_mod.attention_mass(q, k, edges, max_block, scale * 2, out, offset=lo, **cfg)
+            return dict(span=span_name, variant=name, rel_err=rel_err(out, mass_ref(q, k, bounds, scale * 2)))
+
+        report.run(f"attention_mass {span_name} {name} check", check)
+    return dict(span=span_name, setup="done")
+
+
+COPY_BPS = 0.0
+
+
+def table(report: Report) -> str:
+    lines = [
+        f"{'what':58s} {'graph us':>9s} {'eager us':>9s} {'host us':>8s} {'x roof':>7s} {'rel err':>9s} {'top50':>6s}"
+    ]
+    checks = {(r["span"], r["variant"]): r for r in report.rows if r["what"].endswith(" check")}
+    for r in report.rows:
+        if r["what"].endswith((" check", " setup")):
+            continue
+        c = checks.get((r.get("span"), r.get("variant")), {}) if "stage" not in r else {}
+        err = c.get("rel_err", c.get("rel_err_offset50", float("nan")))
+        top = c.get("top50_overlap_offset50", float("nan"))
+        lines.append(
+            f"{r['what']:58s} {r['graph_s'] * 1e6:9.1f} {r.get('eager_loop_s', float('nan')) * 1e6:9.1f} "
+            f"{r.get('eager_host_s', float('nan')) * 1e6:8.1f} {r.get('roofline_x', float('nan')):7.1f} "
+            f"{err:9.2e} {top:6.3f}"
+        )
+    for f in report.failures:
+        lines.append(f"FAILED {f['what']}: {f['error'].splitlines()[0][:100] if f['error'] else ''}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global COPY_BPS
+    assert args is not None
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    import triton
+
+    import kernels as kernels_mod
+
+    lev = importlib.import_module("kernels.leverage_scores")  # the package re-exports a function of this name
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    s = Shape(smoke=device.type != "cuda")
+    if args.no_32k:
+        s.spans.pop("span32k", None)
+    report = Report()
+    if device.type == "cuda":
+        try:
+            COPY_BPS = copy_bandwidth(device)
+            print(f"copy bandwidth: {COPY_BPS / 1e9:.0f} GB/s (read + write)")
+        except Exception as e:  # noqa: BLE001
+            print(f"copy bandwidth failed: {e}")
+    torch.manual_seed(0)
+    for span_name, span in s.spans.items():
+        print(f"leverage, {span_name}:", flush=True)
+        report.run(
+            f"leverage {span_name} setup",
+            lambda span_name=span_name, span=span: bench_leverage(
+                report, kernels_mod, lev, s, span_name, span, device, dtype, args.eager_calls
+            ),
+        )
+        print(f"attention mass, {span_name}:", flush=True)
+        report.run(
+            f"attention_mass {span_name} setup",
+            lambda span_name=span_name, span=span: bench_mass(
+                report, kernels_mod, s, span_name, span, device, dtype, args.eager_calls
+            ),
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    info = dict(
+        command="python3 " + " ".join(sys.argv),
+        gpu=torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else "cpu (smoke run, interpreter: no timing claims)",
+        date=args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        measured_at_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        copy_GBps=COPY_BPS / 1e9,
+        shape=dict(
+            hq=s.hq,
+            h=s.h,
+            d=s.d,
+            sketch=s.k,
+            leverage_block=s.lev_block,
+            attention_block=s.mass_block,
+            dtype=str(dtype),
+            spans=s.spans,
+        ),  # fmt: skip
+        default_leverage_method=lev.DEFAULT_METHOD,
+        seconds=time.perf_counter() - started,
+        rows=report.rows,
+        failures=report.failures,
+    )
+    default = (
+        "docs/benchmarks/scoring_kernels.json" if device.type == "cuda" else "/tmp/scoring_kernels_smoke.json"
+    )
+    out = Path(args.out or default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    print(f"\n{info['gpu']}, {info['date']}, {info['seconds']:.0f} s; JSON: {out}")
+    print(table(report))
+    if report.failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
