@@ -18,7 +18,7 @@ import torch
 from decode_service.direct_receiver import DirectReceiver
 from decode_service.settings import DecodeSettings
 from decode_service.token_stream import TokenEvent, TokenStream
-from engine.errors import require
+from engine.errors import ResourceExhaustedError, require
 from engine.kv_handoff import KVLayout
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -69,6 +69,7 @@ class DecodeEngine:
         self.spec: ModelSpec | None = None
         self.direct = DirectReceiver(settings)
         self.quarantined_pages = 0  # pages a failed NCCL receive may still write: never reused
+        self._freed = asyncio.Event()  # set (and replaced) whenever a request gives its pages back
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -141,12 +142,30 @@ class DecodeEngine:
             ran.append(time.perf_counter())
             return reservation, stream
 
-        asked = time.perf_counter()
-        try:
-            reservation, stream = await self.worker.call(reserve)
-        except asyncio.CancelledError:
-            self.worker.submit(lambda e: self._abort_on_engine(e, rid))  # runs after `reserve` if it ran
-            raise
+        engine = self.ready_engine()
+        needed = engine.import_pages_needed(
+            len(prompt), sampling, layout=None if request.early else layout,
+            max_pages=early_pages if request.early else None,
+        )  # fmt: skip
+        hold_until = time.monotonic() + self.settings.reserve_hold_seconds
+        while True:
+            asked = time.perf_counter()
+            try:
+                if needed > engine.pool.num_available:  # a stale read: the engine thread decides
+                    raise ResourceExhaustedError(
+                        f"need {needed} KV pages but only {engine.pool.num_available} of "
+                        f"{engine.pool.num_pages} are available now",
+                        retryable=needed <= engine.pool.num_pages,
+                    )
+                reservation, stream = await self.worker.call(reserve)
+                break
+            except ResourceExhaustedError as e:
+                if not e.retryable or not await self._pages_freed(hold_until):
+                    raise
+                ran.clear()
+            except asyncio.CancelledError:
+                self.worker.submit(lambda e: self._abort_on_engine(e, rid))  # runs after `reserve` if it ran
+                raise
         self.reservations.add(reservation)
         self._outputs[rid] = stream
         done = time.perf_counter()
@@ -159,6 +178,24 @@ class DecodeEngine:
             1e3 * (ran[1] - ran[0]), 1e3 * (done - ran[1]),
         )  # fmt: skip
         return reservation
+
+    async def _pages_freed(self, until: float) -> bool:
+        """Wait until a request frees pages (it finished or was aborted), at most until `until`
+        (monotonic); False when the time ran out first. A ReserveKV that finds the pool full waits here
+        instead of making its caller poll."""
+        left = until - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._freed.wait(), left)
+        except TimeoutError:
+            return False
+        return True
+
+    def _signal_freed(self) -> None:
+        """Event loop: wake every ReserveKV waiting for pages."""
+        self._freed.set()
+        self._freed = asyncio.Event()
 
     async def receive(self, chunks: AsyncIterator[decode_pb2.PushKVRequest]) -> decode_pb2.PushKVResponse:
         """The grpc transport's receiving end: chunks -> verified bytes -> pool -> decoding starts."""
@@ -356,7 +393,8 @@ class DecodeEngine:
         return found
 
     def _abort_on_engine(self, engine: LLMEngine, rid: str) -> None:
-        engine.abort(rid)
+        if engine.abort(rid) and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._signal_freed)
         stream = self._streams.pop(rid, None)
         if stream is not None:
             stream.close("abort")
@@ -377,6 +415,8 @@ class DecodeEngine:
     def _after_step(self, engine: LLMEngine, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self._publish(engine, seq)
+        if self._loop is not None and any(seq.is_finished for seq in seqs):
+            self._loop.call_soon_threadsafe(self._signal_freed)
 
     def _step_failed(self, engine: LLMEngine, error: BaseException) -> None:
         for stream in self._streams.values():

@@ -16,6 +16,11 @@ class DecodeSettings(ServerSettings, EngineSettings):
     lease_seconds: float = setting(
         30.0, "a reservation whose pages, or whose Decode call, do not come within this many seconds is freed"
     )
+    reserve_hold_seconds: float = setting(
+        1.0,
+        "a ReserveKV that finds the pool full waits this long for running requests to free pages before it "
+        "answers RESOURCE_EXHAUSTED (retryable), so waiting prefill nodes poll rarely and get pages at once",
+    )
     max_chunk_bytes: int = setting(4 << 20, "largest PushKV chunk accepted, in bytes")
     transports: str = setting(
         "auto",
@@ -41,6 +46,8 @@ class DecodeSettings(ServerSettings, EngineSettings):
             raise ValueError(f"nccl_timeout_seconds: must be > 0, got {self.nccl_timeout_seconds}")
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds: must be > 0, got {self.lease_seconds}")
+        if self.reserve_hold_seconds < 0:
+            raise ValueError(f"reserve_hold_seconds: must be >= 0, got {self.reserve_hold_seconds}")
         if self.max_transfer_bytes < 0:
             raise ValueError(f"max_transfer_bytes: must be >= 0, got {self.max_transfer_bytes}")
         if self.max_chunk_bytes < 1:

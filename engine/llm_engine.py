@@ -225,12 +225,30 @@ class LLMEngine:
         lens = self._checked_lens(layout, len(prompt_token_ids), first_token)
         seq.output_token_ids = [first_token]
         seq.kv = SequenceKV(self.pool, L, H, seq.cache_tokens_needed() + 1)
-        # Every page this request can ever hold: kept tokens plus the max_new_tokens - 1 it will cache.
-        seq.kv.reserve(int(seq.kv.pages_per_head(lens + seq.max_new_tokens - 1).sum()))
+        seq.kv.reserve(self.import_pages_needed(len(prompt_token_ids), sampling, layout=layout))
         page_ids = seq.kv.grow_to(lens)  # a fresh sequence: every page, in travel order
         seq.status = SequenceStatus.RECEIVING
         self.requests[request_id] = seq
         return page_ids
+
+    def import_pages_needed(
+        self,
+        prompt_len: int,
+        sampling: SamplingParams,
+        layout: KVLayout | None = None,
+        max_pages: int | None = None,
+    ) -> int:
+        """Pages an imported KV reserves: every page it can ever hold, its kept tokens (`layout`, or at
+        most `max_pages` for an early import) plus the max_new_tokens - 1 it will cache. Cheap enough
+        for a caller to check the pool's room before asking the engine thread."""
+        growth = max(min(sampling.max_new_tokens, self.max_model_len - prompt_len) - 1, 0)
+        page_size = self.pool.page_size
+        if layout is not None:
+            lens = layout.head_lens.to(torch.int64)
+            return int(((lens + growth + page_size - 1) // page_size).sum())
+        assert max_pages is not None
+        # Each head's growth takes at most ceil(growth / page_size) pages beyond its kept ones.
+        return max_pages + self.num_layers * self.num_kv_heads * -(-growth // page_size)
 
     def reserve_import_early(
         self, prompt_token_ids: list[int], sampling: SamplingParams, max_pages: int, request_id: str
@@ -248,9 +266,7 @@ class LLMEngine:
             f"an early reservation takes 1 to {full} pages (the whole prompt's KV), got {max_pages}",
         )
         seq.kv = SequenceKV(self.pool, L, H, seq.cache_tokens_needed() + 1)
-        # Each head's growth takes at most ceil(growth / page_size) pages beyond its kept ones.
-        growth = L * H * -(-(seq.max_new_tokens - 1) // page_size)
-        seq.kv.reserve(max_pages + growth)
+        seq.kv.reserve(self.import_pages_needed(len(prompt_token_ids), sampling, max_pages=max_pages))
         page_ids = seq.kv.stage(max_pages)
         seq.status = SequenceStatus.RECEIVING
         self.requests[request_id] = seq

@@ -364,6 +364,31 @@ def test_decode_admission_refuses_when_the_pool_is_promised(
         assert stub.Abort(decode_pb2.AbortRequest(reservation_id=rid), timeout=5).found
 
 
+def test_a_reservation_on_a_full_pool_waits_for_freed_pages(cluster: InProcessCluster) -> None:
+    """A ReserveKV that finds the pool promised waits (reserve_hold_seconds) for a running request to
+    give pages back, instead of failing at once and making the prefill node poll."""
+    stub = _decode_stub(cluster)
+    manifest, _ = _manifest(cluster, 400)
+    held = []
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in range(10):
+            held.append(_reserve(stub, manifest, 400, max_new_tokens=100).reservation_id)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # nothing freed within the hold
+    waiting = stub.ReserveKV.future(
+        decode_pb2.ReserveKVRequest(
+            request_id="waits", manifest=manifest,
+            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=100),
+            prompt_token_ids=[1 + i % 250 for i in range(400)], first_token_id=5, transport="grpc",
+        ),
+        timeout=10,
+    )  # fmt: skip
+    time.sleep(0.2)
+    assert stub.Abort(decode_pb2.AbortRequest(reservation_id=held.pop()), timeout=5).found
+    held.append(waiting.result().reservation_id)  # got the pages the abort freed
+    for rid in held:
+        assert stub.Abort(decode_pb2.AbortRequest(reservation_id=rid), timeout=5).found
+
+
 # ---- service plumbing -----------------------------------------------------------------------------
 @pytest.mark.parametrize("node", ["coordinator", "prefill", "decode"])
 def test_health_and_reflection(cluster: InProcessCluster, node: str) -> None:
