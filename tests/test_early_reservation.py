@@ -158,10 +158,23 @@ def test_an_early_reservation_beyond_the_prompt_or_a_full_pool_is_refused(engine
     assert engine.pool.num_used == 0 and engine.pool.num_reserved == 0
 
 
-def test_imports_into_a_reused_pool_get_few_page_runs(engine: LLMEngine) -> None:
+def test_imports_into_a_reused_pool_get_few_page_runs(tiny_model: Callable[[str], TinyModel]) -> None:
     """Decode growth takes one page per head between a request's kept pages; once freed, a later import
-    must still get its pages as a few long runs (cuda_ipc writes one memcpy per run, a scatter past 64)."""
+    must still get its pages as a few long runs (cuda_ipc writes one memcpy per run, a scatter past 64).
+    In free order they came as up to 19 runs here."""
     from kvtransfer.device_util import encode_runs
+
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_model("llama").path),
+            device="cpu",
+            dtype="float32",
+            page_size=4,
+            max_model_len=256,
+            kv_cache_bytes=1 << 20,
+            prefill_chunk=64,
+        )  # fmt: skip
+    )
 
     prompt = list(range(1, 33))  # 6 kept pages per head: the first decode token opens a new page
     layout = KVLayout(torch.full((engine.num_layers, engine.num_kv_heads), 24), engine.pool.page_size)
