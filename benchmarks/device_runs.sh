@@ -5,15 +5,16 @@
 #   bash benchmarks/device_runs.sh 2gpu-bench   # nvidia-h200-x2: handoff (cuda_ipc, nccl) + fixed-KV sweep
 #   bash benchmarks/device_runs.sh 1gpu-bench   # nvidia-h100-x1: handoff after the pool-order fix + long inputs
 #   bash benchmarks/device_runs.sh 1gpu-handoff # nvidia-h100-x1: GPU tests, then early vs late reservation
-#   bash benchmarks/device_runs.sh 1gpu-serving # nvidia-h100-x1: fixed-KV retention sweep (24 requests), scoring kernels
+#   bash benchmarks/device_runs.sh 1gpu-serving # nvidia-h100-x1: fixed-KV retention sweep (24 requests), compression overhead
+#   bash benchmarks/device_runs.sh 1gpu-kernels # nvidia-h100-x1: engine GPU tests, compression overhead, handoff, prefill variants
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels}" >&2
     exit 2
     ;;
 esac
@@ -52,12 +53,18 @@ case ${1:-} in
     HANDOFF_TIMEOUT=330 handoff h100_early --transports cuda_ipc,cuda_ipc:late,cuda_ipc:noverify
     ;;
   1gpu-serving)
-    timeout 420 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
+    timeout 340 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
       --device cuda:0 --prefill-kv-cache-gib 6 --decode-kv-cache-gib 2.5 \
       --prefill-args "--reserve-wait-seconds 600" --num-requests 24 --input-len 8192 --output-len 512 \
       --concurrency 24 --retention 1,0.5,0.25,0.1 --warmup 1 --quiet --out "$OUT/bench/serving_h100_fixed_kv24" \
       2>&1 | tail -6
-    [ -f benchmarks/scoring_kernels.py ] && timeout 100 python benchmarks/scoring_kernels.py --out "$OUT/bench/scoring_kernels.json" 2>&1 | tail -25
+    timeout 200 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 2 2>&1 | tail -16
+    ;;
+  1gpu-kernels)
+    timeout 90 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -4
+    timeout 170 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 2 > "$OUT/co.log" 2>&1; tail -2 "$OUT/co.log"
+    HANDOFF_TIMEOUT=140 handoff h100_sorted --transports cuda_ipc,cuda_ipc:noverify
+    timeout 170 python benchmarks/prefill_variants.py --out "$OUT/bench/prefill_variants.json" 2>&1 | tail -45
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

@@ -46,6 +46,15 @@ class PrefillBatch:
         if self.use_triton:  # the varlen kernel's view of this single chunk
             self.cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
             self.starts = torch.tensor([start], dtype=torch.int32, device=device)
+            # Every layer's page table uploaded once per chunk: a blocking host-to-device copy waits
+            # for the GPU, and three per layer kept the host from running ahead of it (each layer's
+            # host work, scoring launches included, then added to the prefill's wall time).
+            self.tables = seq_kv.page_table.to(device)  # [L, H, max_pages]
+            # A prompt's heads all hold `start` tokens before this chunk: its slots on the device.
+            self.uniform = bool((seq_kv.head_lens == start).all())
+            pos = self.positions
+            self.slot_page = (pos // seq_kv.pool.page_size).long()  # [T] page index in each head
+            self.slot_offset = (pos % seq_kv.pool.page_size)[:, None].expand(num_tokens, seq_kv.num_kv_heads)
 
     def attend(
         self,
@@ -58,21 +67,27 @@ class PrefillBatch:
     ) -> torch.Tensor:
         """q [T, Hq, D]; k, v, k_pre_rope [T, H, D] -> [T, Hq, D]."""
         kv = self.seq_kv
-        pages, offsets = kv.slots(layer, self.num_tokens)  # [H, T]
         device = kv.pool.kv.device
         if self.use_triton:
-            _triton_kernels().store_kv(kv.pool.kv, pages.T.to(device), offsets.T.to(device), k, v)
+            if self.uniform:  # no host work, no sync
+                pages_t = self.tables[layer][:, self.slot_page].T.long()  # [T, H]
+                offsets_t = self.slot_offset
+            else:
+                pages, offsets = kv.slots(layer, self.num_tokens)  # [H, T]
+                pages_t, offsets_t = pages.T.to(device), offsets.T.to(device)
+            _triton_kernels().store_kv(kv.pool.kv, pages_t, offsets_t, k, v)
         else:
+            pages, offsets = kv.slots(layer, self.num_tokens)  # [H, T]
             ref.store_kv(
                 kv.pool.kv, pages.to(device), offsets.to(device), k.transpose(0, 1), v.transpose(0, 1)
             )
         if self.observer is not None:
             self.observer.observe(layer, q, k_pre_rope, k, self.start)
-        table = kv.page_table[layer].to(device)  # [H, max_pages]
         if self.use_triton:
             return _triton_kernels().prefill_attention(
-                q, kv.pool.kv, table[None], self.cu_seqlens, self.starts, self.num_tokens, scale
+                q, kv.pool.kv, self.tables[layer][None], self.cu_seqlens, self.starts, self.num_tokens, scale
             )
+        table = kv.page_table[layer].to(device)  # [H, max_pages]
         return ref.prefill_attention(q, kv.pool.kv, table, self.start, scale)
 
     def finish(self) -> None:
