@@ -54,7 +54,8 @@ class PrefillBatch:
             self.uniform = bool((seq_kv.head_lens == start).all())
             pos = self.positions
             self.slot_page = (pos // seq_kv.pool.page_size).long()  # [T] page index in each head
-            self.slot_offset = (pos % seq_kv.pool.page_size)[:, None].expand(num_tokens, seq_kv.num_kv_heads)
+            offset = (pos % seq_kv.pool.page_size)[:, None]  # [T, H] below, real memory: store_kv's rows
+            self.slot_offset = offset.expand(num_tokens, seq_kv.num_kv_heads).contiguous()
 
     def attend(
         self,

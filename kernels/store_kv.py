@@ -49,7 +49,8 @@ def store_kv(
     page_size, head_dim = check_pool(pool_kv)
     assert pages.shape == offsets.shape == k.shape[:-1] == v.shape[:-1], (pages.shape, k.shape, v.shape)
     assert k.shape[-1] == head_dim
-    pages, offsets = pages.reshape(-1), offsets.reshape(-1)
+    # One element per row: a broadcast (stride-0) view would flatten to a view the kernel misreads.
+    pages, offsets = pages.reshape(-1).contiguous(), offsets.reshape(-1).contiguous()
     k, v = k.reshape(-1, head_dim), v.reshape(-1, head_dim)  # copies only if the rows are not strided
     if k.stride(-1) != 1:
         k = k.contiguous()
