@@ -81,14 +81,7 @@ def check_decode(
 
 
 def check_prefill(
-    chunks: list[tuple[int, int]],
-    kv_heads: int,
-    group: int,
-    head_dim: int,
-    page_size: int,
-    dtype,
-    scale: float | None = None,
-    **kw,
+    chunks: list[tuple[int, int]], kv_heads: int, group: int, head_dim: int, page_size: int, dtype, **kw
 ) -> None:
     """chunks: (start, num_tokens) of each sequence; each sequence's pages hold start + T tokens."""
     starts = torch.tensor([s for s, _ in chunks])
@@ -101,7 +94,7 @@ def check_prefill(
     cu = torch.zeros(len(chunks) + 1, dtype=torch.int32)
     cu[1:] = sizes.cumsum(0)
     q = torch.randn(int(cu[-1]), kv_heads * group, head_dim, device=DEVICE).to(dtype)
-    scale = scale or head_dim**-0.5
+    scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     kernels.prefill_attention(
         q, pool, tables, cu.to(DEVICE), starts.to(DEVICE), int(sizes.max()), scale, out=out, **kw
@@ -147,48 +140,6 @@ def test_prefill_small(dtype, page_size, block_n, group) -> None:
     torch.manual_seed(2000 + page_size + group)
     chunks = [(0, 1), (0, 21), (13, 9), (32, 17)]  # a fresh 1-token sequence, unaligned starts
     check_prefill(chunks, 2, group, 32, page_size, dtype, block_m=16, block_n=block_n, num_warps=4)
-
-
-# The variant kernel (issue 7): every flag, under the interpreter. Tiles of 16 keys, so page 16 puts
-# a tile inside a page (TMA K/V runs) and page 8 spreads it over pages (pointer gathers).
-PREFILL_FLAG_VARIANTS = ["lpt", "pages", "fold", "lazy", "ws", "tma", "combo_tma_ws"]
-
-
-@pytest.mark.parametrize("name", PREFILL_FLAG_VARIANTS)
-def test_prefill_variants_small(name) -> None:
-    from kernels.prefill_attention import VARIANTS
-
-    kw = {
-        k: v for k, v in VARIANTS[name].items() if k not in ("block_m", "block_n", "num_warps", "num_stages")
-    }
-    torch.manual_seed(3000 + len(name))
-    chunks = [(0, 1), (0, 21), (13, 9), (32, 17)]
-    check_prefill(chunks, 2, 4, 32, 16, torch.bfloat16, block_m=16, block_n=16, num_warps=4, **kw)
-    if name in ("pages", "combo_tma_ws"):
-        check_prefill(chunks, 2, 4, 32, 8, torch.bfloat16, block_m=16, block_n=16, **kw)
-        check_prefill(chunks, 2, 3, 32, 16, torch.float32, block_m=16, block_n=16, **kw)  # group 3, fp32
-
-
-def test_prefill_variant_tma_paths_taken() -> None:
-    """The interpreter runs the descriptor loads at the small tests' shapes (not a silent fallback)."""
-    from kernels.prefill_attention import _tma_kv_ok, _tma_q_ok
-
-    q = torch.randn(40, 8, 32, device=DEVICE).to(torch.bfloat16)
-    assert _tma_q_ok(q, 4, 4, 16)
-    assert not _tma_q_ok(q[:, :6], 3, 5, 16)  # group of 3: pointer loads
-    assert not _tma_q_ok(q.float(), 4, 4, 16)  # fp32: pointer loads
-    pool = random_pool(10, 16, 32, torch.bfloat16)
-    assert _tma_kv_ok(pool, 16, 16) and not _tma_kv_ok(random_pool(10, 8, 32, torch.bfloat16), 8, 16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_lazy_rescale_large_logits(dtype) -> None:
-    """Logits of std ~8 in log2 units: the running max jumps by more than the lazy threshold in
-    some tiles and not in others, so both the rescaling and the stale-max branches run."""
-    torch.manual_seed(31)
-    chunks = [(0, 24), (40, 20)]
-    kw = dict(block_m=16, block_n=16, lazy_rescale=True, fold_scale=True)
-    check_prefill(chunks, 2, 4, 32, 16, dtype, scale=1.0, **kw)
 
 
 def test_store_kv_one_token_with_broadcast_offsets() -> None:
@@ -298,26 +249,6 @@ def test_prefill_gpu_configs(block_m, block_n, num_warps, num_stages) -> None:
     kw = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     for page_size in (16, 128):
         check_prefill([(0, 700), (2000, 300), (5, 1)], 8, 4, 128, page_size, torch.bfloat16, **kw)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("page_size", [16, 128])
-@pytest.mark.parametrize("name", ["base", "s2", "m128n128w8s2", "m256n64w8s2", "lpt", "fold", "lazy", "ws",
-                                  "ws_m128n128w8", "tma", "tma_ws", "combo", "combo_tma_ws"])  # fmt: skip
-def test_prefill_gpu_variants(name, page_size) -> None:
-    """Every variant kernel (issue 7) at Llama-3.1-8B shapes: a fresh 4K prompt, chunks over prefixes
-    up to 32K, 1-token chunks; bf16 and fp16 (fp32 falls back from TMA and warp specialization)."""
-    from kernels.prefill_attention import VARIANTS
-
-    torch.manual_seed(40 + page_size + len(name))
-    chunks = [(0, 4096), (30000, 512), (4097, 300), (0, 1), (32768 - 777, 777), (63, 1)]
-    for dtype in GPU_DTYPES:
-        check_prefill(chunks, 8, 4, 128, page_size, dtype, **VARIANTS[name])
-    check_prefill([(0, 600), (1000, 300)], 8, 4, 128, page_size, torch.float32, **{
-        k: v for k, v in VARIANTS[name].items() if k not in ("block_m", "block_n", "num_warps", "num_stages")
-    })  # fmt: skip
-    check_prefill([(77, 256), (1000, 1)], 3, 3, 64, 16, torch.bfloat16, **VARIANTS[name])  # group of 3
 
 
 @gpu
