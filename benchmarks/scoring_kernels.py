@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--date", help="date to record (default: today, UTC)")
     p.add_argument("--no-32k", action="store_true", help="skip the whole-32K-prompt span")
     p.add_argument("--eager-calls", type=int, default=50, help="back-to-back eager calls per timing")
+    p.add_argument("--plot", metavar="JSON", help="draw JSON's PNG (same name, .png) and exit")
     return p.parse_args()
 
 
@@ -61,58 +62,17 @@ if args is not None and (args.cpu_smoke or not torch.cuda.is_available()):
 # ---- timers ----
 
 
-def _graph_timer() -> Callable | None:
-    """time_calls of benchmarks/kernels.py (that file's module name would shadow the kernels package)."""
-    try:
-        spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod.time_calls
-    except Exception as e:  # noqa: BLE001
-        print(f"benchmarks/kernels.py not importable ({type(e).__name__}: {e}); using the local timer")
-        return None
+def _graph_timer() -> Callable:
+    """time_calls of benchmarks/kernels.py, loaded from its path (run as a script from benchmarks/, its
+    module name would shadow the kernels package)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.time_calls
 
 
-def _local_time_calls(fns: list[Callable[[], object]], device: torch.device, trials: int = 7) -> float:
-    """Median seconds per call of fns, from CUDA-graph replays timed with events (same as kernels.py)."""
-    for f in fns:
-        f()
-    if device.type != "cuda":
-        t = time.perf_counter()
-        for f in fns:
-            f()
-        return (time.perf_counter() - t) / len(fns)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    reps = max(1, min(200, int(0.01 / max(time.perf_counter() - t, 1e-6))))
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / (reps * len(fns)))
-    del graph
-    return statistics.median(times)
-
-
-time_calls = _graph_timer() or _local_time_calls
+time_calls = _graph_timer()
 
 
 def sync(device: torch.device) -> None:
@@ -501,11 +461,60 @@ def main() -> None:
     out = Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    plot(out)
     print(f"\n{info['gpu']}, {info['date']}, {info['seconds']:.0f} s; JSON: {out}")
     print(table(report))
     if report.failures:
         sys.exit(1)
 
 
+STAGE_COLORS = {"gram": "tab:blue", "invert": "tab:orange", "score": "tab:green"}
+
+
+def plot(path: Path) -> Path:
+    """Stacked GPU time of each leverage variant's stages (graph replay) and attention mass, beside the
+    eager time of one call, per span: where a scoring launch's time goes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info = json.loads(path.read_text())
+    rows = info["rows"]
+    spans = sorted({r["span"] for r in rows if "span" in r}, key=lambda x: x != "chunk2048")
+    fig, axes = plt.subplots(1, len(spans), figsize=(6.5 * len(spans), 4.2), squeeze=False)
+    for ax, span in zip(axes[0], spans):
+        whole = [r for r in rows if r.get("span") == span and r["what"].endswith(" whole")]
+        names = [r["variant"] for r in whole]
+        bottoms = [0.0] * len(whole)
+        labelled: set[str] = set()
+        for i, r in enumerate(whole):
+            stages = [x for x in rows if x["what"].startswith(f"leverage {span} {r['variant']} stage ")]
+            if not stages:
+                ax.bar(i, 1e6 * r["graph_s"], color="tab:gray")
+                continue
+            for stage in stages:
+                name = stage["what"].rsplit(" ", 1)[-1]
+                kind = "score" if name == "score" else "invert" if name == "invert" else "gram"
+                ax.bar(i, 1e6 * stage["graph_s"], bottom=bottoms[i], color=STAGE_COLORS[kind],
+                       label=kind if kind not in labelled else None)  # fmt: skip
+                labelled.add(kind)
+                bottoms[i] += 1e6 * stage["graph_s"]
+        ax.scatter(range(len(whole)), [1e6 * r.get("eager_single_s", 0) for r in whole], color="black",
+                   marker="x", zorder=3, label="one eager call (host included)")  # fmt: skip
+        ax.set_xticks(range(len(whole)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("µs per launch")
+        ax.set_title(f"{span}: GPU time by stage (graph replay)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"scoring kernels, Llama-3.1-8B shape — {info['gpu']}, {info['date']}", fontsize=9)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    return png
+
+
 if __name__ == "__main__":
-    main()
+    if args is not None and args.plot:
+        print(plot(Path(args.plot)))
+    else:
+        main()

@@ -74,25 +74,22 @@ def build_manifest(
         algorithm = DEVICE_CHECKSUM_ALGORITHM
     else:
         byte_count, algorithm, value = len(payload), CHECKSUM_ALGORITHM, checksum(payload)
-    return kv_pb2.KVManifest(
-        model_fingerprint=spec.fingerprint,
-        dtype=spec.dtype,
-        codec="none",
-        page_size=layout.page_size,
-        num_layers=spec.num_layers,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        head_lens=layout.head_lens.flatten().tolist(),
-        num_pages=layout.num_pages,
-        byte_count=byte_count,
-        checksum_algorithm=algorithm,
-        checksum=value,
-    )
+    manifest = _model_manifest(spec, layout.num_pages, byte_count, algorithm, value)
+    manifest.page_size = layout.page_size
+    manifest.head_lens.extend(layout.head_lens.flatten().tolist())
+    return manifest
 
 
 def early_manifest(spec: ModelSpec, max_pages: int) -> kv_pb2.KVManifest:
     """The manifest of an early reservation (ReserveKVRequest.early): this model's KV of at most
     `max_pages` pages, with no layout and no checksum yet (both come with CommitKV)."""
+    return _model_manifest(spec, max_pages, max_pages * spec.bytes_per_page, DEVICE_CHECKSUM_ALGORITHM, 0)
+
+
+def _model_manifest(
+    spec: ModelSpec, num_pages: int, byte_count: int, algorithm: str, value: int
+) -> kv_pb2.KVManifest:
+    """A manifest of this model's pages, without a layout (head_lens)."""
     return kv_pb2.KVManifest(
         model_fingerprint=spec.fingerprint,
         dtype=spec.dtype,
@@ -101,10 +98,10 @@ def early_manifest(spec: ModelSpec, max_pages: int) -> kv_pb2.KVManifest:
         num_layers=spec.num_layers,
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
-        num_pages=max_pages,
-        byte_count=max_pages * spec.bytes_per_page,
-        checksum_algorithm=DEVICE_CHECKSUM_ALGORITHM,
-        checksum=0,
+        num_pages=num_pages,
+        byte_count=byte_count,
+        checksum_algorithm=algorithm,
+        checksum=value,
     )
 
 

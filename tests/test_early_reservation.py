@@ -51,20 +51,14 @@ def test_the_bound_without_compression_is_the_whole_prompt() -> None:
     assert max_kept_pages(CompressionParams(method="none", retention=0.1), 100, 2, 3, 16) == 2 * 3 * 7
 
 
+def _tiny_engine(tiny_model: Callable[[str], TinyModel]) -> LLMEngine:
+    config = dict(device="cpu", dtype="float32", page_size=4, max_model_len=256, kv_cache_bytes=1 << 20)
+    return LLMEngine(EngineConfig(model=str(tiny_model("llama").path), prefill_chunk=64, **config))
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model: Callable[[str], TinyModel]) -> LLMEngine:
-    tiny = tiny_model("llama")
-    return LLMEngine(
-        EngineConfig(
-            model=str(tiny.path),
-            device="cpu",
-            dtype="float32",
-            page_size=4,
-            max_model_len=256,
-            kv_cache_bytes=1 << 20,
-            prefill_chunk=64,
-        )  # fmt: skip
-    )
+    return _tiny_engine(tiny_model)
 
 
 def _ragged_layout(engine: LLMEngine, prompt_len: int, seed: int) -> KVLayout:
@@ -164,18 +158,7 @@ def test_imports_into_a_reused_pool_get_few_page_runs(tiny_model: Callable[[str]
     In free order they came as up to 19 runs here."""
     from kvtransfer.device_util import encode_runs
 
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(tiny_model("llama").path),
-            device="cpu",
-            dtype="float32",
-            page_size=4,
-            max_model_len=256,
-            kv_cache_bytes=1 << 20,
-            prefill_chunk=64,
-        )  # fmt: skip
-    )
-
+    engine = _tiny_engine(tiny_model)  # its own pool: the runs depend on what was freed before
     prompt = list(range(1, 33))  # 6 kept pages per head: the first decode token opens a new page
     layout = KVLayout(torch.full((engine.num_layers, engine.num_kv_heads), 24), engine.pool.page_size)
     runs = []

@@ -295,6 +295,16 @@ def _reserve(stub: Any, manifest: Any, prompt_len: int, max_new_tokens: int = 8)
     )
 
 
+def _fill_decode_pool(stub: Any, manifest: Any) -> list[str]:
+    """Reserve 400-token requests until the decode node answers RESOURCE_EXHAUSTED; their ids."""
+    held = []
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in range(10):
+            held.append(_reserve(stub, manifest, 400, max_new_tokens=100).reservation_id)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return held
+
+
 def test_manifest_of_another_model_is_failed_precondition(cluster: InProcessCluster, client: Client) -> None:
     manifest, _ = _manifest(cluster, 10, model_fingerprint="someone-else")
     with pytest.raises(grpc.RpcError) as err:
@@ -354,11 +364,7 @@ def test_decode_admission_refuses_when_the_pool_is_promised(
     aborting them gives every page back."""
     stub = _decode_stub(cluster)
     manifest, _ = _manifest(cluster, 400)
-    held = []
-    with pytest.raises(grpc.RpcError) as err:
-        for _ in range(10):
-            held.append(_reserve(stub, manifest, 400, max_new_tokens=100).reservation_id)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    held = _fill_decode_pool(stub, manifest)
     assert 1 <= len(held) < 10
     for rid in held:
         assert stub.Abort(decode_pb2.AbortRequest(reservation_id=rid), timeout=5).found
@@ -369,11 +375,7 @@ def test_a_reservation_on_a_full_pool_waits_for_freed_pages(cluster: InProcessCl
     give pages back, instead of failing at once and making the prefill node poll."""
     stub = _decode_stub(cluster)
     manifest, _ = _manifest(cluster, 400)
-    held = []
-    with pytest.raises(grpc.RpcError) as err:
-        for _ in range(10):
-            held.append(_reserve(stub, manifest, 400, max_new_tokens=100).reservation_id)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # nothing freed within the hold
+    held = _fill_decode_pool(stub, manifest)  # the last one waited out its hold: nothing was freed
     waiting = stub.ReserveKV.future(
         decode_pb2.ReserveKVRequest(
             request_id="waits", manifest=manifest,
