@@ -32,6 +32,7 @@ from kvtransfer.selection import NodeInfo, choose_transport
 from kvtransfer.shm import MappedShmPool, ShmExport, sweep_stale_files
 from prefill_service.links import DecodeLinks
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from serving.deadline import Deadline
 from serving.errors import FailedPreconditionError, UnavailableError
 
 PAGE_SIZE = 4
@@ -417,3 +418,35 @@ def test_prefill_reserves_early_for_prompts_longer_than_a_chunk(cluster: InProce
     finally:
         channel.close()
     assert counts == [1, 2, 2]  # 150 tokens: 3 chunks of 64, reserved early; 40: one chunk, as usual
+
+
+@pytest.mark.parametrize("when", ["reserved", "in_flight"])
+def test_an_unused_early_reservation_is_freed(cluster: InProcessCluster, when: str) -> None:
+    """A prefill that fails, is cancelled or ends at its first token never ships into its early
+    reservation: discarding it frees the decode pages, whether ReserveKV was answered or still running."""
+    pipeline = cluster.prefill
+    spec = ModelSpec.of_engine(cluster.decode.worker.engine)
+    sampling = common_pb2.SamplingParams(temperature=0, max_new_tokens=4)
+
+    async def scenario() -> int:
+        early = pipeline.handoff.early(
+            "unused", cluster.address("decode"), [1 + i % 250 for i in range(40)], sampling, spec, 30, "shm",
+            Deadline(10.0),
+        )  # fmt: skip
+        early.start()
+        if when == "reserved":
+            taken = await early.take()
+            assert taken is not None and taken[1].num_pages == 30
+            early.give_up()  # as when the prefill failed after the reservation came back
+        else:
+            await asyncio.sleep(0)  # ReserveKV sent, not answered
+        await early.discard()
+        await early.discard()  # idempotent
+        return len(cluster.decode.reservations)
+
+    left = cluster.run(scenario())
+    if when == "reserved":
+        assert left == 0  # Abort answered: freed now, not by its lease (5 s here)
+    state = cluster.wait_idle(timeout=2.0)  # well inside the lease
+    assert state == {"prefill": (0, 0), "decode": (0, 0)} and len(cluster.decode.reservations) == 0
+    cluster.assert_no_leaks()
