@@ -11,7 +11,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
 
@@ -35,21 +34,13 @@ from kvtransfer import (
 from kvtransfer.device_util import TransferTimeoutError, pool_checksum
 from kvtransfer.errors import TransferIntegrityError
 from kvtransfer.manifest import CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM, check_early_manifest
-from kvtransfer.transport import run_to_end
-from protos.kvferry.v1 import decode_pb2, kv_pb2
+from kvtransfer.transport import EarlyFinal, run_to_end
+from protos.kvferry.v1 import decode_pb2
 from serving.convert import sampling_from_proto
 from serving.engine_worker import EngineWorker
 from serving.errors import FailedPreconditionError, InvalidRequestError, UnavailableError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EarlyCommit:
-    """What CommitKV brings for an early reservation: the manifest of the pages written and the first token."""
-
-    manifest: kv_pb2.KVManifest
-    first_token_id: int
 
 
 class DecodeEngine:
@@ -98,7 +89,7 @@ class DecodeEngine:
     # ---- reserve, receive, commit -------------------------------------------------------------
     async def reserve(self, request: decode_pb2.ReserveKVRequest) -> Reservation:
         checked = time.perf_counter()
-        self.ready_engine()
+        engine = self.ready_engine()
         assert self.spec is not None and self._loop is not None
         transport = self.direct.check_transport(request.transport, request.nccl_pair_id)
         if request.early:  # the layout comes with CommitKV
@@ -142,7 +133,6 @@ class DecodeEngine:
             ran.append(time.perf_counter())
             return reservation, stream
 
-        engine = self.ready_engine()
         needed = engine.import_pages_needed(
             len(prompt), sampling, layout=None if request.early else layout,
             max_pages=early_pages if request.early else None,
@@ -151,12 +141,7 @@ class DecodeEngine:
         while True:
             asked = time.perf_counter()
             try:
-                if needed > engine.pool.num_available:  # a stale read: the engine thread decides
-                    raise ResourceExhaustedError(
-                        f"need {needed} KV pages but only {engine.pool.num_available} of "
-                        f"{engine.pool.num_pages} are available now",
-                        retryable=needed <= engine.pool.num_pages,
-                    )
+                engine.pool.check_room(needed)  # a stale read off the engine thread, which decides
                 reservation, stream = await self.worker.call(reserve)
                 break
             except ResourceExhaustedError as e:
@@ -234,7 +219,7 @@ class DecodeEngine:
         )
 
     async def commit_direct(
-        self, reservation_id: str, checksum: int | None = None, final: EarlyCommit | None = None
+        self, reservation_id: str, checksum: int | None = None, final: EarlyFinal | None = None
     ) -> decode_pb2.CommitKVResponse:
         """A direct transport's commit: receive the pages (nccl) or find them written (cuda_ipc, shm),
         verify their sum64 where they are (`checksum`, or the manifest's when None), start decoding.
@@ -242,22 +227,21 @@ class DecodeEngine:
         pages are the first ones of the reservation, laid out at the commit. Any failure frees the
         reservation, except pages an aborted NCCL receive may still write, which stay quarantined."""
         reservation = self.reservations.get(reservation_id)
-        layout = None
+        placement = None  # an early reservation's first token and layout
         if reservation.early:
             try:
                 layout = self._early_layout(reservation, final)
             except BaseException:
                 self.abort(reservation.id)
                 raise
-        expected_manifest = (
-            final.manifest if final is not None and reservation.early else reservation.manifest
-        )
-        expected = expected_manifest.checksum if checksum is None else checksum
+            assert final is not None
+            reservation.manifest = final.manifest  # what was written: its first pages
+            placement = (final.first_token_id, layout)
+        expected = reservation.manifest.checksum if checksum is None else checksum
         reservation.begin_receive(direct=True)
         started = time.perf_counter()
         engine = self.ready_engine()
-        written = reservation.page_ids if layout is None else reservation.page_ids[: layout.num_pages]
-        page_ids = written.to(engine.pool.kv.device)
+        page_ids = reservation.page_ids[: reservation.manifest.num_pages].to(engine.pool.kv.device)
         received = verified = started
         try:
             if reservation.transport == "nccl":
@@ -273,12 +257,9 @@ class DecodeEngine:
                         f"checksum mismatch: sum64 of the {reservation.transport} pages in the pool is "
                         f"{found:#018x}, the sender says {expected:#018x}"
                     )
-            reservation.received = expected_manifest.byte_count
+            reservation.received = reservation.manifest.byte_count
             verified = time.perf_counter()
-            placement = None if layout is None or final is None else (final.first_token_id, layout)
             await self._commit(reservation, None, placement)
-            if placement is not None:
-                reservation.manifest = expected_manifest
         except TransferTimeoutError as e:
             if e.drained:
                 self.abort(reservation.id)
@@ -298,7 +279,7 @@ class DecodeEngine:
             bytes_received=reservation.received, transfer_seconds=done - started
         )
 
-    def _early_layout(self, reservation: Reservation, final: EarlyCommit | None) -> KVLayout:
+    def _early_layout(self, reservation: Reservation, final: EarlyFinal | None) -> KVLayout:
         """The layout an early reservation's commit brings, checked against this model and the pages
         reserved."""
         assert self.spec is not None

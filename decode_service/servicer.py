@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_service.decode_engine import DecodeEngine, EarlyCommit
+from decode_service.decode_engine import DecodeEngine
 from kvtransfer.device_util import encode_runs
 from kvtransfer.errors import ReservationNotFoundError
 from kvtransfer.manifest import check_transfer_size
 from kvtransfer.selection import DIRECT_WRITE
+from kvtransfer.transport import EarlyFinal
 from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
 from serving import request_context
 from serving.convert import FINISH_REASONS, model_info, pool_info
@@ -90,9 +91,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self._bind(request.reservation_id)
         transport = self.decode.reservations.get(request.reservation_id).transport
         checksum = request.checksum if request.HasField("checksum") else None
-        final = (
-            EarlyCommit(request.manifest, request.first_token_id) if request.HasField("manifest") else None
-        )
+        final = EarlyFinal(request.manifest, request.first_token_id) if request.HasField("manifest") else None
         reply = await self.decode.commit_direct(request.reservation_id, checksum, final)
         self.metrics.received.inc(reply.bytes_received)
         self.metrics.transfers.inc(transport=transport)

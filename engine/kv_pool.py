@@ -72,6 +72,12 @@ class KVPool:
 
     def reserve(self, n: int) -> None:
         """Promise `n` pages to a caller that will allocate them later (admission control)."""
+        self.check_room(n)
+        self.num_reserved += n
+
+    def check_room(self, n: int) -> None:
+        """Raise what `reserve(n)` would raise now, reserving nothing: ResourceExhaustedError, retryable
+        unless the whole pool is too small."""
         if n > self.num_pages:
             raise ResourceExhaustedError(
                 f"need {n} KV pages but the whole pool has {self.num_pages}: the request can never fit; "
@@ -82,7 +88,6 @@ class KVPool:
             raise ResourceExhaustedError(
                 f"need {n} KV pages but only {self.num_available} of {self.num_pages} are available now"
             )
-        self.num_reserved += n
 
     def unreserve(self, n: int) -> None:
         assert 0 <= n <= self.num_reserved, (n, self.num_reserved)

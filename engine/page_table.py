@@ -64,12 +64,7 @@ class SequenceKV:
         """Allocate `n` pages (from this sequence's reservation first) before the layout they will
         hold is known: an early KV import writes them, `adopt_staged` lays them out. Returns their ids [n]."""
         assert self.num_pages_held == 0, "staging is for a fresh sequence"
-        from_reservation = min(n, self.reserved)
-        pages = self.pool.allocate_ids(from_reservation, reserved=True)
-        if n > from_reservation:
-            pages = torch.cat([pages, self.pool.allocate_ids(n - from_reservation)])
-        self.reserved -= from_reservation
-        self.staged = _ascending(pages)
+        self.staged = _ascending(self._take(n))
         self.num_pages_held = n
         return self.staged
 
@@ -94,19 +89,24 @@ class SequenceKV:
         need = int((want - held).sum())
         if need == 0:
             return torch.empty(0, dtype=torch.int64)
-        from_reservation = min(need, self.reserved)
-        pages = self.pool.allocate_ids(from_reservation, reserved=True)
-        if need > from_reservation:
-            pages = torch.cat([pages, self.pool.allocate_ids(need - from_reservation)])
+        pages = self._take(need)
         if ascending:
             pages = _ascending(pages)
-        self.reserved -= from_reservation
         new_pages = pages.to(torch.int32)
         # Fill the new slots head by head: (layer, head, page index) for every missing page.
         slot_mask = torch.arange(self.max_pages)[None, None, :]
         missing = (slot_mask >= held[..., None]) & (slot_mask < want[..., None])
         self.page_table[missing] = new_pages
         self.num_pages_held += need
+        return pages
+
+    def _take(self, n: int) -> torch.Tensor:
+        """`n` pages from the pool, out of this sequence's reservation first. [n] int64"""
+        from_reservation = min(n, self.reserved)
+        pages = self.pool.allocate_ids(from_reservation, reserved=True)
+        if n > from_reservation:
+            pages = torch.cat([pages, self.pool.allocate_ids(n - from_reservation)])
+        self.reserved -= from_reservation
         return pages
 
     def slots(self, layer: int, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:

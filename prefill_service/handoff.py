@@ -146,8 +146,7 @@ class KVHandoff:
             early.give_up()
             await early.discard()
             taken = None
-        start = time.perf_counter()
-        prepared = time.perf_counter()
+        start = time.perf_counter()  # payload and manifest ready
         with _running(run_to_end(page_checksum, payload) if direct else None) as checksum:
             if taken is not None:
                 reservation = taken[1]
@@ -177,8 +176,8 @@ class KVHandoff:
                 )
                 log.info(
                     "handoff over %s%s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
-                    transport.name, " (reserved early)" if taken else "", 1e3 * (prepared - handoff_start),
-                    1e3 * (reserved - prepared), 1e3 * (time.perf_counter() - reserved),
+                    transport.name, " (reserved early)" if taken else "", 1e3 * (start - handoff_start),
+                    1e3 * (reserved - start), 1e3 * (time.perf_counter() - reserved),
                 )  # fmt: skip
             except BaseException as e:
                 if not isinstance(e, asyncio.CancelledError):
