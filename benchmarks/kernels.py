@@ -94,6 +94,7 @@ def check_targets(report: dict) -> list[dict]:
         return dict(name=name, want=f">= {want}", worst=worst, met=bool(worst >= want), cells=dict(cells))
 
     dec = report["decode"]
+    report.setdefault("prefill", [])
 
     def key(r: dict) -> str:
         return f"B{r['batch']}_ctx{r['context']}_r{r['retention']}"
@@ -104,8 +105,11 @@ def check_targets(report: dict) -> list[dict]:
                [(key(r), r["speedup_vs_sdpa"]) for r in dec if r["retention"] == 0.5]),
         target("decode share of copy bandwidth, context >= 32K", 0.85,
                [(key(r), r["ours_GBps"] / report["copy_GBps"]) for r in dec if r["context"] >= 32768]),
-        target("prefill TFLOP/s vs SDPA causal", 0.9,
+        target("prefill TFLOP/s vs SDPA causal, Triton kernel", 0.9,
                [(f"ctx{r['context']}", r["ratio_vs_sdpa"]) for r in report["prefill"] if "ratio_vs_sdpa" in r]),
+        target("prefill TFLOP/s vs SDPA causal, engine CUDA path (dense where it applies)", 0.9,
+               [(f"ctx{r['context']}", r["dense_ratio_vs_sdpa"]) for r in report["prefill"]
+                if "dense_ratio_vs_sdpa" in r]),
     ]  # fmt: skip
 
 
@@ -254,6 +258,9 @@ def bench_prefill(
     kernels, context: int, chunk: int | None, page_size: int, device, cfg: dict, sdpa: bool = True
 ) -> dict:
     """chunk=None: the whole causal sequence in one call; else the last `chunk` tokens over the rest."""
+    from engine.layers import paged_attention as ref
+    from kernels.prefill_dense import dense_prefill_applies, prefill_attention_dense
+
     dtype = torch.bfloat16
     t = context if chunk is None else chunk
     start = context - t
@@ -262,15 +269,32 @@ def bench_prefill(
     pool = torch.empty(H * pages, 2, page_size, D, dtype=dtype, device=device).normal_()
     table = torch.randperm(H * pages, generator=gen).to(torch.int32).view(1, H, pages).to(device)
     q = torch.randn(t, HQ, D, device=device, dtype=dtype)
+    k_new = torch.randn(t, H, D, device=device, dtype=dtype)  # the chunk's own K/V, also in its pages
+    v_new = torch.randn(t, H, D, device=device, dtype=dtype)
+    pos = torch.arange(start, context, device=device)
+    ref.store_kv(pool, table[0][:, pos // page_size].long(), (pos % page_size).expand(H, -1),
+                 k_new.transpose(0, 1), v_new.transpose(0, 1))  # fmt: skip
     cu = torch.tensor([0, t], dtype=torch.int32, device=device)
     starts = torch.tensor([start], dtype=torch.int32, device=device)
     scale = D**-0.5
+    out = torch.empty_like(q)
     ours = time_calls(
-        [lambda: kernels.prefill_attention(q, pool, table, cu, starts, t, scale, **cfg)], device, trials=5
+        [lambda: kernels.prefill_attention(q, pool, table, cu, starts, t, scale, out=out, **cfg)],
+        device,
+        trials=5,
     )
     pairs = t * start + t * (t + 1) / 2  # (query, key) pairs under the causal mask
     flops = 4 * HQ * D * pairs
     row = dict(context=context, chunk=t, ours_s=ours, flops=flops, ours_TFLOPs=flops / ours / 1e12)
+    if sdpa and dense_prefill_applies(q, start):  # the engine's CUDA path: cuDNN on the gathered prefix
+        dense_out = torch.empty_like(q)
+        dense = time_calls(
+            [lambda: prefill_attention_dense(q, k_new, v_new, pool, table[0], start, scale, out=dense_out)],
+            device,
+            trials=5,
+        )
+        err = (dense_out.float() - out.float()).norm() / out.float().norm()
+        row.update(dense_s=dense, dense_TFLOPs=flops / dense / 1e12, dense_rel_err_vs_triton=float(err))
     pool = None
     if chunk is None and sdpa:  # SDPA causal over the same sequence (identical FLOPs)
         qd = q.transpose(0, 1)[None]  # [1, Hq, T, D]
@@ -285,6 +309,8 @@ def bench_prefill(
         row["ratio_vs_sdpa"] = sdpa["default"] / ours
         best = min(v for v in sdpa.values() if v == v)
         row["ratio_vs_best_sdpa"] = best / ours
+        if "dense_s" in row:
+            row["dense_ratio_vs_sdpa"] = sdpa["default"] / row["dense_s"]
     print(
         f"  prefill ctx={context} chunk={t}: ours {ours * 1e3:.2f} ms {row['ours_TFLOPs']:.0f} TFLOP/s"
         + (
@@ -292,6 +318,7 @@ def bench_prefill(
             if "sdpa_s" in row
             else ""
         )
+        + (f" | engine path (dense) {row['dense_TFLOPs']:.0f} TFLOP/s" if "dense_s" in row else "")
     )
     return row
 
@@ -373,11 +400,19 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks([i + 0.4 for i in x], [f"B{b}\n{c // 1024}K" for b, c in labels])
         ax.set_title(title)
         ax.legend(fontsize=7)
-    pre = [r for r in report["prefill"] if "sdpa_TFLOPs" in r]
+    pre = [r for r in report.get("prefill", []) if "sdpa_TFLOPs" in r]
     axes[2].bar(
-        [i - 0.2 for i in range(len(pre))], [r["ours_TFLOPs"] for r in pre], 0.4, label="ours (paged)"
+        [i - 0.27 for i in range(len(pre))],
+        [r["ours_TFLOPs"] for r in pre],
+        0.27,
+        label="Triton kernel (paged)",
     )
-    axes[2].bar([i + 0.2 for i in range(len(pre))], [r["sdpa_TFLOPs"] for r in pre], 0.4, label="SDPA causal")
+    axes[2].bar(
+        range(len(pre)), [r.get("dense_TFLOPs", 0.0) for r in pre], 0.27, label="engine path (dense: cuDNN)"
+    )
+    axes[2].bar(
+        [i + 0.27 for i in range(len(pre))], [r["sdpa_TFLOPs"] for r in pre], 0.27, label="SDPA causal"
+    )
     axes[2].set_xticks(range(len(pre)), [f"{r['context'] // 1024}K" for r in pre])
     axes[2].set_title("causal prefill TFLOP/s")
     axes[2].legend(fontsize=7)
@@ -394,6 +429,7 @@ def main() -> None:
     p.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     p.add_argument("--prefill-contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--decode-only", action="store_true", help="skip the prefill measurements")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="try a few kernel configs first and use the fastest")
     p.add_argument("--plot", metavar="JSON", help="only redraw the PNG from an earlier JSON")
@@ -461,14 +497,14 @@ def main() -> None:
             )
             save()
     report["prefill"] = []
-    for ctx in args.prefill_contexts:
+    for ctx in [] if args.decode_only else args.prefill_contexts:
         report["prefill"].append(bench_prefill(kernels, ctx, None, args.page_size, device, prefill_cfg))
         report["prefill"].append(
             bench_prefill(kernels, ctx, args.prefill_chunk, args.page_size, device, prefill_cfg)
         )
         save()
     # The cost of paging: the same whole 8K sequence over pages that hold a whole key tile.
-    if args.page_size < 128:
+    if args.page_size < 128 and not args.decode_only:
         ctx = args.prefill_contexts[0]
         row = bench_prefill(kernels, ctx, None, 128, device, prefill_cfg, sdpa=False)
         report["prefill_page128"] = dict(row, page_size=128)

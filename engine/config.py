@@ -23,6 +23,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences decoded together at most
     load_format: str = "auto"  # "auto" reads weights; "dummy" = random weights from config.json (speed work)
     enforce_eager: bool = False  # True: never replay decode steps from CUDA graphs (engine/cuda_graphs.py)
+    # CUDA prefill attention: "auto" = cuDNN through kernels/prefill_dense.py where it applies (chunks
+    # of >= 256 tokens over 1024-aligned prefixes, bf16/fp16), else the Triton kernel; "triton" = always Triton
+    prefill_attention: str = "auto"
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")
@@ -33,6 +36,7 @@ class EngineConfig:
         )
         require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         require(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        require(self.prefill_attention in ("auto", "triton"), "prefill_attention", "must be auto or triton")
         require(self.dtype in ("auto", *_DTYPES), "dtype", f"must be auto or one of {sorted(_DTYPES)}")
         require(
             self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2 when given"

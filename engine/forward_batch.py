@@ -34,7 +34,12 @@ class PrefillBatch:
     """One chunk of one sequence: tokens start..start+T-1, every head of the sequence `start` long."""
 
     def __init__(
-        self, seq_kv: SequenceKV, start: int, num_tokens: int, observer: PrefillObserver | None = None
+        self,
+        seq_kv: SequenceKV,
+        start: int,
+        num_tokens: int,
+        observer: PrefillObserver | None = None,
+        dense: bool = True,
     ):
         self.seq_kv = seq_kv
         self.start = start
@@ -56,6 +61,7 @@ class PrefillBatch:
             self.slot_page = (pos // seq_kv.pool.page_size).long()  # [T] page index in each head
             offset = (pos % seq_kv.pool.page_size)[:, None]  # [T, H] below, real memory: store_kv's rows
             self.slot_offset = offset.expand(num_tokens, seq_kv.num_kv_heads).contiguous()
+        self.dense = dense and self.use_triton and self.uniform  # may take kernels/prefill_dense.py
 
     def attend(
         self,
@@ -84,6 +90,13 @@ class PrefillBatch:
             )
         if self.observer is not None:
             self.observer.observe(layer, q, k_pre_rope, k, self.start)
+        if self.dense:
+            from kernels import prefill_dense  # CUDA only (needs triton)
+
+            if prefill_dense.dense_prefill_applies(q, self.start):
+                return prefill_dense.prefill_attention_dense(
+                    q, k, v, kv.pool.kv, self.tables[layer], self.start, scale
+                )
         if self.use_triton:
             return _triton_kernels().prefill_attention(
                 q, kv.pool.kv, self.tables[layer][None], self.cu_seqlens, self.starts, self.num_tokens, scale

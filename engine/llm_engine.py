@@ -55,7 +55,9 @@ class LLMEngine:
         graphs = make_decode_graph_runner(
             config, self.model, self.pool, self.num_layers, self.num_kv_heads, self.max_model_len
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device, graphs)
+        self.runner = ModelRunner(
+            self.model, self.pool, self.device, graphs, dense_prefill=config.prefill_attention == "auto"
+        )
         self.eos_ids = eos_token_ids(self.tokenizer, mc)
         self.requests: dict[str, Sequence] = {}
 

@@ -19,11 +19,13 @@ class ModelRunner:
         pool: KVPool,
         device: torch.device,
         graphs: DecodeGraphRunner | None = None,
+        dense_prefill: bool = True,
     ) -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.graphs = graphs
+        self.dense_prefill = dense_prefill  # CUDA chunks may take the dense (cuDNN) path
 
     @torch.inference_mode()
     def prefill(
@@ -34,7 +36,7 @@ class ModelRunner:
         start = seq.num_prefilled
         ids = torch.tensor(seq.prompt_token_ids[start : start + num_tokens], device=self.device)
         seq.kv.grow(num_tokens)
-        batch = PrefillBatch(seq.kv, start, num_tokens, observer)
+        batch = PrefillBatch(seq.kv, start, num_tokens, observer, dense=self.dense_prefill)
         hidden = self.model(ids, batch.positions, batch)
         batch.finish()
         seq.num_prefilled += num_tokens

@@ -123,13 +123,15 @@ def _decode_merge_kernel(
     d = tl.arange(0, D)
     lse = tl.load(mid_lse_ptr + qh * num_splits + s, mask=s < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a head with no tokens: every weight 0, output 0
     w = tl.exp2(lse - m)  # 0 for empty splits
     o = tl.load(
         mid_o_ptr + ((qh * num_splits + s) * D)[:, None] + d[None, :],
         mask=(s < num_splits)[:, None],
         other=0.0,
     )
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 

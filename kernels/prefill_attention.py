@@ -73,6 +73,29 @@ def _attend_block(
 
 
 @triton.jit
+def _kv_rows(pt, kv_start, n, D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Element offsets [BLOCK_N] of the K rows of keys kv_start + n, all valid (V is PAGE_SIZE * D on)."""
+    tok = kv_start + n
+    if PAGE_SIZE % BLOCK_N == 0:
+        page = tl.load(pt + kv_start // PAGE_SIZE).to(tl.int64)  # the whole tile lies in one page
+    else:
+        page = tl.load(pt + tok // PAGE_SIZE).to(tl.int64)
+    return page * (2 * PAGE_SIZE * D) + (tok % PAGE_SIZE) * D
+
+
+@triton.jit
+def _softmax_pv(qk, v, acc, m, l_sum, scale_log2, PRECISION: tl.constexpr):
+    """Online-softmax update with raw, unmasked scores qk [BLOCK_M, BLOCK_N]: the scale folds into
+    the exponent's FMA, and P @ V accumulates into the rescaled acc."""
+    m_new = tl.maximum(m, tl.max(qk, 1) * scale_log2)
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_sum
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,  # [N, Hq, D]
     kv_ptr,  # [num_pages, 2, P, D]
@@ -95,6 +118,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FOLD: tl.constexpr,  # unmasked tiles: the scale folds into the exponent (one FMA a score)
 ):
     TOKENS: tl.constexpr = BLOCK_M // G  # chunk tokens per program
     seq = tl.program_id(1) // H
@@ -125,11 +149,21 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     kv_end = start + tl.minimum(t0 + TOKENS, num_q)  # keys this block can see: [0, kv_end)
     full_end = (start + t0) // BLOCK_N * BLOCK_N  # every row sees every key before this
-    for kv_start in range(0, full_end, BLOCK_N):
-        acc, m, l_sum = _attend_block(
-            q, acc, m, l_sum, kv_ptr, pt, kv_start, kv_end, q_pos, scale_log2, d, n,
-            D, PAGE_SIZE, BLOCK_N, False, PRECISION, UPCAST,
-        )  # fmt: skip
+    if FOLD:
+        for kv_start in range(0, full_end, BLOCK_N):
+            rows = _kv_rows(pt, kv_start, n, D, PAGE_SIZE, BLOCK_N)
+            k = tl.load(kv_ptr + rows[:, None] + d[None, :])
+            v = tl.load(kv_ptr + PAGE_SIZE * D + rows[:, None] + d[None, :])
+            if UPCAST:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            acc, m, l_sum = _softmax_pv(qk, v, acc, m, l_sum, scale_log2, PRECISION)
+    else:
+        for kv_start in range(0, full_end, BLOCK_N):
+            acc, m, l_sum = _attend_block(
+                q, acc, m, l_sum, kv_ptr, pt, kv_start, kv_end, q_pos, scale_log2, d, n,
+                D, PAGE_SIZE, BLOCK_N, False, PRECISION, UPCAST,
+            )  # fmt: skip
     for kv_start in range(full_end, kv_end, BLOCK_N):
         acc, m, l_sum = _attend_block(
             q, acc, m, l_sum, kv_ptr, pt, kv_start, kv_end, q_pos, scale_log2, d, n,
@@ -155,13 +189,17 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
+    fold_scale: bool = False,
 ) -> torch.Tensor:
     """q [N, Hq, D], page_tables [S, H, max_pages], cu_seqlens [S+1], starts [S] -> [N, Hq, D].
 
     max_q_len bounds the chunk lengths (it sizes the grid); `out` may be given preallocated.
-    Unset tile parameters take the fastest measured on an H100 for 2-byte dtypes (128 query rows,
-    64 keys, 4 warps, 3 stages: benchmarks/kernels.py --sweep); fp32 takes small tiles, since its
-    dots run on CUDA cores and large ones spill registers (the launch then fails for lack of memory).
+    Unset tile parameters take the fastest measured on an H100 for 2-byte dtypes (256 query rows,
+    64 keys, 8 warps, 3 stages: benchmarks/prefill_variants.py, 2-8% over 128 rows and 4 warps);
+    fp32 takes small tiles, since its dots run on CUDA cores and large ones spill registers (the
+    launch then fails for lack of memory).
+    `fold_scale` folds the softmax scale into the exponent's FMA on unmasked tiles (measured +1-2% at
+    128 rows and 4 warps, -4% at the default tile, so off by default).
     """
     page_size, head_dim = check_pool(pool_kv)
     num_tokens, hq, d = q.shape
@@ -171,9 +209,9 @@ def prefill_attention(
     assert q.stride(-1) == 1 and page_tables.stride(-1) == 1
     group = hq // h
     wide = q.element_size() == 4
-    block_m = block_m or (max(32, next_pow2(group)) if wide else 128)
+    block_m = block_m or (max(32, next_pow2(group)) if wide else 256)
     block_n = block_n or (32 if wide else 64)
-    num_warps = num_warps or 4
+    num_warps = num_warps or (4 if wide else 8)
     num_stages = num_stages or (1 if wide else 3)
     assert block_m >= group, "a query block must hold at least one token's whole GQA group"
     if out is None:
@@ -204,6 +242,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         PRECISION=input_precision(q),
         UPCAST=upcast_dots(q),
+        FOLD=fold_scale,
         num_warps=num_warps,
         num_stages=num_stages,
     )

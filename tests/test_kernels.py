@@ -56,9 +56,19 @@ def head_lens(shape: tuple[int, ...], max_len: int, page_size: int) -> torch.Ten
 
 
 def check_decode(
-    batch: int, kv_heads: int, group: int, head_dim: int, page_size: int, max_len: int, dtype, **kw
+    batch: int,
+    kv_heads: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    max_len: int,
+    dtype,
+    lens: torch.Tensor | None = None,
+    **kw,
 ) -> None:
-    lens = head_lens((batch, kv_heads), max_len, page_size)  # [B, H]
+    """`lens` [B, H] (default: random in [1, max_len]) may hold 0: those heads must come out zero."""
+    if lens is None:
+        lens = head_lens((batch, kv_heads), max_len, page_size)  # [B, H]
     max_pages = -(-max_len // page_size) + 1
     num_pages = batch * kv_heads * max_pages + 3
     pool = random_pool(num_pages, page_size, head_dim, dtype)
@@ -76,8 +86,10 @@ def check_decode(
         )
     got = kernels.decode_attention(q, pool, tables, lens, scale, out=out, workspace=workspace, **kw)
     assert got is out
-    want = ref.decode_attention(q.float(), pool.float(), tables, lens, scale)
-    assert rel_err(out, want) < TOL[dtype]
+    want = ref.decode_attention(q.float(), pool.float(), tables, lens, scale)  # NaN on empty heads
+    empty = (lens == 0).repeat_interleave(group, dim=1)  # [B, Hq]
+    assert not out[empty].any(), "a head with no tokens must come out zero"
+    assert rel_err(out[~empty], want[~empty]) < TOL[dtype]
 
 
 def check_prefill(
@@ -133,13 +145,27 @@ def test_decode_small_groups_and_auto_splits(group) -> None:
     check_decode(2, 2, group, 16, 16, 50, torch.float32)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 19])
+def test_decode_ragged_empty_and_short_heads(num_splits) -> None:
+    """Heads of 0 tokens (every split empty: CUDA-graph padding rows), 1 token, shorter than one
+    split or one block, exactly one block, and long ones, in one batch; with many splits most of a
+    short head's splits are empty."""
+    torch.manual_seed(3000 + num_splits)
+    lens = torch.tensor([[0, 1, 7, 16], [250, 0, 17, 0], [33, 180, 64, 5]], device=DEVICE)  # [B, H]
+    kw = dict(num_splits=num_splits, block_n=16)
+    check_decode(3, 4, 2, 16, 16, 250, torch.float32, lens=lens, **kw)
+    check_decode(3, 4, 2, 16, 16, 250, torch.bfloat16, lens=lens, **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size,block_n", [(16, 16), (8, 16)])
 @pytest.mark.parametrize("group", [1, 3])
-def test_prefill_small(dtype, page_size, block_n, group) -> None:
+@pytest.mark.parametrize("fold_scale", [False, True])
+def test_prefill_small(dtype, page_size, block_n, group, fold_scale) -> None:
     torch.manual_seed(2000 + page_size + group)
-    chunks = [(0, 1), (0, 21), (13, 9), (32, 17)]  # a fresh 1-token sequence, unaligned starts
-    check_prefill(chunks, 2, group, 32, page_size, dtype, block_m=16, block_n=block_n, num_warps=4)
+    chunks = [(0, 1), (0, 21), (13, 9), (32, 17), (40, 40)]  # a fresh 1-token sequence, unaligned starts
+    kw = dict(block_m=16, block_n=block_n, num_warps=4, fold_scale=fold_scale)
+    check_prefill(chunks, 2, group, 32, page_size, dtype, **kw)
 
 
 def test_store_kv_one_token_with_broadcast_offsets() -> None:
@@ -247,6 +273,18 @@ def test_prefill_gpu_configs(block_m, block_n, num_warps, num_stages) -> None:
     """Every config the benchmark sweep may pick."""
     torch.manual_seed(block_m + block_n + num_warps)
     kw = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    for page_size in (16, 128):
+        check_prefill([(0, 700), (2000, 300), (5, 1)], 8, 4, 128, page_size, torch.bfloat16, **kw)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_stages", [3, 4])
+@pytest.mark.parametrize("fold_scale", [False, True])
+def test_prefill_gpu_wide_tiles(num_stages, fold_scale) -> None:
+    """The default 2-byte tile (256 rows, 8 warps) and benchmarks/prefill_variants.py's others."""
+    torch.manual_seed(num_stages + fold_scale)
+    kw = dict(block_m=256, block_n=64, num_warps=8, num_stages=num_stages, fold_scale=fold_scale)
     for page_size in (16, 128):
         check_prefill([(0, 700), (2000, 300), (5, 1)], 8, 4, 128, page_size, torch.bfloat16, **kw)
 
