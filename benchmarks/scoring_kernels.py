@@ -49,6 +49,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-32k", action="store_true", help="skip the whole-32K-prompt span")
     p.add_argument("--eager-calls", type=int, default=50, help="back-to-back eager calls per timing")
     p.add_argument("--plot", metavar="JSON", help="draw JSON's PNG (same name, .png) and exit")
+    p.add_argument(
+        "--host-glue",
+        action="store_true",
+        help="CPU: the compactor's per-layer host path with the Triton launches stubbed (ops, launches, us)",
+    )
     return p.parse_args()
 
 
@@ -56,7 +61,7 @@ args = parse_args() if __name__ == "__main__" else None
 
 import torch  # noqa: E402  (after --help, which needs no torch)
 
-if args is not None and (args.cpu_smoke or not torch.cuda.is_available()):
+if args is not None and (args.cpu_smoke or args.host_glue or not torch.cuda.is_available()):
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 # ---- timers ----
@@ -139,12 +144,24 @@ def qkv_views(t: int, s: Shape, device, dtype, offset_scale: float, gen: torch.G
     return q, kpre, k
 
 
-def leverage_ref(keys: torch.Tensor, bounds: list[int], sketch: torch.Tensor) -> torch.Tensor:
-    from engine.compression.leverage import sketched_leverage
+def outlier_keys(t: int, s: Shape, device, dtype, gen: torch.Generator) -> torch.Tensor:
+    """Keys [T, H, D] with 3 dims 300x the others (as real pre-RoPE keys have) and a shared offset:
+    a near-singular sketched Gram, where the ridge alone bounds the condition number."""
+    keys = torch.randn(t, s.h, s.d, generator=gen)
+    keys[..., :3] *= 300.0
+    return (keys + 50.0 * torch.randn(s.d, generator=gen)).to(device=device, dtype=dtype)
 
+
+def leverage_ref(keys: torch.Tensor, bounds: list[int], sketch: torch.Tensor) -> torch.Tensor:
+    """float64: keys [T, H, D] -> [H, T], each block's leverage over its block mean."""
     out = []
     for a, b in zip(bounds, bounds[1:]):
-        o = sketched_leverage(keys[a - bounds[0] : b - bounds[0]].float().transpose(0, 1), sketch)
+        kb = keys[a - bounds[0] : b - bounds[0]].double().transpose(0, 1)  # [H, b, D]
+        x = (kb - kb.mean(dim=1, keepdim=True)) @ sketch.double()
+        gram = x.transpose(1, 2) @ x
+        lift = 1e-4 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
+        eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=keys.device)
+        o = ((x @ torch.linalg.inv(gram + lift[:, None, None] * eye)) * x).sum(dim=-1)
         out.append(o / o.mean(dim=1, keepdim=True).clamp(min=1e-12))
     return torch.cat(out, dim=1)
 
@@ -299,9 +316,12 @@ def bench_leverage(
 
         def check(call=call, name=name, cfg=cfg):
             res = dict(span=span_name, variant=name)
-            for label, offset_scale in (("offset4", 4.0), ("offset50", 50.0)):
+            for label, offset_scale in (("offset4", 4.0), ("offset50", 50.0), ("outliers", 0.0)):
                 g = torch.Generator().manual_seed(99 + int(offset_scale))
-                keys = qkv_views(t, s, device, dtype, offset_scale, g)[1]
+                if label == "outliers":
+                    keys = outlier_keys(t, s, device, dtype, g)
+                else:
+                    keys = qkv_views(t, s, device, dtype, offset_scale, g)[1]
                 out = torch.full((s.h, t), float("nan"), device=device)
                 ws = lev.LeverageWorkspace()
                 for _ in range(2):  # twice on one workspace: the tickets must be reset by the first
@@ -367,6 +387,79 @@ def bench_mass(report: Report, kernels_mod, s: Shape, span_name: str, span, devi
 
 
 COPY_BPS = 0.0
+
+
+def host_glue(layers: int = 4, n: int = 8192, chunk: int = 2048, method: str | None = None) -> dict:
+    """The compactor's per-layer observe on CPU with every Triton launch replaced by a counter: host
+    time of the glue alone, aten ops (views included) and launches per layer-chunk. The side stream's
+    calls (CUDA only) are not run here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from engine import CompressionParams
+    from engine.compression.base import PromptShape
+    from engine.compression.compactor import CompactorScorer, FusedScoring
+
+    lev = importlib.import_module("kernels.leverage_scores")
+    mass = importlib.import_module("kernels.attention_mass")
+    launches = [0]
+
+    class Stub:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                launches[0] += 1
+
+            return launch
+
+    for mod in (lev, mass):
+        for name in dir(mod):
+            if name.endswith("_kernel"):
+                setattr(mod, name, Stub())
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    h, g, d = 8, 4, 128
+    params = CompressionParams()
+    qkv = torch.randn(chunk, (h * g + 2 * h) * d)
+    q = qkv[:, : h * g * d].view(chunk, h * g, d)
+    kpre = qkv[:, h * g * d : (h * g + h) * d].view(chunk, h, d)
+    k = qkv[:, (h * g + h) * d :].view(chunk, h, d)
+    res = {}
+    with torch.inference_mode():
+        for rep in range(3):  # the last repetition counts (the first pays one-time costs)
+            scorer = CompactorScorer(params, PromptShape(layers, h, n), seq_kv=None)  # type: ignore[arg-type]
+            scorer._start(k)
+            scorer.fused = FusedScoring(
+                scorer.sketch, scorer.leverage_streams[0].bounds, scorer.mass_streams[0].bounds
+            )
+            if method is not None:
+                scorer.fused.leverage_method = method
+            launches[0] = 0
+            counter = Count()
+            t_total, calls = 0.0, 0
+            for start in range(0, n, chunk):
+                for layer in range(layers):
+                    if rep == 2 and start == chunk and layer == 0:
+                        with counter:
+                            scorer.observe(layer, q, kpre, k, start)
+                        continue
+                    t = time.perf_counter()
+                    scorer.observe(layer, q, kpre, k, start)
+                    t_total += time.perf_counter() - t
+                    calls += 1
+            res = dict(
+                host_s_per_layer_chunk=t_total / calls,
+                launches_per_layer_chunk=launches[0] / (calls + 1),
+                aten_ops_per_layer_chunk=sum(counter.ops.values()),
+                aten_ops=counter.ops,
+            )
+    return res
 
 
 def table(report: Report) -> str:
@@ -516,5 +609,7 @@ def plot(path: Path) -> Path:
 if __name__ == "__main__":
     if args is not None and args.plot:
         print(plot(Path(args.plot)))
+    elif args is not None and args.host_glue:
+        print(json.dumps(host_glue(), indent=1))
     else:
         main()

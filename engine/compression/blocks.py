@@ -50,6 +50,10 @@ class BlockStream:
             return None
         lo, hi = self.bounds[first], self.bounds[self.next_block]
         parts = self.pending
+        if len(parts) == 1 and hi == have_until:  # the chunk ends on a block edge: no slicing, no copy
+            self.pending = []
+            self.pending_from = hi
+            return lo, tensors, first, self.next_block
         joined = parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
         # pending_from == lo: pending tokens always start at a block edge
         rest = tuple(t[hi - lo :] for t in joined)

@@ -49,6 +49,8 @@ class CompactorScorer(Scorer):
         self.sketch: torch.Tensor | None = None  # Φ [D, k]
         self.fused: FusedScoring | None = None
         self.stream: torch.cuda.Stream | None = None
+        self.ready: torch.cuda.Event | None = None  # reused: the side stream waits for the prefill
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: leverage [H, n], mass [H, n]
 
     def observe(
         self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
@@ -58,9 +60,16 @@ class CompactorScorer(Scorer):
         if self.stream is None:
             self._observe(layer, q, k_pre_rope, k, start)
             return
-        self.stream.wait_stream(torch.cuda.current_stream(k.device))
-        with torch.cuda.stream(self.stream):
+        assert self.ready is not None
+        # what torch.cuda.stream() and wait_stream do, without a new event or context object per call
+        main = torch.cuda.current_stream(k.device)
+        self.ready.record(main)
+        self.stream.wait_event(self.ready)
+        torch.cuda.set_stream(self.stream)
+        try:
             self._observe(layer, q, k_pre_rope, k, start)
+        finally:
+            torch.cuda.set_stream(main)
         for t in (q, k_pre_rope, k):
             t.record_stream(self.stream)  # the prefill may free them before the side stream is done
 
@@ -69,6 +78,7 @@ class CompactorScorer(Scorer):
         self.sketch = gaussian_sketch(k.shape[-1], p.sketch_size, k.device)
         self.leverage = torch.zeros(s.num_layers, s.num_kv_heads, s.prompt_len, device=k.device)
         self.mass = torch.zeros_like(self.leverage)
+        self.rows = list(zip(self.leverage.unbind(0), self.mass.unbind(0)))
         d = k.shape[-1]
         if k.is_cuda and self.use_kernels and d >= 16 and d & (d - 1) == 0:  # the kernels' head dims
             self.fused = FusedScoring(
@@ -76,6 +86,7 @@ class CompactorScorer(Scorer):
             )
             if self.use_side_stream:
                 self.stream = torch.cuda.Stream(k.device)
+                self.ready = torch.cuda.Event()
 
     def _observe(
         self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
@@ -83,23 +94,22 @@ class CompactorScorer(Scorer):
         assert self.leverage is not None and self.mass is not None and self.sketch is not None
         scale = k.shape[-1] ** -0.5
         fused = self.fused
+        leverage, mass = self.rows[layer]
         if fused is not None:
             span = self.leverage_streams[layer].push_span(start, k_pre_rope)
             if span is not None:
-                fused.leverage(self.leverage[layer], span, self.params.sketch_size)
+                fused.leverage(leverage, span, self.params.sketch_size)
         else:
             for lo, (keys,) in self.leverage_streams[layer].push(start, k_pre_rope):
                 o = sketched_leverage(keys.transpose(0, 1), self.sketch)  # [H, b]
-                self.leverage[layer, :, lo : lo + o.shape[1]] = o / o.mean(dim=1, keepdim=True).clamp(
-                    min=1e-12
-                )
+                leverage[:, lo : lo + o.shape[1]] = o / o.mean(dim=1, keepdim=True).clamp(min=1e-12)
         if fused is not None and fused.mass_fits:
             span = self.mass_streams[layer].push_span(start, q, k)
             if span is not None:
-                fused.mass(self.mass[layer], span, scale)
+                fused.mass(mass, span, scale)
         else:
             for lo, (qb, kb) in self.mass_streams[layer].push(start, q, k):
-                self.mass[layer, :, lo : lo + qb.shape[0]] = block_attention_mass(qb, kb, scale)
+                mass[:, lo : lo + qb.shape[0]] = block_attention_mass(qb, kb, scale)
 
     def scores(self) -> torch.Tensor:
         assert self.leverage is not None and self.mass is not None, "no prefill chunk was observed"
@@ -119,6 +129,7 @@ class FusedScoring:
         from kernels.leverage_scores import LeverageWorkspace
 
         self.kernels = kernels
+        self.leverage_method: str | None = None  # kernels.leverage_scores' default
         # scratch buffers reused by every leverage launch of this prompt (all on the scorer's stream)
         self.leverage_workspace = LeverageWorkspace()
         device = sketch.device
@@ -133,9 +144,9 @@ class FusedScoring:
         """out [H, n]: fill the span's tokens with their block-normalised leverage."""
         lo, (keys,), first, last = span
         self.kernels.leverage_scores(
-            keys, self.leverage_bounds[first : last + 1], self.sketch, sketch_size,
-            out[:, lo : lo + keys.shape[0]], offset=lo, max_block=self.max_leverage_block,
-            workspace=self.leverage_workspace,
+            keys, self.leverage_bounds, self.sketch, sketch_size, out, offset=lo,
+            max_block=self.max_leverage_block, method=self.leverage_method,
+            workspace=self.leverage_workspace, blocks=(first, last), out_col=lo,
         )  # fmt: skip
 
     def mass(self, out: torch.Tensor, span: tuple, scale: float) -> None:
