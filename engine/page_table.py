@@ -116,17 +116,22 @@ class SequenceKV:
         pages = torch.gather(self.page_table[layer], 1, page_idx.to(torch.int64))
         return pages.to(torch.int64), pos % self.pool.page_size
 
-    def set_heads(self, kept_lens: torch.Tensor, page_table: torch.Tensor) -> None:
-        """Install a compacted layout (after compression) and free pages no longer referenced."""
-        old = self.page_table[self.page_table >= 0]
+    def set_heads(
+        self, kept_lens: torch.Tensor, page_table: torch.Tensor, dropped: torch.Tensor | None = None
+    ) -> None:
+        """Install a compacted layout (after compression) and free pages no longer referenced.
+
+        `dropped`: those pages, when the caller knows them (compaction: each head's pages past its
+        kept ones), which spares finding them among all held pages."""
+        if dropped is None:
+            old = self.page_table[self.page_table >= 0]
+            keep = torch.zeros(self.pool.num_pages, dtype=torch.bool)
+            keep[page_table[page_table >= 0].long()] = True
+            dropped = old[~keep[old.long()]]
         self.page_table = page_table.to(torch.int32)
         self.head_lens = kept_lens.to(torch.int64)
-        new = self.page_table[self.page_table >= 0]
-        keep = torch.zeros(self.pool.num_pages, dtype=torch.bool)
-        keep[new.long()] = True
-        dropped = old[~keep[old.long()]]
         self.pool.free(dropped)
-        self.num_pages_held = int(new.numel())
+        self.num_pages_held -= int(dropped.numel())
 
     def free(self) -> None:
         held = self.page_table[self.page_table >= 0]

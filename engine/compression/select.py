@@ -65,8 +65,11 @@ def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Te
     """Pack kept tokens into each head's first pages and free the pages no head needs any more."""
     kept_lens = kept_lens.cpu().to(torch.int64)
     pages_kept = seq_kv.pages_per_head(kept_lens)  # [L, H]
+    cut = torch.arange(seq_kv.max_pages)[None, None, :] >= pages_kept[..., None]  # [L, H, max_pages]
     table = seq_kv.page_table.clone()
-    table[torch.arange(seq_kv.max_pages)[None, None, :] >= pages_kept[..., None]] = -1
+    dropped = table[cut]
+    dropped = dropped[dropped >= 0]
+    table[cut] = -1
     pool_kv = seq_kv.pool.kv
     if pool_kv.is_cuda:  # the Triton kernel: no host round trip, each head packed in place
         import kernels
@@ -77,7 +80,7 @@ def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Te
         )
     else:
         pack_kept(pool_kv, seq_kv.page_table, kept, kept_lens, table)
-    seq_kv.set_heads(kept_lens, table)
+    seq_kv.set_heads(kept_lens, table, dropped)
 
 
 def compress_kv(seq_kv: SequenceKV, scores: torch.Tensor, params: CompressionParams) -> None:
