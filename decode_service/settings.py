@@ -42,6 +42,7 @@ class DecodeSettings(ServerSettings, EngineSettings):
 
     def __post_init__(self) -> None:
         parse_transports(self.transports)
+        self.engine_config()  # the engine's own checks at start-up (a bad value names its flag)
         if self.nccl_timeout_seconds <= 0:
             raise ValueError(f"nccl_timeout_seconds: must be > 0, got {self.nccl_timeout_seconds}")
         if self.lease_seconds <= 0:

@@ -38,6 +38,7 @@ class PrefillSettings(ServerSettings, EngineSettings):
 
     def __post_init__(self) -> None:
         parse_transports(self.transports)
+        self.engine_config()  # the engine's own checks at start-up (a bad value names its flag)
         if self.transport not in (AUTO, *TRANSPORT_NAMES):
             raise ValueError(f"transport: unknown {self.transport!r}; use {AUTO} or one of {TRANSPORT_NAMES}")
         if self.reserve_wait_seconds < 0:

@@ -151,6 +151,11 @@ class EngineSettings:
     max_num_seqs: int = setting(64, "sequences decoded together at most")
     torch_threads: int | None = setting(None, "torch intra-op CPU threads (default: torch's choice)")
     enforce_eager: bool = setting(False, "never replay decode steps from CUDA graphs (debugging; GPU only)")
+    prefill_attention: str = setting(
+        "auto",
+        "CUDA prefill attention: auto (cuDNN on the gathered prefix where it applies, else the Triton "
+        "kernel) or triton (always the Triton kernel)",
+    )
 
     def engine_config(self) -> EngineConfig:
         from engine.config import EngineConfig  # torch loads here, not when a coordinator imports this
@@ -166,4 +171,5 @@ class EngineSettings:
             kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs,
             enforce_eager=self.enforce_eager,
+            prefill_attention=self.prefill_attention,
         )

@@ -52,3 +52,31 @@ def test_coordinator_needs_nodes(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings(CoordinatorSettings, ["--decode-addresses", ""], environ={})
     assert "decode_addresses" in capsys.readouterr().err
+
+
+def test_engine_settings_reach_the_engine_config() -> None:
+    """Engine flags land in EngineConfig; a bad value fails there, naming the field."""
+    from engine.errors import InvalidArgumentError
+
+    s = parse_settings(PrefillSettings, ["--prefill-attention", "triton", "--enforce-eager"], environ={})
+    config = s.engine_config()
+    assert config.prefill_attention == "triton" and config.enforce_eager
+    assert parse_settings(PrefillSettings, [], environ={}).engine_config().prefill_attention == "auto"
+    with pytest.raises(InvalidArgumentError, match="prefill_attention"):
+        PrefillSettings(prefill_attention="flash")
+
+
+@pytest.mark.parametrize("cls", [PrefillSettings, DecodeSettings])
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--prefill-attention", "flash"], "prefill_attention"),
+        (["--dtype", "fp8"], "dtype"),
+        (["--page-size", "0"], "page_size"),
+    ],
+)
+def test_bad_engine_values_exit_at_start(cls, argv, needle, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(cls, argv, environ={})
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
