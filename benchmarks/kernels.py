@@ -254,37 +254,60 @@ def kernels_ref_decode(q, pool, tables, lens, scale):
     return ref.decode_attention(q.float(), pool.float(), tables, lens, scale)
 
 
+def prefill_case(context: int, chunk: int, page_size: int, device: torch.device) -> dict:
+    """The last `chunk` tokens of a `context`-token sequence over scattered pages (chunk == context:
+    the whole causal sequence); the chunk's own K/V (k_new, v_new) are in its pages too."""
+    from engine.layers import paged_attention as ref
+
+    dtype = torch.bfloat16
+    start = context - chunk
+    pages = -(-context // page_size)
+    gen = torch.Generator().manual_seed(context + chunk)
+    pool = torch.empty(H * pages, 2, page_size, D, dtype=dtype, device=device).normal_()
+    table = torch.randperm(H * pages, generator=gen).to(torch.int32).view(1, H, pages).to(device)
+    q = torch.randn(chunk, HQ, D, device=device, dtype=dtype)
+    k_new = torch.randn(chunk, H, D, device=device, dtype=dtype)
+    v_new = torch.randn(chunk, H, D, device=device, dtype=dtype)
+    pos = torch.arange(start, context, device=device)
+    slots = table[0][:, pos // page_size].long()  # [H, T]
+    ref.store_kv(pool, slots, (pos % page_size).expand(H, -1), k_new.transpose(0, 1), v_new.transpose(0, 1))
+    pairs = chunk * start + chunk * (chunk + 1) / 2  # (query, key) pairs under the causal mask
+    return dict(
+        context=context,
+        chunk=chunk,
+        start=start,
+        pool=pool,
+        table=table,
+        q=q,
+        k_new=k_new,
+        v_new=v_new,
+        cu=torch.tensor([0, chunk], dtype=torch.int32, device=device),
+        starts=torch.tensor([start], dtype=torch.int32, device=device),
+        flops=4 * HQ * D * pairs,
+    )
+
+
 def bench_prefill(
     kernels, context: int, chunk: int | None, page_size: int, device, cfg: dict, sdpa: bool = True
 ) -> dict:
     """chunk=None: the whole causal sequence in one call; else the last `chunk` tokens over the rest."""
-    from engine.layers import paged_attention as ref
     from kernels.prefill_dense import dense_prefill_applies, prefill_attention_dense
 
-    dtype = torch.bfloat16
     t = context if chunk is None else chunk
-    start = context - t
-    pages = -(-context // page_size)
-    gen = torch.Generator().manual_seed(context)
-    pool = torch.empty(H * pages, 2, page_size, D, dtype=dtype, device=device).normal_()
-    table = torch.randperm(H * pages, generator=gen).to(torch.int32).view(1, H, pages).to(device)
-    q = torch.randn(t, HQ, D, device=device, dtype=dtype)
-    k_new = torch.randn(t, H, D, device=device, dtype=dtype)  # the chunk's own K/V, also in its pages
-    v_new = torch.randn(t, H, D, device=device, dtype=dtype)
-    pos = torch.arange(start, context, device=device)
-    ref.store_kv(pool, table[0][:, pos // page_size].long(), (pos % page_size).expand(H, -1),
-                 k_new.transpose(0, 1), v_new.transpose(0, 1))  # fmt: skip
-    cu = torch.tensor([0, t], dtype=torch.int32, device=device)
-    starts = torch.tensor([start], dtype=torch.int32, device=device)
+    case = prefill_case(context, t, page_size, device)
+    pool, table, q, k_new, v_new, start = (case[k] for k in ("pool", "table", "q", "k_new", "v_new", "start"))
     scale = D**-0.5
     out = torch.empty_like(q)
     ours = time_calls(
-        [lambda: kernels.prefill_attention(q, pool, table, cu, starts, t, scale, out=out, **cfg)],
+        [
+            lambda: kernels.prefill_attention(
+                q, pool, table, case["cu"], case["starts"], t, scale, out=out, **cfg
+            )
+        ],
         device,
         trials=5,
     )
-    pairs = t * start + t * (t + 1) / 2  # (query, key) pairs under the causal mask
-    flops = 4 * HQ * D * pairs
+    flops = case["flops"]
     row = dict(context=context, chunk=t, ours_s=ours, flops=flops, ours_TFLOPs=flops / ours / 1e12)
     if sdpa and dense_prefill_applies(q, start):  # the engine's CUDA path: cuDNN on the gathered prefix
         dense_out = torch.empty_like(q)
@@ -295,11 +318,11 @@ def bench_prefill(
         )
         err = (dense_out.float() - out.float()).norm() / out.float().norm()
         row.update(dense_s=dense, dense_TFLOPs=flops / dense / 1e12, dense_rel_err_vs_triton=float(err))
-    pool = None
+    pool = case = None
     if chunk is None and sdpa:  # SDPA causal over the same sequence (identical FLOPs)
         qd = q.transpose(0, 1)[None]  # [1, Hq, T, D]
-        kd = torch.randn(1, H, t, D, device=device, dtype=dtype)
-        vd = torch.randn(1, H, t, D, device=device, dtype=dtype)
+        kd = torch.randn(1, H, t, D, device=device, dtype=q.dtype)
+        vd = torch.randn(1, H, t, D, device=device, dtype=q.dtype)
         sdpa = time_sdpa(
             lambda: [lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)],
             device,

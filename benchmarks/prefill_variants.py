@@ -27,8 +27,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import HQ, D, H, copy_bandwidth, matmul_rate, time_calls, time_sdpa  # noqa: E402
-from engine.layers import paged_attention as ref  # noqa: E402
+from benchmarks.kernels import (  # noqa: E402
+    D,
+    H,
+    copy_bandwidth,
+    matmul_rate,
+    prefill_case,
+    time_calls,
+    time_sdpa,
+)
 
 # Measured 2026-12-06 on an H100 and dropped: num_stages 2, block_n 128 (spills), 64-row tiles, and a
 # loop issuing the next tile's Q K^T before this tile's softmax (2.3x slower: Triton waits on it).
@@ -51,36 +58,6 @@ def variants() -> dict[str, dict]:
     return out
 
 
-def make_case(context: int, chunk: int, page_size: int, device: torch.device) -> dict:
-    """The last `chunk` tokens of a `context`-token sequence over scattered pages (chunk == context:
-    the whole causal sequence)."""
-    dtype = torch.bfloat16
-    start = context - chunk
-    pages = -(-context // page_size)
-    gen = torch.Generator().manual_seed(context + chunk)
-    pool = torch.empty(H * pages, 2, page_size, D, dtype=dtype, device=device).normal_()
-    table = torch.randperm(H * pages, generator=gen).to(torch.int32).view(1, H, pages).to(device)
-    q = torch.randn(chunk, HQ, D, device=device, dtype=dtype)
-    k_new = torch.randn(chunk, H, D, device=device, dtype=dtype)
-    v_new = torch.randn(chunk, H, D, device=device, dtype=dtype)
-    pos = torch.arange(start, context, device=device)  # the chunk's own K/V into its pages
-    slots = table[0][:, pos // page_size].long()  # [H, T]
-    ref.store_kv(pool, slots, (pos % page_size).expand(H, -1), k_new.transpose(0, 1), v_new.transpose(0, 1))
-    pairs = chunk * start + chunk * (chunk + 1) / 2  # (query, key) pairs under the causal mask
-    return dict(
-        context=context,
-        chunk=chunk,
-        pool=pool,
-        table=table,
-        q=q,
-        k_new=k_new,
-        v_new=v_new,
-        cu=torch.tensor([0, chunk], dtype=torch.int32, device=device),
-        starts=torch.tensor([start], dtype=torch.int32, device=device),
-        flops=4 * HQ * D * pairs,
-    )
-
-
 def run_variant(kernels, case: dict, kw: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     return kernels.prefill_attention(
         case["q"],
@@ -98,9 +75,15 @@ def run_variant(kernels, case: dict, kw: dict, out: torch.Tensor | None = None) 
 def run_dense(case: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     from kernels.prefill_dense import prefill_attention_dense
 
-    start = case["context"] - case["chunk"]
     return prefill_attention_dense(
-        case["q"], case["k_new"], case["v_new"], case["pool"], case["table"][0], start, D**-0.5, out=out
+        case["q"],
+        case["k_new"],
+        case["v_new"],
+        case["pool"],
+        case["table"][0],
+        case["start"],
+        D**-0.5,
+        out=out,
     )
 
 
@@ -116,7 +99,7 @@ def dense_first_calls(device: torch.device) -> dict:
     (cuDNN builds an execution plan per shape): what a new prompt length costs."""
     out = {}
     for context, chunk in [(4096 + 1999, 1999), (8192 + 777, 777)]:
-        case = make_case(context, chunk, 16, device)
+        case = prefill_case(context, chunk, 16, device)
         times = []
         for _ in range(2):
             torch.cuda.synchronize()
@@ -183,8 +166,8 @@ def main() -> None:
         write(report, args.out)
         return
     cases = {
-        "whole_8k": make_case(8192, 8192, args.page_size, device),
-        "chunk2k_of_32k": make_case(32768, 2048, args.page_size, device),
+        "whole_8k": prefill_case(8192, 8192, args.page_size, device),
+        "chunk2k_of_32k": prefill_case(32768, 2048, args.page_size, device),
     }
     report["sdpa_whole_8k"] = sdpa_row(cases["whole_8k"], device)
     print(f"sdpa whole 8K: {report['sdpa_whole_8k']['sdpa_TFLOPs']:.0f} TFLOP/s", flush=True)
@@ -231,7 +214,7 @@ def main() -> None:
     for c in cases.values():
         c.clear()
     ok = sorted((r for r in rows if "error" not in r), key=lambda r: r["whole_8k_s"])
-    big = make_case(32768, 32768, args.page_size, device)
+    big = prefill_case(32768, 32768, args.page_size, device)
     report["sdpa_whole_32k"] = sdpa_row(big, device)
     report["whole_32k"] = []
     for r in ok[: args.top] + [r for r in ok[args.top :] if r["name"] in ("m128n64w4s3_plain", "dense")]:

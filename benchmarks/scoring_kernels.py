@@ -250,22 +250,32 @@ def fmt(k: str, v) -> str:
     return str(v)
 
 
-def bench_leverage(
-    report: Report, kernels_mod, lev, s: Shape, span_name: str, span, device, dtype, eager_calls
-):
+def span_blocks(
+    span, block: int, s: Shape, device, dtype
+) -> tuple[list[int], int, int, int, torch.Tensor, int]:
+    """The whole blocks of `block` tokens inside span (n, lo, hi): (edges as a list, first token, tokens,
+    longest block, edges on the device, input sets that defeat L2 when cycled)."""
     from engine.compression.blocks import block_bounds
-    from engine.compression.leverage import gaussian_sketch
 
     n, lo, hi = span
-    bounds = [b for b in block_bounds(n, s.lev_block) if lo <= b <= hi]
-    lo, hi = bounds[0], bounds[-1]  # the span's whole blocks
+    bounds = [b for b in block_bounds(n, block) if lo <= b <= hi]
+    lo, hi = bounds[0], bounds[-1]
     t = hi - lo
     max_block = max(b - a for a, b in zip(bounds, bounds[1:]))
     edges = torch.tensor(bounds, dtype=torch.int32, device=device)
-    sketch = gaussian_sketch(s.d, s.k, device)
-    padded = kernels_mod.padded_sketch(sketch)
     per_set = t * (s.hq + 2 * s.h) * s.d * dtype.itemsize
     sets = max(1, math.ceil(L2_DEFEAT_BYTES / per_set)) if device.type == "cuda" else 1
+    return bounds, lo, t, max_block, edges, sets
+
+
+def bench_leverage(
+    report: Report, kernels_mod, lev, s: Shape, span_name: str, span, device, dtype, eager_calls
+):
+    from engine.compression.leverage import gaussian_sketch
+
+    bounds, lo, t, max_block, edges, sets = span_blocks(span, s.lev_block, s, device, dtype)
+    sketch = gaussian_sketch(s.d, s.k, device)
+    padded = kernels_mod.padded_sketch(sketch)
     gen = torch.Generator().manual_seed(1234)
     inputs = [qkv_views(t, s, device, dtype, 4.0, gen)[1] for _ in range(sets)]
     outs = [torch.empty(s.h, t, device=device) for _ in range(sets)]
@@ -339,17 +349,9 @@ def bench_leverage(
 
 
 def bench_mass(report: Report, kernels_mod, s: Shape, span_name: str, span, device, dtype, eager_calls):
-    from engine.compression.blocks import block_bounds
 
-    n, lo, hi = span
-    bounds = [b for b in block_bounds(n, s.mass_block) if lo <= b <= hi]
-    lo, hi = bounds[0], bounds[-1]  # the span's whole blocks
-    t = hi - lo
-    max_block = max(b - a for a, b in zip(bounds, bounds[1:]))
-    edges = torch.tensor(bounds, dtype=torch.int32, device=device)
+    bounds, lo, t, max_block, edges, sets = span_blocks(span, s.mass_block, s, device, dtype)
     scale = s.d**-0.5
-    per_set = t * (s.hq + 2 * s.h) * s.d * dtype.itemsize
-    sets = max(1, math.ceil(L2_DEFEAT_BYTES / per_set)) if device.type == "cuda" else 1
     gen = torch.Generator().manual_seed(4321)
     inputs = []
     for _ in range(sets):

@@ -8,6 +8,7 @@ through `observer` (they see queries, pre-RoPE keys and post-RoPE keys layer by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol
 
@@ -61,7 +62,16 @@ class PrefillBatch:
             self.slot_page = (pos // seq_kv.pool.page_size).long()  # [T] page index in each head
             offset = (pos % seq_kv.pool.page_size)[:, None]  # [T, H] below, real memory: store_kv's rows
             self.slot_offset = offset.expand(num_tokens, seq_kv.num_kv_heads).contiguous()
-        self.dense = dense and self.use_triton and self.uniform  # may take kernels/prefill_dense.py
+        # kernels/prefill_dense.py's prefill_attention_dense where it applies to this chunk
+        self.dense_attention: Callable[..., torch.Tensor] | None = None
+        if dense and self.use_triton and self.uniform:
+            from kernels import prefill_dense  # CUDA only (needs triton)
+
+            pool = seq_kv.pool
+            if prefill_dense.dense_prefill_applies_to(
+                num_tokens, start, device, pool.kv.dtype, pool.head_dim
+            ):
+                self.dense_attention = prefill_dense.prefill_attention_dense
 
     def attend(
         self,
@@ -90,13 +100,8 @@ class PrefillBatch:
             )
         if self.observer is not None:
             self.observer.observe(layer, q, k_pre_rope, k, self.start)
-        if self.dense:
-            from kernels import prefill_dense  # CUDA only (needs triton)
-
-            if prefill_dense.dense_prefill_applies(q, self.start):
-                return prefill_dense.prefill_attention_dense(
-                    q, k, v, kv.pool.kv, self.tables[layer], self.start, scale
-                )
+        if self.dense_attention is not None:
+            return self.dense_attention(q, k, v, kv.pool.kv, self.tables[layer], self.start, scale)
         if self.use_triton:
             return _triton_kernels().prefill_attention(
                 q, kv.pool.kv, self.tables[layer][None], self.cu_seqlens, self.starts, self.num_tokens, scale

@@ -214,10 +214,17 @@ def prefill_attention_dense(
 
 def dense_prefill_applies(q: torch.Tensor, start: int) -> bool:
     """Whether a chunk q [T, Hq, D] at `start` takes the dense path on its device (see module doc)."""
+    return dense_prefill_applies_to(q.shape[0], start, q.device, q.dtype, q.shape[-1])
+
+
+def dense_prefill_applies_to(
+    num_tokens: int, start: int, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> bool:
+    """dense_prefill_applies for a chunk known by its sizes (decided once per chunk, not per layer)."""
     return (
-        q.shape[0] >= MIN_TOKENS
+        num_tokens >= MIN_TOKENS
         and start % PREFIX_ALIGN == 0
-        and dense_prefill_supported(q.device.type, q.device.index, q.dtype, q.shape[-1])
+        and dense_prefill_supported(device.type, device.index, dtype, head_dim)
     )
 
 
