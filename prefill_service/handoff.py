@@ -95,23 +95,6 @@ class KVHandoff:
         for channel in self._channels.values():
             await channel.close()
 
-    def early(
-        self,
-        request_id: str,
-        address: str,
-        prompt: list[int],
-        sampling: common_pb2.SamplingParams,
-        spec: ModelSpec,
-        max_pages: int,
-        transport_name: str,
-        deadline: Deadline,
-    ) -> EarlyReservation:
-        """An early reservation for this request, started by `EarlyReservation.start` while its prefill
-        runs and used by `ship`."""
-        return EarlyReservation(
-            self, request_id, address, prompt, sampling, spec, max_pages, transport_name, deadline
-        )
-
     async def ship(
         self,
         request_id: str,

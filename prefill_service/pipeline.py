@@ -91,8 +91,8 @@ class PrefillPipeline:
                 max_pages = max_kept_pages(
                     compression, len(prompt), spec.num_layers, spec.num_kv_heads, spec.page_size
                 )
-                early = self.handoff.early(
-                    request_id, request.decode_address, prompt, request.sampling, spec, max_pages,
+                early = EarlyReservation(
+                    self.handoff, request_id, request.decode_address, prompt, request.sampling, spec, max_pages,
                     transport, deadline,
                 )  # fmt: skip
             try:

@@ -30,6 +30,7 @@ from kvtransfer.device_util import decode_runs, first_pages_of_runs, page_checks
 from kvtransfer.manifest import early_manifest
 from kvtransfer.selection import NodeInfo, choose_transport
 from kvtransfer.shm import MappedShmPool, ShmExport, sweep_stale_files
+from prefill_service.early_reservation import EarlyReservation
 from prefill_service.links import DecodeLinks
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from serving.deadline import Deadline
@@ -429,8 +430,8 @@ def test_an_unused_early_reservation_is_freed(cluster: InProcessCluster, when: s
     sampling = common_pb2.SamplingParams(temperature=0, max_new_tokens=4)
 
     async def scenario() -> int:
-        early = pipeline.handoff.early(
-            "unused", cluster.address("decode"), [1 + i % 250 for i in range(40)], sampling, spec, 30, "shm",
+        early = EarlyReservation(
+            pipeline.handoff, "unused", cluster.address("decode"), [1 + i % 250 for i in range(40)], sampling, spec, 30, "shm",
             Deadline(10.0),
         )  # fmt: skip
         early.start()
