@@ -131,6 +131,97 @@ def end_to_end(engine: Any, n: int, retention: float, reps: int) -> dict[str, An
     return out
 
 
+# ---- profile -----------------------------------------------------------------------------------------
+def merged_busy(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans."""
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def profile_prefill(engine: Any, n: int, compression: Any, trace: Path | None) -> dict[str, Any]:
+    """One prefill under torch.profiler: GPU busy time per stream, the main stream's idle time (the
+    host not keeping up, or waits on the side stream), and the kernels that took the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = prefill_seconds(engine, n, compression, seed=99)
+    path = trace or Path("/tmp/compression_overhead_trace.json")
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    kernels_ = [e for e in events if e.get("cat") == "kernel"]
+    by_stream: dict[int, list[tuple[float, float]]] = {}
+    by_name: dict[str, float] = {}
+    for e in kernels_:
+        by_stream.setdefault(e["args"]["stream"], []).append((e["ts"], e["ts"] + e["dur"]))
+        by_name[e["name"][:80]] = by_name.get(e["name"][:80], 0.0) + e["dur"]
+    main = max(by_stream, key=lambda s: len(by_stream[s]))
+    first = min(a for spans in by_stream.values() for a, _ in spans)
+    last = max(b for spans in by_stream.values() for _, b in spans)
+    busy = {str(s): merged_busy(spans) / 1e3 for s, spans in by_stream.items()}
+    out = dict(
+        wall_ms=wall * 1e3,
+        gpu_span_ms=(last - first) / 1e3,
+        gpu_busy_ms=merged_busy([x for spans in by_stream.values() for x in spans]) / 1e3,
+        main_stream=main,
+        busy_ms_by_stream=busy,
+        main_idle_ms=(last - first) / 1e3 - busy[str(main)],
+        kernels_by_stream={str(s): len(v) for s, v in by_stream.items()},
+        top_kernels_ms={k: v / 1e3 for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]},
+    )
+    out["host_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    if trace is None:
+        path.unlink()
+    return out
+
+
+def host_profile(engine: Any, n: int, compression: Any, rows: int = 30) -> str:
+    """cProfile of one prefill: where the host's time goes (by own time, then by cumulative time)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    prefill_seconds(engine, n, compression, seed=98)
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return "\n".join(line for line in text.getvalue().splitlines() if line.strip())
+
+
+def profile_modes(engine: Any, n: int, retention: float, out_dir: Path | None) -> dict[str, Any]:
+    from engine import CompressionParams
+
+    params = CompressionParams(method="compactor", retention=retention)
+    prefill_seconds(engine, n, None, seed=0)  # warm-up
+    prefill_seconds(engine, n, params, seed=0)
+    result = {}
+    for name, comp in (("none", None), ("compactor", params)):
+        trace = out_dir / f"trace_{n}_{name}.json" if out_dir else None
+        result[name] = profile_prefill(engine, n, comp, trace)
+        r = result[name]
+        print(
+            f"  ctx {n} {name}: wall {r['wall_ms']:.1f} ms, GPU span {r['gpu_span_ms']:.1f}, busy "
+            f"{r['gpu_busy_ms']:.1f}, main idle {r['main_idle_ms']:.1f}, by stream {r['busy_ms_by_stream']}",
+            flush=True,
+        )
+    for name in result:
+        print(f"  host ops, {name}:\n" + result[name]["host_ops"], flush=True)
+    for name, comp in (("none", None), ("compactor", params)):
+        result[name]["host_profile"] = host_profile(engine, n, comp)
+        print(f"  host profile, {name}:\n" + result[name]["host_profile"], flush=True)
+    for k in result["compactor"]["top_kernels_ms"]:
+        a, b = result["none"]["top_kernels_ms"].get(k, 0.0), result["compactor"]["top_kernels_ms"][k]
+        print(f"    {b:8.2f} ms (none {a:8.2f})  {k}")
+    return result
+
+
 # ---- components --------------------------------------------------------------------------------------
 def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int, retention: float) -> dict:
     """Each piece timed alone at the model's shape; totals scale a launch to the whole prefill."""
@@ -138,7 +229,11 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
     from engine import CompressionParams
     from engine.compression.attention_scores import block_attention_mass
     from engine.compression.blocks import block_bounds
-    from engine.compression.compactor import standardize_per_layer
+    from engine.compression.compactor import (
+        CompactorScorer,
+        layers_per_leverage_launch,
+        standardize_per_layer,
+    )
     from engine.compression.leverage import gaussian_sketch, sketched_leverage
     from engine.compression.select import compact_in_place, pack_kept, select_tokens
     from engine.kv_pool import KVPool
@@ -147,17 +242,29 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     params = CompressionParams(retention=retention)
-    launches = layers * -(-n // chunk)  # one launch of each scoring kernel per layer per chunk
+    launches = layers * -(-n // chunk)  # one attention-mass launch per layer per chunk
     span = min(chunk, n)
-    res: dict[str, Any] = {"launches": launches, "span_tokens": span}
+    # the leverage of a chunk's keys is launched once per group of layers (compactor.py)
+    glayers = layers_per_leverage_launch(
+        layers, span, heads, dim, torch.empty(0, dtype=dtype).element_size(), params.sketch_size,
+        CompactorScorer.group_bytes,
+    )  # fmt: skip
+    leverage_launches = -(-layers // glayers) * -(-n // chunk)
+    res: dict[str, Any] = dict(
+        launches=launches,
+        span_tokens=span,
+        leverage_group_layers=glayers,
+        leverage_launches=leverage_launches,
+    )
 
-    # leverage: a chunk-long span of pre-RoPE keys (blocks of leverage_block)
-    keys = (torch.randn(span, heads, dim, device=device) + 3 * torch.randn(dim, device=device)).to(dtype)
+    # leverage: a chunk-long span of pre-RoPE keys of a group of layers (blocks of leverage_block)
+    gheads = glayers * heads
+    keys = (torch.randn(span, gheads, dim, device=device) + 3 * torch.randn(dim, device=device)).to(dtype)
     sketch = gaussian_sketch(dim, params.sketch_size, device)
     padded = kernels.padded_sketch(sketch)
     lb = block_bounds(span, params.leverage_block)
     lbounds = torch.tensor(lb, dtype=torch.int32, device=device)
-    out = torch.empty(heads, span, device=device)
+    out = torch.empty(gheads, span, device=device)
     t = time_gpu(lambda: kernels.leverage_scores(keys, lbounds, padded, params.sketch_size, out))
 
     def lev_ref() -> None:
@@ -166,9 +273,9 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
             out[:, a:b] = o / o.mean(dim=1, keepdim=True)
 
     kp = padded.shape[1]
-    flops = span * heads * (2 * 2 * dim * kp + 2 * 2 * kp * kp)  # sketch twice, Gram, x G⁻¹
+    flops = span * gheads * (2 * 2 * dim * kp + 2 * 2 * kp * kp)  # sketch twice, Gram, x G⁻¹
     res["leverage"] = dict(
-        launch_seconds=t, total_seconds=t * launches, flops_per_launch=flops, tflops=flops / t / 1e12,
+        launch_seconds=t, total_seconds=t * leverage_launches, flops_per_launch=flops, tflops=flops / t / 1e12,
         bytes_per_launch=3 * keys.numel() * keys.element_size(),
         reference_launch_seconds=time_gpu(lev_ref, reps=3),
     )  # fmt: skip
@@ -177,6 +284,7 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
     q = torch.randn(span, heads * group, dim, device=device).to(dtype)
     k = torch.randn(span, heads, dim, device=device).to(dtype)
     mb = block_bounds(span, params.attention_block)
+    out = torch.empty(heads, span, device=device)
     mbounds = torch.tensor(mb, dtype=torch.int32, device=device)
     max_block = max(b - a for a, b in zip(mb, mb[1:]))
     scale = dim**-0.5
@@ -220,7 +328,8 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
     dst_cpu[torch.arange(seq.max_pages) >= seq.pages_per_head(lens_cpu)[..., None]] = -1
     dst = dst_cpu.to(device)
     moved = 2 * int(lens_cpu.sum()) * 2 * dim * pool.kv.element_size()  # K and V rows, read + write
-    t = time_gpu(lambda: kernels.pack_kept(pool.kv, src, kept, lens, dst), reps=5)
+    lens_dev = lens.to(device)
+    t = time_gpu(lambda: kernels.pack_kept(pool.kv, src, kept, lens_dev, dst), reps=5)
     t_ref = time_gpu(lambda: pack_kept(pool.kv, seq.page_table, kept, lens_cpu, dst_cpu), reps=2, warmup=1)
     res["pack"] = dict(
         total_seconds=t, bytes=moved, GBps=moved / t / 1e9, reference_seconds=t_ref,
@@ -301,6 +410,11 @@ def main() -> None:
     p.add_argument("--retention", type=float, default=0.5)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--date", help="date to record (default: today, UTC)")
+    p.add_argument(
+        "--profile", action="store_true",
+        help="profile one prefill per context with and without compression, write profile.json (and "
+        "the Chrome traces) under --out, and exit",
+    )  # fmt: skip
     args = p.parse_args()
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
@@ -340,6 +454,15 @@ def main() -> None:
     )
     mc = engine.loaded.config
     print(f"model built in {time.perf_counter() - t:.1f} s", flush=True)
+    if args.profile:
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+        report["profiles"] = {
+            str(n): profile_modes(engine, n, args.retention, args.out) for n in args.contexts
+        }
+        if args.out:
+            (args.out / "profile.json").write_text(json.dumps(report, indent=1))
+        return
     report["contexts"] = []
     for n in args.contexts:
         e2e = end_to_end(engine, n, args.retention, args.reps)

@@ -399,7 +399,7 @@ def host_glue(layers: int = 4, n: int = 8192, chunk: int = 2048, method: str | N
 
     from engine import CompressionParams
     from engine.compression.base import PromptShape
-    from engine.compression.compactor import CompactorScorer, FusedScoring
+    from engine.compression.compactor import CompactorScorer
 
     lev = importlib.import_module("kernels.leverage_scores")
     mass = importlib.import_module("kernels.attention_mass")
@@ -437,9 +437,7 @@ def host_glue(layers: int = 4, n: int = 8192, chunk: int = 2048, method: str | N
         for rep in range(3):  # the last repetition counts (the first pays one-time costs)
             scorer = CompactorScorer(params, PromptShape(layers, h, n), seq_kv=None)  # type: ignore[arg-type]
             scorer._start(k)
-            scorer.fused = FusedScoring(
-                scorer.sketch, scorer.leverage_streams[0].bounds, scorer.mass_streams[0].bounds
-            )
+            scorer.fused = scorer.fused_scoring()
             if method is not None:
                 scorer.fused.leverage_method = method
             launches[0] = 0

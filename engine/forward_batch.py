@@ -16,6 +16,7 @@ import torch
 
 from engine.layers import paged_attention as ref
 from engine.page_table import SequenceKV
+from engine.uploads import upload, upload_values
 
 
 def _triton_kernels() -> ModuleType:
@@ -50,12 +51,12 @@ class PrefillBatch:
         self.positions = torch.arange(start, start + num_tokens, device=device)
         self.use_triton = device.type == "cuda"
         if self.use_triton:  # the varlen kernel's view of this single chunk
-            self.cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
-            self.starts = torch.tensor([start], dtype=torch.int32, device=device)
-            # Every layer's page table uploaded once per chunk: a blocking host-to-device copy waits
-            # for the GPU, and three per layer kept the host from running ahead of it (each layer's
-            # host work, scoring launches included, then added to the prefill's wall time).
-            self.tables = seq_kv.page_table.to(device)  # [L, H, max_pages]
+            self.cu_seqlens = upload_values([0, num_tokens], torch.int32, device)
+            self.starts = upload_values([start], torch.int32, device)
+            # Every layer's page table uploaded once per chunk, without a wait (engine/uploads.py):
+            # a blocking copy per layer, or even per chunk, kept the host from running ahead of the
+            # GPU, and the host's work (scoring launches included) then added to the wall time.
+            self.tables = upload(seq_kv.page_table, device)  # [L, H, max_pages]
             # A prompt's heads all hold `start` tokens before this chunk: its slots on the device.
             self.uniform = bool((seq_kv.head_lens == start).all())
             pos = self.positions
@@ -130,8 +131,8 @@ class DecodeBatch:
         for s in seq_kvs:
             t = s.page_table[:, :, :max_pages]
             tables.append(torch.nn.functional.pad(t, (0, max_pages - t.shape[-1]), value=-1))
-        self.page_tables = torch.stack(tables).to(device)  # [B, L, H, n]
-        self.lens = lens.to(device)
+        self.page_tables = upload(torch.stack(tables), device)  # [B, L, H, n]
+        self.lens = upload(lens, device)
         slot = self.lens  # the new token goes to position head_len of each head
         self.write_pages = (
             torch.gather(self.page_tables, 3, (slot // pool.page_size)[..., None]).squeeze(-1).long()

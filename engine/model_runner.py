@@ -10,6 +10,7 @@ from engine.forward_batch import DecodeBatch, PrefillBatch, PrefillObserver
 from engine.kv_pool import KVPool
 from engine.models import CausalLM
 from engine.sequence import Sequence
+from engine.uploads import upload_values
 
 
 class ModelRunner:
@@ -34,7 +35,7 @@ class ModelRunner:
         """Process the next `num_tokens` prompt tokens; logits [V] of the last prompt token once the prompt is done."""
         assert seq.kv is not None
         start = seq.num_prefilled
-        ids = torch.tensor(seq.prompt_token_ids[start : start + num_tokens], device=self.device)
+        ids = upload_values(seq.prompt_token_ids[start : start + num_tokens], torch.int64, self.device)
         seq.kv.grow(num_tokens)
         batch = PrefillBatch(seq.kv, start, num_tokens, observer, dense=self.dense_prefill)
         hidden = self.model(ids, batch.positions, batch)
@@ -60,7 +61,7 @@ class ModelRunner:
             return self.graphs.run(seqs)  # grows every sequence by one token itself
         for s in seqs:
             s.kv.grow(1)  # type: ignore[union-attr]
-        ids = torch.tensor([s.last_token for s in seqs], device=self.device)
+        ids = upload_values([s.last_token for s in seqs], torch.int64, self.device)
         batch = DecodeBatch([s.kv for s in seqs], [s.num_tokens - 1 for s in seqs])  # type: ignore[misc]
         hidden = self.model(ids, batch.positions, batch)
         batch.finish()

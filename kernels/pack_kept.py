@@ -85,6 +85,8 @@ def pack_kept(
     layers, heads = kept_lens.shape
     assert src_table.shape[:2] == dst_table.shape[:2] == kept.shape[:2] == (layers, heads)
     assert src_table.stride(-1) == 1 and dst_table.stride(-1) == 1 and kept.stride(-1) == 1
+    on = {t.device for t in (pool_kv, dst, src_table, dst_table, kept, kept_lens)}
+    assert len(on) == 1, f"pack_kept's tensors must share one device, got {on}"
     if layers * heads == 0 or kept.shape[-1] == 0:
         return dst
     _pack_kept_kernel[(layers * heads,)](

@@ -25,7 +25,7 @@ from engine import CompressionParams  # noqa: E402
 from engine.compression.attention_scores import block_attention_mass  # noqa: E402
 from engine.compression.base import PromptShape  # noqa: E402
 from engine.compression.blocks import block_bounds  # noqa: E402
-from engine.compression.compactor import CompactorScorer, FusedScoring  # noqa: E402
+from engine.compression.compactor import CompactorScorer  # noqa: E402
 from engine.compression.leverage import gaussian_sketch, sketched_leverage  # noqa: E402
 from engine.compression.select import pack_kept, select_tokens  # noqa: E402
 from engine.kv_pool import KVPool  # noqa: E402
@@ -160,6 +160,8 @@ def check_pack(
     pool = seq.pool.kv
     params = CompressionParams(retention=r, budget=budget, sink=3, recent=5)
     kept, lens = select_tokens(torch.randn(layers, heads, n, device=DEVICE), params)  # [L, H, K], [L, H]
+    assert lens.device.type == "cpu"  # known on the host: compaction's bookkeeping waits for nothing
+    lens = lens.to(DEVICE)
     table = seq.page_table.clone()
     table[torch.arange(table.shape[-1]) >= seq.pages_per_head(lens.cpu())[..., None]] = -1
     src, dst = seq.page_table.to(DEVICE), table.to(DEVICE)
@@ -365,11 +367,13 @@ def test_page_checksum_wide_pages_loop_over_blocks() -> None:
     assert page_checksum(pool, ids) == _weighted_sum(pool.index_select(0, ids), 0)
 
 
-def test_compactor_scores_through_kernels_match_the_reference_path() -> None:
+def test_compactor_scores_through_kernels_match_the_reference_path(monkeypatch) -> None:
     """The compactor scorer streaming chunks through the fused path (as on CUDA) against its PyTorch
-    path, chunks not aligned with either block size."""
+    path, chunks not aligned with either block size, leverage launched for groups of 2 layers (the
+    last group partial)."""
     torch.manual_seed(40)
-    layers, h, g, d, n = 2, 2, 2, 32, 300
+    layers, h, g, d, n = 3, 2, 2, 32, 300
+    monkeypatch.setattr(CompactorScorer, "group_bytes", 70 * h * (d * 4 + 4 * 64) * 2)
     params = CompressionParams(leverage_block=128, attention_block=40, sketch_size=12)
     q = torch.randn(layers, n, h * g, d, device=DEVICE)
     k_pre = random_keys(layers * n, h, d, torch.float32).view(layers, n, h, d)
@@ -381,13 +385,12 @@ def test_compactor_scores_through_kernels_match_the_reference_path() -> None:
         if not fused:
             scorer.fused, scorer.stream = None, None
         elif scorer.fused is None:  # on CPU: the same kernels under the interpreter
-            scorer.fused = FusedScoring(
-                scorer.sketch, scorer.leverage_streams[0].bounds, scorer.mass_streams[0].bounds
-            )
+            scorer.fused = scorer.fused_scoring()
         for s in range(0, n, 70):
             for layer in range(layers):
                 e = min(n, s + 70)
                 scorer.observe(layer, q[layer, s:e], k_pre[layer, s:e], k[layer, s:e], s)
+        assert scorer.group == 2
         results.append(scorer.scores())
     assert rel_err(results[1], results[0]) < 1e-3
 

@@ -127,3 +127,33 @@ def test_streamed_scores_do_not_depend_on_the_prefill_chunk(method: str) -> None
     assert bool(torch.isfinite(results[0]).all())
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group_bytes", [1, 150_000, 1 << 30])
+def test_compactor_scores_a_group_of_layers_as_each_layer_alone(monkeypatch, group_bytes: int) -> None:
+    """The compactor gathers a chunk's pre-RoPE keys of several layers and scores them in one go; each
+    layer's scores must be what it gets scored alone (groups of 1, of 2 with a partial last group,
+    and of all 3 layers), with chunks that cut through the leverage blocks."""
+    from engine.compression.compactor import CompactorScorer
+
+    gen = torch.Generator().manual_seed(9)
+    layers, h, g, d, n = 3, 2, 2, 16, 500
+    q = torch.randn(layers, n, h * g, d, generator=gen)
+    k_pre = torch.randn(layers, n, h, d, generator=gen) * torch.linspace(0.2, 3.0, d) + 2.0
+    k = torch.randn(layers, n, h, d, generator=gen)
+    params = CompressionParams(method="compactor", leverage_block=128, attention_block=64)
+    seq_kv = cache_prompt(k)
+    results, groups = [], []
+    for gb in (1, group_bytes):
+        monkeypatch.setattr(CompactorScorer, "group_bytes", gb)
+        scorer = make_scorer(params, PromptShape(layers, h, n), seq_kv)
+        for s in range(0, n, 100):
+            for layer in range(layers):
+                scorer.observe(
+                    layer, q[layer, s : s + 100], k_pre[layer, s : s + 100], k[layer, s : s + 100], s
+                )
+        results.append(scorer.scores())
+        groups.append(scorer.group)
+    assert groups[0] == 1 and groups[1] == {1: 1, 150_000: 2, 1 << 30: 3}[group_bytes]
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    assert results[0].std() > 0.5  # scores that tell tokens apart, not a constant

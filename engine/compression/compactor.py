@@ -3,7 +3,10 @@
     score = z(a) + λ·z(o)
 
 o: sketched leverage of each kv head's PRE-RoPE keys, block by block (`leverage_block` tokens,
-   each block centred; divided by the block's mean so blocks of different sizes compare).
+   each block centred; divided by the block's mean so blocks of different sizes compare). Every
+   (layer, head) is scored on its own, so a chunk's keys are gathered for a group of layers and
+   scored in one launch over group x heads (fewer, fuller launches: the host issues 3 per group,
+   not 3 per layer, and the inverse runs on group x heads programs at once).
 a: non-causal attention mass inside `attention_block`-token blocks: column sums of
    softmax(Q Kᵀ · scale) (post-RoPE, no causal mask) over the block's queries and the GQA group.
 z: standardise over the tokens x heads of one layer.
@@ -18,7 +21,7 @@ import torch
 
 from engine.compression.attention_scores import block_attention_mass
 from engine.compression.base import PromptShape, Scorer, register
-from engine.compression.blocks import BlockStream
+from engine.compression.blocks import BlockStream, block_bounds
 from engine.compression.leverage import gaussian_sketch, sketched_leverage
 from engine.compression.params import CompressionParams
 from engine.page_table import SequenceKV
@@ -31,6 +34,16 @@ def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def layers_per_leverage_launch(
+    num_layers: int, tokens: int, heads: int, head_dim: int, itemsize: int, sketch_size: int, budget: int
+) -> int:
+    """How many layers' keys of a `tokens`-long chunk fit `budget` bytes, with the leverage kernels'
+    scratch (x = (K - s)Φ in fp32, the sketch padded to a power of two of at least 64 columns)."""
+    sketch_cols = max(64, 1 << (sketch_size - 1).bit_length())
+    per_layer = tokens * heads * (head_dim * itemsize + 4 * sketch_cols)
+    return max(1, min(num_layers, budget // per_layer))
+
+
 @register("compactor")
 class CompactorScorer(Scorer):
     # On CUDA: the fused Triton kernels (kernels/leverage_scores.py, kernels/attention_mass.py),
@@ -38,11 +51,16 @@ class CompactorScorer(Scorer):
     # use_kernels False: the PyTorch reference below. Class knobs, for tests and benchmarks.
     use_kernels: ClassVar[bool] = True
     use_side_stream: ClassVar[bool] = True
+    # A chunk's pre-RoPE keys of this many bytes (with the sketch's scratch) are gathered before a
+    # leverage launch: 8 layers of Llama-3.1-8B at 2048-token chunks.
+    group_bytes: ClassVar[int] = 64 << 20
 
     def __init__(self, params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> None:
         super().__init__(params, shape, seq_kv)
         n = shape.prompt_len
-        self.leverage_streams = [BlockStream(n, params.leverage_block) for _ in range(shape.num_layers)]
+        self.group = 0  # layers per leverage launch, set by the first chunk (`group_layers`)
+        self.group_keys: torch.Tensor | None = None  # [T, group, H, D] this chunk's keys of a group
+        self.leverage_streams: list[BlockStream] = []  # one per group of layers
         self.mass_streams = [BlockStream(n, params.attention_block) for _ in range(shape.num_layers)]
         self.leverage: torch.Tensor | None = None  # [L, H, n]
         self.mass: torch.Tensor | None = None  # [L, H, n]
@@ -57,8 +75,20 @@ class CompactorScorer(Scorer):
     ) -> None:
         if self.sketch is None:
             self._start(k)
+        if not self.group:
+            self._plan_groups(k_pre_rope)
+        first = layer - layer % self.group
+        size = min(self.group, self.shape.num_layers - first)
+        if layer == first:
+            t, h, d = k_pre_rope.shape
+            self.group_keys = k_pre_rope.new_empty(t, size, h, d)
+        assert self.group_keys is not None and self.group_keys.shape[0] == k_pre_rope.shape[0]
+        self.group_keys[:, layer - first].copy_(k_pre_rope)  # on the prefill's stream: cheap, in order
+        keys = self.group_keys if layer == first + size - 1 else None  # the group is complete
+        if keys is not None:
+            self.group_keys = None
         if self.stream is None:
-            self._observe(layer, q, k_pre_rope, k, start)
+            self._observe(layer, q, k, start, keys)
             return
         assert self.ready is not None
         # what torch.cuda.stream() and wait_stream do, without a new event or context object per call
@@ -67,10 +97,10 @@ class CompactorScorer(Scorer):
         self.stream.wait_event(self.ready)
         torch.cuda.set_stream(self.stream)
         try:
-            self._observe(layer, q, k_pre_rope, k, start)
+            self._observe(layer, q, k, start, keys)
         finally:
             torch.cuda.set_stream(main)
-        for t in (q, k_pre_rope, k):
+        for t in (q, k) if keys is None else (q, k, keys):
             t.record_stream(self.stream)  # the prefill may free them before the side stream is done
 
     def _start(self, k: torch.Tensor) -> None:
@@ -78,31 +108,44 @@ class CompactorScorer(Scorer):
         self.sketch = gaussian_sketch(k.shape[-1], p.sketch_size, k.device)
         self.leverage = torch.zeros(s.num_layers, s.num_kv_heads, s.prompt_len, device=k.device)
         self.mass = torch.zeros_like(self.leverage)
-        self.rows = list(zip(self.leverage.unbind(0), self.mass.unbind(0)))
+        self.rows = list(self.mass.unbind(0))
         d = k.shape[-1]
         if k.is_cuda and self.use_kernels and d >= 16 and d & (d - 1) == 0:  # the kernels' head dims
-            self.fused = FusedScoring(
-                self.sketch, self.leverage_streams[0].bounds, self.mass_streams[0].bounds
-            )
+            self.fused = self.fused_scoring()
             if self.use_side_stream:
                 self.stream = torch.cuda.Stream(k.device)
                 self.ready = torch.cuda.Event()
 
+    def fused_scoring(self) -> FusedScoring:
+        """The Triton path for this prompt (on CPU: the kernels under the interpreter, for tests)."""
+        assert self.sketch is not None
+        n = self.shape.prompt_len
+        return FusedScoring(
+            self.sketch, block_bounds(n, self.params.leverage_block), self.mass_streams[0].bounds
+        )
+
+    def _plan_groups(self, k_pre_rope: torch.Tensor) -> None:
+        s = self.shape
+        t, h, d = k_pre_rope.shape
+        self.group = layers_per_leverage_launch(
+            s.num_layers, t, h, d, k_pre_rope.element_size(), self.params.sketch_size, self.group_bytes
+        )
+        num_groups = -(-s.num_layers // self.group)
+        self.leverage_streams = [
+            BlockStream(s.prompt_len, self.params.leverage_block) for _ in range(num_groups)
+        ]
+
     def _observe(
-        self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, start: int, group_keys: torch.Tensor | None
     ) -> None:
+        """The layer's attention mass, then (group_keys [T, G, H, D]: its group is complete) the
+        leverage of the group's keys."""
         assert self.leverage is not None and self.mass is not None and self.sketch is not None
+        if group_keys is not None:
+            self._leverage(layer - layer % self.group, group_keys, start)
         scale = k.shape[-1] ** -0.5
         fused = self.fused
-        leverage, mass = self.rows[layer]
-        if fused is not None:
-            span = self.leverage_streams[layer].push_span(start, k_pre_rope)
-            if span is not None:
-                fused.leverage(leverage, span, self.params.sketch_size)
-        else:
-            for lo, (keys,) in self.leverage_streams[layer].push(start, k_pre_rope):
-                o = sketched_leverage(keys.transpose(0, 1), self.sketch)  # [H, b]
-                leverage[:, lo : lo + o.shape[1]] = o / o.mean(dim=1, keepdim=True).clamp(min=1e-12)
+        mass = self.rows[layer]
         if fused is not None and fused.mass_fits:
             span = self.mass_streams[layer].push_span(start, q, k)
             if span is not None:
@@ -110,6 +153,22 @@ class CompactorScorer(Scorer):
         else:
             for lo, (qb, kb) in self.mass_streams[layer].push(start, q, k):
                 mass[:, lo : lo + qb.shape[0]] = block_attention_mass(qb, kb, scale)
+
+    def _leverage(self, first: int, group_keys: torch.Tensor, start: int) -> None:
+        """group_keys [T, G, H, D]: layers first..first+G-1 scored as G x H heads at once."""
+        assert self.leverage is not None and self.sketch is not None
+        t, g, h, d = group_keys.shape
+        keys = group_keys.view(t, g * h, d)
+        leverage = self.leverage[first : first + g].view(g * h, -1)  # [G x H, n]
+        stream = self.leverage_streams[first // self.group]
+        if self.fused is not None:
+            span = stream.push_span(start, keys)
+            if span is not None:
+                self.fused.leverage(leverage, span, self.params.sketch_size)
+            return
+        for lo, (block,) in stream.push(start, keys):
+            o = sketched_leverage(block.transpose(0, 1), self.sketch)  # [G x H, b]
+            leverage[:, lo : lo + o.shape[1]] = o / o.mean(dim=1, keepdim=True).clamp(min=1e-12)
 
     def scores(self) -> torch.Tensor:
         assert self.leverage is not None and self.mass is not None, "no prefill chunk was observed"

@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import torch
 
-from engine.compression.budget import keep_mask
+from engine.compression.budget import keep_mask, uniform_share
 from engine.compression.params import CompressionParams
 from engine.compression.protection import protected_mask
 from engine.page_table import SequenceKV
+from engine.uploads import upload
 
 
 def select_tokens(scores: torch.Tensor, params: CompressionParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores [L, H, n] -> kept positions [L, H, K] (ascending, -1 padded) and kept_lens [L, H]."""
+    """scores [L, H, n] -> kept positions [L, H, K] (ascending, -1 padded; on the scores' device) and
+    kept_lens [L, H] (int64, on the host).
+
+    A uniform budget keeps the same number of tokens in every head, known on the host: its positions
+    come from one top-k and a sort of the kept ones, and the host never waits for the GPU."""
     n = scores.shape[-1]
-    protected = protected_mask(n, params.sink, params.recent, params.protected_spans, scores.device)
-    return mask_to_indices(keep_mask(scores, protected, params))
+    protected = protected_mask(n, params.sink, params.recent, params.protected_spans)
+    if params.budget == "uniform":
+        share = max(uniform_share(n, params.retention), int(protected.sum()))
+        s = scores.float().masked_fill(upload(protected, scores.device), float("inf"))
+        kept = torch.topk(s, share, dim=-1, sorted=False).indices.sort(dim=-1).values
+        return kept, torch.full(scores.shape[:2], share, dtype=torch.int64)
+    kept, lens = mask_to_indices(keep_mask(scores, upload(protected, scores.device), params))
+    return kept, lens.cpu()
 
 
 def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,21 +74,28 @@ def pack_kept(
 
 def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Tensor) -> None:
     """Pack kept tokens into each head's first pages and free the pages no head needs any more."""
-    kept_lens = kept_lens.cpu().to(torch.int64)
+    kept_lens = kept_lens.cpu().to(torch.int64)  # already on the host from select_tokens: no wait
     pages_kept = seq_kv.pages_per_head(kept_lens)  # [L, H]
-    cut = torch.arange(seq_kv.max_pages)[None, None, :] >= pages_kept[..., None]  # [L, H, max_pages]
     table = seq_kv.page_table.clone()
-    dropped = table[cut]
-    dropped = dropped[dropped >= 0]
-    table[cut] = -1
+    first = int(pages_kept.min())
+    if first == int(pages_kept.max()):  # every head keeps as many pages (a uniform budget): slices
+        tail = table[:, :, first:]
+        dropped = tail[tail >= 0]
+        tail.fill_(-1)
+    else:
+        cut = torch.arange(seq_kv.max_pages)[None, None, :] >= pages_kept[..., None]  # [L, H, max_pages]
+        dropped = table[cut]
+        dropped = dropped[dropped >= 0]
+        table[cut] = -1
     pool_kv = seq_kv.pool.kv
     if pool_kv.is_cuda:  # the Triton kernel: no host round trip, each head packed in place
         import kernels
 
         device = pool_kv.device
         kernels.pack_kept(
-            pool_kv, seq_kv.page_table.to(device), kept.to(device), kept_lens.to(device), table.to(device)
-        )
+            pool_kv, upload(seq_kv.page_table, device), kept.to(device), upload(kept_lens, device),
+            upload(table, device),
+        )  # fmt: skip
     else:
         pack_kept(pool_kv, seq_kv.page_table, kept, kept_lens, table)
     seq_kv.set_heads(kept_lens, table, dropped)
@@ -86,6 +104,6 @@ def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Te
 def compress_kv(seq_kv: SequenceKV, scores: torch.Tensor, params: CompressionParams) -> None:
     """Select with `params` and compact the sequence's cache in place; a no-op if every head keeps all."""
     kept, kept_lens = select_tokens(scores, params)
-    if bool((kept_lens.cpu() == seq_kv.head_lens).all()):
+    if bool((kept_lens == seq_kv.head_lens).all()):
         return
     compact_in_place(seq_kv, kept, kept_lens)
