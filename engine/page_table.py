@@ -94,9 +94,13 @@ class SequenceKV:
             pages = _ascending(pages)
         new_pages = pages.to(torch.int32)
         # Fill the new slots head by head: (layer, head, page index) for every missing page.
-        slot_mask = torch.arange(self.max_pages)[None, None, :]
-        missing = (slot_mask >= held[..., None]) & (slot_mask < want[..., None])
-        self.page_table[missing] = new_pages
+        lo, hi = int(held.min()), int(want.max())
+        if lo == int(held.max()) and hi == int(want.min()):  # every head from and to as many pages
+            self.page_table[:, :, lo:hi] = new_pages.view(*held.shape, hi - lo)  # a prompt chunk: a slice
+        else:
+            slot_mask = torch.arange(self.max_pages)[None, None, :]
+            missing = (slot_mask >= held[..., None]) & (slot_mask < want[..., None])
+            self.page_table[missing] = new_pages
         self.num_pages_held += need
         return pages
 

@@ -299,6 +299,31 @@ def test_sequence_kv_grow_allocates_per_head_pages() -> None:
     pool.assert_no_leaks()
 
 
+def test_sequence_kv_grow_fills_each_heads_own_missing_slots_in_travel_order() -> None:
+    """A prompt chunk grows every head alike (one slice of the table); after compaction heads differ
+    and each gets only the pages it lacks. Either way new pages land in (layer, head, page) order,
+    the order the pool hands them out."""
+    pool, twin = make_pool(64, page_size=4), make_pool(64, page_size=4)
+    kv = make_seq_kv(pool, num_layers=2, num_kv_heads=3, max_tokens=24)
+    kv.grow(5)  # every head: 0 -> 2 pages
+    assert kv.page_table[:, :, :2].flatten().tolist() == twin.allocate_ids(12).tolist()
+    kv.head_lens += 5
+    before = kv.page_table.clone()
+    lens = torch.tensor([[1, 5, 8], [4, 2, 6]])  # as compaction leaves them: 1, 2, 2 / 1, 1, 2 pages
+    table = before.clone()
+    table[kv.pages_per_head(lens)[..., None] <= torch.arange(kv.max_pages)] = -1
+    kv.set_heads(lens, table)
+    kv.grow(4)  # heads need 2, 3, 3 / 2, 2, 3 pages: 1, 1, 1 / 1, 1, 1 new, one per head
+    assert bool((kv.page_table[table >= 0] == table[table >= 0]).all())  # kept pages stay put
+    want_pages = kv.pages_per_head(lens + 4)
+    held = (kv.page_table >= 0).sum(dim=-1)
+    assert torch.equal(held, want_pages)
+    assert kv.num_pages_held == int(want_pages.sum())
+    assert len(set(kv.page_table[kv.page_table >= 0].tolist())) == int(want_pages.sum())
+    kv.free()
+    pool.assert_no_leaks()
+
+
 def test_sequence_kv_slots_follow_pages() -> None:
     pool = make_pool(64, page_size=4)
     kv = make_seq_kv(pool, num_layers=1, num_kv_heads=2, max_tokens=16)
