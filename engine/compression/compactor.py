@@ -58,7 +58,7 @@ class CompactorScorer(Scorer):
     def __init__(self, params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> None:
         super().__init__(params, shape, seq_kv)
         n = shape.prompt_len
-        self.group = 0  # layers per leverage launch, set by the first chunk (`group_layers`)
+        self.group = 0  # layers per leverage launch, planned from the first chunk's size
         self.group_keys: torch.Tensor | None = None  # [T, group, H, D] this chunk's keys of a group
         self.leverage_streams: list[BlockStream] = []  # one per group of layers
         self.mass_streams = [BlockStream(n, params.attention_block) for _ in range(shape.num_layers)]
@@ -68,7 +68,7 @@ class CompactorScorer(Scorer):
         self.fused: FusedScoring | None = None
         self.stream: torch.cuda.Stream | None = None
         self.ready: torch.cuda.Event | None = None  # reused: the side stream waits for the prefill
-        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: leverage [H, n], mass [H, n]
+        self.mass_rows: list[torch.Tensor] = []  # per layer: its mass [H, n]
 
     def observe(
         self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
@@ -108,7 +108,7 @@ class CompactorScorer(Scorer):
         self.sketch = gaussian_sketch(k.shape[-1], p.sketch_size, k.device)
         self.leverage = torch.zeros(s.num_layers, s.num_kv_heads, s.prompt_len, device=k.device)
         self.mass = torch.zeros_like(self.leverage)
-        self.rows = list(self.mass.unbind(0))
+        self.mass_rows = list(self.mass.unbind(0))
         d = k.shape[-1]
         if k.is_cuda and self.use_kernels and d >= 16 and d & (d - 1) == 0:  # the kernels' head dims
             self.fused = self.fused_scoring()
@@ -145,7 +145,7 @@ class CompactorScorer(Scorer):
             self._leverage(layer - layer % self.group, group_keys, start)
         scale = k.shape[-1] ** -0.5
         fused = self.fused
-        mass = self.rows[layer]
+        mass = self.mass_rows[layer]
         if fused is not None and fused.mass_fits:
             span = self.mass_streams[layer].push_span(start, q, k)
             if span is not None:
