@@ -18,6 +18,8 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     asynchronous copy that the pinned block outlives: torch keeps it until the copy has run)."""
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
+    if t.is_pinned():  # pin_memory() would return t itself, which the caller may change before the copy
+        t = t.clone()
     return t.pin_memory().to(device, non_blocking=True)
 
 

@@ -39,3 +39,9 @@ def test_upload_does_not_wait_for_queued_gpu_work_and_keeps_its_values() -> None
     assert host_seconds < 0.25, f"the upload waited {host_seconds:.2f} s for the GPU"
     assert torch.equal(on_gpu.cpu(), want)
     assert torch.equal(ids.cpu(), torch.arange(2048))
+
+    pinned = torch.arange(4096, dtype=torch.int64).pin_memory()  # a caller's own pinned buffer
+    torch.cuda._sleep(200_000_000)
+    copied = upload(pinned, device)
+    pinned.fill_(0)  # reused at once, as a staging buffer would be
+    assert torch.equal(copied.cpu(), torch.arange(4096))
