@@ -13,6 +13,7 @@ scatter a receiver runs (and index_copy_), each with its bytes or FLOPs and achi
 device copy bandwidth is measured in the same run.
 
     python3 benchmarks/compression_overhead.py --out docs/benchmarks     # on a GPU
+    python3 benchmarks/compression_overhead.py --profile --contexts 8192 --out /tmp/prof  # where time goes
     python3 benchmarks/compression_overhead.py --plot docs/benchmarks/compression_overhead.json
 """
 
