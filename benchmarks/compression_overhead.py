@@ -417,6 +417,8 @@ def main() -> None:
         "the Chrome traces) under --out, and exit",
     )  # fmt: skip
     args = p.parse_args()
+    if args.profile and not torch.cuda.is_available():
+        p.error("--profile reads CUDA kernel timings: run it on a GPU")
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
