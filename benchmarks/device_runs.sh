@@ -7,14 +7,15 @@
 #   bash benchmarks/device_runs.sh 1gpu-handoff # nvidia-h100-x1: GPU tests, then early vs late reservation
 #   bash benchmarks/device_runs.sh 1gpu-serving # nvidia-h100-x1: fixed-KV retention sweep (24 requests), compression overhead
 #   bash benchmarks/device_runs.sh 1gpu-kernels # nvidia-h100-x1: engine GPU tests, compression overhead, handoff, prefill variants
+#   bash benchmarks/device_runs.sh 1gpu-layers  # nvidia-h100-x1: GPU tests not yet run on a GPU, layer kernels vs eager, compression overhead
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers}" >&2
     exit 2
     ;;
 esac
@@ -65,6 +66,12 @@ case ${1:-} in
     timeout 170 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 2 > "$OUT/co.log" 2>&1; tail -2 "$OUT/co.log"
     HANDOFF_TIMEOUT=140 handoff h100_sorted --transports cuda_ipc,cuda_ipc:noverify
     timeout 170 python benchmarks/prefill_variants.py --out "$OUT/bench/prefill_variants.json" 2>&1 | tail -45
+    ;;
+  1gpu-layers)
+    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_uploads.py tests/test_layer_kernels.py \
+      tests/test_engine_gpu.py tests/test_serving_gpu.py 2>&1 | tail -4
+    timeout 200 python benchmarks/layer_kernels.py --out "$OUT/bench" --reps 7 2>&1 | tail -8
+    timeout 200 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 9 2>&1 | grep "ctx "
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

@@ -10,6 +10,9 @@ from kernels.decode_attention import decode_attention
 from kernels.leverage_scores import leverage_scores, padded_sketch
 from kernels.pack_kept import pack_kept, scatter_pages
 from kernels.prefill_attention import prefill_attention
+from kernels.rms_norm import rms_norm
+from kernels.rotary import rotary
+from kernels.silu_mul import silu_mul
 from kernels.store_kv import store_kv
 
 __all__ = [
@@ -19,6 +22,9 @@ __all__ = [
     "pack_kept",
     "padded_sketch",
     "prefill_attention",
+    "rms_norm",
+    "rotary",
     "scatter_pages",
+    "silu_mul",
     "store_kv",
 ]

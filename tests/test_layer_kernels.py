@@ -1,0 +1,137 @@
+"""The elementwise layer kernels (kernels/rms_norm.py, rotary.py, silu_mul.py) against the eager
+layers they would replace (engine/layers/norm.py, rotary.py, mlp.py).
+
+CPU: under TRITON_INTERPRET=1 at small shapes; GPU: compiled, plus Llama-3.1-8B shapes (`-m gpu`).
+Inputs are fresh random values on the strided views the model hands over (a projection's output cut
+into heads), and both sides round in the same places, so they agree within a unit or two in the
+last place of the largest value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # the root conftest.py sets it before any triton import
+triton = pytest.importorskip("triton")
+
+from engine.layers.norm import RMSNorm  # noqa: E402
+from engine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
+from kernels.rms_norm import rms_norm  # noqa: E402
+from kernels.rotary import rotary  # noqa: E402
+from kernels.silu_mul import silu_mul  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def ulps_apart(out: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference in units of the dtype's spacing at want's largest magnitude (0 when
+    bit-identical). Per-element spacing would blow up where a sum cancels to near zero, and Triton's
+    CPU interpreter rounds to bf16 differently from a GPU (and from torch)."""
+    assert out.dtype == want.dtype and out.shape == want.shape
+    assert not out.isnan().any(), "NaN in the output: an element was not written"
+    spacing = float(want.double().abs().max()) * torch.finfo(want.dtype).eps
+    return float((out.double() - want.double()).abs().max()) / spacing
+
+
+def check_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
+    layer = RMSNorm(hidden, 1e-5).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(hidden) * 0.5 + 1.0)
+    wide = torch.randn(n, hidden + 64, device=DEVICE).to(dtype) * 3  # rows with a stride > hidden
+    x = wide[:, :hidden]
+    with torch.no_grad():
+        want = layer(x)
+    got = rms_norm(x, layer.weight, layer.eps)
+    assert ulps_apart(got, want) <= 2
+
+
+def check_rotary(n: int, heads: int, d: int, dtype: torch.dtype, start: int = 0) -> None:
+    params = {"rope_theta": 500000.0, "rope_type": "default"}
+    cos, sin = RotaryEmbedding(d, params).to(DEVICE)(torch.arange(start, start + n, device=DEVICE), dtype)
+    proj = torch.randn(n, (heads + 3) * d, device=DEVICE).to(dtype)  # a projection's output ...
+    x = proj[:, d : (heads + 1) * d].view(n, heads, d)  # ... cut into heads: a strided view
+    want = apply_rotary(x, cos, sin)
+    before = x.clone()
+    got = rotary(x, cos, sin)
+    assert torch.equal(x, before), "the input (the pre-RoPE keys) must stay intact"
+    assert got.is_contiguous() and ulps_apart(got, want) <= 2
+
+
+def check_silu_mul(n: int, width: int, dtype: torch.dtype) -> None:
+    both = torch.randn(n, 2 * width + 8, device=DEVICE).to(dtype) * 3
+    gate, up = both[:, :width], both[:, width + 8 :]
+    want = F.silu(gate) * up
+    got = silu_mul(gate, up)
+    assert ulps_apart(got, want) <= 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_small(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    check_rms_norm(5, 96, dtype)  # hidden not a power of two: a masked tail
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_small(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    check_rotary(7, 3, 32, dtype, start=1000)
+    check_rotary(1, 20, 16, dtype)  # more heads than one program's block
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_small(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    check_silu_mul(3, 1500, dtype)  # two column blocks, the second partial
+
+
+def test_empty_inputs() -> None:
+    assert rms_norm(torch.zeros(0, 8, device=DEVICE), torch.ones(8, device=DEVICE), 1e-6).shape == (0, 8)
+    cos = torch.zeros(0, 1, 16, device=DEVICE)
+    assert rotary(torch.zeros(0, 2, 16, device=DEVICE), cos, cos).shape == (0, 2, 16)
+    assert silu_mul(torch.zeros(0, 4, device=DEVICE), torch.zeros(0, 4, device=DEVICE)).shape == (0, 4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_kernels_gpu_llama8b(dtype: torch.dtype) -> None:
+    """A 2048-token chunk of Llama-3.1-8B: hidden 4096, 32 q / 8 kv heads of 128, MLP 14336."""
+    torch.manual_seed(4)
+    check_rms_norm(2048, 4096, dtype)
+    check_rotary(2048, 32, 128, dtype, start=30720)
+    check_rotary(2048, 8, 128, dtype, start=30720)
+    check_silu_mul(2048, 14336, dtype)
+
+
+@pytest.mark.parametrize("kind", ["llama3_rope", "qwen3"])
+def test_an_engine_with_the_kernels_swapped_in_generates_the_same(tiny_model, kind: str) -> None:
+    """benchmarks/layer_kernels.py swaps the kernels into a live model: the engine must then give the
+    same greedy tokens and nearly the same logits (qwen3 adds per-head q/k norms through the kernel),
+    and the eager layers must be back afterwards."""
+    from builders import greedy, random_prompt, record_logits
+
+    from benchmarks.layer_kernels import swapped_in
+    from engine.layers.norm import RMSNorm
+
+    model = tiny_model(kind)
+    prompt = random_prompt(70, model.vocab_size, seed=6)
+    results = []
+    for swap in (False, True):
+        engine = model.engine(prefill_chunk=32)
+        with swapped_in() if swap else contextlib.nullcontext(), record_logits(engine.runner.model) as rows:
+            seq = engine.add_request(prompt, greedy(6))
+            while engine.has_unfinished():
+                engine.step()
+        results.append((seq.output_token_ids, torch.cat(rows)))
+        engine.pool.assert_no_leaks()
+    assert results[1][0] == results[0][0]
+    assert float((results[1][1] - results[0][1]).abs().max()) < 1e-4
+    assert RMSNorm.forward.__module__ == "engine.layers.norm"  # restored
