@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 
 from engine.layers.norm import RMSNorm  # noqa: E402
 from engine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
-from kernels.rms_norm import rms_norm  # noqa: E402
+from kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.rotary import rotary  # noqa: E402
 from kernels.silu_mul import silu_mul  # noqa: E402
 
@@ -53,6 +53,20 @@ def check_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
     assert ulps_apart(got, want) <= 2
 
 
+def check_add_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
+    layer = RMSNorm(hidden, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(hidden) * 0.5 + 1.0)
+        x, residual = (torch.randn(n, hidden, device=DEVICE).to(dtype) * 2 for _ in range(2))
+        total = x + residual  # the eager layer's add, then its norm
+        want = layer(total)
+    got, got_total = add_rms_norm(x, residual, layer.weight, layer.eps)
+    assert (
+        ulps_apart(got_total, total) <= 1
+    )  # bit-equal on a GPU; the CPU interpreter rounds bf16 its own way
+    assert ulps_apart(got, want) <= 2
+
+
 def check_rotary(n: int, heads: int, d: int, dtype: torch.dtype, start: int = 0) -> None:
     params = {"rope_theta": 500000.0, "rope_type": "default"}
     cos, sin = RotaryEmbedding(d, params).to(DEVICE)(torch.arange(start, start + n, device=DEVICE), dtype)
@@ -77,6 +91,12 @@ def check_silu_mul(n: int, width: int, dtype: torch.dtype) -> None:
 def test_rms_norm_small(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     check_rms_norm(5, 96, dtype)  # hidden not a power of two: a masked tail
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_small(dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    check_add_rms_norm(4, 80, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -106,13 +126,18 @@ def test_layer_kernels_gpu_llama8b(dtype: torch.dtype) -> None:
     """A 2048-token chunk of Llama-3.1-8B: hidden 4096, 32 q / 8 kv heads of 128, MLP 14336."""
     torch.manual_seed(4)
     check_rms_norm(2048, 4096, dtype)
+    check_add_rms_norm(2048, 4096, dtype)
     check_rotary(2048, 32, 128, dtype, start=30720)
     check_rotary(2048, 8, 128, dtype, start=30720)
     check_silu_mul(2048, 14336, dtype)
 
 
-@pytest.mark.parametrize("kind", ["llama3_rope", "qwen3"])
-def test_an_engine_with_the_kernels_swapped_in_generates_the_same(tiny_model, kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind,fused_residual", [("llama3_rope", False), ("qwen3", False), ("llama3_rope", True)]
+)
+def test_an_engine_with_the_kernels_swapped_in_generates_the_same(
+    tiny_model, kind: str, fused_residual: bool
+) -> None:
     """benchmarks/layer_kernels.py swaps the kernels into a live model: the engine must then give the
     same greedy tokens and nearly the same logits (qwen3 adds per-head q/k norms through the kernel),
     and the eager layers must be back afterwards."""
@@ -120,13 +145,15 @@ def test_an_engine_with_the_kernels_swapped_in_generates_the_same(tiny_model, ki
 
     from benchmarks.layer_kernels import swapped_in
     from engine.layers.norm import RMSNorm
+    from engine.models.decoder import DecoderModel
 
     model = tiny_model(kind)
     prompt = random_prompt(70, model.vocab_size, seed=6)
     results = []
     for swap in (False, True):
         engine = model.engine(prefill_chunk=32)
-        with swapped_in() if swap else contextlib.nullcontext(), record_logits(engine.runner.model) as rows:
+        swap_ctx = swapped_in(fused_residual) if swap else contextlib.nullcontext()
+        with swap_ctx, record_logits(engine.runner.model) as rows:
             seq = engine.add_request(prompt, greedy(6))
             while engine.has_unfinished():
                 engine.step()
@@ -135,3 +162,4 @@ def test_an_engine_with_the_kernels_swapped_in_generates_the_same(tiny_model, ki
     assert results[1][0] == results[0][0]
     assert float((results[1][1] - results[0][1]).abs().max()) < 1e-4
     assert RMSNorm.forward.__module__ == "engine.layers.norm"  # restored
+    assert DecoderModel.forward.__module__ == "engine.models.decoder"
