@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @contextlib.contextmanager
-def swapped_in(fused_residual: bool = False) -> Iterator[None]:
+def swapped_in(fused_residual: bool = False, merged_gemms: bool = False) -> Iterator[None]:
     """The model's RMSNorm, RoPE and SwiGLU gate through the Triton kernels inside the block; with
-    `fused_residual`, each decoder layer's residual adds go into the norms after them as well."""
+    `fused_residual`, each decoder layer's residual adds go into the norms after them as well; with
+    `merged_gemms`, q/k/v are one GEMM and gate/up another (weights concatenated on first use, a
+    second copy of them held until the block ends)."""
     from engine.layers import attention, mlp, norm
     from engine.models import decoder
     from kernels.rms_norm import add_rms_norm, rms_norm
@@ -40,7 +42,34 @@ def swapped_in(fused_residual: bool = False) -> Iterator[None]:
     from kernels.silu_mul import silu_mul
 
     saved = norm.RMSNorm.forward, attention.apply_rotary, mlp.GatedMLP.forward
-    saved_model = decoder.DecoderModel.forward
+    saved_model, saved_attention = decoder.DecoderModel.forward, attention.Attention.forward
+    merged: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id(linear group) -> weight, bias
+
+    def merged_linear(x: torch.Tensor, *linears: torch.nn.Linear) -> torch.Tensor:
+        key = id(linears[0])
+        if key not in merged:
+            with torch.no_grad():
+                biases = [lin.bias for lin in linears]
+                bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[misc]
+                merged[key] = torch.cat([lin.weight for lin in linears]), bias
+        return F.linear(x, *merged[key])
+
+    def attention_forward(self: attention.Attention, x: torch.Tensor, rope: Any, batch: Any) -> torch.Tensor:
+        n, hq, h, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = merged_linear(x, self.q_proj, self.k_proj, self.v_proj).split(
+            [hq * d, h * d, h * d], dim=-1
+        )
+        q, k, v = q.view(n, hq, d), k.view(n, h, d), v.contiguous().view(n, h, d)  # v: a plain tensor
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        k_pre_rope = k
+        q, k = rotary(q, *rope), rotary(k, *rope)
+        out = batch.attend(self.layer_idx, q, k, v, k_pre_rope, self.scale)
+        return self.o_proj(out.reshape(n, -1))
+
+    def merged_mlp_forward(self: mlp.GatedMLP, x: torch.Tensor) -> torch.Tensor:
+        g, u = merged_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)
+        return self.down_proj(silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape))
 
     def model_forward(
         self: decoder.DecoderModel, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any
@@ -70,11 +99,15 @@ def swapped_in(fused_residual: bool = False) -> Iterator[None]:
     norm.RMSNorm.forward, attention.apply_rotary, mlp.GatedMLP.forward = norm_forward, rotary, mlp_forward  # type: ignore[method-assign,assignment]
     if fused_residual:
         decoder.DecoderModel.forward = model_forward  # type: ignore[method-assign]
+    if merged_gemms:
+        attention.Attention.forward = attention_forward  # type: ignore[method-assign]
+        mlp.GatedMLP.forward = merged_mlp_forward  # type: ignore[method-assign]
     try:
         yield
     finally:
         norm.RMSNorm.forward, attention.apply_rotary, mlp.GatedMLP.forward = saved  # type: ignore[method-assign]
-        decoder.DecoderModel.forward = saved_model  # type: ignore[method-assign]
+        decoder.DecoderModel.forward, attention.Attention.forward = saved_model, saved_attention  # type: ignore[method-assign]
+        merged.clear()
 
 
 def kernel_times(device: torch.device, tokens: int = 2048) -> dict[str, Any]:
@@ -129,6 +162,14 @@ def prefills(contexts: list[int], reps: int, retention: float) -> dict[str, Any]
         "kernels": (swapped_in, None),
         "kernels_compactor": (swapped_in, params),
         "kernels_fused_residual": (lambda: swapped_in(fused_residual=True), None),
+        "kernels_fused_residual_merged_gemms": (
+            lambda: swapped_in(fused_residual=True, merged_gemms=True),
+            None,
+        ),
+        "kernels_fused_residual_merged_gemms_compactor": (
+            lambda: swapped_in(fused_residual=True, merged_gemms=True),
+            params,
+        ),
     }
     out: dict[str, Any] = {}
     for n in contexts:
@@ -143,6 +184,8 @@ def prefills(contexts: list[int], reps: int, retention: float) -> dict[str, Any]
         row = {m: dict(median_s=statistics.median(t), all_s=t) for m, t in times.items()}
         row["compactor_share_eager"] = row["eager_compactor"]["median_s"] / row["eager"]["median_s"] - 1
         row["compactor_share_kernels"] = row["kernels_compactor"]["median_s"] / row["kernels"]["median_s"] - 1
+        all_in = "kernels_fused_residual_merged_gemms"
+        row["compactor_share_all_in"] = row[f"{all_in}_compactor"]["median_s"] / row[all_in]["median_s"] - 1
         out[str(n)] = row
         print(f"ctx {n}: " + ", ".join(f"{m} {row[m]['median_s'] * 1e3:.1f} ms" for m in modes), flush=True)
     engine.pool.assert_no_leaks()
@@ -164,11 +207,12 @@ def plot(report: dict, path: Path) -> None:
     a.set_xlabel("µs per call (2048-token chunk, 8B shape)")
     a.legend()
     ctxs = list(report["prefills"])
-    modes = ["eager", "eager_compactor", "kernels", "kernels_compactor", "kernels_fused_residual"]
+    modes = [m for m in report["prefills"][ctxs[0]] if isinstance(report["prefills"][ctxs[0]][m], dict)]
+    width = 0.8 / len(modes)
     for j, m in enumerate(modes):
         medians = [report["prefills"][c][m]["median_s"] * 1e3 for c in ctxs]
-        b.bar([i + 0.16 * j for i in range(len(ctxs))], medians, 0.16, label=m)
-    b.set_xticks([i + 0.32 for i in range(len(ctxs))], [f"{int(c) // 1024}K" for c in ctxs])
+        b.bar([i + width * j for i in range(len(ctxs))], medians, width, label=m)
+    b.set_xticks([i + 0.4 - width / 2 for i in range(len(ctxs))], [f"{int(c) // 1024}K" for c in ctxs])
     b.set_ylabel("whole prefill, ms (median)")
     b.set_yscale("log")
     b.legend(fontsize=7)

@@ -133,17 +133,20 @@ def test_layer_kernels_gpu_llama8b(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind,fused_residual", [("llama3_rope", False), ("qwen3", False), ("llama3_rope", True)]
-)
+    "kind,fused_residual,merged_gemms",
+    [("llama3_rope", False, False), ("qwen3", False, False), ("llama3_rope", True, False),
+     ("llama_tied_bias", True, True), ("qwen3", True, True)],
+)  # fmt: skip
 def test_an_engine_with_the_kernels_swapped_in_generates_the_same(
-    tiny_model, kind: str, fused_residual: bool
+    tiny_model, kind: str, fused_residual: bool, merged_gemms: bool
 ) -> None:
     """benchmarks/layer_kernels.py swaps the kernels into a live model: the engine must then give the
-    same greedy tokens and nearly the same logits (qwen3 adds per-head q/k norms through the kernel),
-    and the eager layers must be back afterwards."""
+    same greedy tokens and nearly the same logits (qwen3 adds per-head q/k norms through the kernel;
+    llama_tied_bias has q/k/v biases to merge), and the eager layers must be back afterwards."""
     from builders import greedy, random_prompt, record_logits
 
     from benchmarks.layer_kernels import swapped_in
+    from engine.layers.attention import Attention
     from engine.layers.norm import RMSNorm
     from engine.models.decoder import DecoderModel
 
@@ -152,7 +155,7 @@ def test_an_engine_with_the_kernels_swapped_in_generates_the_same(
     results = []
     for swap in (False, True):
         engine = model.engine(prefill_chunk=32)
-        swap_ctx = swapped_in(fused_residual) if swap else contextlib.nullcontext()
+        swap_ctx = swapped_in(fused_residual, merged_gemms) if swap else contextlib.nullcontext()
         with swap_ctx, record_logits(engine.runner.model) as rows:
             seq = engine.add_request(prompt, greedy(6))
             while engine.has_unfinished():
@@ -163,3 +166,4 @@ def test_an_engine_with_the_kernels_swapped_in_generates_the_same(
     assert float((results[1][1] - results[0][1]).abs().max()) < 1e-4
     assert RMSNorm.forward.__module__ == "engine.layers.norm"  # restored
     assert DecoderModel.forward.__module__ == "engine.models.decoder"
+    assert Attention.forward.__module__ == "engine.layers.attention"
