@@ -143,7 +143,9 @@ def kernel_times(device: torch.device, tokens: int = 2048) -> dict[str, Any]:
     return out
 
 
-def prefills(contexts: list[int], reps: int, retention: float) -> dict[str, Any]:
+def prefills(
+    contexts: list[int], reps: int, retention: float, model: str | None = None, kv_cache_bytes: int = 12 << 30
+) -> dict[str, Any]:
     """Whole prefills (2048-token chunks), eager layers and kernels in turn, with and without the
     compactor: the wall times and the compactor's share under each."""
     from benchmarks.compression_overhead import CONFIG_8B, prefill_seconds
@@ -151,8 +153,8 @@ def prefills(contexts: list[int], reps: int, retention: float) -> dict[str, Any]
 
     engine = LLMEngine(
         EngineConfig(
-            model=str(CONFIG_8B), load_format="dummy", dtype="bfloat16", prefill_chunk=2048,
-            max_model_len=max(contexts) + 16, kv_cache_bytes=12 << 30,
+            model=model or str(CONFIG_8B), load_format="dummy", dtype="bfloat16", prefill_chunk=2048,
+            max_model_len=max(contexts) + 16, kv_cache_bytes=kv_cache_bytes,
         )
     )  # fmt: skip
     params = CompressionParams(method="compactor", retention=retention)
@@ -198,7 +200,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.5))
     names = list(report["kernels"])
     y = range(len(names))
     a.barh([i + 0.2 for i in y], [report["kernels"][k]["eager_s"] * 1e6 for k in names], 0.4, label="eager")
@@ -215,7 +217,7 @@ def plot(report: dict, path: Path) -> None:
     b.set_xticks([i + 0.4 - width / 2 for i in range(len(ctxs))], [f"{int(c) // 1024}K" for c in ctxs])
     b.set_ylabel("whole prefill, ms (median)")
     b.set_yscale("log")
-    b.legend(fontsize=7)
+    b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"elementwise layers: eager vs Triton kernels, {report['device']}, {report['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
