@@ -68,8 +68,7 @@ def swapped_in(fused_residual: bool = False, merged_gemms: bool = False) -> Iter
         return self.o_proj(out.reshape(n, -1))
 
     def merged_mlp_forward(self: mlp.GatedMLP, x: torch.Tensor) -> torch.Tensor:
-        g, u = merged_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)
-        return self.down_proj(silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape))
+        return self.down_proj(gate(*merged_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)))
 
     def model_forward(
         self: decoder.DecoderModel, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any
@@ -89,12 +88,14 @@ def swapped_in(fused_residual: bool = False, merged_gemms: bool = False) -> Iter
             x = layer.mlp(h)
         return self.norm(x + residual)  # through the module, so its forward hooks still see it
 
+    def gate(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # silu(g) * u over [..., width]
+        return silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape)
+
     def norm_forward(self: norm.RMSNorm, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
     def mlp_forward(self: mlp.GatedMLP, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape))
+        return self.down_proj(gate(self.gate_proj(x), self.up_proj(x)))
 
     norm.RMSNorm.forward, attention.apply_rotary, mlp.GatedMLP.forward = norm_forward, rotary, mlp_forward  # type: ignore[method-assign,assignment]
     if fused_residual:

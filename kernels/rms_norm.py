@@ -50,19 +50,14 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + c, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., hidden] -> [..., hidden] in the dtype weight * x gives (see the module doc)."""
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and x.stride(-1) == 1
     rows = x.reshape(-1, hidden)
-    if out is None:
-        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    out_rows = out.view(-1, hidden)
-    if rows.shape[0] == 0:
-        return out
-    _launch(rows, weight, out_rows, None, None, eps)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if rows.shape[0]:
+        _launch(rows, weight, out.view(-1, hidden), None, None, eps)
     return out
 
 
@@ -85,11 +80,10 @@ def _launch(
     x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None,
     total: torch.Tensor | None, eps: float,
 ) -> None:  # fmt: skip
+    add = residual is not None and total is not None
+    res, tot = (residual, total) if add else (x, out)  # unread without ADD
     block = next_pow2(x.shape[-1])
-    add = residual is not None
     _rms_norm_kernel[(x.shape[0],)](
-        x, weight, out, residual if add else x, total if add else out, x.stride(0), out.stride(0),
-        residual.stride(0) if residual is not None else 0, total.stride(0) if total is not None else 0,
-        x.shape[-1], eps, BLOCK=block,
-        ADD=add, num_warps=max(1, min(16, block // 256)),
+        x, weight, out, res, tot, x.stride(0), out.stride(0), res.stride(0), tot.stride(0), x.shape[-1],
+        eps, BLOCK=block, ADD=add, num_warps=max(1, min(16, block // 256)),
     )  # fmt: skip

@@ -24,13 +24,14 @@ def select_tokens(scores: torch.Tensor, params: CompressionParams) -> tuple[torc
     A uniform budget keeps the same number of tokens in every head, known on the host: its positions
     come from one top-k and a sort of the kept ones, and the host never waits for the GPU."""
     n = scores.shape[-1]
-    protected = protected_mask(n, params.sink, params.recent, params.protected_spans)
+    protected = protected_mask(n, params.sink, params.recent, params.protected_spans)  # on the host
+    on_device = upload(protected, scores.device)
     if params.budget == "uniform":
         share = max(uniform_share(n, params.retention), int(protected.sum()))
-        s = scores.float().masked_fill(upload(protected, scores.device), float("inf"))
+        s = scores.float().masked_fill(on_device, float("inf"))
         kept = torch.topk(s, share, dim=-1, sorted=False).indices.sort(dim=-1).values
         return kept, torch.full(scores.shape[:2], share, dtype=torch.int64)
-    kept, lens = mask_to_indices(keep_mask(scores, upload(protected, scores.device), params))
+    kept, lens = mask_to_indices(keep_mask(scores, on_device, params))
     return kept, lens.cpu()
 
 
