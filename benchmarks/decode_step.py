@@ -52,6 +52,7 @@ def decode_run(
             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
             max_num_seqs=max(batch, 1),
             enforce_eager=enforce_eager,
+            layer_kernels=args.layer_kernels,
         ),
         loaded=loaded,
     )
@@ -220,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=8192, help="sets the graphs' page-table width")
     p.add_argument("--kv-cache-gib", type=float, default=8)
     p.add_argument(
+        "--layer-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="RMSNorm, RoPE and the SwiGLU gate as Triton kernels (the engine's default) or eager ops",
+    )
+    p.add_argument(
         "--hf-baseline",
         action="store_true",
         help="also time transformers generate at batch 1 in this process, after the engines (measured "
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "timed_steps": args.steps,
         "max_model_len": args.max_model_len,
+        "layer_kernels": args.layer_kernels,
         "graphs_vs_eager_tokens": agreement,
         "results": rows,
     }

@@ -10,13 +10,12 @@ from kernels.decode_attention import decode_attention
 from kernels.leverage_scores import leverage_scores, padded_sketch
 from kernels.pack_kept import pack_kept, scatter_pages
 from kernels.prefill_attention import prefill_attention
-from kernels.rms_norm import add_rms_norm, rms_norm
+from kernels.rms_norm import rms_norm
 from kernels.rotary import rotary
 from kernels.silu_mul import silu_mul
 from kernels.store_kv import store_kv
 
 __all__ = [
-    "add_rms_norm",
     "attention_mass",
     "decode_attention",
     "leverage_scores",

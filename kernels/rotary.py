@@ -31,19 +31,21 @@ def _rotary_kernel(
     stride_oh,
     heads,
     HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of 2 >= HALF
     BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.arange(0, HALF)
-    ok = (h < heads)[:, None]
+    d = tl.arange(0, BLOCK_D)
+    in_d = d < HALF
+    ok = (h < heads)[:, None] & in_d[None, :]
     xs = x_ptr + t * stride_xt + h[:, None].to(tl.int64) * stride_xh + d[None, :]
     x1 = tl.load(xs, mask=ok, other=0.0)
     x2 = tl.load(xs + HALF, mask=ok, other=0.0)
-    c1 = tl.load(cos_ptr + t * stride_ct + d)[None, :]
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + d)[None, :]
-    s1 = tl.load(sin_ptr + t * stride_ct + d)[None, :]
-    s2 = tl.load(sin_ptr + t * stride_ct + HALF + d)[None, :]
+    c1 = tl.load(cos_ptr + t * stride_ct + d, mask=in_d, other=0.0)[None, :]
+    c2 = tl.load(cos_ptr + t * stride_ct + HALF + d, mask=in_d, other=0.0)[None, :]
+    s1 = tl.load(sin_ptr + t * stride_ct + d, mask=in_d, other=0.0)[None, :]
+    s2 = tl.load(sin_ptr + t * stride_ct + HALF + d, mask=in_d, other=0.0)[None, :]
     ty = out_ptr.dtype.element_ty
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     a1 = (f1 * c1.to(tl.float32)).to(ty).to(tl.float32)
@@ -58,7 +60,7 @@ def _rotary_kernel(
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [N, heads, D] rotated by its tokens' angles -> a new contiguous [N, heads, D] (module doc)."""
     n, heads, d = x.shape
-    assert d % 2 == 0 and d // 2 == next_pow2(d // 2), f"head_dim {d}: twice a power of 2"
+    assert d % 2 == 0, f"head_dim {d} must be even"
     cos, sin = cos.reshape(n, d), sin.reshape(n, d)
     assert x.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride() == sin.stride()
     assert cos.dtype == sin.dtype == x.dtype, "cos and sin in x's dtype, as the model computes them"
@@ -68,6 +70,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     block_h = min(16, next_pow2(heads))
     _rotary_kernel[(n, triton.cdiv(heads, block_h))](
         x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1), heads,
-        HALF=d // 2, BLOCK_H=block_h, num_warps=4,
+        HALF=d // 2, BLOCK_D=next_pow2(d // 2), BLOCK_H=block_h, num_warps=4,
     )  # fmt: skip
     return out

@@ -156,6 +156,9 @@ class EngineSettings:
         "CUDA prefill attention: auto (cuDNN on the gathered prefix where it applies, else the Triton "
         "kernel) or triton (always the Triton kernel)",
     )
+    layer_kernels: bool = setting(
+        True, "CUDA: RMSNorm, RoPE and the SwiGLU gate as one-pass Triton kernels (off: eager PyTorch ops)"
+    )
 
     def engine_config(self) -> EngineConfig:
         from engine.config import EngineConfig  # torch loads here, not when a coordinator imports this
@@ -172,4 +175,5 @@ class EngineSettings:
             max_num_seqs=self.max_num_seqs,
             enforce_eager=self.enforce_eager,
             prefill_attention=self.prefill_attention,
+            layer_kernels=self.layer_kernels,
         )

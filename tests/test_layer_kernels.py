@@ -1,5 +1,5 @@
 """The elementwise layer kernels (kernels/rms_norm.py, rotary.py, silu_mul.py) against the eager
-layers they would replace (engine/layers/norm.py, rotary.py, mlp.py).
+layers they replace on CUDA (engine/layers/norm.py, rotary.py, mlp.py), and engines run both ways.
 
 CPU: under TRITON_INTERPRET=1 at small shapes; GPU: compiled, plus Llama-3.1-8B shapes (`-m gpu`).
 Inputs are fresh random values on the strided views the model hands over (a projection's output cut
@@ -9,7 +9,6 @@ last place of the largest value.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -22,7 +21,7 @@ triton = pytest.importorskip("triton")
 
 from engine.layers.norm import RMSNorm  # noqa: E402
 from engine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
-from kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from kernels.rms_norm import rms_norm  # noqa: E402
 from kernels.rotary import rotary  # noqa: E402
 from kernels.silu_mul import silu_mul  # noqa: E402
 
@@ -53,20 +52,6 @@ def check_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
     assert ulps_apart(got, want) <= 2
 
 
-def check_add_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
-    layer = RMSNorm(hidden, 1e-6).to(DEVICE, dtype)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(hidden) * 0.5 + 1.0)
-        x, residual = (torch.randn(n, hidden, device=DEVICE).to(dtype) * 2 for _ in range(2))
-        total = x + residual  # the eager layer's add, then its norm
-        want = layer(total)
-    got, got_total = add_rms_norm(x, residual, layer.weight, layer.eps)
-    assert (
-        ulps_apart(got_total, total) <= 1
-    )  # bit-equal on a GPU; the CPU interpreter rounds bf16 its own way
-    assert ulps_apart(got, want) <= 2
-
-
 def check_rotary(n: int, heads: int, d: int, dtype: torch.dtype, start: int = 0) -> None:
     params = {"rope_theta": 500000.0, "rope_type": "default"}
     cos, sin = RotaryEmbedding(d, params).to(DEVICE)(torch.arange(start, start + n, device=DEVICE), dtype)
@@ -94,16 +79,11 @@ def test_rms_norm_small(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_add_rms_norm_small(dtype: torch.dtype) -> None:
-    torch.manual_seed(5)
-    check_add_rms_norm(4, 80, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_small(dtype: torch.dtype) -> None:
     torch.manual_seed(2)
     check_rotary(7, 3, 32, dtype, start=1000)
     check_rotary(1, 20, 16, dtype)  # more heads than one program's block
+    check_rotary(4, 2, 48, dtype)  # half a head (24) not a power of two: masked lanes
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -126,37 +106,27 @@ def test_layer_kernels_gpu_llama8b(dtype: torch.dtype) -> None:
     """A 2048-token chunk of Llama-3.1-8B: hidden 4096, 32 q / 8 kv heads of 128, MLP 14336."""
     torch.manual_seed(4)
     check_rms_norm(2048, 4096, dtype)
-    check_add_rms_norm(2048, 4096, dtype)
     check_rotary(2048, 32, 128, dtype, start=30720)
     check_rotary(2048, 8, 128, dtype, start=30720)
     check_silu_mul(2048, 14336, dtype)
 
 
-@pytest.mark.parametrize(
-    "kind,fused_residual,merged_gemms",
-    [("llama3_rope", False, False), ("qwen3", False, False), ("llama3_rope", True, False),
-     ("llama_tied_bias", True, True), ("qwen3", True, True)],
-)  # fmt: skip
-def test_an_engine_with_the_kernels_swapped_in_generates_the_same(
-    tiny_model, kind: str, fused_residual: bool, merged_gemms: bool
-) -> None:
-    """benchmarks/layer_kernels.py swaps the kernels into a live model: the engine must then give the
-    same greedy tokens and nearly the same logits (qwen3 adds per-head q/k norms through the kernel;
-    llama_tied_bias has q/k/v biases to merge), and the eager layers must be back afterwards."""
+@pytest.mark.parametrize("kind", ["llama3_rope", "llama_tied_bias", "qwen3", "qwen3_moe"])
+def test_an_engine_on_the_layer_kernels_generates_the_same(tiny_model, kind: str) -> None:
+    """On CUDA the engine runs RMSNorm, RoPE and the SwiGLU gate through the kernels: the greedy
+    tokens must match the eager layers' and the logits nearly so (qwen3 adds per-head q/k norms,
+    qwen3_moe the experts' gates)."""
     from builders import greedy, random_prompt, record_logits
 
-    from benchmarks.layer_kernels import swapped_in
-    from engine.layers.attention import Attention
-    from engine.layers.norm import RMSNorm
-    from engine.models.decoder import DecoderModel
+    from engine.layers.layer_kernels import use_layer_kernels
 
     model = tiny_model(kind)
     prompt = random_prompt(70, model.vocab_size, seed=6)
     results = []
-    for swap in (False, True):
+    for on in (False, True):
         engine = model.engine(prefill_chunk=32)
-        swap_ctx = swapped_in(fused_residual, merged_gemms) if swap else contextlib.nullcontext()
-        with swap_ctx, record_logits(engine.runner.model) as rows:
+        assert use_layer_kernels(engine.runner.model, on) > 0
+        with record_logits(engine.runner.model) as rows:
             seq = engine.add_request(prompt, greedy(6))
             while engine.has_unfinished():
                 engine.step()
@@ -164,6 +134,19 @@ def test_an_engine_with_the_kernels_swapped_in_generates_the_same(
         engine.pool.assert_no_leaks()
     assert results[1][0] == results[0][0]
     assert float((results[1][1] - results[0][1]).abs().max()) < 1e-4
-    assert RMSNorm.forward.__module__ == "engine.layers.norm"  # restored
-    assert DecoderModel.forward.__module__ == "engine.models.decoder"
-    assert Attention.forward.__module__ == "engine.layers.attention"
+
+
+def test_the_engine_setting_picks_the_layers(tiny_model) -> None:
+    """layer_kernels switches every norm, attention and MLP of the model, on CUDA only: a CPU engine
+    keeps the eager layers (the kernels would run in Triton's interpreter)."""
+    from engine.layers.attention import Attention
+    from engine.layers.mlp import GatedMLP
+    from engine.layers.norm import RMSNorm
+
+    engine = tiny_model("qwen3").engine(layer_kernels=True)
+    layers = [m for m in engine.model.modules() if isinstance(m, (RMSNorm, Attention, GatedMLP))]
+    per_layer = 6  # two norms, attention, its q and k norms, the MLP
+    assert len(layers) == 1 + per_layer * len(engine.model.model.layers)  # + the final norm
+    assert all(m.use_kernels == (engine.device.type == "cuda") for m in layers)
+    engine = tiny_model("qwen3").engine(layer_kernels=False)
+    assert not any(m.use_kernels for m in engine.model.modules() if isinstance(m, RMSNorm))

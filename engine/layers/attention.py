@@ -12,6 +12,8 @@ from engine.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
+    use_kernels = False  # RoPE through kernels/rotary.py; set by engine.layers.layer_kernels
+
     def __init__(self, config: Any, layer_idx: int, qk_norm: bool) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -39,6 +41,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre_rope = k
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        rotate = _rotary_kernel() if self.use_kernels else apply_rotary
+        q, k = rotate(q, *rope), rotate(k, *rope)
         out = batch.attend(self.layer_idx, q, k, v, k_pre_rope, self.scale)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, -1))
+
+
+def _rotary_kernel():  # imported on first use: triton loads only where the kernels run
+    from kernels.rotary import rotary
+
+    return rotary

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.mlp import swiglu_gate
+
 
 class Router(nn.Module):
     def __init__(self, hidden: int, num_experts: int) -> None:
@@ -23,6 +25,8 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
+    use_kernels = False  # set by engine.layers.layer_kernels.use_layer_kernels
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -41,6 +45,6 @@ class SparseMoE(nn.Module):
         for expert in chosen.unique().tolist():
             token_idx, slot = torch.where(chosen == expert)
             gate, up = F.linear(x[token_idx], self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.experts.down_proj[expert])
+            y = F.linear(swiglu_gate(gate, up, self.use_kernels), self.experts.down_proj[expert])
             out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
         return out
