@@ -57,7 +57,9 @@ def dummy_8b_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def serve(path: Path, dtype: str, enforce_eager: bool, buckets: list[int] | None = None) -> dict[str, Any]:
+def serve(
+    path: Path, dtype: str, enforce_eager: bool, buckets: list[int] | None = None, layer_kernels: bool = True
+) -> dict[str, Any]:
     """Run ARRIVALS to completion: tokens per request, and per decode step the request ids and logits."""
     engine = LLMEngine(
         EngineConfig(
@@ -70,6 +72,7 @@ def serve(path: Path, dtype: str, enforce_eager: bool, buckets: list[int] | None
             kv_cache_bytes=256 << 20,
             max_num_seqs=6,
             enforce_eager=enforce_eager,
+            layer_kernels=layer_kernels,
         )
     )
     graphs = engine.runner.graphs
@@ -125,12 +128,13 @@ def test_graph_decode_matches_eager_fp32(dummy_8b_heads: Path, buckets: list[int
         assert replayed < len(sizes)
 
 
-def test_graph_decode_matches_eager_bf16(dummy_8b_heads: Path) -> None:
+@pytest.mark.parametrize("layer_kernels", [True, False])
+def test_graph_decode_matches_eager_bf16(dummy_8b_heads: Path, layer_kernels: bool) -> None:
     """bf16 rounding differs between the two (padded matmul shapes, split counts): a token may
     differ only where the eager top-2 logits were closer than twice that step's largest logit
     difference; until a request's tokens differ, its logits must agree to 0.1 (logits are O(1))."""
-    eager = serve(dummy_8b_heads, "bfloat16", enforce_eager=True)
-    graph = serve(dummy_8b_heads, "bfloat16", enforce_eager=False)
+    eager = serve(dummy_8b_heads, "bfloat16", enforce_eager=True, layer_kernels=layer_kernels)
+    graph = serve(dummy_8b_heads, "bfloat16", enforce_eager=False, layer_kernels=layer_kernels)
     assert graph["graphs"].replays == len(graph["steps"])
     diverged: set[str] = set()
     compared = 0
@@ -147,7 +151,7 @@ def test_graph_decode_matches_eager_bf16(dummy_8b_heads: Path) -> None:
                 gap = (top2[0] - top2[1]).item()
                 assert gap < 2 * row_diff, f"{rid}: tokens differ with an eager top-2 gap of {gap}"
                 diverged.add(rid)
-    assert compared > 100
+    assert compared > 60  # (request, step) pairs; a request that diverged is not compared further
     print(
         f"bf16: {len(diverged)} of {len(graph['tokens'])} requests diverged at a near-tie: {sorted(diverged)}"
     )
