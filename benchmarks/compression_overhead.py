@@ -290,20 +290,7 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
     mbounds = torch.tensor(mb, dtype=torch.int32, device=device)
     max_block = max(b - a for a, b in zip(mb, mb[1:]))
     scale = dim**-0.5
-    from kernels.attention_mass import MassWorkspace
-
-    ws = MassWorkspace()
-    t = time_gpu(lambda: kernels.attention_mass(q, k, mbounds, max_block, scale, out, workspace=ws))
-    from benchmarks.kernels import time_calls  # CUDA-graph replays: GPU time without the launch
-
-    def mass_variant(split: bool) -> Callable[[], object]:
-        return lambda: kernels.attention_mass(
-            q, k, mbounds, max_block, scale, out, split_groups=split, workspace=ws
-        )
-
-    graph_s = {
-        name: time_calls([mass_variant(split)], device) for name, split in (("split", True), ("loop", False))
-    }
+    t = time_gpu(lambda: kernels.attention_mass(q, k, mbounds, max_block, scale, out))
 
     def mass_ref() -> None:
         for a, b in zip(mb, mb[1:]):
@@ -314,8 +301,6 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
         launch_seconds=t, total_seconds=t * launches, flops_per_launch=flops, tflops=flops / t / 1e12,
         bytes_per_launch=(q.numel() + k.numel()) * q.element_size(),
         reference_launch_seconds=time_gpu(mass_ref, reps=3),
-        graph_replay_seconds=graph_s["split"],  # one program per query head (the default)
-        graph_replay_seconds_one_program_per_kv_head=graph_s["loop"],
     )  # fmt: skip
 
     # selection: z-scores of both statistics, top-k per head, kept positions ascending

@@ -9,15 +9,14 @@
 #   bash benchmarks/device_runs.sh 1gpu-kernels # nvidia-h100-x1: engine GPU tests, compression overhead, handoff, prefill variants
 #   bash benchmarks/device_runs.sh 1gpu-layers  # nvidia-h100-x1: GPU tests not yet run on a GPU, layer kernels vs eager, compression overhead
 #   bash benchmarks/device_runs.sh 1gpu-wired   # nvidia-h100-x1: the engine on the layer kernels: GPU tests, launch cost, prefill, decode
-#   bash benchmarks/device_runs.sh 1gpu-mass    # nvidia-h100-x1: attention mass split over query heads: GPU tests, compression overhead
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-mass) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-mass}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired}" >&2
     exit 2
     ;;
 esac
@@ -85,12 +84,6 @@ case ${1:-} in
       timeout 70 python benchmarks/decode_step.py --batch-sizes 1,32 --steps 32 --$lk --out "$OUT/bench/decode_$lk" \
         2>&1 | grep -E "^batch|tpot" | cut -c1-160
     done
-    ;;
-  1gpu-mass)
-    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_compression_kernels.py \
-      tests/test_compression_scoring.py tests/test_cuda_graphs_gpu.py tests/test_engine_gpu.py 2>&1 | tail -4
-    timeout 300 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 9 2>&1 \
-      | grep -E "ctx |graph_replay|\"launch_seconds"
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

@@ -361,12 +361,7 @@ def bench_mass(report: Report, kernels_mod, s: Shape, span_name: str, span, devi
     nbytes = t * (s.hq + s.h) * s.d * dtype.itemsize + t * s.h * 4
     flops = sum(2 * s.hq * (b - a) ** 2 * s.d for a, b in zip(bounds, bounds[1:]))
     meta = dict(span=span_name, tokens=t, blocks=len(bounds) - 1, sets=sets, bytes=nbytes, flops=flops)
-    variants = {
-        "mass_w8": dict(num_warps=8),  # one program per query head (the default)
-        "mass_w4": dict(num_warps=4),
-        "mass_loop_w8": dict(num_warps=8, split_groups=False),  # one per kv head, its heads in a loop
-    }
-    for name, cfg in variants.items():
+    for name, cfg in {"mass_w8": dict(num_warps=8), "mass_w4": dict(num_warps=4)}.items():
 
         def call(i, cfg=cfg):
             q, k = inputs[i]

@@ -184,14 +184,13 @@ class FusedScoring:
 
     def __init__(self, sketch: torch.Tensor, leverage_bounds: list[int], mass_bounds: list[int]) -> None:
         import kernels
-        from kernels.attention_mass import MAX_BLOCK, MassWorkspace
+        from kernels.attention_mass import MAX_BLOCK
         from kernels.leverage_scores import LeverageWorkspace
 
         self.kernels = kernels
         self.leverage_method: str | None = None  # kernels.leverage_scores' default
         # scratch buffers reused by every leverage launch of this prompt (all on the scorer's stream)
         self.leverage_workspace = LeverageWorkspace()
-        self.mass_workspace = MassWorkspace()
         device = sketch.device
         self.sketch = kernels.padded_sketch(sketch)  # [D, KP]
         self.leverage_bounds = torch.tensor(leverage_bounds, dtype=torch.int32, device=device)
@@ -214,5 +213,5 @@ class FusedScoring:
         lo, (q, k), first, last = span
         self.kernels.attention_mass(
             q, k, self.mass_bounds[first : last + 1], self.max_mass_block, scale,
-            out[:, lo : lo + q.shape[0]], offset=lo, workspace=self.mass_workspace,
+            out[:, lo : lo + q.shape[0]], offset=lo,
         )  # fmt: skip
