@@ -59,7 +59,10 @@ class CompactorScorer(Scorer):
         super().__init__(params, shape, seq_kv)
         n = shape.prompt_len
         self.group = 0  # layers per leverage launch, planned from the first chunk's size
-        self.group_keys: torch.Tensor | None = None  # [T, group, H, D] this chunk's keys of a group
+        # this chunk's pre-RoPE keys [T, H, D] of the group's layers so far; stacked when it completes
+        # (one copy at memory speed: copying each layer into a strided [T, G, H, D] buffer ran at a
+        # third of it, 0.9 ms per 8K prefill of the 8B shape on an H100)
+        self.group_keys: list[torch.Tensor] = []
         self.leverage_streams: list[BlockStream] = []  # one per group of layers
         self.mass_streams = [BlockStream(n, params.attention_block) for _ in range(shape.num_layers)]
         self.leverage: torch.Tensor | None = None  # [L, H, n]
@@ -80,13 +83,12 @@ class CompactorScorer(Scorer):
         first = layer - layer % self.group
         size = min(self.group, self.shape.num_layers - first)
         if layer == first:
-            t, h, d = k_pre_rope.shape
-            self.group_keys = k_pre_rope.new_empty(t, size, h, d)
-        assert self.group_keys is not None and self.group_keys.shape[0] == k_pre_rope.shape[0]
-        self.group_keys[:, layer - first].copy_(k_pre_rope)  # on the prefill's stream: cheap, in order
-        keys = self.group_keys if layer == first + size - 1 else None  # the group is complete
-        if keys is not None:
-            self.group_keys = None
+            self.group_keys = []
+        self.group_keys.append(k_pre_rope)  # a fresh tensor of the layer's projection: kept as is
+        keys = None
+        if layer == first + size - 1:  # the group is complete: one copy for all its layers
+            keys = torch.stack(self.group_keys, dim=1)  # [T, G, H, D], on the prefill's stream
+            self.group_keys = []
         if self.stream is None:
             self._observe(layer, q, k, start, keys)
             return
