@@ -59,9 +59,10 @@ class CompactorScorer(Scorer):
         super().__init__(params, shape, seq_kv)
         n = shape.prompt_len
         self.group = 0  # layers per leverage launch, planned from the first chunk's size
-        # this chunk's pre-RoPE keys [T, H, D] of the group's layers so far; stacked when it completes
-        # (one copy at memory speed: copying each layer into a strided [T, G, H, D] buffer ran at a
-        # third of it, 0.9 ms per 8K prefill of the 8B shape on an H100)
+        # this chunk's pre-RoPE keys [T, H, D] of the group's layers so far, stacked when it completes:
+        # one contiguous copy per group. Copying each layer into a strided [T, G, H, D] buffer ran at
+        # about a third of the memory bandwidth (0.9 ms per 8K prefill of the 8B shape on an H100);
+        # the stack's time is not measured yet.
         self.group_keys: list[torch.Tensor] = []
         self.leverage_streams: list[BlockStream] = []  # one per group of layers
         self.mass_streams = [BlockStream(n, params.attention_block) for _ in range(shape.num_layers)]
