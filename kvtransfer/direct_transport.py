@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from kvtransfer.device_util import first_pages_of_runs
-from kvtransfer.errors import TransferIntegrityError
+from kvtransfer.errors import LeaseLapsedError, TransferIntegrityError
 from kvtransfer.nccl import NcclPair
 from kvtransfer.transport import EarlyFinal, TransferResult, Transport, run_to_end
 from protos.kvferry.v1 import decode_pb2
@@ -45,6 +45,7 @@ class DirectWriteTransport(Transport):
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,
         early: EarlyFinal | None = None,
+        write_by: float | None = None,
     ) -> TransferResult:
         runs = list(reservation.page_runs)
         pages = sum(runs[1::2])
@@ -55,7 +56,16 @@ class DirectWriteTransport(Transport):
                 f"the decode node gave {pages} pages to write, the manifest has {payload.shape[0]}"
             )
         start = time.perf_counter()
-        await run_to_end(self.mapped.write, payload, None, runs)  # runs: no page-id upload
+
+        def write() -> float:  # in a worker thread, which may start late on a busy host
+            if write_by is not None and time.monotonic() > write_by:
+                raise LeaseLapsedError(
+                    f"reservation {reservation.reservation_id}: its {reservation.lease_seconds:g} s lease may "
+                    "run out before the write ends (the decode node may have freed its pages); not written"
+                )
+            return self.mapped.write(payload, None, runs)  # runs: no page-id upload
+
+        await run_to_end(write)
         value = None if checksum is None else await checksum  # computed while the write ran
         return await _commit(decode, reservation, payload, start, timeout, value, early)
 
@@ -78,6 +88,7 @@ class NcclTransport(Transport):
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,
         early: EarlyFinal | None = None,
+        write_by: float | None = None,  # unused: the decode node receives during CommitKV, which it owns
     ) -> TransferResult:
         value = None if checksum is None else await checksum  # CommitKV carries it: ready before the send
         async with self.lock:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.errors import DataLossError, FailedPreconditionError, NotFoundError
+from serving.errors import DataLossError, FailedPreconditionError, NotFoundError, UnavailableError
 
 
 class ManifestMismatchError(FailedPreconditionError):
@@ -15,3 +15,8 @@ class TransferIntegrityError(DataLossError):
 
 class ReservationNotFoundError(NotFoundError):
     """No such reservation: never made, already finished or aborted, or its lease expired."""
+
+
+class LeaseLapsedError(UnavailableError):
+    """A direct write would start after the reservation's lease may have run out. The decode node may
+    have freed its pages and handed them to another request, so the pages are not written."""

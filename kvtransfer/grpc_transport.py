@@ -38,6 +38,7 @@ class GrpcTransport(Transport):
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,  # unused: the manifest's crc32 covers the bytes
         early: EarlyFinal | None = None,
+        write_by: float | None = None,  # unused: each chunk renews the lease
     ) -> TransferResult:
         if early is not None:
             raise ValueError("the grpc transport takes no early reservation (its manifest carries the crc32)")

@@ -24,6 +24,17 @@ from protos.kvferry.v1 import decode_pb2, kv_pb2
 
 T = TypeVar("T")
 
+# A direct write (cuda_ipc, shm) must start within this share of the reservation's lease, counted from
+# when its ReserveKV was sent: the decode node's lease cannot run out before then. The rest of the lease
+# is the margin for the write itself. Both ends read CLOCK_MONOTONIC on the same host.
+WRITE_WINDOW = 0.5
+
+
+def write_deadline(sent_at: float, reservation: decode_pb2.ReserveKVResponse) -> float:
+    """The time.monotonic() after which a direct write into `reservation` is refused (LeaseLapsedError);
+    `sent_at`: time.monotonic() when the ReserveKV that made it was sent."""
+    return sent_at + WRITE_WINDOW * reservation.lease_seconds
+
 
 @dataclass
 class TransferResult:
@@ -61,11 +72,14 @@ class Transport(ABC):
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,
         early: EarlyFinal | None = None,
+        write_by: float | None = None,
     ) -> TransferResult:
         """Deliver `payload` (the pages in travel order) into `reservation` and commit it. `checksum`:
         the pages' sum64 still being computed (direct transports), sent with CommitKV when the manifest
         left it out. `early`: the reservation was made early (direct transports only); the pages go to
-        its first pages and the commit carries their manifest and the first token."""
+        its first pages and the commit carries their manifest and the first token. `write_by`
+        (`write_deadline`): a transport that writes the decode node's pages itself raises
+        LeaseLapsedError instead of starting the write later (the others renew the lease as they go)."""
 
 
 async def run_to_end(fn: Callable[..., T], *args: Any) -> T:

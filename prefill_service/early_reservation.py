@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from prefill_service.handoff import KVHandoff
 
 log = logging.getLogger(__name__)
-Taken = tuple[Transport, decode_pb2.ReserveKVResponse]
+Taken = tuple[Transport, decode_pb2.ReserveKVResponse, float]  # + when its ReserveKV was sent
 
 
 class EarlyReservation:
@@ -74,8 +74,8 @@ class EarlyReservation:
             early=True,
             **transport.reserve_fields(),
         )
-        reservation = await self.handoff.reserve(decode, request, self.deadline)
-        return transport, reservation
+        reservation, sent_at = await self.handoff.reserve(decode, request, self.deadline)
+        return transport, reservation, sent_at
 
     async def take(self) -> Taken | None:
         """The transport and early reservation to ship into; None: reserve after prefill as usual (the

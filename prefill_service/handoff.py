@@ -16,7 +16,8 @@ import torch
 
 from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest
 from kvtransfer.device_util import page_checksum
-from kvtransfer.transport import EarlyFinal, run_to_end
+from kvtransfer.errors import LeaseLapsedError
+from kvtransfer.transport import EarlyFinal, run_to_end, write_deadline
 from prefill_service.early_reservation import EarlyReservation
 from prefill_service.links import DecodeLinks
 from prefill_service.prefill_engine import PrefillOutcome
@@ -65,16 +66,19 @@ class KVHandoff:
         decode: decode_pb2_grpc.DecodeServiceStub,
         request: decode_pb2.ReserveKVRequest,
         deadline: Deadline,
-    ) -> decode_pb2.ReserveKVResponse:
+    ) -> tuple[decode_pb2.ReserveKVResponse, float]:
         """ReserveKV, waiting while the decode pool is full for now (its running requests will free
         pages): backpressure instead of failing a request whose KV is ready. Gives up with
-        RESOURCE_EXHAUSTED after `reserve_wait_seconds` or at the deadline, at once when it can never fit."""
+        RESOURCE_EXHAUSTED after `reserve_wait_seconds` or at the deadline, at once when it can never fit.
+        Returns the reservation and time.monotonic() when the ReserveKV that made it was sent (its
+        lease runs from no earlier than that: `write_deadline`)."""
         give_up = time.monotonic() + self.reserve_wait_seconds
         delays = _backoff_delays()
         logged = False
         while True:
             try:
-                return await decode.ReserveKV(request, timeout=deadline.remaining())
+                sent_at = time.monotonic()
+                return await decode.ReserveKV(request, timeout=deadline.remaining()), sent_at
             except grpc.aio.AioRpcError as e:
                 delay = await anext(delays)
                 remaining = deadline.remaining()
@@ -131,42 +135,54 @@ class KVHandoff:
             taken = None
         start = time.perf_counter()  # payload and manifest ready
         with _running(run_to_end(page_checksum, payload) if direct else None) as checksum:
-            if taken is not None:
-                reservation = taken[1]
-            else:
-                reserve = decode_pb2.ReserveKVRequest(
-                    request_id=request_id,
-                    manifest=manifest,
-                    sampling=sampling,
-                    prompt_token_ids=prompt,
-                    first_token_id=outcome.first_token,
-                    transport=transport.name,
-                    **transport.reserve_fields(),
-                )
+            while True:
+                if taken is not None:
+                    _, reservation, sent_at = taken
+                else:
+                    reserve = decode_pb2.ReserveKVRequest(
+                        request_id=request_id,
+                        manifest=manifest,
+                        sampling=sampling,
+                        prompt_token_ids=prompt,
+                        first_token_id=outcome.first_token,
+                        transport=transport.name,
+                        **transport.reserve_fields(),
+                    )
+                    try:
+                        reservation, sent_at = await self.reserve(decode, reserve, deadline)
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() in _LINK_FAILURES:
+                            self.links.forget(address)
+                        raise
                 try:
-                    reservation = await self.reserve(decode, reserve, deadline)
-                except grpc.aio.AioRpcError as e:
-                    if e.code() in _LINK_FAILURES:
+                    if transport is not self.links.grpc and not self.links.matches(
+                        address, reservation.node_id
+                    ):
+                        transport = await self._relink(address, decode, transport_name, transport.name)
+                    reserved = time.perf_counter()
+                    final = None if taken is None else EarlyFinal(manifest, outcome.first_token)
+                    result = await transport.send(
+                        decode, reservation, payload, timeout=deadline.remaining(), checksum=checksum,
+                        early=final, write_by=write_deadline(sent_at, reservation),
+                    )  # fmt: skip
+                    log.info(
+                        "handoff over %s%s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
+                        transport.name, " (reserved early)" if taken else "", 1e3 * (start - handoff_start),
+                        1e3 * (reserved - start), 1e3 * (time.perf_counter() - reserved),
+                    )  # fmt: skip
+                    break
+                except LeaseLapsedError as e:
+                    await asyncio.shield(abort_reservation(decode, reservation.reservation_id))
+                    if taken is None:  # reserved just now and still too late: the host is overloaded
+                        raise
+                    # The prefill outlasted the early reservation's lease: the pages wait for a new one.
+                    log.warning("%s: early reservation lapsed (%s); reserving again", request_id, e)
+                    taken = None
+                except BaseException as e:
+                    if not isinstance(e, asyncio.CancelledError):
                         self.links.forget(address)
+                    await asyncio.shield(abort_reservation(decode, reservation.reservation_id))
                     raise
-            try:
-                if transport is not self.links.grpc and not self.links.matches(address, reservation.node_id):
-                    transport = await self._relink(address, decode, transport_name, transport.name)
-                reserved = time.perf_counter()
-                final = None if taken is None else EarlyFinal(manifest, outcome.first_token)
-                result = await transport.send(
-                    decode, reservation, payload, timeout=deadline.remaining(), checksum=checksum, early=final
-                )
-                log.info(
-                    "handoff over %s%s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
-                    transport.name, " (reserved early)" if taken else "", 1e3 * (start - handoff_start),
-                    1e3 * (reserved - start), 1e3 * (time.perf_counter() - reserved),
-                )  # fmt: skip
-            except BaseException as e:
-                if not isinstance(e, asyncio.CancelledError):
-                    self.links.forget(address)
-                await asyncio.shield(abort_reservation(decode, reservation.reservation_id))
-                raise
         return Shipped(
             kv_pb2.KVHandle(decode_address=address, reservation_id=reservation.reservation_id),
             manifest.ByteSize(),

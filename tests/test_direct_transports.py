@@ -11,9 +11,11 @@ cannot be mapped while a named transport fails."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -449,5 +451,89 @@ def test_an_unused_early_reservation_is_freed(cluster: InProcessCluster, when: s
     if when == "reserved":
         assert left == 0  # Abort answered: freed now, not by its lease (5 s here)
     state = cluster.wait_idle(timeout=2.0)  # well inside the lease
+    assert state == {"prefill": (0, 0), "decode": (0, 0)} and len(cluster.decode.reservations) == 0
+    cluster.assert_no_leaks()
+
+
+def test_a_direct_write_past_its_window_is_refused_and_writes_nothing(
+    cluster: InProcessCluster, stub: Any
+) -> None:
+    """A write that would start after half the lease (counted from ReserveKV's send) may land in pages
+    the decode node already freed and handed to another request: DirectWriteTransport refuses it."""
+    from kvtransfer.direct_transport import DirectWriteTransport
+    from kvtransfer.errors import LeaseLapsedError
+    from kvtransfer.transport import write_deadline
+
+    spec, layout, pages = _pages(cluster, 12)
+    manifest = build_manifest(spec, layout, pages)
+    sent_at = time.monotonic()
+    reservation = _reserve(stub, manifest, "shm", 12)
+    ids = decode_runs(list(reservation.page_runs))
+    before = cluster.decode.worker.engine.pool.kv[ids].clone()
+    mapped = MappedShmPool(
+        ShmExport.from_bytes(stub.ExportKV(decode_pb2.ExportKVRequest(), timeout=10).pool_export)
+    )
+    transport = DirectWriteTransport("shm", mapped)
+    late = write_deadline(sent_at - reservation.lease_seconds, reservation)  # as if reserved a lease ago
+    assert late < time.monotonic() < write_deadline(sent_at, reservation)
+
+    async def send(write_by: float) -> Any:
+        channel = grpc.aio.insecure_channel(cluster.address("decode"))
+        try:
+            decode = decode_pb2_grpc.DecodeServiceStub(channel)
+            return await transport.send(decode, reservation, pages, timeout=10, write_by=write_by)
+        finally:
+            await channel.close()
+
+    with pytest.raises(LeaseLapsedError, match="lease"):
+        cluster.run(send(late))
+    assert torch.equal(cluster.decode.worker.engine.pool.kv[ids], before), "a page was written"
+    result = cluster.run(send(write_deadline(sent_at, reservation)))  # in time: written and committed
+    assert result.bytes_received == manifest.byte_count
+    assert torch.equal(cluster.decode.worker.engine.pool.kv[ids], pages)
+    request = decode_pb2.DecodeRequest(reservation_id=reservation.reservation_id)
+    assert len([t for r in stub.Decode(request) for t in r.token_ids]) == 3  # and the pages are freed
+
+
+def test_a_prefill_that_outlasts_its_early_reservation_reserves_again(
+    cluster: InProcessCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The early reservation is made when the last chunk starts; if the rest of the prefill takes longer
+    than half its lease (an overloaded host), the handoff aborts it and ships into a fresh one: the
+    request is served with the same tokens, and nothing leaks."""
+    original = EarlyReservation.take
+
+    async def aged_take(self: EarlyReservation) -> Any:
+        taken = await original(self)
+        if taken is None:
+            return None
+        transport, reservation, sent_at = taken
+        return transport, reservation, sent_at - reservation.lease_seconds  # as if sent a lease ago
+
+    def serve(request_id: str) -> tuple[list[int], Any]:
+        channel = grpc.insecure_channel(cluster.address("prefill"))
+        try:
+            request = prefill_pb2.PrefillRequest(
+                request_id=request_id,
+                prompt_token_ids=common_pb2.TokenIds(ids=[1 + i % 250 for i in range(150)]),  # 3 chunks
+                sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+                decode_address=cluster.address("decode"),
+                transport="shm",
+            )
+            reply = prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(request, timeout=60)
+        finally:
+            channel.close()
+        decode = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(cluster.address("decode")))
+        rid = reply.kv_handle.reservation_id
+        tokens = [t for r in decode.Decode(decode_pb2.DecodeRequest(reservation_id=rid)) for t in r.token_ids]
+        return [reply.first_token_id, *tokens], reply.stats
+
+    want, _ = serve("in-time")
+    monkeypatch.setattr(EarlyReservation, "take", aged_take)
+    with caplog.at_level(logging.WARNING, logger="prefill_service.handoff"):
+        got, stats = serve("lapsed")
+    assert "lapsed: early reservation lapsed" in caplog.text
+    assert got == want and stats.transport == "shm"
+    state = cluster.wait_idle(timeout=2.0)  # the lapsed reservation was aborted, not left to its lease
     assert state == {"prefill": (0, 0), "decode": (0, 0)} and len(cluster.decode.reservations) == 0
     cluster.assert_no_leaks()
