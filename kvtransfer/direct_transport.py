@@ -58,11 +58,7 @@ class DirectWriteTransport(Transport):
         start = time.perf_counter()
 
         def write() -> float:  # in a worker thread, which may start late on a busy host
-            if write_by is not None and time.monotonic() > write_by:
-                raise LeaseLapsedError(
-                    f"reservation {reservation.reservation_id}: its {reservation.lease_seconds:g} s lease may "
-                    "run out before the write ends (the decode node may have freed its pages); not written"
-                )
+            _check_window(reservation, write_by)
             return self.mapped.write(payload, None, runs)  # runs: no page-id upload
 
         await run_to_end(write)
@@ -88,10 +84,13 @@ class NcclTransport(Transport):
         timeout: float | None = None,
         checksum: Awaitable[int] | None = None,
         early: EarlyFinal | None = None,
-        write_by: float | None = None,  # unused: the decode node receives during CommitKV, which it owns
+        write_by: float | None = None,
     ) -> TransferResult:
         value = None if checksum is None else await checksum  # CommitKV carries it: ready before the send
         async with self.lock:
+            # The decode node receives inside CommitKV, which owns the reservation from its start; a
+            # reservation that may have lapsed would answer NOT_FOUND and leave this send unmatched.
+            _check_window(reservation, write_by)
             start = time.perf_counter()
             commit = asyncio.ensure_future(
                 _commit(decode, reservation, payload, start, timeout, value, early)
@@ -102,6 +101,14 @@ class NcclTransport(Transport):
                 commit.cancel()
                 raise
             return await commit
+
+
+def _check_window(reservation: decode_pb2.ReserveKVResponse, write_by: float | None) -> None:
+    if write_by is not None and time.monotonic() > write_by:
+        raise LeaseLapsedError(
+            f"reservation {reservation.reservation_id}: its {reservation.lease_seconds:g} s lease may run "
+            "out before the pages are in (the decode node may have freed them); nothing sent"
+        )
 
 
 async def _commit(

@@ -78,8 +78,9 @@ class Transport(ABC):
         the pages' sum64 still being computed (direct transports), sent with CommitKV when the manifest
         left it out. `early`: the reservation was made early (direct transports only); the pages go to
         its first pages and the commit carries their manifest and the first token. `write_by`
-        (`write_deadline`): a transport that writes the decode node's pages itself raises
-        LeaseLapsedError instead of starting the write later (the others renew the lease as they go)."""
+        (`write_deadline`): the direct transports raise LeaseLapsedError instead of starting later
+        (cuda_ipc and shm write the decode node's pages themselves; nccl's receive is CommitKV, which
+        would find the reservation gone); grpc ignores it, as each chunk renews the lease."""
 
 
 async def run_to_end(fn: Callable[..., T], *args: Any) -> T:
