@@ -537,3 +537,32 @@ def test_a_prefill_that_outlasts_its_early_reservation_reserves_again(
     state = cluster.wait_idle(timeout=2.0)  # the lapsed reservation was aborted, not left to its lease
     assert state == {"prefill": (0, 0), "decode": (0, 0)} and len(cluster.decode.reservations) == 0
     cluster.assert_no_leaks()
+
+
+def test_nccl_starts_no_send_into_a_lapsed_reservation() -> None:
+    """NCCL's receive happens inside CommitKV: past the window, the decode node may have dropped the
+    reservation, and a send would have no receiver. Neither the send nor CommitKV starts."""
+    from kvtransfer.direct_transport import NcclTransport
+    from kvtransfer.errors import LeaseLapsedError
+
+    calls: list[str] = []
+
+    class Pair:
+        pair_id = "p"
+
+        def send_pages(self, payload: torch.Tensor, timeout: float | None) -> None:
+            calls.append("send")
+
+    class Decode:
+        async def CommitKV(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
+            calls.append("commit")
+            return decode_pb2.CommitKVResponse(bytes_received=64)
+
+    reservation = decode_pb2.ReserveKVResponse(reservation_id="r", lease_seconds=2.0)
+    transport = NcclTransport(Pair(), asyncio.Lock())  # type: ignore[arg-type]
+    pages = torch.zeros(4, 4)  # 64 bytes
+    with pytest.raises(LeaseLapsedError):
+        asyncio.run(transport.send(Decode(), reservation, pages, write_by=time.monotonic() - 0.1))
+    assert calls == []
+    result = asyncio.run(transport.send(Decode(), reservation, pages, write_by=time.monotonic() + 10))
+    assert sorted(calls) == ["commit", "send"] and result.bytes_received == 64
