@@ -134,26 +134,27 @@ class KVHandoff:
             await early.discard()
             taken = None
         start = time.perf_counter()  # payload and manifest ready
+
+        async def reserve_now() -> tuple[decode_pb2.ReserveKVResponse, float]:
+            reserve = decode_pb2.ReserveKVRequest(
+                request_id=request_id,
+                manifest=manifest,
+                sampling=sampling,
+                prompt_token_ids=prompt,
+                first_token_id=outcome.first_token,
+                transport=transport.name,
+                **transport.reserve_fields(),
+            )
+            try:
+                return await self.reserve(decode, reserve, deadline)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _LINK_FAILURES:
+                    self.links.forget(address)
+                raise
+
         with _running(run_to_end(page_checksum, payload) if direct else None) as checksum:
             while True:
-                if taken is not None:
-                    _, reservation, sent_at = taken
-                else:
-                    reserve = decode_pb2.ReserveKVRequest(
-                        request_id=request_id,
-                        manifest=manifest,
-                        sampling=sampling,
-                        prompt_token_ids=prompt,
-                        first_token_id=outcome.first_token,
-                        transport=transport.name,
-                        **transport.reserve_fields(),
-                    )
-                    try:
-                        reservation, sent_at = await self.reserve(decode, reserve, deadline)
-                    except grpc.aio.AioRpcError as e:
-                        if e.code() in _LINK_FAILURES:
-                            self.links.forget(address)
-                        raise
+                reservation, sent_at = taken[1:] if taken is not None else await reserve_now()
                 try:
                     if transport is not self.links.grpc and not self.links.matches(
                         address, reservation.node_id

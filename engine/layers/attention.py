@@ -41,13 +41,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre_rope = k
-        rotate = _rotary_kernel() if self.use_kernels else apply_rotary
+        if self.use_kernels:
+            from kernels.rotary import rotary as rotate  # triton loads only where the kernels run
+        else:
+            rotate = apply_rotary
         q, k = rotate(q, *rope), rotate(k, *rope)
         out = batch.attend(self.layer_idx, q, k, v, k_pre_rope, self.scale)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, -1))
-
-
-def _rotary_kernel():  # imported on first use: triton loads only where the kernels run
-    from kernels.rotary import rotary
-
-    return rotary
