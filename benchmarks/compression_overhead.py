@@ -92,25 +92,35 @@ def prefill_seconds(engine: Any, n: int, compression: Any, seed: int) -> tuple[f
     return time.perf_counter() - t, seq.stats
 
 
-def end_to_end(engine: Any, n: int, retention: float, reps: int) -> dict[str, Any]:
+def end_to_end(
+    engine: Any, n: int, retention: float, reps: int, variants: list[str], reference: bool = True
+) -> dict[str, Any]:
+    """variants: extra side-stream modes "METHOD:SPLIT" (the compactor's leverage method and attention-
+    mass query split), measured in turn with the others."""
     from engine import CompressionParams
     from engine.compression.compactor import CompactorScorer
 
     params = CompressionParams(method="compactor", retention=retention)
+    defaults = (CompactorScorer.leverage_method, CompactorScorer.mass_query_split)
     modes = {
-        "none": (None, True, True),
-        "fused_side_stream": (params, True, True),
-        "fused_inline": (params, True, False),
-        "reference_scoring": (params, False, False),
+        "none": (None, True, True, defaults),
+        "fused_side_stream": (params, True, True, defaults),
+        "fused_inline": (params, True, False, defaults),
     }
+    for v in variants:
+        method, split = v.split(":")
+        modes[f"fused_side_stream[{v}]"] = (params, True, True, (method or None, int(split)))
+    if reference:
+        modes["reference_scoring"] = (params, False, False, defaults)
     out: dict[str, Any] = {name: {"all_seconds": []} for name in modes}
     prefill_seconds(engine, n, None, seed=0)  # warm-up (kernel compilation, allocator)
     prefill_seconds(engine, n, params, seed=0)
     # The modes take turns within each repetition, so a slow spell of the host (the prefill loop is
     # Python: its wall time varied 275-346 ms at 8K in one run) lands on every mode alike.
     for r in range(reps):
-        for name, (comp, kernels_on, side) in modes.items():
+        for name, (comp, kernels_on, side, (method, split)) in modes.items():
             CompactorScorer.use_kernels, CompactorScorer.use_side_stream = kernels_on, side
+            CompactorScorer.leverage_method, CompactorScorer.mass_query_split = method, split
             t, stats = prefill_seconds(engine, n, comp, seed=1 + r)
             out[name]["all_seconds"].append(t)
             if comp is not None:
@@ -125,6 +135,7 @@ def end_to_end(engine: Any, n: int, retention: float, reps: int) -> dict[str, An
             f"  ctx {n} {name}: median {row['seconds'] * 1e3:.1f} ms, min {row['min_seconds'] * 1e3:.1f} ms"
         )
     CompactorScorer.use_kernels, CompactorScorer.use_side_stream = True, True
+    CompactorScorer.leverage_method, CompactorScorer.mass_query_split = defaults
     base = out["none"]["seconds"]
     for name in modes:
         out[name]["overhead_share"] = out[name]["seconds"] / base - 1.0
@@ -368,11 +379,13 @@ def plot(report: dict, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     ctxs = [c["context"] for c in report["contexts"]]
-    modes = ["fused_side_stream", "fused_inline", "reference_scoring"]
-    width = 0.25
+    modes = [m for m in report["contexts"][0]["end_to_end"] if m != "none"]
+    width = 0.8 / len(modes)
     for i, m in enumerate(modes):
         vals = [100 * c["end_to_end"][m]["overhead_share"] for c in report["contexts"]]
-        bars = ax1.bar([x + (i - 1) * width for x in range(len(ctxs))], vals, width, label=m)
+        bars = ax1.bar(
+            [x + (i - (len(modes) - 1) / 2) * width for x in range(len(ctxs))], vals, width, label=m
+        )
         ax1.bar_label(bars, fmt="%.1f%%", fontsize=7)
     ax1.axhline(100 * TARGET_SHARE, color="k", ls="--", lw=1, label="target 3%")
     ax1.set_xticks(range(len(ctxs)), [f"{c / 1024:g}K" for c in ctxs])
@@ -412,6 +425,12 @@ def main() -> None:
     p.add_argument("--retention", type=float, default=0.5)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--date", help="date to record (default: today, UTC)")
+    p.add_argument(
+        "--variants", nargs="*", default=[], metavar="METHOD:SPLIT",
+        help="extra side-stream modes: leverage method (a key of kernels.leverage_scores.STAGES, empty "
+        "for the default) and attention-mass query split, e.g. fused:1 fused:2",
+    )  # fmt: skip
+    p.add_argument("--no-reference", action="store_true", help="skip the PyTorch-reference mode")
     p.add_argument(
         "--profile", action="store_true",
         help="profile one prefill per context with and without compression, write profile.json (and "
@@ -469,7 +488,7 @@ def main() -> None:
         return
     report["contexts"] = []
     for n in args.contexts:
-        e2e = end_to_end(engine, n, args.retention, args.reps)
+        e2e = end_to_end(engine, n, args.retention, args.reps, args.variants, not args.no_reference)
         comp = components(
             n, args.prefill_chunk, mc.num_hidden_layers, mc.num_key_value_heads,
             mc.num_attention_heads // mc.num_key_value_heads, engine.head_dim, args.retention,

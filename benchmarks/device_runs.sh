@@ -9,14 +9,15 @@
 #   bash benchmarks/device_runs.sh 1gpu-kernels # nvidia-h100-x1: engine GPU tests, compression overhead, handoff, prefill variants
 #   bash benchmarks/device_runs.sh 1gpu-layers  # nvidia-h100-x1: GPU tests not yet run on a GPU, layer kernels vs eager, compression overhead
 #   bash benchmarks/device_runs.sh 1gpu-wired   # nvidia-h100-x1: the engine on the layer kernels: GPU tests, launch cost, prefill, decode
+#   bash benchmarks/device_runs.sh 1gpu-scoring # nvidia-h100-x1: scoring kernel variants (kernel tests, stage times, prefill share)
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring}" >&2
     exit 2
     ;;
 esac
@@ -84,6 +85,14 @@ case ${1:-} in
       timeout 70 python benchmarks/decode_step.py --batch-sizes 1,32 --steps 32 --$lk --out "$OUT/bench/decode_$lk" \
         2>&1 | grep -E "^batch|tpot" | cut -c1-160
     done
+    ;;
+  1gpu-scoring)
+    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_compression_kernels.py 2>&1 | tail -4
+    timeout 200 python benchmarks/scoring_kernels.py --out "$OUT/bench/scoring_kernels_group.json" --lev-heads 64 \
+      --no-32k --eager-calls 10 --variants "${SCORING_VARIANTS:-sketch3_ws,fused_w8_s2,fused_w4_s2,fused_w8_s1,fused_w8_s3,fused_w16_s2,mass_w8,mass_w4,mass_w8_s1,mass_w8_s2,mass_q2_w8,mass_q2_w4}" \
+      > "$OUT/scoring.log" 2>&1; grep -A40 "^what" "$OUT/scoring.log" || tail -20 "$OUT/scoring.log"
+    timeout 220 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps ${CO_REPS:-7} --no-reference \
+      --contexts ${CO_CONTEXTS:-8192 32768} --variants ${CO_VARIANTS:-fused:1 :2 fused:2} 2>&1 | grep "ctx "
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

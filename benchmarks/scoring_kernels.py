@@ -19,6 +19,7 @@ offset. One failing measurement is recorded and the rest go on.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib.util
 import json
@@ -49,6 +50,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-32k", action="store_true", help="skip the whole-32K-prompt span")
     p.add_argument("--eager-calls", type=int, default=50, help="back-to-back eager calls per timing")
     p.add_argument("--plot", metavar="JSON", help="draw JSON's PNG (same name, .png) and exit")
+    p.add_argument(
+        "--lev-heads",
+        type=int,
+        help="kv heads of one leverage launch (default 8, one layer; the compactor's group of 8 layers: 64)",
+    )
+    p.add_argument("--variants", help="comma-separated variant names to run (default: all)")
+    p.add_argument("--no-mass", action="store_true", help="skip the attention-mass kernels")
     p.add_argument(
         "--host-glue",
         action="store_true",
@@ -214,7 +222,21 @@ def leverage_variants(kernels_mod) -> dict[str, dict]:
         "sketch3_ws_inv16": dict(method="sketch3", ws=True, invert_warps=16),
         "sketch2_ws": dict(method="sketch2", ws=True),
         "sketch2_ws_inv4": dict(method="sketch2", ws=True, invert_warps=4),
+        # one program per (block, head): stream, invert, score (warps, pipeline stages of the loops)
+        "fused_w8_s2": dict(method="fused", ws=True),
+        "fused_w4_s2": dict(method="fused", ws=True, invert_warps=4),
+        "fused_w8_s1": dict(method="fused", ws=True, fused_stages=1),
+        "fused_w8_s3": dict(method="fused", ws=True, fused_stages=3),
+        "fused_w16_s2": dict(method="fused", ws=True, invert_warps=16),
     }
+
+
+def chosen(variants: dict[str, dict]) -> dict[str, dict]:
+    """The variants named by --variants (all without it)."""
+    if args is None or not args.variants:
+        return variants
+    names = set(args.variants.split(","))
+    return {k: v for k, v in variants.items() if k in names}
 
 
 class Report:
@@ -294,7 +316,7 @@ def bench_leverage(
         flops=flops,
     )
 
-    for name, cfg in leverage_variants(kernels_mod).items():
+    for name, cfg in chosen(leverage_variants(kernels_mod)).items():
         cfg = dict(cfg)
         use_ws = cfg.pop("ws")
         wss = [lev.LeverageWorkspace() if use_ws else None for _ in range(sets)]
@@ -361,7 +383,16 @@ def bench_mass(report: Report, kernels_mod, s: Shape, span_name: str, span, devi
     nbytes = t * (s.hq + s.h) * s.d * dtype.itemsize + t * s.h * 4
     flops = sum(2 * s.hq * (b - a) ** 2 * s.d for a, b in zip(bounds, bounds[1:]))
     meta = dict(span=span_name, tokens=t, blocks=len(bounds) - 1, sets=sets, bytes=nbytes, flops=flops)
-    for name, cfg in {"mass_w8": dict(num_warps=8), "mass_w4": dict(num_warps=4)}.items():
+    variants = {
+        "mass_w8": dict(num_warps=8),
+        "mass_w4": dict(num_warps=4),
+        "mass_w8_s1": dict(num_warps=8, num_stages=1),
+        "mass_w8_s2": dict(num_warps=8, num_stages=2),
+        # two programs per (block, kv head), half the queries each, added into zeros
+        "mass_q2_w8": dict(num_warps=8, query_split=2),
+        "mass_q2_w4": dict(num_warps=4, query_split=2),
+    }
+    for name, cfg in chosen(variants).items():
 
         def call(i, cfg=cfg):
             q, k = inputs[i]
@@ -380,7 +411,7 @@ def bench_mass(report: Report, kernels_mod, s: Shape, span_name: str, span, devi
         def check(cfg=cfg, name=name):
             g = torch.Generator().manual_seed(77)
             q, _, k = qkv_views(t, s, device, dtype, 0.0, g)
-            out = torch.full((s.h, t), float("nan"), device=device)
+            out = torch.full((s.h, t), 0.0 if cfg.get("query_split", 1) > 1 else float("nan"), device=device)
             kernels_mod.attention_mass(q, k, edges, max_block, scale * 2, out, offset=lo, **cfg)
             return dict(span=span_name, variant=name, rel_err=rel_err(out, mass_ref(q, k, bounds, scale * 2)))
 
@@ -508,12 +539,16 @@ def main() -> None:
     torch.manual_seed(0)
     for span_name, span in s.spans.items():
         print(f"leverage, {span_name}:", flush=True)
+        lev_shape = copy.copy(s)
+        lev_shape.h = args.lev_heads or s.h
         report.run(
             f"leverage {span_name} setup",
-            lambda span_name=span_name, span=span: bench_leverage(
-                report, kernels_mod, lev, s, span_name, span, device, dtype, args.eager_calls
+            lambda span_name=span_name, span=span, lev_shape=lev_shape: bench_leverage(
+                report, kernels_mod, lev, lev_shape, span_name, span, device, dtype, args.eager_calls
             ),
         )
+        if args.no_mass:
+            continue
         print(f"attention mass, {span_name}:", flush=True)
         report.run(
             f"attention_mass {span_name} setup",
@@ -536,6 +571,7 @@ def main() -> None:
         shape=dict(
             hq=s.hq,
             h=s.h,
+            leverage_heads=args.lev_heads or s.h,
             d=s.d,
             sketch=s.k,
             leverage_block=s.lev_block,

@@ -352,6 +352,62 @@ def _score_x_kernel(
     tl.store(out_ptr + h * stride_oh + out_col + s0 + t, o / tl.load(norm_ptr + bh), mask=s0 + t < hi)
 
 
+@triton.jit(do_not_specialize=["blk0", "out_col"])
+def _fused_kernel(
+    keys_ptr,  # [T, H, D]
+    bounds_ptr,  # [NB + 1] int32, prompt positions
+    sketch_ptr,  # [D, KP] fp32, zero columns past K
+    x_ptr,  # [NB, H, S, BLOCK_T, KP] fp32: the shifted sketch x of each token
+    out_ptr,  # [H, >= out_col + T] fp32
+    offset,  # prompt position of token 0 of the keys
+    blk0,
+    out_col,
+    ridge,
+    stride_kt,
+    stride_kh,
+    stride_oh,
+    H: tl.constexpr,
+    S: tl.constexpr,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SKETCH_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """sketch3 in one program per (block, head): stream the block's keys once (x kept, Gram and Σ x
+    summed in registers), invert, then score the kept x. No partial Grams go through memory, and a
+    launch is one kernel."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    lo = tl.load(bounds_ptr + blk0 + blk) - offset
+    hi = tl.load(bounds_ptr + blk0 + blk + 1) - offset
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, D)
+    r = tl.arange(0, KP)
+    c = tl.arange(0, KP)
+    base = keys_ptr + h * stride_kh
+    bh = blk * H + h
+    xs = x_ptr + bh * S * BLOCK_T * KP
+    phi = tl.load(sketch_ptr + d[:, None] * KP + c[None, :])  # [D, KP]
+    shift = tl.load(base + lo.to(tl.int64) * stride_kt + d).to(tl.float32)
+    gram = tl.zeros([KP, KP], tl.float32)
+    xsum = tl.zeros([KP], tl.float32)
+    for s0 in tl.range(0, hi - lo, BLOCK_T, num_stages=NUM_STAGES):
+        x, ok = _sketch_tile(base, lo + s0, hi, shift, phi, stride_kt, t, d, SKETCH_PRECISION)
+        tl.store(xs + (s0 + t)[:, None] * KP + c[None, :], x)
+        gram += tl.dot(tl.trans(x), x, input_precision=PRECISION)
+        xsum += tl.sum(x, 0)
+    inv, m, norm = _invert_tile(gram, xsum, (hi - lo).to(tl.float32), ridge, r, c, K)
+    tl.debug_barrier()  # every thread's x is stored before any is read back
+    inv = inv / norm  # o / norm = x_iᵀ (G⁻¹ / norm) x_i
+    for s0 in tl.range(0, hi - lo, BLOCK_T, num_stages=NUM_STAGES):
+        x = tl.load(xs + (s0 + t)[:, None] * KP + c[None, :], cache_modifier=".cg") - m[None, :]
+        o = tl.sum(x * tl.dot(x, inv, input_precision=PRECISION), 1)
+        tl.store(out_ptr + h * stride_oh + out_col + lo + s0 + t, o, mask=lo + s0 + t < hi)
+
+
 def padded_sketch(sketch: torch.Tensor) -> torch.Tensor:
     """Φ [D, k] -> fp32 [D, KP] with zero columns past k (KP = max(16, next_pow2(k)))."""
     d, k = sketch.shape
@@ -365,6 +421,7 @@ STAGES = {
     "split3": ("gram", "invert", "score"),  # the three kernels of 2026-11-23
     "sketch3": ("sketch_gram", "invert", "score"),  # x kept: the score pass reads no keys
     "sketch2": ("sketch_gram", "score"),  # sketch3 with the inverse in the Gram launch (tickets)
+    "fused": ("fused",),  # sketch3 in one kernel: a program streams, inverts and scores its block
 }
 # A Newton-Schulz inverse with tensor-core dots was measured on an H100 (2026-12-06): 44.7 us against
 # the sweeps' 32-34 us per 2048-token launch, and 2% score error on keys with a few 300x dims. Dropped.
@@ -393,6 +450,8 @@ class LeverageWorkspace:
             means=nbh * kp,
             norms=nbh,
         )
+        if method == "fused":  # the sums and the inverse stay in the program's registers
+            need = {}
         if method != "split3":
             need["xs"] = nbh * splits * block_t * kp
         if method == "sketch2":
@@ -427,6 +486,7 @@ def leverage_scores(
     stages: tuple[str, ...] | None = None,
     blocks: tuple[int, int] | None = None,
     out_col: int | None = None,
+    fused_stages: int = 2,
 ) -> torch.Tensor:
     """keys [T, H, D] of prompt positions offset..offset+T-1; bounds [NB + 1] block edges (int32
     prompt positions, on the keys' device, within that range; no block longer than `max_block`,
@@ -487,6 +547,14 @@ def leverage_scores(
     ticket = method == "sketch2"
     invert_warps = invert_warps or INVERT_WARPS
     sketch_precision = sketch_precision or ("tf32" if keys.is_cuda else "ieee")
+    if method == "fused":
+        _fused_kernel[(num_blocks, h)](
+            keys, bounds, sketch, ws["xs"], out, offset, blk0, out_col or 0, ridge, keys.stride(0),
+            keys.stride(1), out.stride(0), H=h, S=splits, D=d, K=sketch_size, KP=kp, BLOCK_T=block_t,
+            SKETCH_PRECISION=sketch_precision, PRECISION=precision, NUM_STAGES=fused_stages,
+            num_warps=invert_warps,
+        )  # fmt: skip
+        return out
     if "sketch_gram" in stages:
         extra = (ws["tickets"], ws["inv"], ws["means"], ws["norms"]) if ticket else (keys,) * 4  # unused
         _sketch_gram_kernel[grid](

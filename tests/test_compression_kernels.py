@@ -125,7 +125,10 @@ def top_half_overlap(out: torch.Tensor, want: torch.Tensor, bounds: list[int]) -
     return worst
 
 
-def check_mass(n: int, span: tuple[int, int], block: int, h: int, g: int, d: int, dtype, tol: float) -> None:
+def check_mass(
+    n: int, span: tuple[int, int], block: int, h: int, g: int, d: int, dtype, tol: float, query_split: int = 1
+) -> None:
+    """query_split 2 adds into zeros (the compactor's fresh mass rows); the rest of the row is poisoned."""
     bounds = [b for b in block_bounds(n, block) if span[0] <= b <= span[1]]
     lo, hi = bounds[0], bounds[-1]
     q = torch.randn(hi - lo, h * g, d, device=DEVICE).to(dtype)
@@ -133,12 +136,18 @@ def check_mass(n: int, span: tuple[int, int], block: int, h: int, g: int, d: int
     scale = d**-0.5 * 2  # sharper than uniform attention
     full = torch.full((h, n + 3), float("nan"), device=DEVICE)
     out = full[:, lo:hi]
+    if query_split > 1:
+        out.zero_()
     edges = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
     max_block = max(b - a for a, b in zip(bounds, bounds[1:]))
-    kernels.attention_mass(q, k, edges, max_block, scale, out, offset=lo)
+    kernels.attention_mass(q, k, edges, max_block, scale, out, offset=lo, query_split=query_split)
     want = mass_ref(q.float(), k.float(), bounds, scale)
     assert rel_err(out, want) < tol
     assert full[:, :lo].isnan().all() and full[:, hi:].isnan().all(), "wrote outside its span"
+    if query_split > 1:  # the halves' order does not change the sum
+        again = torch.zeros_like(out)
+        kernels.attention_mass(q, k, edges, max_block, scale, again, offset=lo, query_split=query_split)
+        assert torch.equal(again, out)
 
 
 def scattered_sequence(layers: int, heads: int, n: int, page_size: int, head_dim: int, dtype) -> SequenceKV:
@@ -263,7 +272,7 @@ def spectrum_keys(kind: str, t: int, h: int, d: int, offset_scale: float) -> tor
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "decay", "outliers"])
-@pytest.mark.parametrize("method", ["sketch3", "sketch2"])
+@pytest.mark.parametrize("method", ["sketch3", "sketch2", "fused"])
 def test_leverage_ill_conditioned(method, kind) -> None:
     """Keys whose Gram is near singular (the relative ridge alone bounds its condition number), or
     with a few 300x dims as real pre-RoPE keys have, blocks of 1-3 splits, a shared offset 50x the
@@ -281,7 +290,7 @@ def test_leverage_ill_conditioned(method, kind) -> None:
     assert top_half_overlap(out, want, bounds) >= 0.98  # a few swaps at near-ties of the median
 
 
-@pytest.mark.parametrize("method", ["sketch3", "sketch2", "split3"])
+@pytest.mark.parametrize("method", ["sketch3", "sketch2", "split3", "fused"])
 def test_leverage_span_of_a_longer_prompt(method) -> None:
     """The compactor's call: a span starting mid-prompt given by `blocks` over the prompt's block
     edges and `out_col` into the prompt's score row (no host slicing), keys at 1e-4 and 1e4 scale
@@ -305,11 +314,14 @@ def test_leverage_span_of_a_longer_prompt(method) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 3])
-def test_attention_mass_small(dtype, group) -> None:
+@pytest.mark.parametrize("query_split", [1, 2])
+def test_attention_mass_small(dtype, group, query_split) -> None:
     torch.manual_seed(10 + group)
-    check_mass(100, (0, 100), 30, 2, group, 32, dtype, tol=1e-5)
-    check_mass(100, (25, 75), 30, 2, group, 32, dtype, tol=1e-5)
-    check_mass(40, (0, 40), 40, 1, group, 16, dtype, tol=1e-5)  # one block, not a power of 2
+    check_mass(100, (0, 100), 30, 2, group, 32, dtype, tol=1e-5, query_split=query_split)
+    check_mass(100, (25, 75), 30, 2, group, 32, dtype, tol=1e-5, query_split=query_split)
+    check_mass(
+        40, (0, 40), 40, 1, group, 16, dtype, tol=1e-5, query_split=query_split
+    )  # one block, not a power of 2
 
 
 @pytest.mark.parametrize("budget,retention", [("uniform", 0.4), ("adaptive", 0.3), ("uniform", 1.0)])
@@ -367,13 +379,18 @@ def test_page_checksum_wide_pages_loop_over_blocks() -> None:
     assert page_checksum(pool, ids) == _weighted_sum(pool.index_select(0, ids), 0)
 
 
-def test_compactor_scores_through_kernels_match_the_reference_path(monkeypatch) -> None:
+@pytest.mark.parametrize("leverage_method,mass_query_split", [(None, 1), ("fused", 2)])
+def test_compactor_scores_through_kernels_match_the_reference_path(
+    monkeypatch, leverage_method, mass_query_split
+) -> None:
     """The compactor scorer streaming chunks through the fused path (as on CUDA) against its PyTorch
     path, chunks not aligned with either block size, leverage launched for groups of 2 layers (the
     last group partial)."""
     torch.manual_seed(40)
     layers, h, g, d, n = 3, 2, 2, 32, 300
     monkeypatch.setattr(CompactorScorer, "group_bytes", 70 * h * (d * 4 + 4 * 64) * 2)
+    monkeypatch.setattr(CompactorScorer, "leverage_method", leverage_method)
+    monkeypatch.setattr(CompactorScorer, "mass_query_split", mass_query_split)
     params = CompressionParams(leverage_block=128, attention_block=40, sketch_size=12)
     q = torch.randn(layers, n, h * g, d, device=DEVICE)
     k_pre = random_keys(layers * n, h, d, torch.float32).view(layers, n, h, d)
@@ -414,11 +431,13 @@ def test_leverage_gpu_llama8b(dtype, method) -> None:
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_attention_mass_gpu_llama8b(dtype) -> None:
+@pytest.mark.parametrize("query_split", [1, 2])
+def test_attention_mass_gpu_llama8b(dtype, query_split) -> None:
     torch.manual_seed(60)
-    check_mass(32768, (8192, 10240), 128, 8, 4, 128, dtype, tol=2e-3)
-    check_mass(9000, (0, 9000), 128, 8, 4, 128, dtype, tol=2e-3)  # blocks of 127-128 tokens
-    check_mass(5000, (0, 5000), 64, 3, 3, 64, dtype, tol=2e-3)  # SmolLM2's heads
+    qs = dict(query_split=query_split)
+    check_mass(32768, (8192, 10240), 128, 8, 4, 128, dtype, tol=2e-3, **qs)
+    check_mass(9000, (0, 9000), 128, 8, 4, 128, dtype, tol=2e-3, **qs)  # blocks of 127-128 tokens
+    check_mass(5000, (0, 5000), 64, 3, 3, 64, dtype, tol=2e-3, **qs)  # SmolLM2's heads
 
 
 @gpu

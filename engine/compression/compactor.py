@@ -54,6 +54,12 @@ class CompactorScorer(Scorer):
     # A chunk's pre-RoPE keys of this many bytes (with the sketch's scratch) are gathered before a
     # leverage launch: 8 layers of Llama-3.1-8B at 2048-token chunks.
     group_bytes: ClassVar[int] = 64 << 20
+    leverage_method: ClassVar[str | None] = (
+        None  # a key of kernels.leverage_scores.STAGES (None: its default)
+    )
+    # 2: two programs per attention-mass block, each adding half the queries' column sums into the
+    # zeroed mass rows (kernels/attention_mass.py)
+    mass_query_split: ClassVar[int] = 1
 
     def __init__(self, params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> None:
         super().__init__(params, shape, seq_kv)
@@ -123,9 +129,12 @@ class CompactorScorer(Scorer):
         """The Triton path for this prompt (on CPU: the kernels under the interpreter, for tests)."""
         assert self.sketch is not None
         n = self.shape.prompt_len
-        return FusedScoring(
+        fused = FusedScoring(
             self.sketch, block_bounds(n, self.params.leverage_block), self.mass_streams[0].bounds
         )
+        fused.leverage_method = self.leverage_method
+        fused.mass_query_split = self.mass_query_split
+        return fused
 
     def _plan_groups(self, k_pre_rope: torch.Tensor) -> None:
         s = self.shape
@@ -192,6 +201,7 @@ class FusedScoring:
 
         self.kernels = kernels
         self.leverage_method: str | None = None  # kernels.leverage_scores' default
+        self.mass_query_split = 1  # 2: the mass rows hold zeros, and the kernel adds into them
         # scratch buffers reused by every leverage launch of this prompt (all on the scorer's stream)
         self.leverage_workspace = LeverageWorkspace()
         device = sketch.device
@@ -216,5 +226,5 @@ class FusedScoring:
         lo, (q, k), first, last = span
         self.kernels.attention_mass(
             q, k, self.mass_bounds[first : last + 1], self.max_mass_block, scale,
-            out[:, lo : lo + q.shape[0]], offset=lo,
+            out[:, lo : lo + q.shape[0]], offset=lo, query_split=self.mass_query_split,
         )  # fmt: skip
