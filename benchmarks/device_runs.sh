@@ -10,14 +10,15 @@
 #   bash benchmarks/device_runs.sh 1gpu-layers  # nvidia-h100-x1: GPU tests not yet run on a GPU, layer kernels vs eager, compression overhead
 #   bash benchmarks/device_runs.sh 1gpu-wired   # nvidia-h100-x1: the engine on the layer kernels: GPU tests, launch cost, prefill, decode
 #   bash benchmarks/device_runs.sh 1gpu-scoring # nvidia-h100-x1: scoring kernel variants (kernel tests, stage times, prefill share)
+#   bash benchmarks/device_runs.sh 1gpu-confirm # nvidia-h100-x1: engine + serving GPU tests, compression overhead and its profile
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm}" >&2
     exit 2
     ;;
 esac
@@ -93,6 +94,15 @@ case ${1:-} in
       > "$OUT/scoring.log" 2>&1; grep -A40 "^what" "$OUT/scoring.log" || tail -20 "$OUT/scoring.log"
     timeout 220 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps ${CO_REPS:-7} --no-reference \
       --contexts ${CO_CONTEXTS:-8192 32768} --variants ${CO_VARIANTS:-fused:1 :2 fused:2} 2>&1 | grep "ctx "
+    ;;
+  1gpu-confirm)
+    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py \
+      tests/test_serving_gpu.py 2>&1 | tail -4
+    timeout 200 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 9 2>&1 | grep "ctx "
+    timeout 120 python benchmarks/compression_overhead.py --out /tmp/prof --profile --contexts 8192 2>&1 | grep "ctx "
+    cp /tmp/prof/profile.json "$OUT/"
+    python3 -c "import json; r = json.load(open('/tmp/prof/profile.json'))['profiles']['8192']['compactor']
+for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify
