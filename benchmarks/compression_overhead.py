@@ -101,15 +101,17 @@ def end_to_end(
     from engine.compression.compactor import CompactorScorer
 
     params = CompressionParams(method="compactor", retention=retention)
-    defaults = (CompactorScorer.leverage_method, CompactorScorer.mass_query_split)
+    defaults = (CompactorScorer.leverage_method, CompactorScorer.mass_query_split, 0)
+    group_bytes = CompactorScorer.group_bytes
     modes = {
         "none": (None, True, True, defaults),
         "fused_side_stream": (params, True, True, defaults),
         "fused_inline": (params, True, False, defaults),
     }
     for v in variants:
-        method, split = v.split(":")
-        modes[f"fused_side_stream[{v}]"] = (params, True, True, (method or None, int(split)))
+        method, split, *per_launch = v.split(":")
+        group = int(per_launch[0]) if per_launch else 0
+        modes[f"fused_side_stream[{v}]"] = (params, True, True, (method or None, int(split), group))
     if reference:
         modes["reference_scoring"] = (params, False, False, defaults)
     out: dict[str, Any] = {name: {"all_seconds": []} for name in modes}
@@ -118,9 +120,10 @@ def end_to_end(
     # The modes take turns within each repetition, so a slow spell of the host (the prefill loop is
     # Python: its wall time varied 275-346 ms at 8K in one run) lands on every mode alike.
     for r in range(reps):
-        for name, (comp, kernels_on, side, (method, split)) in modes.items():
+        for name, (comp, kernels_on, side, (method, split, group)) in modes.items():
             CompactorScorer.use_kernels, CompactorScorer.use_side_stream = kernels_on, side
             CompactorScorer.leverage_method, CompactorScorer.mass_query_split = method, split
+            CompactorScorer.group_bytes = 1 if group == 1 else group_bytes  # 1: a launch per layer
             t, stats = prefill_seconds(engine, n, comp, seed=1 + r)
             out[name]["all_seconds"].append(t)
             if comp is not None:
@@ -135,7 +138,8 @@ def end_to_end(
             f"  ctx {n} {name}: median {row['seconds'] * 1e3:.1f} ms, min {row['min_seconds'] * 1e3:.1f} ms"
         )
     CompactorScorer.use_kernels, CompactorScorer.use_side_stream = True, True
-    CompactorScorer.leverage_method, CompactorScorer.mass_query_split = defaults
+    CompactorScorer.leverage_method, CompactorScorer.mass_query_split, _ = defaults
+    CompactorScorer.group_bytes = group_bytes
     base = out["none"]["seconds"]
     for name in modes:
         out[name]["overhead_share"] = out[name]["seconds"] / base - 1.0
@@ -428,7 +432,8 @@ def main() -> None:
     p.add_argument(
         "--variants", nargs="*", default=[], metavar="METHOD:SPLIT",
         help="extra side-stream modes: leverage method (a key of kernels.leverage_scores.STAGES, empty "
-        "for the default) and attention-mass query split, e.g. fused:1 fused:2",
+        "for the default), attention-mass query split, and optionally :1 for one leverage launch per "
+        "layer (no key copies), e.g. fused:1 fused:2 fused:2:1",
     )  # fmt: skip
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch-reference mode")
     p.add_argument(

@@ -93,7 +93,7 @@ case ${1:-} in
       --no-32k --eager-calls 10 --variants "${SCORING_VARIANTS:-sketch3_ws,fused_w8_s2,fused_w4_s2,fused_w8_s1,fused_w8_s3,fused_w16_s2,mass_w8,mass_w4,mass_w8_s1,mass_w8_s2,mass_q2_w8,mass_q2_w4}" \
       > "$OUT/scoring.log" 2>&1; grep -A40 "^what" "$OUT/scoring.log" || tail -20 "$OUT/scoring.log"
     timeout 220 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps ${CO_REPS:-7} --no-reference \
-      --contexts ${CO_CONTEXTS:-8192 32768} --variants ${CO_VARIANTS:-fused:1 :2 fused:2} 2>&1 | grep "ctx "
+      --contexts ${CO_CONTEXTS:-8192 32768} --variants ${CO_VARIANTS:-fused:1 :2 fused:2 fused:2:1 fused:1:1} 2>&1 | grep "ctx "
     ;;
   1gpu-confirm)
     timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py \

@@ -94,7 +94,8 @@ class CompactorScorer(Scorer):
         self.group_keys.append(k_pre_rope)  # a fresh tensor of the layer's projection: kept as is
         keys = None
         if layer == first + size - 1:  # the group is complete: one copy for all its layers
-            keys = torch.stack(self.group_keys, dim=1)  # [T, G, H, D], on the prefill's stream
+            # [T, G, H, D], on the prefill's stream (a group of one layer is a view: no copy)
+            keys = self.group_keys[0].unsqueeze(1) if size == 1 else torch.stack(self.group_keys, dim=1)
             self.group_keys = []
         if self.stream is None:
             self._observe(layer, q, k, start, keys)
