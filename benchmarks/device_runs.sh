@@ -96,9 +96,12 @@ case ${1:-} in
       --contexts ${CO_CONTEXTS:-8192 32768} --variants ${CO_VARIANTS:-fused:1 :2 fused:2 fused:2:1 fused:1:1} 2>&1 | grep "ctx "
     ;;
   1gpu-confirm)
-    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py \
+    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py tests/test_compression_kernels.py \
       tests/test_serving_gpu.py 2>&1 | tail -4
-    timeout 200 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 9 2>&1 | grep "ctx "
+    timeout 100 python benchmarks/scoring_kernels.py --out "$OUT/bench/scoring_kernels_group_fused.json" --lev-heads 64 \
+      --no-32k --no-mass --eager-calls 10 --variants fused_w4_s2,fused_w4_s1,fused_w4_s3,fused_w2_s2 \
+      > "$OUT/scoring.log" 2>&1; grep -A12 "^what" "$OUT/scoring.log" || tail -20 "$OUT/scoring.log"
+    timeout 240 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 9 --variants sketch3:1 2>&1 | grep "ctx "
     timeout 120 python benchmarks/compression_overhead.py --out /tmp/prof --profile --contexts 8192 2>&1 | grep "ctx "
     cp /tmp/prof/profile.json "$OUT/"
     python3 -c "import json; r = json.load(open('/tmp/prof/profile.json'))['profiles']['8192']['compactor']

@@ -223,8 +223,11 @@ def leverage_variants(kernels_mod) -> dict[str, dict]:
         "sketch2_ws": dict(method="sketch2", ws=True),
         "sketch2_ws_inv4": dict(method="sketch2", ws=True, invert_warps=4),
         # one program per (block, head): stream, invert, score (warps, pipeline stages of the loops)
-        "fused_w8_s2": dict(method="fused", ws=True),
+        "fused_w8_s2": dict(method="fused", ws=True, invert_warps=8),
         "fused_w4_s2": dict(method="fused", ws=True, invert_warps=4),
+        "fused_w4_s1": dict(method="fused", ws=True, invert_warps=4, fused_stages=1),
+        "fused_w4_s3": dict(method="fused", ws=True, invert_warps=4, fused_stages=3),
+        "fused_w2_s2": dict(method="fused", ws=True, invert_warps=2),
         "fused_w8_s1": dict(method="fused", ws=True, fused_stages=1),
         "fused_w8_s3": dict(method="fused", ws=True, fused_stages=3),
         "fused_w16_s2": dict(method="fused", ws=True, invert_warps=16),

@@ -425,8 +425,11 @@ STAGES = {
 }
 # A Newton-Schulz inverse with tensor-core dots was measured on an H100 (2026-12-06): 44.7 us against
 # the sweeps' 32-34 us per 2048-token launch, and 2% score error on keys with a few 300x dims. Dropped.
-DEFAULT_METHOD = "sketch3"
+# fused against sketch3 on an H100 (2026-12-06), a 2048-token chunk of 8 layers x 8 kv heads: 117 us
+# against 153 us per launch, the same scores (benchmarks/scoring_kernels.py --lev-heads 64).
+DEFAULT_METHOD = "fused"
 INVERT_WARPS = 8  # the sweep's 48 steps are throughput-bound: more warps, fewer elements each
+FUSED_WARPS = 4  # one program streams, inverts and scores: 4 warps 117 us, 8 warps 141-156 us
 
 
 class LeverageWorkspace:
@@ -545,16 +548,16 @@ def leverage_scores(
         return out
     assert method in STAGES, method
     ticket = method == "sketch2"
-    invert_warps = invert_warps or INVERT_WARPS
     sketch_precision = sketch_precision or ("tf32" if keys.is_cuda else "ieee")
     if method == "fused":
         _fused_kernel[(num_blocks, h)](
             keys, bounds, sketch, ws["xs"], out, offset, blk0, out_col or 0, ridge, keys.stride(0),
             keys.stride(1), out.stride(0), H=h, S=splits, D=d, K=sketch_size, KP=kp, BLOCK_T=block_t,
             SKETCH_PRECISION=sketch_precision, PRECISION=precision, NUM_STAGES=fused_stages,
-            num_warps=invert_warps,
+            num_warps=invert_warps or FUSED_WARPS,
         )  # fmt: skip
         return out
+    invert_warps = invert_warps or INVERT_WARPS
     if "sketch_gram" in stages:
         extra = (ws["tickets"], ws["inv"], ws["means"], ws["norms"]) if ticket else (keys,) * 4  # unused
         _sketch_gram_kernel[grid](
