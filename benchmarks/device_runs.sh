@@ -11,14 +11,15 @@
 #   bash benchmarks/device_runs.sh 1gpu-wired   # nvidia-h100-x1: the engine on the layer kernels: GPU tests, launch cost, prefill, decode
 #   bash benchmarks/device_runs.sh 1gpu-scoring # nvidia-h100-x1: scoring kernel variants (kernel tests, stage times, prefill share)
 #   bash benchmarks/device_runs.sh 1gpu-confirm # nvidia-h100-x1: engine + serving GPU tests, compression overhead and its profile
+#   bash benchmarks/device_runs.sh 1gpu-share   # nvidia-h100-x1: the compactor's prefill share with many repetitions (8K: 31)
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share}" >&2
     exit 2
     ;;
 esac
@@ -106,6 +107,12 @@ case ${1:-} in
     cp /tmp/prof/profile.json "$OUT/"
     python3 -c "import json; r = json.load(open('/tmp/prof/profile.json'))['profiles']['8192']['compactor']
 for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
+    ;;
+  1gpu-share)
+    timeout 150 python benchmarks/compression_overhead.py --out "$OUT/bench8k" --contexts 8192 --reps 31 --no-reference \
+      --variants sketch3:1 2>&1 | grep "ctx "
+    timeout 300 python benchmarks/compression_overhead.py --out "$OUT/bench32k" --contexts 32768 --reps 7 --no-reference \
+      2>&1 | grep "ctx "
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify
