@@ -433,6 +433,20 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def variant(text: str) -> str:
+    """argparse type of --variants: METHOD:SPLIT[:1], checked before the model is built."""
+    from kernels.leverage_scores import STAGES
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ("", *STAGES) or parts[1] not in ("1", "2"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want METHOD:SPLIT[:1], METHOD in {sorted(STAGES)} or empty, SPLIT 1 or 2"
+        )
+    if len(parts) == 3 and parts[2] != "1":
+        raise argparse.ArgumentTypeError(f"{text!r}: the third field can only be 1 (a launch per layer)")
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="folder for compression_overhead.{json,png}")
@@ -444,7 +458,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--date", help="date to record (default: today, UTC)")
     p.add_argument(
-        "--variants", nargs="*", default=[], metavar="METHOD:SPLIT",
+        "--variants", nargs="*", default=[], metavar="METHOD:SPLIT", type=variant,
         help="extra side-stream modes: leverage method (a key of kernels.leverage_scores.STAGES, empty "
         "for the default), attention-mass query split, and optionally :1 for one leverage launch per "
         "layer (no key copies), e.g. fused:1 fused:2 fused:2:1",
