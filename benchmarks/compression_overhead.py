@@ -319,7 +319,8 @@ def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int
     mbounds = torch.tensor(mb, dtype=torch.int32, device=device)
     max_block = max(b - a for a, b in zip(mb, mb[1:]))
     scale = dim**-0.5
-    t = time_gpu(lambda: kernels.attention_mass(q, k, mbounds, max_block, scale, out))
+    split = CompactorScorer.mass_query_split
+    t = time_gpu(lambda: kernels.attention_mass(q, k, mbounds, max_block, scale, out, query_split=split))
 
     def mass_ref() -> None:
         for a, b in zip(mb, mb[1:]):
