@@ -73,7 +73,7 @@ def _reserve(stub: Any, manifest: Any, transport: str, prompt_len: int) -> Any:
         decode_pb2.ReserveKVRequest(
             request_id="test",
             manifest=manifest,
-            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
             prompt_token_ids=[1 + i % 250 for i in range(prompt_len)],
             first_token_id=5,
             transport=transport,
@@ -249,7 +249,7 @@ def test_a_transport_the_nodes_cannot_use_is_refused_and_nothing_leaks(
 ) -> None:
     request = prefill_pb2.PrefillRequest(
         prompt_token_ids=common_pb2.TokenIds(ids=[5, 6, 7, 8, 9]),
-        sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+        sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
         decode_address=cluster.address("decode"),
         transport=transport,
     )
@@ -318,7 +318,7 @@ def _reserve_early(stub: Any, spec: ModelSpec, max_pages: int, transport: str, p
         decode_pb2.ReserveKVRequest(
             request_id="early",
             manifest=early_manifest(spec, max_pages),
-            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
             prompt_token_ids=[1 + i % 250 for i in range(prompt_len)],
             transport=transport,
             early=True,
@@ -399,7 +399,7 @@ def test_prefill_reserves_early_for_prompts_longer_than_a_chunk(cluster: InProce
             request = prefill_pb2.PrefillRequest(
                 request_id=f"p{length}-{compression}",
                 prompt_token_ids=common_pb2.TokenIds(ids=[1 + i % 250 for i in range(length)]),
-                sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+                sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
                 decode_address=cluster.address("decode"),
                 transport="shm",
             )
@@ -429,7 +429,7 @@ def test_an_unused_early_reservation_is_freed(cluster: InProcessCluster, when: s
     reservation: discarding it frees the decode pages, whether ReserveKV was answered or still running."""
     pipeline = cluster.prefill
     spec = ModelSpec.of_engine(cluster.decode.worker.engine)
-    sampling = common_pb2.SamplingParams(temperature=0, max_new_tokens=4)
+    sampling = common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
 
     async def scenario() -> int:
         early = EarlyReservation(
@@ -516,7 +516,7 @@ def test_a_prefill_that_outlasts_its_early_reservation_reserves_again(
             request = prefill_pb2.PrefillRequest(
                 request_id=request_id,
                 prompt_token_ids=common_pb2.TokenIds(ids=[1 + i % 250 for i in range(150)]),  # 3 chunks
-                sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4),
+                sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
                 decode_address=cluster.address("decode"),
                 transport="shm",
             )
