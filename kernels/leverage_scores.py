@@ -451,15 +451,14 @@ class LeverageWorkspace:
         key = (method, nbh, splits, block_t, kp, device)
         if key == self.last:
             return self.bufs
-        need = dict(
+        # fused keeps the sums and the inverse in the program's registers: only x goes through memory
+        need = {} if method == "fused" else dict(
             grams=nbh * splits * kp * kp,
             xsums=nbh * splits * kp,
             inv=nbh * kp * kp,
             means=nbh * kp,
             norms=nbh,
-        )
-        if method == "fused":  # the sums and the inverse stay in the program's registers
-            need = {}
+        )  # fmt: skip
         if method != "split3":
             need["xs"] = nbh * splits * block_t * kp
         if method == "sketch2":

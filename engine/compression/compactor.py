@@ -54,9 +54,8 @@ class CompactorScorer(Scorer):
     # A chunk's pre-RoPE keys of this many bytes (with the sketch's scratch) are gathered before a
     # leverage launch: 8 layers of Llama-3.1-8B at 2048-token chunks.
     group_bytes: ClassVar[int] = 64 << 20
-    leverage_method: ClassVar[str | None] = (
-        None  # a key of kernels.leverage_scores.STAGES (None: its default)
-    )
+    # a key of kernels.leverage_scores.STAGES (None: its default)
+    leverage_method: ClassVar[str | None] = None
     # 2: two programs per attention-mass block, each adding half the queries' column sums into the
     # zeroed mass rows (kernels/attention_mass.py): 16.6 us against 19.9 us per 2048-token layer
     # chunk of the 8B shape on an H100 (2026-12-06)
@@ -131,12 +130,10 @@ class CompactorScorer(Scorer):
         """The Triton path for this prompt (on CPU: the kernels under the interpreter, for tests)."""
         assert self.sketch is not None
         n = self.shape.prompt_len
-        fused = FusedScoring(
-            self.sketch, block_bounds(n, self.params.leverage_block), self.mass_streams[0].bounds
-        )
-        fused.leverage_method = self.leverage_method
-        fused.mass_query_split = self.mass_query_split
-        return fused
+        return FusedScoring(
+            self.sketch, block_bounds(n, self.params.leverage_block), self.mass_streams[0].bounds,
+            self.leverage_method, self.mass_query_split,
+        )  # fmt: skip
 
     def _plan_groups(self, k_pre_rope: torch.Tensor) -> None:
         s = self.shape
@@ -196,14 +193,21 @@ class FusedScoring:
     """The compactor's two statistics through the Triton kernels, one launch per completed span of
     blocks (block edges live on the device once, so a launch copies nothing from the host)."""
 
-    def __init__(self, sketch: torch.Tensor, leverage_bounds: list[int], mass_bounds: list[int]) -> None:
+    def __init__(
+        self,
+        sketch: torch.Tensor,
+        leverage_bounds: list[int],
+        mass_bounds: list[int],
+        leverage_method: str | None = None,
+        mass_query_split: int = 1,
+    ) -> None:
         import kernels
         from kernels.attention_mass import MAX_BLOCK
         from kernels.leverage_scores import LeverageWorkspace
 
         self.kernels = kernels
-        self.leverage_method: str | None = None  # kernels.leverage_scores' default
-        self.mass_query_split = 1  # 2: the mass rows hold zeros, and the kernel adds into them
+        self.leverage_method = leverage_method  # None: kernels.leverage_scores' default
+        self.mass_query_split = mass_query_split  # 2: the mass rows hold zeros, and the kernel adds into them
         # scratch buffers reused by every leverage launch of this prompt (all on the scorer's stream)
         self.leverage_workspace = LeverageWorkspace()
         device = sketch.device
