@@ -12,14 +12,16 @@
 #   bash benchmarks/device_runs.sh 1gpu-scoring # nvidia-h100-x1: scoring kernel variants (kernel tests, stage times, prefill share)
 #   bash benchmarks/device_runs.sh 1gpu-confirm # nvidia-h100-x1: engine + serving GPU tests, compression overhead and its profile
 #   bash benchmarks/device_runs.sh 1gpu-share   # nvidia-h100-x1: the compactor's prefill share with many repetitions (8K: 31)
+#   bash benchmarks/device_runs.sh 1gpu-decode  # nvidia-h100-x1: work-balanced decode kernel: GPU tests, config sweep, full grid
+#   bash benchmarks/device_runs.sh 1gpu-engine-decode # nvidia-h100-x1: the engine on the balanced kernel: GPU tests, kernels.py
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode}" >&2
     exit 2
     ;;
 esac
@@ -113,6 +115,17 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       --variants sketch3:1 2>&1 | grep "ctx "
     timeout 300 python benchmarks/compression_overhead.py --out "$OUT/bench32k" --contexts 32768 --reps 7 --no-reference \
       2>&1 | grep "ctx "
+    ;;
+  1gpu-decode)
+    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced or decode_gpu_llama8b" 2>&1 | tail -4
+    timeout 400 python benchmarks/kernels.py --out "$OUT/k" --decode-only --balanced-sweep ${DECODE_ARGS:-} > "$OUT/k.log" 2>&1
+    grep -E "balanced sweep|chosen|B=|target|Error|error" "$OUT/k.log" | cut -c1-250
+    ;;
+  1gpu-engine-decode)
+    timeout 260 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced or dispatch or decode_gpu_llama8b" \
+      tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py tests/test_serving_gpu.py 2>&1 | tail -4
+    timeout 320 python benchmarks/kernels.py --out "$OUT/k" --decode-variants split > "$OUT/k.log" 2>&1
+    grep -E "B=|target|Error|error|ctx|case" "$OUT/k.log" | cut -c1-250
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

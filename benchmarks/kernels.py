@@ -168,6 +168,50 @@ def decode_kwargs(cfg: dict, batch: int, width: int, page_size: int, device) -> 
     return kw
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'engine' (what the engine calls: kernels.decode_attention), or 'split' or 'balanced' with
+    optional ':key=int,...' launcher arguments, e.g. 'balanced:block_n=64,programs_per_sm=2'."""
+    kind, _, args = text.partition(":")
+    if kind not in ("engine", "split", "balanced") or (kind == "engine" and args):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a variant is engine, split[:k=v,...] or balanced[:k=v,...]"
+        )
+    try:
+        cfg = {k: int(v) for k, v in (a.split("=") for a in args.split(",") if a)}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: arguments are key=integer, comma-separated") from e
+    return kind, cfg
+
+
+def variant_call(
+    kernels, variant: str, batch: int, width: int, page_size: int, device, lens: torch.Tensor
+) -> tuple[Callable[..., torch.Tensor], float, str]:
+    """A decode call for one variant over these head lengths, its per-layer planning cost (s) and
+    the kernel it runs: the balanced kernel's plan is built once per decode step for all 32 layers
+    of an 8B model, as the engine does."""
+    from kernels import decode_balanced as bal
+
+    kind, cfg = parse_variant(variant)
+    if kind == "engine":
+        kind = "balanced" if kernels.use_balanced(batch, H) else "split"
+    if kind == "split":
+        kw = decode_kwargs(cfg, batch, width, page_size, device)
+        return (
+            (lambda q, pool, t, ln: kernels.decode_attention_split(q, pool, t, ln, D**-0.5, **kw)),
+            0.0,
+            kind,
+        )
+    from kernels._common import num_sms
+
+    programs = cfg.pop("programs_per_sm", bal.PROGRAMS_PER_SM) * num_sms(device)
+    block_n, min_tiles = cfg.pop("block_n", bal.BLOCK_N), cfg.pop("min_tiles", bal.MIN_TILES)
+    plan = bal.plan_decode(lens, block_n, programs, min_tiles)
+    layers = lens[None].expand(32, -1, -1).contiguous()  # [L, B, H]
+    plan_s = time_calls([lambda: bal.plan_decode(layers, block_n, programs, min_tiles)], device) / 32
+    call = lambda q, pool, t, ln: bal.decode_attention_balanced(q, pool, t, ln, D**-0.5, plan=plan, **cfg)  # noqa: E731
+    return call, plan_s, kind
+
+
 def bench_decode_cell(
     kernels,
     batch: int,
@@ -178,6 +222,7 @@ def bench_decode_cell(
     cfg: dict,
     dry: bool = False,
     sdpa: bool = True,
+    variants: list[str] = (),
 ) -> list[dict]:
     dtype = torch.bfloat16
     dense_bytes = batch * H * context * D * 2 * 2  # K + V
@@ -199,26 +244,47 @@ def bench_decode_cell(
     for r in retentions:
         lens = head_lengths(batch, context, r, gen).to(device)  # [B, H]
         width = -(-int(lens.max()) // page_size)  # as DecodeBatch slices its tables
-        kw = decode_kwargs(cfg, batch, width, page_size, device)
-        calls = [
-            (
-                lambda q=q, t=t[:, :, :width], ln=lens, kw=kw: kernels.decode_attention(
-                    q, pool, t, ln, scale, **kw
-                )
-            )
-            for q, t in zip(qs, tables)
-        ]
-        t = time_calls(calls, device)
+        ours = "engine" if not cfg else "split:" + ",".join(f"{k}={v}" for k, v in cfg.items())
+        call, plan_s, kernel = variant_call(kernels, ours, batch, width, page_size, device, lens)
+        t = time_calls(
+            [lambda q=q, t=t[:, :, :width], c=call, ln=lens: c(q, pool, t, ln) for q, t in zip(qs, tables)],
+            device,
+        )
+        t += plan_s
         kv_bytes = int(lens.sum()) * D * 2 * 2
         meta_bytes = int((-(-lens // page_size)).sum()) * 4 + 2 * batch * HQ * D * 2
         rows.append(
             dict(batch=batch, context=context, retention=r, kept_tokens=int(lens.sum()), ours_s=t,
-                 ours_bytes=kv_bytes + meta_bytes, ours_GBps=(kv_bytes + meta_bytes) / t / 1e9)
+                 ours_kernel=kernel, ours_plan_s=plan_s, ours_bytes=kv_bytes + meta_bytes,
+                 ours_GBps=(kv_bytes + meta_bytes) / t / 1e9)
         )  # fmt: skip
+        want = kernels_ref_decode(qs[0], pool, tables[0, :, :, :width], lens, scale) if dry else None
         if dry:
-            want = kernels_ref_decode(qs[0], pool, tables[0, :, :, :width], lens, scale)
-            got = kernels.decode_attention(qs[0], pool, tables[0, :, :, :width], lens, scale, **kw)
+            got = call(qs[0], pool, tables[0, :, :, :width], lens)
             assert (got.float() - want).abs().max() < 5e-2
+        # Other kernels and configs over the same inputs; the balanced kernel's time includes its
+        # plan's share (one plan per decode step serves all layers).
+        rows[-1]["variants"] = {}
+        for name in variants:
+            call, plan_s, _ = variant_call(kernels, name, batch, width, page_size, device, lens)
+            try:
+                vt = time_calls(
+                    [
+                        lambda q=q, t=t[:, :, :width], c=call, ln=lens: c(q, pool, t, ln)
+                        for q, t in zip(qs, tables)
+                    ],
+                    device,
+                )
+            except Exception as e:  # noqa: BLE001  (a config beyond the GPU's resources)
+                print(f"  {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                rows[-1]["variants"][name] = dict(s=float("nan"), error=str(e).splitlines()[0][:200])
+                continue
+            rows[-1]["variants"][name] = dict(
+                s=vt + plan_s, plan_s=plan_s, GBps=(kv_bytes + meta_bytes) / (vt + plan_s) / 1e9
+            )
+            if dry:
+                got = call(qs[0], pool, tables[0, :, :, :width], lens)
+                assert (got.float() - want).abs().max() < 5e-2, name
     pool = tables = None  # free before the dense caches
     if not sdpa:
         return rows
@@ -240,10 +306,16 @@ def bench_decode_cell(
         row["speedup_vs_sdpa"] = sdpa["default"] / row["ours_s"]
         best = min(v for v in sdpa.values() if v == v)
         row["speedup_vs_best_sdpa"] = best / row["ours_s"]
+        for v in row.get("variants", {}).values():
+            v["speedup_vs_sdpa"] = sdpa["default"] / v["s"]
         print(
-            f"  B={batch:3d} ctx={context:6d} r={row['retention']:.2f}: ours {row['ours_s'] * 1e6:8.1f} us "
+            f"  B={batch:3d} ctx={context:6d} r={row['retention']:.2f}: ours ({row['ours_kernel']}) {row['ours_s'] * 1e6:8.1f} us "
             f"{row['ours_GBps']:7.0f} GB/s | sdpa {sdpa['default'] * 1e6:8.1f} us "
             f"{row['sdpa_GBps']:7.0f} GB/s | x{row['speedup_vs_sdpa']:.2f}"
+            + "".join(
+                f" | {k} {v['s'] * 1e6:.1f} us x{v['speedup_vs_sdpa']:.2f}"
+                for k, v in row["variants"].items()
+            )
         )
     return rows
 
@@ -363,7 +435,7 @@ def fastest_overall(results: list[dict]) -> dict:
     """The config with the smallest time summed over cells, each cell's times relative to its best."""
     total: dict[str, float] = {}
     for res in results:
-        fastest = min(r["s"] for r in res["results"])
+        fastest = min((r["s"] for r in res["results"] if r["s"] == r["s"]), default=float("nan"))
         for r in res["results"]:
             k = json.dumps(r["cfg"], sort_keys=True)
             total[k] = total.get(k, 0.0) + r["s"] / fastest
@@ -399,6 +471,31 @@ def sweep_decode(kernels, page_size: int, device, log: dict, cells: list[tuple[i
     return fastest_overall(results)
 
 
+def sweep_balanced(
+    kernels, page_size: int, device, log: dict, cells: list[tuple[int, int]], split: str, configs: list[str]
+) -> str:
+    """The balanced kernel's block/stages/warps/programs on a few r=0.5 cells, the split kernel
+    alongside; returns the fastest config by summed relative time, as a variant string."""
+    configs = configs or [
+        f"balanced:block_n={bn},num_stages={ns},num_warps=4,programs_per_sm={pps},min_tiles={mt}"
+        for bn, ns, pps, mt in [
+            (64, 2, 3, 1), (64, 2, 3, 2), (64, 2, 3, 4), (64, 2, 3, 8), (64, 3, 4, 1), (64, 3, 4, 4),
+            (64, 3, 2, 4), (128, 2, 2, 1), (128, 2, 2, 2), (128, 2, 2, 4), (32, 3, 4, 8),
+        ]
+    ]  # fmt: skip
+    results = []
+    for b, ctx in cells:
+        rows = bench_decode_cell(
+            kernels, b, ctx, [0.5], page_size, device, {}, sdpa=False, variants=[split, *configs]
+        )
+        res = [dict(cfg=name, s=v["s"]) for name, v in rows[0]["variants"].items()]
+        for r in res:
+            print(f"  balanced sweep B={b} ctx={ctx} {r['cfg']}: {r['s'] * 1e6:.1f} us")
+        results.append(dict(results=[r for r in res if r["cfg"] != split]))
+        log[f"balanced_B{b}_{ctx}"] = res
+    return fastest_overall(results)
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -417,6 +514,15 @@ def plot(report: dict, path: Path) -> None:
         axes[1].bar([i + j * w for i in x], [by[k]["ours_GBps"] for k in labels], w, label=f"ours r={ret}")
     axes[1].plot([i + 0.4 for i in x], [next(r["sdpa_GBps"] for r in rows if (r["batch"], r["context"]) == k)
                  for k in labels], "k^", label="SDPA (dense)")  # fmt: skip
+    names = sorted({k for r in rows for k in r.get("variants", {})})
+    for n, name in enumerate(names):  # other kernels measured in the same run: markers over the bars
+        for j, ret in enumerate(rets):
+            by = {(r["batch"], r["context"]): r for r in rows if r["retention"] == ret}
+            ys = [
+                by[k].get("variants", {}).get(name, {}).get("speedup_vs_sdpa", float("nan")) for k in labels
+            ]
+            axes[0].plot([i + j * w for i in x], ys, "ov^sd"[n % 5], ms=4, color=f"C{3 + n}",
+                         label=name.split(":")[0] if j == 0 else None)  # fmt: skip
     axes[1].axhline(report["copy_GBps"], color="r", ls="--", label="device copy")
     axes[0].axhline(1.0, color="k", lw=0.8)
     for ax, title in zip(axes[:2], ["decode speedup vs SDPA on the full cache", "decode bandwidth (GB/s)"]):
@@ -456,6 +562,15 @@ def main() -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="try a few kernel configs first and use the fastest")
     p.add_argument("--plot", metavar="JSON", help="only redraw the PNG from an earlier JSON")
+    p.add_argument(
+        "--decode-variants", nargs="*", default=[], type=lambda v: parse_variant(v) and v, metavar="VARIANT",
+        help="also time these decode kernels on every cell, e.g. split, balanced:block_n=64,programs_per_sm=2",
+    )  # fmt: skip
+    p.add_argument("--balanced-sweep", action="store_true", help="sweep the balanced kernel's configs first")
+    p.add_argument(
+        "--sweep-configs", nargs="*", default=[], type=lambda v: parse_variant(v) and v, metavar="VARIANT",
+        help="the balanced configs --balanced-sweep tries (default: a built-in list)",
+    )  # fmt: skip
     p.add_argument("--date", help="date to record (default: today, UTC); the UTC clock is recorded too")
     args = p.parse_args()
     out = Path(args.out)
@@ -511,12 +626,33 @@ def main() -> None:
         prefill_cfg = res["best"]
         print(f"chosen: decode {decode_cfg}, prefill {prefill_cfg}")
         save()
+    variants = list(args.decode_variants)
+    if args.balanced_sweep:
+        report.setdefault("sweep", {})
+        ctxs, batches = sorted(args.contexts), sorted(args.batches)
+        cells = [(1, ctxs[0]), (1, ctxs[len(ctxs) // 2]), (batches[len(batches) // 2], ctxs[0])]
+        cells.append((batches[-1], ctxs[len(ctxs) // 2]))
+        best = sweep_balanced(
+            kernels, args.page_size, device, report["sweep"], cells, "split", args.sweep_configs
+        )
+        print(f"chosen balanced config: {best}")
+        variants.append(best)
+        save()
     report["decode_cfg"], report["prefill_cfg"] = decode_cfg, prefill_cfg
+    report["decode_variants"] = variants
     report["decode"] = []
     for b in args.batches:
         for ctx in args.contexts:
             report["decode"] += bench_decode_cell(
-                kernels, b, ctx, args.retentions, args.page_size, device, decode_cfg, device.type != "cuda"
+                kernels,
+                b,
+                ctx,
+                args.retentions,
+                args.page_size,
+                device,
+                decode_cfg,
+                device.type != "cuda",
+                variants=variants,
             )
             save()
     report["prefill"] = []

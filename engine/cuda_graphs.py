@@ -12,6 +12,7 @@ that is how the padding and buffer logic is tested on CPU.
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -114,8 +115,16 @@ class DecodeGraphRunner:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a service's other threads may use CUDA while the engine thread captures.
-        with torch.cuda.graph(graph, pool=self.memory_pool, capture_error_mode="thread_local"):
-            logits = self.forward(n)
+        # No garbage collection inside the capture: a collected object that holds CUDA resources
+        # (another engine's graphs, events) would free them there and invalidate the capture.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self.memory_pool, capture_error_mode="thread_local"):
+                logits = self.forward(n)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         self.memory_pool = graph.pool()
         self.graphs[n] = graph
         self.graph_logits[n] = logits

@@ -185,6 +185,10 @@ class PaddedDecodeBatch:
         self.write_pages = write_pages.transpose(0, 1).contiguous()  # [L, N, H]
         self.write_offsets = (lens % page_size).transpose(0, 1).contiguous()  # [L, N, H]
         self.attn_lens = (lens + real).transpose(0, 1).contiguous()  # [L, N, H]: the new token included
+        self.plan = None  # one work plan for every layer's attention (the balanced Triton kernel)
+        if pool_kv.is_cuda and _triton_kernels().use_balanced(lens.shape[0], lens.shape[2]):
+            kernels = _triton_kernels()
+            self.plan = kernels.plan_decode(self.attn_lens, kernels.balanced_block_n(pool_kv.dtype))
 
     def attend(
         self,
@@ -196,8 +200,14 @@ class PaddedDecodeBatch:
         scale: float,
     ) -> torch.Tensor:
         """q [N, Hq, D]; k, v [N, H, D] -> [N, Hq, D] (padding rows: zeros or NaN, never read)."""
-        impl = _triton_kernels() if self.pool_kv.is_cuda else ref
-        impl.store_kv(self.pool_kv, self.write_pages[layer], self.write_offsets[layer], k, v)
-        return impl.decode_attention(
-            q, self.pool_kv, self.page_tables[:, layer], self.attn_lens[layer], scale
+        if not self.pool_kv.is_cuda:
+            ref.store_kv(self.pool_kv, self.write_pages[layer], self.write_offsets[layer], k, v)
+            return ref.decode_attention(
+                q, self.pool_kv, self.page_tables[:, layer], self.attn_lens[layer], scale
+            )
+        kernels = _triton_kernels()
+        kernels.store_kv(self.pool_kv, self.write_pages[layer], self.write_offsets[layer], k, v)
+        plan = self.plan.layer(layer) if self.plan is not None else None
+        return kernels.decode_attention(
+            q, self.pool_kv, self.page_tables[:, layer], self.attn_lens[layer], scale, plan=plan
         )

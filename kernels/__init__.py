@@ -6,7 +6,8 @@ before this import.
 """
 
 from kernels.attention_mass import attention_mass
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import decode_attention, decode_attention_split, use_balanced
+from kernels.decode_balanced import DecodePlan, balanced_block_n, decode_attention_balanced, plan_decode
 from kernels.leverage_scores import leverage_scores, padded_sketch
 from kernels.pack_kept import pack_kept, scatter_pages
 from kernels.prefill_attention import prefill_attention
@@ -16,15 +17,21 @@ from kernels.silu_mul import silu_mul
 from kernels.store_kv import store_kv
 
 __all__ = [
+    "DecodePlan",
     "attention_mass",
+    "balanced_block_n",
     "decode_attention",
+    "decode_attention_balanced",
+    "decode_attention_split",
     "leverage_scores",
     "pack_kept",
     "padded_sketch",
+    "plan_decode",
     "prefill_attention",
     "rms_norm",
     "rotary",
     "scatter_pages",
     "silu_mul",
     "store_kv",
+    "use_balanced",
 ]

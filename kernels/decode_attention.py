@@ -4,6 +4,9 @@ One query token per sequence; every (sequence, kv-head) has its own length and i
 pages. A program handles the whole GQA group of one kv-head over one split of that head's tokens
 (split-K), so each K/V byte is read once; a second kernel merges the splits by log-sum-exp.
 
+`decode_attention` is the engine's entry: this split kernel for small batches, the work-balanced
+kernel (decode_balanced.py) from BALANCED_MIN_HEADS (sequence, kv-head) pairs on.
+
 Shapes: q [B, Hq, D]; pool_kv [num_pages, 2, P, D]; page_tables [B, H, max_pages] (int32, -1 where
 unallocated); lens [B, H] tokens kept by each head; out [B, Hq, D].
 """
@@ -15,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import LOG2E, check_pool, input_precision, next_pow2, num_sms, upcast_dots
+from kernels.decode_balanced import DecodePlan, balanced_block_n, decode_attention_balanced, plan_decode
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def choose_num_splits(
     return max(1, min(want, -(-max_tokens // min_split), MAX_SPLITS))
 
 
-def decode_attention(
+def decode_attention_split(
     q: torch.Tensor,
     pool_kv: torch.Tensor,
     page_tables: torch.Tensor,
@@ -249,3 +253,35 @@ def decode_attention(
             num_warps=4,
         )
     return out
+
+
+# Measured on an H100 (benchmarks/kernels.py, docs/benchmarks/kernels.md): with 64 heads or more
+# (B >= 8 at 8 kv heads) the balanced kernel is 1-4% faster; at B=1 its extra merge work and
+# dependent loads cost 1-2 us of calls that take 11-60 us.
+BALANCED_MIN_HEADS = 64
+
+
+def use_balanced(batch: int, kv_heads: int) -> bool:
+    """Whether decode_attention takes the work-balanced kernel (shapes only: fixed under capture)."""
+    return batch * kv_heads >= BALANCED_MIN_HEADS
+
+
+def decode_attention(
+    q: torch.Tensor,
+    pool_kv: torch.Tensor,
+    page_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    *,
+    plan: DecodePlan | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, D], page_tables [B, H, max_pages], lens [B, H] -> [B, Hq, D].
+
+    The work-balanced kernel when `plan` is given (plan_decode over `lens`; a decode step builds
+    one for all its layers) or the batch has BALANCED_MIN_HEADS heads, else the split kernel."""
+    if plan is None and use_balanced(*lens.shape):
+        plan = plan_decode(lens, balanced_block_n(q.dtype))
+    if plan is not None:
+        return decode_attention_balanced(q, pool_kv, page_tables, lens, scale, plan=plan, out=out)
+    return decode_attention_split(q, pool_kv, page_tables, lens, scale, out=out)

@@ -11,6 +11,7 @@ GPU only (marker `gpu`).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,15 @@ def serve(
     }
 
 
+@pytest.mark.parametrize("decode_kernel", ["auto", "balanced"])
 @pytest.mark.parametrize("buckets", [None, [1, 2, 4]], ids=["buckets_to_max_num_seqs", "eager_above_4"])
-def test_graph_decode_matches_eager_fp32(dummy_8b_heads: Path, buckets: list[int] | None) -> None:
+def test_graph_decode_matches_eager_fp32(
+    dummy_8b_heads: Path, buckets: list[int] | None, decode_kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """decode_kernel "balanced": every decode batch on the work-balanced kernel, whose plan a graph
+    builds inside the replay (by default only batches of 64 heads or more take it)."""
+    if decode_kernel == "balanced":
+        monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "BALANCED_MIN_HEADS", 0)
     eager = serve(dummy_8b_heads, "float32", enforce_eager=True)
     graph = serve(dummy_8b_heads, "float32", enforce_eager=False, buckets=buckets)
     assert [ids for ids, _ in graph["steps"]] == [ids for ids, _ in eager["steps"]]

@@ -11,6 +11,7 @@ GPU only (marker `gpu`).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,19 @@ def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple
     return [s.output_token_ids for s in seqs], [r.float().cpu() for r in rows]
 
 
+@pytest.mark.parametrize("decode_kernel", ["auto", "balanced"])
 @pytest.mark.parametrize(
     "compression",
     [None, CompressionParams(method="random", retention=0.4, budget="adaptive", sink=4, recent=16)],
     ids=["full", "random_adaptive_0.4"],
 )
-def test_cuda_engine_matches_cpu_engine_fp32(llama_8b_heads: Path, compression: Any) -> None:
+def test_cuda_engine_matches_cpu_engine_fp32(
+    llama_8b_heads: Path, compression: Any, decode_kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """decode_kernel "balanced": every decode batch on the work-balanced kernel (by default only
+    batches of 64 heads or more take it, more than these tests make)."""
+    if decode_kernel == "balanced":
+        monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "BALANCED_MIN_HEADS", 0)
     cpu_tokens, cpu_rows = serve(llama_8b_heads, "cpu", "float32", compression)
     gpu_tokens, gpu_rows = serve(llama_8b_heads, "cuda", "float32", compression)
     assert [r.shape for r in gpu_rows] == [r.shape for r in cpu_rows]  # same chunks and batches

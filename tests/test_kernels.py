@@ -21,6 +21,7 @@ if not torch.cuda.is_available() and "Interpreted" not in type(triton.language.m
 import kernels  # noqa: E402  (after TRITON_INTERPRET)
 from engine.layers import paged_attention as ref  # noqa: E402
 from kernels.decode_attention import choose_num_splits  # noqa: E402
+from kernels.decode_balanced import decode_attention_balanced, plan_decode  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -64,9 +65,11 @@ def check_decode(
     max_len: int,
     dtype,
     lens: torch.Tensor | None = None,
+    balanced: bool = False,
     **kw,
 ) -> None:
-    """`lens` [B, H] (default: random in [1, max_len]) may hold 0: those heads must come out zero."""
+    """`lens` [B, H] (default: random in [1, max_len]) may hold 0: those heads must come out zero.
+    `balanced`: the work-balanced kernel (kw: block_n, num_programs, num_warps, num_stages)."""
     if lens is None:
         lens = head_lens((batch, kv_heads), max_len, page_size)  # [B, H]
     max_pages = -(-max_len // page_size) + 1
@@ -76,20 +79,33 @@ def check_decode(
     q = torch.randn(batch, kv_heads * group, head_dim, device=DEVICE).to(dtype)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
-    # The launcher's own split count when none is given: its workspace is poisoned too.
-    s = kw.get("num_splits") or choose_num_splits(batch, kv_heads, max_pages * page_size, DEVICE)
-    workspace = None
-    if s > 1:
+    if balanced:
+        block_n = kw.pop("block_n", 32 if dtype == torch.float32 else 64)
+        plan = plan_decode(lens, block_n, kw.pop("num_programs", None), kw.pop("min_tiles", 1))
+        slots = 2 * plan.num_programs
         workspace = (
-            torch.full((batch, kv_heads * group, s, head_dim), float("nan"), device=DEVICE),
-            torch.full((batch, kv_heads * group, s), float("nan"), device=DEVICE),
+            torch.full((slots, group, head_dim), float("nan"), device=DEVICE),
+            torch.full((slots, group), float("nan"), device=DEVICE),
         )
-    got = kernels.decode_attention(q, pool, tables, lens, scale, out=out, workspace=workspace, **kw)
+        got = decode_attention_balanced(
+            q, pool, tables, lens, scale, plan=plan, out=out, workspace=workspace, **kw
+        )
+    else:
+        # The launcher's own split count when none is given: its workspace is poisoned too.
+        s = kw.get("num_splits") or choose_num_splits(batch, kv_heads, max_pages * page_size, DEVICE)
+        workspace = None
+        if s > 1:
+            workspace = (
+                torch.full((batch, kv_heads * group, s, head_dim), float("nan"), device=DEVICE),
+                torch.full((batch, kv_heads * group, s), float("nan"), device=DEVICE),
+            )
+        got = kernels.decode_attention_split(q, pool, tables, lens, scale, out=out, workspace=workspace, **kw)
     assert got is out
     want = ref.decode_attention(q.float(), pool.float(), tables, lens, scale)  # NaN on empty heads
     empty = (lens == 0).repeat_interleave(group, dim=1)  # [B, Hq]
     assert not out[empty].any(), "a head with no tokens must come out zero"
-    assert rel_err(out[~empty], want[~empty]) < TOL[dtype]
+    if not empty.all():
+        assert rel_err(out[~empty], want[~empty]) < TOL[dtype]
 
 
 def check_prefill(
@@ -155,6 +171,72 @@ def test_decode_ragged_empty_and_short_heads(num_splits) -> None:
     kw = dict(num_splits=num_splits, block_n=16)
     check_decode(3, 4, 2, 16, 16, 250, torch.float32, lens=lens, **kw)
     check_decode(3, 4, 2, 16, 16, 250, torch.bfloat16, lens=lens, **kw)
+
+
+@pytest.mark.parametrize(
+    "num_programs,min_tiles", [(1, 1), (2, 1), (5, 1), (23, 1), (200, 1), (23, 4), (200, 3)]
+)
+def test_decode_balanced_ragged_empty_and_short_heads(num_programs, min_tiles) -> None:
+    """The work-balanced kernel over the same ragged batch: one program walks every head; a few
+    programs each cover several whole heads plus pieces; many programs cut long heads into many
+    pieces (merged by log-sum-exp) and leave programs with no work (more of them when each must
+    take at least `min_tiles`)."""
+    torch.manual_seed(4000 + num_programs + min_tiles)
+    lens = torch.tensor([[0, 1, 7, 16], [250, 0, 17, 0], [33, 180, 64, 5]], device=DEVICE)  # [B, H]
+    kw = dict(block_n=16, num_programs=num_programs, min_tiles=min_tiles)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_decode(3, 4, 2, 16, 16, 250, dtype, lens=lens, balanced=True, **kw)
+
+
+@pytest.mark.parametrize("page_size,block_n", [(16, 16), (16, 32), (32, 16)])
+def test_decode_balanced_small(page_size, block_n) -> None:
+    torch.manual_seed(5000 + page_size + block_n)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        check_decode(3, 2, 3, 32, page_size, 70, dtype, balanced=True, block_n=block_n, num_programs=7)
+
+
+def test_decode_balanced_all_heads_empty() -> None:
+    """A batch of padding rows only (every head 0 tokens): zeros, and no program reads a page."""
+    lens = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
+    check_decode(2, 3, 2, 16, 16, 40, torch.float32, lens=lens, balanced=True, block_n=16, num_programs=4)
+
+
+def test_decode_attention_dispatch() -> None:
+    """The engine's entry takes the balanced kernel from 64 heads on (or given a plan) and the split
+    kernel below; both agree with the reference."""
+    torch.manual_seed(6000)
+    for batch, kv_heads in [(3, 4), (16, 4)]:
+        assert kernels.use_balanced(batch, kv_heads) == (batch * kv_heads >= 64)
+        lens = head_lens((batch, kv_heads), 40, 16)
+        lens[0, 0] = 0
+        pool = random_pool(batch * kv_heads * 4, 16, 16, torch.float32)
+        tables = random_page_tables(lens, 16, pool.shape[0], 4)
+        q = torch.randn(batch, kv_heads * 2, 16, device=DEVICE)
+        want = ref.decode_attention(q, pool, tables, lens, 0.25)
+        plans = [None, plan_decode(lens, 16, 5)]
+        for plan in plans:
+            got = kernels.decode_attention(q, pool, tables, lens, 0.25, plan=plan)
+            assert not got[0, :2].any() and rel_err(got[:, 2:], want[:, 2:]) < TOL[torch.float32]
+
+
+def test_plan_decode_shares_tiles_equally() -> None:
+    """The plan of a stack of layers equals each layer's own plan; program starts land in the
+    head holding that tile."""
+    lens = torch.tensor([[[0, 40, 3], [17, 0, 100]], [[5, 5, 5], [0, 0, 0]]])  # [L=2, B=2, H=3]
+    plan = plan_decode(lens, block_n=16, num_programs=4)
+    assert plan.tile_ends.tolist() == [[0, 3, 4, 6, 6, 13], [1, 2, 3, 3, 3, 3]]
+    # 13 tiles over 4 programs: 4 each; 3 tiles: 1 each, the last program idle.
+    assert plan.runs.tolist() == [  # first head, its first tile, its length, tiles [lo, hi)
+        [[1, 0, 40, 0, 4], [3, 4, 17, 4, 8], [5, 6, 100, 8, 12], [5, 6, 100, 12, 13]],
+        [[0, 0, 5, 0, 1], [1, 1, 5, 1, 2], [2, 2, 5, 2, 3], [5, 3, 0, 3, 3]],
+    ]
+    runs = plan_decode(lens, 16, 4, min_tiles=5).runs  # at least 5 tiles each: programs left idle
+    assert runs[0, :, 3:].tolist() == [[0, 5], [5, 10], [10, 13], [15, 13]]
+    assert runs[1, :, 3:].tolist() == [[0, 3], [5, 3], [10, 3], [15, 3]]
+    for i in range(2):
+        one = plan_decode(lens[i], block_n=16, num_programs=4)
+        assert torch.equal(one.tile_ends, plan.layer(i).tile_ends)
+        assert torch.equal(one.runs, plan.layer(i).runs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -228,6 +310,32 @@ def test_decode_gpu_llama8b(dtype, page_size) -> None:
     check_decode(32, 8, 4, 128, page_size, 4096, dtype)  # a full batch: few splits
     check_decode(1, 8, 4, 128, page_size, 32768, dtype, num_splits=1)  # one program walks a whole head
     check_decode(3, 8, 4, 128, page_size, 9000, dtype, num_splits=37)  # short heads leave splits empty
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_decode_balanced_gpu_llama8b(dtype, page_size) -> None:
+    torch.manual_seed(200 + page_size)
+    check_decode(4, 8, 4, 128, page_size, 32768, dtype, balanced=True)  # long heads, many pieces each
+    check_decode(32, 8, 4, 128, page_size, 4096, dtype, balanced=True)  # programs span several heads
+    check_decode(1, 8, 4, 128, page_size, 32768, dtype, balanced=True, num_programs=1)
+    lens = head_lens((8, 8), 9000, page_size)
+    lens[::3] = 0  # padding rows
+    check_decode(8, 8, 4, 128, page_size, 9000, dtype, lens=lens, balanced=True)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n", [32, 64, 128])
+@pytest.mark.parametrize("num_warps,num_stages", [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)])
+def test_decode_balanced_gpu_configs(block_n, num_warps, num_stages) -> None:
+    """The configs the balanced sweep may pick (benchmarks/kernels.py), pages smaller and larger than a block."""
+    torch.manual_seed(300 + block_n + num_warps + num_stages)
+    for page_size in (16, 128):
+        kw = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        check_decode(3, 8, 4, 128, page_size, 6000, torch.bfloat16, balanced=True, **kw)
 
 
 @gpu
