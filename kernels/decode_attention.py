@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import LOG2E, check_pool, input_precision, next_pow2, num_sms, upcast_dots
+from kernels._decode_tiles import attend_token_range
 from kernels.decode_balanced import DecodePlan, balanced_block_n, decode_attention_balanced, plan_decode
 
 
@@ -62,36 +63,11 @@ def _decode_split_kernel(
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
-    n = tl.arange(0, BLOCK_N)
     q_rows = b * stride_qb + (h * G + g) * stride_qh  # [BLOCK_G]
-    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(g < G)[:, None], other=0.0)  # [BLOCK_G, D]
-    if UPCAST:
-        q = q.to(tl.float32)
     pt = pt_ptr + b * stride_pb + h * stride_ph
-
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        tok = start + n  # [BLOCK_N]
-        valid = tok < hi
-        if PAGE_SIZE % BLOCK_N == 0:
-            page = tl.load(pt + start // PAGE_SIZE).to(tl.int64)  # the whole block lies in one page
-        else:
-            page = tl.load(pt + tok // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        row = page * (2 * PAGE_SIZE * D) + (tok % PAGE_SIZE) * D  # [BLOCK_N] offset of K
-        k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-        v = tl.load(kv_ptr + PAGE_SIZE * D + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+    m, l_sum, acc = attend_token_range(
+        q_ptr, q_rows, kv_ptr, pt, lo, hi, scale_log2, G, BLOCK_G, D, PAGE_SIZE, BLOCK_N, PRECISION, UPCAST
+    )
 
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     if not SPLIT:
