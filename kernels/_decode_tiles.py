@@ -1,9 +1,32 @@
-"""The inner loop both decode kernels share: one GQA group over a token range of one head's pages."""
+"""What both decode kernels share: the inner loop (one GQA group over a token range of one head's
+pages) and the launch arguments that go with it."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from kernels._common import input_precision, next_pow2, upcast_dots
+
+
+def row_strides(q: torch.Tensor, page_tables: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> tuple:
+    """The (batch, head) strides of q, page tables, lens and out, in the kernels' argument order."""
+    return (*q.stride()[:2], *page_tables.stride()[:2], *lens.stride()[:2], *out.stride()[:2])
+
+
+def tile_constexprs(q: torch.Tensor, kv_heads: int, page_size: int, block_n: int) -> dict:
+    """attend_token_range's compile-time arguments for queries q [B, Hq, D]."""
+    group = q.shape[1] // kv_heads
+    return dict(
+        G=group,
+        BLOCK_G=max(16, next_pow2(group)),
+        D=q.shape[2],
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        PRECISION=input_precision(q),
+        UPCAST=upcast_dots(q),
+    )
 
 
 @triton.jit

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import LOG2E, check_pool, input_precision, next_pow2, num_sms, upcast_dots
-from kernels._decode_tiles import attend_token_range
+from kernels._common import LOG2E, check_pool, next_pow2, num_sms
+from kernels._decode_tiles import attend_token_range, row_strides, tile_constexprs
 from kernels.decode_balanced import DecodePlan, balanced_block_n, decode_attention_balanced, plan_decode
 
 
@@ -163,7 +163,6 @@ def decode_attention_split(
     h = page_tables.shape[1]
     assert d == head_dim and hq % h == 0 and lens.shape == (b, h), (q.shape, page_tables.shape, lens.shape)
     assert q.stride(-1) == 1 and page_tables.stride(-1) == 1
-    group = hq // h
     wide = q.element_size() == 4  # fp32: dots run on CUDA cores, so small tiles (no spills)
     if block_n is None:
         block_n = 32 if wide else 128
@@ -194,24 +193,11 @@ def decode_attention_split(
         mid_o,
         mid_lse,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        page_tables.stride(0),
-        page_tables.stride(1),
-        lens.stride(0),
-        lens.stride(1),
-        out.stride(0),
-        out.stride(1),
+        *row_strides(q, page_tables, lens, out),
         num_splits,
         H=h,
-        G=group,
-        BLOCK_G=max(16, next_pow2(group)),
-        D=d,
-        PAGE_SIZE=page_size,
-        BLOCK_N=block_n,
         SPLIT=num_splits > 1,
-        PRECISION=input_precision(q),
-        UPCAST=upcast_dots(q),
+        **tile_constexprs(q, h, page_size, block_n),
         num_warps=num_warps,
         num_stages=num_stages,
     )

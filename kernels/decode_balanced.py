@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import LOG2E, check_pool, input_precision, next_pow2, num_sms, upcast_dots
-from kernels._decode_tiles import attend_token_range
+from kernels._common import LOG2E, check_pool, next_pow2, num_sms
+from kernels._decode_tiles import attend_token_range, row_strides, tile_constexprs
 
 # Measured on an H100 (benchmarks/kernels.py --balanced-sweep, docs/benchmarks/kernels.md).
 BLOCK_N = 64
@@ -277,23 +277,10 @@ def decode_attention_balanced(
         mid_o,
         mid_lse,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        page_tables.stride(0),
-        page_tables.stride(1),
-        lens.stride(0),
-        lens.stride(1),
-        out.stride(0),
-        out.stride(1),
+        *row_strides(q, page_tables, lens, out),
         b * h,
         H=h,
-        G=group,
-        BLOCK_G=max(16, next_pow2(group)),
-        D=d,
-        PAGE_SIZE=page_size,
-        BLOCK_N=plan.block_n,
-        PRECISION=input_precision(q),
-        UPCAST=upcast_dots(q),
+        **tile_constexprs(q, h, page_size, plan.block_n),
         num_warps=num_warps,
         num_stages=num_stages,
     )
