@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import ModuleType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -18,12 +18,50 @@ from engine.layers import paged_attention as ref
 from engine.page_table import SequenceKV
 from engine.uploads import upload, upload_values
 
+if TYPE_CHECKING:  # kernels needs triton: imported only where the pool is on CUDA
+    from kernels import DecodePlan
+
 
 def _triton_kernels() -> ModuleType:
     """The Triton kernels package, imported only when the pool is on CUDA (it needs triton)."""
     import kernels
 
     return kernels
+
+
+def decode_plan(pool_kv: torch.Tensor, attn_lens: torch.Tensor) -> DecodePlan | None:
+    """One work plan for every layer's decode attention, attn_lens [L, B, H], where the work-balanced
+    Triton kernel serves this batch shape; None elsewhere (CPU, small batches)."""
+    if not pool_kv.is_cuda:
+        return None
+    kernels = _triton_kernels()
+    if not kernels.use_balanced(attn_lens.shape[1], attn_lens.shape[2]):
+        return None
+    return kernels.plan_decode(attn_lens, kernels.balanced_block_n(pool_kv.dtype))
+
+
+def paged_decode(
+    pool_kv: torch.Tensor,
+    plan: DecodePlan | None,  # over all layers
+    layer: int,
+    write_pages: torch.Tensor,
+    write_offsets: torch.Tensor,
+    page_tables: torch.Tensor,
+    attn_lens: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Store one layer's new K/V [B, H, D] at (write_pages, write_offsets) [B, H], then attend
+    q [B, Hq, D] over page_tables [B, H, n] up to attn_lens [B, H] -> [B, Hq, D]."""
+    if not pool_kv.is_cuda:
+        ref.store_kv(pool_kv, write_pages, write_offsets, k, v)
+        return ref.decode_attention(q, pool_kv, page_tables, attn_lens, scale)
+    kernels = _triton_kernels()
+    kernels.store_kv(pool_kv, write_pages, write_offsets, k, v)
+    layer_plan = plan.layer(layer) if plan is not None else None
+    return kernels.decode_attention(q, pool_kv, page_tables, attn_lens, scale, plan=layer_plan)
 
 
 class PrefillObserver(Protocol):
@@ -132,12 +170,13 @@ class DecodeBatch:
             t = s.page_table[:, :, :max_pages]
             tables.append(torch.nn.functional.pad(t, (0, max_pages - t.shape[-1]), value=-1))
         self.page_tables = upload(torch.stack(tables), device)  # [B, L, H, n]
-        self.lens = upload(lens, device)
-        slot = self.lens  # the new token goes to position head_len of each head
+        slot = upload(lens, device)  # the new token goes to position head_len of each head
         self.write_pages = (
             torch.gather(self.page_tables, 3, (slot // pool.page_size)[..., None]).squeeze(-1).long()
         )
         self.write_offsets = slot % pool.page_size  # [B, L, H]
+        self.attn_lens = (slot + 1).transpose(0, 1).contiguous()  # [L, B, H]: the new token included
+        self.plan = decode_plan(pool.kv, self.attn_lens)
 
     def attend(
         self,
@@ -149,11 +188,9 @@ class DecodeBatch:
         scale: float,
     ) -> torch.Tensor:
         """q [B, Hq, D]; k, v [B, H, D] -> [B, Hq, D]."""
-        impl = _triton_kernels() if self.pool.kv.is_cuda else ref
-        impl.store_kv(self.pool.kv, self.write_pages[:, layer], self.write_offsets[:, layer], k, v)
-        return impl.decode_attention(
-            q, self.pool.kv, self.page_tables[:, layer], self.lens[:, layer] + 1, scale
-        )
+        pages, offsets = self.write_pages[:, layer], self.write_offsets[:, layer]
+        return paged_decode(self.pool.kv, self.plan, layer, pages, offsets, self.page_tables[:, layer],
+                            self.attn_lens[layer], q, k, v, scale)  # fmt: skip
 
     def finish(self) -> None:
         for s in self.seq_kvs:
@@ -185,10 +222,7 @@ class PaddedDecodeBatch:
         self.write_pages = write_pages.transpose(0, 1).contiguous()  # [L, N, H]
         self.write_offsets = (lens % page_size).transpose(0, 1).contiguous()  # [L, N, H]
         self.attn_lens = (lens + real).transpose(0, 1).contiguous()  # [L, N, H]: the new token included
-        self.plan = None  # one work plan for every layer's attention (the balanced Triton kernel)
-        if pool_kv.is_cuda and _triton_kernels().use_balanced(lens.shape[0], lens.shape[2]):
-            kernels = _triton_kernels()
-            self.plan = kernels.plan_decode(self.attn_lens, kernels.balanced_block_n(pool_kv.dtype))
+        self.plan = decode_plan(pool_kv, self.attn_lens)
 
     def attend(
         self,
@@ -200,14 +234,6 @@ class PaddedDecodeBatch:
         scale: float,
     ) -> torch.Tensor:
         """q [N, Hq, D]; k, v [N, H, D] -> [N, Hq, D] (padding rows: zeros or NaN, never read)."""
-        if not self.pool_kv.is_cuda:
-            ref.store_kv(self.pool_kv, self.write_pages[layer], self.write_offsets[layer], k, v)
-            return ref.decode_attention(
-                q, self.pool_kv, self.page_tables[:, layer], self.attn_lens[layer], scale
-            )
-        kernels = _triton_kernels()
-        kernels.store_kv(self.pool_kv, self.write_pages[layer], self.write_offsets[layer], k, v)
-        plan = self.plan.layer(layer) if self.plan is not None else None
-        return kernels.decode_attention(
-            q, self.pool_kv, self.page_tables[:, layer], self.attn_lens[layer], scale, plan=plan
-        )
+        pages, offsets = self.write_pages[layer], self.write_offsets[layer]
+        return paged_decode(self.pool_kv, self.plan, layer, pages, offsets, self.page_tables[:, layer],
+                            self.attn_lens[layer], q, k, v, scale)  # fmt: skip
