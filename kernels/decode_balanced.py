@@ -203,10 +203,18 @@ def _decode_balanced_merge_kernel(
         p_lo = head_lo // per
         p_hi = (head_hi - 1) // per
         if p_hi > p_lo:  # else one program covered the whole head and wrote it
+            # Two passes: the pieces' largest log-sum-exp, then their weighted sum; only [D]
+            # accumulators live across blocks of pieces (a head may span every program).
             first_slot = 2 * p_lo + (head_lo != p_lo * per).to(tl.int32)
-            m = tl.full([BLOCK_S], float("-inf"), tl.float32)  # running max per lane
-            acc_w = tl.zeros([BLOCK_S], tl.float32)
-            acc_o = tl.zeros([BLOCK_S, D], tl.float32)
+            top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+            for p0 in range(p_lo, p_hi + 1, BLOCK_S):
+                ps = p0 + tl.arange(0, BLOCK_S)
+                slot = tl.where(ps == p_lo, first_slot, 2 * ps)
+                lse = tl.load(mid_lse_ptr + slot * G + gi, mask=ps <= p_hi, other=float("-inf"))
+                top = tl.maximum(top, lse)
+            m = tl.max(top, 0)  # finite: every piece holds a token
+            total_w = 0.0
+            acc = tl.zeros([D], tl.float32)
             for p0 in range(p_lo, p_hi + 1, BLOCK_S):
                 ps = p0 + tl.arange(0, BLOCK_S)
                 live = ps <= p_hi
@@ -215,17 +223,10 @@ def _decode_balanced_merge_kernel(
                 o = tl.load(
                     mid_o_ptr + ((slot * G + gi) * D)[:, None] + d[None, :], mask=live[:, None], other=0.0
                 )
-                m_new = tl.maximum(m, lse)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
-                w = tl.exp2(lse - m_safe)
-                acc_w = acc_w * alpha + w
-                acc_o = acc_o * alpha[:, None] + w[:, None] * o
-                m = m_new
-            top = tl.max(m, 0)
-            scale = tl.exp2(tl.where(m == float("-inf"), float("-inf"), m - top))  # [BLOCK_S]
-            total_w = tl.sum(acc_w * scale, 0)
-            out = tl.sum(acc_o * scale[:, None], 0) / total_w
+                w = tl.exp2(lse - m)  # [BLOCK_S], 0 past the last piece
+                total_w += tl.sum(w, 0)
+                acc += tl.sum(w[:, None] * o, 0)
+            out = acc / total_w
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
@@ -297,9 +298,9 @@ def decode_attention_balanced(
         H=h,
         G=group,
         D=d,
-        # Pieces of one head in one pass (their loads in flight together): a head spans about
-        # programs / heads programs, up to twice that for long heads.
-        BLOCK_S=min(256, next_pow2(max(16, 2 * -(-programs // (b * h)) + 2))),
+        # A head spans about programs / heads programs (up to twice that for long heads): at
+        # batch 1 about 50 pieces a head, read in one block.
+        BLOCK_S=min(64, next_pow2(max(16, 2 * -(-programs // (b * h)) + 2))),
         num_warps=4,
     )
     return out

@@ -195,6 +195,13 @@ def test_decode_balanced_small(page_size, block_n) -> None:
         check_decode(3, 2, 3, 32, page_size, 70, dtype, balanced=True, block_n=block_n, num_programs=7)
 
 
+def test_decode_balanced_head_over_many_programs() -> None:
+    """One head cut into 100 pieces, more than the merge reads in one block (64)."""
+    torch.manual_seed(4500)
+    lens = torch.tensor([[1600, 5]], device=DEVICE)
+    check_decode(1, 2, 2, 16, 16, 1600, torch.float32, lens=lens, balanced=True, block_n=16, num_programs=300)
+
+
 def test_decode_balanced_all_heads_empty() -> None:
     """A batch of padding rows only (every head 0 tokens): zeros, and no program reads a page."""
     lens = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
