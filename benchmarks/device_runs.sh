@@ -14,14 +14,15 @@
 #   bash benchmarks/device_runs.sh 1gpu-share   # nvidia-h100-x1: the compactor's prefill share with many repetitions (8K: 31)
 #   bash benchmarks/device_runs.sh 1gpu-decode  # nvidia-h100-x1: work-balanced decode kernel: GPU tests, config sweep, full grid
 #   bash benchmarks/device_runs.sh 1gpu-engine-decode # nvidia-h100-x1: the engine on the balanced kernel: GPU tests, kernels.py
+#   bash benchmarks/device_runs.sh 1gpu-decode-check  # nvidia-h100-x1: decode + engine GPU tests, B1/B8 both kernels, 64-token pages
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check}" >&2
     exit 2
     ;;
 esac
@@ -126,6 +127,14 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py tests/test_serving_gpu.py 2>&1 | tail -4
     timeout 320 python benchmarks/kernels.py --out "$OUT/k" --decode-variants split > "$OUT/k.log" 2>&1
     grep -E "B=|target|Error|error|ctx|case" "$OUT/k.log" | cut -c1-250
+    ;;
+  1gpu-decode-check)
+    timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced_gpu or decode_gpu_llama8b or dispatch" 2>&1 | tail -1
+    timeout 100 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -1
+    timeout 120 python benchmarks/kernels.py --out "$OUT/k" --batches 1 8 --decode-only --decode-variants split balanced \
+      > "$OUT/k.log" 2>&1; grep -E "B=|Error|error" "$OUT/k.log" | cut -c1-250
+    timeout 60 python benchmarks/kernels.py --out "$OUT/k64" --page-size 64 --batches 8 --contexts 8192 32768 --decode-only \
+      --decode-variants split balanced > "$OUT/k64.log" 2>&1; grep -E "B=|Error|error" "$OUT/k64.log" | cut -c1-250
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify
