@@ -213,7 +213,7 @@ def _decode_balanced_merge_kernel(
                 lse = tl.load(mid_lse_ptr + slot * G + gi, mask=ps <= p_hi, other=float("-inf"))
                 top = tl.maximum(top, lse)
             m = tl.max(top, 0)  # finite: every piece holds a token
-            total_w = 0.0
+            w_sum = tl.zeros([BLOCK_S], tl.float32)
             acc = tl.zeros([D], tl.float32)
             for p0 in range(p_lo, p_hi + 1, BLOCK_S):
                 ps = p0 + tl.arange(0, BLOCK_S)
@@ -224,9 +224,9 @@ def _decode_balanced_merge_kernel(
                     mid_o_ptr + ((slot * G + gi) * D)[:, None] + d[None, :], mask=live[:, None], other=0.0
                 )
                 w = tl.exp2(lse - m)  # [BLOCK_S], 0 past the last piece
-                total_w += tl.sum(w, 0)
+                w_sum += w
                 acc += tl.sum(w[:, None] * o, 0)
-            out = acc / total_w
+            out = acc / tl.sum(w_sum, 0)
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
