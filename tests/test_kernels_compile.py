@@ -1,5 +1,6 @@
-"""The decode kernels compile for Hopper (sm_90) on a machine without a GPU, with their K/V loads
-pipelined through cp.async and their shared memory within an SM's 227 KB.
+"""The attention and scoring kernels compile for Hopper (sm_90) on a machine without a GPU, the
+attention kernels with their K/V loads pipelined through cp.async, every kernel's shared memory
+within an SM's 227 KB, at the shapes and configs the engine launches.
 
 CI has no GPU and runs the kernels in Triton's interpreter, which never sees the compiler: a kernel
 that interprets fine may still fail to compile (a loop-carried value that changes type, an
@@ -29,6 +30,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.decode_attention import _decode_merge_kernel, _decode_split_kernel
 from kernels.decode_balanced import _decode_balanced_kernel, _decode_balanced_merge_kernel
+from kernels.attention_mass import _attention_mass_kernel
+from kernels.leverage_scores import _fused_kernel
+from kernels.prefill_attention import _prefill_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 STRIDES = ["stride_qb", "stride_qh", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "stride_ob", "stride_oh"]
@@ -38,7 +42,7 @@ def compile_for_sm90(fn, types, constexprs, **options):
     # Pointers and the larger strides aligned to 16, as a launch on real tensors specializes them.
     names = fn.arg_names
     signature = {n: types.get(n, "constexpr") for n in names}
-    aligned = [n for n in names if n.endswith("_ptr") or n in ("stride_qb", "stride_qh", "stride_pb", "stride_ob", "stride_oh")]
+    aligned = [n for n in names if n.endswith("_ptr") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh"))]
     src = ASTSource(
         fn=fn,
         signature=signature,
@@ -68,11 +72,30 @@ for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32")):
         results.append(compile_for_sm90(_decode_balanced_merge_kernel, out, dict(H=8, G=4, D=128, BLOCK_S=block_s), num_warps=4))
     results.append(compile_for_sm90(_decode_merge_kernel, {k: v for k, v in out.items() if k not in ("ends_ptr", "num_heads", "min_tiles", "num_programs")} | {"num_splits": "i32"},
                                     dict(HQ=32, D=128, BLOCK_S=64), num_warps=4))
+# Prefill (the Triton path: short chunks, unaligned prefixes), the compactor's scoring kernels.
+results.append(compile_for_sm90(
+    _prefill_kernel,
+    {"q_ptr": "*bf16", "kv_ptr": "*bf16", "pt_ptr": "*i32", "cu_ptr": "*i32", "starts_ptr": "*i32", "out_ptr": "*bf16",
+     "scale_log2": "fp32", **{s: "i32" for s in ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_ps", "stride_ph"]}},
+    dict(H=8, G=4, D=128, PAGE_SIZE=16, BLOCK_M=256, BLOCK_N=64, PRECISION="tf32", UPCAST=False, FOLD=False),
+    num_warps=8, num_stages=3))
+for block_b in (128, 256):
+    results.append(compile_for_sm90(
+        _attention_mass_kernel,
+        {"q_ptr": "*bf16", "k_ptr": "*bf16", "bounds_ptr": "*i32", "out_ptr": "*fp32", "offset": "i32", "scale_log2": "fp32",
+         **{s: "i32" for s in ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_oh"]}},
+        dict(G=4, D=128, BLOCK_B=block_b, PRECISION="tf32", UPCAST=False, QSPLIT=2), num_warps=8))
+results.append(compile_for_sm90(
+    _fused_kernel,
+    {"keys_ptr": "*bf16", "bounds_ptr": "*i32", "sketch_ptr": "*fp32", "x_ptr": "*fp32", "out_ptr": "*fp32", "offset": "i32",
+     "blk0": "i32", "out_col": "i32", "ridge": "fp32", "stride_kt": "i32", "stride_kh": "i32", "stride_oh": "i32"},
+    dict(H=64, S=8, D=128, K=48, KP=64, BLOCK_T=64, SKETCH_PRECISION="tf32", PRECISION="tf32x3", NUM_STAGES=3),
+    num_warps=4))
 json.dump(results, sys.stdout)
 """
 
 
-def test_decode_kernels_compile_for_hopper() -> None:
+def test_kernels_compile_for_hopper() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run(
@@ -80,8 +103,8 @@ def test_decode_kernels_compile_for_hopper() -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout)
-    assert len(results) == 2 * (2 * 4 + 3)
+    assert len(results) == 2 * (2 * 4 + 3) + 4
     for r in results:
         assert 0 < r["shared"] <= SM90_SHARED_BYTES, r
-        if r["kernel"] in ("_decode_balanced_kernel", "_decode_split_kernel"):
+        if r["kernel"] in ("_decode_balanced_kernel", "_decode_split_kernel", "_prefill_kernel"):
             assert r["async_copies"] > 0, f"K/V loads not pipelined: {r}"
