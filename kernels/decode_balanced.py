@@ -40,8 +40,8 @@ class DecodePlan:
 
     tile_ends [..., B*H] int32: inclusive running sum of each head's tiles, heads in (b, h) order;
     runs [..., num_programs, 5] int32: each program's first head, that head's first tile and its
-    length in tokens, and the program's tiles [lo, hi). Each program takes max(ceil(tiles / num_programs), min_tiles) tiles,
-    so trailing programs may have none (lo >= hi).
+    length in tokens, and the program's tiles [lo, hi). Each program takes
+    max(ceil(tiles / num_programs), min_tiles) tiles, so trailing programs may have none (lo >= hi).
     """
 
     tile_ends: torch.Tensor
