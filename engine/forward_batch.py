@@ -40,28 +40,38 @@ def decode_plan(pool_kv: torch.Tensor, attn_lens: torch.Tensor) -> DecodePlan | 
     return kernels.plan_decode(attn_lens, kernels.balanced_block_n(pool_kv.dtype))
 
 
-def paged_decode(
-    pool_kv: torch.Tensor,
-    plan: DecodePlan | None,  # over all layers
-    layer: int,
-    write_pages: torch.Tensor,
-    write_offsets: torch.Tensor,
-    page_tables: torch.Tensor,
-    attn_lens: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Store one layer's new K/V [B, H, D] at (write_pages, write_offsets) [B, H], then attend
-    q [B, Hq, D] over page_tables [B, H, n] up to attn_lens [B, H] -> [B, Hq, D]."""
-    if not pool_kv.is_cuda:
-        ref.store_kv(pool_kv, write_pages, write_offsets, k, v)
-        return ref.decode_attention(q, pool_kv, page_tables, attn_lens, scale)
-    kernels = _triton_kernels()
-    kernels.store_kv(pool_kv, write_pages, write_offsets, k, v)
-    layer_plan = plan.layer(layer) if plan is not None else None
-    return kernels.decode_attention(q, pool_kv, page_tables, attn_lens, scale, plan=layer_plan)
+class LayerMajorDecode:
+    """attend() of both decode batches. They hold write_pages, write_offsets and attn_lens [L, B, H]
+    layer-major (each layer reads contiguous [B, H] rows), page_tables [B, L, H, n], and one work
+    plan for every layer's attention (decode_plan)."""
+
+    pool_kv: torch.Tensor
+    page_tables: torch.Tensor
+    write_pages: torch.Tensor
+    write_offsets: torch.Tensor
+    attn_lens: torch.Tensor
+    plan: DecodePlan | None
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pre_rope: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [B, Hq, D]; k, v [B, H, D]: stores the new K/V, then -> [B, Hq, D] (padding rows of a
+        PaddedDecodeBatch: zeros or NaN, never read)."""
+        pages, offsets, lens = self.write_pages[layer], self.write_offsets[layer], self.attn_lens[layer]
+        tables = self.page_tables[:, layer]
+        if not self.pool_kv.is_cuda:
+            ref.store_kv(self.pool_kv, pages, offsets, k, v)
+            return ref.decode_attention(q, self.pool_kv, tables, lens, scale)
+        kernels = _triton_kernels()
+        kernels.store_kv(self.pool_kv, pages, offsets, k, v)
+        plan = self.plan.layer(layer) if self.plan is not None else None
+        return kernels.decode_attention(q, self.pool_kv, tables, lens, scale, plan=plan)
 
 
 class PrefillObserver(Protocol):
@@ -152,14 +162,14 @@ class PrefillBatch:
         self.seq_kv.head_lens += self.num_tokens
 
 
-class DecodeBatch:
+class DecodeBatch(LayerMajorDecode):
     """One new token for each of B sequences; every head appends to its own tail."""
 
     def __init__(self, seq_kvs: list[SequenceKV], positions: list[int]):
         self.seq_kvs = seq_kvs
         pool = seq_kvs[0].pool
         device = pool.kv.device
-        self.pool = pool
+        self.pool_kv = pool.kv
         self.positions = torch.tensor(positions, device=device)
         lens = torch.stack([s.head_lens for s in seq_kvs])  # [B, L, H]
         max_pages = int(((lens + pool.page_size) // pool.page_size).max())
@@ -170,34 +180,19 @@ class DecodeBatch:
             t = s.page_table[:, :, :max_pages]
             tables.append(torch.nn.functional.pad(t, (0, max_pages - t.shape[-1]), value=-1))
         self.page_tables = upload(torch.stack(tables), device)  # [B, L, H, n]
-        slot = upload(lens, device)  # the new token goes to position head_len of each head
-        self.write_pages = (
-            torch.gather(self.page_tables, 3, (slot // pool.page_size)[..., None]).squeeze(-1).long()
-        )
-        self.write_offsets = slot % pool.page_size  # [B, L, H]
+        slot = upload(lens, device)  # [B, L, H]: the new token goes to position head_len of each head
+        write_pages = torch.gather(self.page_tables, 3, (slot // pool.page_size)[..., None]).squeeze(-1)
+        self.write_pages = write_pages.long().transpose(0, 1).contiguous()  # [L, B, H]
+        self.write_offsets = (slot % pool.page_size).transpose(0, 1).contiguous()  # [L, B, H]
         self.attn_lens = (slot + 1).transpose(0, 1).contiguous()  # [L, B, H]: the new token included
         self.plan = decode_plan(pool.kv, self.attn_lens)
-
-    def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_pre_rope: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """q [B, Hq, D]; k, v [B, H, D] -> [B, Hq, D]."""
-        pages, offsets = self.write_pages[:, layer], self.write_offsets[:, layer]
-        return paged_decode(self.pool.kv, self.plan, layer, pages, offsets, self.page_tables[:, layer],
-                            self.attn_lens[layer], q, k, v, scale)  # fmt: skip
 
     def finish(self) -> None:
         for s in self.seq_kvs:
             s.head_lens += 1
 
 
-class PaddedDecodeBatch:
+class PaddedDecodeBatch(LayerMajorDecode):
     """A decode step over static device buffers, B real rows padded to N (what a CUDA graph captures).
 
     page_tables [N, L, H, max_pages] stay on the device between steps and hold every page of each
@@ -223,17 +218,3 @@ class PaddedDecodeBatch:
         self.write_offsets = (lens % page_size).transpose(0, 1).contiguous()  # [L, N, H]
         self.attn_lens = (lens + real).transpose(0, 1).contiguous()  # [L, N, H]: the new token included
         self.plan = decode_plan(pool_kv, self.attn_lens)
-
-    def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_pre_rope: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """q [N, Hq, D]; k, v [N, H, D] -> [N, Hq, D] (padding rows: zeros or NaN, never read)."""
-        pages, offsets = self.write_pages[layer], self.write_offsets[layer]
-        return paged_decode(self.pool_kv, self.plan, layer, pages, offsets, self.page_tables[:, layer],
-                            self.attn_lens[layer], q, k, v, scale)  # fmt: skip

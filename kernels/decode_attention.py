@@ -19,7 +19,7 @@ import triton.language as tl
 
 from kernels._common import LOG2E, check_pool, next_pow2, num_sms
 from kernels._decode_tiles import attend_token_range, row_strides, tile_constexprs
-from kernels.decode_balanced import DecodePlan, balanced_block_n, decode_attention_balanced, plan_decode
+from kernels.decode_balanced import DecodePlan, decode_attention_balanced
 
 
 @triton.jit
@@ -242,8 +242,6 @@ def decode_attention(
 
     The work-balanced kernel when `plan` is given (plan_decode over `lens`; a decode step builds
     one for all its layers) or the batch has BALANCED_MIN_HEADS heads, else the split kernel."""
-    if plan is None and use_balanced(*lens.shape):
-        plan = plan_decode(lens, balanced_block_n(q.dtype))
-    if plan is not None:
+    if plan is not None or use_balanced(*lens.shape):  # without a plan, it plans this call alone
         return decode_attention_balanced(q, pool_kv, page_tables, lens, scale, plan=plan, out=out)
     return decode_attention_split(q, pool_kv, page_tables, lens, scale, out=out)

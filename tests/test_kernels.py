@@ -496,9 +496,9 @@ def test_forward_batches_run_triton_on_cuda() -> None:
     for layer in range(layers):
         q, k, v = rand(3, heads * group, head_dim), rand(3, heads, head_dim), rand(3, heads, head_dim)
         out = batch.attend(layer, q, k, v, k, scale)
-        written = pool.kv[batch.write_pages[:, layer], 0, batch.write_offsets[:, layer]]  # [B, H, D]
+        written = pool.kv[batch.write_pages[layer], 0, batch.write_offsets[layer]]  # [B, H, D]
         assert torch.equal(written, k)
-        lens = batch.lens[:, layer] + 1
+        lens = batch.attn_lens[layer]
         want = ref.decode_attention(q.float(), pool.kv.float(), batch.page_tables[:, layer], lens, scale)
         assert rel_err(out, want) < TOL[dtype]
     batch.finish()
