@@ -129,7 +129,7 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     grep -E "B=|target|Error|error|ctx|case" "$OUT/k.log" | cut -c1-250
     ;;
   1gpu-decode-check)
-    timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced_gpu or decode_gpu_llama8b or dispatch" 2>&1 | tail -1
+    timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced_gpu or decode_gpu_llama8b or dispatch or forward_batches_run_triton" 2>&1 | tail -1
     timeout 100 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -1
     timeout 120 python benchmarks/kernels.py --out "$OUT/k" --batches 1 8 --decode-only --decode-variants split balanced \
       > "$OUT/k.log" 2>&1; grep -E "B=|Error|error" "$OUT/k.log" | cut -c1-250
