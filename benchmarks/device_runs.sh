@@ -14,15 +14,16 @@
 #   bash benchmarks/device_runs.sh 1gpu-share   # nvidia-h100-x1: the compactor's prefill share with many repetitions (8K: 31)
 #   bash benchmarks/device_runs.sh 1gpu-decode  # nvidia-h100-x1: work-balanced decode kernel: GPU tests, config sweep, full grid
 #   bash benchmarks/device_runs.sh 1gpu-engine-decode # nvidia-h100-x1: the engine on the balanced kernel: GPU tests, kernels.py
+#   bash benchmarks/device_runs.sh 1gpu-pages         # nvidia-h100-x1: decode over page sizes 16-128, split-count variants at B=1
 #   bash benchmarks/device_runs.sh 1gpu-decode-check  # nvidia-h100-x1: decode + engine GPU tests, B1/B8 both kernels, 64-token pages
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages}" >&2
     exit 2
     ;;
 esac
@@ -135,6 +136,18 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       > "$OUT/k.log" 2>&1; grep -E "B=|Error|error" "$OUT/k.log" | cut -c1-250
     timeout 60 python benchmarks/kernels.py --out "$OUT/k64" --page-size 64 --batches 8 --contexts 8192 32768 --decode-only \
       --decode-variants split balanced > "$OUT/k64.log" 2>&1; grep -E "B=|Error|error" "$OUT/k64.log" | cut -c1-250
+    ;;
+  1gpu-pages)
+    for ps in 16 32 64 128; do
+      timeout 100 python benchmarks/kernels.py --out "$OUT/p$ps" --page-size $ps --batches 1 --decode-only \
+        --decode-variants split balanced split:programs_per_sm=2 split:programs_per_sm=3 split:programs_per_sm=8 \
+        split:block_n=64 > "$OUT/p$ps.log" 2>&1; grep -E "B=|Error|error" "$OUT/p$ps.log" | cut -c1-330
+      [ $ps = 32 ] && continue
+      timeout 60 python benchmarks/kernels.py --out "$OUT/q$ps" --page-size $ps --batches 8 32 --contexts 8192 \
+        --decode-only --decode-variants split balanced > "$OUT/q$ps.log" 2>&1; grep -E "B=|Error|error" "$OUT/q$ps.log" | cut -c1-250
+    done
+    timeout 60 python benchmarks/kernels.py --out "$OUT/small" --batches 1 8 --contexts 1024 2048 --retentions 1.0 \
+      --decode-only --decode-variants split balanced > "$OUT/small.log" 2>&1; grep -E "B=|Error|error" "$OUT/small.log" | cut -c1-250
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify
