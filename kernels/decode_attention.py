@@ -116,12 +116,10 @@ def _decode_merge_kernel(
 
 
 # Measured on an H100 (benchmarks/kernels.py --sweep, docs/benchmarks/kernels.md): many small
-# programs per SM keep enough loads in flight at batch 1; the merge costs little. Past 64 splits a
-# head (heads of 16K+ tokens at batch 1) fewer, longer splits were 1-3% faster (device_runs.sh
-# 1gpu-pages, 2026-12-06).
+# programs per SM keep enough loads in flight at batch 1; the merge costs little.
 PROGRAMS_PER_SM = 32
 MIN_SPLIT_TOKENS = 256
-MAX_SPLITS = 64
+MAX_SPLITS = 256
 
 
 def choose_num_splits(
