@@ -41,7 +41,6 @@ def _decode_split_kernel(
     stride_ob,
     stride_oh,
     num_splits,  # a run-time value: a new split count costs no recompilation
-    max_tokens,  # page_tables' width in tokens
     H: tl.constexpr,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -51,32 +50,21 @@ def _decode_split_kernel(
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for the merge kernel
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    PREFETCH: tl.constexpr,  # splits cut the table's width, not the head, so the first page
-    # entry loads alongside the head's length (one DRAM round trip less before the first K/V tile)
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pt = pt_ptr + b * stride_pb + h * stride_ph
     length = tl.load(lens_ptr + b * stride_lb + h * stride_lh).to(tl.int32)
-    if PREFETCH:
-        # Equal BLOCK_N-aligned pieces of the table's width; a head shorter than the width leaves
-        # its last splits empty. A kept token's page entry is never -1, so the where below changes
-        # nothing; it keeps the early load, whose line the loop's page-table load then finds in L1.
-        chunk = tl.cdiv(tl.cdiv(max_tokens, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        first_page = tl.load(pt + lo // PAGE_SIZE, mask=lo < max_tokens, other=-1)
-        hi = tl.where(first_page >= 0, tl.minimum(lo + chunk, length), lo)
-    else:
-        # This head's tokens are cut into num_splits equal, BLOCK_N-aligned pieces.
-        chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, length)
+    # This head's tokens are cut into num_splits equal, BLOCK_N-aligned pieces.
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     q_rows = b * stride_qb + (h * G + g) * stride_qh  # [BLOCK_G]
+    pt = pt_ptr + b * stride_pb + h * stride_ph
     m, l_sum, acc = attend_token_range(
         q_ptr, q_rows, kv_ptr, pt, lo, hi, scale_log2, G, BLOCK_G, D, PAGE_SIZE, BLOCK_N, PRECISION, UPCAST
     )
@@ -162,7 +150,6 @@ def decode_attention_split(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-    prefetch: bool = True,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -208,10 +195,8 @@ def decode_attention_split(
         scale * LOG2E,
         *row_strides(q, page_tables, lens, out),
         num_splits,
-        page_tables.shape[-1] * page_size,
         H=h,
         SPLIT=num_splits > 1,
-        PREFETCH=prefetch,
         **tile_constexprs(q, h, page_size, block_n),
         num_warps=num_warps,
         num_stages=num_stages,

@@ -111,10 +111,9 @@ def _decode_balanced_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    PREFETCH: tl.constexpr,  # load the next head's length and first page entry before this head's tiles
 ):
-    # Two dependent loads before the first key tile (the run, then the head's pages): small calls
-    # are latency-bound.
+    # Two dependent loads before the first key tile (the run, then the head's pages), as few as
+    # the split kernel's: small calls are latency-bound.
     p = tl.program_id(0)
     head = tl.load(runs_ptr + p * 5)
     head_lo = tl.load(runs_ptr + p * 5 + 1)
@@ -128,12 +127,6 @@ def _decode_balanced_kernel(
         b = head // H
         h = head % H
         head_hi = head_lo + tl.cdiv(length, BLOCK_N)
-        nxt = head + 1
-        nb = nxt // H
-        nh = nxt % H
-        if PREFETCH:  # in flight while this head's tiles stream, not after them
-            next_length = tl.load(lens_ptr + nb * stride_lb + nh * stride_lh, mask=nxt < num_heads, other=0)
-            next_page = tl.load(pt_ptr + nb * stride_pb + nh * stride_ph, mask=nxt < num_heads, other=-1)
         if head_hi > t:  # else an empty head: nothing to do
             seg_hi = tl.minimum(run_hi, head_hi)
             lo = (t - head_lo) * BLOCK_N
@@ -168,16 +161,13 @@ def _decode_balanced_kernel(
                 tl.store(mid_o_ptr + ((slot * G + g) * D)[:, None] + d[None, :], out, mask=(g < G)[:, None])
                 tl.store(mid_lse_ptr + slot * G + g, m + tl.log2(l_sum), mask=g < G)
             t = seg_hi
-        head = nxt
+        head += 1
         head_lo = head_hi
-        if PREFETCH:
-            # A kept token's page entry is never -1, so the where changes nothing; it keeps the
-            # early page-table load, whose line the next head's first tile then finds in L1.
-            length = tl.where(next_page >= 0, next_length, 0).to(tl.int32)
-        else:
-            length = tl.load(lens_ptr + nb * stride_lb + nh * stride_lh, mask=nxt < num_heads, other=0).to(
-                tl.int32
-            )
+        nb = head // H
+        nh = head % H
+        length = tl.load(lens_ptr + nb * stride_lb + nh * stride_lh, mask=head < num_heads, other=0).to(
+            tl.int32
+        )
 
 
 @triton.jit
@@ -250,7 +240,6 @@ def decode_attention_balanced(
     plan: DecodePlan | None = None,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
-    prefetch: bool = True,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -293,7 +282,6 @@ def decode_attention_balanced(
         b * h,
         H=h,
         **tile_constexprs(q, h, page_size, plan.block_n),
-        PREFETCH=prefetch,
         num_warps=num_warps,
         num_stages=num_stages,
     )

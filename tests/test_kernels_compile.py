@@ -60,11 +60,11 @@ for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32")):
     io = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "pt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": f"*{dtype}",
           "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "scale_log2": "fp32", **{s: "i32" for s in STRIDES}}
     for page_size in (16, 128):
-        tile = dict(H=8, G=4, BLOCK_G=16, D=128, PAGE_SIZE=page_size, PRECISION=precision, UPCAST=False, PREFETCH=True)
+        tile = dict(H=8, G=4, BLOCK_G=16, D=128, PAGE_SIZE=page_size, PRECISION=precision, UPCAST=False)
         for block_n, stages in ((64, 2), (64, 3), (128, 2)):
             results.append(compile_for_sm90(_decode_balanced_kernel, {**io, "runs_ptr": "*i32", "num_heads": "i32"},
                                             dict(tile, BLOCK_N=block_n), num_warps=4, num_stages=stages))
-        results.append(compile_for_sm90(_decode_split_kernel, {**io, "num_splits": "i32", "max_tokens": "i32"},
+        results.append(compile_for_sm90(_decode_split_kernel, {**io, "num_splits": "i32"},
                                         dict(tile, BLOCK_N=128, SPLIT=True), num_warps=4, num_stages=2))
     out = {"ends_ptr": "*i32", "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "stride_ob": "i32",
            "stride_oh": "i32", "num_heads": "i32", "num_programs": "i32", "min_tiles": "i32"}
