@@ -53,6 +53,7 @@ def decode_run(
             max_num_seqs=max(batch, 1),
             enforce_eager=enforce_eager,
             layer_kernels=args.layer_kernels,
+            fused_projections=args.fused_projections,
         ),
         loaded=loaded,
     )
@@ -227,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         help="RMSNorm, RoPE and the SwiGLU gate as Triton kernels (the engine's default) or eager ops",
     )
     p.add_argument(
+        "--fused-projections",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="q/k/v and gate/up each as one matmul (the engine's default) or one matmul per projection",
+    )
+    p.add_argument(
         "--hf-baseline",
         action="store_true",
         help="also time transformers generate at batch 1 in this process, after the engines (measured "
@@ -273,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "timed_steps": args.steps,
         "max_model_len": args.max_model_len,
         "layer_kernels": args.layer_kernels,
+        "fused_projections": args.fused_projections,
         "graphs_vs_eager_tokens": agreement,
         "results": rows,
     }

@@ -29,6 +29,9 @@ class EngineConfig:
     # CUDA: RMSNorm, RoPE and the SwiGLU gate as one-pass Triton kernels (kernels/rms_norm.py, rotary.py,
     # silu_mul.py; an 8K prefill of the 8B shape 18% faster); False = the eager PyTorch layers
     layer_kernels: bool = True
+    # q/k/v in one matmul, and the SwiGLU gate and up projections in one (engine/layers/fused_projections.py;
+    # three kernels fewer per layer and decode step); False = one matmul per projection
+    fused_projections: bool = True
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")

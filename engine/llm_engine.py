@@ -14,6 +14,7 @@ from engine.cuda_graphs import make_decode_graph_runner
 from engine.errors import InvalidArgumentError, require
 from engine.kv_handoff import KVLayout
 from engine.kv_pool import KVPool
+from engine.layers.fused_projections import use_fused_projections
 from engine.layers.layer_kernels import use_layer_kernels
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
@@ -38,6 +39,7 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model, self.dtype, self.device, config.load_format)
         self.model = self.loaded.model
         use_layer_kernels(self.model, config.layer_kernels and self.device.type == "cuda")
+        use_fused_projections(self.model, config.fused_projections)
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config
         self.num_layers = mc.num_hidden_layers

@@ -159,6 +159,9 @@ class EngineSettings:
     layer_kernels: bool = setting(
         True, "CUDA: RMSNorm, RoPE and the SwiGLU gate as one-pass Triton kernels (off: eager PyTorch ops)"
     )
+    fused_projections: bool = setting(
+        True, "q/k/v in one matmul, and the SwiGLU gate and up projections in one (off: one matmul each)"
+    )
 
     def engine_config(self) -> EngineConfig:
         from engine.config import EngineConfig  # torch loads here, not when a coordinator imports this
@@ -176,4 +179,5 @@ class EngineSettings:
             enforce_eager=self.enforce_eager,
             prefill_attention=self.prefill_attention,
             layer_kernels=self.layer_kernels,
+            fused_projections=self.fused_projections,
         )

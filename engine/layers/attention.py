@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.norm import RMSNorm
@@ -13,6 +14,7 @@ from engine.layers.rotary import apply_rotary
 
 class Attention(nn.Module):
     use_kernels = False  # RoPE through kernels/rotary.py; set by engine.layers.layer_kernels
+    fused = False  # q/k/v in one matmul over qkv_weight; set by engine.layers.fused_projections
 
     def __init__(self, config: Any, layer_idx: int, qk_norm: bool) -> None:
         super().__init__()
@@ -35,9 +37,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Any) -> torch.Tensor:
         n = x.shape[0]  # x [N, hidden]; rope = (cos, sin) [N, 1, D]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.fused:  # views into one [N, (Hq + 2H) * D] product
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1
+            )
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre_rope = k

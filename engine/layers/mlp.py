@@ -9,6 +9,7 @@ class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     use_kernels = False  # set by engine.layers.layer_kernels.use_layer_kernels
+    fused = False  # gate and up in one matmul over gate_up_weight; set by engine.layers.fused_projections
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
@@ -17,7 +18,11 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu_gate(self.gate_proj(x), self.up_proj(x), self.use_kernels))
+        if self.fused:  # views into one [N, 2 * intermediate] product
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu_gate(gate, up, self.use_kernels))
 
 
 def swiglu_gate(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""One matmul for q, k and v, and one for the SwiGLU gate and up projections.
+
+A layer's q/k/v projections read the same input, as do its gate and up projections: concatenated
+along the output dimension they make one larger matmul each, so a decode step launches three kernels
+fewer per layer, and the small k/v matmuls stop running on their own. The concatenated weight is a
+non-persistent buffer and the Hugging Face-named parameters (`q_proj.weight`, ...) become views into
+it: the state dict keeps its names and values and nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.layers.attention import Attention
+from engine.layers.mlp import GatedMLP
+
+# Each layer kind: the buffers' name prefix, and the linears concatenated in that order.
+FUSED_LINEARS: dict[type, tuple[str, tuple[str, ...]]] = {
+    Attention: ("qkv", ("q_proj", "k_proj", "v_proj")),
+    GatedMLP: ("gate_up", ("gate_proj", "up_proj")),
+}
+
+
+def _fuse(module: nn.Module, name: str, linears: list[nn.Linear]) -> None:
+    """Concatenate `linears`' weights (and biases) into the buffers `{name}_weight` (and `_bias`);
+    each linear's parameters become views into them."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+    module.register_buffer(f"{name}_weight", weight, persistent=False)
+    module.register_buffer(f"{name}_bias", bias, persistent=False)
+    start = 0
+    for lin in linears:
+        width = lin.out_features
+        lin.weight = nn.Parameter(weight[start : start + width], requires_grad=False)
+        if has_bias:
+            lin.bias = nn.Parameter(bias[start : start + width], requires_grad=False)
+        start += width
+
+
+def use_fused_projections(model: nn.Module, on: bool) -> int:
+    """Every attention block and gated MLP of `model` to the fused matmuls (on) or the separate
+    ones; the concatenated weights are built the first time. Returns how many layers switched."""
+    switched = 0
+    for m in model.modules():
+        kind = next((k for k in FUSED_LINEARS if isinstance(m, k)), None)
+        if kind is None:
+            continue
+        name, linears = FUSED_LINEARS[kind]
+        if on and f"{name}_weight" not in m._buffers:
+            _fuse(m, name, [getattr(m, lin) for lin in linears])
+        m.fused = on
+        switched += 1
+    return switched
