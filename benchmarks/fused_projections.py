@@ -25,14 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_step import DEFAULT_CONFIG, decode_run  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.layers.fused_projections import FUSED_MAX_TOKENS, use_fused_projections  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import LoadedModel, load_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
-MODES = {"separate": False, "fused": True}
+# mode -> the most rows a fused matmul takes: 0 = never fused, the engine's default, or every size
+MODES = {"separate": 0, "fused": FUSED_MAX_TOKENS, "fused_every_size": 1 << 30}
 
 
-def prefill_seconds(loaded: LoadedModel, args: argparse.Namespace, fused: bool) -> float:
+def prefill_seconds(loaded: LoadedModel, args: argparse.Namespace, max_tokens: int) -> float:
     """Wall time of a whole `--prefill-len` prompt's prefill (the second of two: the first builds
     cuDNN plans and compiles kernels)."""
     engine = LLMEngine(
@@ -45,10 +47,10 @@ def prefill_seconds(loaded: LoadedModel, args: argparse.Namespace, fused: bool) 
             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
             max_num_seqs=1,
             enforce_eager=True,
-            fused_projections=fused,
         ),
         loaded=loaded,
     )
+    use_fused_projections(engine.model, max_tokens > 0, max_tokens)
     vocab = loaded.config.vocab_size
     sp = SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True)
     took = 0.0
@@ -90,7 +92,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(min(0.95, min(ratios) - 0.02), max(ratios) + 0.04)
     ax.set_ylabel("speed-up (separate / fused)")
     ax.set_title(
-        f"Fused q/k/v and gate/up projections, {report['model']} shape, {report['device']}, median of {report['reps']}",
+        f"Fused q/k/v and gate/up projections (up to {report['fused_max_tokens']} rows), {report['model']} shape, {report['device']}, median of {report['reps']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -120,22 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(str(args.config), torch.bfloat16, torch.device("cuda"), "dummy")
     runs: list[dict[str, Any]] = []
     for rep in range(args.reps):
-        for mode, fused in MODES.items():
-            run_args = argparse.Namespace(**{**vars(args), "layer_kernels": True, "fused_projections": fused})
-            for b in batches:
+        for mode, max_tokens in MODES.items():
+            run_args = argparse.Namespace(
+                **{**vars(args), "layer_kernels": True, "fused_projections": max_tokens > 0}
+            )
+            for b in batches if mode != "fused_every_size" else []:  # decode batches: the same as "fused"
                 r = decode_run(loaded, run_args, b, enforce_eager=False)
                 r.pop("tokens")
                 r.pop("logits")
                 runs.append({"rep": rep, "projections": mode, **r})
                 print(json.dumps(runs[-1]), flush=True)
-            ms = 1e3 * prefill_seconds(loaded, args, fused)
+            ms = 1e3 * prefill_seconds(loaded, args, max_tokens)
             runs.append({"rep": rep, "projections": mode, "mode": "prefill", "prefill_ms": ms})
             print(json.dumps(runs[-1]), flush=True)
     summary: dict[str, dict[str, float]] = {}
     for mode in MODES:
         mine = [r for r in runs if r["projections"] == mode]
         s = {"prefill_ms": statistics.median(r["prefill_ms"] for r in mine if r["mode"] == "prefill")}
-        for b in batches:
+        for b in batches if mode != "fused_every_size" else []:
             rows = [r for r in mine if r.get("batch") == b]
             s[f"tpot_ms_b{b}"] = statistics.median(r["tpot_ms"] for r in rows)
             s[f"replay_ms_b{b}"] = statistics.median(r["replay_ms"] for r in rows)
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in summary["fused"]:
         print(f"{key}: separate {summary['separate'][key]:.3f}, fused {summary['fused'][key]:.3f} "
               f"({summary['separate'][key] / summary['fused'][key]:.3f}x)")  # fmt: skip
+    print(f"prefill_ms fused at every size: {summary['fused_every_size']['prefill_ms']:.3f}")
     report = {
         "command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": args.date,
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_len": args.prefill_len,
         "batch_sizes": batches,
         "reps": args.reps,
+        "fused_max_tokens": FUSED_MAX_TOKENS,
+        "prefill_ms_fused_every_size": summary["fused_every_size"]["prefill_ms"],
         "summary": summary,
         "runs": runs,
     }

@@ -14,7 +14,8 @@ from engine.layers.rotary import apply_rotary
 
 class Attention(nn.Module):
     use_kernels = False  # RoPE through kernels/rotary.py; set by engine.layers.layer_kernels
-    fused = False  # q/k/v in one matmul over qkv_weight; set by engine.layers.fused_projections
+    fused = False  # q/k/v in one matmul over qkv_weight up to fused_max_tokens rows; set by
+    fused_max_tokens = 0  # engine.layers.fused_projections
 
     def __init__(self, config: Any, layer_idx: int, qk_norm: bool) -> None:
         super().__init__()
@@ -37,7 +38,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Any) -> torch.Tensor:
         n = x.shape[0]  # x [N, hidden]; rope = (cos, sin) [N, 1, D]
-        if self.fused:  # views into one [N, (Hq + 2H) * D] product
+        if self.fused and n <= self.fused_max_tokens:  # views into one [N, (Hq + 2H) * D] product
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
                 [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1
             )

@@ -5,6 +5,11 @@ along the output dimension they make one larger matmul each, so a decode step la
 fewer per layer, and the small k/v matmuls stop running on their own. The concatenated weight is a
 non-persistent buffer and the Hugging Face-named parameters (`q_proj.weight`, ...) become views into
 it: the state dict keeps its names and values and nothing is stored twice.
+
+Only for inputs of up to FUSED_MAX_TOKENS rows (decode batches, short chunks), where a matmul streams
+its weights and the launches show. On an H100 (docs/benchmarks/fused_projections.json) fusion made
+a decode step 7-8% faster at batch 1 and 2-3% at 32, and 2048-token prefill chunks, whose matmuls
+are compute-bound, 1-4% slower: those keep one matmul per projection, over the same weights.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from torch import nn
 
 from engine.layers.attention import Attention
 from engine.layers.mlp import GatedMLP
+
+FUSED_MAX_TOKENS = 256  # about where a bf16 matmul over a 4096-wide input turns compute-bound on an H100
 
 # Each layer kind: the buffers' name prefix, and the linears concatenated in that order.
 FUSED_LINEARS: dict[type, tuple[str, tuple[str, ...]]] = {
@@ -39,9 +46,10 @@ def _fuse(module: nn.Module, name: str, linears: list[nn.Linear]) -> None:
         start += width
 
 
-def use_fused_projections(model: nn.Module, on: bool) -> int:
-    """Every attention block and gated MLP of `model` to the fused matmuls (on) or the separate
-    ones; the concatenated weights are built the first time. Returns how many layers switched."""
+def use_fused_projections(model: nn.Module, on: bool, max_tokens: int = FUSED_MAX_TOKENS) -> int:
+    """Every attention block and gated MLP of `model` to the fused matmuls for inputs of up to
+    `max_tokens` rows (on) or to the separate ones; the concatenated weights are built the first
+    time. Returns how many layers switched."""
     switched = 0
     for m in model.modules():
         kind = next((k for k in FUSED_LINEARS if isinstance(m, k)), None)
@@ -51,5 +59,6 @@ def use_fused_projections(model: nn.Module, on: bool) -> int:
         if on and f"{name}_weight" not in m._buffers:
             _fuse(m, name, [getattr(m, lin) for lin in linears])
         m.fused = on
+        m.fused_max_tokens = max_tokens
         switched += 1
     return switched

@@ -9,7 +9,8 @@ class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     use_kernels = False  # set by engine.layers.layer_kernels.use_layer_kernels
-    fused = False  # gate and up in one matmul over gate_up_weight; set by engine.layers.fused_projections
+    fused = False  # gate and up in one matmul over gate_up_weight up to fused_max_tokens rows; set by
+    fused_max_tokens = 0  # engine.layers.fused_projections
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
@@ -18,7 +19,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:  # views into one [N, 2 * intermediate] product
+        if self.fused and x.shape[0] <= self.fused_max_tokens:  # views into one [N, 2 * intermediate] product
             gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
