@@ -7,9 +7,10 @@ non-persistent buffer and the Hugging Face-named parameters (`q_proj.weight`, ..
 it: the state dict keeps its names and values and nothing is stored twice.
 
 Only for inputs of up to FUSED_MAX_TOKENS rows (decode batches, short chunks), where a matmul streams
-its weights and the launches show. On an H100 (docs/benchmarks/fused_projections.json) fusion made
-a decode step 7-8% faster at batch 1 and 2-3% at 32, and 2048-token prefill chunks, whose matmuls
-are compute-bound, 1-4% slower: those keep one matmul per projection, over the same weights.
+its weights and the launches show. On an H100 (docs/benchmarks/fused_projections.md) fusion made
+a decode step 5-8% faster at batch 1 and about 2% at 32, and an 8K prefill in 2048-token chunks,
+whose matmuls are compute-bound, 2-3% slower: those keep one matmul per projection, over the same
+weights.
 """
 
 from __future__ import annotations
