@@ -148,7 +148,9 @@ class EngineSettings:
     kv_cache_bytes: int | None = setting(
         None, "KV pool size in bytes (default: 2 GiB on CPU, 90%% of free on CUDA)"
     )
-    max_num_seqs: int = setting(64, "sequences decoded together at most")
+    max_num_seqs: int = setting(
+        64, "sequences the engine runs at once (admitted from its queue; on decode, the largest batch)"
+    )
     torch_threads: int | None = setting(None, "torch intra-op CPU threads (default: torch's choice)")
     enforce_eager: bool = setting(False, "never replay decode steps from CUDA graphs (debugging; GPU only)")
     prefill_attention: str = setting(

@@ -94,3 +94,21 @@ def _taken(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_reader_that_goes_away_ends_the_cli_without_a_traceback() -> None:
+    """`kvferry stats | head -1` and the like: a closed stdout is exit status 1 and no traceback."""
+    code = (
+        "from clients import cli\n"
+        "cli.print_stats = lambda *args, **kwargs: print('x' * 1_000_000) or 0  # more than a pipe holds\n"
+        "raise SystemExit(cli.main(['stats']))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
