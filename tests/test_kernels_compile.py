@@ -1,4 +1,4 @@
-"""The attention and scoring kernels compile for Hopper (sm_90) on a machine without a GPU, the
+"""The attention, scoring and residual-norm kernels compile for Hopper (sm_90) on a machine without a GPU, the
 attention kernels with their K/V loads pipelined through cp.async, every kernel's shared memory
 within an SM's 227 KB, at the shapes and configs the engine launches.
 
@@ -33,6 +33,7 @@ from kernels.decode_balanced import _decode_balanced_kernel, _decode_balanced_me
 from kernels.attention_mass import _attention_mass_kernel
 from kernels.leverage_scores import _fused_kernel
 from kernels.prefill_attention import _prefill_kernel
+from kernels.rms_norm import _rms_norm_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 STRIDES = ["stride_qb", "stride_qh", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "stride_ob", "stride_oh"]
@@ -91,6 +92,13 @@ results.append(compile_for_sm90(
      "blk0": "i32", "out_col": "i32", "ridge": "fp32", "stride_kt": "i32", "stride_kh": "i32", "stride_oh": "i32"},
     dict(H=64, S=8, D=128, K=48, KP=64, BLOCK_T=64, SKETCH_PRECISION="tf32", PRECISION="tf32x3", NUM_STAGES=3),
     num_warps=4))
+# The residual add + RMSNorm of every decoder layer (and the plain norm), 8B hidden size.
+for add in (False, True):
+    results.append(compile_for_sm90(
+        _rms_norm_kernel,
+        {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_r": "i32",
+         "stride_o": "i32", "hidden": "i32", "eps": "fp32"},
+        dict(BLOCK=4096, ADD=add), num_warps=16))
 json.dump(results, sys.stdout)
 """
 
@@ -103,7 +111,7 @@ def test_kernels_compile_for_hopper() -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout)
-    assert len(results) == 2 * (2 * 4 + 3) + 4
+    assert len(results) == 2 * (2 * 4 + 3) + 4 + 2
     for r in results:
         assert 0 < r["shared"] <= SM90_SHARED_BYTES, r
         if r["kernel"] in ("_decode_balanced_kernel", "_decode_split_kernel", "_prefill_kernel"):

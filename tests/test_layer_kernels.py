@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 
 from engine.layers.norm import RMSNorm  # noqa: E402
 from engine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
-from kernels.rms_norm import rms_norm  # noqa: E402
+from kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.rotary import rotary  # noqa: E402
 from kernels.silu_mul import silu_mul  # noqa: E402
 
@@ -52,6 +52,22 @@ def check_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
     assert ulps_apart(got, want) <= 2
 
 
+def check_add_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
+    """A block's output added to the residual stream (in place) and the sum normalised, against the
+    eager layer's add_forward."""
+    layer = RMSNorm(hidden, 1e-5).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(hidden) * 0.5 + 1.0)
+    x = torch.randn(n, hidden + 32, device=DEVICE).to(dtype)[:, :hidden] * 2  # a strided block output
+    residual = torch.randn(n, hidden, device=DEVICE).to(dtype) * 3
+    with torch.no_grad():
+        want, want_sum = layer.add_forward(x, residual.clone())
+    got = add_rms_norm(x, residual, layer.weight, layer.eps)
+    # the rounded sum: bit for bit on a GPU; the CPU interpreter rounds bf16 its own way
+    assert ulps_apart(residual, want_sum) <= (0 if DEVICE.type == "cuda" else 1)
+    assert ulps_apart(got, want) <= 2
+
+
 def check_rotary(n: int, heads: int, d: int, dtype: torch.dtype, start: int = 0) -> None:
     params = {"rope_theta": 500000.0, "rope_type": "default"}
     cos, sin = RotaryEmbedding(d, params).to(DEVICE)(torch.arange(start, start + n, device=DEVICE), dtype)
@@ -76,6 +92,12 @@ def check_silu_mul(n: int, width: int, dtype: torch.dtype) -> None:
 def test_rms_norm_small(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     check_rms_norm(5, 96, dtype)  # hidden not a power of two: a masked tail
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_small(dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    check_add_rms_norm(5, 96, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -106,6 +128,7 @@ def test_layer_kernels_gpu_llama8b(dtype: torch.dtype) -> None:
     """A 2048-token chunk of Llama-3.1-8B: hidden 4096, 32 q / 8 kv heads of 128, MLP 14336."""
     torch.manual_seed(4)
     check_rms_norm(2048, 4096, dtype)
+    check_add_rms_norm(2048, 4096, dtype)
     check_rotary(2048, 32, 128, dtype, start=30720)
     check_rotary(2048, 8, 128, dtype, start=30720)
     check_silu_mul(2048, 14336, dtype)

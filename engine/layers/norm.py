@@ -19,6 +19,16 @@ class RMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): a block's output joins the residual stream, which is
+        then normalised. The kernel does both in one pass and updates `residual` in place."""
+        if self.use_kernels:
+            from kernels.rms_norm import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = residual + x
+        return rms_norm_reference(residual, self.weight, self.eps), residual
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., hidden]: normalised in fp32, rounded to x's dtype, then scaled by weight (HF's order)."""

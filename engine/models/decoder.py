@@ -27,9 +27,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, hidden]: the previous layer's MLP output (the embeddings, with residual None, for the
+        first layer) -> (this layer's MLP output, the residual stream it is still to be added to).
+        Each norm adds the block output before it to the stream (one kernel on CUDA)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope, batch)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -46,9 +61,10 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: Any) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [N, hidden]
         rope = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, batch)
+        return self.norm(residual + x)
 
 
 class CausalLM(nn.Module):
