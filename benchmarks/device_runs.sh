@@ -14,6 +14,7 @@
 #   bash benchmarks/device_runs.sh 1gpu-share   # nvidia-h100-x1: the compactor's prefill share with many repetitions (8K: 31)
 #   bash benchmarks/device_runs.sh 1gpu-decode  # nvidia-h100-x1: work-balanced decode kernel: GPU tests, config sweep, full grid
 #   bash benchmarks/device_runs.sh 1gpu-engine-decode # nvidia-h100-x1: the engine on the balanced kernel: GPU tests, kernels.py
+#   bash benchmarks/device_runs.sh 1gpu-layers-check  # nvidia-h100-x1: layer/engine/graph/serving GPU tests, fused projections, decode steps
 #   bash benchmarks/device_runs.sh 1gpu-pages         # nvidia-h100-x1: decode over page sizes 16-128, split-count variants at B=1
 #   bash benchmarks/device_runs.sh 1gpu-decode-check  # nvidia-h100-x1: decode + engine GPU tests, B1/B8 both kernels, 64-token pages
 #
@@ -21,9 +22,9 @@
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check}" >&2
     exit 2
     ;;
 esac
@@ -136,6 +137,13 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       > "$OUT/k.log" 2>&1; grep -E "B=|Error|error" "$OUT/k.log" | cut -c1-250
     timeout 60 python benchmarks/kernels.py --out "$OUT/k64" --page-size 64 --batches 8 --contexts 8192 32768 --decode-only \
       --decode-variants split balanced > "$OUT/k64.log" 2>&1; grep -E "B=|Error|error" "$OUT/k64.log" | cut -c1-250
+    ;;
+  1gpu-layers-check)
+    timeout 240 python -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_layer_kernels.py tests/test_engine_gpu.py \
+      tests/test_cuda_graphs_gpu.py tests/test_prefill_dense.py tests/test_serving_gpu.py 2>&1 | tail -4
+    timeout 200 python benchmarks/fused_projections.py --out "$OUT/fp" --reps 2 > "$OUT/fp.log" 2>&1; grep -v "^{" "$OUT/fp.log" | tail -8
+    timeout 150 python benchmarks/decode_step.py --batch-sizes 1,32 --steps 32 --out "$OUT/ds" > "$OUT/ds.log" 2>&1
+    grep -E "graphs|Error" "$OUT/ds.log" | tail -4
     ;;
   1gpu-pages)
     for ps in 16 32 64 128; do
