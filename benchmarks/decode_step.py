@@ -212,15 +212,32 @@ def plot(result: dict[str, Any], path: Path, hf: dict[str, Any] | None = None) -
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_decode_run_arguments(p: argparse.ArgumentParser, batch_sizes: str, steps: int) -> None:
+    """The flags decode_run reads (shared with benchmarks/fused_projections.py)."""
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="folder with config.json")
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--context", type=int, default=1024, help="prompt tokens of every request")
-    p.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    p.add_argument("--batch-sizes", default=batch_sizes)
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens of every decoded request")
+    p.add_argument("--steps", type=int, default=steps, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--max-model-len", type=int, default=8192, help="sets the graphs' page-table width")
     p.add_argument("--kv-cache-gib", type=float, default=8)
+
+
+def report_header(args: argparse.Namespace) -> dict[str, Any]:
+    """What a report records first: its command, date, GPU, torch, the model and the prompt length."""
+    return {
+        "command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
+        "date": args.date,
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "model": args.config.name,
+        "context": args.context,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_decode_run_arguments(p, batch_sizes="1,8,32", steps=64)
     p.add_argument(
         "--layer-kernels",
         action=argparse.BooleanOptionalAction,
@@ -271,12 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(hf_baseline(args))
         print(json.dumps(rows[-1]), flush=True)
     result = {
-        "command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": args.date,
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "model": args.config.name,
-        "context": args.context,
+        **report_header(args),
         "timed_steps": args.steps,
         "max_model_len": args.max_model_len,
         "layer_kernels": args.layer_kernels,

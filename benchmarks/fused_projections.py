@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_step import DEFAULT_CONFIG, decode_run  # noqa: E402
+from benchmarks.decode_step import add_decode_run_arguments, decode_run, report_header  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.layers.fused_projections import FUSED_MAX_TOKENS, use_fused_projections  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -101,14 +100,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="folder with config.json")
-    p.add_argument("--batch-sizes", default="1,32")
-    p.add_argument("--context", type=int, default=1024, help="prompt tokens of every decoded request")
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--max-model-len", type=int, default=8192, help="sets the graphs' page-table width")
+    add_decode_run_arguments(p, batch_sizes="1,32", steps=32)
     p.add_argument("--prefill-len", type=int, default=8192)
-    p.add_argument("--kv-cache-gib", type=float, default=8)
     p.add_argument("--reps", type=int, default=3, help="repetitions; the modes take turns in each")
     p.add_argument("--out", type=Path, help="folder for fused_projections.{json,png}")
     p.add_argument("--plot", type=Path, help="only draw the PNG next to an existing JSON")
@@ -149,12 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({summary['separate'][key] / summary['fused'][key]:.3f}x)")  # fmt: skip
     print(f"prefill_ms fused at every size: {summary['fused_every_size']['prefill_ms']:.3f}")
     report = {
-        "command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": args.date,
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "model": args.config.name,
-        "context": args.context,
+        **report_header(args),
         "prefill_len": args.prefill_len,
         "batch_sizes": batches,
         "reps": args.reps,

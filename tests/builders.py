@@ -233,6 +233,19 @@ def record_logits(model: CausalLM) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+def generate_recording(
+    engine: LLMEngine, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
+    """One greedy request run alone: its tokens and every logits row computed on the way [rows, V];
+    no page may be left allocated after it."""
+    with record_logits(engine.model) as rows:
+        seq = engine.add_request(prompt, greedy(max_new_tokens))
+        while engine.has_unfinished():
+            engine.step()
+    engine.pool.assert_no_leaks()
+    return seq.output_token_ids, torch.cat(rows)
+
+
 def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[Any]:
     """Queue every prompt, step the engine until all finish; returns the finished Sequences."""
     seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]

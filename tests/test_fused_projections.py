@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import greedy, random_prompt, record_logits
+from builders import generate_recording, random_prompt
 
 from engine.layers.attention import Attention
 from engine.layers.fused_projections import use_fused_projections
@@ -25,12 +25,7 @@ def test_an_engine_on_fused_projections_generates_the_same(tiny_model, kind: str
     for on in (False, True):
         engine = model.engine(prefill_chunk=32)
         assert use_fused_projections(engine.model, on) > 0
-        with record_logits(engine.model) as rows:
-            seq = engine.add_request(prompt, greedy(6))
-            while engine.has_unfinished():
-                engine.step()
-        results.append((seq.output_token_ids, torch.cat(rows)))
-        engine.pool.assert_no_leaks()
+        results.append(generate_recording(engine, prompt, 6))
     assert results[1][0] == results[0][0]
     assert float((results[1][1] - results[0][1]).abs().max()) < 1e-4
 

@@ -139,7 +139,7 @@ def test_an_engine_on_the_layer_kernels_generates_the_same(tiny_model, kind: str
     """On CUDA the engine runs RMSNorm, RoPE and the SwiGLU gate through the kernels: the greedy
     tokens must match the eager layers' and the logits nearly so (qwen3 adds per-head q/k norms,
     qwen3_moe the experts' gates)."""
-    from builders import greedy, random_prompt, record_logits
+    from builders import generate_recording, random_prompt
 
     from engine.layers.layer_kernels import use_layer_kernels
 
@@ -149,12 +149,7 @@ def test_an_engine_on_the_layer_kernels_generates_the_same(tiny_model, kind: str
     for on in (False, True):
         engine = model.engine(prefill_chunk=32)
         assert use_layer_kernels(engine.runner.model, on) > 0
-        with record_logits(engine.runner.model) as rows:
-            seq = engine.add_request(prompt, greedy(6))
-            while engine.has_unfinished():
-                engine.step()
-        results.append((seq.output_token_ids, torch.cat(rows)))
-        engine.pool.assert_no_leaks()
+        results.append(generate_recording(engine, prompt, 6))
     assert results[1][0] == results[0][0]
     assert float((results[1][1] - results[0][1]).abs().max()) < 1e-4
 
