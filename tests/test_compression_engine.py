@@ -190,7 +190,7 @@ def test_invalid_compression_is_refused_before_anything_is_queued(llm: LLM) -> N
 def chat_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
     """A tiny random Llama that carries SmolLM2's real tokenizer and chat template."""
     from engine.loader.default_model import default_model_path
-    from engine.loader.tokenizer_cache import gguf_tokenizer
+    from engine.loader.gguf_cache import gguf_tokenizer
 
     tokenizer = gguf_tokenizer(Path(default_model_path()))
     path = save_tiny_llama(tmp_path_factory.mktemp("tiny_chat"), vocab_size=len(tokenizer))

@@ -31,7 +31,7 @@ from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
 from kvtransfer.device_util import decode_runs, first_pages_of_runs, page_checksum
 from kvtransfer.manifest import early_manifest
 from kvtransfer.selection import NodeInfo, choose_transport
-from kvtransfer.shm import MappedShmPool, ShmExport, sweep_stale_files
+from kvtransfer.shm import MappedShmPool, SharedPool, ShmExport, sweep_stale_files
 from prefill_service.early_reservation import EarlyReservation
 from prefill_service.links import DecodeLinks
 from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -122,6 +122,18 @@ def test_files_of_dead_processes_are_swept(tmp_path: Path) -> None:
     alive.write_bytes(b"x")
     assert sweep_stale_files(tmp_path) == 1
     assert not stale.exists() and alive.exists()
+
+
+@pytest.mark.parametrize("values", ["zeros", "random"])
+def test_a_shared_pool_holds_the_pool_values(tmp_path: Path, values: str) -> None:
+    """Moving a pool into its file keeps every value (a fresh, all-zero pool skips the copy)."""
+    kv = torch.zeros(6, 2, 4, 8) if values == "zeros" else torch.randn(6, 2, 4, 8)
+    shared = SharedPool(kv, "node" + values, directory=tmp_path)
+    try:
+        assert torch.equal(shared.kv, kv)
+        assert torch.equal(MappedShmPool(shared.export).kv, kv)  # what a writer maps
+    finally:
+        shared.close()
 
 
 def test_the_pool_file_is_removed_when_the_decode_node_stops(tiny_model: Callable[[str], TinyModel]) -> None:

@@ -85,9 +85,19 @@ def _config(reader: Any, tensor_names: set[str]) -> Any:
 
 
 def read_gguf(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
-    import gguf
+    """(config, state dict in HF naming, tokenizer); converted once, then read from the disk cache."""
+    from engine.loader.gguf_cache import cached_weights, gguf_tokenizer, store_weights
 
-    from engine.loader.tokenizer_cache import gguf_tokenizer
+    cached = cached_weights(path)
+    if cached is not None:
+        return (*cached, gguf_tokenizer(path))
+    config, state_dict = _convert(path)
+    store_weights(path, config, state_dict)
+    return config, state_dict, gguf_tokenizer(path)
+
+
+def _convert(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -123,4 +133,4 @@ def read_gguf(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
             [parts["ffn_gate_exps"], parts["ffn_up_exps"]], dim=1
         )
         state_dict[f"model.layers.{layer}.mlp.experts.down_proj"] = parts["ffn_down_exps"]
-    return config, state_dict, gguf_tokenizer(path)
+    return config, state_dict
