@@ -44,5 +44,7 @@ def test_an_unwritable_cache_is_no_error(tmp_path: Path, monkeypatch: pytest.Mon
     path = Path(default_model_path())
     from transformers import LlamaConfig
 
-    store_weights(path, LlamaConfig(hidden_size=64, num_attention_heads=4), {"w": torch.ones(2)})  # cannot create the folder
+    store_weights(
+        path, LlamaConfig(hidden_size=64, num_attention_heads=4), {"w": torch.ones(2)}
+    )  # cannot create the folder
     assert cached_weights(path) is None
