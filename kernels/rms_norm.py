@@ -20,11 +20,13 @@ from kernels._common import next_pow2
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr,
+    x_ptr,  # rows (token, head) of x [N, heads, hidden] at any token and head strides
     r_ptr,
     w_ptr,
     out_ptr,
-    stride_x,
+    stride_xt,
+    stride_xh,
+    heads,
     stride_r,
     stride_o,
     hidden,
@@ -35,7 +37,7 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     ok = c < hidden
-    x = tl.load(x_ptr + row * stride_x + c, mask=ok, other=0.0)
+    x = tl.load(x_ptr + (row // heads) * stride_xt + (row % heads) * stride_xh + c, mask=ok, other=0.0)
     if ADD:  # residual += x, rounded to the residual's dtype; the sum is what gets normalised
         r = tl.load(r_ptr + row * stride_r + c, mask=ok, other=0.0)
         x = (r.to(tl.float32) + x.to(tl.float32)).to(r_ptr.dtype.element_ty)
@@ -61,14 +63,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and x.stride(-1) == 1
-    rows = x.reshape(-1, hidden)
-    res = residual.view(-1, hidden) if residual is not None else rows
+    if x.dim() == 3 and residual is None:  # per-head norms over a projection's view: read in place
+        rows, heads, stride_xt, stride_xh = x, x.shape[1], x.stride(0), x.stride(1)
+    else:
+        rows = x.reshape(-1, hidden)
+        heads, stride_xt, stride_xh = 1, rows.stride(0), 0
+    res = residual.view(-1, hidden) if residual is not None else x
     dtype = (residual if residual is not None else x).dtype
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
-    if rows.shape[0]:
+    num_rows = x.numel() // hidden if hidden else 0
+    if num_rows:
         block = next_pow2(hidden)
-        _rms_norm_kernel[(rows.shape[0],)](
-            rows, res, weight, out.view(-1, hidden), rows.stride(0), res.stride(0), hidden, hidden, eps,
+        _rms_norm_kernel[(num_rows,)](
+            rows, res, weight, out.view(-1, hidden), stride_xt, stride_xh, heads,
+            res.stride(0) if residual is not None else 0, hidden, hidden, eps,
             BLOCK=block, ADD=residual is not None, num_warps=max(1, min(16, block // 256)),
         )  # fmt: skip
     return out

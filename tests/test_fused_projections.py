@@ -4,6 +4,8 @@ the fused weights share memory with the parameters they replace."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from builders import generate_recording, random_prompt
@@ -71,3 +73,22 @@ def test_the_engine_setting_picks_the_projections(tiny_model) -> None:
     assert layers and not any(m.fused for m in layers)
     engine = model.engine()
     assert all(m.fused for m in layers)
+
+
+def test_replaced_weights_are_fused_again(tiny_model) -> None:
+    """A model whose weights were replaced after fusing (an assign=True load, a dtype change) gets
+    fresh fused matrices from the switch, so the fused and separate paths agree again."""
+    model = copy.deepcopy(tiny_model("llama_tied_bias").loaded.model)  # the shared fixture stays intact
+    use_fused_projections(model, True)
+    attn = model.model.layers[0].self_attn
+    new = torch.randn_like(attn.k_proj.weight)
+    attn.k_proj.weight = torch.nn.Parameter(new, requires_grad=False)  # no longer a view
+    use_fused_projections(model, True)
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    rows = attn.q_proj.out_features
+    assert torch.equal(attn.qkv_weight[rows : rows + attn.k_proj.out_features], new)
+    x = torch.randn(3, attn.q_proj.in_features)
+    fused = torch.nn.functional.linear(x, attn.qkv_weight, attn.qkv_bias)[
+        :, rows : rows + attn.k_proj.out_features
+    ]
+    assert torch.allclose(fused, attn.k_proj(x), atol=1e-6)

@@ -96,8 +96,8 @@ results.append(compile_for_sm90(
 for add in (False, True):
     results.append(compile_for_sm90(
         _rms_norm_kernel,
-        {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_r": "i32",
-         "stride_o": "i32", "hidden": "i32", "eps": "fp32"},
+        {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_xt": "i32", "stride_xh": "i32",
+         "heads": "i32", "stride_r": "i32", "stride_o": "i32", "hidden": "i32", "eps": "fp32"},
         dict(BLOCK=4096, ADD=add), num_warps=16))
 json.dump(results, sys.stdout)
 """

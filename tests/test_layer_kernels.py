@@ -52,6 +52,20 @@ def check_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
     assert ulps_apart(got, want) <= 2
 
 
+def check_rms_norm_per_head(n: int, heads: int, d: int, dtype: torch.dtype) -> None:
+    """Qwen3's per-head q/k norms over a fused projection's view [N, heads, D] (token stride wider than
+    heads x D), read in place."""
+    layer = RMSNorm(d, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(d) * 0.5 + 1.0)
+    proj = torch.randn(n, (heads + 5) * d, device=DEVICE).to(dtype) * 3
+    x = proj[:, 2 * d : (heads + 2) * d].view(n, heads, d)
+    with torch.no_grad():
+        want = layer(x)
+    got = rms_norm(x, layer.weight, layer.eps)
+    assert got.shape == (n, heads, d) and ulps_apart(got, want) <= 2
+
+
 def check_add_rms_norm(n: int, hidden: int, dtype: torch.dtype) -> None:
     """A block's output added to the residual stream (in place) and the sum normalised, against the
     eager layer's add_forward."""
@@ -98,6 +112,7 @@ def test_rms_norm_small(dtype: torch.dtype) -> None:
 def test_add_rms_norm_small(dtype: torch.dtype) -> None:
     torch.manual_seed(5)
     check_add_rms_norm(5, 96, dtype)
+    check_rms_norm_per_head(3, 5, 32, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,6 +144,7 @@ def test_layer_kernels_gpu_llama8b(dtype: torch.dtype) -> None:
     torch.manual_seed(4)
     check_rms_norm(2048, 4096, dtype)
     check_add_rms_norm(2048, 4096, dtype)
+    check_rms_norm_per_head(2048, 32, 128, dtype)
     check_rotary(2048, 32, 128, dtype, start=30720)
     check_rotary(2048, 8, 128, dtype, start=30720)
     check_silu_mul(2048, 14336, dtype)

@@ -4,7 +4,8 @@ A layer's q/k/v projections read the same input, as do its gate and up projectio
 along the output dimension they make one larger matmul each, so a decode step launches three kernels
 fewer per layer, and the small k/v matmuls stop running on their own. The concatenated weight is a
 non-persistent buffer and the Hugging Face-named parameters (`q_proj.weight`, ...) become views into
-it: the state dict keeps its names and values and nothing is stored twice.
+it: the state dict keeps its names and values and nothing is stored twice (on CUDA the engine
+returns the replaced weights' cached memory to the driver before sizing its KV pool).
 
 Only for inputs of up to FUSED_MAX_TOKENS rows (decode batches, short chunks), where a matmul streams
 its weights and the launches show. On an H100 (docs/benchmarks/fused_projections.md) fusion made
@@ -47,18 +48,35 @@ def _fuse(module: nn.Module, name: str, linears: list[nn.Linear]) -> None:
         start += width
 
 
+def _views_of_buffer(module: nn.Module, name: str, linears: list[nn.Linear]) -> bool:
+    """Whether the linears' weights are still views into `{name}_weight` (a later `.to()` or an
+    `assign=True` state-dict load replaces them, and the two copies would then drift apart)."""
+    fused = module._buffers.get(f"{name}_weight")
+    if fused is None:
+        return False
+    storage = fused.untyped_storage().data_ptr()
+    return all(
+        lin.weight.untyped_storage().data_ptr() == storage and lin.weight.dtype == fused.dtype
+        for lin in linears
+    )
+
+
 def use_fused_projections(model: nn.Module, on: bool, max_tokens: int = FUSED_MAX_TOKENS) -> int:
     """Every attention block and gated MLP of `model` to the fused matmuls for inputs of up to
-    `max_tokens` rows (on) or to the separate ones; the concatenated weights are built the first
-    time. Returns how many layers switched."""
+    `max_tokens` rows (on) or to the separate ones; the concatenated weights are (re)built where the
+    parameters are not views into them. Returns how many layers switched.
+
+    The switch is the layers' own state: engines sharing one loaded model share it (as they share
+    `use_layer_kernels`), and the weights must not be replaced while an engine runs."""
     switched = 0
     for m in model.modules():
         kind = next((k for k in FUSED_LINEARS if isinstance(m, k)), None)
         if kind is None:
             continue
-        name, linears = FUSED_LINEARS[kind]
-        if on and f"{name}_weight" not in m._buffers:
-            _fuse(m, name, [getattr(m, lin) for lin in linears])
+        name, names = FUSED_LINEARS[kind]
+        linears = [getattr(m, lin) for lin in names]
+        if on and not _views_of_buffer(m, name, linears):
+            _fuse(m, name, linears)
         m.fused = on
         m.fused_max_tokens = max_tokens
         switched += 1

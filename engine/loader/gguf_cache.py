@@ -3,24 +3,41 @@
 Reading the bundled SmolLM2 GGUF takes about 12 s of CPU per process (parsing the metadata, ~50K
 vocabulary entries one field at a time, and dequantizing 4-bit blocks). A local cluster starts three
 processes that each load it. The cache holds the converted float32 weights as safetensors, which load
-in a fraction of a second, and the rebuilt tokenizer. An entry is keyed by the file's path, size and
-modification time, is written to a temporary folder and renamed into place (concurrent loaders never
-see half of one), and is rebuilt when unreadable. `KVFERRY_CACHE` moves the cache (default
-~/.cache/kvferry); a read-only home just works without one.
+in a fraction of a second, and the rebuilt tokenizer.
+
+- An entry is keyed by the file's path, size and modification time, and for weights also by the
+  converter's version (CONVERSION_VERSION, the gguf package's): a changed converter never serves an
+  old conversion.
+- Float32 weights take ~4.5x a 4-bit file (514 MB for SmolLM2's 98 MB): only conversions of up to
+  MAX_CACHED_BYTES are cached, and only while the disk keeps twice that free.
+- An entry is written to a temporary folder and renamed into place (concurrent loaders never see half
+  of one); temporary folders older than an hour (a killed writer's) are swept; an unreadable entry is
+  converted and written again.
+- Any failure to write (read-only home, full disk) leaves the load working without a cache.
+
+`KVFERRY_CACHE` moves the cache (default ~/.cache/kvferry).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 WEIGHTS_FILE = "model.safetensors"
+CONVERSION_VERSION = 1  # bump when engine/loader/gguf_file.py converts differently
+MAX_CACHED_BYTES = 4 << 30
+STALE_TMP_SECONDS = 3600
 
 
 def cache_dir() -> Path:
@@ -28,24 +45,59 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def file_key(path: Path) -> str:
+def file_key(path: Path, *extra: object) -> str:
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    text = ":".join(str(part) for part in (path.resolve(), stat.st_size, stat.st_mtime_ns, *extra))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_entry(path: Path) -> Path:
+    import gguf
+
+    version = getattr(gguf, "__version__", None) or _package_version("gguf")
+    return cache_dir() / "gguf" / file_key(path, CONVERSION_VERSION, version)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _store(entry: Path, write: Callable[[Path], None]) -> None:
-    """Write a cache entry through a temporary folder renamed into place."""
-    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    """Write a cache entry through a temporary folder renamed into place; never raises."""
     try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_tmp(entry.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp", dir=entry.parent))
+    except OSError as e:
+        log.info("no cache entry %s: %s", entry, e)
+        return
+    try:
         write(tmp)
-        if entry.exists():  # unreadable (it is being rewritten) or just written by another process
+        if entry.exists():  # unreadable (being rewritten), or just written by a concurrent loader
             shutil.rmtree(entry, ignore_errors=True)
         tmp.replace(entry)
-    except OSError:
-        pass  # read-only or full disk: work without a cache
+    except Exception as e:  # noqa: BLE001  (disk full: safetensors raises its own error type)
+        log.warning(
+            "could not write the cache entry %s (%s: %s): loading without it", entry, type(e).__name__, e
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_stale_tmp(folder: Path) -> None:
+    """Temporary folders a killed writer left behind."""
+    now = time.time()
+    for tmp in folder.glob("*.tmp*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def cached_weights(path: Path) -> tuple[Any, dict[str, torch.Tensor]] | None:
@@ -53,7 +105,7 @@ def cached_weights(path: Path) -> tuple[Any, dict[str, torch.Tensor]] | None:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    entry = cache_dir() / "gguf" / file_key(path)
+    entry = weights_entry(path)
     if not (entry / WEIGHTS_FILE).exists():
         return None
     try:
@@ -67,15 +119,40 @@ def cached_weights(path: Path) -> tuple[Any, dict[str, torch.Tensor]] | None:
     return config, state_dict
 
 
-def store_weights(path: Path, config: Any, state_dict: dict[str, torch.Tensor]) -> None:
+def store_weights(path: Path, config: Any, state_dict: dict[str, torch.Tensor]) -> bool:
+    """Cache a conversion if it is small enough and the disk has room; whether it was written."""
     from safetensors.torch import save_file
 
+    size = sum(t.numel() * t.element_size() for t in state_dict.values())
+    entry = weights_entry(path)
+    if size > MAX_CACHED_BYTES:
+        log.info(
+            "not caching the %.1f GiB conversion of %s (over %d GiB)",
+            size / 2**30,
+            path,
+            MAX_CACHED_BYTES >> 30,
+        )
+        return False
+    try:
+        free = shutil.disk_usage(_existing_parent(entry)).free
+    except OSError:
+        return False
+    if free < 2 * size:
+        log.info("not caching the conversion of %s: %.1f GiB free on disk", path, free / 2**30)
+        return False
+
     def write(folder: Path) -> None:
-        folder.mkdir()
         config.save_pretrained(str(folder))
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS_FILE))
 
-    _store(cache_dir() / "gguf" / file_key(path), write)
+    _store(entry, write)
+    return entry.exists()
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def gguf_tokenizer(path: Path) -> Any:
