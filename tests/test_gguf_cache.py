@@ -4,6 +4,7 @@ found the cache); a damaged entry is converted again; an unwritable cache is no 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,14 @@ def test_a_cached_load_is_the_converted_model(tmp_path: Path, monkeypatch: pytes
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
     assert cached.model.lm_head.weight.data_ptr() == cached.model.model.embed_tokens.weight.data_ptr()  # tied
 
+    older = entry.with_name("0123456789abcdef")  # the same file before a reinstall, or an older converter
+    shutil.copytree(entry, older)
     (entry / WEIGHTS_FILE).write_bytes(b"a truncated file")
     assert cached_weights(path) is None  # so the loader converts again, and rewrites the entry
     assert store_weights(path, converted.config, {"w": torch.ones(2)})
     config, state_dict = cached_weights(path)  # type: ignore[misc]
     assert config.to_dict() == converted.config.to_dict() and torch.equal(state_dict["w"], torch.ones(2))
+    assert not older.exists()  # replaced by the new entry
 
 
 def test_a_cache_that_cannot_be_written_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

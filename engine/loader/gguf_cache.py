@@ -7,7 +7,7 @@ in a fraction of a second, and the rebuilt tokenizer.
 
 - An entry is keyed by the file's path, size and modification time, and for weights also by the
   converter's version (CONVERSION_VERSION, the gguf package's): a changed converter never serves an
-  old conversion.
+  old conversion, and a new entry removes the older ones of the same file.
 - Float32 weights take ~4.5x a 4-bit file (514 MB for SmolLM2's 98 MB): only conversions of up to
   MAX_CACHED_BYTES are cached, and only while the disk keeps twice that free.
 - An entry is written to a temporary folder and renamed into place (concurrent loaders never see half
@@ -35,6 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+SOURCE_FILE = "source.txt"  # the GGUF's path: a newer entry for it replaces the older ones
 CONVERSION_VERSION = 1  # bump when engine/loader/gguf_file.py converts differently
 MAX_CACHED_BYTES = 4 << 30
 STALE_TMP_SECONDS = 3600
@@ -144,9 +145,24 @@ def store_weights(path: Path, config: Any, state_dict: dict[str, torch.Tensor]) 
     def write(folder: Path) -> None:
         config.save_pretrained(str(folder))
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS_FILE))
+        (folder / SOURCE_FILE).write_text(str(path.resolve()))
 
     _store(entry, write)
-    return entry.exists()
+    if not entry.exists():
+        return False
+    _drop_older_entries(path, entry)
+    return True
+
+
+def _drop_older_entries(path: Path, keep: Path) -> None:
+    """Entries of the same file from before it changed (a reinstall) or from an older converter."""
+    source = str(path.resolve())
+    for other in keep.parent.iterdir():
+        try:
+            if other != keep and (other / SOURCE_FILE).read_text() == source:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _existing_parent(path: Path) -> Path:
