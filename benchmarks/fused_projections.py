@@ -1,6 +1,8 @@
 """Fused projections (q/k/v as one matmul, gate/up as one) against one matmul per projection, in
 one process on one GPU: decode steps under CUDA graphs (TPOT and the replayed graph alone) and a
-whole prefill, the two modes taking turns in each repetition.
+whole prefill, the modes taking turns in each repetition. Two more modes: fusion at every input size
+(prefill only; decode batches are under the cap anyway), and the engine's default with the residual
+add as its own kernel instead of inside the RMSNorm kernel (RMSNorm.fuse_add).
 
     python3 benchmarks/fused_projections.py --out docs/benchmarks --reps 3    # on a GPU
 
@@ -25,12 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.decode_step import add_decode_run_arguments, decode_run, report_header  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.layers.fused_projections import FUSED_MAX_TOKENS, use_fused_projections  # noqa: E402
+from engine.layers.norm import RMSNorm  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.loader import LoadedModel, load_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 # mode -> the most rows a fused matmul takes: 0 = never fused, the engine's default, or every size
-MODES = {"separate": 0, "fused": FUSED_MAX_TOKENS, "fused_every_size": 1 << 30}
+MODES = {
+    "separate": 0,
+    "fused": FUSED_MAX_TOKENS,
+    "fused_every_size": 1 << 30,
+    "fused_add_separate": FUSED_MAX_TOKENS,
+}
+DECODED = ("separate", "fused", "fused_add_separate")  # fused_every_size decodes as "fused" does
+# fused_add_separate: the engine's default but the residual add as its own kernel, not in the RMSNorm
 
 
 def prefill_seconds(loaded: LoadedModel, args: argparse.Namespace, max_tokens: int) -> float:
@@ -119,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             run_args = argparse.Namespace(
                 **{**vars(args), "layer_kernels": True, "fused_projections": max_tokens > 0}
             )
-            for b in batches if mode != "fused_every_size" else []:  # decode batches: the same as "fused"
+            RMSNorm.fuse_add = mode != "fused_add_separate"
+            for b in batches if mode in DECODED else []:
                 r = decode_run(loaded, run_args, b, enforce_eager=False)
                 r.pop("tokens")
                 r.pop("logits")
@@ -128,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             ms = 1e3 * prefill_seconds(loaded, args, max_tokens)
             runs.append({"rep": rep, "projections": mode, "mode": "prefill", "prefill_ms": ms})
             print(json.dumps(runs[-1]), flush=True)
+            RMSNorm.fuse_add = True
     summary: dict[str, dict[str, float]] = {}
     for mode in MODES:
         mine = [r for r in runs if r["projections"] == mode]
         s = {"prefill_ms": statistics.median(r["prefill_ms"] for r in mine if r["mode"] == "prefill")}
-        for b in batches if mode != "fused_every_size" else []:
+        for b in batches if mode in DECODED else []:
             rows = [r for r in mine if r.get("batch") == b]
             s[f"tpot_ms_b{b}"] = statistics.median(r["tpot_ms"] for r in rows)
             s[f"replay_ms_b{b}"] = statistics.median(r["replay_ms"] for r in rows)
@@ -141,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: separate {summary['separate'][key]:.3f}, fused {summary['fused'][key]:.3f} "
               f"({summary['separate'][key] / summary['fused'][key]:.3f}x)")  # fmt: skip
     print(f"prefill_ms fused at every size: {summary['fused_every_size']['prefill_ms']:.3f}")
+    for key, value in summary["fused_add_separate"].items():
+        print(
+            f"{key} with the residual add on its own: {value:.3f} (fused into the norm: {summary['fused'][key]:.3f})"
+        )
     report = {
         **report_header(args),
         "prefill_len": args.prefill_len,
