@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -102,6 +103,26 @@ class InProcessCluster:
     @property
     def prefill(self) -> Any:  # prefill_service.pipeline.PrefillPipeline
         return self.hosts["prefill"].component
+
+    @contextmanager
+    def stalled(self, node: str, limit: float = 60.0) -> Iterator[None]:
+        """Hold `node`'s engine thread ("prefill" or "decode") in a command until the block ends (or
+        `limit` seconds pass): no step runs meanwhile, so a deadline or cancel inside the block lands
+        while its request is still in that engine, however fast the machine is."""
+        worker = self.prefill.engine.worker if node == "prefill" else self.decode.worker
+        release, holding = threading.Event(), threading.Event()
+
+        def hold(_engine: Any) -> None:
+            holding.set()
+            release.wait(limit)
+
+        worker.submit(hold)
+        if not holding.wait(limit):
+            raise TimeoutError(f"the {node} engine thread never took the stall command")
+        try:
+            yield
+        finally:
+            release.set()
 
     def pool_state(self) -> dict[str, tuple[int, int]]:
         """(pages in use, pages reserved) of each engine's pool, read on its engine thread."""

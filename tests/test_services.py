@@ -257,9 +257,9 @@ def test_cancelled_stream_frees_pages_on_both_nodes(
     assert client.stats().requests_cancelled >= 1
 
 
-def test_deadline_exceeded_frees_pages(tiny: TinyModel, client: Client) -> None:
-    p = prompt(100, seed=6, vocab=tiny.vocab_size)  # 412 tokens take ~1 s on 2 cores: well past 0.4 s
-    with pytest.raises(KvferryRpcError) as err:
+def test_deadline_exceeded_frees_pages(tiny: TinyModel, cluster: InProcessCluster, client: Client) -> None:
+    p = prompt(100, seed=6, vocab=tiny.vocab_size)
+    with cluster.stalled("prefill"), pytest.raises(KvferryRpcError) as err:  # no prefill before the deadline
         for _ in client.stream(p, max_new_tokens=480, temperature=0, ignore_eos=True, timeout=0.4):
             pass
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
