@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 if not torch.cuda.is_available():  # a dry run of the script: kernels in Triton's CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -77,7 +76,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 # ---- end to end --------------------------------------------------------------------------------------
 def prefill_seconds(engine: Any, n: int, compression: Any, seed: int) -> tuple[float, Any]:
     """Wall time of one whole prefill of n random tokens (the request stops after its first token)."""
-    from engine import SamplingParams
+    from kvferry.engine import SamplingParams
 
     vocab = engine.loaded.config.vocab_size
     edge = min(1000, vocab // 4)  # away from special tokens (small vocabularies: CPU smoke runs)
@@ -97,8 +96,8 @@ def end_to_end(
 ) -> dict[str, Any]:
     """variants: extra side-stream modes "METHOD:SPLIT" (the compactor's leverage method and attention-
     mass query split), measured in turn with the others."""
-    from engine import CompressionParams
-    from engine.compression.compactor import CompactorScorer
+    from kvferry.engine import CompressionParams
+    from kvferry.engine.compression.compactor import CompactorScorer
 
     params = CompressionParams(method="compactor", retention=retention)
     defaults = (CompactorScorer.leverage_method, CompactorScorer.mass_query_split, 0)
@@ -227,7 +226,7 @@ def host_profile(engine: Any, n: int, compression: Any, rows: int = 30) -> str:
 
 
 def profile_modes(engine: Any, n: int, retention: float, out_dir: Path | None) -> dict[str, Any]:
-    from engine import CompressionParams
+    from kvferry.engine import CompressionParams
 
     params = CompressionParams(method="compactor", retention=retention)
     prefill_seconds(engine, n, None, seed=0)  # warm-up
@@ -256,19 +255,19 @@ def profile_modes(engine: Any, n: int, retention: float, out_dir: Path | None) -
 # ---- components --------------------------------------------------------------------------------------
 def components(n: int, chunk: int, layers: int, heads: int, group: int, dim: int, retention: float) -> dict:
     """Each piece timed alone at the model's shape; totals scale a launch to the whole prefill."""
-    import kernels
-    from engine import CompressionParams
-    from engine.compression.attention_scores import block_attention_mass
-    from engine.compression.blocks import block_bounds
-    from engine.compression.compactor import (
+    from kvferry import kernels
+    from kvferry.engine import CompressionParams
+    from kvferry.engine.compression.attention_scores import block_attention_mass
+    from kvferry.engine.compression.blocks import block_bounds
+    from kvferry.engine.compression.compactor import (
         CompactorScorer,
         layers_per_leverage_launch,
         standardize_per_layer,
     )
-    from engine.compression.leverage import gaussian_sketch, sketched_leverage
-    from engine.compression.select import compact_in_place, pack_kept, select_tokens
-    from engine.kv_pool import KVPool
-    from engine.page_table import SequenceKV
+    from kvferry.engine.compression.leverage import gaussian_sketch, sketched_leverage
+    from kvferry.engine.compression.select import compact_in_place, pack_kept, select_tokens
+    from kvferry.engine.kv_pool import KVPool
+    from kvferry.engine.page_table import SequenceKV
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -436,7 +435,7 @@ def plot(report: dict, path: Path) -> None:
 
 def variant(text: str) -> str:
     """argparse type of --variants: METHOD:SPLIT[:1], checked before the model is built."""
-    from kernels.leverage_scores import STAGES
+    from kvferry.kernels.leverage_scores import STAGES
 
     parts = text.split(":")
     if len(parts) not in (2, 3) or parts[0] not in ("", *STAGES) or parts[1] not in ("1", "2"):
@@ -479,13 +478,13 @@ def main() -> None:
 
     import triton
 
-    from engine import EngineConfig, LLMEngine
+    from kvferry.engine import EngineConfig, LLMEngine
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: dict[str, Any] = dict(
         device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         date=args.date or datetime.date.today().isoformat(),
-        measured_at_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        measured_at_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         command="python3 " + " ".join(sys.argv),
         torch=torch.__version__,
         triton=triton.__version__,

@@ -29,10 +29,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.loader import LoadedModel, load_model  # noqa: E402
+from kvferry.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from kvferry.engine.loader import LoadedModel, load_model  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "llama-3.1-8b"
 

@@ -13,7 +13,7 @@
 #   bash benchmarks/device_runs.sh 1gpu-confirm # nvidia-h100-x1: engine + serving GPU tests, compression overhead and its profile
 #   bash benchmarks/device_runs.sh 1gpu-share   # nvidia-h100-x1: the compactor's prefill share with many repetitions (8K: 31)
 #   bash benchmarks/device_runs.sh 1gpu-decode  # nvidia-h100-x1: work-balanced decode kernel: GPU tests, config sweep, full grid
-#   bash benchmarks/device_runs.sh 1gpu-engine-decode # nvidia-h100-x1: the engine on the balanced kernel: GPU tests, kernels.py
+#   bash benchmarks/device_runs.sh 1gpu-engine-decode # nvidia-h100-x1: the engine on the balanced kernel: GPU tests, attention_kernels.py
 #   bash benchmarks/device_runs.sh 1gpu-layers-check  # nvidia-h100-x1: layer/engine/graph/serving GPU tests, fused projections, decode steps
 #   bash benchmarks/device_runs.sh 1gpu-pages         # nvidia-h100-x1: decode over page sizes 16-128, split-count variants at B=1
 #   bash benchmarks/device_runs.sh 1gpu-decode-check  # nvidia-h100-x1: decode + engine GPU tests, B1/B8 both kernels, 64-token pages
@@ -31,7 +31,9 @@ esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0
+# kvferry itself, editable (the repository root is never an import root: python -P everywhere)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -1
+export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0
 MODEL=benchmarks/configs/llama-3.1-8b
 nvidia-smi --query-gpu=name --format=csv,noheader
 date -u
@@ -39,7 +41,7 @@ date -u
 handoff() {  # $1: tag, then extra flags
   local tag=$1
   shift
-  timeout ${HANDOFF_TIMEOUT:-200} python -m benchmarks.handoff --model $MODEL --context 32768 --retention 0.5 --requests 4 \
+  timeout ${HANDOFF_TIMEOUT:-200} python benchmarks/handoff.py --model $MODEL --context 32768 --retention 0.5 --requests 4 \
     --prefill-kv-gib 5 --decode-kv-gib 3 --out "$OUT/bench" --tag "$tag" --log-dir "$OUT/logs-$tag" "$@" \
     2>&1 | grep -v "^  \[" | tail -8
   grep -hE "handoff over|ReserveKV answered|committed" "$OUT"/logs-"$tag"/*/*.log | cut -c1-220 | tail -12
@@ -47,23 +49,23 @@ handoff() {  # $1: tag, then extra flags
 
 case ${1:-} in
   2gpu-tests)
-    timeout 280 python -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_serving_gpu.py 2>&1 | tail -12
-    timeout 280 python -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_transfer_gpu.py 2>&1 | tail -14
+    timeout 280 python -P -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_serving_gpu.py 2>&1 | tail -12
+    timeout 280 python -P -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_transfer_gpu.py 2>&1 | tail -14
     ;;
   2gpu-bench)
     handoff 2xh200 --decode-device cuda:1 --transports cuda_ipc,nccl,cuda_ipc:noverify
-    timeout 330 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
+    timeout 330 python -P -m kvferry.clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
       --prefill-device cuda:0 --decode-device cuda:1 --prefill-kv-cache-gib 6 --decode-kv-cache-gib 2.5 \
       --prefill-args "--reserve-wait-seconds 300" --num-requests 16 --input-len 8192 --output-len 512 \
       --concurrency 16 --retention 1,0.5,0.25,0.1 --warmup 1 --quiet --out "$OUT/bench/serving_2xh200_fixed_kv" \
       2>&1 | tail -6
     ;;
   1gpu-handoff)
-    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_serving_gpu.py 2>&1 | tail -8
+    timeout 200 python -P -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_serving_gpu.py 2>&1 | tail -8
     HANDOFF_TIMEOUT=330 handoff h100_early --transports cuda_ipc,cuda_ipc:late,cuda_ipc:noverify
     ;;
   1gpu-serving)
-    timeout 340 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
+    timeout 340 python -P -m kvferry.clients.cli bench --model $MODEL --load-format dummy --max-model-len 9000 \
       --device cuda:0 --prefill-kv-cache-gib 6 --decode-kv-cache-gib 2.5 \
       --prefill-args "--reserve-wait-seconds 600" --num-requests 24 --input-len 8192 --output-len 512 \
       --concurrency 24 --retention 1,0.5,0.25,0.1 --warmup 1 --quiet --out "$OUT/bench/serving_h100_fixed_kv24" \
@@ -71,19 +73,19 @@ case ${1:-} in
     timeout 200 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 2 2>&1 | tail -16
     ;;
   1gpu-kernels)
-    timeout 90 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -4
+    timeout 90 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -4
     timeout 170 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 2 > "$OUT/co.log" 2>&1; tail -2 "$OUT/co.log"
     HANDOFF_TIMEOUT=140 handoff h100_sorted --transports cuda_ipc,cuda_ipc:noverify
     timeout 170 python benchmarks/prefill_variants.py --out "$OUT/bench/prefill_variants.json" 2>&1 | tail -45
     ;;
   1gpu-layers)
-    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_uploads.py tests/test_layer_kernels.py \
+    timeout 150 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_uploads.py tests/test_layer_kernels.py \
       tests/test_engine_gpu.py tests/test_serving_gpu.py 2>&1 | tail -4
     timeout 200 python benchmarks/layer_kernels.py --out "$OUT/bench" --reps 7 2>&1 | tail -8
     timeout 200 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 9 2>&1 | grep "ctx "
     ;;
   1gpu-wired)
-    timeout 170 python -m pytest -q -m gpu -p no:cacheprovider tests/test_layer_kernels.py tests/test_engine_gpu.py \
+    timeout 170 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_layer_kernels.py tests/test_engine_gpu.py \
       tests/test_cuda_graphs_gpu.py tests/test_serving_gpu.py 2>&1 | tail -4
     timeout 40 python benchmarks/launch_overhead.py --out "$OUT/bench" 2>&1 | tail -9
     timeout 150 python benchmarks/layer_kernels.py --out "$OUT/bench" --reps 7 2>&1 | tail -4
@@ -94,7 +96,7 @@ case ${1:-} in
     done
     ;;
   1gpu-scoring)
-    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_compression_kernels.py 2>&1 | tail -4
+    timeout 150 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_compression_kernels.py 2>&1 | tail -4
     timeout 200 python benchmarks/scoring_kernels.py --out "$OUT/bench/scoring_kernels_group.json" --lev-heads 64 \
       --no-32k --eager-calls 10 --variants "${SCORING_VARIANTS:-sketch3_ws,fused_w8_s2,fused_w4_s2,fused_w8_s1,fused_w8_s3,fused_w16_s2,mass_w8,mass_w4,mass_w8_s1,mass_w8_s2,mass_q2_w8,mass_q2_w4}" \
       > "$OUT/scoring.log" 2>&1; grep -A40 "^what" "$OUT/scoring.log" || tail -20 "$OUT/scoring.log"
@@ -102,7 +104,7 @@ case ${1:-} in
       --contexts ${CO_CONTEXTS:-8192 32768} --variants ${CO_VARIANTS:-fused:1 :2 fused:2 fused:2:1 fused:1:1} 2>&1 | grep "ctx "
     ;;
   1gpu-confirm)
-    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py tests/test_compression_kernels.py \
+    timeout 200 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py tests/test_compression_kernels.py \
       tests/test_serving_gpu.py 2>&1 | tail -4
     timeout 100 python benchmarks/scoring_kernels.py --out "$OUT/bench/scoring_kernels_group_fused.json" --lev-heads 64 \
       --no-32k --no-mass --eager-calls 10 --variants fused_w4_s2,fused_w4_s1,fused_w4_s3,fused_w2_s2 \
@@ -120,26 +122,26 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       2>&1 | grep "ctx "
     ;;
   1gpu-decode)
-    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced or decode_gpu_llama8b" 2>&1 | tail -4
-    timeout 400 python benchmarks/kernels.py --out "$OUT/k" --decode-only --balanced-sweep ${DECODE_ARGS:-} > "$OUT/k.log" 2>&1
+    timeout 150 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced or decode_gpu_llama8b" 2>&1 | tail -4
+    timeout 400 python benchmarks/attention_kernels.py --out "$OUT/k" --decode-only --balanced-sweep ${DECODE_ARGS:-} > "$OUT/k.log" 2>&1
     grep -E "balanced sweep|chosen|B=|target|Error|error" "$OUT/k.log" | cut -c1-250
     ;;
   1gpu-engine-decode)
-    timeout 260 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced or dispatch or decode_gpu_llama8b" \
+    timeout 260 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced or dispatch or decode_gpu_llama8b" \
       tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py tests/test_serving_gpu.py 2>&1 | tail -4
-    timeout 320 python benchmarks/kernels.py --out "$OUT/k" --decode-variants split > "$OUT/k.log" 2>&1
+    timeout 320 python benchmarks/attention_kernels.py --out "$OUT/k" --decode-variants split > "$OUT/k.log" 2>&1
     grep -E "B=|target|Error|error|ctx|case" "$OUT/k.log" | cut -c1-250
     ;;
   1gpu-decode-check)
-    timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced_gpu or decode_gpu_llama8b or dispatch or forward_batches_run_triton" 2>&1 | tail -1
-    timeout 100 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -1
-    timeout 120 python benchmarks/kernels.py --out "$OUT/k" --batches 1 8 --decode-only --decode-variants split balanced \
+    timeout 130 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k "balanced_gpu or decode_gpu_llama8b or dispatch or forward_batches_run_triton" 2>&1 | tail -1
+    timeout 100 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -1
+    timeout 120 python benchmarks/attention_kernels.py --out "$OUT/k" --batches 1 8 --decode-only --decode-variants split balanced \
       > "$OUT/k.log" 2>&1; grep -E "B=|Error|error" "$OUT/k.log" | cut -c1-250
-    timeout 60 python benchmarks/kernels.py --out "$OUT/k64" --page-size 64 --batches 8 --contexts 8192 32768 --decode-only \
+    timeout 60 python benchmarks/attention_kernels.py --out "$OUT/k64" --page-size 64 --batches 8 --contexts 8192 32768 --decode-only \
       --decode-variants split balanced > "$OUT/k64.log" 2>&1; grep -E "B=|Error|error" "$OUT/k64.log" | cut -c1-250
     ;;
   1gpu-layers-check)
-    timeout 240 python -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_layer_kernels.py tests/test_engine_gpu.py \
+    timeout 240 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_layer_kernels.py tests/test_engine_gpu.py \
       tests/test_cuda_graphs_gpu.py tests/test_prefill_dense.py tests/test_serving_gpu.py 2>&1 | tail -4
     timeout 200 python benchmarks/fused_projections.py --out "$OUT/fp" --reps 2 > "$OUT/fp.log" 2>&1; grep -v "^{" "$OUT/fp.log" | tail -8
     timeout 150 python benchmarks/decode_step.py --batch-sizes 1,32 --steps 32 --out "$OUT/ds" > "$OUT/ds.log" 2>&1
@@ -147,19 +149,19 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     ;;
   1gpu-pages)
     for ps in 16 32 64 128; do
-      timeout 100 python benchmarks/kernels.py --out "$OUT/p$ps" --page-size $ps --batches 1 --decode-only \
+      timeout 100 python benchmarks/attention_kernels.py --out "$OUT/p$ps" --page-size $ps --batches 1 --decode-only \
         --decode-variants split balanced split:programs_per_sm=2 split:programs_per_sm=3 split:programs_per_sm=8 \
         split:block_n=64 > "$OUT/p$ps.log" 2>&1; grep -E "B=|Error|error" "$OUT/p$ps.log" | cut -c1-330
       [ $ps = 32 ] && continue
-      timeout 60 python benchmarks/kernels.py --out "$OUT/q$ps" --page-size $ps --batches 8 32 --contexts 8192 \
+      timeout 60 python benchmarks/attention_kernels.py --out "$OUT/q$ps" --page-size $ps --batches 8 32 --contexts 8192 \
         --decode-only --decode-variants split balanced > "$OUT/q$ps.log" 2>&1; grep -E "B=|Error|error" "$OUT/q$ps.log" | cut -c1-250
     done
-    timeout 60 python benchmarks/kernels.py --out "$OUT/small" --batches 1 8 --contexts 1024 2048 --retentions 1.0 \
+    timeout 60 python benchmarks/attention_kernels.py --out "$OUT/small" --batches 1 8 --contexts 1024 2048 --retentions 1.0 \
       --decode-only --decode-variants split balanced > "$OUT/small.log" 2>&1; grep -E "B=|Error|error" "$OUT/small.log" | cut -c1-250
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify
-    timeout 300 python -m clients.cli bench --model $MODEL --load-format dummy --max-model-len 33280 \
+    timeout 300 python -P -m kvferry.clients.cli bench --model $MODEL --load-format dummy --max-model-len 33280 \
       --device cuda:0 --prefill-kv-cache-gib 10 --decode-kv-cache-gib 12 \
       --prefill-args "--reserve-wait-seconds 300" --num-requests 6 --input-len 16k-32k --output-len 256 \
       --concurrency 6 --retention 1,0.25 --warmup 1 --quiet --out "$OUT/bench/serving_h100_long" 2>&1 | tail -4

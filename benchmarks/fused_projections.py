@@ -15,22 +15,19 @@ import argparse
 import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from decode_step import add_decode_run_arguments, decode_run, report_header  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.decode_step import add_decode_run_arguments, decode_run, report_header  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.layers.fused_projections import FUSED_MAX_TOKENS, use_fused_projections  # noqa: E402
-from engine.layers.norm import RMSNorm  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.loader import LoadedModel, load_model  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from kvferry.engine.config import EngineConfig  # noqa: E402
+from kvferry.engine.layers.fused_projections import FUSED_MAX_TOKENS, use_fused_projections  # noqa: E402
+from kvferry.engine.layers.norm import RMSNorm  # noqa: E402
+from kvferry.engine.llm_engine import LLMEngine  # noqa: E402
+from kvferry.engine.loader import LoadedModel, load_model  # noqa: E402
+from kvferry.engine.sampling_params import SamplingParams  # noqa: E402
 
 # mode -> the most rows a fused matmul takes: 0 = never fused, the engine's default, or every size
 MODES = {

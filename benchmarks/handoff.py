@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from clients import Client
-from clients.local_cluster import LocalCluster
+from kvferry.clients import Client
+from kvferry.clients.local_cluster import LocalCluster
 
 
 def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:

@@ -24,8 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def host_us_per_call(fn: Callable[[], Any], calls: int, rounds: int = 5) -> float:
     """Median over rounds of the host's wall time per call, the queue drained between rounds."""
@@ -43,9 +41,9 @@ def host_us_per_call(fn: Callable[[], Any], calls: int, rounds: int = 5) -> floa
 
 
 def cases(device: torch.device) -> dict[str, Callable[[], Any]]:
-    from engine.layers.norm import rms_norm_reference
-    from engine.layers.rotary import apply_rotary
-    from kernels import attention_mass, rms_norm, rotary, silu_mul
+    from kvferry.engine.layers.norm import rms_norm_reference
+    from kvferry.engine.layers.rotary import apply_rotary
+    from kvferry.kernels import attention_mass, rms_norm, rotary, silu_mul
 
     dt = torch.bfloat16
     x = torch.randn(4, 4096, device=device, dtype=dt)

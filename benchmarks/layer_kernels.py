@@ -23,17 +23,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def kernel_times(device: torch.device, tokens: int = 2048) -> dict[str, Any]:
     """Each kernel against its eager layer on a 2048-token chunk of the 8B shape (CUDA-graph replays)."""
-    from benchmarks.kernels import time_calls
-    from engine.layers.norm import RMSNorm
-    from engine.layers.rotary import RotaryEmbedding, apply_rotary
-    from kernels.rms_norm import rms_norm
-    from kernels.rotary import rotary
-    from kernels.silu_mul import silu_mul
+    from attention_kernels import time_calls
+
+    from kvferry.engine.layers.norm import RMSNorm
+    from kvferry.engine.layers.rotary import RotaryEmbedding, apply_rotary
+    from kvferry.kernels.rms_norm import rms_norm
+    from kvferry.kernels.rotary import rotary
+    from kvferry.kernels.silu_mul import silu_mul
 
     dt = torch.bfloat16
     x = torch.randn(tokens, 4096, device=device, dtype=dt)
@@ -64,8 +63,8 @@ def prefills(
     """Whole prefills (2048-token chunks), eager layers and kernels in turn, with and without the
     compactor: the wall times and the compactor's share under each."""
     from benchmarks.compression_overhead import CONFIG_8B, prefill_seconds
-    from engine import CompressionParams, EngineConfig, LLMEngine
-    from engine.layers.layer_kernels import use_layer_kernels
+    from kvferry.engine import CompressionParams, EngineConfig, LLMEngine
+    from kvferry.engine.layers.layer_kernels import use_layer_kernels
 
     engine = LLMEngine(
         EngineConfig(

@@ -1,7 +1,7 @@
 """Prefill-attention variants on one GPU, in one process: tile configs x loop variants, against SDPA.
 
 Each variant is a set of `kernels.prefill_attention` keyword arguments. Every variant is timed on the
-same inputs as `benchmarks/kernels.py` (Llama-3.1-8B attention: 32/8 heads, head_dim 128, bf16,
+same inputs as `benchmarks/attention_kernels.py` (Llama-3.1-8B attention: 32/8 heads, head_dim 128, bf16,
 scattered 16-token pages): a whole causal 8K sequence and the last 2048-token chunk over a 32K
 context; the fastest few also on a whole 32K sequence. Its output is checked against the default
 kernel's on the same inputs, and SDPA (every backend) is timed in the same run. A variant that fails
@@ -24,10 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.kernels import (  # noqa: E402
+from attention_kernels import (  # noqa: E402
     D,
     H,
     copy_bandwidth,
@@ -73,7 +70,7 @@ def run_variant(kernels, case: dict, kw: dict, out: torch.Tensor | None = None) 
 
 
 def run_dense(case: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    from kernels.prefill_dense import prefill_attention_dense
+    from kvferry.kernels.prefill_dense import prefill_attention_dense
 
     return prefill_attention_dense(
         case["q"],
@@ -144,7 +141,7 @@ def main() -> None:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
     assert torch.cuda.is_available(), "a GPU run (the CPU interpreter would take hours at these shapes)"
-    import kernels
+    from kvferry import kernels
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -244,7 +241,7 @@ def engine_prefill(reps: int, contexts: tuple[int, ...] = (8192, 32768)) -> dict
     """Wall seconds of whole prefills (2048-token chunks) of the Llama-3.1-8B shape with dummy weights,
     prefill attention through the Triton kernel against the engine's default (dense where it applies)."""
     from benchmarks.compression_overhead import CONFIG_8B, prefill_seconds
-    from engine import EngineConfig, LLMEngine
+    from kvferry.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(
         EngineConfig(

@@ -28,21 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from quality_plot import markdown_table, plot, task_table  # noqa: E402
 from quality_tasks import TASKS, Sample, make_sample, score  # noqa: E402
+from tqdm import tqdm
 
-from engine import LLM, CompressionParams, SamplingParams  # noqa: E402
-from engine.compression import PromptShape, Scorer, make_scorer, pack_kept, select_tokens  # noqa: E402
-from engine.forward_batch import DecodeBatch  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.page_table import SequenceKV  # noqa: E402
-from engine.sequence import Sequence, SequenceStatus  # noqa: E402
-from engine.tokenizer import encode_chat  # noqa: E402
+from kvferry.engine import LLM, CompressionParams, SamplingParams  # noqa: E402
+from kvferry.engine.compression import PromptShape, Scorer, make_scorer, pack_kept, select_tokens  # noqa: E402
+from kvferry.engine.forward_batch import DecodeBatch  # noqa: E402
+from kvferry.engine.llm_engine import LLMEngine  # noqa: E402
+from kvferry.engine.page_table import SequenceKV  # noqa: E402
+from kvferry.engine.sequence import Sequence, SequenceStatus  # noqa: E402
+from kvferry.engine.tokenizer import encode_chat  # noqa: E402
 
 KVPRESS_NOT_MERGED = (
     "kvpress needs transformers<5.3, so it runs in its own venv: benchmarks/quality_kvpress.py, then "
@@ -334,7 +330,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     except OSError:
         commit = ""
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": f"cpu: {cpu} ({torch.get_num_threads()} torch threads)",
         "platform": platform.platform(),

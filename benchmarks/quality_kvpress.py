@@ -38,9 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from quality_tasks import TASKS, Sample, make_sample, score  # noqa: E402
 
 PRESSES = ("snapkv", "compactor", "streaming")
@@ -200,7 +197,7 @@ def main() -> None:
             f.write(json.dumps(result) + "\n")
     report = {
         "environment": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": " ".join(["python", *sys.argv]),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

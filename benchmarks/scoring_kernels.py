@@ -6,7 +6,7 @@ padded to 64, leverage blocks of 1024 tokens, attention-mass blocks of 128). Two
 prompt in one launch (what deferring the scoring to the prompt's end would see).
 
 Each measurement is a CUDA-graph replay of N calls rotating over enough input sets to defeat the L2
-cache (the timer of benchmarks/kernels.py), plus, for the whole calls, eager wall time (back-to-back
+cache (the timer of benchmarks/attention_kernels.py), plus, for the whole calls, eager wall time (back-to-back
 calls, and one call then a synchronise) to expose host launch overhead. Every variant is also checked
 against the PyTorch reference on fresh random inputs: relative error, and for leverage the overlap of
 the top half of each (block, head) with the reference's, on keys with a moderate and a large shared
@@ -33,7 +33,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 L2_DEFEAT_BYTES = 256 << 20  # input sets rotated until one replay streams at least this much
 
@@ -76,9 +75,11 @@ if args is not None and (args.cpu_smoke or args.host_glue or not torch.cuda.is_a
 
 
 def _graph_timer() -> Callable:
-    """time_calls of benchmarks/kernels.py, loaded from its path (run as a script from benchmarks/, its
+    """time_calls of benchmarks/attention_kernels.py, loaded from its path (run as a script from benchmarks/, its
     module name would shadow the kernels package)."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_kernels", ROOT / "benchmarks" / "attention_kernels.py"
+    )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -175,7 +176,7 @@ def leverage_ref(keys: torch.Tensor, bounds: list[int], sketch: torch.Tensor) ->
 
 
 def mass_ref(q, k, bounds: list[int], scale: float) -> torch.Tensor:
-    from engine.compression.attention_scores import block_attention_mass
+    from kvferry.engine.compression.attention_scores import block_attention_mass
 
     lo = bounds[0]
     return torch.cat(
@@ -280,7 +281,7 @@ def span_blocks(
 ) -> tuple[list[int], int, int, int, torch.Tensor, int]:
     """The whole blocks of `block` tokens inside span (n, lo, hi): (edges as a list, first token, tokens,
     longest block, edges on the device, input sets that defeat L2 when cycled)."""
-    from engine.compression.blocks import block_bounds
+    from kvferry.engine.compression.blocks import block_bounds
 
     n, lo, hi = span
     bounds = [b for b in block_bounds(n, block) if lo <= b <= hi]
@@ -296,7 +297,7 @@ def span_blocks(
 def bench_leverage(
     report: Report, kernels_mod, lev, s: Shape, span_name: str, span, device, dtype, eager_calls
 ):
-    from engine.compression.leverage import gaussian_sketch
+    from kvferry.engine.compression.leverage import gaussian_sketch
 
     bounds, lo, t, max_block, edges, sets = span_blocks(span, s.lev_block, s, device, dtype)
     sketch = gaussian_sketch(s.d, s.k, device)
@@ -431,12 +432,12 @@ def host_glue(layers: int = 4, n: int = 8192, chunk: int = 2048, method: str | N
     calls (CUDA only) are not run here."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from engine import CompressionParams
-    from engine.compression.base import PromptShape
-    from engine.compression.compactor import CompactorScorer
+    from kvferry.engine import CompressionParams
+    from kvferry.engine.compression.base import PromptShape
+    from kvferry.engine.compression.compactor import CompactorScorer
 
-    lev = importlib.import_module("kernels.leverage_scores")
-    mass = importlib.import_module("kernels.attention_mass")
+    lev = importlib.import_module("kvferry.kernels.leverage_scores")
+    mass = importlib.import_module("kvferry.kernels.attention_mass")
     launches = [0]
 
     class Stub:
@@ -524,9 +525,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     import triton
 
-    import kernels as kernels_mod
+    from kvferry import kernels as kernels_mod
 
-    lev = importlib.import_module("kernels.leverage_scores")  # the package re-exports a function of this name
+    lev = importlib.import_module(
+        "kvferry.kernels.leverage_scores"
+    )  # the package re-exports a function of this name
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     s = Shape(smoke=device.type != "cuda")
@@ -566,8 +569,8 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else "cpu (smoke run, interpreter: no timing claims)",
-        date=args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-        measured_at_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=args.date or datetime.datetime.now(datetime.UTC).date().isoformat(),
+        measured_at_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         torch=torch.__version__,
         triton=triton.__version__,
         copy_GBps=COPY_BPS / 1e9,

@@ -10,11 +10,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clients.bench import main  # noqa: E402
+from kvferry.clients.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -49,7 +49,7 @@ def request_pages(context: int, retention: float) -> int:
 
 
 def manifest_bytes(context: int, retention: float, num_pages: int) -> int:
-    from protos.kvferry.v1 import kv_pb2
+    from kvferry.v1 import kv_pb2
 
     kept = round(retention * context)
     m = kv_pb2.KVManifest(
@@ -70,10 +70,10 @@ def decode_main(conn, cfg: dict) -> None:  # noqa: ANN001
 
 
 def _decode(conn, cfg: dict) -> None:  # noqa: ANN001
-    from engine.kv_pool import KVPool
-    from kvtransfer.cuda_ipc import export_pool
-    from kvtransfer.device_util import encode_runs, pool_checksum
-    from kvtransfer.nccl import NcclHub
+    from kvferry.engine.kv_pool import KVPool
+    from kvferry.kvtransfer.cuda_ipc import export_pool
+    from kvferry.kvtransfer.device_util import encode_runs, pool_checksum
+    from kvferry.kvtransfer.nccl import NcclHub
 
     device = torch.device("cuda", cfg["device"])
     torch.cuda.set_device(device)
@@ -171,9 +171,9 @@ def _ask(conn, msg: tuple) -> tuple:  # noqa: ANN001
 
 
 def _prefill(conn, cfg: dict, out: dict, report) -> None:  # noqa: ANN001
-    from kvtransfer.cuda_ipc import IpcPeers
-    from kvtransfer.device_util import page_checksum
-    from kvtransfer.nccl import NcclPeers
+    from kvferry.kvtransfer.cuda_ipc import IpcPeers
+    from kvferry.kvtransfer.device_util import page_checksum
+    from kvferry.kvtransfer.nccl import NcclPeers
 
     device = torch.device("cuda", cfg["device"])
     decode_device = torch.device("cuda", cfg["decode_device"])
@@ -278,7 +278,7 @@ def _prefill(conn, cfg: dict, out: dict, report) -> None:  # noqa: ANN001
 
 def _handoff(conn, cfg: dict, pair, mapped, reps: int) -> dict:  # noqa: ANN001
     """Prefill finished (pages gathered, synced) -> decode ready (pages in place, commit processed)."""
-    from kvtransfer.device_util import page_checksum
+    from kvferry.kvtransfer.device_util import page_checksum
 
     device = torch.device("cuda", cfg["device"])
     n = request_pages(HANDOFF_CONTEXT, HANDOFF_RETENTION)
@@ -445,8 +445,8 @@ def allocator_bench(num_pages: int = 0, reps: int = 7) -> dict:
     """The decode side's share of ReserveKV and release on the host: KVPool.allocate_ids + encode_runs
     and KVPool.free of a 32K@0.5 request (262,144 pages), plus the list API (allocate / free of a list),
     medians in seconds. No GPU: the pool's tensor is one element per page."""
-    from engine.kv_pool import KVPool
-    from kvtransfer.device_util import encode_runs
+    from kvferry.engine.kv_pool import KVPool
+    from kvferry.kvtransfer.device_util import encode_runs
 
     n = num_pages or request_pages(HANDOFF_CONTEXT, HANDOFF_RETENTION)
     pool = KVPool(n + n // 50, PAGE_SIZE, 1, DTYPE, "cpu")

@@ -7,12 +7,12 @@ from typing import Any
 
 import grpc
 
-from clients.client import DEFAULT_ADDRESS, channel_options
-from clients.errors import KvferryRpcError
-from clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
-from clients.results import GenerateResult, StreamChunk
-from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
-from serving.security import auth_metadata, client_credentials
+from kvferry.clients.client import DEFAULT_ADDRESS, channel_options
+from kvferry.clients.errors import KvferryRpcError
+from kvferry.clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
+from kvferry.clients.results import GenerateResult, StreamChunk
+from kvferry.serving.security import auth_metadata, client_credentials
+from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
 class AsyncClient:

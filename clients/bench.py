@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clients.cluster_options import ClusterOptions, add_cluster_flags, cluster_options
+from kvferry.clients.cluster_options import ClusterOptions, add_cluster_flags, cluster_options
 
 MODES = ("colocated", "disaggregated")
 
@@ -232,7 +232,7 @@ async def run_cluster(
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from clients import AsyncClient
+    from kvferry.clients import AsyncClient
 
     records = [Record(len(r.prompt)) for r in work]
     samples: list[dict[str, float]] = []
@@ -302,7 +302,7 @@ def run_colocated(
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from engine import CompressionParams, SamplingParams
+    from kvferry.engine import CompressionParams, SamplingParams
 
     compression = None if retention >= 1.0 else CompressionParams(method=args.method, retention=retention)
     records = [Record(len(r.prompt)) for r in work]
@@ -506,7 +506,7 @@ def _colocated_runs(
 ) -> None:
     import torch
 
-    from engine.llm_engine import LLMEngine
+    from kvferry.engine.llm_engine import LLMEngine
 
     settings = options.colocated_settings()
     threads = torch.get_num_threads()
@@ -536,8 +536,8 @@ def _disaggregated_runs(
     retentions: list[float],
     done: Callable[[dict[str, Any]], None],
 ) -> None:
-    from clients import Client
-    from clients.local_cluster import LocalCluster
+    from kvferry.clients import Client
+    from kvferry.clients.local_cluster import LocalCluster
 
     cluster = None
     address = args.target

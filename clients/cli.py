@@ -23,15 +23,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clients import bench
-from clients.client import DEFAULT_ADDRESS, Client
-from clients.cluster_options import add_cluster_flags, cluster_options
-from clients.errors import KvferryRpcError
-from clients.local_cluster import DEFAULT_PORTS, ClusterError, LocalCluster
+from kvferry.clients import bench
+from kvferry.clients.client import DEFAULT_ADDRESS, Client
+from kvferry.clients.cluster_options import add_cluster_flags, cluster_options
+from kvferry.clients.errors import KvferryRpcError
+from kvferry.clients.local_cluster import DEFAULT_PORTS, ClusterError, LocalCluster
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "engine" / "data" / "marrowick_canal.txt"
 BUNDLED_QUESTION = "Who was the chief engineer of the Marrowick Canal?"
-SERVICES = {"coordinator": "coordinator", "prefill": "prefill_service", "decode": "decode_service"}
+SERVICES = {
+    "coordinator": "kvferry.coordinator",
+    "prefill": "kvferry.prefill_service",
+    "decode": "kvferry.decode_service",
+}
 
 
 def document_messages(document: str, question: str) -> list[dict[str, str]]:
@@ -208,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _security(args: argparse.Namespace) -> dict[str, Any]:
     """Client keywords from --token/--token-file/--tls-* (env KVFERRY_AUTH_TOKEN, KVFERRY_TLS_CA...)."""
-    from serving.security import read_token
+    from kvferry.serving.security import read_token
 
     token = read_token(args.token or os.environ.get("KVFERRY_AUTH_TOKEN") or None, args.token_file)
     return dict(

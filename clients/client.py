@@ -7,11 +7,11 @@ from typing import Any
 
 import grpc
 
-from clients.errors import KvferryRpcError
-from clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
-from clients.results import GenerateResult, StreamChunk
-from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
-from serving.security import auth_metadata, client_credentials
+from kvferry.clients.errors import KvferryRpcError
+from kvferry.clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
+from kvferry.clients.results import GenerateResult, StreamChunk
+from kvferry.serving.security import auth_metadata, client_credentials
+from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from serving.settings import EngineSettings
+    from kvferry.serving.settings import EngineSettings
 
 GIB = 1 << 30
 # kvtransfer.selection.AUTO + TRANSPORT_NAMES, spelled out so the CLI does not import torch to build its
@@ -80,7 +80,7 @@ class ClusterOptions:
 
     def colocated_settings(self) -> EngineSettings:
         """The engine a colocated run uses: the decode node's (device, KV budget), which also prefills."""
-        from serving.settings import EngineSettings, parse_settings
+        from kvferry.serving.settings import EngineSettings, parse_settings
 
         argv = [*self._common(), *self._own(self.decode_device, self.decode_kv_cache_bytes)]
         return parse_settings(EngineSettings, argv, environ={})

@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clients.cluster_options import ClusterOptions
-from serving.healthcheck import is_serving
+from kvferry.clients.cluster_options import ClusterOptions
+from kvferry.serving.healthcheck import is_serving
 
 DEFAULT_PORTS = {"coordinator": 50051, "prefill": 50052, "decode": 50053}
-MODULES = {"coordinator": "coordinator", "prefill": "prefill_service", "decode": "decode_service"}
+MODULES = {
+    "coordinator": "kvferry.coordinator",
+    "prefill": "kvferry.prefill_service",
+    "decode": "kvferry.decode_service",
+}
 
 
 class ClusterError(RuntimeError):
@@ -92,6 +96,7 @@ class LocalCluster:
         assert self.ports is not None
         return [
             sys.executable,
+            "-P",  # the working directory never shadows an installed package (a checkout's kernels/)
             "-m",
             MODULES[node],
             "--host",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from protos.kvferry.v1 import common_pb2, coordinator_pb2
+from kvferry.v1 import common_pb2, coordinator_pb2
 
 Messages = Sequence[Mapping[str, str]]
 _SAMPLING_FIELDS = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protos.kvferry.v1 import common_pb2, coordinator_pb2
+from kvferry.v1 import common_pb2, coordinator_pb2
 
 FINISH_REASON_NAMES = {
     common_pb2.FINISH_REASON_UNSPECIFIED: None,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from serving.settings import parse_settings
+from kvferry.serving.settings import parse_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordinator.settings import CoordinatorSettings
+    from kvferry.coordinator.settings import CoordinatorSettings
 
     settings = parse_settings(CoordinatorSettings, argv, prog="python -m coordinator")
-    from coordinator.server import serve
+    from kvferry.coordinator.server import serve
 
     return asyncio.run(serve(settings))
 

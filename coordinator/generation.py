@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 
-from coordinator.nodes import NodePool
-from protos.kvferry.v1 import common_pb2, coordinator_pb2, decode_pb2, prefill_pb2
-from serving import request_context
-from serving.deadline import Deadline
-from serving.reservations import abort_reservation
+from kvferry.coordinator.nodes import NodePool
+from kvferry.serving import request_context
+from kvferry.serving.deadline import Deadline
+from kvferry.serving.reservations import abort_reservation
+from kvferry.v1 import common_pb2, coordinator_pb2, decode_pb2, prefill_pb2
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from protos.kvferry.v1 import coordinator_pb2
-from serving.metrics import RATIO_BUCKETS, TOKEN_LATENCY_BUCKETS, Registry
+from kvferry.serving.metrics import RATIO_BUCKETS, TOKEN_LATENCY_BUCKETS, Registry
+from kvferry.v1 import coordinator_pb2
 
 
 class CoordinatorMetrics:

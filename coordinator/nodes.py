@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 
-from protos.kvferry.v1 import coordinator_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from serving.errors import UnavailableError
-from serving.security import ChannelFactory
-from serving.server import CHANNEL_OPTIONS
+from kvferry.engine.errors import UnavailableError
+from kvferry.serving.security import ChannelFactory
+from kvferry.serving.server import CHANNEL_OPTIONS
+from kvferry.v1 import coordinator_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from coordinator.nodes import NodePool
-from coordinator.servicer import CoordinatorServicer
-from coordinator.settings import CoordinatorSettings
-from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
-from serving.security import TokenAuth, read_token
-from serving.server import ServiceHost, configure_logging
+from kvferry.coordinator.nodes import NodePool
+from kvferry.coordinator.servicer import CoordinatorServicer
+from kvferry.coordinator.settings import CoordinatorSettings
+from kvferry.serving.security import TokenAuth, read_token
+from kvferry.serving.server import ServiceHost, configure_logging
+from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import grpc
 
-from coordinator.generation import generate
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.nodes import NodePool
-from coordinator.stats import CoordinatorStats
-from protos.kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
-from serving.errors import OverloadedError
-from serving.metrics import Registry
+from kvferry.coordinator.generation import generate
+from kvferry.coordinator.metrics import CoordinatorMetrics
+from kvferry.coordinator.nodes import NodePool
+from kvferry.coordinator.stats import CoordinatorStats
+from kvferry.engine.errors import ResourceExhaustedError
+from kvferry.serving.metrics import Registry
+from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -65,7 +65,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         stats, metrics = self.stats, self.metrics
         if self.max_active_requests and stats.requests_active >= self.max_active_requests:
             metrics.requests.inc(outcome="rejected")
-            raise OverloadedError(
+            raise ResourceExhaustedError(
                 f"the coordinator is serving {stats.requests_active} requests, its max_active_requests; "
                 "retry later"
             )

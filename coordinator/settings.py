@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.settings import ServerSettings, setting
+from kvferry.serving.settings import ServerSettings, setting
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from protos.kvferry.v1 import coordinator_pb2
+from kvferry.v1 import coordinator_pb2
 
 
 @dataclass

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from serving.settings import parse_settings
+from kvferry.serving.settings import parse_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    from decode_service.settings import DecodeSettings
+    from kvferry.decode_service.settings import DecodeSettings
 
     settings = parse_settings(DecodeSettings, argv, prog="python -m decode_service")
-    from decode_service.server import serve
+    from kvferry.decode_service.server import serve
 
     return asyncio.run(serve(settings))
 

@@ -14,15 +14,21 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from decode_service.direct_receiver import DirectReceiver
-from decode_service.settings import DecodeSettings
-from decode_service.token_stream import TokenEvent, TokenStream
-from engine.errors import ResourceExhaustedError, require
-from engine.kv_handoff import KVLayout
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
-from kvtransfer import (
+from kvferry.decode_service.direct_receiver import DirectReceiver
+from kvferry.decode_service.settings import DecodeSettings
+from kvferry.decode_service.token_stream import TokenEvent, TokenStream
+from kvferry.engine.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+    require,
+)
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.sampling_params import SamplingParams
+from kvferry.engine.sequence import Sequence
+from kvferry.kvtransfer import (
     ModelSpec,
     Reservation,
     ReservationNotFoundError,
@@ -31,14 +37,13 @@ from kvtransfer import (
     bytes_to_pages,
     check_manifest,
 )
-from kvtransfer.device_util import TransferTimeoutError, pool_checksum
-from kvtransfer.errors import TransferIntegrityError
-from kvtransfer.manifest import CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM, check_early_manifest
-from kvtransfer.transport import EarlyFinal, run_to_end
-from protos.kvferry.v1 import decode_pb2
-from serving.convert import sampling_from_proto
-from serving.engine_worker import EngineWorker
-from serving.errors import FailedPreconditionError, InvalidRequestError, UnavailableError
+from kvferry.kvtransfer.device_util import TransferTimeoutError, pool_checksum
+from kvferry.kvtransfer.errors import TransferIntegrityError
+from kvferry.kvtransfer.manifest import CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM, check_early_manifest
+from kvferry.kvtransfer.transport import EarlyFinal, run_to_end
+from kvferry.serving.convert import sampling_from_proto
+from kvferry.serving.engine_worker import EngineWorker
+from kvferry.v1 import decode_pb2
 
 log = logging.getLogger(__name__)
 
@@ -193,18 +198,18 @@ class DecodeEngine:
                     reservation = candidate
                     started = time.perf_counter()
                 elif chunk.reservation_id not in ("", reservation.id):
-                    raise InvalidRequestError(
+                    raise InvalidArgumentError(
                         "reservation_id: one PushKV stream carries one reservation", field="reservation_id"
                     )
                 if len(chunk.data) > self.settings.max_chunk_bytes:
-                    raise InvalidRequestError(
+                    raise InvalidArgumentError(
                         f"data: chunk of {len(chunk.data)} bytes exceeds max_chunk_bytes {self.settings.max_chunk_bytes}",
                         field="data",
                     )
                 self.reservations.get(reservation.id)  # NOT_FOUND if the lease ran out meanwhile
                 reservation.accept(chunk.offset, chunk.data)
             if reservation is None:
-                raise InvalidRequestError(
+                raise InvalidArgumentError(
                     "reservation_id: the PushKV stream carried no chunk", field="reservation_id"
                 )
             assert self.spec is not None

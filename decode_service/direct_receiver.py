@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from decode_service.settings import DecodeSettings
-from kvtransfer.device_util import device_uuid, host_id
-from kvtransfer.selection import CPU_TRANSPORTS, GPU_TRANSPORTS, IN_PROCESS_NODES, parse_transports
-from protos.kvferry.v1 import decode_pb2
-from serving.errors import FailedPreconditionError, UnavailableError
+from kvferry.decode_service.settings import DecodeSettings
+from kvferry.engine.errors import FailedPreconditionError, UnavailableError
+from kvferry.kvtransfer.device_util import device_uuid, host_id
+from kvferry.kvtransfer.selection import CPU_TRANSPORTS, GPU_TRANSPORTS, IN_PROCESS_NODES, parse_transports
+from kvferry.v1 import decode_pb2
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class DirectReceiver:
         self.device = pool.kv.device
         served = ["grpc"]
         if self.device.type == "cpu" and "shm" in wanted:
-            from kvtransfer.shm import SharedPool
+            from kvferry.kvtransfer.shm import SharedPool
 
             try:
                 self._shared = SharedPool(pool.kv, self.node_id)
@@ -54,7 +54,7 @@ class DirectReceiver:
                 self.pool_export = self._shared.export.to_bytes()
                 served.append("shm")
         if self.device.type == "cuda" and "cuda_ipc" in wanted:
-            from kvtransfer.cuda_ipc import export_pool
+            from kvferry.kvtransfer.cuda_ipc import export_pool
 
             try:
                 self.pool_export = export_pool(pool.kv, self.node_id).to_bytes()
@@ -62,7 +62,7 @@ class DirectReceiver:
             except (RuntimeError, UnavailableError) as e:
                 log.warning("cuda_ipc transport off: %s", e)
         if self.device.type == "cuda" and "nccl" in wanted:
-            from kvtransfer.nccl import NcclHub
+            from kvferry.kvtransfer.nccl import NcclHub
 
             try:
                 self._hub = NcclHub(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from decode_service.decode_engine import DecodeEngine
-from decode_service.servicer import DecodeServicer
-from decode_service.settings import DecodeSettings
-from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
-from serving.engine_metrics import register_engine_metrics
-from serving.server import ServiceHost, configure_logging
+from kvferry.decode_service.decode_engine import DecodeEngine
+from kvferry.decode_service.servicer import DecodeServicer
+from kvferry.decode_service.settings import DecodeSettings
+from kvferry.serving.engine_metrics import register_engine_metrics
+from kvferry.serving.server import ServiceHost, configure_logging
+from kvferry.v1 import decode_pb2, decode_pb2_grpc
 
 SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
 

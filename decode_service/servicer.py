@@ -9,16 +9,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_service.decode_engine import DecodeEngine
-from kvtransfer.device_util import encode_runs
-from kvtransfer.errors import ReservationNotFoundError
-from kvtransfer.manifest import check_transfer_size
-from kvtransfer.selection import DIRECT_WRITE
-from kvtransfer.transport import EarlyFinal
-from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
-from serving import request_context
-from serving.convert import FINISH_REASONS, model_info, pool_info
-from serving.metrics import Registry
+from kvferry.decode_service.decode_engine import DecodeEngine
+from kvferry.kvtransfer.device_util import encode_runs
+from kvferry.kvtransfer.errors import ReservationNotFoundError
+from kvferry.kvtransfer.manifest import check_transfer_size
+from kvferry.kvtransfer.selection import DIRECT_WRITE
+from kvferry.kvtransfer.transport import EarlyFinal
+from kvferry.serving import request_context
+from kvferry.serving.convert import FINISH_REASONS, model_info, pool_info
+from kvferry.serving.metrics import Registry
+from kvferry.v1 import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 

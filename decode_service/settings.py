@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvtransfer.selection import parse_transports
-from serving.settings import EngineSettings, ServerSettings, setting
+from kvferry.kvtransfer.selection import parse_transports
+from kvferry.serving.settings import EngineSettings, ServerSettings, setting
 
 
 @dataclass

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
-from serving.detokenizer import IncrementalDetokenizer
+from kvferry.engine.outputs import RequestOutput
+from kvferry.engine.sampling_params import SamplingParams
+from kvferry.engine.sequence import Sequence
+from kvferry.serving.detokenizer import IncrementalDetokenizer
 
 
 @dataclass

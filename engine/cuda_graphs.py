@@ -17,13 +17,13 @@ import time
 
 import torch
 
-from engine.config import EngineConfig
-from engine.decode_buffers import DecodeBuffers
-from engine.forward_batch import PaddedDecodeBatch
-from engine.kv_pool import KVPool
-from engine.models import CausalLM
-from engine.page_table import grow_decode_batch
-from engine.sequence import Sequence
+from kvferry.engine.config import EngineConfig
+from kvferry.engine.decode_buffers import DecodeBuffers
+from kvferry.engine.forward_batch import PaddedDecodeBatch
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.models import CausalLM
+from kvferry.engine.page_table import grow_decode_batch
+from kvferry.engine.sequence import Sequence
 
 MAX_GRAPH_BATCH = 256  # larger decode batches run eagerly (their launch overhead is amortised anyway)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sequence import Sequence
+from kvferry.engine.sequence import Sequence
 
 PADDING = -2  # new_pages value of a padding row
 

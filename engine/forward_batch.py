@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from engine.layers import paged_attention as ref
-from engine.page_table import SequenceKV
-from engine.uploads import upload, upload_values
+from kvferry.engine.layers import paged_attention as ref
+from kvferry.engine.page_table import SequenceKV
+from kvferry.engine.uploads import upload, upload_values
 
 if TYPE_CHECKING:  # kernels needs triton: imported only where the pool is on CUDA
-    from kernels import DecodePlan
+    from kvferry.kernels import DecodePlan
 
 
 def _triton_kernels() -> ModuleType:
     """The Triton kernels package, imported only when the pool is on CUDA (it needs triton)."""
-    import kernels
+    from kvferry import kernels
 
     return kernels
 
@@ -114,7 +114,7 @@ class PrefillBatch:
         # kernels/prefill_dense.py's prefill_attention_dense where it applies to this chunk
         self.dense_attention: Callable[..., torch.Tensor] | None = None
         if dense and self.use_triton and self.uniform:
-            from kernels import prefill_dense  # CUDA only (needs triton)
+            from kvferry.kernels import prefill_dense  # CUDA only (needs triton)
 
             pool = seq_kv.pool
             if prefill_dense.dense_prefill_applies_to(

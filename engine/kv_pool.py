@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.errors import ResourceExhaustedError
+from kvferry.engine.errors import ResourceExhaustedError
 
 
 def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:

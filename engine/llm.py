@@ -7,12 +7,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from engine.compression import CompressionParams, as_compression_params
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
+from kvferry.engine.compression import CompressionParams, as_compression_params
+from kvferry.engine.config import EngineConfig
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.outputs import RequestOutput
+from kvferry.engine.sampling_params import SamplingParams
+from kvferry.engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
 
 Prompt = str | list[int]
 

@@ -8,23 +8,23 @@ from typing import Any
 
 import torch
 
-from engine.compression import as_compression_params, make_observer
-from engine.config import EngineConfig
-from engine.cuda_graphs import make_decode_graph_runner
-from engine.errors import InvalidArgumentError, require
-from engine.kv_handoff import KVLayout
-from engine.kv_pool import KVPool
-from engine.layers.fused_projections import use_fused_projections
-from engine.layers.layer_kernels import use_layer_kernels
-from engine.loader import LoadedModel, load_model
-from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
-from engine.page_table import SequenceKV
-from engine.sampler import sample
-from engine.sampling_params import SamplingParams
-from engine.scheduler import DecodeStep, PrefillStep, Scheduler
-from engine.sequence import Sequence, SequenceStatus
-from engine.tokenizer import eos_token_ids
+from kvferry.engine.compression import as_compression_params, make_observer
+from kvferry.engine.config import EngineConfig
+from kvferry.engine.cuda_graphs import make_decode_graph_runner
+from kvferry.engine.errors import InvalidArgumentError, require
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.layers.fused_projections import use_fused_projections
+from kvferry.engine.layers.layer_kernels import use_layer_kernels
+from kvferry.engine.loader import LoadedModel, load_model
+from kvferry.engine.model_runner import ModelRunner
+from kvferry.engine.outputs import RequestOutput
+from kvferry.engine.page_table import SequenceKV
+from kvferry.engine.sampler import sample
+from kvferry.engine.sampling_params import SamplingParams
+from kvferry.engine.scheduler import DecodeStep, PrefillStep, Scheduler
+from kvferry.engine.sequence import Sequence, SequenceStatus
+from kvferry.engine.tokenizer import eos_token_ids
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
 

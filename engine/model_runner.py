@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.cuda_graphs import DecodeGraphRunner
-from engine.forward_batch import DecodeBatch, PrefillBatch, PrefillObserver
-from engine.kv_pool import KVPool
-from engine.models import CausalLM
-from engine.sequence import Sequence
-from engine.uploads import upload_values
+from kvferry.engine.cuda_graphs import DecodeGraphRunner
+from kvferry.engine.forward_batch import DecodeBatch, PrefillBatch, PrefillObserver
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.models import CausalLM
+from kvferry.engine.sequence import Sequence
+from kvferry.engine.uploads import upload_values
 
 
 class ModelRunner:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sequence import RequestStats
+from kvferry.engine.sequence import RequestStats
 
 
 @dataclass

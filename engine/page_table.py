@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.kv_pool import KVPool
+from kvferry.engine.kv_pool import KVPool
 
 
 class SequenceKV:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from kvferry.engine.sampling_params import SamplingParams
 
 
 def sample(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.errors import require
+from kvferry.engine.errors import require
 
 
 @dataclass

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from engine.errors import ResourceExhaustedError
-from engine.kv_pool import KVPool
-from engine.page_table import SequenceKV
-from engine.sequence import Sequence, SequenceStatus
+from kvferry.engine.errors import ResourceExhaustedError
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.page_table import SequenceKV
+from kvferry.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

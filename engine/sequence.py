@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from engine.page_table import SequenceKV
-from engine.sampling_params import SamplingParams
+from kvferry.engine.page_table import SequenceKV
+from kvferry.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
 

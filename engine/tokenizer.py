@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import InvalidArgumentError, require
+from kvferry.engine.errors import InvalidArgumentError, require
 
 Message = dict[str, str]
 

@@ -5,16 +5,21 @@ Importing this package needs triton. Tests run the kernels on CPU with TRITON_IN
 before this import.
 """
 
-from kernels.attention_mass import attention_mass
-from kernels.decode_attention import decode_attention, decode_attention_split, use_balanced
-from kernels.decode_balanced import DecodePlan, balanced_block_n, decode_attention_balanced, plan_decode
-from kernels.leverage_scores import leverage_scores, padded_sketch
-from kernels.pack_kept import pack_kept, scatter_pages
-from kernels.prefill_attention import prefill_attention
-from kernels.rms_norm import rms_norm
-from kernels.rotary import rotary
-from kernels.silu_mul import silu_mul
-from kernels.store_kv import store_kv
+from kvferry.kernels.attention_mass import attention_mass
+from kvferry.kernels.decode_attention import decode_attention, decode_attention_split, use_balanced
+from kvferry.kernels.decode_balanced import (
+    DecodePlan,
+    balanced_block_n,
+    decode_attention_balanced,
+    plan_decode,
+)
+from kvferry.kernels.leverage_scores import leverage_scores, padded_sketch
+from kvferry.kernels.pack_kept import pack_kept, scatter_pages
+from kvferry.kernels.prefill_attention import prefill_attention
+from kvferry.kernels.rms_norm import rms_norm
+from kvferry.kernels.rotary import rotary
+from kvferry.kernels.silu_mul import silu_mul
+from kvferry.kernels.store_kv import store_kv
 
 __all__ = [
     "DecodePlan",

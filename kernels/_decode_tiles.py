@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import input_precision, next_pow2, upcast_dots
+from kvferry.kernels._common import input_precision, next_pow2, upcast_dots
 
 
 def row_strides(q: torch.Tensor, page_tables: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> tuple:

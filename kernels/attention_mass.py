@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import LOG2E, input_precision, next_pow2, upcast_dots
+from kvferry.kernels._common import LOG2E, input_precision, next_pow2, upcast_dots
 
 MAX_BLOCK = 128  # a block's scores [b, b] stay in registers
 

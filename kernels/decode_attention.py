@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import LOG2E, check_pool, next_pow2, num_sms
-from kernels._decode_tiles import attend_token_range, row_strides, tile_constexprs
-from kernels.decode_balanced import DecodePlan, decode_attention_balanced
+from kvferry.kernels._common import LOG2E, check_pool, next_pow2, num_sms
+from kvferry.kernels._decode_tiles import attend_token_range, row_strides, tile_constexprs
+from kvferry.kernels.decode_balanced import DecodePlan, decode_attention_balanced
 
 
 @triton.jit
@@ -115,7 +115,7 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-# Measured on an H100 (benchmarks/kernels.py --sweep, docs/benchmarks/kernels.md): many small
+# Measured on an H100 (benchmarks/attention_kernels.py --sweep, docs/benchmarks/kernels.md): many small
 # programs per SM keep enough loads in flight at batch 1; the merge costs little.
 PROGRAMS_PER_SM = 32
 MIN_SPLIT_TOKENS = 256
@@ -217,7 +217,7 @@ def decode_attention_split(
     return out
 
 
-# Measured on an H100 (benchmarks/kernels.py, docs/benchmarks/kernels.md): with 64 heads or more
+# Measured on an H100 (benchmarks/attention_kernels.py, docs/benchmarks/kernels.md): with 64 heads or more
 # (B >= 8 at 8 kv heads) the balanced kernel is 1-4% faster; at B=1 its extra merge work and
 # dependent loads cost 1-2 us of calls that take 11-60 us.
 BALANCED_MIN_HEADS = 64

@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import LOG2E, check_pool, next_pow2, num_sms
-from kernels._decode_tiles import attend_token_range, row_strides, tile_constexprs
+from kvferry.kernels._common import LOG2E, check_pool, next_pow2, num_sms
+from kvferry.kernels._decode_tiles import attend_token_range, row_strides, tile_constexprs
 
-# Measured on an H100 (benchmarks/kernels.py --balanced-sweep, docs/benchmarks/kernels.md).
+# Measured on an H100 (benchmarks/attention_kernels.py --balanced-sweep, docs/benchmarks/kernels.md).
 BLOCK_N = 64
 NUM_STAGES = 2
 NUM_WARPS = 4

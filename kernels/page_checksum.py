@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import next_pow2
+from kvferry.kernels._common import next_pow2
 
 _MASK64 = (1 << 64) - 1
 MAX_BLOCK = 4096  # words one program loads at a time

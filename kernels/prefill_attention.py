@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import LOG2E, check_pool, input_precision, next_pow2, upcast_dots
+from kvferry.kernels._common import LOG2E, check_pool, input_precision, next_pow2, upcast_dots
 
 
 @triton.jit

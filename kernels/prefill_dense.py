@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_pool, next_pow2
+from kvferry.kernels._common import check_pool, next_pow2
 
 log = logging.getLogger(__name__)
 

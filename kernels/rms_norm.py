@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import next_pow2
+from kvferry.kernels._common import next_pow2
 
 
 @triton.jit

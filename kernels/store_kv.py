@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_pool
+from kvferry.kernels._common import check_pool
 
 
 @triton.jit

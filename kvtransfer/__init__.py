@@ -1,26 +1,24 @@
 """Moving KV pages from a prefill service to a decode service: the manifest that travels ahead of the
-pages, reservations with leases on the decode side, and the transports (kvtransfer.transport: `grpc`, and the
-direct ones, `cuda_ipc`, `shm` and `nccl`)."""
+pages, reservations with leases on the decode side, and the transports (kvferry.kvtransfer.transport:
+`grpc`, and the direct ones, `cuda_ipc`, `shm` and `nccl`).
 
-from kvtransfer.errors import ManifestMismatchError, ReservationNotFoundError, TransferIntegrityError
-from kvtransfer.manifest import ModelSpec, build_manifest, check_manifest, checksum
-from kvtransfer.payload import bytes_to_pages, pages_to_bytes
-from kvtransfer.reservation import Reservation, ReservationState, ReservationTable
-from kvtransfer.transport import TransferResult, Transport
+The names below load on first use (most need torch).
+"""
 
-__all__ = [
-    "ManifestMismatchError",
-    "ModelSpec",
-    "Reservation",
-    "ReservationNotFoundError",
-    "ReservationState",
-    "ReservationTable",
-    "TransferIntegrityError",
-    "TransferResult",
-    "Transport",
-    "build_manifest",
-    "bytes_to_pages",
-    "check_manifest",
-    "checksum",
-    "pages_to_bytes",
-]
+from __future__ import annotations
+
+from kvferry._lazy import lazy_exports
+
+_MODULES = {
+    "kvferry.kvtransfer.errors": [
+        "ManifestMismatchError",
+        "ReservationNotFoundError",
+        "TransferIntegrityError",
+    ],
+    "kvferry.kvtransfer.manifest": ["ModelSpec", "build_manifest", "check_manifest", "checksum"],
+    "kvferry.kvtransfer.payload": ["bytes_to_pages", "pages_to_bytes"],
+    "kvferry.kvtransfer.reservation": ["Reservation", "ReservationState", "ReservationTable"],
+    "kvferry.kvtransfer.transport": ["TransferResult", "Transport"],
+}
+__all__ = sorted(name for names in _MODULES.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})

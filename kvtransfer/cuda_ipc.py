@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from kvtransfer.device_util import (
+from kvferry.kvtransfer.device_util import (
     PeerUnreachableError,
     as_words,
     check_runs,
@@ -40,7 +40,7 @@ from kvtransfer.device_util import (
     host_runs,
     local_device_index,
 )
-from kvtransfer.peer_maps import PeerMaps
+from kvferry.kvtransfer.peer_maps import PeerMaps
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from serving.errors import UnavailableError
+from kvferry.engine.errors import UnavailableError
 
 
 class TransferTimeoutError(UnavailableError):
@@ -184,7 +184,7 @@ def page_checksum(pages: torch.Tensor, chunk_pages: int = 1 << 14) -> int:
     of 4-byte words only. On CUDA one Triton kernel reads each page once (kernels/page_checksum.py);
     this is its reference."""
     if pages.is_cuda and pages.is_contiguous():
-        from kernels.page_checksum import page_checksum as fused
+        from kvferry.kernels.page_checksum import page_checksum as fused
 
         return fused(pages)
     total = 0
@@ -197,7 +197,7 @@ def pool_checksum(kv: torch.Tensor, page_ids: torch.Tensor, chunk_pages: int = 1
     """page_checksum of pool pages `page_ids`, in that order: on CUDA read in place by the kernel,
     elsewhere gathered chunk by chunk (the reference)."""
     if kv.is_cuda and kv.is_contiguous():
-        from kernels.page_checksum import page_checksum as fused
+        from kvferry.kernels.page_checksum import page_checksum as fused
 
         return fused(kv, page_ids)
     ids = page_ids.to(kv.device, torch.int64)

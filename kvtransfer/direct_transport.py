@@ -15,11 +15,11 @@ from typing import Any, Protocol
 
 import torch
 
-from kvtransfer.device_util import first_pages_of_runs
-from kvtransfer.errors import LeaseLapsedError, TransferIntegrityError
-from kvtransfer.nccl import NcclPair
-from kvtransfer.transport import EarlyFinal, TransferResult, Transport, run_to_end
-from protos.kvferry.v1 import decode_pb2
+from kvferry.kvtransfer.device_util import first_pages_of_runs
+from kvferry.kvtransfer.errors import LeaseLapsedError, TransferIntegrityError
+from kvferry.kvtransfer.nccl import NcclPair
+from kvferry.kvtransfer.transport import EarlyFinal, TransferResult, Transport, run_to_end
+from kvferry.v1 import decode_pb2
 
 
 class MappedPool(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.errors import DataLossError, FailedPreconditionError, NotFoundError, UnavailableError
+from kvferry.engine.errors import DataLossError, FailedPreconditionError, NotFoundError, UnavailableError
 
 
 class ManifestMismatchError(FailedPreconditionError):

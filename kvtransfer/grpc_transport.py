@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from kvtransfer.errors import TransferIntegrityError
-from kvtransfer.payload import pages_to_bytes
-from kvtransfer.transport import EarlyFinal, TransferResult, Transport
-from protos.kvferry.v1 import decode_pb2
+from kvferry.kvtransfer.errors import TransferIntegrityError
+from kvferry.kvtransfer.payload import pages_to_bytes
+from kvferry.kvtransfer.transport import EarlyFinal, TransferResult, Transport
+from kvferry.v1 import decode_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import ResourceExhaustedError, require
-from engine.kv_handoff import KVLayout
-from kvtransfer.errors import ManifestMismatchError
-from protos.kvferry.v1 import kv_pb2
+from kvferry.engine.errors import ResourceExhaustedError, require
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.kvtransfer.errors import ManifestMismatchError
+from kvferry.v1 import kv_pb2
 
 CHECKSUM_ALGORITHM = "crc32"  # of the bytes, as they stream (grpc)
 DEVICE_CHECKSUM_ALGORITHM = "sum64"  # of the pages, where they are (direct transports: device_util)
@@ -67,7 +67,7 @@ def build_manifest(
     ([N, 2, page_size, head_dim], checksum sum64 computed where they live, for direct transports).
     `with_checksum=False` (direct transports): checksum 0, the sum64 comes with CommitKV instead."""
     if isinstance(payload, torch.Tensor):
-        from kvtransfer.device_util import page_checksum
+        from kvferry.kvtransfer.device_util import page_checksum
 
         byte_count = payload.numel() * payload.element_size()
         value = page_checksum(payload) if payload.numel() and with_checksum else 0

@@ -44,7 +44,8 @@ from datetime import timedelta
 
 import torch
 
-from kvtransfer.device_util import (
+from kvferry.engine.errors import UnavailableError
+from kvferry.kvtransfer.device_util import (
     PeerUnreachableError,
     TransferTimeoutError,
     as_words,
@@ -53,7 +54,6 @@ from kvtransfer.device_util import (
     run_bounded,
     wait_for,
 )
-from serving.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 

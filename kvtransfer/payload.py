@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtransfer.manifest import ModelSpec
+from kvferry.kvtransfer.manifest import ModelSpec
 
 
 def pages_to_bytes(pages: torch.Tensor) -> memoryview:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtransfer.errors import ReservationNotFoundError, TransferIntegrityError
-from kvtransfer.manifest import checksum
-from protos.kvferry.v1 import kv_pb2
-from serving.errors import FailedPreconditionError
+from kvferry.engine.errors import FailedPreconditionError
+from kvferry.kvtransfer.errors import ReservationNotFoundError, TransferIntegrityError
+from kvferry.kvtransfer.manifest import checksum
+from kvferry.v1 import kv_pb2
 
 
 class ReservationState(enum.Enum):

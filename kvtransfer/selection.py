@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.errors import InvalidArgumentError
-from serving.errors import FailedPreconditionError
+from kvferry.engine.errors import FailedPreconditionError, InvalidArgumentError
 
 AUTO = "auto"
 TRANSPORT_NAMES = ("grpc", "cuda_ipc", "nccl", "shm")
@@ -49,7 +48,7 @@ def cuda_peer_access(mine: str, theirs: str) -> bool | None:
     """Whether our GPU can write the other's memory (torch's view; None when it is not visible)."""
     import torch
 
-    from kvtransfer.device_util import local_device_index
+    from kvferry.kvtransfer.device_util import local_device_index
 
     a, b = local_device_index(mine), local_device_index(theirs)
     if a is None or b is None:
@@ -62,7 +61,7 @@ def local_node(device: str, transports: tuple[str, ...] = TRANSPORT_NAMES) -> No
     `transports` its device can serve."""
     import torch
 
-    from kvtransfer.device_util import device_uuid, host_id
+    from kvferry.kvtransfer.device_util import device_uuid, host_id
 
     dev = torch.device(device)
     if dev.type != "cuda":

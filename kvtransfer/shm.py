@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from kvtransfer.device_util import PeerUnreachableError, decode_runs, host_id
-from kvtransfer.peer_maps import PeerMaps
+from kvferry.kvtransfer.device_util import PeerUnreachableError, decode_runs, host_id
+from kvferry.kvtransfer.peer_maps import PeerMaps
 
 log = logging.getLogger(__name__)
 

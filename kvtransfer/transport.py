@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from protos.kvferry.v1 import decode_pb2, kv_pb2
+from kvferry.v1 import decode_pb2, kv_pb2
 
 T = TypeVar("T")
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from serving.settings import parse_settings
+from kvferry.serving.settings import parse_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefill_service.settings import PrefillSettings
+    from kvferry.prefill_service.settings import PrefillSettings
 
     settings = parse_settings(PrefillSettings, argv, prog="python -m prefill_service")
-    from prefill_service.server import serve
+    from kvferry.prefill_service.server import serve
 
     return asyncio.run(serve(settings))
 

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kvtransfer import ModelSpec, Transport
-from kvtransfer.manifest import early_manifest
-from kvtransfer.selection import DIRECT_TRANSPORTS
-from protos.kvferry.v1 import common_pb2, decode_pb2
-from serving.deadline import Deadline
-from serving.reservations import abort_reservation
+from kvferry.kvtransfer import ModelSpec, Transport
+from kvferry.kvtransfer.manifest import early_manifest
+from kvferry.kvtransfer.selection import DIRECT_TRANSPORTS
+from kvferry.serving.deadline import Deadline
+from kvferry.serving.reservations import abort_reservation
+from kvferry.v1 import common_pb2, decode_pb2
 
 if TYPE_CHECKING:
-    from prefill_service.handoff import KVHandoff
+    from kvferry.prefill_service.handoff import KVHandoff
 
 log = logging.getLogger(__name__)
 Taken = tuple[Transport, decode_pb2.ReserveKVResponse, float]  # + when its ReserveKV was sent

@@ -14,19 +14,19 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from kvtransfer import ModelSpec, TransferResult, Transport, build_manifest
-from kvtransfer.device_util import page_checksum
-from kvtransfer.errors import LeaseLapsedError
-from kvtransfer.transport import EarlyFinal, run_to_end, write_deadline
-from prefill_service.early_reservation import EarlyReservation
-from prefill_service.links import DecodeLinks
-from prefill_service.prefill_engine import PrefillOutcome
-from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
-from serving.deadline import Deadline
-from serving.error_interceptor import is_retryable
-from serving.errors import UnavailableError
-from serving.reservations import abort_reservation
-from serving.server import CHANNEL_OPTIONS
+from kvferry.engine.errors import UnavailableError
+from kvferry.kvtransfer import ModelSpec, TransferResult, Transport, build_manifest
+from kvferry.kvtransfer.device_util import page_checksum
+from kvferry.kvtransfer.errors import LeaseLapsedError
+from kvferry.kvtransfer.transport import EarlyFinal, run_to_end, write_deadline
+from kvferry.prefill_service.early_reservation import EarlyReservation
+from kvferry.prefill_service.links import DecodeLinks
+from kvferry.prefill_service.prefill_engine import PrefillOutcome
+from kvferry.serving.deadline import Deadline
+from kvferry.serving.error_interceptor import is_retryable
+from kvferry.serving.reservations import abort_reservation
+from kvferry.serving.server import CHANNEL_OPTIONS
+from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

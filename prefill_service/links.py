@@ -15,10 +15,11 @@ from typing import Any
 import grpc
 import torch
 
-from kvtransfer.device_util import PeerUnreachableError
-from kvtransfer.direct_transport import DirectWriteTransport, NcclTransport
-from kvtransfer.grpc_transport import GrpcTransport
-from kvtransfer.selection import (
+from kvferry.engine.errors import InvalidArgumentError, UnavailableError
+from kvferry.kvtransfer.device_util import PeerUnreachableError
+from kvferry.kvtransfer.direct_transport import DirectWriteTransport, NcclTransport
+from kvferry.kvtransfer.grpc_transport import GrpcTransport
+from kvferry.kvtransfer.selection import (
     AUTO,
     IN_PROCESS_NODES,
     TRANSPORT_NAMES,
@@ -26,9 +27,8 @@ from kvtransfer.selection import (
     choose_transport,
     local_node,
 )
-from kvtransfer.transport import Transport
-from protos.kvferry.v1 import decode_pb2
-from serving.errors import InvalidRequestError, UnavailableError
+from kvferry.kvtransfer.transport import Transport
+from kvferry.v1 import decode_pb2
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class DecodeLinks:
         """The transport a request names (or the default), refused before prefill when unknown."""
         name = requested or self.default
         if name != AUTO and name not in TRANSPORT_NAMES:
-            raise InvalidRequestError(
+            raise InvalidArgumentError(
                 f"transport: unknown transport {name!r}; use {AUTO} or one of {TRANSPORT_NAMES}",
                 field="transport",
             )
@@ -132,13 +132,13 @@ class DecodeLinks:
         if name == "grpc":
             return self.grpc
         if name == "shm":
-            from kvtransfer.shm import ShmExport, ShmPeers
+            from kvferry.kvtransfer.shm import ShmExport, ShmPeers
 
             self._shm = self._shm or ShmPeers()
             mapped = await asyncio.to_thread(self._shm.map, ShmExport.from_bytes(peer.export.pool_export))
             return DirectWriteTransport("shm", mapped)
         if name == "cuda_ipc":
-            from kvtransfer.cuda_ipc import IpcPeers, PoolExport
+            from kvferry.kvtransfer.cuda_ipc import IpcPeers, PoolExport
 
             if peer.export.node_id in IN_PROCESS_NODES:
                 raise PeerUnreachableError("cuda_ipc: the decode node runs in this process (IPC needs two)")
@@ -146,7 +146,7 @@ class DecodeLinks:
             mapped = await asyncio.to_thread(self._ipc.map, PoolExport.from_bytes(peer.export.pool_export))
             return DirectWriteTransport("cuda_ipc", mapped)
         assert name == "nccl", name
-        from kvtransfer.nccl import NcclOffer, NcclPeers
+        from kvferry.kvtransfer.nccl import NcclOffer, NcclPeers
 
         reply = await decode.OpenNccl(
             decode_pb2.OpenNcclRequest(

@@ -7,19 +7,18 @@ import logging
 import uuid
 from typing import Any
 
-from engine.compression import CompressionParams
-from engine.compression.budget import max_kept_pages
-from engine.errors import require
-from kvtransfer import ModelSpec
-from prefill_service.early_reservation import EarlyReservation
-from prefill_service.handoff import KVHandoff
-from prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
-from protos.kvferry.v1 import prefill_pb2
-from serving import request_context
-from serving.convert import FINISH_REASONS, compression_from_proto, encode_input, sampling_from_proto
-from serving.deadline import Deadline
-from serving.errors import OverloadedError
-from serving.metrics import RATIO_BUCKETS, Registry
+from kvferry.engine.compression import CompressionParams
+from kvferry.engine.compression.budget import max_kept_pages
+from kvferry.engine.errors import ResourceExhaustedError, require
+from kvferry.kvtransfer import ModelSpec
+from kvferry.prefill_service.early_reservation import EarlyReservation
+from kvferry.prefill_service.handoff import KVHandoff
+from kvferry.prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
+from kvferry.serving import request_context
+from kvferry.serving.convert import FINISH_REASONS, compression_from_proto, encode_input, sampling_from_proto
+from kvferry.serving.deadline import Deadline
+from kvferry.serving.metrics import RATIO_BUCKETS, Registry
+from kvferry.v1 import prefill_pb2
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class PrefillPipeline:
         request_context.bind(request.request_id)
         if self.max_pending and self.in_flight >= self.max_pending:
             self.metrics.rejected.inc()
-            raise OverloadedError(
+            raise ResourceExhaustedError(
                 f"{self.in_flight} requests are pending on this prefill node (max_pending_requests); retry later"
             )
         self.in_flight += 1

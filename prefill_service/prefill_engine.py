@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import EngineConfig
-from engine.kv_handoff import KVLayout
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.sequence import RequestStats, Sequence, SequenceStatus
-from serving.detokenizer import IncrementalDetokenizer
-from serving.engine_worker import EngineWorker
-from serving.errors import UnavailableError
+from kvferry.engine.config import EngineConfig
+from kvferry.engine.errors import UnavailableError
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.sampling_params import SamplingParams
+from kvferry.engine.sequence import RequestStats, Sequence, SequenceStatus
+from kvferry.serving.detokenizer import IncrementalDetokenizer
+from kvferry.serving.engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from kvtransfer.selection import parse_transports
-from prefill_service.handoff import KVHandoff
-from prefill_service.links import DecodeLinks
-from prefill_service.pipeline import PrefillPipeline
-from prefill_service.prefill_engine import PrefillEngine
-from prefill_service.servicer import PrefillServicer
-from prefill_service.settings import PrefillSettings
-from protos.kvferry.v1 import prefill_pb2, prefill_pb2_grpc
-from serving.engine_metrics import register_engine_metrics
-from serving.server import ServiceHost, configure_logging
+from kvferry.kvtransfer.selection import parse_transports
+from kvferry.prefill_service.handoff import KVHandoff
+from kvferry.prefill_service.links import DecodeLinks
+from kvferry.prefill_service.pipeline import PrefillPipeline
+from kvferry.prefill_service.prefill_engine import PrefillEngine
+from kvferry.prefill_service.servicer import PrefillServicer
+from kvferry.prefill_service.settings import PrefillSettings
+from kvferry.serving.engine_metrics import register_engine_metrics
+from kvferry.serving.server import ServiceHost, configure_logging
+from kvferry.v1 import prefill_pb2, prefill_pb2_grpc
 
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from prefill_service.pipeline import PrefillPipeline
-from protos.kvferry.v1 import prefill_pb2, prefill_pb2_grpc
-from serving.convert import model_info, pool_info
+from kvferry.prefill_service.pipeline import PrefillPipeline
+from kvferry.serving.convert import model_info, pool_info
+from kvferry.v1 import prefill_pb2, prefill_pb2_grpc
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):

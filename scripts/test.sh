@@ -4,7 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m ruff check . || exit 1
 python3 -m ruff format --check . || exit 1
-python3 -m pytest -q -m "not gpu" "$@"
+python3 -P -m pytest -q -m "not gpu" "$@"  # -P: the repository root is not an import root
 rc=$?
 if [ $rc -eq 5 ]; then echo "no tests were collected: failing" >&2; exit 1; fi
 exit $rc

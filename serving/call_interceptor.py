@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 
-from serving import request_context
-from serving.metrics import Registry
-from serving.security import TokenAuth
+from kvferry.serving import request_context
+from kvferry.serving.metrics import Registry
+from kvferry.serving.security import TokenAuth
 
 
 class RpcMetrics:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.compression import CompressionParams
-from engine.errors import InvalidArgumentError, require
-from engine.kv_pool import KVPool
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
-from protos.kvferry.v1 import common_pb2 as pb
+from kvferry.engine.compression import CompressionParams
+from kvferry.engine.errors import InvalidArgumentError, require
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.sampling_params import SamplingParams
+from kvferry.engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
+from kvferry.v1 import common_pb2 as pb
 
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,

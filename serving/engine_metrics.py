@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from serving.metrics import Registry
+from kvferry.serving.metrics import Registry
 
 
 def register_engine_metrics(registry: Registry, engine: Callable[[], Any]) -> None:

@@ -17,8 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from engine.llm_engine import LLMEngine
-from engine.sequence import Sequence
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,8 +1,8 @@
 """The one server interceptor: typed errors raised by servicers become gRPC status codes.
 
-Engine errors map as InvalidArgumentError -> INVALID_ARGUMENT, ResourceExhaustedError ->
-RESOURCE_EXHAUSTED, ModelLoadError -> FAILED_PRECONDITION; a status received from a downstream service
-is passed on unchanged; anything else is INTERNAL, with its traceback logged. The offending field, when
+Every class of kvferry's one error hierarchy (kvferry.engine.errors) maps to its status code there
+(InvalidArgumentError -> INVALID_ARGUMENT, ResourceExhaustedError -> RESOURCE_EXHAUSTED, ...); a status
+received from a downstream service is passed on unchanged; anything else is INTERNAL, with its traceback logged. The offending field, when
 known, also travels as trailing metadata `kvferry-field`.
 """
 
@@ -10,47 +10,25 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from serving import errors
+from kvferry.engine.errors import status_code_name
 
 log = logging.getLogger(__name__)
 FIELD_METADATA_KEY = "kvferry-field"
 RETRYABLE_METADATA_KEY = "kvferry-retryable"  # RESOURCE_EXHAUSTED: "false" when it can never succeed
-
-_SERVICE_ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.DataLossError, grpc.StatusCode.DATA_LOSS),
-    (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-]
-
-
-def _status_table() -> list[tuple[type[Exception], grpc.StatusCode]]:
-    table = list(_SERVICE_ERRORS)
-    engine_errors = sys.modules.get("engine.errors")  # loaded in every process that can raise them
-    if engine_errors is not None:
-        table += [
-            (engine_errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-            (engine_errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-            (engine_errors.ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
-        ]
-    return table
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and details a servicer error becomes (INTERNAL when it is not a typed error)."""
     if isinstance(error, grpc.aio.AioRpcError):
         return error.code(), error.details() or ""
-    for cls, code in _status_table():
-        if isinstance(error, cls):
-            return code, str(error)
+    name = status_code_name(error)
+    if name is not None:
+        return grpc.StatusCode[name], str(error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 

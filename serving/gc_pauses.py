@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from serving.metrics import Registry
+from kvferry.serving.metrics import Registry
 
 log = logging.getLogger(__name__)
 LONG_PAUSE_SECONDS = 0.02

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from serving.metrics import Registry
+from kvferry.serving.metrics import Registry
 
 log = logging.getLogger(__name__)
 

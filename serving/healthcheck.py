@@ -1,4 +1,4 @@
-"""`python -m serving.healthcheck HOST:PORT`: exit 0 when the service's grpc.health.v1 says SERVING.
+"""`python -m kvferry.serving.healthcheck HOST:PORT`: exit 0 when the service's grpc.health.v1 says SERVING.
 
 Container health checks use it (no grpc_health_probe binary needed). When the service runs TLS, the
 same environment the service reads (KVFERRY_TLS_CA, and KVFERRY_TLS_CERT/KVFERRY_TLS_KEY for mTLS,
@@ -37,9 +37,9 @@ def is_serving(
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m serving.healthcheck HOST:PORT", file=sys.stderr)
+        print("usage: python -m kvferry.serving.healthcheck HOST:PORT", file=sys.stderr)
         return 2
-    from serving.security import client_credentials
+    from kvferry.serving.security import client_credentials
 
     env = os.environ
     credentials = client_credentials(

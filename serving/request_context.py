@@ -11,7 +11,7 @@ import contextvars
 import logging
 import re
 
-from serving.errors import InvalidRequestError
+from kvferry.engine.errors import InvalidArgumentError
 
 REQUEST_ID_METADATA_KEY = "kvferry-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("kvferry_request_id", default="-")
@@ -23,7 +23,7 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no spaces: safe in
 def check_request_id(request_id: str) -> str:
     """A caller's request id, or INVALID_ARGUMENT (it travels as gRPC metadata and into log lines)."""
     if len(request_id) > MAX_REQUEST_ID_LENGTH or not _REQUEST_ID.fullmatch(request_id):
-        raise InvalidRequestError(
+        raise InvalidArgumentError(
             f"request_id: at most {MAX_REQUEST_ID_LENGTH} printable ASCII characters without spaces",
             field="request_id",
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from protos.kvferry.v1 import decode_pb2
+from kvferry.v1 import decode_pb2
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_SECONDS = 5.0

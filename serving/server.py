@@ -15,14 +15,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving.call_interceptor import CallInterceptor, RpcMetrics
-from serving.error_interceptor import ErrorInterceptor
-from serving.gc_pauses import GcPauses, freeze_start_up_heap
-from serving.gpu_metrics import register_gpu_metrics
-from serving.metrics import MetricsServer, Registry
-from serving.request_context import LOG_FORMAT, RequestIdFilter
-from serving.security import ChannelFactory, TokenAuth, server_credentials
-from serving.settings import ServerSettings
+from kvferry.serving.call_interceptor import CallInterceptor, RpcMetrics
+from kvferry.serving.error_interceptor import ErrorInterceptor
+from kvferry.serving.gc_pauses import GcPauses, freeze_start_up_heap
+from kvferry.serving.gpu_metrics import register_gpu_metrics
+from kvferry.serving.metrics import MetricsServer, Registry
+from kvferry.serving.request_context import LOG_FORMAT, RequestIdFilter
+from kvferry.serving.security import ChannelFactory, TokenAuth, server_credentials
+from kvferry.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20  # PushKV chunks are a few MiB; this leaves room for long prompts too

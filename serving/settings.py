@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from engine.config import EngineConfig
+    from kvferry.engine.config import EngineConfig
 
 ENV_PREFIX = "KVFERRY_"
 S = TypeVar("S")
@@ -166,7 +166,9 @@ class EngineSettings:
     )
 
     def engine_config(self) -> EngineConfig:
-        from engine.config import EngineConfig  # torch loads here, not when a coordinator imports this
+        from kvferry.engine.config import (
+            EngineConfig,  # torch loads here, not when a coordinator imports this
+        )
 
         return EngineConfig(
             model=self.model,

@@ -26,11 +26,11 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.kv_pool import KVPool
-from engine.loader import LoadedModel, load_model
-from engine.models import CausalLM
-from engine.page_table import SequenceKV
+from kvferry.engine import EngineConfig, LLMEngine, SamplingParams
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.loader import LoadedModel, load_model
+from kvferry.engine.models import CausalLM
+from kvferry.engine.page_table import SequenceKV
 
 TINY_VOCAB = 300
 TINY_KV_BYTES = 4 << 20  # thousands of pages for the tiny models; the 2 GiB CPU default is slow to zero

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from coordinator import server as coordinator_server
-from coordinator.settings import CoordinatorSettings
-from decode_service import server as decode_server
-from decode_service.settings import DecodeSettings
-from prefill_service import server as prefill_server
-from prefill_service.settings import PrefillSettings
-from serving.server import ServiceHost
+from kvferry.coordinator import server as coordinator_server
+from kvferry.coordinator.settings import CoordinatorSettings
+from kvferry.decode_service import server as decode_server
+from kvferry.decode_service.settings import DecodeSettings
+from kvferry.prefill_service import server as prefill_server
+from kvferry.prefill_service.settings import PrefillSettings
+from kvferry.serving.server import ServiceHost
 
 T = TypeVar("T")
 

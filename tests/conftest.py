@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny random models (built once per session) and the real SmolLM2 (loaded once)."""
+"""Shared fixtures: tiny random models (built once per session) and the real SmolLM2 (loaded once).
+
+kvferry itself is imported from its installed (editable) package, never from the repository root:
+the root's folder names (`kernels`, ...) would shadow installed packages (transformers imports the
+`kernels` hub package). Without CUDA the Triton kernels run in Triton's CPU interpreter, which must
+be switched on before triton is first imported (transformers -> torch._dynamo -> triton).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,11 +17,16 @@ from typing import Any
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `import builders`
+sys.path.append(str(REPO_ROOT / "benchmarks"))  # and the benchmarks' modules (`import quality_tasks`)
 
 from builders import TinyModel, make_tiny_model  # noqa: E402
 
-from engine import LLM  # noqa: E402
+from kvferry.engine import LLM  # noqa: E402
 
 SMOLLM2_KV_BYTES = 512 << 20  # ~11K cached tokens of SmolLM2 in fp32: plenty for these tests
 

@@ -12,7 +12,7 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos.kvferry.v1 import common_pb2, coordinator_pb2, decode_pb2, kv_pb2
+from kvferry.v1 import common_pb2, coordinator_pb2, decode_pb2, kv_pb2
 
 TIMEOUT = 20.0
 BAD_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -159,7 +159,7 @@ def _fuzz_bytes(channels: dict[str, grpc.Channel], examples: int) -> None:
 
 
 def _fuzz_generate(channel: grpc.Channel, examples: int) -> None:
-    from protos.kvferry.v1 import coordinator_pb2_grpc
+    from kvferry.v1 import coordinator_pb2_grpc
 
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
 
@@ -175,7 +175,7 @@ def _fuzz_generate(channel: grpc.Channel, examples: int) -> None:
 
 
 def _fuzz_reserve(channel: grpc.Channel, examples: int) -> None:
-    from protos.kvferry.v1 import decode_pb2_grpc
+    from kvferry.v1 import decode_pb2_grpc
 
     stub = decode_pb2_grpc.DecodeServiceStub(channel)
 

@@ -16,10 +16,10 @@ from builders import (
     run_to_completion,
 )
 
-from engine import LLM, ResourceExhaustedError, SamplingParams
-from engine.kv_pool import KVPool, page_bytes
-from engine.llm_engine import LLMEngine
-from engine.sequence import Sequence, SequenceStatus
+from kvferry.engine import LLM, ResourceExhaustedError, SamplingParams
+from kvferry.engine.kv_pool import KVPool, page_bytes
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.sequence import Sequence, SequenceStatus
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

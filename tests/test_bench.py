@@ -21,15 +21,15 @@ import pytest
 from builders import TinyModel
 from cluster import ClusterSpec, InProcessCluster
 
-from clients import bench
-from clients.cli import main as cli_main
-from clients.cli import parser as cli_parser
-from clients.cluster_options import GIB, TRANSPORTS, cluster_options
-from clients.local_cluster import LocalCluster
-from decode_service.settings import DecodeSettings
-from kvtransfer.selection import AUTO, TRANSPORT_NAMES
-from prefill_service.settings import PrefillSettings
-from serving.settings import parse_settings
+from kvferry.clients import bench
+from kvferry.clients.cli import main as cli_main
+from kvferry.clients.cli import parser as cli_parser
+from kvferry.clients.cluster_options import GIB, TRANSPORTS, cluster_options
+from kvferry.clients.local_cluster import LocalCluster
+from kvferry.decode_service.settings import DecodeSettings
+from kvferry.kvtransfer.selection import AUTO, TRANSPORT_NAMES
+from kvferry.prefill_service.settings import PrefillSettings
+from kvferry.serving.settings import parse_settings
 
 PAGE_SIZE = 4
 ENGINE = [
@@ -187,9 +187,13 @@ def test_compare_modes_are_checked() -> None:
 
 # ---- GPU placement flags -> the services' settings --------------------------------------------------
 def _settings(cluster: LocalCluster) -> tuple[PrefillSettings, DecodeSettings]:
-    prefill = parse_settings(PrefillSettings, cluster.command("prefill")[3:], environ={})
-    decode = parse_settings(DecodeSettings, cluster.command("decode")[3:], environ={})
-    return prefill, decode
+    def flags(node: str) -> list[str]:  # what follows `python -P -m kvferry.<service>`
+        command = cluster.command(node)
+        return command[command.index("-m") + 2 :]
+
+    return parse_settings(PrefillSettings, flags("prefill"), environ={}), parse_settings(
+        DecodeSettings, flags("decode"), environ={}
+    )
 
 
 def test_up_gpu_flags_reach_each_service() -> None:
@@ -253,7 +257,7 @@ def _reap(model_path: Path) -> list[int]:
 def test_bench_starts_and_stops_a_local_cluster(tiny: TinyModel, tmp_path: Path) -> None:
     out = tmp_path / "local"
     proc = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "bench", "--model", str(tiny.path), "--device", "cpu",
+        [sys.executable, "-P", "-m", "kvferry.clients.cli", "bench", "--model", str(tiny.path), "--device", "cpu",
          "--dtype", "float32", "--engine-args", " ".join(ENGINE), "--kv-cache-bytes", str(4 << 20),
          "--num-requests", "3", "--input-len", "64", "--output-len", "5", "--concurrency", "3",
          "--retention", "0.5", "--warmup", "0", "--log-dir", str(tmp_path / "logs"),
@@ -274,7 +278,7 @@ def test_bench_starts_and_stops_a_local_cluster(tiny: TinyModel, tmp_path: Path)
 def test_sigterm_stops_the_services_bench_started(tiny: TinyModel, tmp_path: Path) -> None:
     """`timeout 300 kvferry bench ...` on a device machine must not leave GPU processes behind."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "bench", "--model", str(tiny.path), "--device", "cpu",
+        [sys.executable, "-P", "-m", "kvferry.clients.cli", "bench", "--model", str(tiny.path), "--device", "cpu",
          "--engine-args", " ".join(ENGINE), "--kv-cache-bytes", str(4 << 20), "--num-requests", "500",
          "--input-len", "256", "--output-len", "200", "--warmup", "0", "--log-dir", str(tmp_path / "logs"),
          "--out", str(tmp_path / "never"), "--quiet"],

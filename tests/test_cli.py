@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION
-from clients.local_cluster import free_port
+from kvferry.clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION
+from kvferry.clients.local_cluster import free_port
 
 pytestmark = pytest.mark.slow
-KVFERRY = [sys.executable, "-m", "clients.cli"]
+KVFERRY = [sys.executable, "-P", "-m", "kvferry.clients.cli"]
 
 
 def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
@@ -99,13 +99,12 @@ def _taken(port: int) -> bool:
 def test_a_reader_that_goes_away_ends_the_cli_without_a_traceback() -> None:
     """`kvferry stats | head -1` and the like: a closed stdout is exit status 1 and no traceback."""
     code = (
-        "from clients import cli\n"
+        "from kvferry.clients import cli\n"
         "cli.print_stats = lambda *args, **kwargs: print('x' * 1_000_000) or 0  # more than a pipe holds\n"
         "raise SystemExit(cli.main(['stats']))\n"
     )
-    root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-P", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader is gone before the first line

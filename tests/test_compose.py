@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from clients.cli import SERVICES
-from coordinator.settings import CoordinatorSettings
-from decode_service.settings import DecodeSettings
-from prefill_service.settings import PrefillSettings
-from serving.settings import env_name, parse_settings
+from kvferry.clients.cli import SERVICES
+from kvferry.coordinator.settings import CoordinatorSettings
+from kvferry.decode_service.settings import DecodeSettings
+from kvferry.prefill_service.settings import PrefillSettings
+from kvferry.serving.settings import env_name, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"coordinator": CoordinatorSettings, "prefill": PrefillSettings, "decode": DecodeSettings}
@@ -55,7 +56,7 @@ def test_ports_addresses_and_health_checks_agree(services: dict[str, Any]) -> No
         ports[name] = settings.port
         assert svc["ports"] == [f"{settings.port}:{settings.port}"]
         check = svc["healthcheck"]["test"]
-        assert check[:4] == ["CMD", "python", "-m", "serving.healthcheck"]
+        assert check[:4] == ["CMD", "python", "-m", "kvferry.serving.healthcheck"]
         assert check[4] == f"127.0.0.1:{settings.port}"
     coordinator = parse_settings(
         CoordinatorSettings,
@@ -138,7 +139,7 @@ def test_gpu_override_reserves_gpus_shares_ipc_and_places_each_role(
 def test_dockerfile_copies_every_package() -> None:
     text = (ROOT / "Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (\S+) ", text, flags=re.M))
-    include = re.search(r"include = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)  # type: ignore[union-attr]
-    packages = {p.strip().strip('"').rstrip("*") for p in include.split(",")}
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    packages = {folder.split("/")[0] for folder in package_dirs.values()}
     assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
     assert "scripts/install.sh" in text or "scripts" in copied

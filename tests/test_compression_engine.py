@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import LLM, CompressionParams, InvalidArgumentError, SamplingParams
-from engine.compression import SCORERS
-from engine.compression.budget import uniform_share
+from kvferry.engine import LLM, CompressionParams, InvalidArgumentError, SamplingParams
+from kvferry.engine.compression import SCORERS
+from kvferry.engine.compression.budget import uniform_share
 
 LAYERS, KV_HEADS, HEAD_DIM, PAGE = 3, 2, 16, 16
 
@@ -189,8 +189,8 @@ def test_invalid_compression_is_refused_before_anything_is_queued(llm: LLM) -> N
 @pytest.fixture(scope="module")
 def chat_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
     """A tiny random Llama that carries SmolLM2's real tokenizer and chat template."""
-    from engine.loader.default_model import default_model_path
-    from engine.loader.gguf_cache import gguf_tokenizer
+    from kvferry.engine.loader.default_model import default_model_path
+    from kvferry.engine.loader.gguf_cache import gguf_tokenizer
 
     tokenizer = gguf_tokenizer(Path(default_model_path()))
     path = save_tiny_llama(tmp_path_factory.mktemp("tiny_chat"), vocab_size=len(tokenizer))
@@ -199,7 +199,7 @@ def chat_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
 
 
 def test_chat_protection_keeps_the_system_prompt_and_the_question(chat_llm: LLM) -> None:
-    from engine.tokenizer import chat_protected_spans, encode_chat
+    from kvferry.engine.tokenizer import chat_protected_spans, encode_chat
 
     tok = chat_llm.tokenizer
     messages = [

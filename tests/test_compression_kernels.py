@@ -20,20 +20,22 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and "Interpreted" not in type(triton.language.max).__name__:
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
 
-import kernels  # noqa: E402  (after TRITON_INTERPRET)
-from engine import CompressionParams  # noqa: E402
-from engine.compression.attention_scores import block_attention_mass  # noqa: E402
-from engine.compression.base import PromptShape  # noqa: E402
-from engine.compression.blocks import block_bounds  # noqa: E402
-from engine.compression.compactor import CompactorScorer  # noqa: E402
-from engine.compression.leverage import gaussian_sketch, sketched_leverage  # noqa: E402
-from engine.compression.select import pack_kept, select_tokens  # noqa: E402
-from engine.kv_pool import KVPool  # noqa: E402
-from engine.page_table import SequenceKV  # noqa: E402
-from kernels.leverage_scores import STAGES as LEVERAGE_METHODS  # noqa: E402
+from kvferry import kernels  # noqa: E402  (after TRITON_INTERPRET)
+from kvferry.engine import CompressionParams  # noqa: E402
+from kvferry.engine.compression.attention_scores import block_attention_mass  # noqa: E402
+from kvferry.engine.compression.base import PromptShape  # noqa: E402
+from kvferry.engine.compression.blocks import block_bounds  # noqa: E402
+from kvferry.engine.compression.compactor import CompactorScorer  # noqa: E402
+from kvferry.engine.compression.leverage import gaussian_sketch, sketched_leverage  # noqa: E402
+from kvferry.engine.compression.select import pack_kept, select_tokens  # noqa: E402
+from kvferry.engine.kv_pool import KVPool  # noqa: E402
+from kvferry.engine.page_table import SequenceKV  # noqa: E402
+from kvferry.kernels.leverage_scores import STAGES as LEVERAGE_METHODS  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-leverage_module = sys.modules["kernels.leverage_scores"]  # the package re-exports a function of this name
+leverage_module = sys.modules[
+    "kvferry.kernels.leverage_scores"
+]  # the package re-exports a function of this name
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -345,8 +347,8 @@ def test_scatter_pages_small() -> None:
 def test_page_checksum_small(dtype) -> None:
     """sum64 through the kernel (pages read in place at their ids) equals the gathering reference,
     and a single flipped bit, a swapped pair of ids or a dropped page changes it."""
-    from kernels.page_checksum import page_checksum
-    from kvtransfer.device_util import _weighted_sum
+    from kvferry.kernels.page_checksum import page_checksum
+    from kvferry.kvtransfer.device_util import _weighted_sum
 
     torch.manual_seed(31)
     pool = (torch.randn(50, 2, 8, 16, device=DEVICE) * 1e3).to(dtype)  # 8 * 16 * 2 values: 64+ words
@@ -367,8 +369,8 @@ def test_page_checksum_small(dtype) -> None:
 
 def test_page_checksum_wide_pages_loop_over_blocks() -> None:
     """A page wider than one program's block (page_size 128 x head_dim 32: 8192 words)."""
-    from kernels.page_checksum import MAX_BLOCK, page_checksum
-    from kvtransfer.device_util import _weighted_sum
+    from kvferry.kernels.page_checksum import MAX_BLOCK, page_checksum
+    from kvferry.kvtransfer.device_util import _weighted_sum
 
     torch.manual_seed(32)
     pool = torch.randint(-(2**31), 2**31 - 1, (6, 2, 128, 32), dtype=torch.int32, device=DEVICE).view(
@@ -454,7 +456,7 @@ def test_pack_kept_gpu_llama8b(page_size, budget) -> None:
 @pytest.mark.gpu
 def test_page_checksum_gpu_llama8b() -> None:
     """32K at retention 0.5 of the 8B shape: 262,144 scattered pages of 8 KiB (2 GiB), in place."""
-    from kvtransfer.device_util import _weighted_sum, pool_checksum
+    from kvferry.kvtransfer.device_util import _weighted_sum, pool_checksum
 
     torch.manual_seed(81)
     pool = torch.randn(300000, 2, 16, 128, device=DEVICE, dtype=torch.bfloat16)
@@ -489,7 +491,7 @@ def test_compactor_on_cuda_keeps_what_the_cpu_compactor_keeps() -> None:
 
     (Pools compacted from each device's own scores are not compared slot by slot: one near-tie
     swap shifts every later token of that head by a slot; that comparison gave 0.87.)"""
-    from engine.compression.select import compress_kv, select_tokens
+    from kvferry.engine.compression.select import compress_kv, select_tokens
 
     torch.manual_seed(90)
     layers, h, g, d, n, chunk = 4, 8, 4, 128, 5000, 2048

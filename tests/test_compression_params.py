@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import CompressionParams, InvalidArgumentError
-from engine.compression import SCORERS, as_compression_params
+from kvferry.engine import CompressionParams, InvalidArgumentError
+from kvferry.engine.compression import SCORERS, as_compression_params
 
 
 @pytest.mark.parametrize(

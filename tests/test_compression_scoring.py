@@ -9,14 +9,14 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from engine import CompressionParams
-from engine.compression import PromptShape, make_scorer
-from engine.compression.attention_scores import block_attention_mass, window_attention
-from engine.compression.blocks import BlockStream, block_bounds
-from engine.compression.leverage import exact_leverage, gaussian_sketch, sketched_leverage
-from engine.kv_pool import KVPool
-from engine.layers.paged_attention import store_kv
-from engine.page_table import SequenceKV
+from kvferry.engine import CompressionParams
+from kvferry.engine.compression import PromptShape, make_scorer
+from kvferry.engine.compression.attention_scores import block_attention_mass, window_attention
+from kvferry.engine.compression.blocks import BlockStream, block_bounds
+from kvferry.engine.compression.leverage import exact_leverage, gaussian_sketch, sketched_leverage
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.layers.paged_attention import store_kv
+from kvferry.engine.page_table import SequenceKV
 
 
 def keys_with_decaying_spectrum(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -134,7 +134,7 @@ def test_compactor_scores_a_group_of_layers_as_each_layer_alone(monkeypatch, gro
     """The compactor gathers a chunk's pre-RoPE keys of several layers and scores them in one go; each
     layer's scores must be what it gets scored alone (groups of 1, of 2 with a partial last group,
     and of all 3 layers), with chunks that cut through the leverage blocks."""
-    from engine.compression.compactor import CompactorScorer
+    from kvferry.engine.compression.compactor import CompactorScorer
 
     gen = torch.Generator().manual_seed(9)
     layers, h, g, d, n = 3, 2, 2, 16, 500

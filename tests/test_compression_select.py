@@ -8,13 +8,19 @@ import math
 import pytest
 import torch
 
-from engine import CompressionParams
-from engine.compression.budget import keep_mask, uniform_share
-from engine.compression.protection import protected_mask
-from engine.compression.select import compact_in_place, compress_kv, mask_to_indices, pack_kept, select_tokens
-from engine.kv_pool import KVPool
-from engine.layers.paged_attention import gather_heads
-from engine.page_table import SequenceKV
+from kvferry.engine import CompressionParams
+from kvferry.engine.compression.budget import keep_mask, uniform_share
+from kvferry.engine.compression.protection import protected_mask
+from kvferry.engine.compression.select import (
+    compact_in_place,
+    compress_kv,
+    mask_to_indices,
+    pack_kept,
+    select_tokens,
+)
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.layers.paged_attention import gather_heads
+from kvferry.engine.page_table import SequenceKV
 
 L, H, N, P, D = 3, 4, 203, 8, 4
 

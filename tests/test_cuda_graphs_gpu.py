@@ -20,7 +20,7 @@ import torch
 from builders import greedy, random_prompt
 from transformers import LlamaConfig
 
-from engine import CompressionParams, EngineConfig, LLMEngine
+from kvferry.engine import CompressionParams, EngineConfig, LLMEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -118,7 +118,9 @@ def test_graph_decode_matches_eager_fp32(
     """decode_kernel "balanced": every decode batch on the work-balanced kernel, whose plan a graph
     builds inside the replay (by default only batches of 64 heads or more take it)."""
     if decode_kernel == "balanced":
-        monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "BALANCED_MIN_HEADS", 0)
+        monkeypatch.setattr(
+            importlib.import_module("kvferry.kernels.decode_attention"), "BALANCED_MIN_HEADS", 0
+        )
     eager = serve(dummy_8b_heads, "float32", enforce_eager=True)
     graph = serve(dummy_8b_heads, "float32", enforce_eager=False, buckets=buckets)
     assert [ids for ids, _ in graph["steps"]] == [ids for ids, _ in eager["steps"]]
@@ -168,7 +170,7 @@ def test_graph_decode_matches_eager_bf16(dummy_8b_heads: Path, layer_kernels: bo
 
 
 def test_store_kv_kernel_skips_padding_rows() -> None:
-    from kernels import store_kv
+    from kvferry.kernels import store_kv
 
     pool = torch.randn(8, 2, 16, 128, device="cuda", dtype=torch.bfloat16)
     pages = torch.tensor([[3, -1, 5], [-1, -1, 0]], device="cuda")

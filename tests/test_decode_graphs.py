@@ -17,13 +17,13 @@ import pytest
 import torch
 from builders import TinyModel, greedy, make_pool, random_prompt, record_logits
 
-from engine import CompressionParams
-from engine.cuda_graphs import DecodeGraphRunner, graph_buckets
-from engine.kv_pool import KVPool
-from engine.layers import paged_attention as ref
-from engine.llm_engine import LLMEngine
-from engine.page_table import SequenceKV, grow_decode_batch
-from engine.sequence import Sequence
+from kvferry.engine import CompressionParams
+from kvferry.engine.cuda_graphs import DecodeGraphRunner, graph_buckets
+from kvferry.engine.kv_pool import KVPool
+from kvferry.engine.layers import paged_attention as ref
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.page_table import SequenceKV, grow_decode_batch
+from kvferry.engine.sequence import Sequence
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -26,17 +26,17 @@ import torch
 from builders import TinyModel
 from cluster import ClusterSpec, InProcessCluster
 
-from engine.kv_handoff import KVLayout
-from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-from kvtransfer.device_util import decode_runs, first_pages_of_runs, page_checksum
-from kvtransfer.manifest import early_manifest
-from kvtransfer.selection import NodeInfo, choose_transport
-from kvtransfer.shm import MappedShmPool, SharedPool, ShmExport, sweep_stale_files
-from prefill_service.early_reservation import EarlyReservation
-from prefill_service.links import DecodeLinks
-from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from serving.deadline import Deadline
-from serving.errors import FailedPreconditionError, UnavailableError
+from kvferry.engine.errors import FailedPreconditionError, UnavailableError
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+from kvferry.kvtransfer.device_util import decode_runs, first_pages_of_runs, page_checksum
+from kvferry.kvtransfer.manifest import early_manifest
+from kvferry.kvtransfer.selection import NodeInfo, choose_transport
+from kvferry.kvtransfer.shm import MappedShmPool, SharedPool, ShmExport, sweep_stale_files
+from kvferry.prefill_service.early_reservation import EarlyReservation
+from kvferry.prefill_service.links import DecodeLinks
+from kvferry.serving.deadline import Deadline
+from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 PAGE_SIZE = 4
 
@@ -472,9 +472,9 @@ def test_a_direct_write_past_its_window_is_refused_and_writes_nothing(
 ) -> None:
     """A write that would start after half the lease (counted from ReserveKV's send) may land in pages
     the decode node already freed and handed to another request: DirectWriteTransport refuses it."""
-    from kvtransfer.direct_transport import DirectWriteTransport
-    from kvtransfer.errors import LeaseLapsedError
-    from kvtransfer.transport import write_deadline
+    from kvferry.kvtransfer.direct_transport import DirectWriteTransport
+    from kvferry.kvtransfer.errors import LeaseLapsedError
+    from kvferry.kvtransfer.transport import write_deadline
 
     spec, layout, pages = _pages(cluster, 12)
     manifest = build_manifest(spec, layout, pages)
@@ -542,7 +542,7 @@ def test_a_prefill_that_outlasts_its_early_reservation_reserves_again(
 
     want, _ = serve("in-time")
     monkeypatch.setattr(EarlyReservation, "take", aged_take)
-    with caplog.at_level(logging.WARNING, logger="prefill_service.handoff"):
+    with caplog.at_level(logging.WARNING, logger="kvferry.prefill_service.handoff"):
         got, stats = serve("lapsed")
     assert "lapsed: early reservation lapsed" in caplog.text
     assert got == want and stats.transport == "shm"
@@ -554,8 +554,8 @@ def test_a_prefill_that_outlasts_its_early_reservation_reserves_again(
 def test_nccl_starts_no_send_into_a_lapsed_reservation() -> None:
     """NCCL's receive happens inside CommitKV: past the window, the decode node may have dropped the
     reservation, and a send would have no receiver. Neither the send nor CommitKV starts."""
-    from kvtransfer.direct_transport import NcclTransport
-    from kvtransfer.errors import LeaseLapsedError
+    from kvferry.kvtransfer.direct_transport import NcclTransport
+    from kvferry.kvtransfer.errors import LeaseLapsedError
 
     calls: list[str] = []
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from builders import TinyModel
 
-from engine.errors import InvalidArgumentError, ModelLoadError
-from engine.loader import load_model
+from kvferry.engine.errors import InvalidArgumentError, ModelLoadError
+from kvferry.engine.loader import load_model
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_dummy_needs_a_config(tmp_path: Path) -> None:
 
 
 def test_load_format_is_validated() -> None:
-    from engine.config import EngineConfig
+    from kvferry.engine.config import EngineConfig
 
     with pytest.raises(InvalidArgumentError) as err:
         EngineConfig(load_format="random")

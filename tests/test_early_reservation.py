@@ -15,13 +15,13 @@ import pytest
 import torch
 from builders import TinyModel, greedy
 
-from engine import CompressionParams
-from engine.compression.budget import max_kept_pages
-from engine.compression.select import select_tokens
-from engine.config import EngineConfig
-from engine.errors import InvalidArgumentError, ResourceExhaustedError
-from engine.kv_handoff import KVLayout
-from engine.llm_engine import LLMEngine
+from kvferry.engine import CompressionParams
+from kvferry.engine.compression.budget import max_kept_pages
+from kvferry.engine.compression.select import select_tokens
+from kvferry.engine.config import EngineConfig
+from kvferry.engine.errors import InvalidArgumentError, ResourceExhaustedError
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.engine.llm_engine import LLMEngine
 
 
 def _pages_kept(scores: torch.Tensor, params: CompressionParams, page_size: int) -> int:
@@ -156,7 +156,7 @@ def test_imports_into_a_reused_pool_get_few_page_runs(tiny_model: Callable[[str]
     """Decode growth takes one page per head between a request's kept pages; once freed, a later import
     must still get its pages as a few long runs (cuda_ipc writes one memcpy per run, a scatter past 64).
     In free order they came as up to 19 runs here."""
-    from kvtransfer.device_util import encode_runs
+    from kvferry.kvtransfer.device_util import encode_runs
 
     engine = _tiny_engine(tiny_model)  # its own pool: the runs depend on what was freed before
     prompt = list(range(1, 33))  # 6 kept pages per head: the first decode token opens a new page

@@ -20,7 +20,7 @@ import torch
 from builders import greedy, random_prompt, randomize_, record_logits
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from engine import CompressionParams, EngineConfig, LLMEngine
+from kvferry.engine import CompressionParams, EngineConfig, LLMEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -85,7 +85,9 @@ def test_cuda_engine_matches_cpu_engine_fp32(
     """decode_kernel "balanced": every decode batch on the work-balanced kernel (by default only
     batches of 64 heads or more take it, more than these tests make)."""
     if decode_kernel == "balanced":
-        monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "BALANCED_MIN_HEADS", 0)
+        monkeypatch.setattr(
+            importlib.import_module("kvferry.kernels.decode_attention"), "BALANCED_MIN_HEADS", 0
+        )
     cpu_tokens, cpu_rows = serve(llama_8b_heads, "cpu", "float32", compression)
     gpu_tokens, gpu_rows = serve(llama_8b_heads, "cuda", "float32", compression)
     assert [r.shape for r in gpu_rows] == [r.shape for r in cpu_rows]  # same chunks and batches

@@ -16,7 +16,7 @@ from builders import TINY_KV_BYTES, TinyModel, greedy, random_prompt, record_log
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from engine import (
+from kvferry.engine import (
     LLM,
     EngineConfig,
     InvalidArgumentError,

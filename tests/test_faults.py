@@ -16,10 +16,10 @@ import grpc
 import pytest
 from builders import TinyModel
 
-from clients import AsyncClient, Client, KvferryRpcError
-from clients.local_cluster import LocalCluster
-from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
-from serving.healthcheck import is_serving
+from kvferry.clients import AsyncClient, Client, KvferryRpcError
+from kvferry.clients.local_cluster import LocalCluster
+from kvferry.serving.healthcheck import is_serving
+from kvferry.v1 import decode_pb2, decode_pb2_grpc
 
 pytestmark = pytest.mark.slow
 LEASE_SECONDS = 2.0
@@ -278,7 +278,7 @@ def test_logs_carry_the_request_id_across_processes(cluster: LocalCluster, clien
 
 RESERVER = """
 import sys, time, grpc
-from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
+from kvferry.v1 import decode_pb2, decode_pb2_grpc
 request = decode_pb2.ReserveKVRequest.FromString(open(sys.argv[2], "rb").read())
 stub = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(sys.argv[1]))
 print(stub.ReserveKV(request, timeout=10).reservation_id, flush=True)
@@ -296,9 +296,9 @@ def test_sender_killed_between_reserve_and_pages_is_freed_by_the_lease(
 
     import torch
 
-    from engine.kv_handoff import KVLayout
-    from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-    from protos.kvferry.v1 import common_pb2
+    from kvferry.engine.kv_handoff import KVLayout
+    from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+    from kvferry.v1 import common_pb2
 
     stub = decode_stub(cluster)
     info = stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5)
@@ -315,10 +315,9 @@ def test_sender_killed_between_reserve_and_pages_is_freed_by_the_lease(
         transport="grpc",
     )
     (tmp_path / "reserve.bin").write_bytes(request.SerializeToString())
-    root = Path(__file__).resolve().parent.parent
     sender = subprocess.Popen(
-        [sys.executable, "-c", RESERVER, cluster.address("decode"), str(tmp_path / "reserve.bin")],
-        cwd=root, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-P", "-c", RESERVER, cluster.address("decode"), str(tmp_path / "reserve.bin")],
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         reservation_id = sender.stdout.readline().strip()  # type: ignore[union-attr]
@@ -342,19 +341,19 @@ def test_decode_killed_mid_stream_is_continued_on_another_decode_node(
     import subprocess
     import sys
 
-    from clients.local_cluster import free_port
+    from kvferry.clients.local_cluster import free_port
 
     ports = {"decode2": free_port(), "coordinator2": free_port()}
     decodes = [cluster.address("decode"), f"127.0.0.1:{ports['decode2']}"]
     log = tmp_path / "coordinator2.log"
     children = {
         "decode2": subprocess.Popen(
-            [sys.executable, "-m", "decode_service", "--port", str(ports["decode2"]),
+            [sys.executable, "-P", "-m", "kvferry.decode_service", "--port", str(ports["decode2"]),
              *cluster.engine_args, *cluster.decode_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ),
         "coordinator2": subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "--port", str(ports["coordinator2"]), "--log-level", "INFO",
+            [sys.executable, "-P", "-m", "kvferry.coordinator", "--port", str(ports["coordinator2"]), "--log-level", "INFO",
              "--prefill-addresses", cluster.address("prefill"), "--decode-addresses", ",".join(decodes)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT,
         ),
@@ -403,7 +402,7 @@ def test_tls_cluster_of_real_processes(tiny_model: Callable[[str], TinyModel], t
     plaintext one is refused."""
     from certs import make_pki
 
-    from serving.security import client_credentials
+    from kvferry.serving.security import client_credentials
 
     pki = make_pki(tmp_path / "pki")
     env = {

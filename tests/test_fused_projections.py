@@ -10,9 +10,9 @@ import pytest
 import torch
 from builders import generate_recording, random_prompt
 
-from engine.layers.attention import Attention
-from engine.layers.fused_projections import use_fused_projections
-from engine.layers.mlp import GatedMLP
+from kvferry.engine.layers.attention import Attention
+from kvferry.engine.layers.fused_projections import use_fused_projections
+from kvferry.engine.layers.mlp import GatedMLP
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.loader import gguf_file, load_model
-from engine.loader.default_model import default_model_path
-from engine.loader.gguf_cache import WEIGHTS_FILE, cached_weights, store_weights, weights_entry
+from kvferry.engine.loader import gguf_file, load_model
+from kvferry.engine.loader.default_model import default_model_path
+from kvferry.engine.loader.gguf_cache import WEIGHTS_FILE, cached_weights, store_weights, weights_entry
 
 pytestmark = pytest.mark.slow  # converts the bundled SmolLM2 GGUF (~12 s)
 
@@ -71,5 +71,5 @@ def test_a_cache_that_cannot_be_written_is_no_error(tmp_path: Path, monkeypatch:
     assert cached_weights(path) is None
     assert not any((tmp_path / "cache" / "gguf").iterdir())  # no temporary folder left behind
 
-    monkeypatch.setattr("engine.loader.gguf_cache.MAX_CACHED_BYTES", 4)
+    monkeypatch.setattr("kvferry.engine.loader.gguf_cache.MAX_CACHED_BYTES", 4)
     assert not store_weights(path, config, {"w": torch.ones(2)})  # 8 bytes: over the limit

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from builders import long_document
 
-from clients import Client
-from clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION, document_messages
-from clients.local_cluster import LocalCluster
-from engine import LLM, CompressionParams, SamplingParams
+from kvferry.clients import Client
+from kvferry.clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION, document_messages
+from kvferry.clients.local_cluster import LocalCluster
+from kvferry.engine import LLM, CompressionParams, SamplingParams
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32

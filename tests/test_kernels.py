@@ -18,10 +18,10 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and "Interpreted" not in type(triton.language.max).__name__:
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
 
-import kernels  # noqa: E402  (after TRITON_INTERPRET)
-from engine.layers import paged_attention as ref  # noqa: E402
-from kernels.decode_attention import choose_num_splits  # noqa: E402
-from kernels.decode_balanced import decode_attention_balanced, plan_decode  # noqa: E402
+from kvferry import kernels  # noqa: E402  (after TRITON_INTERPRET)
+from kvferry.engine.layers import paged_attention as ref  # noqa: E402
+from kvferry.kernels.decode_attention import choose_num_splits  # noqa: E402
+from kvferry.kernels.decode_balanced import decode_attention_balanced, plan_decode  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -338,7 +338,7 @@ def test_decode_balanced_gpu_llama8b(dtype, page_size) -> None:
 @pytest.mark.parametrize("block_n", [32, 64, 128])
 @pytest.mark.parametrize("num_warps,num_stages", [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)])
 def test_decode_balanced_gpu_configs(block_n, num_warps, num_stages) -> None:
-    """The configs the balanced sweep may pick (benchmarks/kernels.py), pages smaller and larger than a block."""
+    """The configs the balanced sweep may pick (benchmarks/attention_kernels.py), pages smaller and larger than a block."""
     torch.manual_seed(300 + block_n + num_warps + num_stages)
     for page_size in (16, 128):
         kw = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
@@ -454,9 +454,9 @@ def test_store_kv_gpu(dtype, page_size) -> None:
 @pytest.mark.gpu
 def test_forward_batches_run_triton_on_cuda() -> None:
     """PrefillBatch/DecodeBatch on a CUDA pool (Triton path) against the references on the same pool."""
-    from engine.forward_batch import DecodeBatch, PrefillBatch
-    from engine.kv_pool import KVPool
-    from engine.page_table import SequenceKV
+    from kvferry.engine.forward_batch import DecodeBatch, PrefillBatch
+    from kvferry.engine.kv_pool import KVPool
+    from kvferry.engine.page_table import SequenceKV
 
     torch.manual_seed(11)
     layers, heads, group, head_dim, dtype = 2, 8, 4, 128, torch.bfloat16

@@ -28,12 +28,12 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.decode_attention import _decode_merge_kernel, _decode_split_kernel
-from kernels.decode_balanced import _decode_balanced_kernel, _decode_balanced_merge_kernel
-from kernels.attention_mass import _attention_mass_kernel
-from kernels.leverage_scores import _fused_kernel
-from kernels.prefill_attention import _prefill_kernel
-from kernels.rms_norm import _rms_norm_kernel
+from kvferry.kernels.decode_attention import _decode_merge_kernel, _decode_split_kernel
+from kvferry.kernels.decode_balanced import _decode_balanced_kernel, _decode_balanced_merge_kernel
+from kvferry.kernels.attention_mass import _attention_mass_kernel
+from kvferry.kernels.leverage_scores import _fused_kernel
+from kvferry.kernels.prefill_attention import _prefill_kernel
+from kvferry.kernels.rms_norm import _rms_norm_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 STRIDES = ["stride_qb", "stride_qh", "stride_pb", "stride_ph", "stride_lb", "stride_lh", "stride_ob", "stride_oh"]
@@ -105,9 +105,8 @@ json.dump(results, sys.stdout)
 
 def test_kernels_compile_for_hopper() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-P", "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout)

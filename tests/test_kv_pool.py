@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ResourceExhaustedError
-from engine.kv_pool import KVPool
+from kvferry.engine.errors import ResourceExhaustedError
+from kvferry.engine.kv_pool import KVPool
 
 
 def make_pool(num_pages: int) -> KVPool:
@@ -77,7 +77,7 @@ def test_fresh_pool_hands_out_one_run_in_order() -> None:
 def test_a_request_freed_and_reallocated_keeps_its_runs() -> None:
     """A sequence frees its pages in allocation order; the next one of the same size gets the same
     ascending runs back (not single pages in reverse), so direct transfers stay a few large copies."""
-    from kvtransfer.device_util import encode_runs
+    from kvferry.kvtransfer.device_util import encode_runs
 
     pool = make_pool(10000)
     first = pool.allocate_ids(4096)

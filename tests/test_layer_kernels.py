@@ -19,11 +19,11 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the root conftest.py sets it before any triton import
 triton = pytest.importorskip("triton")
 
-from engine.layers.norm import RMSNorm  # noqa: E402
-from engine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
-from kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
-from kernels.rotary import rotary  # noqa: E402
-from kernels.silu_mul import silu_mul  # noqa: E402
+from kvferry.engine.layers.norm import RMSNorm  # noqa: E402
+from kvferry.engine.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
+from kvferry.kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from kvferry.kernels.rotary import rotary  # noqa: E402
+from kvferry.kernels.silu_mul import silu_mul  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -157,7 +157,7 @@ def test_an_engine_on_the_layer_kernels_generates_the_same(tiny_model, kind: str
     qwen3_moe the experts' gates)."""
     from builders import generate_recording, random_prompt
 
-    from engine.layers.layer_kernels import use_layer_kernels
+    from kvferry.engine.layers.layer_kernels import use_layer_kernels
 
     model = tiny_model(kind)
     prompt = random_prompt(70, model.vocab_size, seed=6)
@@ -173,9 +173,9 @@ def test_an_engine_on_the_layer_kernels_generates_the_same(tiny_model, kind: str
 def test_the_engine_setting_picks_the_layers(tiny_model) -> None:
     """layer_kernels switches every norm, attention and MLP of the model, on CUDA only: a CPU engine
     keeps the eager layers (the kernels would run in Triton's interpreter)."""
-    from engine.layers.attention import Attention
-    from engine.layers.mlp import GatedMLP
-    from engine.layers.norm import RMSNorm
+    from kvferry.engine.layers.attention import Attention
+    from kvferry.engine.layers.mlp import GatedMLP
+    from kvferry.engine.layers.norm import RMSNorm
 
     engine = tiny_model("qwen3").engine(layer_kernels=True)
     layers = [m for m in engine.model.modules() if isinstance(m, (RMSNorm, Attention, GatedMLP))]

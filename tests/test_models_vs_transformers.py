@@ -15,7 +15,7 @@ import torch
 from builders import TINY_KINDS, TinyModel, greedy, random_prompt, record_logits, run_to_completion
 from safetensors import safe_open
 
-from engine.layers.rotary import inverse_frequencies
+from kvferry.engine.layers.rotary import inverse_frequencies
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -14,10 +14,10 @@ import pytest
 from builders import TinyModel
 from cluster import ClusterSpec, InProcessCluster
 
-from clients import Client, KvferryRpcError
-from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from serving.metrics import Registry, parse_text
-from serving.request_context import RequestIdFilter
+from kvferry.clients import Client, KvferryRpcError
+from kvferry.serving.metrics import Registry, parse_text
+from kvferry.serving.request_context import RequestIdFilter
+from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,9 @@ def test_request_id_is_in_every_services_log_lines(cluster: InProcessCluster) ->
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append  # type: ignore[method-assign]
     handler.addFilter(RequestIdFilter())
-    loggers = [logging.getLogger(n) for n in ("coordinator", "prefill_service", "decode_service")]
+    loggers = [
+        logging.getLogger(f"kvferry.{n}") for n in ("coordinator", "prefill_service", "decode_service")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.INFO)
@@ -120,7 +122,7 @@ def test_request_id_is_in_every_services_log_lines(cluster: InProcessCluster) ->
         for lg, level in zip(loggers, levels):
             lg.removeHandler(handler)
             lg.setLevel(level)
-    tagged = {r.name.split(".")[0] for r in records if r.request_id == "trace-me-42"}
+    tagged = {r.name.split(".")[1] for r in records if r.request_id == "trace-me-42"}
     assert tagged == {"coordinator", "prefill_service", "decode_service"}, [
         (r.name, r.request_id, r.getMessage()) for r in records
     ]
@@ -176,7 +178,7 @@ def test_prefill_refuses_beyond_max_pending_requests(cluster: InProcessCluster) 
 
 
 def test_metrics_server_survives_garbage() -> None:
-    from serving.metrics import MetricsServer
+    from kvferry.serving.metrics import MetricsServer
 
     async def go() -> bytes:
         server = MetricsServer(Registry(), "127.0.0.1", 0)
@@ -197,7 +199,7 @@ def test_metrics_server_survives_garbage() -> None:
 def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog: pytest.LogCaptureFixture) -> None:
     import gc
 
-    from serving import gc_pauses
+    from kvferry.serving import gc_pauses
 
     registry = Registry()
     pauses = gc_pauses.GcPauses(registry)
@@ -211,7 +213,7 @@ def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog: pytest.
     samples = parse_text(registry.render())
     assert samples['kvferry_gc_pause_seconds_count{generation="2"}'] == 1
     assert samples['kvferry_gc_pause_seconds_count{generation="0"}'] >= 1
-    with caplog.at_level(logging.INFO, logger="serving.gc_pauses"):
+    with caplog.at_level(logging.INFO, logger="kvferry.serving.gc_pauses"):
         pauses._callback("start", {})
         pauses._started -= 0.05  # a 50 ms pause
         pauses._callback("stop", {"generation": 2, "collected": 7})
@@ -221,7 +223,7 @@ def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog: pytest.
 def test_freezing_the_start_up_heap_takes_it_out_of_collections() -> None:
     import gc
 
-    from serving.gc_pauses import freeze_start_up_heap
+    from kvferry.serving.gc_pauses import freeze_start_up_heap
 
     try:
         assert freeze_start_up_heap() > 1000  # the interpreter and this test session alone

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # the root conftest.py sets it before any triton import
 pytest.importorskip("triton")
 
-from engine.layers import paged_attention as ref  # noqa: E402
-from kernels.prefill_dense import (  # noqa: E402
+from kvferry.engine.layers import paged_attention as ref  # noqa: E402
+from kvferry.kernels.prefill_dense import (  # noqa: E402
     MIN_TOKENS,
     PREFIX_ALIGN,
     dense_prefill_applies,

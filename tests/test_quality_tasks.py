@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-# Imported by package path: putting benchmarks/ itself on sys.path would let benchmarks/serving.py
-# shadow the `serving` package in every process this test session spawns.
-from benchmarks.quality_tasks import TASKS, make_sample, score
+from quality_tasks import TASKS, make_sample, score
 
 
 def words(text: str) -> int:

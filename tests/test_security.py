@@ -16,13 +16,13 @@ from builders import TinyModel
 from certs import Pki, make_pki
 from cluster import ClusterSpec, InProcessCluster
 
-from clients import AsyncClient, Client, KvferryRpcError
-from coordinator.settings import CoordinatorSettings
-from engine.kv_handoff import KVLayout
-from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from serving.security import client_credentials, read_token, server_credentials
-from serving.settings import ServerSettings
+from kvferry.clients import AsyncClient, Client, KvferryRpcError
+from kvferry.coordinator.settings import CoordinatorSettings
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+from kvferry.serving.security import client_credentials, read_token, server_credentials
+from kvferry.serving.settings import ServerSettings
+from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 TOKEN = "s3cret-t0ken"
 PAGE_SIZE = 4
@@ -115,7 +115,7 @@ def test_missing_or_wrong_token_is_unauthenticated(
 
 
 def test_health_needs_no_token(cluster: InProcessCluster, pki: Pki) -> None:
-    from serving.healthcheck import is_serving
+    from kvferry.serving.healthcheck import is_serving
 
     assert is_serving(cluster.coordinator_address, credentials=client_credentials(pki.ca))
     assert not is_serving(cluster.coordinator_address)  # but it needs TLS
@@ -189,7 +189,7 @@ def test_token_from_file_or_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="empty"):
         read_token(None, str(f))
     env = {"KVFERRY_AUTH_TOKEN": "from-env"}
-    from serving.settings import parse_settings
+    from kvferry.serving.settings import parse_settings
 
     assert parse_settings(CoordinatorSettings, [], env).auth_token == "from-env"
     assert parse_settings(CoordinatorSettings, ["--auth-token", "flag"], env).auth_token == "flag"
@@ -202,9 +202,9 @@ def _decode_stub(cluster: InProcessCluster, pki: Pki) -> decode_pb2_grpc.DecodeS
 
 
 def test_transfer_size_limits() -> None:
-    from engine.errors import ResourceExhaustedError
-    from kvtransfer.manifest import check_transfer_size
-    from protos.kvferry.v1 import kv_pb2
+    from kvferry.engine.errors import ResourceExhaustedError
+    from kvferry.kvtransfer.manifest import check_transfer_size
+    from kvferry.v1 import kv_pb2
 
     spec = ModelSpec("f", "float32", 4, 2, 2, 16, 4)  # 512-byte pages
     fits = kv_pb2.KVManifest(num_pages=100, byte_count=100 * 512)
@@ -270,7 +270,7 @@ def test_bad_manifests_are_refused_before_any_page(
 def test_cli_takes_token_and_ca(
     cluster: InProcessCluster, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from clients.cli import main
+    from kvferry.clients.cli import main
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

@@ -17,11 +17,11 @@ from cluster import ClusterSpec, InProcessCluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients import AsyncClient, Client, KvferryRpcError
-from engine import CompressionParams, SamplingParams
-from engine.kv_handoff import KVLayout
-from kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-from protos.kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from kvferry.clients import AsyncClient, Client, KvferryRpcError
+from kvferry.engine import CompressionParams, SamplingParams
+from kvferry.engine.kv_handoff import KVLayout
+from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 PAGE_SIZE = 4
 MAX_MODEL_LEN = 512
@@ -213,9 +213,9 @@ def test_unreachable_nodes_are_unavailable() -> None:
     """A coordinator whose nodes do not answer refuses with UNAVAILABLE (no model needed)."""
     import asyncio
 
-    from coordinator import server as coordinator_server
-    from coordinator.settings import CoordinatorSettings
-    from serving.settings import ServerSettings  # noqa: F401
+    from kvferry.coordinator import server as coordinator_server
+    from kvferry.coordinator.settings import CoordinatorSettings
+    from kvferry.serving.settings import ServerSettings  # noqa: F401
 
     async def go() -> KvferryRpcError:
         settings = CoordinatorSettings(
@@ -420,8 +420,8 @@ def test_info_and_stats(cluster: InProcessCluster, client: Client) -> None:
 
 def test_full_pool_is_retryable_but_never_fitting_is_not() -> None:
     """The prefill side waits for room on a full decode node only when room can ever come."""
-    from engine.errors import ResourceExhaustedError
-    from engine.kv_pool import KVPool
+    from kvferry.engine.errors import ResourceExhaustedError
+    from kvferry.engine.kv_pool import KVPool
 
     pool = KVPool(8, PAGE_SIZE, 16, torch.float32, "cpu")
     with pytest.raises(ResourceExhaustedError, match="never fit") as never:

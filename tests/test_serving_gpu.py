@@ -13,12 +13,12 @@ import pytest
 import torch
 from cluster import ClusterSpec, InProcessCluster
 
-from clients import Client
-from clients.local_cluster import LocalCluster
-from engine import CompressionParams, SamplingParams
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from protos.kvferry.v1 import decode_pb2, decode_pb2_grpc
+from kvferry.clients import Client
+from kvferry.clients.local_cluster import LocalCluster
+from kvferry.engine import CompressionParams, SamplingParams
+from kvferry.engine.config import EngineConfig
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.v1 import decode_pb2, decode_pb2_grpc
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 NEW_TOKENS = 24

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.settings import CoordinatorSettings
-from decode_service.settings import DecodeSettings
-from prefill_service.settings import PrefillSettings
-from serving.settings import parse_settings
+from kvferry.coordinator.settings import CoordinatorSettings
+from kvferry.decode_service.settings import DecodeSettings
+from kvferry.prefill_service.settings import PrefillSettings
+from kvferry.serving.settings import parse_settings
 
 
 def test_defaults() -> None:
@@ -56,7 +56,7 @@ def test_coordinator_needs_nodes(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_engine_settings_reach_the_engine_config() -> None:
     """Engine flags land in EngineConfig; a bad value fails there, naming the field."""
-    from engine.errors import InvalidArgumentError
+    from kvferry.engine.errors import InvalidArgumentError
 
     s = parse_settings(PrefillSettings, ["--prefill-attention", "triton", "--enforce-eager"], environ={})
     config = s.engine_config()

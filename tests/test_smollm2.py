@@ -15,8 +15,8 @@ import pytest
 import torch
 from builders import long_document, record_logits
 
-from engine import LLM, SamplingParams
-from engine.tokenizer import Message, encode_chat
+from kvferry.engine import LLM, SamplingParams
+from kvferry.engine.tokenizer import Message, encode_chat
 
 pytestmark = pytest.mark.slow
 

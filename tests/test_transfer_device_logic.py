@@ -12,14 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine.errors import InvalidArgumentError
-from kvtransfer.cuda_ipc import PoolExport, plan_write
-from kvtransfer.device_util import (
+from kvferry.engine.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from kvferry.kvtransfer.cuda_ipc import PoolExport, plan_write
+from kvferry.kvtransfer.device_util import (
     PeerUnreachableError,
     as_words,
     check_runs,
@@ -30,9 +29,8 @@ from kvtransfer.device_util import (
     pool_checksum,
     run_bounded,
 )
-from kvtransfer.nccl import NcclOffer, NcclPeers, _prepare_env, check_store, chunk_plan, connect_store
-from kvtransfer.selection import NodeInfo, choose_transport
-from serving.errors import FailedPreconditionError, UnavailableError
+from kvferry.kvtransfer.nccl import NcclOffer, NcclPeers, _prepare_env, check_store, chunk_plan, connect_store
+from kvferry.kvtransfer.selection import NodeInfo, choose_transport
 
 ALL = ("grpc", "cuda_ipc", "nccl")
 
@@ -245,7 +243,7 @@ def test_nccl_env_never_lets_torch_kill_the_process(monkeypatch: pytest.MonkeyPa
 
 HUB = """
 import sys, time
-from kvtransfer.nccl import NcclHub
+from kvferry.kvtransfer.nccl import NcclHub
 hub = NcclHub(0, port=int(sys.argv[1]), timeout=5.0)  # the decode node's store; no GPU needed for it
 print(hub.port, flush=True)
 time.sleep(120)
@@ -257,9 +255,7 @@ def _start_hub(port: int = 0) -> tuple[subprocess.Popen, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HUB, str(port)], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
-    )
+    proc = subprocess.Popen([sys.executable, "-P", "-c", HUB, str(port)], stdout=subprocess.PIPE)
     line = proc.stdout.readline()
     assert line.strip() == str(port).encode(), line
     return proc, port

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine.uploads import upload, upload_values
+from kvferry.engine.uploads import upload, upload_values
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -93,11 +93,11 @@ def decode_main(conn, results, cfg: dict) -> None:  # noqa: ANN001
 
 
 def _decode(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
-    from engine.kv_pool import KVPool
-    from kvtransfer.cuda_ipc import export_pool
-    from kvtransfer.device_util import pool_checksum
-    from kvtransfer.nccl import NcclHub
-    from serving.errors import UnavailableError
+    from kvferry.engine.errors import UnavailableError
+    from kvferry.engine.kv_pool import KVPool
+    from kvferry.kvtransfer.cuda_ipc import export_pool
+    from kvferry.kvtransfer.device_util import pool_checksum
+    from kvferry.kvtransfer.nccl import NcclHub
 
     device = _device(cfg)
     pool = KVPool(cfg.get("num_pages", 8192), PAGE_SIZE, HEAD_DIM, DTYPE, device)
@@ -109,7 +109,7 @@ def _decode(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
         pool.kv.view(torch.int16).fill_(POISON)
         conn.send(("export", export_pool(pool.kv)))
     elif cfg["transport"] == "shm":  # the CPU counterpart of cuda_ipc: the pool moves into /dev/shm
-        from kvtransfer.shm import SharedPool
+        from kvferry.kvtransfer.shm import SharedPool
 
         shared = SharedPool(pool.kv, uuid.uuid4().hex)
         pool.kv = shared.kv
@@ -239,12 +239,12 @@ class _Held:
 
 
 def _prefill(conn, cfg: dict, out: dict) -> None:  # noqa: ANN001
-    from engine.kv_pool import KVPool
-    from kvtransfer.cuda_ipc import IpcPeers
-    from kvtransfer.device_util import encode_runs, page_checksum
-    from kvtransfer.nccl import NcclPeers
-    from kvtransfer.shm import ShmPeers
-    from serving.errors import UnavailableError
+    from kvferry.engine.errors import UnavailableError
+    from kvferry.engine.kv_pool import KVPool
+    from kvferry.kvtransfer.cuda_ipc import IpcPeers
+    from kvferry.kvtransfer.device_util import encode_runs, page_checksum
+    from kvferry.kvtransfer.nccl import NcclPeers
+    from kvferry.kvtransfer.shm import ShmPeers
 
     device = _device(cfg)
     pool = KVPool(cfg.get("num_pages", 4096), PAGE_SIZE, HEAD_DIM, DTYPE, device)

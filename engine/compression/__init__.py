@@ -5,11 +5,12 @@ import it below.
 """
 
 # Scorer modules register themselves on import.
-from engine.compression import baselines, compactor, kvcompress, snapkv  # noqa: F401
-from engine.compression.base import SCORERS, PromptShape, Scorer, make_scorer, register
-from engine.compression.observer import CompressionObserver, make_observer
-from engine.compression.params import BUDGETS, CompressionParams, as_compression_params
-from engine.compression.select import compact_in_place, compress_kv, pack_kept, select_tokens
+from kvferry.engine.compression import baselines, compactor, kvcompress, snapkv  # noqa: F401
+from kvferry.engine.compression.base import PromptShape, Scorer, make_scorer
+from kvferry.engine.compression.observer import CompressionObserver, make_observer
+from kvferry.engine.compression.params import BUDGETS, CompressionParams, as_compression_params
+from kvferry.engine.compression.registry import SCORERS, register
+from kvferry.engine.compression.select import compact_in_place, compress_kv, pack_kept, select_tokens
 
 __all__ = [
     "BUDGETS",

@@ -1,5 +1,5 @@
-"""The scorer base class and the registry: a new method is one file with `@register("name")`
-plus one import line in engine/compression/__init__.py.
+"""The scorer base class: a new method is one file with a Scorer subclass under `@register("name")`
+(registry.py) plus one import line in engine/compression/__init__.py.
 
 A scorer lives for one request. Chunked prefill shows it every layer of every chunk through
 `observe` (queries post-RoPE, keys pre- and post-RoPE); once the prompt is cached, `scores()`
@@ -13,9 +13,10 @@ from typing import ClassVar
 
 import torch
 
-from engine.compression.params import CompressionParams
-from engine.layers.paged_attention import gather_heads
-from engine.page_table import SequenceKV
+from kvferry.engine.compression.params import CompressionParams
+from kvferry.engine.compression.registry import SCORERS
+from kvferry.engine.layers.paged_attention import gather_heads
+from kvferry.engine.page_table import SequenceKV
 
 
 @dataclass
@@ -55,20 +56,6 @@ class Scorer:
         table = kv.page_table[layer].to(kv.pool.kv.device)
         k, _ = gather_heads(kv.pool.kv, table, -(-n // kv.pool.page_size))
         return k[:, :n]
-
-
-SCORERS: dict[str, type[Scorer]] = {}
-
-
-def register(name: str):  # noqa: ANN201 - a class decorator
-    def add(cls: type[Scorer]) -> type[Scorer]:
-        if name in SCORERS:
-            raise ValueError(f"compression method {name!r} is registered twice")
-        cls.name = name
-        SCORERS[name] = cls
-        return cls
-
-    return add
 
 
 def make_scorer(params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> Scorer:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.compression.base import Scorer, register
+from kvferry.engine.compression.base import Scorer
+from kvferry.engine.compression.registry import register
 
 
 @register("streaming")

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from engine.compression.params import CompressionParams
-from engine.compression.protection import protected_mask
+from kvferry.engine.compression.params import CompressionParams
+from kvferry.engine.compression.protection import protected_mask
 
 
 def uniform_share(n: int, retention: float) -> int:

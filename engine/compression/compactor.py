@@ -19,12 +19,13 @@ from typing import ClassVar
 
 import torch
 
-from engine.compression.attention_scores import block_attention_mass
-from engine.compression.base import PromptShape, Scorer, register
-from engine.compression.blocks import BlockStream, block_bounds
-from engine.compression.leverage import gaussian_sketch, sketched_leverage
-from engine.compression.params import CompressionParams
-from engine.page_table import SequenceKV
+from kvferry.engine.compression.attention_scores import block_attention_mass
+from kvferry.engine.compression.base import PromptShape, Scorer
+from kvferry.engine.compression.blocks import BlockStream, block_bounds
+from kvferry.engine.compression.leverage import gaussian_sketch, sketched_leverage
+from kvferry.engine.compression.params import CompressionParams
+from kvferry.engine.compression.registry import register
+from kvferry.engine.page_table import SequenceKV
 
 
 def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:
@@ -201,9 +202,9 @@ class FusedScoring:
         leverage_method: str | None = None,
         mass_query_split: int = 1,
     ) -> None:
-        import kernels
-        from kernels.attention_mass import MAX_BLOCK
-        from kernels.leverage_scores import LeverageWorkspace
+        from kvferry import kernels
+        from kvferry.kernels.attention_mass import MAX_BLOCK
+        from kvferry.kernels.leverage_scores import LeverageWorkspace
 
         self.kernels = kernels
         self.leverage_method = leverage_method  # None: kernels.leverage_scores' default

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.compression.base import register
-from engine.compression.window import WindowScorer
+from kvferry.engine.compression.registry import register
+from kvferry.engine.compression.window import WindowScorer
 
 
 @register("kvcompress")

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.compression.base import PromptShape, Scorer, make_scorer
-from engine.compression.params import CompressionParams
-from engine.compression.select import compress_kv
+from kvferry.engine.compression.base import PromptShape, Scorer, make_scorer
+from kvferry.engine.compression.params import CompressionParams
+from kvferry.engine.compression.select import compress_kv
 
 if TYPE_CHECKING:
-    from engine.sequence import Sequence
+    from kvferry.engine.sequence import Sequence
 
 
 class CompressionObserver:

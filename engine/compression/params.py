@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.errors import InvalidArgumentError, require
+from kvferry.engine.compression.registry import SCORERS
+from kvferry.engine.errors import InvalidArgumentError, require
 
 BUDGETS = ("uniform", "adaptive", "global")
 
@@ -39,8 +40,6 @@ class CompressionParams:
     seed: int = 0  # random scorer
 
     def __post_init__(self) -> None:
-        from engine.compression.base import SCORERS
-
         self.protected_spans = [_span(s) for s in self.protected_spans]
         require(
             isinstance(self.method, str) and self.method in SCORERS,

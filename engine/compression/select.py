@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.compression.budget import keep_mask, uniform_share
-from engine.compression.params import CompressionParams
-from engine.compression.protection import protected_mask
-from engine.page_table import SequenceKV
-from engine.uploads import upload
+from kvferry.engine.compression.budget import keep_mask, uniform_share
+from kvferry.engine.compression.params import CompressionParams
+from kvferry.engine.compression.protection import protected_mask
+from kvferry.engine.page_table import SequenceKV
+from kvferry.engine.uploads import upload
 
 
 def select_tokens(scores: torch.Tensor, params: CompressionParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +90,7 @@ def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Te
         table[cut] = -1
     pool_kv = seq_kv.pool.kv
     if pool_kv.is_cuda:  # the Triton kernel: no host round trip, each head packed in place
-        import kernels
+        from kvferry import kernels
 
         device = pool_kv.device
         kernels.pack_kept(

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.compression.base import register
-from engine.compression.window import WindowScorer
+from kvferry.engine.compression.registry import register
+from kvferry.engine.compression.window import WindowScorer
 
 
 @register("snapkv")

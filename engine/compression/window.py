@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.compression.attention_scores import window_attention
-from engine.compression.base import PromptShape, Scorer
-from engine.compression.params import CompressionParams
-from engine.page_table import SequenceKV
+from kvferry.engine.compression.attention_scores import window_attention
+from kvferry.engine.compression.base import PromptShape, Scorer
+from kvferry.engine.compression.params import CompressionParams
+from kvferry.engine.page_table import SequenceKV
 
 
 class WindowScorer(Scorer):

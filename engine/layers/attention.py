@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import apply_rotary
+from kvferry.engine.layers.norm import RMSNorm
+from kvferry.engine.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
@@ -51,7 +51,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre_rope = k
         if self.use_kernels:
-            from kernels.rotary import rotary as rotate  # triton loads only where the kernels run
+            from kvferry.kernels.rotary import rotary as rotate  # triton loads only where the kernels run
         else:
             rotate = apply_rotary
         q, k = rotate(q, *rope), rotate(k, *rope)

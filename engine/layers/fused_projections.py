@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.attention import Attention
-from engine.layers.mlp import GatedMLP
+from kvferry.engine.layers.attention import Attention
+from kvferry.engine.layers.mlp import GatedMLP
 
 FUSED_MAX_TOKENS = 256  # about where a bf16 matmul over a 4096-wide input turns compute-bound on an H100
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.layers.attention import Attention
-from engine.layers.mlp import GatedMLP
-from engine.layers.moe import SparseMoE
-from engine.layers.norm import RMSNorm
+from kvferry.engine.layers.attention import Attention
+from kvferry.engine.layers.mlp import GatedMLP
+from kvferry.engine.layers.moe import SparseMoE
+from kvferry.engine.layers.norm import RMSNorm
 
 SWITCHED = (RMSNorm, Attention, GatedMLP, SparseMoE)
 

@@ -29,7 +29,7 @@ class GatedMLP(nn.Module):
 def swiglu_gate(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool) -> torch.Tensor:
     """silu(gate) * up over [N, width]: one Triton pass, or two eager kernels (the reference)."""
     if use_kernel:
-        from kernels.silu_mul import silu_mul
+        from kvferry.kernels.silu_mul import silu_mul
 
         return silu_mul(gate, up)
     return F.silu(gate) * up

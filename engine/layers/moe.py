@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.mlp import swiglu_gate
+from kvferry.engine.layers.mlp import swiglu_gate
 
 
 class Router(nn.Module):

@@ -15,7 +15,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernels:
-            from kernels.rms_norm import rms_norm
+            from kvferry.kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         """(norm(residual + x), residual + x): a block's output joins the residual stream, which is
         then normalised. The kernel does both in one pass and updates `residual` in place."""
         if self.use_kernels and self.fuse_add:
-            from kernels.rms_norm import add_rms_norm
+            from kvferry.kernels.rms_norm import add_rms_norm
 
             return add_rms_norm(x, residual, self.weight, self.eps), residual
         residual = residual + x

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from engine.errors import ModelLoadError
-from engine.loader.default_model import default_model_path
-from engine.loader.gguf_file import read_gguf
-from engine.loader.hf_folder import read_hf_folder
-from engine.models import CausalLM, model_class
+from kvferry.engine.errors import ModelLoadError
+from kvferry.engine.loader.default_model import default_model_path
+from kvferry.engine.loader.gguf_file import read_gguf
+from kvferry.engine.loader.hf_folder import read_hf_folder
+from kvferry.engine.models import CausalLM, model_class
 
 
 @dataclass
@@ -62,7 +62,7 @@ def load_model(
 
 
 def _load_dummy(path: Path, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
-    from engine.loader.dummy import DUMMY_SEED, build_dummy, read_config
+    from kvferry.engine.loader.dummy import DUMMY_SEED, build_dummy, read_config
 
     config, tokenizer = read_config(path)
     model = build_dummy(config, dtype, device)
@@ -73,7 +73,7 @@ def _load_dummy(path: Path, dtype: torch.dtype, device: torch.device | str) -> L
 
 def _fresh_inv_freq(model: CausalLM) -> torch.Tensor:
     # Buffers built on the meta device hold no values; recompute them on CPU.
-    from engine.layers.rotary import inverse_frequencies, rope_parameters
+    from kvferry.engine.layers.rotary import inverse_frequencies, rope_parameters
 
     head_dim = model.model.layers[0].self_attn.head_dim
     return inverse_frequencies(head_dim, rope_parameters(model.config))

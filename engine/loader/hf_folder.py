@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from engine.errors import ModelLoadError
-from engine.models import model_class
+from kvferry.engine.errors import ModelLoadError
+from kvferry.engine.models import model_class
 
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import UnsupportedModelError
-from engine.models.decoder import CausalLM
-from engine.models.llama import LlamaForCausalLM
-from engine.models.qwen3 import Qwen3ForCausalLM
-from engine.models.qwen3_moe import Qwen3MoeForCausalLM
+from kvferry.engine.errors import UnsupportedModelError
+from kvferry.engine.models.decoder import CausalLM
+from kvferry.engine.models.llama import LlamaForCausalLM
+from kvferry.engine.models.qwen3 import Qwen3ForCausalLM
+from kvferry.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.layers.attention import Attention
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, rope_parameters
+from kvferry.engine.layers.attention import Attention
+from kvferry.engine.layers.norm import RMSNorm
+from kvferry.engine.layers.rotary import RotaryEmbedding, rope_parameters
 
 MLPFactory = Callable[[Any, int], nn.Module]
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from engine.layers.mlp import GatedMLP
-from engine.models.decoder import CausalLM
+from kvferry.engine.layers.mlp import GatedMLP
+from kvferry.engine.models.decoder import CausalLM
 
 
 class LlamaForCausalLM(CausalLM):

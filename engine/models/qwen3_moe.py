@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from engine.layers.mlp import GatedMLP
-from engine.layers.moe import SparseMoE
-from engine.models.decoder import CausalLM
+from kvferry.engine.layers.mlp import GatedMLP
+from kvferry.engine.layers.moe import SparseMoE
+from kvferry.engine.models.decoder import CausalLM
 
 
 class Qwen3MoeForCausalLM(CausalLM):

@@ -1,1 +1,1 @@
-"""Generated code of the kvferry.v1 protos (`python -m protos.generate` rewrites it)."""
+"""Generated code of the kvferry.v1 protos (`python protos/generate.py` rewrites it)."""

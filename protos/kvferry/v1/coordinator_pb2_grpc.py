@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.kvferry.v1 import coordinator_pb2 as protos_dot_kvferry_dot_v1_dot_coordinator__pb2
+from kvferry.v1 import coordinator_pb2 as kvferry_dot_v1_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/kvferry/v1/coordinator_pb2_grpc.py depends on'
+        + ' but the generated code in kvferry/v1/coordinator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class CoordinatorServiceStub:
         """
         self.Generate = channel.unary_stream(
                 '/kvferry.v1.CoordinatorService/Generate',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateUnary = channel.unary_unary(
                 '/kvferry.v1.CoordinatorService/GenerateUnary',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/kvferry.v1.CoordinatorService/Info',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.InfoRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.InfoResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_coordinator__pb2.InfoRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_coordinator__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvferry.v1.CoordinatorService/Stats',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -94,23 +94,23 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateUnary': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateUnary,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.InfoRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_coordinator__pb2.InfoRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_coordinator__pb2.InfoResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,8 +139,8 @@ class CoordinatorService:
             request,
             target,
             '/kvferry.v1.CoordinatorService/Generate',
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateResponse.FromString,
+            kvferry_dot_v1_dot_coordinator__pb2.GenerateRequest.SerializeToString,
+            kvferry_dot_v1_dot_coordinator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -166,8 +166,8 @@ class CoordinatorService:
             request,
             target,
             '/kvferry.v1.CoordinatorService/GenerateUnary',
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryResponse.FromString,
+            kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryRequest.SerializeToString,
+            kvferry_dot_v1_dot_coordinator__pb2.GenerateUnaryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -193,8 +193,8 @@ class CoordinatorService:
             request,
             target,
             '/kvferry.v1.CoordinatorService/Info',
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.InfoRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.InfoResponse.FromString,
+            kvferry_dot_v1_dot_coordinator__pb2.InfoRequest.SerializeToString,
+            kvferry_dot_v1_dot_coordinator__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -220,8 +220,8 @@ class CoordinatorService:
             request,
             target,
             '/kvferry.v1.CoordinatorService/Stats',
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
+            kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
+            kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.kvferry.v1 import decode_pb2 as protos_dot_kvferry_dot_v1_dot_decode__pb2
+from kvferry.v1 import decode_pb2 as kvferry_dot_v1_dot_decode__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/kvferry/v1/decode_pb2_grpc.py depends on'
+        + ' but the generated code in kvferry/v1/decode_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,43 +37,43 @@ class DecodeServiceStub:
         """
         self.ReserveKV = channel.unary_unary(
                 '/kvferry.v1.DecodeService/ReserveKV',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ReserveKVRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ReserveKVResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.ReserveKVRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.ReserveKVResponse.FromString,
                 _registered_method=True)
         self.PushKV = channel.stream_unary(
                 '/kvferry.v1.DecodeService/PushKV',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.PushKVRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.PushKVResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.PushKVRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.PushKVResponse.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/kvferry.v1.DecodeService/Decode',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/kvferry.v1.DecodeService/Abort',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.AbortRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.AbortResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.AbortRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/kvferry.v1.DecodeService/Info',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.FromString,
                 _registered_method=True)
         self.ExportKV = channel.unary_unary(
                 '/kvferry.v1.DecodeService/ExportKV',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.FromString,
                 _registered_method=True)
         self.OpenNccl = channel.unary_unary(
                 '/kvferry.v1.DecodeService/OpenNccl',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.FromString,
                 _registered_method=True)
         self.CommitKV = channel.unary_unary(
                 '/kvferry.v1.DecodeService/CommitKV',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
                 _registered_method=True)
 
 
@@ -151,43 +151,43 @@ def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ReserveKV': grpc.unary_unary_rpc_method_handler(
                     servicer.ReserveKV,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ReserveKVRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ReserveKVResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.ReserveKVRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.ReserveKVResponse.SerializeToString,
             ),
             'PushKV': grpc.stream_unary_rpc_method_handler(
                     servicer.PushKV,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.PushKVRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.PushKVResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.PushKVRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.PushKVResponse.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.DecodeResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.AbortRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.AbortRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.AbortResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.SerializeToString,
             ),
             'ExportKV': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportKV,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.SerializeToString,
             ),
             'OpenNccl': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenNccl,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.SerializeToString,
             ),
             'CommitKV': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitKV,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,8 +216,8 @@ class DecodeService:
             request,
             target,
             '/kvferry.v1.DecodeService/ReserveKV',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.ReserveKVRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.ReserveKVResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.ReserveKVRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.ReserveKVResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -243,8 +243,8 @@ class DecodeService:
             request_iterator,
             target,
             '/kvferry.v1.DecodeService/PushKV',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.PushKVRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.PushKVResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.PushKVRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.PushKVResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -270,8 +270,8 @@ class DecodeService:
             request,
             target,
             '/kvferry.v1.DecodeService/Decode',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -297,8 +297,8 @@ class DecodeService:
             request,
             target,
             '/kvferry.v1.DecodeService/Abort',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.AbortRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.AbortResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.AbortRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -324,8 +324,8 @@ class DecodeService:
             request,
             target,
             '/kvferry.v1.DecodeService/Info',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.DecodeInfoRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.DecodeInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -351,8 +351,8 @@ class DecodeService:
             request,
             target,
             '/kvferry.v1.DecodeService/ExportKV',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.ExportKVRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.ExportKVResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -378,8 +378,8 @@ class DecodeService:
             request,
             target,
             '/kvferry.v1.DecodeService/OpenNccl',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.OpenNcclRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.OpenNcclResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -405,8 +405,8 @@ class DecodeService:
             request,
             target,
             '/kvferry.v1.DecodeService/CommitKV',
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
+            kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
+            kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

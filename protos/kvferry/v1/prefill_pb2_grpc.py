@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.kvferry.v1 import prefill_pb2 as protos_dot_kvferry_dot_v1_dot_prefill__pb2
+from kvferry.v1 import prefill_pb2 as kvferry_dot_v1_dot_prefill__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/kvferry/v1/prefill_pb2_grpc.py depends on'
+        + ' but the generated code in kvferry/v1/prefill_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class PrefillServiceStub:
         """
         self.Prefill = channel.unary_unary(
                 '/kvferry.v1.PrefillService/Prefill',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/kvferry.v1.PrefillService/Info',
-                request_serializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.FromString,
+                request_serializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -71,13 +71,13 @@ def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.FromString,
-                    response_serializer=protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.SerializeToString,
+                    request_deserializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -106,8 +106,8 @@ class PrefillService:
             request,
             target,
             '/kvferry.v1.PrefillService/Prefill',
-            protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            kvferry_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+            kvferry_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -133,8 +133,8 @@ class PrefillService:
             request,
             target,
             '/kvferry.v1.PrefillService/Info',
-            protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.SerializeToString,
-            protos_dot_kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.FromString,
+            kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.SerializeToString,
+            kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

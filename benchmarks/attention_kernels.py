@@ -7,8 +7,8 @@ replays that rotate over enough input copies to defeat the L2 cache. The device 
 measured in the same run. Prefill: one whole causal sequence (same FLOPs as SDPA causal) and a last
 chunk over a long cached prefix.
 
-    python3 benchmarks/kernels.py --out docs/benchmarks            # on a GPU
-    python3 benchmarks/kernels.py --plot docs/benchmarks/kernels.json  # redraw the PNG only
+    python3 benchmarks/attention_kernels.py --out docs/benchmarks            # on a GPU
+    python3 benchmarks/attention_kernels.py --plot docs/benchmarks/kernels.json  # redraw the PNG only
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HQ, H, D = 32, 8, 128  # Llama-3.1-8B attention
 L2_DEFEAT_BYTES = 256 << 20  # rotate input copies until each replay streams this much
@@ -158,7 +156,7 @@ def time_sdpa(make_calls: Callable[[], list[Callable[[], object]]], device: torc
 def decode_kwargs(cfg: dict, batch: int, width: int, page_size: int, device) -> dict:
     """Kernel keyword arguments from a config; `programs_per_sm` and `min_split` become an explicit
     split count (as the launcher's own choose_num_splits would pick with them)."""
-    from kernels.decode_attention import choose_num_splits
+    from kvferry.kernels.decode_attention import choose_num_splits
 
     split_keys = ("programs_per_sm", "min_split")
     kw = {k: v for k, v in cfg.items() if k not in split_keys}
@@ -189,7 +187,7 @@ def variant_call(
     """A decode call for one variant over these head lengths, its per-layer planning cost (s) and
     the kernel it runs: the balanced kernel's plan is built once per decode step for all 32 layers
     of an 8B model, as the engine does."""
-    from kernels import decode_balanced as bal
+    from kvferry.kernels import decode_balanced as bal
 
     kind, cfg = parse_variant(variant)
     if kind == "engine":
@@ -201,7 +199,7 @@ def variant_call(
             0.0,
             kind,
         )
-    from kernels._common import num_sms
+    from kvferry.kernels._common import num_sms
 
     programs = cfg.pop("programs_per_sm", bal.PROGRAMS_PER_SM) * num_sms(device)
     block_n, min_tiles = cfg.pop("block_n", bal.BLOCK_N), cfg.pop("min_tiles", bal.MIN_TILES)
@@ -321,7 +319,7 @@ def bench_decode_cell(
 
 
 def kernels_ref_decode(q, pool, tables, lens, scale):
-    from engine.layers import paged_attention as ref
+    from kvferry.engine.layers import paged_attention as ref
 
     return ref.decode_attention(q.float(), pool.float(), tables, lens, scale)
 
@@ -329,7 +327,7 @@ def kernels_ref_decode(q, pool, tables, lens, scale):
 def prefill_case(context: int, chunk: int, page_size: int, device: torch.device) -> dict:
     """The last `chunk` tokens of a `context`-token sequence over scattered pages (chunk == context:
     the whole causal sequence); the chunk's own K/V (k_new, v_new) are in its pages too."""
-    from engine.layers import paged_attention as ref
+    from kvferry.engine.layers import paged_attention as ref
 
     dtype = torch.bfloat16
     start = context - chunk
@@ -363,7 +361,7 @@ def bench_prefill(
     kernels, context: int, chunk: int | None, page_size: int, device, cfg: dict, sdpa: bool = True
 ) -> dict:
     """chunk=None: the whole causal sequence in one call; else the last `chunk` tokens over the rest."""
-    from kernels.prefill_dense import dense_prefill_applies, prefill_attention_dense
+    from kvferry.kernels.prefill_dense import dense_prefill_applies, prefill_attention_dense
 
     t = context if chunk is None else chunk
     case = prefill_case(context, t, page_size, device)
@@ -583,14 +581,14 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # dry run of the script at the sizes given
     import triton
 
-    import kernels
+    from kvferry import kernels
 
     out.mkdir(parents=True, exist_ok=True)
     report: dict = dict(
         command="python3 " + " ".join(sys.argv),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
         date=args.date or datetime.date.today().isoformat(),
-        measured_at_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        measured_at_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         torch=torch.__version__,
         triton=triton.__version__,
         shape=dict(q_heads=HQ, kv_heads=H, head_dim=D, dtype="bfloat16"),

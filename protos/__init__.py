@@ -1,1 +1,0 @@
-"""kvferry's gRPC API: versioned .proto files and the Python code generated from them."""
