@@ -87,7 +87,7 @@ class ContextCacheState:
     pinned_entries: int  # entries requests are using now
     computing: int  # contexts being computed by a request (others wait for them)
     hits: int  # requests admitted on a cached context (either tier)
-    misses: int  # requests that computed their context
+    misses: int  # requests that computed their context (cached afterwards or not)
     spills: int  # entries moved from the device tier to the host tier
     restores: int  # entries moved back from the host tier on a hit
     evictions: int  # entries dropped from the cache for room
@@ -185,7 +185,6 @@ class ContextCache:
     def begin_computing(self, handle: str, request_id: str) -> None:
         assert handle not in self._computing
         self._computing[handle] = request_id
-        self.misses += 1
 
     def end_computing(self, handle: str, request_id: str) -> None:
         """The computation ended (cached or not, finished or aborted): the waiters may go."""

@@ -109,8 +109,9 @@ class Scheduler:
         return True
 
     def _start(self, seq: Sequence, entry: CachedContext | None) -> None:
-        """Admit `seq`: its pages, its reservation, and its context's pages on a hit."""
-        kv = SequenceKV(self.pool, self.num_layers, self.num_kv_heads, seq.cache_tokens_needed() + 1)
+        """Admit `seq`: its pages, its reservation, and its context's pages on a hit. Whatever it takes
+        is in `seq` before the next step can fail, so finish() gives it back."""
+        kv = seq.kv = SequenceKV(self.pool, self.num_layers, self.num_kv_heads, seq.cache_tokens_needed() + 1)
         cache = self.context_cache
         if entry is not None:
             assert cache is not None
@@ -129,11 +130,11 @@ class Scheduler:
             if seq.context_len:
                 seq.context_pending = True
                 seq.stats.context_cache = "miss"
-                if seq.context_handle is not None:
-                    assert cache is not None
-                    cache.begin_computing(seq.context_handle, seq.request_id)
+                if cache is not None:
+                    cache.misses += 1
+                    if seq.context_handle is not None:
+                        cache.begin_computing(seq.context_handle, seq.request_id)
         seq.stats.prefill_tokens_computed = seq.num_prompt_tokens - seq.num_prefilled
-        seq.kv = kv
         seq.status = SequenceStatus.PREFILL
         self.running.append(seq)
 
