@@ -429,8 +429,8 @@ def bench_cached_context(
     from kvferry.kernels.prefill_dense import dense_prefill_applies, prefill_attention_dense
 
     gen = torch.Generator().manual_seed(context + chunk)
-    kept = head_lengths(1, context, retention, gen)[0] // page_size * page_size  # [H] whole pages
-    kept = kept.clamp(min=page_size)
+    kept = -(-head_lengths(1, context, retention, gen)[0] // page_size) * page_size  # [H], rounded up
+    kept = kept.clamp(max=context)  # to whole pages as the engine rounds them
     dtype, scale = torch.bfloat16, D**-0.5
     q = torch.randn(chunk, HQ, D, device=device, dtype=dtype)
     cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
@@ -500,7 +500,7 @@ def plot_cached_context(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["cached_context"]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(rows), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 2 + 1.6 * len(rows)), 4.5))
     width = 0.27
     for j, (key, label) in enumerate(
         [("per_head_s", "per-head prefixes (Triton)"), ("uniform_mean_s", "uniform, same mean (Triton)"),
@@ -511,7 +511,7 @@ def plot_cached_context(report: dict, path: Path) -> None:
         )
         ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.set_xticks(
-        range(len(rows)), [f"{r['context'] // 1024}K r={r['retention']:g}\nchunk {r['chunk']}" for r in rows]
+        range(len(rows)), [f"{r['context'] / 1024:g}K r={r['retention']:g}\nchunk {r['chunk']}" for r in rows]
     )
     ax.set_ylabel("ms per call")
     ax.set_yscale("log")

@@ -136,6 +136,8 @@ class LLMEngine:
         require(
             0 <= context_len < n, "context", f"must leave at least one prompt token after it ({n} in all)"
         )
+        if context_len == 0:  # nothing to cache: the request runs as without the cache ("off")
+            return
         params = seq.compression
         if params is not None and params.active and not SCORERS[params.method].query_agnostic:
             agnostic = sorted(m for m, cls in SCORERS.items() if cls.query_agnostic)

@@ -395,11 +395,33 @@ def test_query_aware_methods_are_refused_for_a_cached_context(tm: TinyModel, met
         ask(engine, context, [1, 2], params)
     assert e.value.field == "compression.method"
     engine.add_request(context + [1, 2], greedy(2), params, context_len=100)  # not cached: allowed
+    off = engine.add_request(context, greedy(2), params, cache_context=True)  # no context: "off", allowed
     run(engine)
+    assert off.stats.context_cache == "off" and off.stats.prefill_tokens_computed == 100
     with pytest.raises(InvalidArgumentError) as e:
         ask(engine, context + [1, 2], [], None)
     assert e.value.field == "context"
     assert_clean(engine)
+
+
+def test_the_offline_api_takes_contexts_and_the_engine_default(tm: TinyModel) -> None:
+    """LLM.generate: one context (token ids) for every prompt, then one per prompt (None: no context),
+    and EngineConfig.cache_context as the default when a call does not say."""
+    from kvferry.engine import LLM
+
+    llm = LLM(str(tm.path), device="cpu", dtype="float32", page_size=PAGE, kv_cache_bytes=4 << 20)
+    context = random_prompt(60, tm.vocab_size, seed=95)
+    prompts = [random_prompt(5, tm.vocab_size, seed=96), random_prompt(7, tm.vocab_size, seed=97)]
+    outs = llm.generate(prompts, greedy(4), COMPACTOR, context=context, cache_context=True)
+    assert [o.stats.context_cache for o in outs] == ["miss", "hit"]
+    assert outs[0].prompt_token_ids == context + prompts[0]
+    outs = llm.generate(prompts, greedy(4), COMPACTOR, context=[context, None], cache_context=True)
+    assert [o.stats.context_cache for o in outs] == ["hit", "off"]
+    assert outs[1].prompt_token_ids == prompts[1]
+    assert llm.generate(prompts[0], greedy(4), COMPACTOR, context=context)[0].stats.context_cache == "off"
+    llm.engine.config.cache_context = True
+    assert llm.generate(prompts[0], greedy(4), COMPACTOR, context=context)[0].stats.context_cache == "hit"
+    assert_clean(llm.engine)
 
 
 def test_drop_and_export_of_a_cached_context(tm: TinyModel) -> None:
