@@ -167,12 +167,9 @@ class KVPool:
     def share(self, pages: list[int] | torch.Tensor | np.ndarray) -> None:
         """Add a holder to each page in use (each at most once per call): a sequence reading a cached
         context's pages, or the cache taking the pages a sequence just computed. Nothing is copied."""
-        idx = _as_page_array(pages)
+        idx = self._pages_in_use(pages, "share")
         if idx.size == 0:
             return
-        self._check_ids(idx)
-        if self._is_free[idx].any():
-            raise RuntimeError("share of a free KV page")
         self._check_distinct(idx, "share of a KV page twice in one call")
         self._extra_holders[idx] += 1
 
@@ -184,16 +181,22 @@ class KVPool:
     def mark_cached(self, pages: torch.Tensor | np.ndarray, cached: bool) -> None:
         """Flag (or unflag) pages in use as held by the context cache; the cache flags the pages it
         takes a hold on and unflags them just before it lets go (free)."""
-        idx = _as_page_array(pages)
+        idx = self._pages_in_use(pages, "context cache hold")
         if idx.size == 0:
             return
-        self._check_ids(idx)
-        if self._is_free[idx].any():
-            raise RuntimeError("a free KV page cannot be held by the context cache")
         if bool((self._cached[idx] == cached).any()):
             raise RuntimeError(f"KV page already {'flagged' if cached else 'not flagged'} as cached")
         self._cached[idx] = cached
         self.num_cached += idx.size if cached else -idx.size
+
+    def _pages_in_use(self, pages: list[int] | torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+        """Page ids, checked to lie in the pool and to be in use (else RuntimeError naming `what`)."""
+        idx = _as_page_array(pages)
+        if idx.size:
+            self._check_ids(idx)
+            if self._is_free[idx].any():
+                raise RuntimeError(f"{what} of a free KV page")
+        return idx
 
     def _check_ids(self, idx: np.ndarray) -> None:
         if int(idx.min()) < 0 or int(idx.max()) >= self.num_pages:

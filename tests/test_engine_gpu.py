@@ -52,9 +52,9 @@ def llama_8b_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple[list[list[int]], list]:
-    """Greedy outputs of every prompt, and every logits row the model computed, in call order."""
-    engine = LLMEngine(
+def make_engine(path: Path, device: str, dtype: str, enforce_eager: bool = True) -> LLMEngine:
+    """enforce_eager: the logit hook sees every eager step (graph replays run no Python)."""
+    return LLMEngine(
         EngineConfig(
             model=str(path),
             device=device,
@@ -62,9 +62,14 @@ def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple
             page_size=16,
             prefill_chunk=256,
             kv_cache_bytes=256 << 20,
-            enforce_eager=True,  # the logit hook sees every eager step (graph replays run no Python)
+            enforce_eager=enforce_eager,
         )
     )
+
+
+def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple[list[list[int]], list]:
+    """Greedy outputs of every prompt, and every logits row the model computed, in call order."""
+    engine = make_engine(path, device, dtype)
     prompts = [random_prompt(n, VOCAB, seed=n) for n in PROMPT_LENS]
     with record_logits(engine.model) as rows:
         seqs = [engine.add_request(p, greedy(NEW_TOKENS), compression=compression) for p in prompts]
@@ -128,17 +133,7 @@ def answer_on_cached_context(
 ) -> tuple[list[list[int]], list, list[str]]:
     """Questions over one context with cache_context (a miss, then hits), then the first question
     again on the emptied cache (a miss): tokens, logits rows (eager only) and each one's cache use."""
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(path),
-            device=device,
-            dtype=dtype,
-            page_size=16,
-            prefill_chunk=256,
-            kv_cache_bytes=256 << 20,
-            enforce_eager=enforce_eager,
-        )
-    )
+    engine = make_engine(path, device, dtype, enforce_eager)
     context = random_prompt(1500, VOCAB, seed=9)
     questions = [random_prompt(n, VOCAB, seed=100 + n) for n in (300, 37, 1)]
     tokens, uses = [], []
