@@ -132,8 +132,9 @@ class Scheduler:
                 seq.stats.context_cache = "miss"
                 if cache is not None:
                     cache.misses += 1
-                    if seq.context_handle is not None:
-                        cache.begin_computing(seq.context_handle, seq.request_id)
+                    handle = seq.context_handle
+                    if handle is not None and cache.computing(handle) is None:  # else: computed twice
+                        cache.begin_computing(handle, seq.request_id)
         seq.stats.prefill_tokens_computed = seq.num_prompt_tokens - seq.num_prefilled
         seq.status = SequenceStatus.PREFILL
         self.running.append(seq)

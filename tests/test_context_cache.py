@@ -227,18 +227,23 @@ def test_a_request_waiting_for_its_context_does_not_hold_up_the_queue(tm: TinyMo
     assert_clean(engine)
 
 
-def test_aborting_the_computing_request_lets_a_waiter_compute_the_context(tm: TinyModel) -> None:
+def test_aborting_the_computing_request_lets_the_waiters_compute_the_context(tm: TinyModel) -> None:
+    """Both waiters waited once: the first admitted computes the context, the other computes it too
+    rather than wait again (the cache keeps one copy)."""
     engine = tm.engine(prefill_chunk=64)
     context = random_prompt(200, tm.vocab_size, seed=14)
-    question = random_prompt(10, tm.vocab_size, seed=15)
+    questions = [random_prompt(10 + i, tm.vocab_size, seed=15 + i) for i in range(2)]
     first = ask(engine, context, [7, 8])
-    waiter = ask(engine, context, question)
+    waiters = [ask(engine, context, q) for q in questions]
     engine.step()
+    assert all(w.status == SequenceStatus.WAITING for w in waiters)
     assert engine.abort(first.request_id)
     run(engine)
-    assert waiter.stats.context_cache == "miss"
-    assert waiter.output_token_ids == fresh_tokens(tm, context, question, COMPACTOR, prefill_chunk=64)
-    assert engine.context_cache_state().device_entries == 1
+    assert [w.stats.context_cache for w in waiters] == ["miss", "miss"]
+    for w, q in zip(waiters, questions):
+        assert w.output_token_ids == fresh_tokens(tm, context, q, COMPACTOR, prefill_chunk=64)
+    state = engine.context_cache_state()
+    assert (state.device_entries, state.misses) == (1, 3)
     assert_clean(engine)
 
 
