@@ -174,8 +174,9 @@ class ContextCache:
             return
         if entry.dropped:
             self._let_go(entry)
-        elif self.device_bytes > self.device_budget:  # a restore overshot while entries were in use
-            self._make_room(0)
+        else:  # a restore may have overshot the budget while entries were in use
+            while self.device_bytes > self.device_budget and (victim := self._unpinned_lru(None)):
+                self._spill(victim)
 
     # ---- the first request computes, the others wait ------------------------------------------
     def computing(self, handle: str) -> str | None:
@@ -284,8 +285,10 @@ class ContextCache:
         return next((e for e in self._device.values() if not e.pins and e is not keep), None)
 
     def _make_room(self, nbytes: int) -> bool:
-        """Spill unused device entries, LRU first, until `nbytes` more fit the device budget."""
-        if nbytes > self.device_budget:
+        """Spill unused device entries, LRU first, until `nbytes` more fit the device budget; False,
+        spilling nothing, when even spilling all of them would not make the room."""
+        pinned = sum(self.bytes_of(e.num_pages) for e in self._device.values() if e.pins)
+        if pinned + nbytes > self.device_budget:
             return False
         while self.device_bytes + nbytes > self.device_budget:
             victim = self._unpinned_lru(None)

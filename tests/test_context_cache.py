@@ -368,6 +368,32 @@ def test_a_cache_full_of_contexts_in_use_serves_new_requests_uncached(tm: TinyMo
     assert_clean(engine)
 
 
+def test_a_restore_beyond_the_budget_lasts_only_while_the_contexts_in_use_do(tm: TinyModel) -> None:
+    """A hit on a spilled context is restored even when contexts in use fill the device budget (no
+    recompute); when they are no longer used, the budget holds again."""
+    first, second = (random_prompt(150, tm.vocab_size, seed=s) for s in (66, 67))
+    pages = entry_pages(tm, first)
+    engine = tm.engine(
+        context_cache_bytes=pages * PAGE_BYTES, context_cache_host_bytes=2 * pages * PAGE_BYTES
+    )
+    question = random_prompt(8, tm.vocab_size, seed=68)
+    answer(engine, first, question)
+    held = ask(engine, second, [1, 2], hold_kv=True)  # cached (the first spilled), in use
+    run(engine)
+    seq = ask(engine, first, question)
+    engine.step()  # admitted: restored beside the context in use
+    state = engine.context_cache_state()
+    assert seq.stats.context_cache == "hit" and state.device_entries == 2
+    assert state.device_bytes == 2 * state.device_budget_bytes
+    run(engine)  # its request done: back within the budget, the context still in use kept
+    assert seq.output_token_ids == fresh_tokens(tm, first, question, COMPACTOR)
+    state = engine.context_cache_state()
+    assert (state.device_entries, state.host_entries, state.spills) == (1, 1, 2)
+    assert engine.context_cache.lookup(held.context_handle).on_device
+    engine.release(held.request_id)
+    assert_clean(engine)
+
+
 def test_admission_reserves_only_a_hits_own_pages_and_spills_unused_contexts(tm: TinyModel) -> None:
     context = random_prompt(148, tm.vocab_size, seed=70)
     pages = entry_pages(tm, context)
