@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ from kvferry.engine.errors import NotFoundError
 from kvferry.engine.kv_handoff import KVLayout
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.page_table import SequenceKV
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DEVICE_SHARE = 0.25  # of the KV pool's bytes, when EngineConfig.context_cache_bytes is None
 # The chat flags only turn into protected_spans (which the key includes): they are left out of it.
@@ -299,28 +302,40 @@ class ContextCache:
 
     def _spill(self, entry: CachedContext) -> None:
         """Move an unused device entry to the host tier (dropping host entries for room, LRU first),
-        or drop it when it is larger than the host budget; its pool pages go back."""
+        or drop it when it is larger than the host budget or host memory runs out; its pool pages go
+        back either way."""
         assert not entry.pins
         nbytes = self.bytes_of(entry.num_pages)
+        host = None
         if nbytes <= self.host_budget:
             while self.host_bytes + nbytes > self.host_budget:
                 _, old = self._host.popitem(last=False)
                 self.host_bytes -= self.bytes_of(old.num_pages)
                 self.evictions += 1
-            ids = entry.page_ids()
-            pool_kv = self.pool.kv
+            host = self._copy_to_host(entry)
+        self._let_go(entry)
+        if host is None:
+            self.evictions += 1
+            return
+        entry.host_kv = host
+        self._host[entry.handle] = entry
+        self.host_bytes += nbytes
+        self.spills += 1
+
+    def _copy_to_host(self, entry: CachedContext) -> torch.Tensor | None:
+        """The entry's pages in host memory [N, 2, P, D], or None when it cannot be had (a failed
+        pinned allocation costs the entry, not the step that needed the room)."""
+        ids = entry.page_ids()
+        pool_kv = self.pool.kv
+        try:
             host = torch.empty(
                 (ids.numel(), *pool_kv.shape[1:]), dtype=pool_kv.dtype, pin_memory=self._pin_host
             )
-            host.copy_(pool_kv[ids.to(pool_kv.device)])
-            entry.host_kv = host
-            self._let_go(entry)
-            self._host[entry.handle] = entry
-            self.host_bytes += nbytes
-            self.spills += 1
-        else:
-            self._let_go(entry)
-            self.evictions += 1
+        except RuntimeError as e:
+            log.warning("context cache: no host memory for a %d-page context (%s); dropped", ids.numel(), e)
+            return None
+        host.copy_(pool_kv[ids.to(pool_kv.device)])
+        return host
 
     def _let_go(self, entry: CachedContext) -> None:
         """The cache's hold on a device entry's pages ends (they are freed unless a request holds them)."""

@@ -333,6 +333,23 @@ def test_lru_by_bytes_spills_to_host_and_restores_the_same_tokens(tm: TinyModel)
     assert_clean(engine)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned host memory is there with CUDA")
+def test_a_spill_without_host_memory_drops_the_context(tm: TinyModel) -> None:
+    """Pinned host memory that cannot be had (here: asked for on a machine without an accelerator)
+    costs the spilled context, not the request that needed the room."""
+    contexts = [random_prompt(96, tm.vocab_size, seed=55 + i) for i in range(2)]
+    pages = entry_pages(tm, contexts[0])
+    engine = tm.engine(context_cache_bytes=pages * PAGE_BYTES)
+    engine.context_cache._pin_host = True  # noqa: SLF001 - pinned memory fails without CUDA
+    question = random_prompt(6, tm.vocab_size, seed=57)
+    for context in (*contexts, contexts[0]):
+        seq = answer(engine, context, question)
+        assert seq.output_token_ids == fresh_tokens(tm, context, question, COMPACTOR)
+    state = engine.context_cache_state()
+    assert (state.misses, state.spills, state.evictions, state.host_entries) == (3, 0, 2, 0)
+    assert_clean(engine)
+
+
 def test_a_context_larger_than_the_budget_is_served_uncached(tm: TinyModel) -> None:
     context = random_prompt(150, tm.vocab_size, seed=60)
     pages = entry_pages(tm, context)
