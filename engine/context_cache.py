@@ -59,6 +59,7 @@ from kvferry.engine.page_table import SequenceKV
 log = logging.getLogger(__name__)
 
 DEFAULT_DEVICE_SHARE = 0.25  # of the KV pool's bytes, when EngineConfig.context_cache_bytes is None
+COPY_BATCH_BYTES = 64 << 20  # pages copied between the tiers at once
 # The chat flags only turn into protected_spans (which the key includes): they are left out of it.
 _NOT_IN_KEY = ("protect_system_prompt", "protect_last_user_turn")
 
@@ -227,8 +228,10 @@ class ContextCache:
         try:
             self._make_room(nbytes)  # best effort: see the module doc on overshooting
             ids = self.pool.allocate_ids(entry.num_pages)
+            pool_kv = self.pool.kv
             try:
-                self.pool.kv[ids.to(self.pool.kv.device)] = entry.host_kv.to(self.pool.kv.device)
+                for lo, hi in self._page_batches(ids.numel()):
+                    pool_kv[ids[lo:hi].to(pool_kv.device)] = entry.host_kv[lo:hi].to(pool_kv.device)
                 self.pool.mark_cached(ids, True)
             except BaseException:
                 self.pool.free(ids)
@@ -334,8 +337,15 @@ class ContextCache:
         except RuntimeError as e:
             log.warning("context cache: no host memory for a %d-page context (%s); dropped", ids.numel(), e)
             return None
-        host.copy_(pool_kv[ids.to(pool_kv.device)])
+        for lo, hi in self._page_batches(ids.numel()):
+            host[lo:hi].copy_(pool_kv[ids[lo:hi].to(pool_kv.device)])
         return host
+
+    def _page_batches(self, n: int) -> list[tuple[int, int]]:
+        """[lo, hi) runs of n pages of at most COPY_BATCH_BYTES: a copy between the tiers gathers
+        its pages through scratch on the device that must stay small (the pool fills the GPU)."""
+        step = max(1, COPY_BATCH_BYTES // self.pool.bytes_per_page)
+        return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
     def _let_go(self, entry: CachedContext) -> None:
         """The cache's hold on a device entry's pages ends (they are freed unless a request holds them)."""

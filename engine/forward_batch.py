@@ -121,7 +121,9 @@ class PrefillBatch:
                 self.head_starts = lens.to(torch.int32)  # [L, H]: the kernel's per-head prefix lengths
                 slot = lens[:, None, :] + torch.arange(num_tokens, device=device)[None, :, None]  # [L, T, H]
                 index = (slot // page_size).transpose(1, 2)  # [L, H, T] page index in each head
-                self.slot_pages = self.tables.gather(2, index).transpose(1, 2).long()  # [L, T, H]
+                self.slot_pages = (
+                    self.tables.gather(2, index).transpose(1, 2).long().contiguous()
+                )  # [L, T, H]
                 self.slot_offsets = slot % page_size  # [L, T, H]
         # kernels/prefill_dense.py's prefill_attention_dense where it applies to this chunk
         self.dense_attention: Callable[..., torch.Tensor] | None = None

@@ -14,7 +14,7 @@ import pytest
 import torch
 from builders import TinyModel, greedy, random_prompt, record_logits
 
-from kvferry.engine import CompressionParams, InvalidArgumentError
+from kvferry.engine import CompressionParams, InvalidArgumentError, context_cache
 from kvferry.engine.compression.select import round_up_kept
 from kvferry.engine.errors import NotFoundError
 from kvferry.engine.layers import paged_attention as ref
@@ -303,7 +303,10 @@ def entry_pages(tm: TinyModel, context: list[int]) -> int:
     return engine.context_cache.lookup(seq.context_handle).num_pages
 
 
-def test_lru_by_bytes_spills_to_host_and_restores_the_same_tokens(tm: TinyModel) -> None:
+def test_lru_by_bytes_spills_to_host_and_restores_the_same_tokens(
+    tm: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(context_cache, "COPY_BATCH_BYTES", 5 * PAGE_BYTES)  # copies in several batches
     contexts = [random_prompt(96, tm.vocab_size, seed=30 + i) for i in range(3)]
     pages = entry_pages(tm, contexts[0])  # every context here takes as many pages (uniform budget)
     engine = tm.engine(
