@@ -19,7 +19,7 @@ from kvferry.serving.call_interceptor import CallInterceptor, RpcMetrics
 from kvferry.serving.error_interceptor import ErrorInterceptor
 from kvferry.serving.gc_pauses import GcPauses, freeze_start_up_heap
 from kvferry.serving.gpu_metrics import register_gpu_metrics
-from kvferry.serving.metrics import MetricsServer, Registry
+from kvferry.serving.metrics import MetricsEndpoint, new_registry
 from kvferry.serving.request_context import LOG_FORMAT, RequestIdFilter
 from kvferry.serving.security import ChannelFactory, TokenAuth, server_credentials
 from kvferry.serving.settings import ServerSettings
@@ -52,11 +52,11 @@ class ServiceHost:
         self.service_names = service_names
         self.credentials = server_credentials(settings)  # reads the PEM files now: a bad path fails here
         self.channels = ChannelFactory.from_settings(settings, CHANNEL_OPTIONS)
-        self.metrics = Registry()
+        self.metrics = new_registry()  # this service's prometheus_client CollectorRegistry
         self.gpu_metrics = register_gpu_metrics(self.metrics)
         interceptors = [CallInterceptor(RpcMetrics(self.metrics), auth), ErrorInterceptor()]
         self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -93,8 +93,10 @@ class ServiceHost:
             self.settings.host, self.port, ", ".join(self.service_names), self.security_summary(),
         )  # fmt: skip
         if self.settings.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
-            port = await self.metrics_server.start()
+            self.metrics_server = MetricsEndpoint(
+                self.metrics, self.settings.host, self.settings.metrics_port
+            )
+            port = self.metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", self.settings.host, port)
 
         async def warm() -> None:
@@ -127,7 +129,7 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
-            await self.metrics_server.stop()
+            await asyncio.to_thread(self.metrics_server.stop)  # waits out its serving thread's poll
         if self.on_stop is not None:
             await self.on_stop()
         log.info("stopped")
