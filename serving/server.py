@@ -1,7 +1,8 @@
 """Running one gRPC service: a grpc.aio server with the call interceptor (bearer token, request id,
 call metrics) around the error interceptor, grpc.health.v1 (NOT_SERVING until warm-up ends), server
-reflection, TLS/mTLS from the settings, an optional Prometheus endpoint, and a graceful stop on
-SIGTERM or SIGINT."""
+reflection, TLS/mTLS from the settings, an optional Prometheus endpoint, an optional HTTP server
+beside it (`http`: the coordinator's OpenAI-compatible front), and a graceful stop on SIGTERM or
+SIGINT."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ class ServiceHost:
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.port = 0
+        self.serving = False  # what grpc.health.v1 reports for the whole server
+        self.http: Any = None  # serving.http_server.AsgiServer beside the gRPC port (the coordinator's)
         # Set by the service that builds this host: load/warm the engine; release it after the server stops.
         self.warm_up: Callable[[], Awaitable[None]] | None = None
         self.on_stop: Callable[[], Awaitable[None]] | None = None
@@ -74,6 +77,7 @@ class ServiceHost:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.serving = serving
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -92,6 +96,9 @@ class ServiceHost:
             "listening on %s:%d (%s; %s)",
             self.settings.host, self.port, ", ".join(self.service_names), self.security_summary(),
         )  # fmt: skip
+        if self.http is not None:
+            http_port = await self.http.start()
+            log.info("HTTP (OpenAI-compatible API) on http://%s:%d", self.settings.host, http_port)
         if self.settings.metrics_port is not None:
             self.metrics_server = MetricsEndpoint(
                 self.metrics, self.settings.host, self.settings.metrics_port
@@ -118,6 +125,10 @@ class ServiceHost:
         return f"{serving}; outgoing {'TLS' if self.channels.secure else 'plaintext'}"
 
     @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
+    @property
     def metrics_port(self) -> int | None:
         return None if self.metrics_server is None else self.metrics_server.port
 
@@ -126,7 +137,10 @@ class ServiceHost:
         log.info("stopping (grace %.1f s)", self.settings.grace_seconds)
         if self.warmed is not None and not self.warmed.done():
             self.warmed.cancel()
+        self.serving = False
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:  # its requests run through this server's servicer: stop it first
+            await self.http.stop()
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)  # waits out its serving thread's poll
