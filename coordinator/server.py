@@ -28,7 +28,7 @@ def build(settings: CoordinatorSettings) -> ServiceHost:
         from kvferry.serving.http_server import AsgiServer
 
         app = build_app(servicer, host.metrics, auth, settings.served_model_name, lambda: host.serving)
-        host.http = AsgiServer(app, settings.host, settings.http_port, settings.grace_seconds)
+        host.http = AsgiServer(app, settings.host, settings.http_port, settings.grace_seconds, settings)
     host.on_stop = nodes.close
     host.component = servicer
     return host

@@ -2,7 +2,8 @@
 coordinator's OpenAI-compatible front).
 
 The socket is bound before uvicorn starts, so a taken port fails the service's start with the port
-named, and port 0 reports the one picked. Stopping closes the listener, gives in-flight requests
+named, and port 0 reports the one picked. With the service's TLS settings it serves HTTPS with the
+same certificate as its gRPC port, and with `tls_client_ca` requires client certificates. Stopping closes the listener, gives in-flight requests
 `grace_seconds`, then cancels what is left (a cancelled stream frees its KV like any cancelled call).
 """
 
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,11 +29,17 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class AsgiServer:
-    def __init__(self, app: Any, host: str, port: int, grace_seconds: float) -> None:
+    def __init__(self, app: Any, host: str, port: int, grace_seconds: float, settings: Any = None) -> None:
+        """`settings`: the service's ServerSettings, for its TLS files (tls_cert, tls_key, tls_client_ca)."""
         self.app = app
         self.host = host
         self.port = port
         self.grace_seconds = grace_seconds
+        self.tls: dict[str, Any] = {}
+        if settings is not None and settings.tls_cert:
+            self.tls = dict(ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+            if settings.tls_client_ca:
+                self.tls.update(ssl_ca_certs=settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -49,7 +57,13 @@ class AsgiServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(int(self.grace_seconds), 1),
+            **self.tls,
         )
+        try:
+            config.load()  # reads the TLS files now: a bad path fails the start
+        except BaseException:
+            sock.close()
+            raise
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"http:{self.port}")
         while not self._server.started:  # startup() is a few loop turns: create_server on the bound socket

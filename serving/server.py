@@ -97,8 +97,13 @@ class ServiceHost:
             self.settings.host, self.port, ", ".join(self.service_names), self.security_summary(),
         )  # fmt: skip
         if self.http is not None:
-            http_port = await self.http.start()
-            log.info("HTTP (OpenAI-compatible API) on http://%s:%d", self.settings.host, http_port)
+            try:
+                http_port = await self.http.start()
+            except BaseException:
+                await self.server.stop(None)  # one port taken: the service does not half start
+                raise
+            scheme = "https" if self.http.tls else "http"
+            log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, self.settings.host, http_port)
         if self.settings.metrics_port is not None:
             self.metrics_server = MetricsEndpoint(
                 self.metrics, self.settings.host, self.settings.metrics_port
