@@ -50,6 +50,7 @@ from kvferry.v1 import coordinator_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (what gRPC calls CANCELLED)
 MAX_BODY_BYTES = 64 << 20  # the gRPC API's message cap (serving.server.MAX_MESSAGE_BYTES)
 # The gRPC status each failure carries -> the HTTP status an OpenAI client expects (Google's mapping).
 HTTP_STATUS = {
@@ -145,8 +146,9 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """`work`, cancelled when the client hangs up first (its KV is freed as for any cancelled call)."""
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when the client hangs up first: then `work` is cancelled (its KV is freed
+    as for any cancelled call)."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_until_disconnected(request))
     try:
@@ -156,7 +158,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    return task.result()  # CancelledError when the client went away: nobody reads the answer
+    return None if task.cancelled() else task.result()
 
 
 def build_app(
@@ -219,9 +221,12 @@ def build_app(
         if body.stream:
             return await stream(request, body, shape, parts, request_id)
         try:
-            text, finish, stats, tokens = await unless_disconnected(request, _collect(parts))
+            whole = await unless_disconnected(request, _collect(parts))
         finally:
             await parts.aclose()
+        if whole is None:
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it
+        text, finish, stats, tokens = whole
         return JSONResponse(shape.whole(text, finish, stats, tokens), headers={"x-request-id": request_id})
 
     async def stream(
@@ -236,6 +241,9 @@ def build_app(
         except BaseException:
             await parts.aclose()
             raise
+        if first is None:
+            await parts.aclose()
+            return Response(status_code=CLIENT_CLOSED)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def rest() -> AsyncIterator[coordinator_pb2.GenerateResponse]:

@@ -273,6 +273,19 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_pages(
     assert scrape_url(base_url + "/metrics")['kvferry_requests_total{outcome="cancelled"}'] == before + 1
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(
+    base_url: str, model_id: str, cluster: InProcessCluster
+) -> None:
+    """Not streamed: the coordinator notices the hang-up while it waits, and cancels the request."""
+    before = scrape_url(base_url + "/metrics")['kvferry_requests_total{outcome="cancelled"}']
+    body = {"model": model_id, "prompt": list(range(1, 60)), "max_tokens": 50, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with cluster.stalled("prefill"), pytest.raises(httpx.ReadTimeout):  # no answer can come in time
+        httpx.post(base_url + "/v1/completions", json=body, headers=headers, timeout=0.5)
+    cluster.assert_no_leaks()
+    assert scrape_url(base_url + "/metrics")['kvferry_requests_total{outcome="cancelled"}'] == before + 1
+
+
 def test_32_concurrent_streams_lose_nothing(cluster: InProcessCluster, base_url: str, model_id: str) -> None:
     prompts = [[1 + (i * 31 + j * 7) % 250 for j in range(20 + 3 * i)] for i in range(32)]
     with Client(cluster.coordinator_address, token=TOKEN, timeout=120) as c:
