@@ -13,6 +13,7 @@ import torch
 from kvferry.engine.compression.budget import keep_mask, uniform_share
 from kvferry.engine.compression.params import CompressionParams
 from kvferry.engine.compression.protection import protected_mask
+from kvferry.engine.compression.spans import shape_scores
 from kvferry.engine.page_table import SequenceKV
 from kvferry.engine.uploads import upload
 
@@ -24,6 +25,7 @@ def select_tokens(scores: torch.Tensor, params: CompressionParams) -> tuple[torc
     A uniform budget keeps the same number of tokens in every head, known on the host: its positions
     come from one top-k and a sort of the kept ones, and the host never waits for the GPU."""
     n = scores.shape[-1]
+    scores = shape_scores(scores, params)
     protected = protected_mask(n, params.sink, params.recent, params.protected_spans)  # on the host
     on_device = upload(protected, scores.device)
     if params.budget == "uniform":
