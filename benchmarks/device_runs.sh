@@ -29,8 +29,8 @@
 #     --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform any \
 #     kvpress==0.5.5 transformers==5.2.0 tokenizers==0.22.2 cachetools==5.5.2 termcolor==3.3.0 datasets==5.2.0 \
 #     dill==0.4.1 multiprocess==0.70.19 && python3 -m pip wheel --no-deps fire==0.6.0 && cd ../..
-# then call 1: command "ls -l .model", carry [".model/smollm2.gguf.part-aa", ".whl"]; and at once call 2:
-# command "bash benchmarks/device_runs.sh 1gpu-quality", carry [".model/smollm2.gguf.part-ab"].
+# then call 1: command "ls -l .model", carry [".model/smollm2.gguf.part-aa"] (59 MiB with the tree); at once call 2:
+# command "bash benchmarks/device_runs.sh 1gpu-quality", carry [".model/smollm2.gguf.part-ab", ".whl"] (60 MiB).
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
@@ -182,14 +182,16 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     fi
     python3 -m pip install -q --no-index --no-deps --target /tmp/kvp_site .whl/kvpress/*.whl 2>&1 | tail -1
     # kvferry: every variant x retentions {0.5, 0.25, 0.1} x both settings + the full cache, seed by seed
-    timeout 400 python benchmarks/quality.py --model $GGUF --device cuda --dtype float32 --kv-gib 30 \
+    # (QUALITY_DEVICE=cpu and the *_ARGS / KVPRESS_PYTHON variables: a CPU rehearsal of this mode)
+    timeout 400 python benchmarks/quality.py --model $GGUF --device ${QUALITY_DEVICE:-cuda} --dtype float32 --kv-gib 30 \
       --prefill-chunk 2048 --split tuning --per-cell ${QUALITY_PER_CELL:-4} --time-budget ${QUALITY_BUDGET:-280} \
-      --tokens-out "$OUT/quality_tokens.jsonl" --out "$OUT/quality_tuning.json" > "$OUT/quality.log" 2>&1
+      --tokens-out "$OUT/quality_tokens.jsonl" --out "$OUT/quality_tuning.json" ${QUALITY_ARGS:-} > "$OUT/quality.log" 2>&1
     grep -E "budget|Error|error|full cache" "$OUT/quality.log" | tail -5
     # kvpress 0.5.5 on the same token ids (context setting), with its own transformers 5.2
     PYTHONPATH=/tmp/kvp_site:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error \
-      timeout 200 python benchmarks/quality_kvpress.py --tokens "$OUT/quality_tokens.jsonl" --model $GGUF \
-      --device cuda --time-budget ${KVPRESS_BUDGET:-150} --out "$OUT/quality_kvpress.json" > "$OUT/kvpress.log" 2>&1
+      timeout 200 ${KVPRESS_PYTHON:-python} benchmarks/quality_kvpress.py --tokens "$OUT/quality_tokens.jsonl" --model $GGUF \
+      --device ${QUALITY_DEVICE:-cuda} --time-budget ${KVPRESS_BUDGET:-150} --out "$OUT/quality_kvpress.json" \
+      ${KVPRESS_ARGS:-} > "$OUT/kvpress.log" 2>&1
     grep -E "budget|Error|error" "$OUT/kvpress.log" | tail -5
     KVP="$OUT/quality_kvpress.json"
     python benchmarks/quality.py --summarize "$OUT/quality_tuning.json" ${KVP:+$([ -f "$KVP" ] && echo --merge-kvpress "$KVP")} \

@@ -25,6 +25,12 @@ COLORS = {
     "kvpress.kvzip": "tab:pink",
 }
 LEVER_RETENTION = 0.25  # the lever panel's retention
+FIELD_NAMES = {
+    "mean": "accuracy",
+    "share_of_full": "share of full",
+    "minus_compactor": "minus compactor (paired)",
+    "first_token_agreement": "first-token agreement",
+}
 
 
 def _cells(summary: dict[str, Any], setting: str) -> dict[str, dict[float, dict[str, Any]]]:
@@ -112,8 +118,9 @@ def cell_table(summary: dict[str, Any], setting: str, field: str = "mean") -> st
     """Rows: variant; columns: retention; cells: macro accuracy (or `field`) with its CI."""
     cells = _cells(summary, setting)
     rs = sorted({r for by_r in cells.values() for r in by_r}, reverse=True)
+    what = FIELD_NAMES.get(field, field)
     rows = [
-        f"| {setting}: variant | " + " | ".join(f"r = {r:g}" for r in rs) + " |",
+        f"| {setting}: {what} | " + " | ".join(f"r = {r:g}" for r in rs) + " |",
         "| --- |" + " ---: |" * len(rs),
     ]
     for variant, by_r in cells.items():

@@ -372,7 +372,7 @@ def _entity_prose(r: random.Random, seed: int) -> _Task:
 
 def _numbers_table(r: random.Random, seed: int) -> _Task:
     good = r.choice(_GOODS)
-    places = r.sample(_PLACES, 6)
+    places = r.sample(_PLACES, 4)
     amounts = [str(r.randint(2000, 9999)) for _ in places]  # filler years stop at 1950
     if seed % 2:
         rows = "\n".join(f"{p}, {a}" for p, a in zip(places, amounts))
