@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import cache_prompt
 
 from kvferry.engine import CompressionParams
 from kvferry.engine.compression import PromptShape, make_scorer, select_tokens
@@ -12,24 +13,8 @@ from kvferry.engine.compression.compactor import smooth_positions, standardize_p
 from kvferry.engine.compression.protection import protected_mask
 from kvferry.engine.compression.spans import chunk_mean, pool_max, shape_scores
 from kvferry.engine.errors import InvalidArgumentError
-from kvferry.engine.kv_pool import KVPool
-from kvferry.engine.layers.paged_attention import store_kv
-from kvferry.engine.page_table import SequenceKV
 
 LAYERS, HEADS, GROUP, DIM, N = 2, 2, 2, 16, 300
-
-
-def cached_prompt(keys: torch.Tensor, values: torch.Tensor, page_size: int = 16) -> SequenceKV:
-    """keys, values [L, n, H, D] written into a real pool and page table, as prefill leaves them."""
-    layers, n, h, d = keys.shape
-    pool = KVPool(layers * h * -(-n // page_size), page_size, d, torch.float32, "cpu")
-    seq_kv = SequenceKV(pool, layers, h, n)
-    seq_kv.grow(n)
-    for layer in range(layers):
-        pages, offsets = seq_kv.slots(layer, n)
-        store_kv(pool.kv, pages, offsets, keys[layer].transpose(0, 1), values[layer].transpose(0, 1))
-    seq_kv.head_lens += n
-    return seq_kv
 
 
 def observed(params: CompressionParams, seed: int = 0, chunk: int = 128):
@@ -41,7 +26,7 @@ def observed(params: CompressionParams, seed: int = 0, chunk: int = 128):
     v = torch.randn(LAYERS, N, HEADS, DIM, generator=gen) * torch.exp(
         torch.randn(LAYERS, N, HEADS, 1, generator=gen)
     )
-    seq_kv = cached_prompt(k, v)
+    seq_kv = cache_prompt(k, v)
     scorer = make_scorer(params, PromptShape(LAYERS, HEADS, N), seq_kv)
     for s in range(0, N, chunk):
         for layer in range(LAYERS):
