@@ -233,11 +233,31 @@ def run_sample(
     retentions: list[float],
     settings: list[str],
 ) -> dict[str, Any]:
+    """Every (setting, variant, retention) cell of one sample; its pages are freed on every exit."""
+    owned: list[SequenceKV] = []
+    try:
+        result = _run_sample(engine, prompt, variants, retentions, settings, owned)
+    finally:
+        for kv in owned:
+            kv.free()
+    engine.pool.assert_no_leaks()
+    return result
+
+
+def _run_sample(
+    engine: LLMEngine,
+    prompt: Prompt,
+    variants: dict[str, dict[str, Any]],
+    retentions: list[float],
+    settings: list[str],
+    owned: list[SequenceKV],
+) -> dict[str, Any]:
     sample, ids = prompt.sample, prompt.ids
     n, n_ctx = len(ids), prompt.context_len
     kv_shape = (engine.num_layers, engine.num_kv_heads)
     base = engine.make_sequence(ids, SamplingParams(temperature=0.0, max_new_tokens=sample.max_new_tokens))
     base.kv = SequenceKV(engine.pool, *kv_shape, n + sample.max_new_tokens + 1)
+    owned.append(base.kv)
     lens = {"whole": n, "context": n_ctx}
     # protected in the whole setting: the question and everything after the document
     spans = {"whole": [prompt.question, (n_ctx, n)], "context": []}
@@ -290,6 +310,7 @@ def run_sample(
                 kv = SequenceKV(
                     engine.pool, *kv_shape, int(kept_lens.max()) + len(feed) + sample.max_new_tokens + 1
                 )
+                owned.append(kv)
                 kv.grow_to(kept_lens)
                 pack_kept(engine.pool.kv, base.kv.page_table, kept, kept_lens, kv.page_table)
                 select_seconds += time.perf_counter() - t1
@@ -344,9 +365,6 @@ def run_sample(
             "kept_of_prompt": c.kept_of_prompt,
             "first_token_agrees": agree,
         }
-        c.kv.free()
-    base.kv.free()
-    engine.pool.assert_no_leaks()
     return result
 
 
