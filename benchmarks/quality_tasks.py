@@ -334,7 +334,7 @@ def _var_chain(r: random.Random, seed: int) -> _Task:
         facts,
         f"What is the value of VAR {b}?",
         f"Following the assignments in the text: VAR {b} = VAR",
-        [value], 16, [0], in_order=True,
+        [value], 24, [0], in_order=True,
     )  # fmt: skip
 
 
