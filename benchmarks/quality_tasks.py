@@ -8,7 +8,8 @@ prose of the documents under engine/data/ (`entity_prose`), never one repeated s
 cannot win by spotting the only non-repeated tokens.
 
 Families (they differ in form, not only in seed; each was calibrated on the full cache only, never
-against a compression method, so SmolLM2-135M solves most of each with the whole cache):
+against a compression method, so SmolLM2-135M solves most of each with the whole cache; the
+families with look-alike facts have 2 distractors at ~2K tokens and 1 beyond, `distractor_count`):
   needle_depth    one "special magic number" for a key; the needle sits near the start, the middle
                   or the end of the document (by seed)
   lookalike_keys  the asked key beside a needle whose key swaps its words or shares its first word
@@ -16,10 +17,11 @@ against a compression method, so SmolLM2-135M solves most of each with the whole
   multi_value     one key with 3 numbers scattered through the document; score = share recalled
   var_chain       VAR A = n ... VAR B = VAR A (one hop): the value of B
   most_frequent   one bird survey list (one bird named 5 times, two once): the bird counted most often
-  entity_prose    short biographies of several people inside natural prose: one person's birthplace
-  numbers_table   a table or a list of numbers per place (by seed): one place's number
+  entity_prose    short biographies of people inside the natural prose of engine/data/: one
+                  person's birthplace, the others' as distractors
+  numbers_table   a CSV table or a list of tonnes per town (by seed): one town's number
   question_first  the question before the document (the answer prefix does not repeat it): who
-                  designed a building, with two other buildings' designers as distractors
+                  designed a building, with other buildings' designers as distractors
   doc_qa          one fact stated once in the document: who designed a building
 
 Lengths: prompts of about 2K, 4K and 7K tokens (SmolLM2 has an 8K context). Splits: the tuning split
@@ -128,6 +130,13 @@ _TOWNS = [
     "Amberley Down", "Gorsemoor", "Kittering",
 ]  # fmt: skip
 _DEPTHS = {"start": (0.02, 0.12), "middle": (0.45, 0.55), "end": (0.88, 0.98)}
+
+
+def distractor_count(target_tokens: int) -> int:
+    """Distractors of entity_prose, numbers_table and question_first: 2 at ~2K tokens, 1 beyond,
+    where SmolLM2-135M's full cache already confuses look-alike facts (measured on the full cache
+    only; the other families do not scale theirs)."""
+    return 2 if target_tokens <= 3000 else 1
 
 
 @dataclass
@@ -282,7 +291,7 @@ class _Task:
     bucket: str = ""
 
 
-def _needle_depth(r: random.Random, seed: int) -> _Task:
+def _needle_depth(r: random.Random, seed: int, distractors: int) -> _Task:
     key, value = _key(r, set()), _number(r)
     bucket = ("start", "middle", "end")[seed % 3]
     lo, hi = _DEPTHS[bucket]
@@ -294,7 +303,7 @@ def _needle_depth(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-def _lookalike_keys(r: random.Random, seed: int) -> _Task:
+def _lookalike_keys(r: random.Random, seed: int, distractors: int) -> _Task:
     a, b, c = r.sample(_KEY_WORDS, 3)
     key = f"{a}-{b}"
     taken = {value := _number(r)}
@@ -311,7 +320,7 @@ def _lookalike_keys(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-def _multi_value(r: random.Random, seed: int) -> _Task:
+def _multi_value(r: random.Random, seed: int, distractors: int) -> _Task:
     key = _key(r, set())
     values = [_number(r, 6) for _ in range(3)]
     return _Task(
@@ -322,7 +331,7 @@ def _multi_value(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-def _var_chain(r: random.Random, seed: int) -> _Task:
+def _var_chain(r: random.Random, seed: int, distractors: int) -> _Task:
     letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
     names: set[str] = set()
     while len(names) < 2:
@@ -338,7 +347,7 @@ def _var_chain(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-def _most_frequent(r: random.Random, seed: int) -> _Task:
+def _most_frequent(r: random.Random, seed: int, distractors: int) -> _Task:
     birds = r.sample(_BIRDS, 3)
     counts = [5, 1, 1]
     sightings = [b for b, n in zip(birds, counts) for _ in range(n)]
@@ -352,10 +361,10 @@ def _most_frequent(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-def _entity_prose(r: random.Random, seed: int) -> _Task:
+def _entity_prose(r: random.Random, seed: int, distractors: int) -> _Task:
     taken: set[str] = set()
     people = [(_name(r, taken), place, r.randint(1780, 1860), r.choice(_JOBS))
-              for place in r.sample(_TOWNS, 3)]  # fmt: skip
+              for place in r.sample(_TOWNS, 1 + distractors)]  # fmt: skip
     facts = [
         f"{name} was born in {place} in {year}. As a young {job}, {name.split()[0]} worked on the "
         f"canal for several seasons, and in later life spoke often of the people met along the towpath."
@@ -370,9 +379,9 @@ def _entity_prose(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-def _numbers_table(r: random.Random, seed: int) -> _Task:
+def _numbers_table(r: random.Random, seed: int, distractors: int) -> _Task:
     good = r.choice(_GOODS)
-    places = r.sample(_PLACES, 4)
+    places = r.sample(_PLACES, 2 + distractors)
     amounts = [str(r.randint(2000, 9999)) for _ in places]  # filler years stop at 1950
     if seed % 2:
         rows = "\n".join(f"{p}, {a}" for p, a in zip(places, amounts))
@@ -402,10 +411,10 @@ def _designer_facts(r: random.Random, n: int) -> tuple[list[str], list[tuple[str
     return [f"{b.capitalize()} at {p} was designed by an engineer named {name}." for b, p, name in rows], rows
 
 
-def _question_first(r: random.Random, seed: int) -> _Task:
-    facts, rows = _designer_facts(r, 3)
+def _question_first(r: random.Random, seed: int, distractors: int) -> _Task:
+    facts, rows = _designer_facts(r, 1 + distractors)
     built, place, name = rows[0]
-    order = list(range(3))
+    order = list(range(len(facts)))
     r.shuffle(order)
     return _Task(
         [facts[i] for i in order],
@@ -415,7 +424,7 @@ def _question_first(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-def _doc_qa(r: random.Random, seed: int) -> _Task:
+def _doc_qa(r: random.Random, seed: int, distractors: int) -> _Task:
     facts, rows = _designer_facts(r, 1)
     built, place, name = rows[0]
     return _Task(
@@ -426,7 +435,7 @@ def _doc_qa(r: random.Random, seed: int) -> _Task:
     )  # fmt: skip
 
 
-_BUILDERS: dict[str, Callable[[random.Random, int], _Task]] = {
+_BUILDERS: dict[str, Callable[[random.Random, int, int], _Task]] = {
     "needle_depth": _needle_depth,
     "lookalike_keys": _lookalike_keys,
     "multi_value": _multi_value,
@@ -446,7 +455,7 @@ def make_sample(family: str, target_tokens: int, seed: int, count: Count) -> Sam
     if family not in _BUILDERS:
         raise ValueError(f"unknown task family {family!r}; choose from {FAMILIES}")
     r = random.Random(f"{family}:{target_tokens}:{seed}")
-    task = _BUILDERS[family](r, seed)
+    task = _BUILDERS[family](r, seed, distractor_count(target_tokens))
     doc, depths = _document(
         r, task.facts, target_tokens - _OVERHEAD_TOKENS, count, task.depths, task.prose, task.in_order
     )
