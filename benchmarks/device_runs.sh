@@ -31,6 +31,8 @@
 #     dill==0.4.1 multiprocess==0.70.19 && python3 -m pip wheel --no-deps fire==0.6.0 && cd ../..
 # then call 1: command "ls -l .model", carry [".model/smollm2.gguf.part-aa"] (59 MiB with the tree); at once call 2:
 # command "bash benchmarks/device_runs.sh 1gpu-quality", carry [".model/smollm2.gguf.part-ab", ".whl"] (60 MiB).
+# Expected: call 1 ~1-2 min (start + upload); call 2 ~9.5 min (set-up ~0.5, kvferry <= 250 s + one sample,
+# kvpress <= 170 s + one sample, summary); both runs stop starting samples at their budgets, seed by seed.
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
