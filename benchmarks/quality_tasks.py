@@ -9,11 +9,13 @@ cannot win by spotting the only non-repeated tokens.
 
 Families (they differ in form, not only in seed; each was calibrated on the full cache only, never
 against a compression method, so SmolLM2-135M solves most of each with the whole cache; the
-families with look-alike facts have 2 distractors at ~2K tokens and 1 beyond, `distractor_count`):
+families with look-alike facts have 2 distractors at ~2K tokens and 1 beyond, `distractor_count`,
+and numbers_table 3 rows):
   needle_depth    one "special magic number" for a key; the needle sits near the start, the middle
                   or the end of the document (by seed)
   lookalike_keys  the asked key beside a needle whose key swaps its words or shares its first word
-                  (by seed), with a value that shares its first two digits
+                  (by seed); values of the same form (with their first two digits shared too, the
+                  full cache copied the other value in 4 of 6 samples)
   multi_value     one key with 3 numbers scattered through the document; score = share recalled
   var_chain       VAR A = n ... VAR B = VAR A (one hop): the value of B
   most_frequent   one bird survey list (one bird named 5 times, two once): the bird counted most often
@@ -133,7 +135,7 @@ _DEPTHS = {"start": (0.02, 0.12), "middle": (0.45, 0.55), "end": (0.88, 0.98)}
 
 
 def distractor_count(target_tokens: int) -> int:
-    """Distractors of entity_prose, numbers_table and question_first: 2 at ~2K tokens, 1 beyond,
+    """Distractors of entity_prose and question_first: 2 at ~2K tokens, 1 beyond,
     where SmolLM2-135M's full cache already confuses look-alike facts (measured on the full cache
     only; the other families do not scale theirs)."""
     return 2 if target_tokens <= 3000 else 1
@@ -309,7 +311,7 @@ def _lookalike_keys(r: random.Random, seed: int, distractors: int) -> _Task:
     taken = {value := _number(r)}
     other = (f"{b}-{a}", f"{a}-{c}")[seed % 2]  # the words swapped, or the first word shared
     facts = [f"The special magic number for {k} is: {v}." for k, v in
-             [(key, value), (other, _lookalike_number(r, value, 2, taken))]]  # fmt: skip
+             [(key, value), (other, _lookalike_number(r, value, 0, taken))]]  # fmt: skip
     order = [0, 1]
     r.shuffle(order)
     return _Task(
@@ -381,7 +383,7 @@ def _entity_prose(r: random.Random, seed: int, distractors: int) -> _Task:
 
 def _numbers_table(r: random.Random, seed: int, distractors: int) -> _Task:
     good = r.choice(_GOODS)
-    places = r.sample(_PLACES, 2 + distractors)
+    places = r.sample(_PLACES, 3)  # 4 rows: the full cache read the wrong row at 2K (0/2)
     amounts = [str(r.randint(2000, 9999)) for _ in places]  # filler years stop at 1950
     if seed % 2:
         rows = "\n".join(f"{p}, {a}" for p, a in zip(places, amounts))
