@@ -1,8 +1,10 @@
-"""The transport interface the prefill side uses, and the registry of transports by name.
+"""The transport interface the prefill side uses.
 
 A Transport is bound to one decode node (prefill_service.links sets direct ones up). The prefill side
 turns the gathered pages into the transport's payload (`payload`), builds the manifest from it, reserves
-on the decode node, then calls `send`, which must not return before the decode node committed.
+on the decode node, then calls `send` with a `Shipment` (the reservation, the payload and how to send
+it), which must not return before the decode node committed. The states of a request's KV on both
+nodes around this, and who frees what on each failure: docs/kv-handoff.md.
 
 - `grpc` streams page bytes (PushKV); the decode node verifies their crc32 and writes them.
 - `cuda_ipc` and `shm` write the pages into the decode node's mapped pool, then call CommitKV; the

@@ -29,7 +29,9 @@ from kvferry.engine.errors import UnavailableError
 from kvferry.kvtransfer.device_util import PeerUnreachableError
 from kvferry.kvtransfer.errors import TransferIntegrityError
 from kvferry.kvtransfer.shm import MappedShmPool
+from kvferry.prefill_service.decode_reservation import DecodeReservation
 from kvferry.prefill_service.links import LocalEnd
+from kvferry.prefill_service.prefill_engine import PrefillEngine
 from kvferry.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 PAGE_SIZE = 4
@@ -194,25 +196,47 @@ def test_a_caller_gone_during_the_commit_frees_both_nodes(
         try:
             assert gate.entered.wait(30), "the request never reached the commit"
             if how == "cancel":
-                call.cancel()
-            with pytest.raises(grpc.RpcError) as err:
-                call.result(timeout=60)
+                assert call.cancel()
+            else:
+                with pytest.raises(grpc.RpcError) as err:
+                    call.result(timeout=60)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert gate.cancelled.wait(10), "the decode node's commit was not cancelled"
         finally:
             gate.release.set()
-    code = grpc.StatusCode.CANCELLED if how == "cancel" else grpc.StatusCode.DEADLINE_EXCEEDED
-    assert err.value.code() == code
     assert cluster.prefill.metrics.early.value() == early  # nothing was committed
     monkeypatch.undo()
     _assert_freed_and_serving(cluster)
 
 
-def test_a_request_ended_by_its_first_token_frees_its_early_reservation(cluster: InProcessCluster) -> None:
+def test_a_request_ended_by_its_first_token_frees_its_early_reservation(
+    cluster: InProcessCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The early reservation is made when the last chunk starts; a first token that ends the request
-    leaves it unused, and the prefill node aborts it (answered or not)."""
+    leaves it unused. Here the prefill ends only once the decode node answered it, so the prefill node
+    must abort it (an unanswered one is cancelled instead, which frees it on the decode node)."""
+    if cluster.spec.prefill["transport"] != "shm":
+        pytest.skip("early reservations are for direct transports")
+    answered = threading.Event()
+    reserve, prefill = DecodeReservation.reserve, PrefillEngine.prefill
+
+    async def reserve_and_tell(cls: type, *args: Any) -> DecodeReservation:
+        reservation = await reserve(*args)
+        answered.set()
+        return reservation
+
+    async def prefill_after_the_answer(self: PrefillEngine, *args: Any) -> Any:
+        outcome = await prefill(self, *args)
+        assert await asyncio.to_thread(answered.wait, 30)
+        return outcome
+
+    monkeypatch.setattr(DecodeReservation, "reserve", classmethod(reserve_and_tell))
+    monkeypatch.setattr(PrefillEngine, "prefill", prefill_after_the_answer)
     with Client(cluster.coordinator_address, timeout=60) as client:
         reply = client.generate(_tokens(LENGTHS["early"], 3), max_new_tokens=1, temperature=0)
     assert len(reply.token_ids) == 1 and reply.finish_reason == "length"
+    assert answered.is_set()
+    monkeypatch.undo()
     _assert_freed_and_serving(cluster)
 
 
