@@ -253,7 +253,6 @@ def test_decode_death_during_the_handoff_frees_the_prefill_node(
     from test_faults import pools, wait_empty
 
     from kvferry.clients.local_cluster import LocalCluster
-    from kvferry.kvtransfer import ModelSpec, build_manifest
 
     engine = ["--model", str(tiny_model("llama").path), "--device", "cpu", "--dtype", "float32",
               "--page-size", str(PAGE_SIZE), "--prefill-chunk", str(CHUNK), "--max-model-len", "512",
@@ -267,7 +266,7 @@ def test_decode_death_during_the_handoff_frees_the_prefill_node(
     c.start()
     try:
         c.wait_ready(timeout=180)
-        _promise_the_decode_pool(c, ModelSpec, build_manifest)
+        _promise_the_decode_pool(c)
         with Client(c.coordinator_address, timeout=60) as client:
             outcome: dict[str, Any] = {}
 
@@ -298,31 +297,15 @@ def test_decode_death_during_the_handoff_frees_the_prefill_node(
         c.stop()
 
 
-def _promise_the_decode_pool(cluster: Any, model_spec: Any, build_manifest: Any) -> None:
+def _promise_the_decode_pool(cluster: Any) -> None:
     """Reserve (and never fill) grpc reservations until the decode node answers RESOURCE_EXHAUSTED."""
-    import torch
+    from test_faults import grpc_reserve_request
 
-    from kvferry.engine.kv_handoff import KVLayout
-    from kvferry.kvtransfer import pages_to_bytes
-    from kvferry.v1 import decode_pb2, decode_pb2_grpc
+    from kvferry.v1 import decode_pb2_grpc
 
     with grpc.insecure_channel(cluster.address("decode")) as channel:
         stub = decode_pb2_grpc.DecodeServiceStub(channel)
-        info = stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5)
-        m = info.model
-        spec = model_spec(
-            m.fingerprint, m.dtype, info.pool.page_size, m.num_layers, m.num_kv_heads, m.head_dim, 4
-        )
-        layout = KVLayout(torch.full((m.num_layers, m.num_kv_heads), 400), spec.page_size)
-        payload = pages_to_bytes(torch.zeros(layout.num_pages, 2, spec.page_size, spec.head_dim))
-        request = decode_pb2.ReserveKVRequest(
-            request_id="holder",
-            manifest=build_manifest(spec, layout, payload),
-            sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=100),
-            prompt_token_ids=_tokens(400, 6),
-            first_token_id=5,
-            transport="grpc",
-        )
+        request = grpc_reserve_request(stub, "holder", 400, max_new_tokens=100)
         with pytest.raises(grpc.RpcError) as full:
             for _ in range(100):
                 stub.ReserveKV(request, timeout=10)
