@@ -35,7 +35,6 @@ class DecodeEngine:
         )
         self.direct = DirectReceiver(settings)
         self.receiver = KVReceiver(settings, self.worker, self.direct)
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def reservations(self) -> ReservationTable[IncomingRequest]:
@@ -48,7 +47,6 @@ class DecodeEngine:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self.worker.start()
         engine = await self.worker.wait_loaded()
         await self.worker.call(lambda e: self.direct.share_pool(e.pool))
@@ -85,8 +83,8 @@ class DecodeEngine:
             record = self.receiver.records.find(seq.request_id)
             if record is not None:
                 record.publish(engine, seq)
-        if self._loop is not None and any(seq.is_finished for seq in seqs):
-            self._loop.call_soon_threadsafe(self.receiver.signal_freed)
+        if any(seq.is_finished for seq in seqs):
+            self.receiver.pages_returned()
 
     def _step_failed(self, engine: LLMEngine, error: BaseException) -> None:
         for record in self.receiver.records.snapshot():  # the worker aborts every request next

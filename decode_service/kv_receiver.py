@@ -182,8 +182,13 @@ class KVReceiver:
             return False
         return True
 
-    def signal_freed(self) -> None:
-        """Event loop: wake every ReserveKV waiting for pages."""
+    def pages_returned(self) -> None:
+        """Engine thread: a request gave its pages back (it finished or was aborted); every ReserveKV
+        waiting for room wakes up."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._signal_freed)
+
+    def _signal_freed(self) -> None:
         self._freed.set()
         self._freed = asyncio.Event()
 
@@ -364,8 +369,8 @@ class KVReceiver:
         return record is not None
 
     def _abort_on_engine(self, engine: LLMEngine, rid: str, stream: TokenStream | None) -> None:
-        if engine.abort(rid) and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.signal_freed)
+        if engine.abort(rid):
+            self.pages_returned()
         if stream is not None:
             stream.close("abort")
 

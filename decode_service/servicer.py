@@ -56,14 +56,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     ) -> decode_pb2.ReserveKVResponse:
         request_context.bind(request.request_id)
         started = time.perf_counter()
-        engine = self.receiver.ready_engine()
-        assert self.receiver.spec is not None
+        engine = self.decode.ready_engine()
+        assert self.decode.spec is not None
         # An oversized transfer is refused before the manifest is even parsed into a layout.
         check_transfer_size(
-            request.manifest,
-            self.receiver.spec,
-            engine.pool.num_pages,
-            self.decode.settings.max_transfer_bytes,
+            request.manifest, self.decode.spec, engine.pool.num_pages, self.decode.settings.max_transfer_bytes
         )
         r = await self.receiver.reserve(request)
         reply = decode_pb2.ReserveKVResponse(
