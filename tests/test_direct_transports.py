@@ -447,7 +447,8 @@ def test_prefill_reserves_early_for_prompts_longer_than_a_chunk(cluster: InProce
 @pytest.mark.parametrize("when", ["reserved", "in_flight"])
 def test_an_unused_early_reservation_is_freed(cluster: InProcessCluster, when: str) -> None:
     """A prefill that fails, is cancelled or ends at its first token never ships into its early
-    reservation: discarding it frees the decode pages, whether ReserveKV was answered or still running."""
+    reservation: its holder frees the decode pages at once, whether ReserveKV was answered (the handoff,
+    once it took it) or still running (discard cancels it)."""
     pipeline = cluster.prefill
     spec = ModelSpec.of_engine(cluster.decode.worker.engine)
     sampling = common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
