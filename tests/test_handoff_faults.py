@@ -188,7 +188,8 @@ def test_a_caller_gone_during_the_commit_frees_both_nodes(
     until the client's cancel, or its deadline, has reached it through coordinator and prefill."""
     gate = Gate()
     monkeypatch.setattr(KVReceiver, "_commit", gate.around(KVReceiver._commit))
-    early = cluster.prefill.metrics.early.value()
+    registry = cluster.hosts["prefill"].metrics
+    early = registry.get_sample_value("kvferry_kv_early_reservations_total")
     with grpc.insecure_channel(cluster.coordinator_address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         timeout = 3.0 if how == "deadline" else 60.0
@@ -204,7 +205,7 @@ def test_a_caller_gone_during_the_commit_frees_both_nodes(
             assert gate.cancelled.wait(10), "the decode node's commit was not cancelled"
         finally:
             gate.release.set()
-    assert cluster.prefill.metrics.early.value() == early  # nothing was committed
+    assert registry.get_sample_value("kvferry_kv_early_reservations_total") == early  # nothing committed
     monkeypatch.undo()
     _assert_freed_and_serving(cluster)
 
