@@ -3,6 +3,7 @@ on `http_port`."""
 
 from __future__ import annotations
 
+from kvferry.coordinator.context_routes import ContextRoutes, RoutePreference
 from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.servicer import CoordinatorServicer
 from kvferry.coordinator.settings import CoordinatorSettings
@@ -18,10 +19,15 @@ def build(settings: CoordinatorSettings) -> ServiceHost:
     token = read_token(settings.auth_token, settings.auth_token_file)
     auth = TokenAuth(token, [SERVICE_NAME]) if token else None
     host = ServiceHost(settings, [SERVICE_NAME], auth=auth)
+    preference = RoutePreference(settings.context_prefill_slack, settings.context_decode_share)
     nodes = NodePool(
-        settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels
-    )
-    servicer = CoordinatorServicer(nodes, host.metrics, settings.max_active_requests, settings.decode_retries)
+        settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels,
+        preference,
+    )  # fmt: skip
+    servicer = CoordinatorServicer(
+        nodes, host.metrics, settings.max_active_requests, settings.decode_retries,
+        ContextRoutes(settings.context_routes),
+    )  # fmt: skip
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, host.server)
     if settings.http_port is not None:
         from kvferry.coordinator.openai_api import build_app  # FastAPI loads only when the front is on

@@ -264,13 +264,13 @@ class LLMEngine:
                 seq.prefill_start = time.perf_counter()
                 seq.scorer_state = make_observer(seq)  # None when the request keeps its whole cache
             logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
+            if seq.context_pending and seq.num_prefilled == seq.context_len:
+                self._finish_context(seq)
+                if seq.context_only:  # a put whose context is whole pages ends here, logits unused
+                    seq.stats.prefill_seconds = time.perf_counter() - seq.prefill_start
+                    self._finish(seq, "context")
+                    return [*ended, seq]
             if logits is None:
-                if seq.context_pending and seq.num_prefilled == seq.context_len:
-                    self._finish_context(seq)
-                    if seq.context_only:
-                        seq.stats.prefill_seconds = time.perf_counter() - seq.prefill_start
-                        self._finish(seq, "context")
-                        return [*ended, seq]
                 return ended
             self.finish_prefill(seq)
             self._append(seq, sample(logits[None], [seq.sampling], [seq.generator])[0])

@@ -35,8 +35,9 @@ def build(settings: PrefillSettings) -> ServiceHost:
     )
     handoff = KVHandoff(DecodeLinks(options, lambda address: DecodeClient.connect(address, host.channels)))
     pipeline = PrefillPipeline(
-        engine, handoff, settings.max_pending_requests, host.metrics, early_reserve=settings.early_reserve
-    )
+        engine, handoff, settings.max_pending_requests, host.metrics, early_reserve=settings.early_reserve,
+        cache_context=settings.cache_context, max_put_context_tokens=settings.max_put_context_tokens,
+    )  # fmt: skip
     depth = Gauge(
         "kvferry_prefill_queue_depth", "Prefill calls accepted and not answered", registry=host.metrics
     )

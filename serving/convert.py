@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from kvferry.engine.compression import CompressionParams
-from kvferry.engine.errors import InvalidArgumentError, require
+from kvferry.engine.context_cache import ContextCacheState
+from kvferry.engine.errors import InvalidArgumentError, NotFoundError, require
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.llm_engine import LLMEngine
 from kvferry.engine.sampling_params import SamplingParams
@@ -112,4 +114,23 @@ def pool_info(pool: KVPool) -> pb.PoolInfo:
         used_pages=pool.num_used,
         reserved_pages=pool.num_reserved,
         available_pages=max(pool.num_available, 0),
+        cached_pages=pool.num_cached,
     )
+
+
+def context_cache_info(state: ContextCacheState, **extra: Any) -> pb.ContextCacheInfo:
+    """A node's context cache (`extra`: the prefill node's put_contexts and cache_context_default)."""
+    return pb.ContextCacheInfo(**dataclasses.asdict(state), **extra)
+
+
+def drop_context(handle: str) -> Callable[[LLMEngine], bool]:
+    """An engine command: remove `handle` from the context cache; whether it was there."""
+
+    def drop(engine: LLMEngine) -> bool:
+        try:
+            engine.context_cache.drop(handle)
+        except NotFoundError:
+            return False
+        return True
+
+    return drop

@@ -128,12 +128,15 @@ class InProcessCluster:
             release.set()
 
     def pool_state(self) -> dict[str, tuple[int, int]]:
-        """(pages in use, pages reserved) of each engine's pool, read on its engine thread."""
+        """(pages in use, pages reserved) of each engine's pool, read on its engine thread; pages in use
+        leave out those the context cache holds (KVPool.assert_no_leaks tells them apart exactly)."""
 
         async def read() -> dict[str, tuple[int, int]]:
             state = {}
             for name, worker in (("prefill", self.prefill.engine.worker), ("decode", self.decode.worker)):
-                state[name] = await worker.call(lambda e: (e.pool.num_used, e.pool.num_reserved))
+                state[name] = await worker.call(
+                    lambda e: (e.pool.num_used - e.pool.num_cached, e.pool.num_reserved)
+                )
             return state
 
         return self.run(read())
@@ -157,6 +160,7 @@ class InProcessCluster:
         async def check() -> None:
             for worker in (self.prefill.engine.worker, self.decode.worker):
                 await worker.call(lambda e: e.pool.assert_no_leaks())
+                await worker.call(lambda e: e.context_cache.assert_idle())
 
         self.run(check())
 

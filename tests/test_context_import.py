@@ -183,10 +183,13 @@ def test_a_mismatched_context_is_refused_naming_the_field(tm: TinyModel) -> None
 def test_a_put_caches_the_context_once(tm: TinyModel) -> None:
     engine = tm.engine(prefill_chunk=64)
     context = random_prompt(130, tm.vocab_size, seed=9)  # 128 tokens cached
+    whole = engine.add_context(random_prompt(64, tm.vocab_size, seed=19), COMPACTOR)  # whole pages, one chunk
     put = engine.add_context(context, COMPACTOR, request_id="put")
     assert put.status == SequenceStatus.PREFILL or put.status == SequenceStatus.WAITING
     run(engine)
     assert put.finish_reason == "context" and put.stats.context_cache == "miss" and not put.output_token_ids
+    assert whole.finish_reason == "context" and not whole.output_token_ids
+    assert engine.context_cache.lookup(whole.context_handle).num_tokens == 64  # type: ignore[union-attr]
     assert put.context_key == put.context_handle
     entry = engine.context_cache.lookup(put.context_handle)  # type: ignore[arg-type]
     assert entry is not None and entry.num_tokens == 128 and entry.pins == 0

@@ -1,0 +1,259 @@
+"""Cached contexts through the services (issue 21), on the tiny random llama over real gRPC: the
+prefill node computes a context once and prefills only the questions after it; the decode node keeps
+the context's pages too, so a hit on both nodes ships just the question's pages (shm and grpc), and
+concurrent questions on one document hold its pages once; PutContext / DropContext and handles
+(NOT_FOUND once dropped); contexts too large for the cache and a cache full of contexts in use are
+served uncached; every greedy answer equals the colocated engine's, and nothing leaks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from builders import TinyModel
+from cluster import ClusterSpec, InProcessCluster
+
+from kvferry.clients import Client, ContextHandle, KvferryRpcError
+from kvferry.engine import CompressionParams, SamplingParams
+from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.sequence import SequenceStatus
+
+PAGE_SIZE = 4
+CHUNK = 64
+MAX_MODEL_LEN = 512
+LAYERS, KV_HEADS = 2, 2
+PAGE_BYTES = 2 * PAGE_SIZE * 16 * 4  # K and V of 4 tokens, head_dim 16, float32
+COMPACTOR = {"method": "compactor", "retention": 0.5}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: Callable[[str], TinyModel]) -> TinyModel:
+    return tiny_model("llama")
+
+
+def spec(tiny: TinyModel, transport: str = "auto", **engine: Any) -> ClusterSpec:
+    return ClusterSpec(
+        engine=dict(
+            model=str(tiny.path),
+            device="cpu",
+            dtype="float32",
+            page_size=PAGE_SIZE,
+            prefill_chunk=CHUNK,
+            max_model_len=MAX_MODEL_LEN,
+            kv_cache_bytes=4 << 20,
+            torch_threads=1,
+            **engine,
+        ),  # fmt: skip
+        decode=dict(lease_seconds=10.0, max_chunk_bytes=64 << 10),
+        prefill=dict(transport=transport, chunk_bytes=16 << 10, metrics_port=0),
+    )
+
+
+@pytest.fixture(scope="module", params=["shm", "grpc"])
+def cluster(request: pytest.FixtureRequest, tiny: TinyModel) -> Iterator[InProcessCluster]:
+    c = InProcessCluster(spec(tiny, request.param)).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def client(cluster: InProcessCluster) -> Iterator[Client]:
+    with Client(cluster.coordinator_address, timeout=60) as c:
+        yield c
+    cluster.assert_no_leaks()
+    clear_caches(cluster)
+
+
+def clear_caches(cluster: InProcessCluster) -> None:
+    """Each test starts with cold caches."""
+
+    async def clear() -> None:
+        for worker in (cluster.prefill.engine.worker, cluster.decode.worker):
+            await worker.call(lambda e: e.context_cache.clear())
+
+    cluster.run(clear())
+
+
+def tokens(n: int, seed: int, vocab: int) -> list[int]:
+    return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def fresh(
+    tiny: TinyModel, context: list[int], question: list[int], n: int, compression: Any = COMPACTOR
+) -> list[int]:
+    """The request alone on a fresh colocated engine (a miss): what every answer must equal."""
+    engine = tiny.engine(page_size=PAGE_SIZE, prefill_chunk=CHUNK, max_model_len=MAX_MODEL_LEN)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+    params = None if compression is None else CompressionParams(**compression)
+    seq = engine.add_request(context + question, sp, params, context_len=len(context), cache_context=True)
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.stats.context_cache == "miss"
+    engine.pool.assert_no_leaks()
+    return seq.output_token_ids
+
+
+def ask(client: Client, context: Any, question: list[int], n: int = 8, **options: Any) -> Any:
+    options = {"compression": COMPACTOR, **options}
+    return client.generate(
+        question, context=context, cache_context=True, max_new_tokens=n, temperature=0, ignore_eos=True,
+        **options,
+    )  # fmt: skip
+
+
+def own_pages(context_len: int, question: list[int]) -> int:
+    """Pages of a request's own tokens after its cached context (the cached part is whole pages)."""
+    cached = context_len // PAGE_SIZE * PAGE_SIZE
+    return -(-(context_len - cached + len(question)) // PAGE_SIZE) * LAYERS * KV_HEADS
+
+
+# ---- the golden path --------------------------------------------------------------------------------
+def test_a_hit_on_both_nodes_ships_only_the_question(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    context = tokens(150, seed=1, vocab=tiny.vocab_size)  # 148 tokens cached
+    questions = [tokens(n, seed=n, vocab=tiny.vocab_size) for n in (7, 30, 70)]  # 70: two chunks
+    results = [ask(client, context, q) for q in questions]
+    caches = [(r.stats.prefill.context_cache, r.stats.decode.context_cache) for r in results]
+    assert caches == [("miss", "miss"), ("hit", "hit"), ("hit", "hit")]
+    handle = results[0].stats.prefill.context_handle
+    assert len(handle) == 64 and all(r.stats.prefill.context_handle == handle for r in results)
+    info = client.info()
+    prefill_cache, decode_cache = info.prefill_nodes[0].context_cache, info.decode_nodes[0].context_cache
+    assert (prefill_cache.device_entries, decode_cache.device_entries) == (1, 1)
+    context_pages = prefill_cache.device_bytes // PAGE_BYTES
+    assert decode_cache.device_bytes == prefill_cache.device_bytes
+    for r, q in zip(results, questions):
+        p = r.stats.prefill
+        assert r.token_ids == fresh(tiny, context, q, 8)
+        assert p.context_tokens == 148 and p.context_kept_tokens < 148 * LAYERS * KV_HEADS
+        hit = p.context_cache == "hit"
+        assert p.prefill_tokens_computed == len(context) + len(q) - (148 if hit else 0)
+        shipped = own_pages(len(context), q) + (0 if hit else context_pages)
+        assert p.kv_bytes_shipped == shipped * PAGE_BYTES == r.stats.decode.kv_bytes_received
+        assert p.transport == cluster.spec.prefill["transport"]
+    stats = client.stats()
+    assert (stats.context_hits_total, stats.context_misses_total) == (2, 1)
+    assert (stats.decode_context_hits_total, stats.decode_context_misses_total) == (2, 1)
+
+
+def test_put_context_then_questions_by_handle(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    context = tokens(100, seed=2, vocab=tiny.vocab_size)
+    put = client.put_context(context, compression=COMPACTOR)
+    assert put.cached and not put.hit and put.context_tokens == 100 and put.cached_tokens == 100
+    assert 0 < put.kept_tokens < 100 * LAYERS * KV_HEADS and put.prefill_node == cluster.address("prefill")
+    assert client.put_context(context, compression=COMPACTOR).hit  # the same context again: nothing computed
+    questions = [tokens(9, seed=3, vocab=tiny.vocab_size), tokens(20, seed=4, vocab=tiny.vocab_size)]
+    results = [ask(client, put, q, compression=None) for q in questions]
+    assert [r.stats.prefill.context_cache for r in results] == ["hit", "hit"]  # computed by the put
+    assert [r.stats.decode.context_cache for r in results] == ["miss", "hit"]
+    for r, q in zip(results, questions):
+        assert r.token_ids == fresh(tiny, context, q, 8)
+        assert r.stats.prefill.context_handle == put.handle
+    by_name = ask(client, ContextHandle(put.handle), questions[0], compression=None)
+    assert by_name.token_ids == results[0].token_ids
+    with pytest.raises(KvferryRpcError) as err:  # the context's compression is the put's
+        ask(client, put, questions[0])
+    assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "compression")
+    client.drop_context(put)
+    with pytest.raises(KvferryRpcError) as err:
+        ask(client, put, questions[0], compression=None)
+    assert (err.value.code, err.value.field) == (grpc.StatusCode.NOT_FOUND, "context.handle")
+    with pytest.raises(KvferryRpcError) as err:
+        client.drop_context(put.handle)
+    assert (err.value.code, err.value.field) == (grpc.StatusCode.NOT_FOUND, "handle")
+    info = client.info()
+    assert info.prefill_nodes[0].context_cache.device_entries == 0
+    assert info.decode_nodes[0].context_cache.device_entries == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "field"),
+    [
+        (dict(compression={"method": "snapkv", "retention": 0.5}), "INVALID_ARGUMENT", "compression.method"),
+        (dict(context=[]), "INVALID_ARGUMENT", "prompt"),
+        (dict(context=[7] * 600), "INVALID_ARGUMENT", "prompt"),
+        (dict(context=ContextHandle("f" * 64)), "NOT_FOUND", "context.handle"),
+    ],
+)
+def test_bad_context_requests_name_the_field(
+    tiny: TinyModel, client: Client, call: dict[str, Any], code: str, field: str
+) -> None:
+    call = {"context": tokens(40, seed=5, vocab=tiny.vocab_size), **call}
+    with pytest.raises(KvferryRpcError) as err:
+        ask(client, call.pop("context"), [1, 2, 3], **call)
+    assert (err.value.code.name, err.value.field) == (code, field)
+
+
+def test_a_put_with_a_query_aware_method_is_refused(tiny: TinyModel, client: Client) -> None:
+    with pytest.raises(KvferryRpcError) as err:
+        client.put_context(tokens(40, seed=6, vocab=tiny.vocab_size), compression="snapkv", retention=0.5)
+    assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "compression.method")
+
+
+# ---- sharing on the decode node ---------------------------------------------------------------------
+class DecodeHeld:
+    """Holds the decode engine's decode steps (its scheduler finds no work) while it still takes
+    commands (ReserveKV, commits): requests pile up committed, deterministically."""
+
+    def __init__(self, cluster: InProcessCluster) -> None:
+        self.cluster = cluster
+        self.open = threading.Event()
+
+    def __enter__(self) -> DecodeHeld:
+        def hold(engine: LLMEngine) -> None:
+            schedule = engine.scheduler.schedule
+            engine.scheduler.schedule = lambda: schedule() if self.open.is_set() else None  # type: ignore[method-assign]
+            self._restore = lambda: setattr(engine.scheduler, "schedule", schedule)
+
+        self.cluster.run(self.cluster.decode.worker.call(hold))
+        return self
+
+    def read(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        return self.cluster.run(self.cluster.decode.worker.call(fn))
+
+    def __exit__(self, *exc: object) -> None:
+        self.open.set()
+        self.cluster.run(self.cluster.decode.worker.call(lambda e: self._restore()))
+
+
+def test_concurrent_questions_hold_the_context_once_on_the_decode_node(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    context = tokens(200, seed=7, vocab=tiny.vocab_size)
+    questions = [tokens(5 + i, seed=10 + i, vocab=tiny.vocab_size) for i in range(4)]
+    results: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        results[i] = ask(client, context, questions[i], n=6)
+
+    with DecodeHeld(cluster) as held:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while held.read(lambda e: sum(s.status == SequenceStatus.DECODE for s in e.requests.values())) < 4:
+            assert time.monotonic() < deadline, "the four requests never all reached the decode batch"
+            time.sleep(0.02)
+
+        def accounting(engine: LLMEngine) -> tuple[int, int, int, list[int]]:
+            (entry,) = [s.context_entry for s in engine.requests.values()][:1]
+            own = sum(s.kv.num_pages_held - entry.num_pages for s in engine.requests.values())  # type: ignore[union-attr]
+            return engine.pool.num_used, entry.num_pages, own, engine.pool.holders(entry.page_ids()).tolist()
+
+        used, context_pages, own, holders = held.read(accounting)
+        assert used == context_pages + own  # the document's pages once, whatever the number of questions
+        assert holders == [5] * context_pages  # the cache and the four requests
+    for t in threads:
+        t.join(60)
+    assert sorted(r.stats.decode.context_cache for r in results.values()) == ["hit", "hit", "hit", "miss"]
+    assert sorted(r.stats.prefill.context_cache for r in results.values()) == ["hit", "hit", "hit", "miss"]
+    for i, q in enumerate(questions):
+        assert results[i].token_ids == fresh(tiny, context, q, 6)
