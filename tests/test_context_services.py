@@ -16,7 +16,7 @@ import grpc
 import pytest
 import torch
 from builders import TinyModel
-from cluster import ClusterSpec, InProcessCluster
+from cluster import ClusterSpec, InProcessCluster, scrape_url
 
 from kvferry.clients import Client, ContextHandle, KvferryRpcError
 from kvferry.engine import CompressionParams, SamplingParams
@@ -257,3 +257,191 @@ def test_concurrent_questions_hold_the_context_once_on_the_decode_node(
     assert sorted(r.stats.prefill.context_cache for r in results.values()) == ["hit", "hit", "hit", "miss"]
     for i, q in enumerate(questions):
         assert results[i].token_ids == fresh(tiny, context, q, 6)
+
+
+# ---- limits -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_caches(tiny: TinyModel) -> Iterator[InProcessCluster]:
+    """Context caches of 40 pages on both nodes: a 64-token context at retention 0.5 (32 pages) fits
+    one at a time, a 200-token one (100 pages) never."""
+    s = spec(tiny, "shm")
+    s.prefill["context_cache_gib"] = s.decode["context_cache_gib"] = 40 * PAGE_BYTES / (1 << 30)
+    c = InProcessCluster(s).start()
+    yield c
+    c.stop()
+
+
+def test_a_context_larger_than_the_budget_is_served_uncached(
+    tiny: TinyModel, small_caches: InProcessCluster
+) -> None:
+    context = tokens(200, seed=20, vocab=tiny.vocab_size)
+    q = tokens(6, seed=21, vocab=tiny.vocab_size)
+    with Client(small_caches.coordinator_address, timeout=60) as client:
+        for _ in range(2):  # computed again each time, never an error
+            r = ask(client, context, q)
+            assert r.token_ids == fresh(tiny, context, q, 8)
+            assert r.stats.prefill.context_cache == "miss" and r.stats.decode.context_cache == "off"
+            assert r.stats.prefill.kv_bytes_shipped == r.stats.prefill.kv_bytes  # the whole KV travelled
+        put = client.put_context(context, compression=COMPACTOR)
+        assert not put.cached and put.kept_tokens == 0  # the handle still works, uncached
+        r = ask(client, put, q, compression=None)
+        assert r.token_ids == fresh(tiny, context, q, 8) and r.stats.prefill.context_cache == "miss"
+        client.drop_context(put)
+    small_caches.assert_no_leaks()
+
+
+def test_a_decode_cache_full_of_contexts_in_use_receives_new_ones_privately(
+    tiny: TinyModel, small_caches: InProcessCluster
+) -> None:
+    """Two documents of 64 tokens (32 pages each at retention 0.5): the prefill node caches one at a
+    time, the decode node holds the first for a request it is decoding and keeps the second's pages
+    for its own request alone."""
+    docs = [tokens(64, seed=30 + i, vocab=tiny.vocab_size) for i in range(2)]
+    q = tokens(5, seed=33, vocab=tiny.vocab_size)
+    results: dict[int, Any] = {}
+    with Client(small_caches.coordinator_address, timeout=60) as client:
+
+        def one(i: int) -> None:
+            results[i] = ask(client, docs[i], q, n=6)
+
+        with DecodeHeld(small_caches) as held:
+            first = threading.Thread(target=one, args=(0,))
+            first.start()
+            deadline = time.monotonic() + 30
+            while held.read(lambda e: len(e.requests)) < 1 or held.read(lambda e: e.pool.num_cached) == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            second = threading.Thread(target=one, args=(1,))
+            second.start()
+            while (
+                held.read(lambda e: sum(s.status == SequenceStatus.DECODE for s in e.requests.values())) < 2
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            state = held.read(lambda e: e.context_cache_state())
+            assert (state.device_entries, state.pinned_entries) == (1, 1)  # the second was kept privately
+        first.join(60)
+        second.join(60)
+    assert [results[i].stats.decode.context_cache for i in (0, 1)] == ["miss", "miss"]
+    for i in (0, 1):
+        assert results[i].token_ids == fresh(tiny, docs[i], q, 6)
+    small_caches.assert_no_leaks()
+
+
+def test_a_deadline_during_a_cached_handoff_frees_everything(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    """The decode engine thread is held while a request on a cached context waits for its ReserveKV:
+    the deadline passes there, and the prefill node's pin, the decode node's claim and every page go."""
+    context = tokens(120, seed=40, vocab=tiny.vocab_size)
+    q = tokens(5, seed=41, vocab=tiny.vocab_size)
+    ask(client, context, q)  # cached on both nodes
+    with cluster.stalled("decode"), pytest.raises(KvferryRpcError) as err:
+        ask(client, context, q, timeout=1.0)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    other = tokens(120, seed=42, vocab=tiny.vocab_size)  # a context the decode node must receive
+    with cluster.stalled("decode"), pytest.raises(KvferryRpcError):
+        ask(client, other, q, timeout=1.0)
+    cluster.assert_no_leaks()  # pins and claims included (ContextCache.assert_idle)
+    assert ask(client, other, q).token_ids == fresh(tiny, other, q, 8)
+
+
+def test_context_cache_metrics(tiny: TinyModel, cluster: InProcessCluster, client: Client) -> None:
+    context = tokens(100, seed=50, vocab=tiny.vocab_size)
+    for seed in (51, 52):
+        ask(client, context, tokens(4, seed=seed, vocab=tiny.vocab_size))
+    prefill = scrape_url(f"http://127.0.0.1:{cluster.hosts['prefill'].metrics_port}/metrics")
+    assert (
+        prefill["kvferry_context_cache_hits_total"] >= 1
+        and prefill["kvferry_context_cache_misses_total"] >= 1
+    )
+    assert prefill['kvferry_context_cache_bytes{tier="device"}'] > 0
+    assert prefill['kvferry_context_cache_budget_bytes{tier="device"}'] == (4 << 20) // 4
+    assert (
+        'kvferry_context_cache_entries{tier="host"}' in prefill
+        and "kvferry_context_cache_evictions_total" in prefill
+    )
+    assert prefill['kvferry_context_pages_shipped_total{decode_cache="hit"}'] >= 1
+
+
+# ---- routing --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_by_two(tiny: TinyModel) -> Iterator[InProcessCluster]:
+    s = spec(tiny, "shm")
+    s.nodes = {"prefill": 2, "decode": 2}
+    c = InProcessCluster(s).start()
+    yield c
+    c.stop()
+
+
+def test_requests_on_a_context_go_to_the_nodes_that_hold_it(
+    tiny: TinyModel, two_by_two: InProcessCluster
+) -> None:
+    docs = [tokens(100, seed=60 + i, vocab=tiny.vocab_size) for i in range(3)]
+    with Client(two_by_two.coordinator_address, timeout=60) as client:
+        runs = [
+            (d, ask(client, docs[d], tokens(4, seed=70 + i, vocab=tiny.vocab_size)))
+            for i in range(4)
+            for d in range(3)
+        ]
+        put = client.put_context(tokens(80, seed=80, vocab=tiny.vocab_size), compression=COMPACTOR)
+        by_handle = [
+            ask(client, put, tokens(4, seed=81 + i, vocab=tiny.vocab_size), compression=None)
+            for i in range(3)
+        ]
+        # a coordinator that forgot where the handle lives finds it on the prefill nodes
+        two_by_two.hosts["coordinator"].component.routes.forget("handle:" + put.handle)
+        found = ask(client, put, tokens(4, seed=85, vocab=tiny.vocab_size), compression=None)
+    for d in range(3):
+        served = [r.stats for doc, r in runs if doc == d]
+        assert len({(s.prefill_node, s.decode_node) for s in served}) == 1, "one context, one pair of nodes"
+        assert [s.prefill.context_cache for s in served] == ["miss", "hit", "hit", "hit"]
+        assert [s.decode.context_cache for s in served] == ["miss", "hit", "hit", "hit"]
+    assert {r.stats.prefill_node for r in by_handle} == {put.prefill_node}
+    assert [r.stats.prefill.context_cache for r in by_handle] == ["hit"] * 3
+    assert found.stats.prefill.context_cache == "hit" and found.stats.prefill_node == put.prefill_node
+    two_by_two.assert_no_leaks()
+
+
+def test_the_route_keys_agree_without_tokenizing() -> None:
+    from kvferry.clients.requests import GENERATE, build_put_context, build_request
+    from kvferry.coordinator.context_routes import put_key, request_key
+
+    doc = [{"role": "system", "content": "Read this."}]
+    chat = build_request(GENERATE, None, [*doc, {"role": "user", "content": "q"}], "compactor", 0.5, None, {})
+    other = build_request(
+        GENERATE, None, [*doc, {"role": "user", "content": "r"}], "compactor", 0.5, None, {}
+    )
+    assert request_key(chat, caching=False) is None  # caching neither asked for nor the nodes' default
+    assert (
+        request_key(chat, caching=True)
+        == request_key(other, caching=True)
+        == put_key(build_put_context(None, doc, "compactor", 0.5, None))
+    )
+    assert request_key(chat, caching=True) != put_key(build_put_context(None, doc, "compactor", 0.25, None))
+    text = build_request(GENERATE, "q", None, None, None, None, {}, context="the doc", cache_context=True)
+    assert request_key(text, caching=False) == put_key(build_put_context("the doc", None, None, None, None))
+    one_turn = build_request(GENERATE, None, [{"role": "user", "content": "q"}], None, None, None, {})
+    assert request_key(one_turn, caching=True) is None  # nothing before the last user turn
+
+
+def test_a_context_leaves_its_nodes_when_they_are_much_busier() -> None:
+    from kvferry.coordinator.context_routes import RoutePreference
+    from kvferry.coordinator.nodes import NodePool
+    from kvferry.v1 import prefill_pb2
+
+    pool = NodePool(
+        ["p0:1", "p1:1"], ["d0:1", "d1:1"], 1.0, preference=RoutePreference(prefill_slack=2, decode_share=0.5)
+    )
+    p0, p1 = pool.prefill
+    ranked = [
+        (p1, prefill_pb2.PrefillInfoResponse(queue_depth=1)),
+        (p0, prefill_pb2.PrefillInfoResponse(queue_depth=3)),
+    ]
+    assert pool.preferred_prefill(ranked, "p0:1") is p0  # within the slack: stays
+    ranked[1][1].queue_depth = 4
+    assert pool.preferred_prefill(ranked, "p0:1") is p1  # beyond it: by load
+    d0, d1 = pool.decode
+    assert pool.preferred_decode([(d1, 100), (d0, 60)], "d0:1") is d0
+    assert pool.preferred_decode([(d1, 100), (d0, 40)], "d0:1") is d1
+    assert pool.preferred_decode([(d1, 100), (d0, 60)], None) is d1
