@@ -445,3 +445,46 @@ def test_a_context_leaves_its_nodes_when_they_are_much_busier() -> None:
     assert pool.preferred_decode([(d1, 100), (d0, 60)], "d0:1") is d0
     assert pool.preferred_decode([(d1, 100), (d0, 40)], "d0:1") is d1
     assert pool.preferred_decode([(d1, 100), (d0, 60)], None) is d1
+
+
+# ---- the command line -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_cluster(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessCluster]:
+    """The tiny llama with a byte-level tokenizer and a chat template: text and chats work."""
+    from builders import with_byte_tokenizer
+
+    s = spec(tiny, "shm")
+    s.engine["model"] = str(with_byte_tokenizer(tiny, tmp_path_factory.mktemp("tiny_chat")))
+    c = InProcessCluster(s).start()
+    yield c
+    c.stop()
+
+
+def test_ask_puts_the_document_once_for_several_questions(chat_cluster: InProcessCluster) -> None:
+    import io
+
+    from kvferry.clients import cli
+
+    out = io.StringIO()
+    document = "The Marrowick Canal was built by Eleanor Brandt in 1791. " * 3
+    questions = ["Who built the canal?", "When?", "Where?"]
+    assert cli.ask(chat_cluster.coordinator_address, document, questions, COMPACTOR, 5, out=out) == 0
+    text = out.getvalue()
+    assert text.startswith("[document put once: ") and "tokens cached" in text
+    summaries = [line for line in text.splitlines() if line.startswith("[") and "prompt tokens" in line]
+    assert len(summaries) == 3 and all(f"Q{i + 1}: {q}" in text for i, q in enumerate(questions))
+    assert "context hit on prefill, miss on decode" in summaries[0]  # the put computed it
+    assert all("context hit on prefill, hit on decode" in s for s in summaries[1:])
+    with Client(chat_cluster.coordinator_address, timeout=60) as client:  # sending the whole chat instead
+        for i, question in enumerate(questions):
+            whole = client.generate(
+                messages=cli.document_messages(document, question), compression=COMPACTOR,
+                cache_context=True, max_new_tokens=5, temperature=0,
+            )  # fmt: skip
+            assert f"A{i + 1}: {whole.text}\n" in text
+    stats = io.StringIO()
+    cli.print_stats(chat_cluster.coordinator_address, out=stats)
+    lines = stats.getvalue()
+    assert "cached contexts: prefill " in lines and lines.count("context cache: 1 in the pool") == 2
+    assert "1 put" in lines
+    chat_cluster.assert_no_leaks()
