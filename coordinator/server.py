@@ -5,7 +5,6 @@ from __future__ import annotations
 from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.servicer import CoordinatorServicer
 from kvferry.coordinator.settings import CoordinatorSettings
-from kvferry.serving.security import TokenAuth, read_token
 from kvferry.serving.server import ServiceHost, configure_logging
 from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -14,9 +13,7 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
 
 def build(settings: CoordinatorSettings) -> ServiceHost:
     """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
-    token = read_token(settings.auth_token, settings.auth_token_file)
-    auth = TokenAuth(token, [SERVICE_NAME]) if token else None
-    host = ServiceHost(settings, [SERVICE_NAME], auth=auth)
+    host = ServiceHost(settings, [SERVICE_NAME])
     nodes = NodePool(
         settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels
     )

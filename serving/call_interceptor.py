@@ -1,5 +1,7 @@
 """The outer server interceptor: bearer-token check (UNAUTHENTICATED), the caller's request id bound
-for the handler's log lines, and per-method call counts by status code and durations.
+for the handler's log lines, undecodable request messages refused with INVALID_ARGUMENT (gRPC itself
+says UNKNOWN for a unary request and INTERNAL inside a request stream), and per-method call counts by
+status code and durations.
 
 It wraps the error interceptor, so it sees the final status code of every call.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from kvferry.engine.errors import InvalidArgumentError
 from kvferry.serving import request_context
 from kvferry.serving.metrics import Registry
 from kvferry.serving.security import TokenAuth
@@ -61,12 +64,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         denial = self.auth.denial(metadata) if self.auth and self.auth.applies(method) else None
         request_id = request_context.from_metadata(metadata)
         short = method.rsplit("/", 1)[-1] if method.startswith("/grpc.") else method.lstrip("/")
+        # undecodable bytes: INVALID_ARGUMENT naming the request, not UNKNOWN / INTERNAL
         codecs = dict(
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
         )
-        wrap = _Wrap(self.metrics, short, denial, request_id)
-        if handler.unary_unary or handler.unary_stream:  # undecodable bytes: INVALID_ARGUMENT, not UNKNOWN
-            codecs["request_deserializer"] = _tolerant(handler.request_deserializer)
+        streamed = handler.stream_unary is not None or handler.stream_stream is not None
+        wrap = _Wrap(self.metrics, short, denial, request_id, streamed)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(wrap.single(handler.unary_unary), **codecs)
         if handler.stream_unary:
@@ -101,12 +105,42 @@ async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -
         )
 
 
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream whose undecodable message raises InvalidArgumentError inside the servicer, which
+    frees what the call holds (a PushKV reservation) and answers INVALID_ARGUMENT."""
+    index = 0
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgumentError(
+                f"request: message {index} of the stream is not a valid message "
+                f"({type(request.error).__name__})",
+                field="request",
+            )
+        index += 1
+        yield request
+
+
 class _Wrap:
-    def __init__(self, metrics: RpcMetrics | None, method: str, denial: str | None, request_id: str | None):
+    def __init__(
+        self,
+        metrics: RpcMetrics | None,
+        method: str,
+        denial: str | None,
+        request_id: str | None,
+        streamed_requests: bool,
+    ) -> None:
         self.metrics = metrics
         self.method = method
         self.denial = denial
         self.request_id = request_id
+        self.streamed_requests = streamed_requests
+
+    async def _checked(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The request to hand the servicer: a unary one checked now, a stream message by message."""
+        if self.streamed_requests:
+            return _decoded(request)
+        await _refuse_undecodable(request, context)
+        return request
 
     def _done(self, code: str, start: float) -> None:
         if self.metrics is not None:
@@ -119,7 +153,7 @@ class _Wrap:
             try:
                 if self.denial is not None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.denial)
-                await _refuse_undecodable(request, context)
+                request = await self._checked(request, context)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = _code_name(context)
@@ -145,7 +179,7 @@ class _Wrap:
             try:
                 if self.denial is not None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.denial)
-                await _refuse_undecodable(request, context)
+                request = await self._checked(request, context)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
