@@ -21,6 +21,7 @@ class Node:
     address: str
     stub: Any  # PrefillServiceStub or DecodeServiceStub
     channel: grpc.aio.Channel
+    max_model_len: int = 0  # its model's, from its last Info (0: not known yet)
 
 
 class NodePool:
@@ -65,6 +66,9 @@ class NodePool:
     async def pick_decode(self, exclude: set[str] | frozenset[str] = frozenset()) -> Node:
         candidates = [n for n in self.decode if n.address not in exclude]
         infos = await self._infos(candidates, decode_pb2.DecodeInfoRequest())
+        for node, info in zip(candidates, infos):
+            if info:
+                node.max_model_len = info.model.max_model_len
         live = [
             (info.pool.available_pages, -(next(self._turn) % 1000), n)
             for n, info in zip(candidates, infos)

@@ -80,8 +80,14 @@ class PrefillObserver(Protocol):
     ) -> None: ...
 
 
+class PrefillCancelled(Exception):
+    """A prefill chunk stopped between two layers because its request was cancelled."""
+
+
 class PrefillBatch:
-    """One chunk of one sequence: tokens start..start+T-1, every head of the sequence `start` long."""
+    """One chunk of one sequence: tokens start..start+T-1, every head of the sequence `start` long.
+    `cancelled` is asked before each layer (the model calls `stop_if_cancelled`): a long chunk of a
+    cancelled request ends within one layer's work, not after all of them (1.5-5 s for a long prompt)."""
 
     def __init__(
         self,
@@ -90,11 +96,13 @@ class PrefillBatch:
         num_tokens: int,
         observer: PrefillObserver | None = None,
         dense: bool = True,
+        cancelled: Callable[[], bool] | None = None,
     ):
         self.seq_kv = seq_kv
         self.start = start
         self.num_tokens = num_tokens
         self.observer = observer
+        self.cancelled = cancelled
         device = seq_kv.pool.kv.device
         self.positions = torch.arange(start, start + num_tokens, device=device)
         self.use_triton = device.type == "cuda"
@@ -121,6 +129,11 @@ class PrefillBatch:
                 num_tokens, start, device, pool.kv.dtype, pool.head_dim
             ):
                 self.dense_attention = prefill_dense.prefill_attention_dense
+
+    def stop_if_cancelled(self) -> None:
+        """Called by the model before each layer: raise PrefillCancelled once the request is cancelled."""
+        if self.cancelled is not None and self.cancelled():
+            raise PrefillCancelled
 
     def attend(
         self,

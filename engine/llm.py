@@ -37,7 +37,7 @@ class LLM:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
-        ids = [encode_prompt(self.engine.tokenizer, p) for p in prompts]  # type: ignore[union-attr]
+        ids = [encode_prompt(self.engine.tokenizer, p, self.engine.max_model_len) for p in prompts]  # type: ignore[union-attr]
         return self._run(ids, sampling_params, compression, use_tqdm)
 
     def generate_chat(
@@ -49,7 +49,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Conversations (role/content dicts) through the model's chat template; a final assistant
         message is treated as the start of the answer and continued."""
-        ids = [encode_chat(self.engine.tokenizer, m) for m in messages_batch]
+        ids = [encode_chat(self.engine.tokenizer, m, self.engine.max_model_len) for m in messages_batch]
         per_chat = _per_request(compression, len(messages_batch), None)
         comp = [self._chat_compression(m, c) for m, c in zip(messages_batch, per_chat)]
         return self._run(ids, sampling_params, comp, use_tqdm)

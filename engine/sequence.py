@@ -74,6 +74,9 @@ class Sequence:
         self.first_token_time: float | None = None
         self.prefill_start: float | None = None
         self.scorer_state: Any = None  # per-request compression state during prefill
+        # Set from any thread (LLMEngine.request_cancel): a prefill chunk of this request stops at its
+        # next layer boundary instead of running the chunk to its end.
+        self.cancel_requested = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """The outer server interceptor: bearer-token check (UNAUTHENTICATED), the caller's request id bound
 for the handler's log lines, undecodable request messages refused with INVALID_ARGUMENT (gRPC itself
-says UNKNOWN for a unary request and INTERNAL inside a request stream), and per-method call counts by
-status code and durations.
+says UNKNOWN for a unary request and INTERNAL inside a request stream), per-method call counts by
+status code and durations, and heap memory given back after a call with a large request
+(serving/memory_trim.py).
 
 It wraps the error interceptor, so it sees the final status code of every call.
 """
@@ -18,6 +19,7 @@ import grpc
 
 from kvferry.engine.errors import InvalidArgumentError
 from kvferry.serving import request_context
+from kvferry.serving.memory_trim import LARGE_REQUEST_BYTES, MemoryTrimmer
 from kvferry.serving.metrics import Registry
 from kvferry.serving.security import TokenAuth
 
@@ -47,9 +49,15 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: RpcMetrics | None = None, auth: TokenAuth | None = None) -> None:
+    def __init__(
+        self,
+        metrics: RpcMetrics | None = None,
+        auth: TokenAuth | None = None,
+        trimmer: MemoryTrimmer | None = None,
+    ) -> None:
         self.metrics = metrics
         self.auth = auth
+        self.trimmer = trimmer
 
     async def intercept_service(
         self,
@@ -70,7 +78,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
         streamed = handler.stream_unary is not None or handler.stream_stream is not None
-        wrap = _Wrap(self.metrics, short, denial, request_id, streamed)
+        wrap = _Wrap(self.metrics, short, denial, request_id, streamed, self.trimmer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(wrap.single(handler.unary_unary), **codecs)
         if handler.stream_unary:
@@ -78,6 +86,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(wrap.stream(handler.unary_stream), **codecs)
         return grpc.stream_stream_rpc_method_handler(wrap.stream(handler.stream_stream), **codecs)
+
+
+def _size(request: Any) -> int:
+    return request.ByteSize() if hasattr(request, "ByteSize") else 0
 
 
 class _Undecodable:
@@ -128,12 +140,14 @@ class _Wrap:
         denial: str | None,
         request_id: str | None,
         streamed_requests: bool,
+        trimmer: MemoryTrimmer | None = None,
     ) -> None:
         self.metrics = metrics
         self.method = method
         self.denial = denial
         self.request_id = request_id
         self.streamed_requests = streamed_requests
+        self.trimmer = trimmer
 
     async def _checked(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The request to hand the servicer: a unary one checked now, a stream message by message."""
@@ -142,9 +156,11 @@ class _Wrap:
         await _refuse_undecodable(request, context)
         return request
 
-    def _done(self, code: str, start: float) -> None:
+    def _done(self, code: str, start: float, request: Any) -> None:
         if self.metrics is not None:
             self.metrics.observe(self.method, code, time.perf_counter() - start)
+        if self.trimmer is not None and not self.streamed_requests and _size(request) >= LARGE_REQUEST_BYTES:
+            self.trimmer.after_large_request()
 
     def single(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -165,7 +181,7 @@ class _Wrap:
                 code = "UNKNOWN"
                 raise
             finally:
-                self._done(code, start)
+                self._done(code, start, request)
 
         return call
 
@@ -192,6 +208,6 @@ class _Wrap:
                 code = "UNKNOWN"
                 raise
             finally:
-                self._done(code, start)
+                self._done(code, start, request)
 
         return call

@@ -22,6 +22,7 @@ from kvferry.serving.call_interceptor import CallInterceptor, RpcMetrics
 from kvferry.serving.error_interceptor import ErrorInterceptor
 from kvferry.serving.gc_pauses import GcPauses, freeze_start_up_heap
 from kvferry.serving.gpu_metrics import register_gpu_metrics
+from kvferry.serving.memory_trim import MemoryTrimmer
 from kvferry.serving.metrics import MetricsServer, Registry
 from kvferry.serving.reflection import served_pool
 from kvferry.serving.request_context import LOG_FORMAT, RequestIdFilter
@@ -83,7 +84,8 @@ class ServiceHost:
         self.channels = ChannelFactory.from_settings(settings, CHANNEL_OPTIONS, token)
         self.metrics = Registry()
         self.gpu_metrics = register_gpu_metrics(self.metrics)
-        interceptors = [CallInterceptor(RpcMetrics(self.metrics), auth), ErrorInterceptor()]
+        self.trimmer = MemoryTrimmer()
+        interceptors = [CallInterceptor(RpcMetrics(self.metrics), auth, self.trimmer), ErrorInterceptor()]
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.metrics_server: MetricsServer | None = None
         self.health = health.aio.HealthServicer()

@@ -7,6 +7,7 @@ budget; when they alone exceed it, they are kept anyway and the stats report the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,6 +15,16 @@ from kvferry.engine.compression.registry import SCORERS
 from kvferry.engine.errors import InvalidArgumentError, require
 
 BUDGETS = ("uniform", "adaptive", "global")
+# Upper bounds of the method knobs: each sizes scoring work or memory (snapkv's window probabilities are
+# [heads, window, prompt]; a compactor attention block's are [heads, block, block]; the sketch's Gram is
+# [k, k] per head); far past the defaults a request could take a node's memory for one prompt.
+KNOB_MAX = {
+    "sketch_size": 256,
+    "leverage_block": 16384,
+    "attention_block": 1024,
+    "window": 512,
+    "pool_kernel": 63,
+}
 
 
 @dataclass
@@ -56,11 +67,19 @@ class CompressionParams:
         for name in ("sink", "recent"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0, got {value}")
-        for name in ("sketch_size", "leverage_block", "attention_block", "window", "pool_kernel"):
+        for name, most in KNOB_MAX.items():
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value}")
+            require(
+                isinstance(value, int) and 1 <= value <= most,
+                name,
+                f"must be an integer in [1, {most}], got {value}",
+            )
         require(self.pool_kernel % 2 == 1, "pool_kernel", f"must be odd, got {self.pool_kernel}")
-        require(self.leverage_weight >= 0, "leverage_weight", f"must be >= 0, got {self.leverage_weight}")
+        require(
+            math.isfinite(self.leverage_weight) and self.leverage_weight >= 0,
+            "leverage_weight",
+            f"must be a finite number >= 0, got {self.leverage_weight}",
+        )
 
     @property
     def active(self) -> bool:
@@ -69,6 +88,20 @@ class CompressionParams:
 
     def with_spans(self, spans: list[tuple[int, int]]) -> CompressionParams:
         return replace(self, protected_spans=[*self.protected_spans, *spans])
+
+    def check_prompt(self, prompt_len: int, max_model_len: int) -> None:
+        """The checks that need the prompt: spans inside it, kept-token counts within max_model_len."""
+        for name in ("sink", "recent"):
+            value = getattr(self, name)
+            require(
+                value <= max_model_len, name, f"must be at most max_model_len ({max_model_len}), got {value}"
+            )
+        for start, end in self.protected_spans:
+            require(
+                end <= prompt_len,
+                "protected_spans",
+                f"span [{start}, {end}) ends past the prompt's {prompt_len} tokens",
+            )
 
 
 def _span(value: Any) -> tuple[int, int]:
