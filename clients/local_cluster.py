@@ -177,11 +177,6 @@ class LocalCluster:
             if pending:
                 time.sleep(0.25)
 
-    def check(self) -> None:
-        """ClusterError when any node has exited."""
-        for node in self.processes:
-            self._check_alive(node)
-
     def log_path(self, node: str) -> Path | None:
         return None if self.log_dir is None else self.log_dir / f"{node}.log"
 
