@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from builders import TinyModel, greedy, run_to_completion
-from cluster import ClusterSpec, InProcessCluster
+from cluster import ClusterSpec, InProcessCluster, tiny_engine
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -37,16 +37,7 @@ def tiny(tiny_model: Callable[[str], TinyModel]) -> TinyModel:
 @pytest.fixture(scope="module")
 def cluster(tiny: TinyModel) -> Iterator[InProcessCluster]:
     spec = ClusterSpec(
-        engine=dict(
-            model=str(tiny.path),
-            device="cpu",
-            dtype="float32",
-            page_size=4,
-            prefill_chunk=64,
-            max_model_len=512,
-            kv_cache_bytes=2 << 20,
-            torch_threads=1,
-        ),  # fmt: skip
+        engine=tiny_engine(tiny.path),
         prefill=dict(transport="grpc", chunk_bytes=4 << 10),  # PushKV: a client stream carrying the token
         server=dict(auth_token=TOKEN),  # every service: required on its port, sent on its channels
     )

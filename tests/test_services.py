@@ -345,6 +345,12 @@ def test_a_cancel_during_a_prefill_chunk_stops_it_at_the_next_layer(
             hook.remove()
 
 
+def _assert_gone(stub: decode_pb2_grpc.DecodeServiceStub, reservation_id: str) -> None:
+    with pytest.raises(grpc.RpcError) as gone:
+        stub.Decode(decode_pb2.DecodeRequest(reservation_id=reservation_id), timeout=5).next()
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def _decode_channel(cluster: InProcessCluster) -> grpc.Channel:
     return grpc.insecure_channel(cluster.address("decode"))
 
@@ -397,22 +403,29 @@ def test_manifest_of_another_model_is_failed_precondition(cluster: InProcessClus
     assert dict(err.value.trailing_metadata())["kvferry-field"] == "manifest.model_fingerprint"
 
 
-def test_corrupt_pages_are_data_loss_and_freed(cluster: InProcessCluster, client: Client) -> None:
+@pytest.mark.parametrize("fault", ["flipped byte", "out of order"])
+def test_corrupt_pages_are_data_loss_and_freed(cluster: InProcessCluster, client: Client, fault: str) -> None:
     stub = _decode_stub(cluster)
     manifest, payload = _manifest(cluster, 30)
     reservation = _reserve(stub, manifest, 30)
-    corrupt = bytearray(payload)
-    corrupt[100] ^= 0xFF
-    chunks = [
-        decode_pb2.PushKVRequest(reservation_id=reservation.reservation_id, offset=0, data=bytes(corrupt))
-    ]
+    rid = reservation.reservation_id
+    if fault == "flipped byte":
+        corrupt = bytearray(payload)
+        corrupt[100] ^= 0xFF
+        chunks = [decode_pb2.PushKVRequest(reservation_id=rid, offset=0, data=bytes(corrupt))]
+        why = "checksum"
+    else:
+        first = bytes(payload[:512])
+        chunks = [
+            decode_pb2.PushKVRequest(reservation_id=rid, offset=0, data=first),
+            decode_pb2.PushKVRequest(reservation_id=rid, offset=4096, data=first),
+        ]
+        why = "offset 4096"
     with pytest.raises(grpc.RpcError) as err:
         stub.PushKV(iter(chunks), timeout=10)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
-    assert "checksum" in err.value.details()
-    with pytest.raises(grpc.RpcError) as gone:  # the reservation is gone with its pages
-        stub.Decode(decode_pb2.DecodeRequest(reservation_id=reservation.reservation_id), timeout=5).next()
-    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert why in err.value.details()
+    _assert_gone(stub, rid)  # the reservation is gone with its pages
 
 
 @pytest.mark.parametrize("garbage_at", [0, 1])
@@ -438,28 +451,7 @@ def test_undecodable_push_kv_messages_are_invalid_argument_and_freed(
     assert f"message {garbage_at} of the stream is not a valid message" in err.value.details()
     if garbage_at == 0:  # nothing touched the reservation: the sender may still fill it, or abort it
         assert stub.Abort(decode_pb2.AbortRequest(reservation_id=reservation.reservation_id), timeout=5).found
-    with pytest.raises(grpc.RpcError) as gone:
-        stub.Decode(decode_pb2.DecodeRequest(reservation_id=reservation.reservation_id), timeout=5).next()
-    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-def test_out_of_order_push_kv_bytes_are_data_loss_and_freed(
-    cluster: InProcessCluster, client: Client
-) -> None:
-    stub = _decode_stub(cluster)
-    manifest, payload = _manifest(cluster, 30)
-    reservation = _reserve(stub, manifest, 30)
-    chunks = [
-        decode_pb2.PushKVRequest(
-            reservation_id=reservation.reservation_id, offset=0, data=bytes(payload[:512])
-        ),
-        decode_pb2.PushKVRequest(
-            reservation_id=reservation.reservation_id, offset=4096, data=bytes(payload[:512])
-        ),
-    ]
-    with pytest.raises(grpc.RpcError) as err:
-        stub.PushKV(iter(chunks), timeout=10)
-    assert err.value.code() == grpc.StatusCode.DATA_LOSS and "offset 4096" in err.value.details()
+    _assert_gone(stub, reservation.reservation_id)
 
 
 def test_unknown_reservation_is_not_found(cluster: InProcessCluster, client: Client) -> None:
