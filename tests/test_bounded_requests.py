@@ -24,4 +24,4 @@ def test_oversized_prompts_are_refused_at_once_and_their_memory_given_back(tmp_p
     assert result["max_seconds"] < 5.0  # 10 MiB travels client -> coordinator -> prefill and is refused
     growth = result["growth_after_warm_up"]
     assert growth["prefill"] < 0.05 and growth["decode"] < 0.05, growth
-    assert growth["coordinator"] < 1.0, growth  # a small process: it keeps a few messages' buffers, no more
+    assert growth["coordinator"] < 0.5, growth  # a small heap: gRPC's buffers for one such message, no more
