@@ -297,10 +297,6 @@ def run_soak(cluster: LocalCluster, config: SoakConfig) -> dict[str, Any]:
     elapsed = time.monotonic() - started
     left = pages_left(cluster, wait=60.0)
     samples.append({"t": elapsed, "served": out.served, "rss_mib": rss_mib(cluster)})
-    warm = next(s for s in samples if s["t"] >= config.warm_up_share * config.duration)
-    after = [s for s in samples if s["t"] >= warm["t"]]
-    growth = {n: samples[-1]["rss_mib"][n] / warm["rss_mib"][n] - 1 for n in SERVICES}
-    peak_growth = {n: max(s["rss_mib"][n] for s in after) / warm["rss_mib"][n] - 1 for n in SERVICES}
     alive = {n: cluster.processes[n].poll() is None for n in SERVICES}
     return {
         "config": asdict(config),
@@ -317,11 +313,30 @@ def run_soak(cluster: LocalCluster, config: SoakConfig) -> dict[str, Any]:
         "services_alive": alive,
         "latency_seconds": {"p50": _percentile(out.latencies, 50), "p99": _percentile(out.latencies, 99)},  # type: ignore[arg-type]
         "ttft_seconds": {"p50": _percentile(out.ttfts, 50), "p99": _percentile(out.ttfts, 99)},  # type: ignore[arg-type]
-        "rss_growth_after_warm_up": growth,
-        "rss_peak_growth_after_warm_up": peak_growth,
-        "warm_up_seconds": warm["t"],
+        **rss_figures(samples, config),
         "samples": samples,
     }  # fmt: skip
+
+
+def rss_figures(samples: list[dict[str, Any]], config: SoakConfig) -> dict[str, Any]:
+    """RSS growth of each service from the end of the warm-up to the last sample under load, the highest
+    sample in between (relative to the same start), and the change once the load is over (the last
+    sample, taken after the pages were checked)."""
+    warm = next(s for s in samples if s["t"] >= config.warm_up_share * config.duration)
+    loaded = [s for s in samples if warm["t"] <= s["t"] <= config.duration]
+    start = warm["rss_mib"]
+
+    def relative(rss: dict[str, float]) -> dict[str, float]:
+        return {n: rss[n] / start[n] - 1 for n in SERVICES}
+
+    return {
+        "warm_up_seconds": warm["t"],
+        "rss_growth_after_warm_up": relative(loaded[-1]["rss_mib"]),
+        "rss_peak_growth_after_warm_up": relative(
+            {n: max(s["rss_mib"][n] for s in loaded) for n in SERVICES}
+        ),
+        "rss_change_after_the_load": relative(samples[-1]["rss_mib"]),
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
