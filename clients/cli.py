@@ -2,8 +2,9 @@
 
 kvferry demo                         start a local cluster, ask the bundled document a question, stop
 kvferry up                           coordinator + prefill + decode on this machine, restarted when they
-                                     crash (Ctrl-C stops all); --prefill-device cuda:0 --decode-device
-                                     cuda:1 --transport auto --auth-token-file FILE ...
+                                     crash (Ctrl-C stops all), the OpenAI-compatible API on :8000
+                                     (--http-port); --prefill-device cuda:0 --decode-device cuda:1
+                                     --transport auto --auth-token-file FILE ...
 kvferry bench                        load generator: TTFT / TPOT / throughput, JSON + PNG (a local
                                      cluster, --target HOST:PORT, --colocated or --compare)
 kvferry ask --doc FILE QUESTION      stream an answer about a document through a running cluster
@@ -33,6 +34,7 @@ from kvferry.clients.supervisor import RestartPolicy, Supervisor
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "engine" / "data" / "marrowick_canal.txt"
 BUNDLED_QUESTION = "Who was the chief engineer of the Marrowick Canal?"
+DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible API, on vLLM's default port
 SERVICES = {
     "coordinator": "kvferry.coordinator",
     "prefill": "kvferry.prefill_service",
@@ -143,9 +145,12 @@ def _start_cluster(
     args: argparse.Namespace,
     ports: dict[str, int] | None,
     log_dir: Path | None,
+    coordinator_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
 ) -> LocalCluster:
-    cluster = LocalCluster.from_options(cluster_options(args), ports=ports, log_dir=log_dir, env=env or {})
+    cluster = LocalCluster.from_options(
+        cluster_options(args), ports=ports, log_dir=log_dir, coordinator_args=coordinator_args, env=env or {}
+    )
     print("starting coordinator, prefill and decode services (each loads the model; ~15-30 s on CPU)...")
     cluster.start()
     start = time.monotonic()
@@ -191,8 +196,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     _stop_on_signals()
     ports = {"coordinator": args.port, "prefill": args.port + 1, "decode": args.port + 2}
     env, token_flag = _auth_env(args)
-    cluster = _start_cluster(args, ports, args.log_dir, env)
+    http = ["--http-port", str(args.http_port)] if args.http_port else []
+    cluster = _start_cluster(args, ports, args.log_dir, http, env)
     print(f"kvferry is up: coordinator {cluster.coordinator_address} (clients connect here)")
+    if args.http_port:
+        print(f"  OpenAI-compatible API: http://{cluster.host}:{args.http_port}/v1")
     print(f"  prefill {cluster.address('prefill')}, decode {cluster.address('decode')}")
     if token_flag:
         print("  every service requires the bearer token")
@@ -307,6 +315,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_PORTS["coordinator"],
         help="coordinator port; +1 prefill, +2 decode",
+    )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=DEFAULT_HTTP_PORT,
+        help="the coordinator's OpenAI-compatible HTTP API (0: off)",
     )
     up.add_argument("--log-dir", type=Path, help="write each service's log here instead of this terminal")
     up.add_argument(

@@ -12,7 +12,14 @@ from kvferry.engine.config import EngineConfig
 from kvferry.engine.llm_engine import LLMEngine
 from kvferry.engine.outputs import RequestOutput
 from kvferry.engine.sampling_params import SamplingParams
-from kvferry.engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
+from kvferry.engine.tokenizer import (
+    Message,
+    chat_context_len,
+    chat_protected_spans,
+    encode_chat,
+    encode_continuation,
+    encode_prompt,
+)
 
 Prompt = str | list[int]
 
@@ -31,14 +38,29 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         compression: Any = None,
         use_tqdm: bool = False,
+        context: Prompt | list[Prompt | None] | None = None,
+        cache_context: bool | None = None,
     ) -> list[RequestOutput]:
-        """Text prompts or token-id prompts -> one RequestOutput each, in order."""
+        """Text prompts or token-id prompts -> one RequestOutput each, in order.
+
+        `context` (text or token ids; one for every prompt, or a list with one per prompt) goes in
+        front of its prompt. With `cache_context` (None: the engine's default) it is compressed on its
+        own, by a query-agnostic method, and kept in the context cache, so later prompts on the same
+        context prefill only themselves; `compression` then applies to the context only."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
-        ids = [encode_prompt(self.engine.tokenizer, p, self.engine.max_model_len) for p in prompts]  # type: ignore[union-attr]
-        return self._run(ids, sampling_params, compression, use_tqdm)
+        tokenizer, max_len = self.engine.tokenizer, self.engine.max_model_len
+        ids, context_lens = [], []
+        for p, c in zip(prompts, _per_request_context(context, len(prompts))):  # type: ignore[arg-type]
+            head = [] if c is None else encode_prompt(tokenizer, c, max_len)
+            tail = (
+                encode_continuation(tokenizer, p, max_len) if head else encode_prompt(tokenizer, p, max_len)
+            )
+            ids.append(head + tail)
+            context_lens.append(len(head))
+        return self._run(ids, sampling_params, compression, use_tqdm, context_lens, cache_context)
 
     def generate_chat(
         self,
@@ -46,13 +68,18 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         compression: Any = None,
         use_tqdm: bool = False,
+        cache_context: bool | None = None,
     ) -> list[RequestOutput]:
         """Conversations (role/content dicts) through the model's chat template; a final assistant
-        message is treated as the start of the answer and continued."""
-        ids = [encode_chat(self.engine.tokenizer, m, self.engine.max_model_len) for m in messages_batch]
+        message is treated as the start of the answer and continued. With `cache_context` (None: the
+        engine's default) everything before the last user turn is the context: see `generate`."""
+        tokenizer = self.engine.tokenizer
+        ids = [encode_chat(tokenizer, m, self.engine.max_model_len) for m in messages_batch]
         per_chat = _per_request(compression, len(messages_batch), None)
         comp = [self._chat_compression(m, c) for m, c in zip(messages_batch, per_chat)]
-        return self._run(ids, sampling_params, comp, use_tqdm)
+        caching = self.engine.config.cache_context if cache_context is None else cache_context
+        context_lens = [chat_context_len(tokenizer, m) if caching else 0 for m in messages_batch]
+        return self._run(ids, sampling_params, comp, use_tqdm, context_lens, cache_context)
 
     def _chat_compression(self, messages: list[Message], compression: Any) -> CompressionParams | None:
         """Turn protect_system_prompt / protect_last_user_turn into token spans of this conversation."""
@@ -65,13 +92,22 @@ class LLM:
         return params.with_spans(spans)
 
     def _run(
-        self, prompt_ids: list[list[int]], sampling_params: Any, compression: Any, use_tqdm: bool
+        self,
+        prompt_ids: list[list[int]],
+        sampling_params: Any,
+        compression: Any,
+        use_tqdm: bool,
+        context_lens: list[int],
+        cache_context: bool | None,
     ) -> list[RequestOutput]:
         n = len(prompt_ids)
         sampling = _per_request(sampling_params, n, SamplingParams())
         comp = _per_request(compression, n, None)
         engine = self.engine
-        seqs = [engine.make_sequence(ids, sp, c) for ids, sp, c in zip(prompt_ids, sampling, comp)]
+        seqs = [
+            engine.make_sequence(ids, sp, c, context_len=k, cache_context=cache_context)
+            for ids, sp, c, k in zip(prompt_ids, sampling, comp, context_lens)
+        ]
         bar = tqdm(total=n, desc="generate", disable=not use_tqdm)
         try:
             # Validated all before queueing any; a request the pool can never hold is refused here,
@@ -89,6 +125,15 @@ class LLM:
         finally:
             bar.close()
         return [engine.output(s) for s in seqs]
+
+
+def _per_request_context(context: Any, n: int) -> list[Prompt | None]:
+    """One context (text or token ids) for every prompt, or a list of them (None: no context)."""
+    if context is None or isinstance(context, str):
+        return [context] * n
+    if isinstance(context, list) and context and all(isinstance(t, int) for t in context):
+        return [context] * n  # token ids of one context
+    return _per_request(context, n, None)
 
 
 def _per_request(value: Any, n: int, default: Any) -> list[Any]:

@@ -38,6 +38,12 @@ class RequestStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     scoring_seconds: float = 0.0  # compression scoring + selection inside prefill
+    # A cached context (engine/context_cache.py): "hit" (its compressed pages came from the cache),
+    # "miss" (this request computed them), "off" (no cached context)
+    context_cache: str = "off"
+    context_tokens: int = 0  # prompt tokens the cached context covers (whole pages of its start)
+    context_kept_tokens: int = 0  # of them, kept over all layers and heads (as kept_tokens counts)
+    prefill_tokens_computed: int = 0  # prompt tokens this request ran through the model
 
     @property
     def retention(self) -> float:
@@ -74,6 +80,15 @@ class Sequence:
         self.first_token_time: float | None = None
         self.prefill_start: float | None = None
         self.scorer_state: Any = None  # per-request compression state during prefill
+        # A cached context (engine/context_cache.py), set by the engine: the prompt's first
+        # `context_len` tokens (whole pages; 0 = none) are compressed on their own with
+        # `context_params` and shared through the cache under `context_handle`.
+        self.context_len = 0
+        self.context_params: Any = None
+        self.context_handle: str | None = None  # None: too large to cache, computed privately
+        self.context_pending = False  # this request computes its context (a miss) and has not yet
+        self.context_entry: Any = None  # the cached context this request holds a pin on
+        self.context_waited_on: str | None = None  # the request computing its context it waited for
         # Set from any thread (LLMEngine.request_cancel): a prefill chunk of this request stops at its
         # next layer boundary instead of running the chunk to its end.
         self.cancel_requested = False
@@ -97,3 +112,9 @@ class Sequence:
     def cache_tokens_needed(self) -> int:
         """Tokens every head must hold at most: the prompt plus every output token but the last."""
         return self.num_prompt_tokens + self.max_new_tokens - 1
+
+    @property
+    def prefill_end(self) -> int:
+        """Where the current prefill phase ends: the context's end while this request computes its
+        context (it is compressed there, before the rest), else the prompt's end."""
+        return self.context_len if self.context_pending else self.num_prompt_tokens

@@ -69,6 +69,18 @@ def encode_prompt(tokenizer: Any | None, prompt: str | list[int], max_tokens: in
     return ids
 
 
+def encode_continuation(
+    tokenizer: Any | None, prompt: str | list[int], max_tokens: int | None = None
+) -> list[int]:
+    """encode_prompt for text that follows other text (a prompt after its context): no BOS or other
+    special tokens in front."""
+    if isinstance(prompt, str) and tokenizer is not None:
+        require(prompt != "", "prompt", "must not be empty")
+        check_text_length(tokenizer, _utf8_length(prompt), max_tokens, "prompt")
+        return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    return encode_prompt(tokenizer, prompt, max_tokens)
+
+
 def encode_chat(tokenizer: Any | None, messages: list[Message], max_tokens: int | None = None) -> list[int]:
     """ChatML-style messages -> token ids. A final assistant message is continued (an answer prefix).
     Roles are CHAT_ROLES; `max_tokens` refuses contents too long for it before the template runs."""
@@ -107,6 +119,15 @@ def chat_message_spans(tokenizer: Any, messages: list[Message]) -> list[tuple[in
         ends.append(len(ids if isinstance(ids, list) else ids["input_ids"]))
     ends.append(total)
     return list(zip([0, *ends[:-1]], ends))
+
+
+def chat_context_len(tokenizer: Any, messages: list[Message]) -> int:
+    """Tokens of encode_chat(messages) before its last user turn: the conversation's context (0
+    without a user turn)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        return 0
+    return chat_message_spans(tokenizer, messages)[users[-1]][0]
 
 
 def chat_protected_spans(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from prometheus_client import Gauge
 
 from kvferry.kvtransfer.selection import parse_transports
 from kvferry.prefill_service.handoff import KVHandoff
@@ -35,8 +36,10 @@ def build(settings: PrefillSettings) -> ServiceHost:
     pipeline = PrefillPipeline(
         engine, handoff, settings.max_pending_requests, host.metrics, early_reserve=settings.early_reserve
     )
-    depth = host.metrics.gauge("kvferry_prefill_queue_depth", "Prefill calls accepted and not answered")
-    host.metrics.add_collector(lambda: depth.set(pipeline.in_flight))
+    depth = Gauge(
+        "kvferry_prefill_queue_depth", "Prefill calls accepted and not answered", registry=host.metrics
+    )
+    depth.set_function(lambda: pipeline.in_flight)
     register_engine_metrics(host.metrics, lambda: engine.worker.engine)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(pipeline), host.server)
 

@@ -1,8 +1,9 @@
 """Running one gRPC service: a grpc.aio server with the call interceptor (bearer token, request id,
 call metrics) around the error interceptor, grpc.health.v1 (NOT_SERVING until warm-up ends), server
 reflection of its own services only, TLS/mTLS and the bearer token from the settings, an optional
-Prometheus endpoint, and a graceful stop on SIGTERM or SIGINT. One process per port: the port is bound
-without SO_REUSEPORT, so a second service on a taken port fails to start instead of sharing it."""
+Prometheus endpoint, an optional HTTP server beside it (`http`: the coordinator's OpenAI-compatible
+front), and a graceful stop on SIGTERM or SIGINT. One process per port: the port is bound without
+SO_REUSEPORT, so a second service on a taken port fails to start instead of sharing it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from kvferry.serving.error_interceptor import ErrorInterceptor
 from kvferry.serving.gc_pauses import GcPauses, freeze_start_up_heap
 from kvferry.serving.gpu_metrics import register_gpu_metrics
 from kvferry.serving.memory_trim import MemoryTrimmer
-from kvferry.serving.metrics import MetricsServer, Registry
+from kvferry.serving.metrics import MetricsEndpoint, new_registry
 from kvferry.serving.reflection import served_pool
 from kvferry.serving.request_context import LOG_FORMAT, RequestIdFilter
 from kvferry.serving.security import ChannelFactory, TokenAuth, read_token, server_credentials
@@ -35,6 +36,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
 # gRPC binds with SO_REUSEPORT by default: a second process on the same port would start, report
 # SERVING and take half the calls (a reservation made on one decode process, its Decode call on the other).
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
@@ -72,27 +74,32 @@ def configure_logging(level: str) -> None:
 
 class ServiceHost:
     """Owns the server; `service_names` are the full names (kvferry.v1.X) registered on it. With a
-    bearer token in the settings, every call to them and to reflection needs it (health never does).
-    `channels` opens this service's channels to other services with its TLS settings and token."""
+    bearer token in the settings (`auth`), every call to them and to reflection needs it (health never
+    does). `channels` opens this service's channels to other services with its TLS settings and token."""
 
     def __init__(self, settings: ServerSettings, service_names: list[str]) -> None:
         self.settings = settings
         self.service_names = service_names
         self.credentials = server_credentials(settings)  # reads the PEM files now: a bad path fails here
         token = read_token(settings.auth_token, settings.auth_token_file)
-        auth = TokenAuth(token, [*service_names, reflection.SERVICE_NAME]) if token else None
+        self.auth = TokenAuth(token, [*service_names, reflection.SERVICE_NAME]) if token else None
         self.channels = ChannelFactory.from_settings(settings, CHANNEL_OPTIONS, token)
-        self.metrics = Registry()
+        self.metrics = new_registry()  # this service's prometheus_client CollectorRegistry
         self.gpu_metrics = register_gpu_metrics(self.metrics)
         self.trimmer = MemoryTrimmer()
-        interceptors = [CallInterceptor(RpcMetrics(self.metrics), auth, self.trimmer), ErrorInterceptor()]
+        interceptors = [
+            CallInterceptor(RpcMetrics(self.metrics), self.auth, self.trimmer),
+            ErrorInterceptor(),
+        ]
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflected = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(reflected, self.server, pool=served_pool(reflected))
         self.port = 0
+        self.serving = False  # what grpc.health.v1 reports for the whole server
+        self.http: Any = None  # serving.http_server.AsgiServer beside the gRPC port (the coordinator's)
         # Set by the service that builds this host: load/warm the engine; release it after the server stops.
         self.warm_up: Callable[[], Awaitable[None]] | None = None
         self.on_stop: Callable[[], Awaitable[None]] | None = None
@@ -104,6 +111,7 @@ class ServiceHost:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.serving = serving
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -126,9 +134,19 @@ class ServiceHost:
             "listening on %s:%d (%s; %s)",
             self.settings.host, self.port, ", ".join(self.service_names), self.security_summary(),
         )  # fmt: skip
+        if self.http is not None:
+            try:
+                http_port = await self.http.start()
+            except BaseException:
+                await self.server.stop(None)  # one port taken: the service does not half start
+                raise
+            scheme = "https" if self.http.tls else "http"
+            log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, self.settings.host, http_port)
         if self.settings.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
-            port = await self.metrics_server.start()
+            self.metrics_server = MetricsEndpoint(
+                self.metrics, self.settings.host, self.settings.metrics_port
+            )
+            port = self.metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", self.settings.host, port)
 
         async def warm() -> None:
@@ -150,6 +168,10 @@ class ServiceHost:
         return f"{serving}; outgoing {'TLS' if self.channels.secure else 'plaintext'}"
 
     @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
+    @property
     def metrics_port(self) -> int | None:
         return None if self.metrics_server is None else self.metrics_server.port
 
@@ -158,10 +180,13 @@ class ServiceHost:
         log.info("stopping (grace %.1f s)", self.settings.grace_seconds)
         if self.warmed is not None and not self.warmed.done():
             self.warmed.cancel()
+        self.serving = False
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:  # its requests run through this server's servicer: stop it first
+            await self.http.stop()
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
-            await self.metrics_server.stop()
+            await asyncio.to_thread(self.metrics_server.stop)  # waits out its serving thread's poll
         if self.on_stop is not None:
             await self.on_stop()
         log.info("stopped")
@@ -171,8 +196,10 @@ class ServiceHost:
         self.owns_process = True  # before start(): its warm-up freezes the heap for this process
         try:
             await self.start()
-        except (ListenError, OSError) as e:  # its port, or the metrics port, is taken
+        except (ListenError, OSError) as e:  # its port, the HTTP port or the metrics port is taken
             log.error("%s", e)
+            if self.http is not None:
+                await self.http.stop()
             await self.server.stop(None)
             return 1
         gc_pauses = GcPauses(self.metrics)

@@ -261,6 +261,24 @@ def make_pool(num_pages: int, page_size: int = 4, head_dim: int = 8) -> KVPool:
     return KVPool(num_pages, page_size, head_dim, torch.float32, "cpu")
 
 
+def cache_prompt(keys: torch.Tensor, values: torch.Tensor | None = None, page_size: int = 16) -> SequenceKV:
+    """keys (and values, else zeros) [L, n, H, D] written into a real pool and page table, as prefill
+    leaves them."""
+    from kvferry.engine.layers.paged_attention import store_kv
+
+    layers, n, h, d = keys.shape
+    pool = KVPool(layers * h * -(-n // page_size), page_size, d, torch.float32, "cpu")
+    seq_kv = SequenceKV(pool, layers, h, n)
+    seq_kv.grow(n)
+    for layer in range(layers):
+        pages, offsets = seq_kv.slots(layer, n)
+        k = keys[layer].transpose(0, 1)  # [H, n, D]
+        v = torch.zeros_like(k) if values is None else values[layer].transpose(0, 1)
+        store_kv(pool.kv, pages, offsets, k, v)
+    seq_kv.head_lens += n
+    return seq_kv
+
+
 def make_seq_kv(
     pool: KVPool | None = None, num_layers: int = 2, num_kv_heads: int = 3, max_tokens: int = 32
 ) -> SequenceKV:
@@ -312,3 +330,34 @@ def long_document(num_sentences: int, fact: str, seed: int = 0) -> str:
     ]
     sentences.insert(num_sentences // 2, fact)
     return " ".join(sentences)
+
+
+# ChatML, as SmolLM2's template renders it (the engine's chat path needs a template).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def with_byte_tokenizer(tiny: TinyModel, dest: Path) -> Path:
+    """A copy of `tiny`'s folder with a byte-level tokenizer (one token per byte, 256 ids, then the
+    ChatML specials) and a chat template, so text and chat prompts work on a tiny random model."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(tiny.path, dest, dirs_exist_ok=True)
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of the bytes
+    vocab = {char: i for i, char in enumerate(sorted(byte_chars))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    assert len(tokenizer) <= tiny.vocab_size
+    tokenizer.save_pretrained(dest)
+    return dest

@@ -149,7 +149,7 @@ def test_max_new_tokens_beyond_max_model_len_is_refused_before_any_page(
         ({"method": "snapkv", "pool_kernel": 65}, "pool_kernel"),
         ({"method": "compactor", "attention_block": 4096}, "attention_block"),
         ({"method": "compactor", "sketch_size": 10**6}, "sketch_size"),
-        ({"method": "compactor", "leverage_block": 1 << 20}, "leverage_block"),
+        ({"method": "compactor", "leverage_block": (1 << 20) + 1}, "leverage_block"),
         ({"method": "compactor", "leverage_weight": float("inf")}, "leverage_weight"),
     ],
 )

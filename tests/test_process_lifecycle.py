@@ -85,7 +85,7 @@ class Up:
             [*KVFERRY, "up", "--port", str(port), "--log-dir", str(tmp_path / "logs"),
              "--auth-token-file", str(self.token_file), "--model", str(tiny.path), "--device", "cpu",
              "--dtype", "float32", "--max-model-len", "512", "--kv-cache-bytes",
-             str(4 << 20), "--torch-threads", "1", *flags],
+             str(4 << 20), "--torch-threads", "1", "--http-port", "0", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()

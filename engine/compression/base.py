@@ -31,6 +31,10 @@ class Scorer:
     # True when raw scores of different layers share one scale (needed by the `global` budget to be
     # meaningful); z-standardised or rank-like scores are only comparable within a layer.
     comparable_across_layers: ClassVar[bool] = False
+    # True when a token's score does not depend on what comes after the scored text (no question in
+    # it): only such a method may compress a context once for every later question (a cached context,
+    # engine/context_cache.py). Methods that score from the prompt's last queries must leave it False.
+    query_agnostic: ClassVar[bool] = False
 
     def __init__(self, params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> None:
         self.params = params
@@ -51,11 +55,15 @@ class Scorer:
 
     def cached_keys(self, layer: int) -> torch.Tensor:
         """Post-RoPE keys [H, n, D] of this layer's prompt, read back from the sequence's pages."""
+        return self.cached_kv(layer)[0]
+
+    def cached_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE keys and values, each [H, n, D], of this layer's prompt, from the sequence's pages."""
         kv = self.seq_kv
         n = self.shape.prompt_len
         table = kv.page_table[layer].to(kv.pool.kv.device)
-        k, _ = gather_heads(kv.pool.kv, table, -(-n // kv.pool.page_size))
-        return k[:, :n]
+        k, v = gather_heads(kv.pool.kv, table, -(-n // kv.pool.page_size))
+        return k[:, :n], v[:, :n]
 
 
 def make_scorer(params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> Scorer:

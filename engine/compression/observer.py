@@ -31,23 +31,31 @@ class CompressionObserver:
         self.scorer.observe(layer, q, k_pre_rope, k, start)
         self.seconds += time.perf_counter() - t0
 
-    def compress(self, seq: Sequence) -> None:
-        """The whole prompt is cached: select each head's tokens and compact its pages in place."""
+    def compress(self, seq: Sequence, round_to: int = 1) -> None:
+        """The whole prompt (or context) is cached: select each head's tokens and compact its pages in
+        place; `round_to` whole pages per head for a cached context (select_tokens)."""
         assert seq.kv is not None
         t0 = time.perf_counter()
-        compress_kv(seq.kv, self.scorer.scores(), self.params)
+        compress_kv(seq.kv, self.scorer.scores(), self.params, round_to)
         _cover_decode_growth(seq)
         self.seconds += time.perf_counter() - t0
         seq.stats.scoring_seconds = self.seconds
 
 
 def make_observer(seq: Sequence) -> CompressionObserver | None:
-    """The observer for a request about to start prefill, or None when it keeps its whole cache."""
-    params = seq.compression
+    """The observer for a request about to start prefill, or None when it keeps its whole cache.
+    A request with a cached context (engine/context_cache.py) compresses its context on its own and
+    nothing after it: the observer covers the context's tokens, and only while this request computes
+    the context (not on a cache hit)."""
+    params, n = seq.compression, seq.num_prompt_tokens
+    if seq.context_len:
+        if not seq.context_pending:
+            return None
+        params, n = seq.context_params, seq.context_len
     if not isinstance(params, CompressionParams) or not params.active:
         return None
     assert seq.kv is not None, "pages are assigned at admission, before the first prefill chunk"
-    shape = PromptShape(seq.kv.num_layers, seq.kv.num_kv_heads, seq.num_prompt_tokens)
+    shape = PromptShape(seq.kv.num_layers, seq.kv.num_kv_heads, n)
     return CompressionObserver(params, make_scorer(params, shape, seq.kv))
 
 

@@ -15,16 +15,19 @@ from kvferry.engine.compression.registry import SCORERS
 from kvferry.engine.errors import InvalidArgumentError, require
 
 BUDGETS = ("uniform", "adaptive", "global")
+BLENDS = ("fixed", "ratio")
 # Upper bounds of the method knobs: each sizes scoring work or memory (snapkv's window probabilities are
 # [heads, window, prompt]; a compactor attention block's are [heads, block, block]; the sketch's Gram is
-# [k, k] per head); far past the defaults a request could take a node's memory for one prompt.
+# [k, k] per head; the pooling widths are kernels slid over every score); far past the defaults a request
+# could take a node's memory or time for one prompt.
 KNOB_MAX = {
     "sketch_size": 256,
-    "leverage_block": 16384,
+    "leverage_block": 1 << 20,  # linear in the block (1 << 16: the whole prompt, as kvpress scores it)
     "attention_block": 1024,
     "window": 512,
     "pool_kernel": 63,
 }
+POOL_WIDTH_MAX = 63  # mass_smoothing, score_pool
 
 
 @dataclass
@@ -49,6 +52,15 @@ class CompressionParams:
     window: int = 32  # observation window: the last prompt queries
     pool_kernel: int = 5  # snapkv: max-pooling width over key positions (odd)
     seed: int = 0  # random scorer
+    # Levers of issue 23 (benchmarks/quality.py sweeps them; the defaults keep the original behaviour).
+    # compactor: "fixed" blends with λ = leverage_weight; "ratio" with λ = 1 - retention (kvpress's
+    # CompactorPress: more leverage the harder the compression)
+    blend: str = "fixed"
+    value_norm: bool = False  # compactor: weight each token's attention mass by its value norm ‖v‖
+    mass_smoothing: int = 1  # compactor: average-pool width (odd) over positions of the mass (kvpress: 3)
+    query_weight: float = 0.0  # compactor: + μ·z(snapkv votes of the last `window` prompt queries)
+    score_pool: int = 1  # any method: max-pool width (odd) of the scores: a high scorer keeps its neighbours
+    span_chunk: int = 0  # any method: keep whole chunks of this many tokens, ranked by mean score (0: off)
 
     def __post_init__(self) -> None:
         self.protected_spans = [_span(s) for s in self.protected_spans]
@@ -80,6 +92,24 @@ class CompressionParams:
             "leverage_weight",
             f"must be a finite number >= 0, got {self.leverage_weight}",
         )
+        require(self.blend in BLENDS, "blend", f"must be one of {BLENDS}, got {self.blend!r}")
+        require(isinstance(self.value_norm, bool), "value_norm", f"must be a bool, got {self.value_norm!r}")
+        for name in ("mass_smoothing", "score_pool"):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and 1 <= value <= POOL_WIDTH_MAX and value % 2 == 1
+            require(ok, name, f"must be an odd integer in [1, {POOL_WIDTH_MAX}], got {value}")
+        require(
+            math.isfinite(self.query_weight) and self.query_weight >= 0,
+            "query_weight",
+            f"must be a finite number >= 0, got {self.query_weight}",
+        )
+        ok = isinstance(self.span_chunk, int) and self.span_chunk >= 0
+        require(ok, "span_chunk", f"must be an integer >= 0, got {self.span_chunk}")
+
+    @property
+    def blend_weight(self) -> float:
+        """λ of the compactor's z(attention mass) + λ·z(leverage)."""
+        return 1.0 - self.retention if self.blend == "ratio" else self.leverage_weight
 
     @property
     def active(self) -> bool:
@@ -91,7 +121,7 @@ class CompressionParams:
 
     def check_prompt(self, prompt_len: int, max_model_len: int) -> None:
         """The checks that need the prompt: spans inside it, kept-token counts within max_model_len."""
-        for name in ("sink", "recent"):
+        for name in ("sink", "recent", "span_chunk"):
             value = getattr(self, name)
             require(
                 value <= max_model_len, name, f"must be at most max_model_len ({max_model_len}), got {value}"
