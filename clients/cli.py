@@ -1,9 +1,10 @@
 """The `kvferry` command line.
 
 kvferry demo                         start a local cluster, ask the bundled document a question, stop
-kvferry up                           coordinator + prefill + decode on this machine (Ctrl-C stops all),
-                                     the OpenAI-compatible API on :8000 (--http-port);
-                                     --prefill-device cuda:0 --decode-device cuda:1 --transport auto ...
+kvferry up                           coordinator + prefill + decode on this machine, restarted when they
+                                     crash (Ctrl-C stops all), the OpenAI-compatible API on :8000
+                                     (--http-port); --prefill-device cuda:0 --decode-device cuda:1
+                                     --transport auto --auth-token-file FILE ...
 kvferry bench                        load generator: TTFT / TPOT / throughput, JSON + PNG (a local
                                      cluster, --target HOST:PORT, --colocated or --compare)
 kvferry ask --doc FILE QUESTION      stream an answer about a document through a running cluster
@@ -29,6 +30,7 @@ from kvferry.clients.client import DEFAULT_ADDRESS, Client
 from kvferry.clients.cluster_options import add_cluster_flags, cluster_options
 from kvferry.clients.errors import KvferryRpcError
 from kvferry.clients.local_cluster import DEFAULT_PORTS, ClusterError, LocalCluster
+from kvferry.clients.supervisor import RestartPolicy, Supervisor
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "engine" / "data" / "marrowick_canal.txt"
 BUNDLED_QUESTION = "Who was the chief engineer of the Marrowick Canal?"
@@ -144,9 +146,10 @@ def _start_cluster(
     ports: dict[str, int] | None,
     log_dir: Path | None,
     coordinator_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> LocalCluster:
     cluster = LocalCluster.from_options(
-        cluster_options(args), ports=ports, log_dir=log_dir, coordinator_args=coordinator_args
+        cluster_options(args), ports=ports, log_dir=log_dir, coordinator_args=coordinator_args, env=env or {}
     )
     print("starting coordinator, prefill and decode services (each loads the model; ~15-30 s on CPU)...")
     cluster.start()
@@ -173,20 +176,42 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _auth_env(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """The services' environment for the bearer token (a file named by --auth-token-file, or
+    KVFERRY_AUTH_TOKEN inherited from this environment) and the flags a client then needs."""
+    from kvferry.serving.security import read_token
+
+    if args.auth_token_file is None:
+        return {}, " --token-file FILE" if os.environ.get("KVFERRY_AUTH_TOKEN") else ""
+    path = str(Path(args.auth_token_file).resolve())
+    read_token(None, path)  # unreadable or empty: refused here, not by three children
+    return {"KVFERRY_AUTH_TOKEN_FILE": path, "KVFERRY_AUTH_TOKEN": ""}, f" --token-file {path}"
+
+
+def _stamped(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     _stop_on_signals()
     ports = {"coordinator": args.port, "prefill": args.port + 1, "decode": args.port + 2}
+    env, token_flag = _auth_env(args)
     http = ["--http-port", str(args.http_port)] if args.http_port else []
-    cluster = _start_cluster(args, ports, args.log_dir, http)
+    cluster = _start_cluster(args, ports, args.log_dir, http, env)
     print(f"kvferry is up: coordinator {cluster.coordinator_address} (clients connect here)")
     if args.http_port:
         print(f"  OpenAI-compatible API: http://{cluster.host}:{args.http_port}/v1")
     print(f"  prefill {cluster.address('prefill')}, decode {cluster.address('decode')}")
-    print(f"  try: kvferry ask --address {cluster.coordinator_address} --doc FILE 'your question'")
-    print("Ctrl-C stops all three.")
+    if token_flag:
+        print("  every service requires the bearer token")
+    print(
+        f"  try: kvferry ask --address {cluster.coordinator_address}{token_flag} --doc FILE 'your question'"
+    )
+    print("A crashed service is restarted; Ctrl-C stops all three.")
+    supervisor = Supervisor(cluster, RestartPolicy(max_restarts=args.max_restarts), report=_stamped)
     try:
         while True:
-            cluster.check()
+            supervisor.poll()
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping...")
@@ -298,6 +323,17 @@ def parser() -> argparse.ArgumentParser:
         help="the coordinator's OpenAI-compatible HTTP API (0: off)",
     )
     up.add_argument("--log-dir", type=Path, help="write each service's log here instead of this terminal")
+    up.add_argument(
+        "--auth-token-file",
+        help="every service requires the bearer token in this file, and sends it to the others "
+        "(or set KVFERRY_AUTH_TOKEN); clients pass it with --token-file",
+    )
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=RestartPolicy.max_restarts,
+        help="restarts of a crashed service within 5 minutes before `up` gives up and stops (0: never restart)",
+    )
     up.set_defaults(run=cmd_up)
 
     ask_p = sub.add_parser("ask", help="ask a question about a document through a running cluster")

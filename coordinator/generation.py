@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from kvferry.coordinator.nodes import NodePool
+from kvferry.engine.sampling_params import DEFAULT_MAX_NEW_TOKENS
 from kvferry.serving import request_context
 from kvferry.serving.deadline import Deadline
 from kvferry.v1 import common_pb2, coordinator_pb2, prefill_pb2
@@ -42,8 +43,9 @@ async def generate(
     streamed: list[int] = []  # tokens already sent to the client
     failed: set[str] = set()  # decode nodes that broke during this request
     stats: coordinator_pb2.GenerateStats | None = None
+    max_model_len = 0  # the failed decode node's, for a continuation
     while True:
-        current = request if not streamed else _continuation(request, streamed)
+        current = request if not streamed else _continuation(request, streamed, max_model_len)
         prefill_node, decode_node = await asyncio.gather(nodes.pick_prefill(), nodes.pick_decode(failed))
         log.debug("prefill on %s, decode on %s", prefill_node.address, decode_node.address)
         prefilled: prefill_pb2.PrefillResponse = await prefill_node.stub.Prefill(
@@ -93,7 +95,8 @@ async def generate(
                 streamed.extend(part.token_ids)
             return
         except grpc.aio.AioRpcError as e:
-            if not _may_continue(e, request, streamed, len(failed), decode_retries):
+            max_model_len = nodes.max_model_len.get(decode.address, 0)
+            if not _may_continue(e, request, streamed, len(failed), decode_retries, max_model_len):
                 raise
             failed.add(decode.address)
             log.warning(
@@ -107,29 +110,40 @@ async def generate(
                 await asyncio.shield(decode.abort(handle.reservation_id, metadata))
 
 
-def _remaining_tokens(request: Any, streamed: list[int]) -> int:
-    wanted = request.sampling.max_new_tokens if request.sampling.HasField("max_new_tokens") else 256
+def _remaining_tokens(request: Any, streamed: list[int], max_model_len: int) -> int:
+    """Tokens still due to a token-id request: its max_new_tokens, or when it set none the engine's
+    default as the decode node applied it (capped by the room its max_model_len left)."""
+    if request.sampling.HasField("max_new_tokens"):
+        wanted = request.sampling.max_new_tokens
+    else:
+        room = max_model_len - len(request.prompt_token_ids.ids)
+        wanted = min(DEFAULT_MAX_NEW_TOKENS, room) if max_model_len else DEFAULT_MAX_NEW_TOKENS
     return wanted - len(streamed)
 
 
 def _may_continue(
-    error: grpc.aio.AioRpcError, request: Any, streamed: list[int], retried: int, retries: int
+    error: grpc.aio.AioRpcError,
+    request: Any,
+    streamed: list[int],
+    retried: int,
+    retries: int,
+    max_model_len: int,
 ) -> bool:
     return (
         error.code() == grpc.StatusCode.UNAVAILABLE
         and retried < retries
         and request.WhichOneof("input") == "prompt_token_ids"
         and bool(streamed)
-        and _remaining_tokens(request, streamed) >= 1
+        and _remaining_tokens(request, streamed, max_model_len) >= 1
     )
 
 
-def _continuation(request: Any, streamed: list[int]) -> Any:
+def _continuation(request: Any, streamed: list[int], max_model_len: int) -> Any:
     """The same request with the streamed tokens appended to its prompt, for the tokens still due."""
     out = type(request)()
     out.CopyFrom(request)
     out.prompt_token_ids.ids.extend(streamed)
-    out.sampling.max_new_tokens = _remaining_tokens(request, streamed)
+    out.sampling.max_new_tokens = _remaining_tokens(request, streamed, max_model_len)
     return out
 
 

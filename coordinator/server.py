@@ -6,7 +6,6 @@ from __future__ import annotations
 from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.servicer import CoordinatorServicer
 from kvferry.coordinator.settings import CoordinatorSettings
-from kvferry.serving.security import TokenAuth, read_token
 from kvferry.serving.server import ServiceHost, configure_logging
 from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -15,9 +14,7 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
 
 def build(settings: CoordinatorSettings) -> ServiceHost:
     """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
-    token = read_token(settings.auth_token, settings.auth_token_file)
-    auth = TokenAuth(token, [SERVICE_NAME]) if token else None
-    host = ServiceHost(settings, [SERVICE_NAME], auth=auth)
+    host = ServiceHost(settings, [SERVICE_NAME])
     nodes = NodePool(
         settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels
     )
@@ -27,7 +24,7 @@ def build(settings: CoordinatorSettings) -> ServiceHost:
         from kvferry.coordinator.openai_api import build_app  # FastAPI loads only when the front is on
         from kvferry.serving.http_server import AsgiServer
 
-        app = build_app(servicer, host.metrics, auth, settings.served_model_name, lambda: host.serving)
+        app = build_app(servicer, host.metrics, host.auth, settings.served_model_name, lambda: host.serving)
         host.http = AsgiServer(app, settings.host, settings.http_port, settings.grace_seconds, settings)
     host.on_stop = nodes.close
     host.component = servicer

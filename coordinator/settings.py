@@ -15,11 +15,6 @@ class CoordinatorSettings(ServerSettings):
     prefill_addresses: list[str] = setting(["127.0.0.1:50052"], "prefill services, comma-separated host:port")
     decode_addresses: list[str] = setting(["127.0.0.1:50053"], "decode services, comma-separated host:port")
     info_timeout_seconds: float = setting(2.0, "how long a node may take to answer Info before it is skipped")
-    auth_token: str | None = setting(
-        None,
-        "bearer token clients must send (metadata 'authorization: Bearer <token>'); default: none needed",
-    )
-    auth_token_file: str | None = setting(None, "file holding the bearer token (instead of auth_token)")
     decode_retries: int = setting(
         1,
         "times a request whose decode node fails mid-stream is continued on another decode node "

@@ -51,11 +51,14 @@ class LLM:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
-        tokenizer = self.engine.tokenizer
+        tokenizer, max_len = self.engine.tokenizer, self.engine.max_model_len
         ids, context_lens = [], []
         for p, c in zip(prompts, _per_request_context(context, len(prompts))):  # type: ignore[arg-type]
-            head = [] if c is None else encode_prompt(tokenizer, c)
-            ids.append(head + (encode_continuation(tokenizer, p) if head else encode_prompt(tokenizer, p)))
+            head = [] if c is None else encode_prompt(tokenizer, c, max_len)
+            tail = (
+                encode_continuation(tokenizer, p, max_len) if head else encode_prompt(tokenizer, p, max_len)
+            )
+            ids.append(head + tail)
             context_lens.append(len(head))
         return self._run(ids, sampling_params, compression, use_tqdm, context_lens, cache_context)
 
@@ -71,7 +74,7 @@ class LLM:
         message is treated as the start of the answer and continued. With `cache_context` (None: the
         engine's default) everything before the last user turn is the context: see `generate`."""
         tokenizer = self.engine.tokenizer
-        ids = [encode_chat(tokenizer, m) for m in messages_batch]
+        ids = [encode_chat(tokenizer, m, self.engine.max_model_len) for m in messages_batch]
         per_chat = _per_request(compression, len(messages_batch), None)
         comp = [self._chat_compression(m, c) for m, c in zip(messages_batch, per_chat)]
         caching = self.engine.config.cache_context if cache_context is None else cache_context

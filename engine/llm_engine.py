@@ -15,6 +15,7 @@ from kvferry.engine.config import EngineConfig
 from kvferry.engine.context_cache import DEFAULT_DEVICE_SHARE, ContextCache, ContextCacheState, context_handle
 from kvferry.engine.cuda_graphs import make_decode_graph_runner
 from kvferry.engine.errors import InvalidArgumentError, require
+from kvferry.engine.forward_batch import PrefillCancelled
 from kvferry.engine.kv_handoff import KVLayout
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.layers.fused_projections import use_fused_projections
@@ -122,7 +123,9 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
         compression = as_compression_params(compression)
-        max_new = min(sampling.max_new_tokens, self.max_model_len - n)
+        if compression is not None:
+            compression.check_prompt(n, self.max_model_len)
+        max_new = sampling.max_new_tokens_for(n, self.max_model_len)
         seq = Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
         if self.config.cache_context if cache_context is None else cache_context:
             self._set_context(seq, context_len)
@@ -193,6 +196,14 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         return True
 
+    def request_cancel(self, request_id: str) -> None:
+        """Thread-safe, from any thread: a prefill chunk of this request running now (or later) stops at
+        its next layer boundary and the request is aborted, its pages freed; `abort` (between steps) is
+        still what ends a request that is not prefilling."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            seq.cancel_requested = True
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -205,7 +216,11 @@ class LLMEngine:
             if seq.prefill_start is None:
                 seq.prefill_start = time.perf_counter()
                 seq.scorer_state = make_observer(seq)  # None when the request keeps its whole cache
-            logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
+            try:
+                logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
+            except PrefillCancelled:
+                self.abort(seq.request_id)
+                return []
             if logits is None:
                 if seq.context_pending and seq.num_prefilled == seq.context_len:
                     self._finish_context(seq)
@@ -345,7 +360,7 @@ class LLMEngine:
         """Pages an imported KV reserves: every page it can ever hold, its kept tokens (`layout`, or at
         most `max_pages` for an early import) plus the max_new_tokens - 1 it will cache. Cheap enough
         for a caller to check the pool's room before asking the engine thread."""
-        growth = max(min(sampling.max_new_tokens, self.max_model_len - prompt_len) - 1, 0)
+        growth = max(sampling.max_new_tokens_for(prompt_len, self.max_model_len) - 1, 0)
         page_size = self.pool.page_size
         if layout is not None:
             lens = layout.head_lens.to(torch.int64)

@@ -37,7 +37,14 @@ class ModelRunner:
         start = seq.num_prefilled
         ids = upload_values(seq.prompt_token_ids[start : start + num_tokens], torch.int64, self.device)
         seq.kv.grow(num_tokens)
-        batch = PrefillBatch(seq.kv, start, num_tokens, observer, dense=self.dense_prefill)
+        batch = PrefillBatch(
+            seq.kv,
+            start,
+            num_tokens,
+            observer,
+            dense=self.dense_prefill,
+            cancelled=lambda: seq.cancel_requested,
+        )
         hidden = self.model(ids, batch.positions, batch)
         batch.finish()
         seq.num_prefilled += num_tokens

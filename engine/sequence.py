@@ -89,6 +89,9 @@ class Sequence:
         self.context_pending = False  # this request computes its context (a miss) and has not yet
         self.context_entry: Any = None  # the cached context this request holds a pin on
         self.context_waited_on: str | None = None  # the request computing its context it waited for
+        # Set from any thread (LLMEngine.request_cancel): a prefill chunk of this request stops at its
+        # next layer boundary instead of running the chunk to its end.
+        self.cancel_requested = False
 
     @property
     def num_prompt_tokens(self) -> int:

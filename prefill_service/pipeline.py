@@ -19,7 +19,13 @@ from kvferry.prefill_service.handoff import KVHandoff
 from kvferry.prefill_service.handoff_request import HandoffRequest
 from kvferry.prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
 from kvferry.serving import request_context
-from kvferry.serving.convert import FINISH_REASONS, compression_from_proto, encode_input, sampling_from_proto
+from kvferry.serving.convert import (
+    FINISH_REASONS,
+    compression_fields,
+    compression_from_proto,
+    encode_input,
+    sampling_from_proto,
+)
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.metrics import LATENCY_BUCKETS, RATIO_BUCKETS, new_registry
 from kvferry.v1 import prefill_pb2
@@ -103,7 +109,9 @@ class PrefillPipeline:
             transport = self.handoff.links.check_name(
                 request.transport
             )  # an unknown one fails before prefill
-            prompt, compression = await asyncio.to_thread(_prepare, engine.tokenizer, request)
+            prompt, compression = await asyncio.to_thread(
+                _prepare, engine.tokenizer, request, engine.max_model_len
+            )
             handoff = HandoffRequest(
                 request.request_id or uuid.uuid4().hex, request.decode_address, prompt, request.sampling,
                 ModelSpec.of_engine(engine), transport, deadline,
@@ -167,13 +175,18 @@ class PrefillPipeline:
 
 
 def _prepare(
-    tokenizer: Any, request: prefill_pb2.PrefillRequest
+    tokenizer: Any, request: prefill_pb2.PrefillRequest, max_model_len: int
 ) -> tuple[list[int], CompressionParams | None]:
-    """Tokenize (chat template included) and build the compression params; runs off the event loop."""
-    prompt, messages = encode_input(tokenizer, request)
+    """Tokenize (chat template included) and build the compression params; runs off the event loop. A
+    text that cannot fit max_model_len is refused before it is tokenized, and compression settings that
+    do not fit the prompt here, so their errors name `compression.<field>` (the engine checks again)."""
+    prompt, messages = encode_input(tokenizer, request, max_model_len)
     if not request.HasField("compression"):
         return prompt, None
-    return prompt, compression_from_proto(request.compression, tokenizer, messages)
+    compression = compression_from_proto(request.compression, tokenizer, messages)
+    with compression_fields():
+        compression.check_prompt(len(prompt), max_model_len)
+    return prompt, compression
 
 
 def _fill_stats(

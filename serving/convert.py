@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kvferry.engine.compression import CompressionParams
@@ -39,19 +41,36 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def encode_input(tokenizer: Any | None, request: Any) -> tuple[list[int], list[Message] | None]:
-    """The prompt token ids of a request with an `input` oneof, and its messages when it is a chat."""
+def encode_input(
+    tokenizer: Any | None, request: Any, max_tokens: int | None = None
+) -> tuple[list[int], list[Message] | None]:
+    """The prompt token ids of a request with an `input` oneof, and its messages when it is a chat. With
+    `max_tokens` (max_model_len), an input that cannot fit is refused before it is tokenized or copied."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidArgumentError("prompt: set one of prompt, messages, prompt_token_ids", field="prompt")
     if which == "prompt":
-        return encode_prompt(tokenizer, request.prompt), None
+        return encode_prompt(tokenizer, request.prompt, max_tokens), None
     if which == "messages":
         messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        return encode_chat(tokenizer, messages), messages
-    ids = list(request.prompt_token_ids.ids)
-    require(len(ids) > 0, "prompt_token_ids", "must not be empty")
-    return ids, None
+        return encode_chat(tokenizer, messages, max_tokens), messages
+    count = len(request.prompt_token_ids.ids)
+    require(count > 0, "prompt_token_ids", "must not be empty")
+    require(
+        max_tokens is None or count < max_tokens,
+        "prompt",  # as the engine names it
+        f"has {count:,} tokens but max_model_len is {max_tokens}; shorten it (one position must stay for output)",
+    )
+    return list(request.prompt_token_ids.ids), None
+
+
+@contextmanager
+def compression_fields() -> Iterator[None]:
+    """Errors of CompressionParams checks, re-raised with their field named `compression.<field>`."""
+    try:
+        yield
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"compression.{e}", field=f"compression.{e.field}") from None
 
 
 def compression_from_proto(
@@ -74,10 +93,8 @@ def compression_from_proto(
     values["protected_spans"] = [(s.start, s.end) for s in msg.protected_spans]
     values["protect_system_prompt"] = msg.protect_system_prompt
     values["protect_last_user_turn"] = msg.protect_last_user_turn
-    try:
+    with compression_fields():
         params = CompressionParams(**values)
-    except InvalidArgumentError as e:
-        raise InvalidArgumentError(f"compression.{e}", field=f"compression.{e.field}") from None
     if messages is not None and (params.protect_system_prompt or params.protect_last_user_turn):
         spans = chat_protected_spans(
             tokenizer, messages, params.protect_system_prompt, params.protect_last_user_turn

@@ -124,6 +124,13 @@ class ServerSettings:
     metrics_port: int | None = setting(
         None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default: off)"
     )
+    auth_token: str | None = setting(
+        None,
+        "bearer token of the cluster: every call to this service must send it (metadata "
+        "'authorization: Bearer <token>'; health excepted), and this service sends it to the services it "
+        "calls; default: none needed",
+    )
+    auth_token_file: str | None = setting(None, "file holding the bearer token (instead of auth_token)")
 
     @property
     def address(self) -> str:

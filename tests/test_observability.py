@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from builders import TinyModel
-from cluster import ClusterSpec, InProcessCluster, scrape_url
+from cluster import ClusterSpec, InProcessCluster, scrape_url, tiny_engine
 
 from kvferry.clients import Client, KvferryRpcError
 from kvferry.serving.metrics import new_registry
@@ -22,16 +22,7 @@ from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, pre
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Callable[[str], TinyModel]) -> Iterator[InProcessCluster]:
     spec = ClusterSpec(
-        engine=dict(
-            model=str(tiny_model("llama").path),
-            device="cpu",
-            dtype="float32",
-            page_size=4,
-            prefill_chunk=64,
-            max_model_len=512,
-            kv_cache_bytes=2 << 20,
-            torch_threads=1,
-        ),
+        engine=tiny_engine(tiny_model("llama").path),
         server=dict(metrics_port=0),
         prefill=dict(max_pending_requests=1),
         coordinator=dict(max_active_requests=1),

@@ -7,6 +7,7 @@ budget; when they alone exceed it, they are kept anyway and the stats report the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,6 +16,18 @@ from kvferry.engine.errors import InvalidArgumentError, require
 
 BUDGETS = ("uniform", "adaptive", "global")
 BLENDS = ("fixed", "ratio")
+# Upper bounds of the method knobs: each sizes scoring work or memory (snapkv's window probabilities are
+# [heads, window, prompt]; a compactor attention block's are [heads, block, block]; the sketch's Gram is
+# [k, k] per head; the pooling widths are kernels slid over every score); far past the defaults a request
+# could take a node's memory or time for one prompt.
+KNOB_MAX = {
+    "sketch_size": 256,
+    "leverage_block": 1 << 20,  # linear in the block (1 << 16: the whole prompt, as kvpress scores it)
+    "attention_block": 1024,
+    "window": 512,
+    "pool_kernel": 63,
+}
+POOL_WIDTH_MAX = 63  # mass_smoothing, score_pool
 
 
 @dataclass
@@ -66,18 +79,30 @@ class CompressionParams:
         for name in ("sink", "recent"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0, got {value}")
-        for name in ("sketch_size", "leverage_block", "attention_block", "window", "pool_kernel"):
+        for name, most in KNOB_MAX.items():
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value}")
+            require(
+                isinstance(value, int) and 1 <= value <= most,
+                name,
+                f"must be an integer in [1, {most}], got {value}",
+            )
         require(self.pool_kernel % 2 == 1, "pool_kernel", f"must be odd, got {self.pool_kernel}")
-        require(self.leverage_weight >= 0, "leverage_weight", f"must be >= 0, got {self.leverage_weight}")
+        require(
+            math.isfinite(self.leverage_weight) and self.leverage_weight >= 0,
+            "leverage_weight",
+            f"must be a finite number >= 0, got {self.leverage_weight}",
+        )
         require(self.blend in BLENDS, "blend", f"must be one of {BLENDS}, got {self.blend!r}")
         require(isinstance(self.value_norm, bool), "value_norm", f"must be a bool, got {self.value_norm!r}")
         for name in ("mass_smoothing", "score_pool"):
             value = getattr(self, name)
-            ok = isinstance(value, int) and value >= 1 and value % 2 == 1
-            require(ok, name, f"must be an odd integer >= 1, got {value}")
-        require(self.query_weight >= 0, "query_weight", f"must be >= 0, got {self.query_weight}")
+            ok = isinstance(value, int) and 1 <= value <= POOL_WIDTH_MAX and value % 2 == 1
+            require(ok, name, f"must be an odd integer in [1, {POOL_WIDTH_MAX}], got {value}")
+        require(
+            math.isfinite(self.query_weight) and self.query_weight >= 0,
+            "query_weight",
+            f"must be a finite number >= 0, got {self.query_weight}",
+        )
         ok = isinstance(self.span_chunk, int) and self.span_chunk >= 0
         require(ok, "span_chunk", f"must be an integer >= 0, got {self.span_chunk}")
 
@@ -93,6 +118,20 @@ class CompressionParams:
 
     def with_spans(self, spans: list[tuple[int, int]]) -> CompressionParams:
         return replace(self, protected_spans=[*self.protected_spans, *spans])
+
+    def check_prompt(self, prompt_len: int, max_model_len: int) -> None:
+        """The checks that need the prompt: spans inside it, kept-token counts within max_model_len."""
+        for name in ("sink", "recent", "span_chunk"):
+            value = getattr(self, name)
+            require(
+                value <= max_model_len, name, f"must be at most max_model_len ({max_model_len}), got {value}"
+            )
+        for start, end in self.protected_spans:
+            require(
+                end <= prompt_len,
+                "protected_spans",
+                f"span [{start}, {end}) ends past the prompt's {prompt_len} tokens",
+            )
 
 
 def _span(value: Any) -> tuple[int, int]:
