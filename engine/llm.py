@@ -7,12 +7,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvferry.engine.compression import CompressionParams, as_compression_params
 from kvferry.engine.config import EngineConfig
 from kvferry.engine.llm_engine import LLMEngine
 from kvferry.engine.outputs import RequestOutput
+from kvferry.engine.prompt_regions import encode_request
 from kvferry.engine.sampling_params import SamplingParams
-from kvferry.engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
+from kvferry.engine.tokenizer import Message
 
 Prompt = str | list[int]
 
@@ -31,14 +31,15 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         compression: Any = None,
         use_tqdm: bool = False,
+        question: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Text prompts or token-id prompts -> one RequestOutput each, in order."""
+        """Text prompts or token-id prompts -> one RequestOutput each, in order. `question` (one for
+        all, or one per prompt) is appended to its prompt and always kept by compression."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
-        ids = [encode_prompt(self.engine.tokenizer, p) for p in prompts]  # type: ignore[union-attr]
-        return self._run(ids, sampling_params, compression, use_tqdm)
+        return self._encode_and_run(prompts, None, sampling_params, compression, use_tqdm, question)  # type: ignore[arg-type]
 
     def generate_chat(
         self,
@@ -46,23 +47,33 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         compression: Any = None,
         use_tqdm: bool = False,
+        question: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Conversations (role/content dicts) through the model's chat template; a final assistant
-        message is treated as the start of the answer and continued."""
-        ids = [encode_chat(self.engine.tokenizer, m) for m in messages_batch]
-        per_chat = _per_request(compression, len(messages_batch), None)
-        comp = [self._chat_compression(m, c) for m, c in zip(messages_batch, per_chat)]
-        return self._run(ids, sampling_params, comp, use_tqdm)
+        message is treated as the start of the answer and continued. `question` (one for all, or one per
+        conversation) becomes the last part of the last user message and is always kept by compression."""
+        return self._encode_and_run(None, messages_batch, sampling_params, compression, use_tqdm, question)
 
-    def _chat_compression(self, messages: list[Message], compression: Any) -> CompressionParams | None:
-        """Turn protect_system_prompt / protect_last_user_turn into token spans of this conversation."""
-        params = as_compression_params(compression)
-        if params is None or not (params.protect_system_prompt or params.protect_last_user_turn):
-            return params
-        spans = chat_protected_spans(
-            self.engine.tokenizer, messages, params.protect_system_prompt, params.protect_last_user_turn
-        )
-        return params.with_spans(spans)
+    def _encode_and_run(
+        self,
+        prompts: list[Prompt] | None,
+        chats: list[list[Message]] | None,
+        sampling_params: Any,
+        compression: Any,
+        use_tqdm: bool,
+        question: Any,
+    ) -> list[RequestOutput]:
+        """Encode every request (validating all before any runs), then run them."""
+        tok = self.engine.tokenizer
+        n = len(prompts if prompts is not None else chats)  # type: ignore[arg-type]
+        per_request = zip(_per_request(question, n, None), _per_request(compression, n, None))
+        encoded = [
+            encode_request(tok, prompt=prompts[i], question=q, compression=c)
+            if prompts is not None
+            else encode_request(tok, messages=chats[i], question=q, compression=c)  # type: ignore[index]
+            for i, (q, c) in enumerate(per_request)
+        ]
+        return self._run([ids for ids, _ in encoded], sampling_params, [c for _, c in encoded], use_tqdm)
 
     def _run(
         self, prompt_ids: list[list[int]], sampling_params: Any, compression: Any, use_tqdm: bool

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kvferry.engine.compression import as_compression_params, make_observer
+from kvferry.engine.compression.calibration import ModelCalibration
 from kvferry.engine.config import EngineConfig
 from kvferry.engine.cuda_graphs import make_decode_graph_runner
 from kvferry.engine.errors import InvalidArgumentError, require
@@ -66,6 +67,8 @@ class LLMEngine:
         )
         self.eos_ids = eos_token_ids(self.tokenizer, mc)
         self.requests: dict[str, Sequence] = {}
+        # retention="auto": this model's shipped fits (the conservative default where there are none)
+        self.calibration = ModelCalibration.for_weights(self.loaded.weights_key)
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -100,6 +103,8 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
         compression = as_compression_params(compression)
+        if compression is not None:
+            compression = compression.for_prompt(n)  # keep_tokens -> its share of this prompt
         max_new = min(sampling.max_new_tokens, self.max_model_len - n)
         return Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
 
@@ -136,7 +141,8 @@ class LLMEngine:
             seq = work.seq
             if seq.prefill_start is None:
                 seq.prefill_start = time.perf_counter()
-                seq.scorer_state = make_observer(seq)  # None when the request keeps its whole cache
+                # None when the request keeps its whole cache
+                seq.scorer_state = make_observer(seq, self.calibration)
             logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
             if logits is None:
                 return []

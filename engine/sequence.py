@@ -38,10 +38,19 @@ class RequestStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     scoring_seconds: float = 0.0  # compression scoring + selection inside prefill
+    # the budget's ratio: the request's retention, keep_tokens / prompt_tokens, or what "auto" chose from
+    # context_nll (1.0: not compressed); `retention` below is what was kept, protected tokens included
+    chosen_retention: float = 1.0
+    context_nll: float | None = None  # retention="auto": the prompt's mean next-token NLL, nats
+    protected_tokens: int = 0  # prompt tokens always kept (sink, recent, spans, chat regions, question)
 
     @property
     def retention(self) -> float:
         return self.kept_tokens / self.full_tokens if self.full_tokens else 1.0
+
+    @property
+    def protected_share(self) -> float:
+        return self.protected_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 class Sequence:

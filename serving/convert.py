@@ -9,8 +9,9 @@ from kvferry.engine.compression import CompressionParams
 from kvferry.engine.errors import InvalidArgumentError, require
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.prompt_regions import encode_request
+from kvferry.engine.retention import AUTO
 from kvferry.engine.sampling_params import SamplingParams
-from kvferry.engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
 from kvferry.v1 import common_pb2 as pb
 
 FINISH_REASONS = {
@@ -19,7 +20,16 @@ FINISH_REASONS = {
     "abort": pb.FINISH_REASON_ABORT,
 }
 _SAMPLING_OPTIONALS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
-_COMPRESSION_OPTIONALS = ("retention", "budget", "head_floor", "sink", "recent")
+_COMPRESSION_OPTIONALS = (
+    "retention",
+    "budget",
+    "head_floor",
+    "sink",
+    "recent",
+    "quality_target",
+    "keep_tokens",
+    "question_tokens",
+)
 _COMPRESSION_FIELDS = {f.name: f for f in dataclasses.fields(CompressionParams)}
 _KNOBS = {
     "leverage_weight",
@@ -39,30 +49,44 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def encode_input(tokenizer: Any | None, request: Any) -> tuple[list[int], list[Message] | None]:
-    """The prompt token ids of a request with an `input` oneof, and its messages when it is a chat."""
+def encode_request_proto(tokenizer: Any | None, request: Any) -> tuple[list[int], CompressionParams | None]:
+    """The prompt token ids of a request with an `input` oneof (its `question` appended) and its
+    compression params, the regions it asks to keep as spans (engine.prompt_regions: as the offline
+    API encodes the same input)."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidArgumentError("prompt: set one of prompt, messages, prompt_token_ids", field="prompt")
-    if which == "prompt":
-        return encode_prompt(tokenizer, request.prompt), None
-    if which == "messages":
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        return encode_chat(tokenizer, messages), messages
-    ids = list(request.prompt_token_ids.ids)
-    require(len(ids) > 0, "prompt_token_ids", "must not be empty")
-    return ids, None
+    params = compression_from_proto(request.compression) if request.HasField("compression") else None
+    question = request.question if request.HasField("question") else None
+    try:
+        if which == "prompt":
+            return encode_request(tokenizer, prompt=request.prompt, question=question, compression=params)
+        if which == "messages":
+            messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+            return encode_request(tokenizer, messages=messages, question=question, compression=params)
+        ids = list(request.prompt_token_ids.ids)
+        require(len(ids) > 0, "prompt_token_ids", "must not be empty")
+        return encode_request(tokenizer, prompt=ids, question=question, compression=params)
+    except InvalidArgumentError as e:
+        if e.field not in _COMPRESSION_FIELDS:
+            raise
+        raise InvalidArgumentError(f"compression.{e}", field=f"compression.{e.field}") from None
 
 
-def compression_from_proto(
-    msg: pb.CompressionParams, tokenizer: Any | None = None, messages: list[Message] | None = None
-) -> CompressionParams:
+def compression_from_proto(msg: pb.CompressionParams) -> CompressionParams:
     """engine.CompressionParams of a request; error fields are named `compression.<field>`."""
     values: dict[str, Any] = {
         name: getattr(msg, name) for name in _COMPRESSION_OPTIONALS if msg.HasField(name)
     }
     if msg.method:
         values["method"] = msg.method
+    if msg.auto_retention:
+        require(
+            not msg.HasField("retention"),
+            "compression.retention",
+            "set either a retention or auto_retention, not both",
+        )
+        values["retention"] = AUTO
     for name, value in msg.knobs.items():
         require(name in _KNOBS, "compression.knobs", f"unknown knob {name!r}; known: {sorted(_KNOBS)}")
         if isinstance(_COMPRESSION_FIELDS[name].default, int):
@@ -74,16 +98,11 @@ def compression_from_proto(
     values["protected_spans"] = [(s.start, s.end) for s in msg.protected_spans]
     values["protect_system_prompt"] = msg.protect_system_prompt
     values["protect_last_user_turn"] = msg.protect_last_user_turn
+    values["protect_question"] = msg.protect_question
     try:
-        params = CompressionParams(**values)
+        return CompressionParams(**values)
     except InvalidArgumentError as e:
         raise InvalidArgumentError(f"compression.{e}", field=f"compression.{e.field}") from None
-    if messages is not None and (params.protect_system_prompt or params.protect_last_user_turn):
-        spans = chat_protected_spans(
-            tokenizer, messages, params.protect_system_prompt, params.protect_last_user_turn
-        )
-        params = params.with_spans(spans)
-    return params
 
 
 def dtype_name(engine: LLMEngine) -> str:

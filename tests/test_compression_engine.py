@@ -199,7 +199,7 @@ def chat_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
 
 
 def test_chat_protection_keeps_the_system_prompt_and_the_question(chat_llm: LLM) -> None:
-    from kvferry.engine.tokenizer import chat_protected_spans, encode_chat
+    from kvferry.engine.prompt_regions import encode_request
 
     tok = chat_llm.tokenizer
     messages = [
@@ -209,8 +209,9 @@ def test_chat_protection_keeps_the_system_prompt_and_the_question(chat_llm: LLM)
         {"role": "user", "content": "Which animal ran?"},
         {"role": "assistant", "content": "The animal was"},
     ]
-    ids = encode_chat(tok, messages)
-    system, last = chat_protected_spans(tok, messages, system_prompt=True, last_user_turn=True)
+    both = CompressionParams(protect_system_prompt=True, protect_last_user_turn=True)
+    ids, params = encode_request(tok, messages=messages, compression=both)
+    system, last = params.protected_spans
     assert "Answer with one word." in tok.decode(ids[slice(*system)])
     assert "Notes" not in tok.decode(ids[slice(*system)])
     tail = tok.decode(ids[slice(*last)])
