@@ -136,15 +136,15 @@ class CompressionPolicySettings:
     """The operator's compression policy (serving/compression_policy.py): what requests that do not say
     how to compress get."""
 
-    default_compression: str | None = setting(
-        None,
-        "compression method for requests that name none (compactor, snapkv, ...; none or unset: they keep "
-        "their whole cache unless they ask for compression)",
+    default_compression: str = setting(
+        "",
+        "compression method for requests that name none (compactor, snapkv, ...); none: they keep their whole "
+        "cache unless they ask for compression; empty: none, or compactor if --default-retention is given",
     )
     default_retention: str | None = setting(
         None,
         'retention for requests that give no budget: a fraction of the KV kept in (0, 1], or "auto" (chosen '
-        "per request from the context); with no --default-compression the method is compactor",
+        "per request from the context)",
     )
     default_quality_target: float | None = setting(
         None, 'the quality target of "auto" for requests that give none, in (0, 1] (unset: 0.95)'

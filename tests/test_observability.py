@@ -73,6 +73,7 @@ def test_metrics_endpoints(cluster: InProcessCluster) -> None:
     assert p['kvferry_rpc_requests_total{method="kvferry.v1.PrefillService/Prefill",code="OK"}'] >= 1
     assert p["kvferry_kv_bytes_shipped_total"] == c["kvferry_kv_bytes_shipped_total"]
     assert p["kvferry_prefill_queue_depth"] == 0 and p["kvferry_prefill_seconds_count"] >= 1
+    assert p['kvferry_chosen_retention_ratio_count{mode="ratio"}'] >= 1
     assert d["kvferry_kv_bytes_received_total"] == p["kvferry_kv_bytes_shipped_total"]
     assert d["kvferry_decode_output_tokens_total"] >= 5
     for s in (p, d):  # pages: all free again, and the states add up
@@ -84,6 +85,20 @@ def test_metrics_endpoints(cluster: InProcessCluster) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
     assert err.value.code == 404
+
+
+def test_auto_retention_choices_are_a_histogram(cluster: InProcessCluster) -> None:
+    before = scrape(cluster, "prefill").get('kvferry_chosen_retention_ratio_count{mode="auto"}', 0.0)
+    auto = {"retention": "auto", "quality_target": 0.05}
+    with Client(cluster.coordinator_address, timeout=30) as client:
+        r = client.generate(list(range(1, 150)), max_new_tokens=2, temperature=0, compression=auto)
+    chosen = r.stats.prefill.chosen_retention
+    assert 0 < chosen < 1
+    p = scrape(cluster, "prefill")
+    assert p['kvferry_chosen_retention_ratio_count{mode="auto"}'] == before + 1
+    upper = min(b for b in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0) if chosen <= b)
+    assert p[f'kvferry_chosen_retention_ratio_bucket{{mode="auto",le="{upper:g}"}}'] >= 1
+    cluster.assert_no_leaks()
 
 
 def test_exposition_format() -> None:
