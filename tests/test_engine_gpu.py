@@ -119,3 +119,27 @@ def test_cuda_engine_bf16_no_worse_than_cpu_bf16(llama_8b_heads: Path) -> None:
 
     assert rel(gpu) < 1.25 * rel(cpu) + 1e-2, (rel(gpu), rel(cpu))
     assert agree(gpu) > agree(cpu) - 0.05, (agree(gpu), agree(cpu))
+
+
+def test_auto_retention_on_cuda_matches_cpu(llama_8b_heads: Path) -> None:
+    """retention="auto" on CUDA: the context NLL (the lm_head on sampled positions, summed on the device)
+    and the retention chosen from it equal the CPU engine's, and so do the tokens (random scores: the
+    same selection on both)."""
+    auto = CompressionParams(method="random", retention="auto", quality_target=0.05, sink=4, recent=16)
+    out = {}
+    for device in ("cpu", "cuda"):
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(llama_8b_heads), device=device, dtype="float32", page_size=16, prefill_chunk=256,
+                kv_cache_bytes=256 << 20,
+            )
+        )  # fmt: skip
+        seqs = [engine.add_request(random_prompt(n, VOCAB, seed=n), greedy(8), auto) for n in (700, 1500)]
+        while engine.has_unfinished():
+            engine.step()
+        engine.pool.assert_no_leaks()
+        out[device] = [(s.output_token_ids, s.stats.context_nll, s.stats.chosen_retention) for s in seqs]
+    for (cpu_tokens, cpu_nll, cpu_r), (gpu_tokens, gpu_nll, gpu_r) in zip(out["cpu"], out["cuda"]):
+        assert gpu_nll == pytest.approx(cpu_nll, rel=1e-4)
+        assert gpu_r == pytest.approx(cpu_r, rel=1e-3) and cpu_r < 1.0
+        assert gpu_tokens == cpu_tokens
