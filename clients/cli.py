@@ -274,7 +274,7 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _retention(text: str) -> float | str:
-    """"auto" or a number; its range is the server's to check (INVALID_ARGUMENT naming the field)."""
+    """ "auto" or a number; its range is the server's to check (INVALID_ARGUMENT naming the field)."""
     if text.strip().lower() == AUTO:
         return AUTO
     try:

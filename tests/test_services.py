@@ -75,14 +75,19 @@ def prompt(length: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(1, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[list[int]]:
+def colocated_stats(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[Any]:
+    """The prompts through the colocated engine, greedy: the finished Sequences (tokens and stats)."""
     engine = tiny.engine(page_size=PAGE_SIZE, prefill_chunk=64, max_model_len=MAX_MODEL_LEN)
     sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
     seqs = [engine.add_request(p, sp, compression) for p in prompts]
     while engine.has_unfinished():
         engine.step()
     engine.pool.assert_no_leaks()
-    return [s.output_token_ids for s in seqs]
+    return seqs
+
+
+def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[list[int]]:
+    return [s.output_token_ids for s in colocated_stats(tiny, prompts, n, compression)]
 
 
 # ---- the golden path ------------------------------------------------------------------------------
@@ -178,16 +183,6 @@ def test_async_client(tiny: TinyModel, cluster: InProcessCluster) -> None:
 # ---- retention="auto", keep_tokens, the compression policy -----------------------------------------
 AUTO = {"method": "compactor", "retention": "auto", "quality_target": 0.05, "sink": 2, "recent": 8}
 KEEP = {"method": "snapkv", "keep_tokens": 48, "sink": 2, "recent": 8}
-
-
-def colocated_stats(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any) -> list[Any]:
-    engine = tiny.engine(page_size=PAGE_SIZE, prefill_chunk=64, max_model_len=MAX_MODEL_LEN)
-    sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
-    seqs = [engine.add_request(p, sp, compression) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    engine.pool.assert_no_leaks()
-    return seqs
 
 
 @pytest.mark.parametrize("spec", [AUTO, KEEP], ids=["auto", "keep_tokens"])
