@@ -242,22 +242,57 @@ def _filler() -> str:
 
 
 def _dense_facts(seed: int = 5) -> str:
+    """Records of made-up names, codes and numbers in five forms (SmolLM2 reads them at ~2.7 nats)."""
     rng = random.Random(seed)
-    names = ["Oskar Varga", "Ines Holloway", "Tamsin Achebe", "Ruben Okafor", "Lieke Brandt", "Mirela Sousa"]
-    places = ["Kettlewick", "Port Aldous", "Vramsey", "Lowen Cross", "Saint Imber", "Harrowgate Fen"]
-    things = ["depot", "archive", "mill", "observatory", "ferry office", "seed bank"]
-    facts = [
-        f"{rng.choice(names)} opened the {rng.choice(things)} at {rng.choice(places)} in {rng.randint(1701, 1999)}"
-        f" with {rng.randint(3, 950)} workers, badge {rng.choice('QXZKVJ')}{rng.randint(100, 9999)}-{rng.randint(10, 99)}."
-        for _ in range(70)
+    syllables = [
+        "ka",
+        "ro",
+        "vin",
+        "del",
+        "mu",
+        "zar",
+        "ith",
+        "pol",
+        "gre",
+        "sun",
+        "tav",
+        "ok",
+        "bel",
+        "rhu",
+        "qen",
     ]
-    return " ".join(facts)
+
+    def name() -> str:
+        return "".join(rng.choice(syllables) for _ in range(rng.randint(2, 3))).capitalize()
+
+    letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+    forms = [
+        lambda: (
+            f"{name()} {name()} holds permit {rng.randint(1000, 99999)}-{rng.choice(letters)}{rng.randint(10, 99)}."
+        ),
+        lambda: (
+            f"Warehouse {name()} stores {rng.randint(11, 9999)} {rng.choice(['kg', 'litres', 'crates'])} of "
+            f"{name().lower()} at bay {rng.randint(1, 480)}."
+        ),
+        lambda: (
+            f"The {name()} line departs at {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d} from platform "
+            f"{rng.randint(1, 31)}."
+        ),
+        lambda: (
+            f"Code {rng.choice('QXZKVJ')}{rng.randint(100, 999)}{rng.choice('ABCDEF')} opens the {name()} vault; "
+            f"the backup is {rng.randint(100000, 999999)}."
+        ),
+        lambda: (
+            f"In {rng.randint(1602, 2011)}, {name()} of {name()} sold {rng.randint(3, 880)} shares to {name()}."
+        ),
+    ]
+    return " ".join(rng.choice(forms)() for _ in range(90))
 
 
 @pytest.mark.slow
 def test_auto_keeps_less_of_an_easy_context_than_of_a_hard_one(smollm2: LLM) -> None:
     """Repetitive filler is predictable (low NLL): auto keeps less of it than of dense facts."""
-    question = "What day is the meeting, and who opened the archive?"
+    question = "What day is the meeting, and which code opens a vault?"
     chats = [[{"role": "user", "content": text}] for text in (_filler(), _dense_facts())]
     easy, hard = smollm2.generate_chat(chats, greedy(2), compression={"retention": "auto"}, question=question)
     assert easy.stats.prompt_tokens > 800 and hard.stats.prompt_tokens > 800
