@@ -466,7 +466,8 @@ def plot(report: dict, path: Path) -> None:
         ax1.bar_label(bars, fmt="%.1f%%", fontsize=7)
     ax1.axhline(100 * TARGET_SHARE, color="k", ls="--", lw=1, label="target 3%")
     ax1.set_xticks(range(len(ctxs)), [f"{c / 1024:g}K" for c in ctxs])
-    ax1.set_ylabel("prefill wall time added (% of uncompressed prefill)")
+    timer = "CPU time" if report.get("timer") == "process CPU time" else "wall time"
+    ax1.set_ylabel(f"prefill {timer} added (% of uncompressed prefill)")
     ax1.set_title("end to end (retention 0.5)")
     ax1.legend(fontsize=7)
     parts = ["leverage", "attention_mass", "selection", "pack", "calibration_signal"]
@@ -485,8 +486,9 @@ def plot(report: dict, path: Path) -> None:
     ax2.set_ylabel("% of uncompressed prefill")
     ax2.set_title("components timed alone, summed over the prefill")
     ax2.legend(fontsize=7)
+    weights = "dummy weights" if report.get("load_format", "dummy") == "dummy" else "real weights"
     fig.suptitle(
-        f"compression overhead, {report['model']} (dummy weights), {report['device']}, {report['date']}",
+        f"compression overhead, {report['model']} ({weights}), {report['device']}, {report['date']}",
         fontsize=10,
     )
     fig.tight_layout()
