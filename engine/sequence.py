@@ -42,7 +42,8 @@ class RequestStats:
     # context_nll (1.0: not compressed); `retention` below is what was kept, protected tokens included
     chosen_retention: float = 1.0
     context_nll: float | None = None  # retention="auto": the prompt's mean next-token NLL, nats
-    protected_tokens: int = 0  # prompt tokens always kept (sink, recent, spans, chat regions, question)
+    # prompt tokens compression had to keep (sink, recent, spans, chat regions, question); 0 uncompressed
+    protected_tokens: int = 0
 
     @property
     def retention(self) -> float:
