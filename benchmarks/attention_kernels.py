@@ -5,10 +5,15 @@ retention; our kernel reads a scattered head-sparse paged pool whose heads keep 
 context on average (varied per head), SDPA reads the dense full cache. Both are timed as CUDA-graph
 replays that rotate over enough input copies to defeat the L2 cache. The device copy bandwidth is
 measured in the same run. Prefill: one whole causal sequence (same FLOPs as SDPA causal) and a last
-chunk over a long cached prefix.
+chunk over a long cached prefix. Cached context (`--cached-context`, issue 21): a question chunk over
+a compressed context whose heads keep their own whole pages (retention of the context on average,
+0.5x..1.5x per head), the Triton kernel with per-head prefix lengths, against the same kernel over
+a uniform prefix of the same mean (the cost of raggedness) and the engine's path over the whole
+uncompressed context (the dense cuDNN path where it applies, else Triton).
 
     python3 benchmarks/attention_kernels.py --out docs/benchmarks            # on a GPU
     python3 benchmarks/attention_kernels.py --plot docs/benchmarks/kernels.json  # redraw the PNG only
+    python3 benchmarks/attention_kernels.py --cached-context --out docs/benchmarks   # prefill_cached_context.{json,png}
 """
 
 from __future__ import annotations
@@ -416,6 +421,108 @@ def bench_prefill(
     return row
 
 
+def bench_cached_context(
+    kernels, context: int, retention: float, chunk: int, page_size: int, device, cfg: dict
+) -> dict:
+    """A `chunk`-token question over a `context`-token context compressed to `retention` (per-head
+    kept counts in whole pages), against a uniform prefix of the same mean and the whole context."""
+    from kvferry.kernels.prefill_dense import dense_prefill_applies, prefill_attention_dense
+
+    gen = torch.Generator().manual_seed(context + chunk)
+    kept = -(-head_lengths(1, context, retention, gen)[0] // page_size) * page_size  # [H], rounded up
+    kept = kept.clamp(max=context)  # to whole pages as the engine rounds them
+    dtype, scale = torch.bfloat16, D**-0.5
+    q = torch.randn(chunk, HQ, D, device=device, dtype=dtype)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+
+    def paged(prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pool and a scattered page table [1, H, n] holding prefix[h] + chunk keys per head."""
+        pages = -(-(prefix + chunk) // page_size)  # [H]
+        width = int(pages.max())
+        pool = torch.empty(int(pages.sum()), 2, page_size, D, dtype=dtype, device=device).normal_()
+        table = torch.full((H, width), -1, dtype=torch.int32)
+        used = torch.arange(width)[None, :] < pages[:, None]
+        table[used] = torch.randperm(int(pages.sum()), generator=gen).to(torch.int32)
+        return pool, table[None].to(device)
+
+    def pairs(prefix: torch.Tensor) -> float:  # (query, key) pairs of every kv head under the mask
+        return float((chunk * prefix + chunk * (chunk + 1) / 2).sum())
+
+    def time_triton(prefix: torch.Tensor, per_head: bool) -> float:
+        pool, table = paged(prefix)
+        starts = prefix.to(torch.int32)[None] if per_head else prefix[:1].to(torch.int32)
+        out = torch.empty_like(q)
+        return time_calls(
+            [
+                lambda: kernels.prefill_attention(
+                    q, pool, table, cu, starts.to(device), chunk, scale, out=out, **cfg
+                )
+            ],
+            device,
+            trials=5,
+        )
+
+    group = HQ // H
+    row: dict = dict(context=context, retention=retention, chunk=chunk, kept_mean=float(kept.float().mean()))
+    row["per_head_s"] = time_triton(kept, True)
+    row["per_head_TFLOPs"] = 4 * group * D * pairs(kept) / row["per_head_s"] / 1e12
+    uniform = torch.full((H,), int(kept.float().mean()) // page_size * page_size)
+    row["uniform_mean_s"] = time_triton(uniform, False)
+    full = torch.full((H,), context)
+    case = prefill_case(context + chunk, chunk, page_size, device)
+    if dense_prefill_applies(case["q"], context):
+        out = torch.empty_like(case["q"])
+        row["full_context_path"] = "dense"
+        row["full_context_s"] = time_calls(
+            [lambda: prefill_attention_dense(case["q"], case["k_new"], case["v_new"], case["pool"],
+                                             case["table"][0], context, scale, out=out)],
+            device,
+            trials=5,
+        )  # fmt: skip
+    else:
+        row["full_context_path"] = "triton"
+        row["full_context_s"] = time_triton(full, False)
+    row["full_context_TFLOPs"] = 4 * group * D * pairs(full) / row["full_context_s"] / 1e12
+    row["per_head_over_full"] = row["per_head_s"] / row["full_context_s"]
+    row["per_head_over_uniform"] = row["per_head_s"] / row["uniform_mean_s"]
+    print(
+        f"  cached context {context} r={retention} chunk {chunk}: per-head {row['per_head_s'] * 1e6:.0f} us "
+        f"({row['per_head_TFLOPs']:.0f} TFLOP/s), uniform {row['uniform_mean_s'] * 1e6:.0f} us, whole context "
+        f"({row['full_context_path']}) {row['full_context_s'] * 1e6:.0f} us: x{row['per_head_over_full']:.2f}"
+    )
+    return row
+
+
+def plot_cached_context(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["cached_context"]
+    fig, ax = plt.subplots(figsize=(max(7, 2 + 1.6 * len(rows)), 4.5))
+    width = 0.27
+    for j, (key, label) in enumerate(
+        [("per_head_s", "per-head prefixes (Triton)"), ("uniform_mean_s", "uniform, same mean (Triton)"),
+         ("full_context_s", "whole context (engine path)")]
+    ):  # fmt: skip
+        bars = ax.bar(
+            [i + (j - 1) * width for i in range(len(rows))], [1e3 * r[key] for r in rows], width, label=label
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    ax.set_xticks(
+        range(len(rows)), [f"{r['context'] / 1024:g}K r={r['retention']:g}\nchunk {r['chunk']}" for r in rows]
+    )
+    ax.set_ylabel("ms per call")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(
+        f"question over a cached context, 8B attention, bf16, {report['gpu']}, {report['date']}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def sweep(name: str, run: Callable[[dict], float], configs: list[dict]) -> dict:
     """Time each config; return the fastest (a compile failure just drops that config)."""
     results = []
@@ -570,6 +677,12 @@ def main() -> None:
         help="the balanced configs --balanced-sweep tries (default: a built-in list)",
     )  # fmt: skip
     p.add_argument("--date", help="date to record (default: today, UTC); the UTC clock is recorded too")
+    p.add_argument(
+        "--cached-context", action="store_true",
+        help="only the question-over-a-cached-context mode: prefill_cached_context.{json,png} under --out",
+    )  # fmt: skip
+    p.add_argument("--cached-contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--cached-chunks", type=int, nargs="+", default=[64, 512, 2048])
     args = p.parse_args()
     out = Path(args.out)
     if args.plot:
@@ -594,6 +707,20 @@ def main() -> None:
         shape=dict(q_heads=HQ, kv_heads=H, head_dim=D, dtype="bfloat16"),
         page_size=args.page_size,
     )
+    if args.cached_context:
+        report["cached_context"] = []
+        path = out / "prefill_cached_context.json"
+        for ctx in args.cached_contexts:
+            for chunk in args.cached_chunks:
+                for r in args.retentions:
+                    if r < 1.0:
+                        report["cached_context"].append(
+                            bench_cached_context(kernels, ctx, r, chunk, args.page_size, device, {})
+                        )
+                        path.write_text(json.dumps(report, indent=1))
+        plot_cached_context(report, path.with_suffix(".png"))
+        print(f"wrote {path} and its PNG")
+        return
     save = lambda: (out / "kernels.json").write_text(json.dumps(report, indent=1))  # noqa: E731
     report["copy_GBps"] = copy_bandwidth(device, 2 << 30 if device.type == "cuda" else 1 << 20) / 1e9
     print(f"device copy bandwidth (read+write): {report['copy_GBps']:.0f} GB/s")

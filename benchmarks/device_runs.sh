@@ -18,14 +18,16 @@
 #   bash benchmarks/device_runs.sh 1gpu-pages         # nvidia-h100-x1: decode over page sizes 16-128, split-count variants at B=1
 #   bash benchmarks/device_runs.sh 1gpu-decode-check  # nvidia-h100-x1: decode + engine GPU tests, B1/B8 both kernels, 64-token pages
 #   bash benchmarks/device_runs.sh 1gpu-calibration  # nvidia-h100-x1: retention=auto on CUDA (GPU test), the calibration signal's prefill share at 8K and 32K
+#   bash benchmarks/device_runs.sh 1gpu-ctxcache      # nvidia-h100-x1: cached contexts: per-head prefill kernel + engine GPU tests,
+#                                                     #   the per-head prefill vs dense, hit vs miss TTFT (8B shape, 32K context)
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-calibration) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-calibration) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-calibration}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-calibration}" >&2
     exit 2
     ;;
 esac
@@ -159,6 +161,15 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     done
     timeout 60 python benchmarks/attention_kernels.py --out "$OUT/small" --batches 1 8 --contexts 1024 2048 --retentions 1.0 \
       --decode-only --decode-variants split balanced > "$OUT/small.log" 2>&1; grep -E "B=|Error|error" "$OUT/small.log" | cut -c1-250
+    ;;
+  1gpu-ctxcache)
+    timeout 200 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_kernels.py \
+      -k "per_head_prefixes or prefill_gpu_llama8b or forward_batches_run_triton" 2>&1 | tail -3
+    timeout 120 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -3
+    timeout 100 python benchmarks/attention_kernels.py --cached-context --retentions 0.5 0.25 --out "$OUT/bench" \
+      > "$OUT/cached_context_kernels.log" 2>&1; grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" | cut -c1-250
+    timeout 240 python -P benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
+      > "$OUT/context_cache.log" 2>&1; grep -vE "^  r=" "$OUT/context_cache.log" | tail -8
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

@@ -1,7 +1,8 @@
 """The `kvferry` command line.
 
 kvferry demo                         start a local cluster, ask the bundled document a question, stop
-kvferry up                           coordinator + prefill + decode on this machine (Ctrl-C stops all);
+kvferry up                           coordinator + prefill + decode on this machine (Ctrl-C stops all),
+                                     the OpenAI-compatible API on :8000 (--http-port);
                                      --prefill-device cuda:0 --decode-device cuda:1 --transport auto ...
 kvferry bench                        load generator: TTFT / TPOT / throughput, JSON + PNG (a local
                                      cluster, --target HOST:PORT, --colocated or --compare)
@@ -32,6 +33,7 @@ from kvferry.engine.retention import AUTO, DEFAULT_QUALITY_TARGET
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "engine" / "data" / "marrowick_canal.txt"
 BUNDLED_QUESTION = "Who was the chief engineer of the Marrowick Canal?"
+DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible API, on vLLM's default port
 SERVICES = {
     "coordinator": "kvferry.coordinator",
     "prefill": "kvferry.prefill_service",
@@ -159,10 +161,13 @@ def print_stats(address: str, out: Any = None, security: dict[str, Any] | None =
 
 
 def _start_cluster(
-    args: argparse.Namespace, ports: dict[str, int] | None, log_dir: Path | None
+    args: argparse.Namespace,
+    ports: dict[str, int] | None,
+    log_dir: Path | None,
+    coordinator_args: Sequence[str] = (),
 ) -> LocalCluster:
     cluster = LocalCluster.from_options(
-        cluster_options(args), ports=ports, log_dir=log_dir, coordinator_args=_policy_args(args)
+        cluster_options(args), ports=ports, log_dir=log_dir, coordinator_args=coordinator_args
     )
     print("starting coordinator, prefill and decode services (each loads the model; ~15-30 s on CPU)...")
     cluster.start()
@@ -192,8 +197,11 @@ def _stop_on_signals() -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     _stop_on_signals()
     ports = {"coordinator": args.port, "prefill": args.port + 1, "decode": args.port + 2}
-    cluster = _start_cluster(args, ports, args.log_dir)
+    http = ["--http-port", str(args.http_port)] if args.http_port else []
+    cluster = _start_cluster(args, ports, args.log_dir, [*http, *_policy_args(args)])
     print(f"kvferry is up: coordinator {cluster.coordinator_address} (clients connect here)")
+    if args.http_port:
+        print(f"  OpenAI-compatible API: http://{cluster.host}:{args.http_port}/v1")
     print(f"  prefill {cluster.address('prefill')}, decode {cluster.address('decode')}")
     print(f"  try: kvferry ask --address {cluster.coordinator_address} --doc FILE 'your question'")
     print("Ctrl-C stops all three.")
@@ -346,6 +354,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_PORTS["coordinator"],
         help="coordinator port; +1 prefill, +2 decode",
+    )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=DEFAULT_HTTP_PORT,
+        help="the coordinator's OpenAI-compatible HTTP API (0: off)",
     )
     up.add_argument("--log-dir", type=Path, help="write each service's log here instead of this terminal")
     _add_policy_flags(up)

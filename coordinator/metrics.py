@@ -1,47 +1,84 @@
-"""The coordinator's Prometheus metrics: what each finished request cost and how it went."""
+"""The coordinator's Prometheus metrics: what each finished request cost and how it went. Latency and
+token names are vLLM's (time_to_first_token_seconds, ...) with the kvferry_ prefix."""
 
 from __future__ import annotations
 
-from kvferry.serving.metrics import RATIO_BUCKETS, TOKEN_LATENCY_BUCKETS, Registry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvferry.serving.metrics import LATENCY_BUCKETS, RATIO_BUCKETS, TOKEN_LATENCY_BUCKETS
 from kvferry.v1 import coordinator_pb2
+
+# How a Generate call ended: `deadline_exceeded` is its deadline passing, `cancelled` the caller leaving.
+OUTCOMES = ("ok", "failed", "cancelled", "deadline_exceeded", "rejected")
 
 
 class CoordinatorMetrics:
-    def __init__(self, registry: Registry) -> None:
-        self.requests = registry.counter(
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
             "kvferry_requests_total",
-            "Generate calls by outcome (ok, failed, cancelled, rejected)",
+            "Generate calls (gRPC and HTTP) by outcome: " + ", ".join(OUTCOMES),
             ["outcome"],
+            registry=registry,
         )
-        self.active = registry.gauge("kvferry_requests_active", "Generate calls in progress")
-        self.ttft = registry.histogram("kvferry_ttft_seconds", "time to first token, end to end")
-        self.tpot = registry.histogram(
-            "kvferry_tpot_seconds",
-            "mean time per output token after the first",
+        self.active = Gauge("kvferry_requests_active", "Generate calls in progress", registry=registry)
+        self.ttft = Histogram(
+            "kvferry_time_to_first_token_seconds",
+            "time to first token, end to end",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "kvferry_time_per_output_token_seconds",
+            "mean time per output token after the first, one sample per request",
             buckets=TOKEN_LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.e2e = registry.histogram("kvferry_request_seconds", "Generate call duration, end to end")
-        self.retention = registry.histogram(
-            "kvferry_retention_ratio", "fraction of the prompt KV kept per request", buckets=RATIO_BUCKETS
+        self.e2e = Histogram(
+            "kvferry_e2e_request_latency_seconds",
+            "Generate call duration, end to end",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.shipped = registry.counter("kvferry_kv_bytes_shipped_total", "KV bytes sent prefill -> decode")
-        self.full = registry.counter(
-            "kvferry_kv_bytes_uncompressed_total", "KV bytes the same prompts take uncompressed"
+        self.retention = Histogram(
+            "kvferry_retention_ratio",
+            "fraction of the prompt KV kept per request",
+            buckets=RATIO_BUCKETS,
+            registry=registry,
         )
-        self.transfer = registry.histogram("kvferry_kv_transfer_seconds", "ReserveKV to commit, per request")
-        self.prompt_tokens = registry.counter(
-            "kvferry_prompt_tokens_total", "prompt tokens of finished requests"
+        self.shipped = Counter(
+            "kvferry_kv_bytes_shipped_total", "KV bytes sent prefill -> decode", registry=registry
         )
-        self.output_tokens = registry.counter("kvferry_output_tokens_total", "tokens streamed to clients")
-        self.retries = registry.counter(
-            "kvferry_decode_retries_total", "requests continued on another decode node after theirs failed"
+        self.full = Counter(
+            "kvferry_kv_bytes_uncompressed_total",
+            "KV bytes the same prompts take uncompressed",
+            registry=registry,
         )
-        for outcome in ("ok", "failed", "cancelled", "rejected"):
-            self.requests.inc(0, outcome=outcome)
+        self.transfer = Histogram(
+            "kvferry_kv_transfer_seconds",
+            "ReserveKV to commit, per request",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "kvferry_prompt_tokens_total", "prompt tokens of finished requests", registry=registry
+        )
+        self.generation_tokens = Counter(
+            "kvferry_generation_tokens_total", "tokens streamed to clients", registry=registry
+        )
+        self.retries = Counter(
+            "kvferry_decode_retries_total",
+            "requests continued on another decode node after theirs failed",
+            registry=registry,
+        )
+        for outcome in OUTCOMES:  # every series exists from the start, at 0
+            self.requests.labels(outcome=outcome)
+
+    def ended(self, outcome: str) -> None:
+        self.requests.labels(outcome=outcome).inc()
 
     def finished(self, stats: coordinator_pb2.GenerateStats, output_tokens: int) -> None:
         p = stats.prefill
-        self.requests.inc(outcome="ok")
+        self.ended("ok")
         self.ttft.observe(stats.ttft_seconds)
         self.e2e.observe(stats.total_seconds)
         if output_tokens > 1:
@@ -53,4 +90,4 @@ class CoordinatorMetrics:
         if p.kv_bytes_shipped:
             self.transfer.observe(p.transfer_seconds)
         self.prompt_tokens.inc(p.prompt_tokens)
-        self.output_tokens.inc(output_tokens)
+        self.generation_tokens.inc(output_tokens)

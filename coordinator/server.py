@@ -1,4 +1,5 @@
-"""Wires a coordinator together: node pool, servicer, gRPC host."""
+"""Wires a coordinator together: node pool, servicer, gRPC host, and the OpenAI-compatible HTTP front
+on `http_port`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def build(settings: CoordinatorSettings) -> ServiceHost:
         nodes, host.metrics, settings.max_active_requests, settings.decode_retries, policy
     )
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, host.server)
+    if settings.http_port is not None:
+        from kvferry.coordinator.openai_api import build_app  # FastAPI loads only when the front is on
+        from kvferry.serving.http_server import AsgiServer
+
+        app = build_app(servicer, host.metrics, auth, settings.served_model_name, lambda: host.serving)
+        host.http = AsgiServer(app, settings.host, settings.http_port, settings.grace_seconds, settings)
     host.on_stop = nodes.close
     host.component = servicer
     return host

@@ -1,4 +1,5 @@
-"""CoordinatorService RPCs: thin wrappers over generation.generate, with counters."""
+"""CoordinatorService RPCs: thin wrappers over generation.generate, with counters. `serve` is the one
+counted path of a Generate call, for the gRPC methods and the OpenAI-compatible HTTP front alike."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from kvferry.coordinator.generation import generate
 from kvferry.coordinator.metrics import CoordinatorMetrics
@@ -14,7 +16,8 @@ from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.stats import CoordinatorStats
 from kvferry.engine.errors import ResourceExhaustedError
 from kvferry.serving.compression_policy import CompressionPolicy
-from kvferry.serving.metrics import Registry
+from kvferry.serving.deadline import Deadline
+from kvferry.serving.metrics import new_registry
 from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -22,7 +25,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(
         self,
         nodes: NodePool,
-        metrics: Registry | None = None,
+        metrics: CollectorRegistry | None = None,
         max_active_requests: int = 0,
         decode_retries: int = 0,
         policy: CompressionPolicy | None = None,
@@ -30,21 +33,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.nodes = nodes
         self.policy = policy or CompressionPolicy()
         self.stats = CoordinatorStats()
-        self.metrics = CoordinatorMetrics(metrics or Registry())
+        self.metrics = CoordinatorMetrics(metrics or new_registry())
         self.max_active_requests = max_active_requests
         self.decode_retries = decode_retries
 
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        async for response in self._counted(request, context):
+        async for response in self.serve(request, context.time_remaining()):
             yield response
 
     async def GenerateUnary(
         self, request: coordinator_pb2.GenerateUnaryRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.GenerateUnaryResponse:
         reply = coordinator_pb2.GenerateUnaryResponse()
-        async for part in self._counted(request, context):
+        async for part in self.serve(request, context.time_remaining()):
             reply.text += part.text
             reply.token_ids.extend(part.token_ids)
             if part.HasField("stats"):
@@ -62,16 +65,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.StatsResponse:
         return self.stats.to_proto()
 
-    async def _counted(
-        self, request: Any, context: grpc.aio.ServicerContext
+    async def serve(
+        self, request: Any, timeout: float | None
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        """One Generate call (a GenerateRequest or GenerateUnaryRequest), admitted and counted; `timeout`
+        is what is left of the caller's deadline (None: none)."""
         stats, metrics = self.stats, self.metrics
         if self.max_active_requests and stats.requests_active >= self.max_active_requests:
-            metrics.requests.inc(outcome="rejected")
+            metrics.ended("rejected")
             raise ResourceExhaustedError(
                 f"the coordinator is serving {stats.requests_active} requests, its max_active_requests; "
                 "retry later"
             )
+        deadline = Deadline(timeout)
         self.policy.apply(request)  # the operator's compression for a request that asks for none
         stats.requests_total += 1
         stats.requests_active += 1
@@ -79,7 +85,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         output_tokens = 0
         try:
             async for part in generate(
-                self.nodes, request, context.time_remaining(), self.decode_retries, metrics.retries.inc
+                self.nodes, request, timeout, self.decode_retries, metrics.retries.inc
             ):
                 output_tokens += len(part.token_ids)
                 if part.HasField("stats"):
@@ -88,19 +94,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 yield part
         except (asyncio.CancelledError, GeneratorExit):
             stats.requests_cancelled += 1
-            metrics.requests.inc(outcome="cancelled")
+            metrics.ended("deadline_exceeded" if deadline.passed() else "cancelled")
             raise
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
                 stats.requests_cancelled += 1
-                metrics.requests.inc(outcome="cancelled")
+                deadline_passed = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.passed()
+                metrics.ended("deadline_exceeded" if deadline_passed else "cancelled")
             else:
                 stats.requests_failed += 1
-                metrics.requests.inc(outcome="failed")
+                metrics.ended("failed")
             raise
         except Exception:
             stats.requests_failed += 1
-            metrics.requests.inc(outcome="failed")
+            metrics.ended("failed")
             raise
         finally:
             stats.requests_active -= 1

@@ -25,6 +25,14 @@ class CoordinatorSettings(ServerSettings, CompressionPolicySettings):
         "times a request whose decode node fails mid-stream is continued on another decode node "
         "(prompt + tokens streamed so far; token-id prompts only)",
     )
+    http_port: int | None = setting(
+        None,
+        "serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+        "/health, /metrics) on this port of the same host (0 picks a free one; default: off)",
+    )
+    served_model_name: str | None = setting(
+        None, "the model id of the HTTP API (default: the prefill nodes' model file or folder name)"
+    )
     max_active_requests: int = setting(
         256, "Generate calls served at once; more are refused with RESOURCE_EXHAUSTED (0: no limit)"
     )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kvferry.decode_service.decode_engine import DecodeEngine
 from kvferry.decode_service.servicer import DecodeServicer
@@ -14,6 +18,22 @@ from kvferry.v1 import decode_pb2, decode_pb2_grpc
 SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
 
 
+class ReservationCollector(Collector):
+    """The reservation table's size and lease expiries, read at scrape time."""
+
+    def __init__(self, decode: DecodeEngine) -> None:
+        self.decode = decode
+
+    def collect(self) -> Iterator[Metric]:
+        held = GaugeMetricFamily("kvferry_decode_reservations", "reservations held (any state)")
+        held.add_metric([], len(self.decode.reservations))
+        expired = CounterMetricFamily(
+            "kvferry_decode_leases_expired", "reservations freed because their lease ran out"
+        )
+        expired.add_metric([], self.decode.reservations.expired_total)
+        yield from (held, expired)
+
+
 def build(settings: DecodeSettings) -> ServiceHost:
     """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
     if settings.torch_threads:
@@ -22,16 +42,7 @@ def build(settings: DecodeSettings) -> ServiceHost:
     host = ServiceHost(settings, [SERVICE_NAME])
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(decode, host.metrics), host.server)
     register_engine_metrics(host.metrics, lambda: decode.worker.engine)
-    held = host.metrics.gauge("kvferry_decode_reservations", "reservations held (any state)")
-    expired = host.metrics.counter(
-        "kvferry_decode_leases_expired_total", "reservations freed because their lease ran out"
-    )
-
-    def collect() -> None:
-        held.set(len(decode.reservations))
-        expired.inc(decode.reservations.expired_total - expired.value())
-
-    host.metrics.add_collector(collect)
+    host.metrics.register(ReservationCollector(decode))
     host.warm_up, host.on_stop = decode.start, decode.stop
     host.component = decode
     return host

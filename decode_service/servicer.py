@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvferry.decode_service.decode_engine import DecodeEngine
 from kvferry.kvtransfer.device_util import encode_runs
@@ -17,33 +18,38 @@ from kvferry.kvtransfer.selection import DIRECT_WRITE
 from kvferry.kvtransfer.transport import EarlyFinal
 from kvferry.serving import request_context
 from kvferry.serving.convert import FINISH_REASONS, model_info, pool_info
-from kvferry.serving.metrics import Registry
+from kvferry.serving.metrics import LATENCY_BUCKETS, new_registry
 from kvferry.v1 import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
 class DecodeMetrics:
-    def __init__(self, registry: Registry) -> None:
-        self.received = registry.counter(
-            "kvferry_kv_bytes_received_total", "KV bytes committed into the pool"
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "kvferry_kv_bytes_received_total", "KV bytes committed into the pool", registry=registry
         )
-        self.output_tokens = registry.counter(
-            "kvferry_decode_output_tokens_total", "tokens of finished Decode streams"
+        self.output_tokens = Counter(
+            "kvferry_decode_output_tokens_total", "tokens of finished Decode streams", registry=registry
         )
-        self.decode = registry.histogram("kvferry_decode_seconds", "commit to last token, per request")
-        self.transfers = registry.counter(
-            "kvferry_kv_transfers_received_total", "KV transfers committed, by transport", ["transport"]
-        )
-        self.commit = registry.histogram(
-            "kvferry_kv_commit_seconds", "CommitKV: nccl receive, checksum and commit", ["transport"]
-        )
+        self.decode = Histogram(
+            "kvferry_decode_seconds", "commit to last token, per request", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.transfers = Counter(
+            "kvferry_kv_transfers_received_total", "KV transfers committed, by transport", ["transport"],
+            registry=registry,
+        )  # fmt: skip
+        self.commit = Histogram(
+            "kvferry_kv_commit_seconds", "CommitKV: nccl receive, checksum and commit", ["transport"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, decode: DecodeEngine, metrics: Registry | None = None) -> None:
+    def __init__(self, decode: DecodeEngine, metrics: CollectorRegistry | None = None) -> None:
         self.decode = decode
-        self.metrics = DecodeMetrics(metrics or Registry())
+        self.metrics = DecodeMetrics(metrics or new_registry())
 
     def _bind(self, reservation_id: str) -> None:
         """Log lines of a call about a reservation carry its request's id."""
@@ -82,7 +88,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     ) -> decode_pb2.PushKVResponse:
         reply = await self.decode.receive(self._bound(request_iterator))
         self.metrics.received.inc(reply.bytes_received)
-        self.metrics.transfers.inc(transport="grpc")
+        self.metrics.transfers.labels(transport="grpc").inc()
         return reply
 
     async def CommitKV(
@@ -94,8 +100,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         final = EarlyFinal(request.manifest, request.first_token_id) if request.HasField("manifest") else None
         reply = await self.decode.commit_direct(request.reservation_id, checksum, final)
         self.metrics.received.inc(reply.bytes_received)
-        self.metrics.transfers.inc(transport=transport)
-        self.metrics.commit.observe(reply.transfer_seconds, transport=transport)
+        self.metrics.transfers.labels(transport=transport).inc()
+        self.metrics.commit.labels(transport=transport).observe(reply.transfer_seconds)
         return reply
 
     async def ExportKV(

@@ -32,6 +32,12 @@ class EngineConfig:
     # q/k/v in one matmul, and the SwiGLU gate and up projections in one (engine/layers/fused_projections.py;
     # three kernels fewer per layer and decode step); False = one matmul per projection
     fused_projections: bool = True
+    # The cache of compressed contexts (engine/context_cache.py). Device tier: bytes of the KV pool it
+    # may hold, None = a quarter of the pool, 0 = contexts are still compressed on their own but never
+    # kept; host tier (pinned memory on CUDA): None = as much as the device tier, 0 = none.
+    context_cache_bytes: int | None = None
+    context_cache_host_bytes: int | None = None
+    cache_context: bool = False  # a request's cache_context when it does not say (an operator default)
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, "page_size", f"must be >= 1, got {self.page_size}")
@@ -47,6 +53,9 @@ class EngineConfig:
         require(
             self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2 when given"
         )
+        for name in ("context_cache_bytes", "context_cache_host_bytes"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, name, f"must be >= 0 when given, got {value}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

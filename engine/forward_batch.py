@@ -81,7 +81,9 @@ class PrefillObserver(Protocol):
 
 
 class PrefillBatch:
-    """One chunk of one sequence: tokens start..start+T-1, every head of the sequence `start` long."""
+    """One chunk of one sequence: tokens start..start+T-1 (their RoPE positions). Every head holds
+    `start` tokens before the chunk, except over a compressed cached context (engine/context_cache.py):
+    there each head holds its own kept prefix (head_lens [L, H], whole pages) and the chunk goes after it."""
 
     def __init__(
         self,
@@ -97,20 +99,32 @@ class PrefillBatch:
         self.observer = observer
         device = seq_kv.pool.kv.device
         self.positions = torch.arange(start, start + num_tokens, device=device)
+        # Each head's tokens before this chunk, [L, H]; equal to `start` everywhere but after a cached context.
+        self.prefix_lens = seq_kv.head_lens.clone()
+        self.uniform = bool((self.prefix_lens == start).all())
         self.use_triton = device.type == "cuda"
         if self.use_triton:  # the varlen kernel's view of this single chunk
             self.cu_seqlens = upload_values([0, num_tokens], torch.int32, device)
-            self.starts = upload_values([start], torch.int32, device)
             # Every layer's page table uploaded once per chunk, without a wait (engine/uploads.py):
             # a blocking copy per layer, or even per chunk, kept the host from running ahead of the
             # GPU, and the host's work (scoring launches included) then added to the wall time.
             self.tables = upload(seq_kv.page_table, device)  # [L, H, max_pages]
-            # A prompt's heads all hold `start` tokens before this chunk: its slots on the device.
-            self.uniform = bool((seq_kv.head_lens == start).all())
-            pos = self.positions
-            self.slot_page = (pos // seq_kv.pool.page_size).long()  # [T] page index in each head
-            offset = (pos % seq_kv.pool.page_size)[:, None]  # [T, H] below, real memory: store_kv's rows
-            self.slot_offset = offset.expand(num_tokens, seq_kv.num_kv_heads).contiguous()
+            page_size = seq_kv.pool.page_size
+            if self.uniform:  # every head holds `start` tokens before this chunk: its slots on the device
+                self.starts = upload_values([start], torch.int32, device)  # [1]
+                pos = self.positions
+                self.slot_page = (pos // page_size).long()  # [T] page index in each head
+                offset = (pos % page_size)[:, None]  # [T, H] below, real memory: store_kv's rows
+                self.slot_offset = offset.expand(num_tokens, seq_kv.num_kv_heads).contiguous()
+            else:  # per-head prefixes: every layer's slots at once on the device, no host work per layer
+                lens = upload(self.prefix_lens, device)  # [L, H]
+                self.head_starts = lens.to(torch.int32)  # [L, H]: the kernel's per-head prefix lengths
+                slot = lens[:, None, :] + torch.arange(num_tokens, device=device)[None, :, None]  # [L, T, H]
+                index = (slot // page_size).transpose(1, 2)  # [L, H, T] page index in each head
+                self.slot_pages = (
+                    self.tables.gather(2, index).transpose(1, 2).long().contiguous()
+                )  # [L, T, H]
+                self.slot_offsets = slot % page_size  # [L, T, H]
         # kernels/prefill_dense.py's prefill_attention_dense where it applies to this chunk
         self.dense_attention: Callable[..., torch.Tensor] | None = None
         if dense and self.use_triton and self.uniform:
@@ -139,8 +153,7 @@ class PrefillBatch:
                 pages_t = self.tables[layer][:, self.slot_page].T.long()  # [T, H]
                 offsets_t = self.slot_offset
             else:
-                pages, offsets = kv.slots(layer, self.num_tokens)  # [H, T]
-                pages_t, offsets_t = pages.T.to(device), offsets.T.to(device)
+                pages_t, offsets_t = self.slot_pages[layer], self.slot_offsets[layer]  # [T, H]
             _triton_kernels().store_kv(kv.pool.kv, pages_t, offsets_t, k, v)
         else:
             pages, offsets = kv.slots(layer, self.num_tokens)  # [H, T]
@@ -152,11 +165,13 @@ class PrefillBatch:
         if self.dense_attention is not None:
             return self.dense_attention(q, k, v, kv.pool.kv, self.tables[layer], self.start, scale)
         if self.use_triton:
+            starts = self.starts if self.uniform else self.head_starts[layer][None]  # [1] or [1, H]
             return _triton_kernels().prefill_attention(
-                q, kv.pool.kv, self.tables[layer][None], self.cu_seqlens, self.starts, self.num_tokens, scale
+                q, kv.pool.kv, self.tables[layer][None], self.cu_seqlens, starts, self.num_tokens, scale
             )
         table = kv.page_table[layer].to(device)  # [H, max_pages]
-        return ref.prefill_attention(q, kv.pool.kv, table, self.start, scale)
+        prefix = self.start if self.uniform else self.prefix_lens[layer]
+        return ref.prefill_attention(q, kv.pool.kv, table, prefix, scale)
 
     def finish(self) -> None:
         self.seq_kv.head_lens += self.num_tokens

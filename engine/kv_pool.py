@@ -3,6 +3,12 @@
 A page holds `page_size` consecutive cached tokens of ONE (sequence, layer, kv-head); K and V of
 those tokens live in the same page: pool.kv is [num_pages, 2, page_size, head_dim].
 
+A page may have several holders: a cached context's pages (engine/context_cache.py) are held by the
+cache and read by every sequence that uses the context. `allocate` gives a page its first holder,
+`share` adds one, `free` drops one; the page returns to the free stack when its last holder lets go.
+Pages the context cache holds are flagged (`mark_cached`), so the leak check can tell a cached page
+from a leaked one exactly: when no request runs, every page in use is a cached page with one holder.
+
 The free pages are a stack in a numpy array (top at the end) with a per-page "is free" flag, so
 allocating or freeing n pages is a handful of vectorised O(n) operations: reserving a 32K-token
 request at retention 0.5 on the Llama-3.1-8B shape takes 262,144 pages at once.
@@ -44,7 +50,12 @@ class KVPool:
         self._stack = np.arange(num_pages - 1, -1, -1, dtype=np.int64)
         self._top = num_pages
         self._is_free = np.ones(num_pages, dtype=np.bool_)
-        self._mark = np.zeros(num_pages, dtype=np.int64)  # scratch for the duplicate check in free()
+        self._mark = np.zeros(num_pages, dtype=np.int64)  # scratch for the duplicate checks
+        # Holders beyond the first of each page in use (a shared context page: the cache plus each
+        # sequence reading it), and the pages the context cache holds.
+        self._extra_holders = np.zeros(num_pages, dtype=np.int32)
+        self._cached = np.zeros(num_pages, dtype=np.bool_)
+        self.num_cached = 0
         self.num_reserved = 0
 
     @classmethod
@@ -116,23 +127,31 @@ class KVPool:
         return pages
 
     def free(self, pages: list[int] | torch.Tensor | np.ndarray) -> None:
-        """Give pages back (any order, each at most once). A page that is already free, given twice, or
-        outside the pool raises RuntimeError and leaves the pool unchanged."""
+        """Drop one holder of each page (any order, each at most once per call); a page whose last
+        holder let go goes back to the free stack. A page that is already free, given twice, or outside
+        the pool raises RuntimeError and leaves the pool unchanged."""
         idx = _as_page_array(pages)
         n = idx.size
         if n == 0:
             return
-        if int(idx.min()) < 0 or int(idx.max()) >= self.num_pages:
-            raise RuntimeError(f"free of a KV page outside the pool of {self.num_pages} pages")
+        self._check_ids(idx)
         if self._is_free[idx].any():
             raise RuntimeError("double free of a KV page")
+        shared = self._extra_holders[idx] > 0
+        last = idx if not shared.any() else idx[~shared]  # pages whose last holder lets go
+        if self._cached[last].any():
+            raise RuntimeError("free of a KV page the context cache still holds (unflag it first)")
+        if shared.any():  # pages others still hold: one holder fewer, the page stays in use
+            self._check_distinct(idx, "double free of a KV page")
+            self._extra_holders[idx[shared]] -= 1
+            idx = last
+            n = idx.size
+            if n == 0:
+                return
         if n * 16 < self.num_pages:
             # Duplicates inside `pages`: write each position into its page's mark; a page given twice
             # keeps only its last position, so an earlier position does not read back its own index.
-            order = np.arange(n, dtype=np.int64)
-            self._mark[idx] = order
-            if not np.array_equal(self._mark[idx], order):
-                raise RuntimeError("double free of a KV page")
+            self._check_distinct(idx, "double free of a KV page")
             self._is_free[idx] = True
         else:  # many pages: one pass over the flags is cheaper than the marks
             self._is_free[idx] = True
@@ -145,10 +164,65 @@ class KVPool:
         self._stack[self._top : self._top + n] = idx[::-1]
         self._top += n
 
+    def share(self, pages: list[int] | torch.Tensor | np.ndarray) -> None:
+        """Add a holder to each page in use (each at most once per call): a sequence reading a cached
+        context's pages, or the cache taking the pages a sequence just computed. Nothing is copied."""
+        idx = self._pages_in_use(pages, "share")
+        if idx.size == 0:
+            return
+        self._check_distinct(idx, "share of a KV page twice in one call")
+        self._extra_holders[idx] += 1
+
+    def holders(self, pages: list[int] | torch.Tensor | np.ndarray) -> np.ndarray:
+        """How many holders each page has (0: free). [n] int64"""
+        idx = _as_page_array(pages)
+        return np.where(self._is_free[idx], 0, self._extra_holders[idx].astype(np.int64) + 1)
+
+    def mark_cached(self, pages: torch.Tensor | np.ndarray, cached: bool) -> None:
+        """Flag (or unflag) pages in use as held by the context cache; the cache flags the pages it
+        takes a hold on and unflags them just before it lets go (free)."""
+        idx = self._pages_in_use(pages, "context cache hold")
+        if idx.size == 0:
+            return
+        if bool((self._cached[idx] == cached).any()):
+            raise RuntimeError(f"KV page already {'flagged' if cached else 'not flagged'} as cached")
+        self._cached[idx] = cached
+        self.num_cached += idx.size if cached else -idx.size
+
+    def _pages_in_use(self, pages: list[int] | torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+        """Page ids, checked to lie in the pool and to be in use (else RuntimeError naming `what`)."""
+        idx = _as_page_array(pages)
+        if idx.size:
+            self._check_ids(idx)
+            if self._is_free[idx].any():
+                raise RuntimeError(f"{what} of a free KV page")
+        return idx
+
+    def _check_ids(self, idx: np.ndarray) -> None:
+        if int(idx.min()) < 0 or int(idx.max()) >= self.num_pages:
+            raise RuntimeError(f"KV page id outside the pool of {self.num_pages} pages")
+
+    def _check_distinct(self, idx: np.ndarray, message: str) -> None:
+        """Raise RuntimeError(message) if a page appears twice in idx."""
+        order = np.arange(idx.size, dtype=np.int64)
+        self._mark[idx] = order  # a page given twice keeps only its last position
+        if not np.array_equal(self._mark[idx], order):
+            raise RuntimeError(message)
+
     def assert_no_leaks(self) -> None:
-        used = self.num_used
+        """With no request in the engine: nothing reserved, and every page in use is held by the
+        context cache alone (a cached context no sequence reads any more)."""
+        used = self.num_used - self.num_cached
         if used or self.num_reserved:
-            raise AssertionError(f"KV pool leak: {used} pages in use, {self.num_reserved} reserved")
+            raise AssertionError(
+                f"KV pool leak: {used} pages in use beyond the {self.num_cached} the context cache holds, "
+                f"{self.num_reserved} reserved"
+            )
+        if bool((self._cached & self._is_free).any()):
+            raise AssertionError("KV pool corrupt: a free page is flagged as held by the context cache")
+        still_shared = int(np.count_nonzero(self._extra_holders))
+        if still_shared:
+            raise AssertionError(f"KV pool leak: {still_shared} cached pages still have a second holder")
         flagged = int(np.count_nonzero(self._is_free))
         if flagged != self._top:  # the stack and the flags disagree: a bookkeeping bug, not a leak
             raise AssertionError(

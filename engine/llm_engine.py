@@ -4,13 +4,16 @@ both services."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from kvferry.engine.compression import as_compression_params, make_observer
+from kvferry.engine.compression import SCORERS, CompressionParams, as_compression_params, make_observer
+from kvferry.engine.compression.budget import max_kept_pages
 from kvferry.engine.compression.calibration import ModelCalibration
 from kvferry.engine.config import EngineConfig
+from kvferry.engine.context_cache import DEFAULT_DEVICE_SHARE, ContextCache, ContextCacheState, context_handle
 from kvferry.engine.cuda_graphs import make_decode_graph_runner
 from kvferry.engine.errors import InvalidArgumentError, require
 from kvferry.engine.kv_handoff import KVLayout
@@ -56,8 +59,21 @@ class LLMEngine:
             self.dtype,
             self.device,
         )
+        pool_bytes = self.pool.num_pages * self.pool.bytes_per_page
+        cache_bytes = config.context_cache_bytes
+        if cache_bytes is None:
+            cache_bytes = int(pool_bytes * DEFAULT_DEVICE_SHARE)
+        host_bytes = config.context_cache_host_bytes
+        self.context_cache = ContextCache(
+            self.pool, cache_bytes, cache_bytes if host_bytes is None else host_bytes
+        )
         self.scheduler = Scheduler(
-            self.pool, self.num_layers, self.num_kv_heads, config.max_num_seqs, config.prefill_chunk_tokens()
+            self.pool,
+            self.num_layers,
+            self.num_kv_heads,
+            config.max_num_seqs,
+            config.prefill_chunk_tokens(),
+            self.context_cache,
         )
         graphs = make_decode_graph_runner(
             config, self.model, self.pool, self.num_layers, self.num_kv_heads, self.max_model_len
@@ -84,8 +100,14 @@ class LLMEngine:
         compression: Any = None,
         request_id: str | None = None,
         hold_kv: bool = False,
+        context_len: int = 0,
+        cache_context: bool | None = None,
     ) -> Sequence:
-        """Validate a request against this engine's limits and build its Sequence (not queued)."""
+        """Validate a request against this engine's limits and build its Sequence (not queued).
+
+        `context_len`: the prompt's first tokens that are its context (0: none). With `cache_context`
+        (None: the engine's default) the context is compressed on its own and shared through the
+        context cache (engine/context_cache.py); `compression` then applies to the context only."""
         sampling.validate()
         n = len(prompt_token_ids)
         require(n > 0, "prompt", "must not be empty")
@@ -103,10 +125,52 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
         compression = as_compression_params(compression)
-        if compression is not None:
-            compression = compression.for_prompt(n)  # keep_tokens -> its share of this prompt
         max_new = min(sampling.max_new_tokens, self.max_model_len - n)
-        return Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
+        seq = Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
+        if self.config.cache_context if cache_context is None else cache_context:
+            self._set_context(seq, context_len)
+        if compression is not None and not seq.context_len:
+            seq.compression = compression.for_prompt(n)  # keep_tokens -> its share of this prompt
+        seq.stats.prefill_tokens_computed = n
+        return seq
+
+    def _set_context(self, seq: Sequence, context_len: int) -> None:
+        """Give a cache_context request its cached context: the first whole pages of its context, the
+        compression settings that apply to them, and its cache handle (None: it could never fit)."""
+        n = seq.num_prompt_tokens
+        require(
+            0 <= context_len < n, "context", f"must leave at least one prompt token after it ({n} in all)"
+        )
+        if context_len == 0:  # nothing to cache: the request runs as without the cache ("off")
+            return
+        params = seq.compression
+        if params is not None and params.active and not SCORERS[params.method].query_agnostic:
+            agnostic = sorted(m for m, cls in SCORERS.items() if cls.query_agnostic)
+            raise InvalidArgumentError(
+                f"compression.method: {params.method!r} scores the prompt from its last queries (the question), "
+                f"so a context it compressed cannot serve other questions; with cache_context use one of {agnostic}",
+                field="compression.method",
+            )
+        page_size = self.pool.page_size
+        aligned = context_len // page_size * page_size  # the tokens after it join the rest of the prompt
+        if aligned == 0:
+            return
+        seq.context_len = aligned
+        seq.stats.context_tokens = aligned
+        if params is not None and params.active:
+            spans = [(a, min(b, aligned)) for a, b in params.protected_spans if a < aligned]
+            params = replace(params, protected_spans=spans).for_prompt(aligned)  # keep_tokens of the context
+        seq.context_params = params
+        bound = None if params is None else params.largest(aligned)  # auto: chosen once the context is read
+        worst = max_kept_pages(bound, aligned, self.num_layers, self.num_kv_heads, page_size)
+        if self.context_cache.can_hold(worst):
+            seq.context_handle = context_handle(
+                self.loaded.fingerprint,
+                str(self.dtype).removeprefix("torch."),
+                page_size,
+                seq.prompt_token_ids[:aligned],
+                params if isinstance(params, CompressionParams) else None,
+            )
 
     def add_request(
         self,
@@ -115,10 +179,15 @@ class LLMEngine:
         compression: Any = None,
         request_id: str | None = None,
         hold_kv: bool = False,
+        context_len: int = 0,
+        cache_context: bool | None = None,
     ) -> Sequence:
         """Queue a request. With hold_kv (prefill service) it stops after the first token and keeps
-        its KV pages until `release(request_id)`, unless that token already finished it."""
-        seq = self.make_sequence(prompt_token_ids, sampling, compression, request_id, hold_kv)
+        its KV pages until `release(request_id)`, unless that token already finished it. `context_len`
+        and `cache_context`: see make_sequence."""
+        seq = self.make_sequence(
+            prompt_token_ids, sampling, compression, request_id, hold_kv, context_len, cache_context
+        )
         self.scheduler.add(seq)
         self.requests[seq.request_id] = seq
         return seq
@@ -145,6 +214,8 @@ class LLMEngine:
                 seq.scorer_state = make_observer(seq, self.calibration)
             logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
             if logits is None:
+                if seq.context_pending and seq.num_prefilled == seq.context_len:
+                    self._finish_context(seq)
                 return []
             self.finish_prefill(seq)
             self._append(seq, sample(logits[None], [seq.sampling], [seq.generator])[0])
@@ -158,6 +229,34 @@ class LLMEngine:
                 self._append(seq, token)
             return work.seqs
         return []
+
+    def _finish_context(self, seq: Sequence) -> None:
+        """A request's context is prefilled: compress it alone (each head to whole pages), shrink the
+        reservation to the request's own pages, and offer the pages to the context cache."""
+        kv = seq.kv
+        assert kv is not None
+        self.runner.compress(seq, round_to=self.pool.page_size)
+        need = kv.pages_needed_to_grow(seq.cache_tokens_needed() - seq.context_len)
+        if kv.reserved > need:
+            self.pool.unreserve(kv.reserved - need)
+            kv.reserved = need
+        elif kv.reserved < need:  # whole kept pages need exactly what admission reserved: never
+            kv.reserve(need - kv.reserved)
+        seq.stats.context_kept_tokens = int(kv.head_lens.sum())
+        seq.context_pending = False
+        handle = seq.context_handle
+        if handle is not None:
+            entry = self.context_cache.publish(handle, seq.context_len, kv)
+            self.context_cache.end_computing(handle, seq.request_id)
+            if entry is not None:
+                self.context_cache.pin(entry)
+                seq.context_entry = entry
+                # what its compression chose, for the stats of the requests that hit it
+                entry.chosen_retention, entry.context_nll = seq.stats.chosen_retention, seq.stats.context_nll
+
+    def context_cache_state(self) -> ContextCacheState:
+        """Entries, bytes per tier, hits, misses, spills, restores and evictions of the context cache."""
+        return self.context_cache.state()
 
     def finish_prefill(self, seq: Sequence) -> None:
         """Prompt fully cached: record what it holds and shrink its page reservation to what decode needs."""

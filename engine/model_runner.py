@@ -61,11 +61,12 @@ class ModelRunner:
         return self.model.logits(hidden[-1:])[0]
 
     @torch.no_grad()  # not inference_mode: the compacted page table and lengths must stay normal tensors
-    def compress(self, seq: Sequence) -> None:
-        """Prompt fully cached: let the request's compression observer select and compact its pages."""
+    def compress(self, seq: Sequence, round_to: int = 1) -> None:
+        """Prompt (or context) fully cached: let the request's compression observer select and compact
+        its pages (`round_to`: whole pages per head, for a cached context)."""
         observer = seq.scorer_state
         if observer is not None:
-            observer.compress(seq)
+            observer.compress(seq, round_to)
             seq.scorer_state = None
 
     @torch.inference_mode()

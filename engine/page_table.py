@@ -60,6 +60,18 @@ class SequenceKV:
         self.head_lens = head_lens.to(torch.int64).clone()
         return new_pages
 
+    def attach_shared(self, table: torch.Tensor, head_lens: torch.Tensor) -> None:
+        """Start a fresh sequence on a cached context's pages: table [L, H, W] (-1 past each head's
+        pages) and head_lens [L, H], whole pages. This sequence becomes one more holder of those pages
+        (nothing is copied); its own tokens go into pages after them, so it never writes into one."""
+        assert self.num_pages_held == 0, "a cached context goes in front of a fresh sequence"
+        assert bool((head_lens % self.pool.page_size == 0).all()), "a shared head ends on a page boundary"
+        pages = table[table >= 0]
+        self.pool.share(pages)
+        self.page_table[:, :, : table.shape[-1]] = table
+        self.head_lens = head_lens.to(torch.int64).clone()
+        self.num_pages_held = int(pages.numel())
+
     def stage(self, n: int) -> torch.Tensor:
         """Allocate `n` pages (from this sequence's reservation first) before the layout they will
         hold is known: an early KV import writes them, `adopt_staged` lays them out. Returns their ids [n]."""
@@ -138,6 +150,7 @@ class SequenceKV:
         self.num_pages_held -= int(dropped.numel())
 
     def free(self) -> None:
+        """Let go of every page (a shared context page stays with its other holders) and the reservation."""
         held = self.page_table[self.page_table >= 0]
         self.pool.free(held)
         self.pool.free(self.staged)

@@ -21,11 +21,19 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kvferry.engine.compression.params import CompressionParams, as_compression_params
 from kvferry.engine.errors import InvalidArgumentError, require
-from kvferry.engine.tokenizer import Message, chat_message_spans, encode_chat, encode_prompt
+from kvferry.engine.tokenizer import (
+    Message,
+    chat_context_len,
+    chat_message_spans,
+    encode_chat,
+    encode_continuation,
+    encode_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +44,42 @@ _PARAGRAPH = re.compile(r"\n\s*\n")
 _CHAT_ONLY = ("protect_system_prompt", "protect_last_user_turn")
 
 
+@dataclass
+class EncodedRequest:
+    ids: list[int]  # the prompt's token ids, context and question included
+    compression: CompressionParams | None  # the request's, its regions added to protected_spans
+    context_len: int = 0  # tokens of a cached context at the start of `ids` (0: none asked for)
+
+
 def encode_request(
     tokenizer: Any | None,
     prompt: str | list[int] | None = None,
     messages: list[Message] | None = None,
     question: str | None = None,
     compression: Any = None,
-) -> tuple[list[int], CompressionParams | None]:
+    context: str | list[int] | None = None,
+    chat_context: bool = False,
+) -> EncodedRequest:
     """The prompt's token ids (a `question` appended) and its compression params with every region it
-    asks to keep added to `protected_spans`. Exactly one of prompt and messages."""
+    asks to keep added to `protected_spans`. Exactly one of prompt and messages. `context` (plain
+    prompts) goes in front of the prompt; `chat_context`: a chat's context, everything before its last
+    user turn, is measured (both for the context cache)."""
     params = as_compression_params(compression)
     if question is not None:
         require(isinstance(question, str) and question.strip() != "", "question", "must be non-empty text")
     if messages is not None:
-        return _encode_chat(tokenizer, messages, question, params)
+        return _encode_chat(tokenizer, messages, question, params, chat_context)
     assert prompt is not None
-    return _encode_plain(tokenizer, prompt, question, params)
+    return _encode_plain(tokenizer, prompt, question, params, context)
 
 
 def _encode_plain(
-    tokenizer: Any | None, prompt: str | list[int], question: str | None, params: CompressionParams | None
-) -> tuple[list[int], CompressionParams | None]:
+    tokenizer: Any | None,
+    prompt: str | list[int],
+    question: str | None,
+    params: CompressionParams | None,
+    context: str | list[int] | None,
+) -> EncodedRequest:
     for name in _CHAT_ONLY:
         require(
             params is None or not getattr(params, name),
@@ -64,21 +87,22 @@ def _encode_plain(
             "needs a chat prompt (messages); for a plain prompt pass the question as `question`, or use "
             "protect_question or protected_spans",
         )
+    head = [] if context is None else encode_prompt(tokenizer, context)
     spans: list[tuple[int, int]] = []
     if isinstance(prompt, str):
         text = prompt if question is None else prompt + QUESTION_SEPARATOR + question
-        ids = encode_prompt(tokenizer, text)
+        body = encode_continuation(tokenizer, text) if head else encode_prompt(tokenizer, text)
 
-        def encode(head: str) -> list[int]:
-            return list(tokenizer(head).input_ids)  # type: ignore[misc]
+        def encode(start: str) -> list[int]:  # as `body` was encoded: no BOS after a context
+            return list(tokenizer(start, add_special_tokens=not head).input_ids)  # type: ignore[misc]
 
         if question is not None:
-            spans.append((_region_start(encode, text, len(text) - len(question), ids), len(ids)))
+            spans.append((_region_start(encode, text, len(text) - len(question), body), len(body)))
         if params is not None and params.protect_question:
             start = _question_start(tokenizer, text, params.question_tokens)
-            spans.append((_region_start(encode, text, start, ids), len(ids)))
+            spans.append((_region_start(encode, text, start, body), len(body)))
     else:
-        ids = encode_prompt(tokenizer, prompt)
+        body = encode_prompt(tokenizer, prompt)
         require(
             params is None or not params.protect_question,
             "protect_question",
@@ -88,20 +112,27 @@ def _encode_plain(
         if question is not None:
             if tokenizer is None:
                 raise InvalidArgumentError("question: this model has no tokenizer", field="question")
-            ids = ids + list(tokenizer(QUESTION_SEPARATOR + question, add_special_tokens=False).input_ids)
-            spans.append((len(prompt), len(ids)))
-    return ids, _with_spans(params, spans)
+            body = body + list(tokenizer(QUESTION_SEPARATOR + question, add_special_tokens=False).input_ids)
+            spans.append((len(prompt), len(body)))
+    shift = len(head)
+    spans = [(a + shift, b + shift) for a, b in spans]
+    return EncodedRequest(head + body, _with_spans(params, spans), len(head))
 
 
 def _encode_chat(
-    tokenizer: Any | None, messages: list[Message], question: str | None, params: CompressionParams | None
-) -> tuple[list[int], CompressionParams | None]:
+    tokenizer: Any | None,
+    messages: list[Message],
+    question: str | None,
+    params: CompressionParams | None,
+    chat_context: bool,
+) -> EncodedRequest:
     messages = list(messages)
     if question is not None:
         messages = _with_question(messages, question)
     ids = encode_chat(tokenizer, messages)  # checks the messages and that there is a tokenizer
+    context_len = chat_context_len(tokenizer, messages) if chat_context else 0
     if params is None:
-        return ids, None
+        return EncodedRequest(ids, None, context_len)
     spans: list[tuple[int, int]] = []
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if params.protect_system_prompt or params.protect_last_user_turn:
@@ -126,7 +157,7 @@ def _encode_chat(
         if params.protect_question:
             start = _question_start(tokenizer, content, params.question_tokens)
             spans.append((_region_start(encode, content, start, ids), len(ids)))
-    return ids, _with_spans(params, spans)
+    return EncodedRequest(ids, _with_spans(params, spans), context_len)
 
 
 def _with_question(messages: list[Message], question: str) -> list[Message]:

@@ -4,6 +4,12 @@ prefill chunks of admitted requests, otherwise one decode step over every runnin
 Admission reserves every page a request can ever need (prompt plus all its output), so a running
 request never runs out of pages and nothing is preempted. Compression shrinks the reservation as
 soon as the prompt is compressed, which is what lets more compressed requests in.
+
+A request on a cached context (engine/context_cache.py) that finds it cached reserves only its own
+pages: the tokens after the context, which start on fresh pages of each head behind the shared ones.
+One whose context another request is computing waits for that without holding up the queue; one
+that computes its context reserves as any request does. Admission short of pages first spills
+cached contexts no request uses.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from kvferry.engine.context_cache import CachedContext, ContextCache
 from kvferry.engine.errors import ResourceExhaustedError
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.page_table import SequenceKV
@@ -30,9 +37,16 @@ class DecodeStep:
 
 class Scheduler:
     def __init__(
-        self, pool: KVPool, num_layers: int, num_kv_heads: int, max_num_seqs: int, prefill_chunk: int
+        self,
+        pool: KVPool,
+        num_layers: int,
+        num_kv_heads: int,
+        max_num_seqs: int,
+        prefill_chunk: int,
+        context_cache: ContextCache | None = None,
     ):
         self.pool = pool
+        self.context_cache = context_cache
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.max_num_seqs = max_num_seqs
@@ -42,6 +56,11 @@ class Scheduler:
 
     def worst_case_pages(self, seq: Sequence) -> int:
         per_head = -(-seq.cache_tokens_needed() // self.pool.page_size)
+        return per_head * self.num_layers * self.num_kv_heads
+
+    def own_pages(self, seq: Sequence) -> int:
+        """The worst case of a request on a cached context it found cached: its own tokens only."""
+        per_head = -(-(seq.cache_tokens_needed() - seq.context_len) // self.pool.page_size)
         return per_head * self.num_layers * self.num_kv_heads
 
     def add(self, seq: Sequence) -> None:
@@ -59,22 +78,73 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            entry = None
+            if seq.context_handle is not None:
+                assert self.context_cache is not None
+                entry = self.context_cache.lookup(seq.context_handle)
+                if entry is None and self._waits_for_context(seq):
+                    i += 1  # not for pages: the requests behind it may go first
+                    continue
             need = self.worst_case_pages(seq)
+            if entry is not None:  # a hit: its own pages, and the entry's if it must come back from the host
+                need = self.own_pages(seq) + (0 if entry.on_device else entry.num_pages)
+            if need > self.pool.num_available and self.context_cache is not None:
+                self.context_cache.reclaim(need, keep=entry)
             if need > self.pool.num_available:
                 break  # first come, first served: later requests wait behind this one
-            self.waiting.popleft()
-            seq.kv = SequenceKV(self.pool, self.num_layers, self.num_kv_heads, seq.cache_tokens_needed() + 1)
-            seq.kv.reserve(need)
-            seq.status = SequenceStatus.PREFILL
-            self.running.append(seq)
+            self._start(seq, entry)
+            del self.waiting[i]
+
+    def _waits_for_context(self, seq: Sequence) -> bool:
+        """Whether `seq` waits for another request computing its context (once at most: see
+        engine/context_cache.py)."""
+        assert self.context_cache is not None and seq.context_handle is not None
+        computer = self.context_cache.computing(seq.context_handle)
+        if computer is None or seq.context_waited_on not in (None, computer):
+            return False
+        seq.context_waited_on = computer
+        return True
+
+    def _start(self, seq: Sequence, entry: CachedContext | None) -> None:
+        """Admit `seq`: its pages, its reservation, and its context's pages on a hit. Whatever it takes
+        is in `seq` before the next step can fail, so finish() gives it back."""
+        kv = seq.kv = SequenceKV(self.pool, self.num_layers, self.num_kv_heads, seq.cache_tokens_needed() + 1)
+        cache = self.context_cache
+        if entry is not None:
+            assert cache is not None
+            if not entry.on_device:
+                cache.restore(entry)
+            kv.reserve(self.own_pages(seq))
+            cache.pin(entry)
+            seq.context_entry = entry
+            kv.attach_shared(entry.page_table, entry.head_lens)  # type: ignore[arg-type]
+            seq.num_prefilled = seq.context_len
+            seq.stats.context_cache = "hit"
+            seq.stats.context_kept_tokens = int(entry.head_lens.sum())
+            seq.stats.chosen_retention, seq.stats.context_nll = entry.chosen_retention, entry.context_nll
+            cache.hits += 1
+        else:
+            kv.reserve(self.worst_case_pages(seq))
+            if seq.context_len:
+                seq.context_pending = True
+                seq.stats.context_cache = "miss"
+                if cache is not None:
+                    cache.misses += 1
+                    handle = seq.context_handle
+                    if handle is not None and cache.computing(handle) is None:  # else: computed twice
+                        cache.begin_computing(handle, seq.request_id)
+        seq.stats.prefill_tokens_computed = seq.num_prompt_tokens - seq.num_prefilled
+        seq.status = SequenceStatus.PREFILL
+        self.running.append(seq)
 
     def schedule(self) -> PrefillStep | DecodeStep | None:
         self._admit()
         for seq in self.running:
             if seq.status == SequenceStatus.PREFILL:
-                remaining = seq.num_prompt_tokens - seq.num_prefilled
+                remaining = seq.prefill_end - seq.num_prefilled
                 return PrefillStep(seq, min(self.prefill_chunk, remaining))
         decoding = [s for s in self.running if s.status == SequenceStatus.DECODE][: self.max_num_seqs]
         return DecodeStep(decoding) if decoding else None
@@ -93,10 +163,24 @@ class Scheduler:
         seq.finish_reason = reason
         if seq.kv is not None:
             seq.kv.free()
+        self._release_context(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def _release_context(self, seq: Sequence) -> None:
+        """A finished request's hold on its cached context (pages went with kv.free), and its claim to
+        be computing the context, if it still had one (aborted before the context was done)."""
+        cache = self.context_cache
+        if cache is None:
+            return
+        if seq.context_entry is not None:
+            cache.unpin(seq.context_entry)
+            seq.context_entry = None
+        if seq.context_pending and seq.context_handle is not None:
+            cache.end_computing(seq.context_handle, seq.request_id)
+        seq.context_pending = False
 
     def running_count(self) -> int:
         return len(self.running)

@@ -39,11 +39,18 @@ class RequestStats:
     decode_seconds: float = 0.0
     scoring_seconds: float = 0.0  # compression scoring + selection inside prefill
     # the budget's ratio: the request's retention, keep_tokens / prompt_tokens, or what "auto" chose from
-    # context_nll (1.0: not compressed); `retention` below is what was kept, protected tokens included
+    # context_nll (1.0: not compressed); `retention` below is what was kept, protected tokens included.
+    # With a cached context, these describe the context (what was compressed), on a hit as on a miss.
     chosen_retention: float = 1.0
     context_nll: float | None = None  # retention="auto": the prompt's mean next-token NLL, nats
     # prompt tokens compression had to keep (sink, recent, spans, chat regions, question); 0 uncompressed
     protected_tokens: int = 0
+    # A cached context (engine/context_cache.py): "hit" (its compressed pages came from the cache),
+    # "miss" (this request computed them), "off" (no cached context)
+    context_cache: str = "off"
+    context_tokens: int = 0  # prompt tokens the cached context covers (whole pages of its start)
+    context_kept_tokens: int = 0  # of them, kept over all layers and heads (as kept_tokens counts)
+    prefill_tokens_computed: int = 0  # prompt tokens this request ran through the model
 
     @property
     def retention(self) -> float:
@@ -84,6 +91,15 @@ class Sequence:
         self.first_token_time: float | None = None
         self.prefill_start: float | None = None
         self.scorer_state: Any = None  # per-request compression state during prefill
+        # A cached context (engine/context_cache.py), set by the engine: the prompt's first
+        # `context_len` tokens (whole pages; 0 = none) are compressed on their own with
+        # `context_params` and shared through the cache under `context_handle`.
+        self.context_len = 0
+        self.context_params: Any = None
+        self.context_handle: str | None = None  # None: too large to cache, computed privately
+        self.context_pending = False  # this request computes its context (a miss) and has not yet
+        self.context_entry: Any = None  # the cached context this request holds a pin on
+        self.context_waited_on: str | None = None  # the request computing its context it waited for
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -104,3 +120,9 @@ class Sequence:
     def cache_tokens_needed(self) -> int:
         """Tokens every head must hold at most: the prompt plus every output token but the last."""
         return self.num_prompt_tokens + self.max_new_tokens - 1
+
+    @property
+    def prefill_end(self) -> int:
+        """Where the current prefill phase ends: the context's end while this request computes its
+        context (it is compressed there, before the rest), else the prompt's end."""
+        return self.context_len if self.context_pending else self.num_prompt_tokens

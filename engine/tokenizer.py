@@ -21,6 +21,15 @@ def encode_prompt(tokenizer: Any | None, prompt: str | list[int]) -> list[int]:
     return ids
 
 
+def encode_continuation(tokenizer: Any | None, prompt: str | list[int]) -> list[int]:
+    """encode_prompt for text that follows other text (a prompt after its context): no BOS or other
+    special tokens in front."""
+    if isinstance(prompt, str) and tokenizer is not None:
+        require(prompt != "", "prompt", "must not be empty")
+        return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    return encode_prompt(tokenizer, prompt)
+
+
 def encode_chat(tokenizer: Any | None, messages: list[Message]) -> list[int]:
     """ChatML-style messages -> token ids. A final assistant message is continued (an answer prefix)."""
     require(len(messages) > 0, "messages", "must hold at least one message")
@@ -51,6 +60,15 @@ def chat_message_spans(tokenizer: Any, messages: list[Message]) -> list[tuple[in
         ends.append(len(ids if isinstance(ids, list) else ids["input_ids"]))
     ends.append(total)
     return list(zip([0, *ends[:-1]], ends))
+
+
+def chat_context_len(tokenizer: Any, messages: list[Message]) -> int:
+    """Tokens of encode_chat(messages) before its last user turn: the conversation's context (0
+    without a user turn)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        return 0
+    return chat_message_spans(tokenizer, messages)[users[-1]][0]
 
 
 def eos_token_ids(tokenizer: Any | None, config: Any) -> set[int]:

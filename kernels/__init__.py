@@ -5,6 +5,14 @@ Importing this package needs triton. Tests run the kernels on CPU with TRITON_IN
 before this import.
 """
 
+if __name__ == "kernels":  # this folder found as a top-level package: the repository root is on sys.path
+    raise ImportError(
+        "kvferry's kernels/ folder was imported as the top-level package `kernels`, whose name belongs to "
+        "the `kernels` package transformers needs: the repository root is on sys.path. Run Python with "
+        "-P (or from another directory); kvferry's kernels are `kvferry.kernels`."
+    )
+
+
 from kvferry.kernels.attention_mass import attention_mass
 from kvferry.kernels.decode_attention import decode_attention, decode_attention_split, use_balanced
 from kvferry.kernels.decode_balanced import (

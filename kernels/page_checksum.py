@@ -51,7 +51,7 @@ def _page_terms_kernel(
 def page_words(kv: torch.Tensor) -> torch.Tensor:
     """Contiguous pages [num_pages, ...] as [num_pages, W] int32 words (a view, no copy)."""
     assert kv.is_contiguous(), "pages must be contiguous"
-    flat = kv.reshape(kv.shape[0], -1).view(torch.uint8)
+    flat = kv.flatten(1).view(torch.uint8)  # flatten, unlike reshape(n, -1), takes zero pages
     assert flat.shape[1] % 4 == 0, "a page must be a whole number of 32-bit words"
     return flat.view(torch.int32)
 

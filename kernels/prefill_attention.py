@@ -1,13 +1,16 @@
 """Chunked-prefill attention over the paged KV pool (Triton), batched over sequences (varlen).
 
-Sequence i contributes the chunk q[cu_seqlens[i]:cu_seqlens[i+1]] at positions starts[i]..; its
-pages already hold every head's first starts[i] + T_i tokens in position order (the chunk's own K/V
-included), and the chunk attends to them causally. A program takes BLOCK_M query rows made of
-BLOCK_M // G consecutive tokens times the G query heads of one kv-head, so each K/V tile loaded
-serves the whole GQA group.
+Sequence i contributes the chunk q[cu_seqlens[i]:cu_seqlens[i+1]] after a prefix of starts[i]
+tokens; its pages already hold every head's first starts[i] + T_i tokens (the chunk's own K/V
+included, after the prefix), and the chunk attends to them causally: chunk token t sees the whole
+prefix and chunk tokens 0..t. starts may also be per head, [S, H]: over a compressed cached context
+each head keeps its own number of the context's tokens (engine/context_cache.py), and the chunk
+follows each head's own prefix. Masks work in each head's key order only: RoPE positions are
+already in the keys. A program takes BLOCK_M query rows made of BLOCK_M // G consecutive tokens
+times the G query heads of one kv-head, so each K/V tile loaded serves the whole GQA group.
 
 Shapes: q [N, Hq, D] (N = total chunk tokens); pool_kv [num_pages, 2, P, D];
-page_tables [S, H, max_pages]; cu_seqlens [S + 1]; starts [S]; out [N, Hq, D].
+page_tables [S, H, max_pages]; cu_seqlens [S + 1]; starts [S] or [S, H]; out [N, Hq, D].
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def _prefill_kernel(
     kv_ptr,  # [num_pages, 2, P, D]
     pt_ptr,  # [S, H, max_pages]
     cu_ptr,  # [S + 1]
-    starts_ptr,  # [S]
+    starts_ptr,  # [S], or [S, H] with HEAD_STARTS
     out_ptr,  # [N, Hq, D]
     scale_log2,
     stride_qt,
@@ -119,6 +122,7 @@ def _prefill_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     FOLD: tl.constexpr,  # unmasked tiles: the scale folds into the exponent (one FMA a score)
+    HEAD_STARTS: tl.constexpr,  # starts are [S, H] (each head's own prefix), else [S]
 ):
     TOKENS: tl.constexpr = BLOCK_M // G  # chunk tokens per program
     seq = tl.program_id(1) // H
@@ -130,7 +134,10 @@ def _prefill_kernel(
         return
     blk = num_blocks - 1 - tl.program_id(0)  # the longest rows first (causal load balance)
     t0 = blk * TOKENS
-    start = tl.load(starts_ptr + seq).to(tl.int32)
+    if HEAD_STARTS:
+        start = tl.load(starts_ptr + seq * H + h).to(tl.int32)
+    else:
+        start = tl.load(starts_ptr + seq).to(tl.int32)
 
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
@@ -141,7 +148,7 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
     if UPCAST:
         q = q.to(tl.float32)
-    q_pos = start + t  # [BLOCK_M] absolute position of each row
+    q_pos = start + t  # [BLOCK_M] each row's own key index in its head (its last visible key)
     pt = pt_ptr + seq * stride_ps + h * stride_ph
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -191,7 +198,8 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     fold_scale: bool = False,
 ) -> torch.Tensor:
-    """q [N, Hq, D], page_tables [S, H, max_pages], cu_seqlens [S+1], starts [S] -> [N, Hq, D].
+    """q [N, Hq, D], page_tables [S, H, max_pages], cu_seqlens [S+1], starts [S] (or per head,
+    [S, H]) -> [N, Hq, D].
 
     max_q_len bounds the chunk lengths (it sizes the grid); `out` may be given preallocated.
     Unset tile parameters take the fastest measured on an H100 for 2-byte dtypes (256 query rows,
@@ -205,7 +213,9 @@ def prefill_attention(
     num_tokens, hq, d = q.shape
     num_seqs, h = page_tables.shape[:2]
     assert d == head_dim and hq % h == 0, (q.shape, page_tables.shape)
-    assert cu_seqlens.shape == (num_seqs + 1,) and starts.shape == (num_seqs,)
+    head_starts = starts.dim() == 2
+    assert cu_seqlens.shape == (num_seqs + 1,) and starts.shape in ((num_seqs,), (num_seqs, h))
+    assert starts.is_contiguous()
     assert q.stride(-1) == 1 and page_tables.stride(-1) == 1
     group = hq // h
     wide = q.element_size() == 4
@@ -243,6 +253,7 @@ def prefill_attention(
         PRECISION=input_precision(q),
         UPCAST=upcast_dots(q),
         FOLD=fold_scale,
+        HEAD_STARTS=head_starts,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -7,6 +7,8 @@ import logging
 import uuid
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
 from kvferry.engine.compression import CompressionParams
 from kvferry.engine.compression.budget import max_kept_pages
 from kvferry.engine.errors import ResourceExhaustedError, require
@@ -18,42 +20,60 @@ from kvferry.serving import request_context
 from kvferry.serving.compression_policy import CompressionPolicy
 from kvferry.serving.convert import FINISH_REASONS, encode_request_proto, sampling_from_proto
 from kvferry.serving.deadline import Deadline
-from kvferry.serving.metrics import RATIO_BUCKETS, Registry
+from kvferry.serving.metrics import LATENCY_BUCKETS, RATIO_BUCKETS, new_registry
 from kvferry.v1 import prefill_pb2
 
 log = logging.getLogger(__name__)
 
 
 class PrefillMetrics:
-    def __init__(self, registry: Registry) -> None:
-        self.rejected = registry.counter(
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rejected = Counter(
             "kvferry_prefill_rejected_total",
             "Prefill calls refused because max_pending_requests were pending",
+            registry=registry,
         )
-        self.queue = registry.histogram("kvferry_prefill_queue_seconds", "arrival to first prefill chunk")
-        self.prefill = registry.histogram("kvferry_prefill_seconds", "chunked prefill + scoring, per request")
-        self.retention = registry.histogram(
-            "kvferry_retention_ratio", "fraction of the prompt KV kept per request", buckets=RATIO_BUCKETS
+        self.queue = Histogram(
+            "kvferry_prefill_queue_seconds", "arrival to first prefill chunk", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.prefill = Histogram(
+            "kvferry_prefill_seconds", "chunked prefill + scoring, per request", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.retention = Histogram(
+            "kvferry_retention_ratio", "fraction of the prompt KV kept per request", buckets=RATIO_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.shipped = Counter(
+            "kvferry_kv_bytes_shipped_total", "KV bytes sent to decode nodes", registry=registry
         )
-        self.chosen_retention = registry.histogram(
+        self.chosen_retention = Histogram(
             "kvferry_chosen_retention_ratio",
             "the retention each compressed request's budget was set to, by how it was asked for: auto "
             "(chosen from the context by calibration), ratio, or tokens (keep_tokens / prompt length)",
             ["mode"],
             buckets=RATIO_BUCKETS,
+            registry=registry,
         )
-        self.shipped = registry.counter("kvferry_kv_bytes_shipped_total", "KV bytes sent to decode nodes")
-        self.full = registry.counter(
-            "kvferry_kv_bytes_uncompressed_total", "KV bytes the shipped prompts take uncompressed"
+        self.full = Counter(
+            "kvferry_kv_bytes_uncompressed_total",
+            "KV bytes the shipped prompts take uncompressed",
+            registry=registry,
         )
-        self.transfer = registry.histogram("kvferry_kv_transfer_seconds", "ReserveKV to commit, per request")
-        self.early = registry.counter(
+        self.transfer = Histogram(
+            "kvferry_kv_transfer_seconds", "ReserveKV to commit, per request", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.early = Counter(
             "kvferry_kv_early_reservations_total",
             "KV handoffs into a decode reservation made while the prefill ran (direct transports)",
+            registry=registry,
         )
-        self.by_transport = registry.counter(
-            "kvferry_kv_transfers_total", "KV transfers committed, by transport", ["transport"]
-        )
+        self.by_transport = Counter(
+            "kvferry_kv_transfers_total", "KV transfers committed, by transport", ["transport"],
+            registry=registry,
+        )  # fmt: skip
 
 
 class PrefillPipeline:
@@ -62,7 +82,7 @@ class PrefillPipeline:
         engine: PrefillEngine,
         handoff: KVHandoff,
         max_pending: int = 0,
-        metrics: Registry | None = None,
+        metrics: CollectorRegistry | None = None,
         early_reserve: bool = True,
         policy: CompressionPolicy | None = None,
     ) -> None:
@@ -72,7 +92,7 @@ class PrefillPipeline:
         self.early_reserve = early_reserve  # ReserveKV when the last prefill chunk starts (direct transports)
         self.in_flight = 0  # accepted and not answered: the queue depth the coordinator balances on
         self.max_pending = max_pending  # 0: unbounded
-        self.metrics = PrefillMetrics(metrics or Registry())
+        self.metrics = PrefillMetrics(metrics or new_registry())
 
     async def run(
         self, request: prefill_pb2.PrefillRequest, timeout: float | None
@@ -142,7 +162,7 @@ class PrefillPipeline:
         if outcome.stats.full_tokens:
             m.retention.observe(outcome.stats.retention)
         if _compressed(compression, outcome.stats.prompt_tokens):
-            m.chosen_retention.observe(outcome.stats.chosen_retention, mode=_budget_mode(compression))  # type: ignore[arg-type]
+            m.chosen_retention.labels(mode=_budget_mode(compression)).observe(outcome.stats.chosen_retention)  # type: ignore[arg-type]
         if outcome.finish_reason is not None:
             response.finish_reason = FINISH_REASONS[outcome.finish_reason]
             return response
@@ -166,7 +186,7 @@ class PrefillPipeline:
         m.shipped.inc(shipped.transfer.bytes_sent)
         m.full.inc(outcome.stats.kv_bytes_full)
         m.transfer.observe(shipped.seconds)
-        m.by_transport.inc(transport=shipped.transport)
+        m.by_transport.labels(transport=shipped.transport).inc()
         if shipped.reserved_early:
             m.early.inc()
         log.info(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from prometheus_client import Gauge
 
 from kvferry.kvtransfer.selection import parse_transports
 from kvferry.prefill_service.handoff import KVHandoff
@@ -40,8 +41,10 @@ def build(settings: PrefillSettings) -> ServiceHost:
     pipeline = PrefillPipeline(
         engine, handoff, settings.max_pending_requests, host.metrics, settings.early_reserve, policy
     )
-    depth = host.metrics.gauge("kvferry_prefill_queue_depth", "Prefill calls accepted and not answered")
-    host.metrics.add_collector(lambda: depth.set(pipeline.in_flight))
+    depth = Gauge(
+        "kvferry_prefill_queue_depth", "Prefill calls accepted and not answered", registry=host.metrics
+    )
+    depth.set_function(lambda: pipeline.in_flight)
     register_engine_metrics(host.metrics, lambda: engine.worker.engine)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(pipeline), host.server)
 

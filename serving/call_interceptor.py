@@ -13,24 +13,33 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvferry.serving import request_context
-from kvferry.serving.metrics import Registry
 from kvferry.serving.security import TokenAuth
 
 
 class RpcMetrics:
-    def __init__(self, registry: Registry) -> None:
-        self.calls = registry.counter(
-            "kvferry_rpc_requests_total", "gRPC calls handled, by method and status code", ["method", "code"]
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "kvferry_rpc_requests_total",
+            "gRPC calls handled, by method and status code",
+            ["method", "code"],
+            registry=registry,
         )
-        self.seconds = registry.histogram(
-            "kvferry_rpc_duration_seconds", "gRPC call duration, by method", ["method"]
+        self.seconds = Histogram(
+            "kvferry_rpc_duration_seconds", "gRPC call duration, by method", ["method"], registry=registry
         )
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.calls.inc(method=method, code=code)
-        self.seconds.observe(seconds, method=method)
+        self.calls.labels(method=method, code=code).inc()
+        self.seconds.labels(method=method).observe(seconds)
+
+
+def ended_by_deadline(context: grpc.aio.ServicerContext) -> bool:
+    """A handler cancelled because the caller's deadline passed, not because the caller cancelled."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
@@ -125,7 +134,7 @@ class _Wrap:
                 code = _code_name(context)
                 raise
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                code = "DEADLINE_EXCEEDED" if ended_by_deadline(context) else "CANCELLED"
                 raise
             except BaseException:
                 code = "UNKNOWN"
@@ -152,7 +161,7 @@ class _Wrap:
                 code = _code_name(context)
                 raise
             except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
+                code = "DEADLINE_EXCEEDED" if ended_by_deadline(context) else "CANCELLED"
                 raise
             except BaseException:
                 code = "UNKNOWN"

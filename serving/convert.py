@@ -60,13 +60,15 @@ def encode_request_proto(tokenizer: Any | None, request: Any) -> tuple[list[int]
     question = request.question if request.HasField("question") else None
     try:
         if which == "prompt":
-            return encode_request(tokenizer, prompt=request.prompt, question=question, compression=params)
-        if which == "messages":
+            encoded = encode_request(tokenizer, prompt=request.prompt, question=question, compression=params)
+        elif which == "messages":
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-            return encode_request(tokenizer, messages=messages, question=question, compression=params)
-        ids = list(request.prompt_token_ids.ids)
-        require(len(ids) > 0, "prompt_token_ids", "must not be empty")
-        return encode_request(tokenizer, prompt=ids, question=question, compression=params)
+            encoded = encode_request(tokenizer, messages=messages, question=question, compression=params)
+        else:
+            ids = list(request.prompt_token_ids.ids)
+            require(len(ids) > 0, "prompt_token_ids", "must not be empty")
+            encoded = encode_request(tokenizer, prompt=ids, question=question, compression=params)
+        return encoded.ids, encoded.compression
     except InvalidArgumentError as e:
         if e.field not in _COMPRESSION_FIELDS:
             raise

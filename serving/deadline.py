@@ -12,3 +12,6 @@ class Deadline:
     def remaining(self) -> float | None:
         """Seconds left (None: no deadline); never 0, which gRPC would read as 'no time at all'."""
         return None if self._end is None else max(self._end - time.monotonic(), 0.001)
+
+    def passed(self) -> bool:
+        return self._end is not None and time.monotonic() >= self._end

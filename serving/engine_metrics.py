@@ -2,37 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from kvferry.serving.metrics import Registry
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
-def register_engine_metrics(registry: Registry, engine: Callable[[], Any]) -> None:
-    """`engine()` returns the LLMEngine once loaded (None before). Reads are plain integers, taken off
-    the engine thread without locking: a scrape can be one step stale, never wrong for long."""
-    pages = registry.gauge(
-        "kvferry_kv_pages",
-        "KV pool pages by state: total, free, used (holding KV), reserved (free but promised), "
-        "available (free and not promised)",
-        ["state"],
-    )
-    page_bytes = registry.gauge("kvferry_kv_page_bytes", "bytes of one KV page (K and V)")
-    queue = registry.gauge("kvferry_engine_sequences", "engine sequences by scheduler state", ["state"])
+class EngineCollector(Collector):
+    """`engine()` returns the LLMEngine once loaded (None before: the families come without samples).
+    Reads are plain integers, taken off the engine thread without locking: a scrape can be one step
+    stale, never wrong for long."""
 
-    def collect() -> None:
-        e = engine()
-        if e is None:
-            return
-        pool = e.pool
-        free, reserved = pool.num_free, pool.num_reserved
-        pages.set(pool.num_pages, state="total")
-        pages.set(free, state="free")
-        pages.set(pool.num_pages - free, state="used")
-        pages.set(reserved, state="reserved")
-        pages.set(max(free - reserved, 0), state="available")
-        page_bytes.set(pool.bytes_per_page)
-        queue.set(len(e.scheduler.waiting), state="waiting")
-        queue.set(len(e.scheduler.running), state="running")
+    def __init__(self, engine: Callable[[], Any]) -> None:
+        self.engine = engine
 
-    registry.add_collector(collect)
+    def collect(self) -> Iterator[Metric]:
+        pages = GaugeMetricFamily(
+            "kvferry_kv_pages",
+            "KV pool pages by state: total, free, used (holding KV), reserved (free but promised), "
+            "available (free and not promised)",
+            labels=["state"],
+        )
+        page_bytes = GaugeMetricFamily("kvferry_kv_page_bytes", "bytes of one KV page (K and V)")
+        usage = GaugeMetricFamily(
+            "kvferry_kv_cache_usage_perc",
+            "fraction of the KV pool held or promised (used + reserved pages over all pages; 1 = full)",
+        )
+        running = GaugeMetricFamily("kvferry_num_requests_running", "sequences in the engine's running batch")
+        waiting = GaugeMetricFamily("kvferry_num_requests_waiting", "sequences queued for admission")
+        e = self.engine()
+        if e is not None:
+            pool = e.pool
+            free, reserved, total = pool.num_free, pool.num_reserved, pool.num_pages
+            available = max(free - reserved, 0)
+            for state, value in (
+                ("total", total),
+                ("free", free),
+                ("used", total - free),
+                ("reserved", reserved),
+                ("available", available),
+            ):
+                pages.add_metric([state], value)
+            page_bytes.add_metric([], pool.bytes_per_page)
+            usage.add_metric([], 1.0 - available / total if total else 0.0)
+            running.add_metric([], len(e.scheduler.running))
+            waiting.add_metric([], len(e.scheduler.waiting))
+        yield from (pages, page_bytes, usage, running, waiting)
+
+
+def register_engine_metrics(registry: CollectorRegistry, engine: Callable[[], Any]) -> None:
+    registry.register(EngineCollector(engine))

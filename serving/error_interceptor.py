@@ -39,10 +39,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
     else:
         log.info("%s -> %s: %s", method, code.name, details)
     metadata = []
-    field = _field_of(error)
+    field = field_of(error)
     if field:
         metadata.append((FIELD_METADATA_KEY, str(field)))
-    retryable = _retryable_of(error)
+    retryable = retryable_of(error)
     if retryable is not None:
         metadata.append((RETRYABLE_METADATA_KEY, "true" if retryable else "false"))
     if metadata:
@@ -57,14 +57,14 @@ def _metadata(error: grpc.aio.AioRpcError, key: str) -> str | None:
     return None
 
 
-def _field_of(error: Exception) -> str | None:
+def field_of(error: Exception) -> str | None:
     """The offending field: a typed error's own, or the one a downstream service named."""
     if isinstance(error, grpc.aio.AioRpcError):
         return _metadata(error, FIELD_METADATA_KEY)
     return getattr(error, "field", None)
 
 
-def _retryable_of(error: Exception) -> bool | None:
+def retryable_of(error: Exception) -> bool | None:
     if isinstance(error, grpc.aio.AioRpcError):
         value = _metadata(error, RETRYABLE_METADATA_KEY)
         return None if value is None else value == "true"
@@ -74,7 +74,7 @@ def _retryable_of(error: Exception) -> bool | None:
 
 def is_retryable(error: grpc.aio.AioRpcError) -> bool:
     """RESOURCE_EXHAUSTED that may succeed later (pages will be freed), as the server marked it."""
-    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _retryable_of(error) is not False
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retryable_of(error) is not False
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

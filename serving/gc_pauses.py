@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from kvferry.serving.metrics import Registry
+from prometheus_client import CollectorRegistry, Histogram
 
 log = logging.getLogger(__name__)
 LONG_PAUSE_SECONDS = 0.02
@@ -24,12 +24,13 @@ PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 class GcPauses:
     """Times every collection of this process into `kvferry_gc_pause_seconds{generation}`."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.pauses = registry.histogram(
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pauses = Histogram(
             "kvferry_gc_pause_seconds",
             "Python garbage-collection pauses of this process",
             ["generation"],
             buckets=PAUSE_BUCKETS,
+            registry=registry,
         )
         self._started: float | None = None
 
@@ -50,7 +51,7 @@ class GcPauses:
         seconds = time.perf_counter() - self._started
         self._started = None
         generation = str(info.get("generation", "?"))
-        self.pauses.observe(seconds, generation=generation)
+        self.pauses.labels(generation=generation).observe(seconds)
         if seconds > LONG_PAUSE_SECONDS:
             log.info(
                 "garbage collection (generation %s) paused the process %.1f ms (%d objects collected)",

@@ -4,9 +4,12 @@ installed and a GPU is present; on a CPU machine nothing is registered and nothi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
-from kvferry.serving.metrics import Registry
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +28,37 @@ def _nvml() -> Any | None:
     return pynvml
 
 
-def register_gpu_metrics(registry: Registry) -> bool:
-    """Add kvferry_gpu_* gauges (one series per visible GPU); False when NVML is not available."""
-    nvml = _nvml()
-    if nvml is None:
-        return False
-    used = registry.gauge("kvferry_gpu_memory_used_bytes", "GPU memory in use (NVML)", ["gpu"])
-    total = registry.gauge("kvferry_gpu_memory_total_bytes", "GPU memory in all (NVML)", ["gpu"])
-    util = registry.gauge(
-        "kvferry_gpu_utilization_ratio", "fraction of the last sample period the GPU was busy (NVML)", ["gpu"]
-    )
+class GpuCollector(Collector):
+    """One series per visible GPU, read through NVML at scrape time."""
 
-    def collect() -> None:
+    def __init__(self, nvml: Any) -> None:
+        self.nvml = nvml
+
+    def collect(self) -> Iterator[Metric]:
+        nvml = self.nvml
+        used = GaugeMetricFamily("kvferry_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
+        total = GaugeMetricFamily(
+            "kvferry_gpu_memory_total_bytes", "GPU memory in all (NVML)", labels=["gpu"]
+        )
+        util = GaugeMetricFamily(
+            "kvferry_gpu_utilization_ratio",
+            "fraction of the last sample period the GPU was busy (NVML)",
+            labels=["gpu"],
+        )
         for i in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            used.set(memory.used, gpu=i)
-            total.set(memory.total, gpu=i)
-            util.set(nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0, gpu=i)
+            used.add_metric([str(i)], memory.used)
+            total.add_metric([str(i)], memory.total)
+            util.add_metric([str(i)], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        yield from (used, total, util)
 
-    registry.add_collector(collect)
+
+def register_gpu_metrics(registry: CollectorRegistry) -> bool:
+    """Add the kvferry_gpu_* gauges; False when NVML is not available."""
+    nvml = _nvml()
+    if nvml is None:
+        return False
+    registry.register(GpuCollector(nvml))
     log.info("GPU metrics through NVML enabled")
     return True

@@ -1,7 +1,8 @@
 """Running one gRPC service: a grpc.aio server with the call interceptor (bearer token, request id,
 call metrics) around the error interceptor, grpc.health.v1 (NOT_SERVING until warm-up ends), server
-reflection, TLS/mTLS from the settings, an optional Prometheus endpoint, and a graceful stop on
-SIGTERM or SIGINT."""
+reflection, TLS/mTLS from the settings, an optional Prometheus endpoint, an optional HTTP server
+beside it (`http`: the coordinator's OpenAI-compatible front), and a graceful stop on SIGTERM or
+SIGINT."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from kvferry.serving.call_interceptor import CallInterceptor, RpcMetrics
 from kvferry.serving.error_interceptor import ErrorInterceptor
 from kvferry.serving.gc_pauses import GcPauses, freeze_start_up_heap
 from kvferry.serving.gpu_metrics import register_gpu_metrics
-from kvferry.serving.metrics import MetricsServer, Registry
+from kvferry.serving.metrics import MetricsEndpoint, new_registry
 from kvferry.serving.request_context import LOG_FORMAT, RequestIdFilter
 from kvferry.serving.security import ChannelFactory, TokenAuth, server_credentials
 from kvferry.serving.settings import ServerSettings
@@ -52,17 +53,19 @@ class ServiceHost:
         self.service_names = service_names
         self.credentials = server_credentials(settings)  # reads the PEM files now: a bad path fails here
         self.channels = ChannelFactory.from_settings(settings, CHANNEL_OPTIONS)
-        self.metrics = Registry()
+        self.metrics = new_registry()  # this service's prometheus_client CollectorRegistry
         self.gpu_metrics = register_gpu_metrics(self.metrics)
         interceptors = [CallInterceptor(RpcMetrics(self.metrics), auth), ErrorInterceptor()]
         self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.port = 0
+        self.serving = False  # what grpc.health.v1 reports for the whole server
+        self.http: Any = None  # serving.http_server.AsgiServer beside the gRPC port (the coordinator's)
         # Set by the service that builds this host: load/warm the engine; release it after the server stops.
         self.warm_up: Callable[[], Awaitable[None]] | None = None
         self.on_stop: Callable[[], Awaitable[None]] | None = None
@@ -74,6 +77,7 @@ class ServiceHost:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.serving = serving
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -92,9 +96,19 @@ class ServiceHost:
             "listening on %s:%d (%s; %s)",
             self.settings.host, self.port, ", ".join(self.service_names), self.security_summary(),
         )  # fmt: skip
+        if self.http is not None:
+            try:
+                http_port = await self.http.start()
+            except BaseException:
+                await self.server.stop(None)  # one port taken: the service does not half start
+                raise
+            scheme = "https" if self.http.tls else "http"
+            log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, self.settings.host, http_port)
         if self.settings.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
-            port = await self.metrics_server.start()
+            self.metrics_server = MetricsEndpoint(
+                self.metrics, self.settings.host, self.settings.metrics_port
+            )
+            port = self.metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", self.settings.host, port)
 
         async def warm() -> None:
@@ -116,6 +130,10 @@ class ServiceHost:
         return f"{serving}; outgoing {'TLS' if self.channels.secure else 'plaintext'}"
 
     @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
+    @property
     def metrics_port(self) -> int | None:
         return None if self.metrics_server is None else self.metrics_server.port
 
@@ -124,10 +142,13 @@ class ServiceHost:
         log.info("stopping (grace %.1f s)", self.settings.grace_seconds)
         if self.warmed is not None and not self.warmed.done():
             self.warmed.cancel()
+        self.serving = False
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:  # its requests run through this server's servicer: stop it first
+            await self.http.stop()
         await self.server.stop(self.settings.grace_seconds)
         if self.metrics_server is not None:
-            await self.metrics_server.stop()
+            await asyncio.to_thread(self.metrics_server.stop)  # waits out its serving thread's poll
         if self.on_stop is not None:
             await self.on_stop()
         log.info("stopped")

@@ -341,3 +341,34 @@ def save_tiny_llama(path: Path, vocab_size: int = 300, seed: int = 0) -> Path:
             p.copy_(1.0 + 0.2 * noise if "norm" in name else noise / math.sqrt(p.shape[-1]))
     model.save_pretrained(path)
     return path
+
+
+# ChatML, as SmolLM2's template renders it (the engine's chat path needs a template).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def with_byte_tokenizer(tiny: TinyModel, dest: Path) -> Path:
+    """A copy of `tiny`'s folder with a byte-level tokenizer (one token per byte, 256 ids, then the
+    ChatML specials) and a chat template, so text and chat prompts work on a tiny random model."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(tiny.path, dest, dirs_exist_ok=True)
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of the bytes
+    vocab = {char: i for i, char in enumerate(sorted(byte_chars))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    assert len(tokenizer) <= tiny.vocab_size
+    tokenizer.save_pretrained(dest)
+    return dest

@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvferry.coordinator import server as coordinator_server
 from kvferry.coordinator.settings import CoordinatorSettings
@@ -160,3 +163,17 @@ class InProcessCluster:
 
 def with_overrides(spec: ClusterSpec, **decode: Any) -> ClusterSpec:
     return replace(spec, decode={**spec.decode, **decode})
+
+
+def scrape_url(url: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples, parsed by prometheus_client's own parser, as
+    {'name{label="value",...}': value} with the labels in alphabetical order."""
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain; version="), reply.headers["Content-Type"]
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return samples

@@ -25,6 +25,7 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     while any(_taken(p) for p in (port + 1, port + 2)):
         port = free_port()
+    http_port = free_port()
     logs = tmp_path / "logs"
     up = subprocess.Popen(
         [
@@ -34,6 +35,8 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
             str(port),
             "--log-dir",
             str(logs),
+            "--http-port",
+            str(http_port),
             "--kv-cache-bytes",
             str(256 << 20),
             "--torch-threads",
@@ -58,6 +61,8 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "".join(lines)
             lines.append(up.stdout.readline())  # type: ignore[union-attr]
         assert address in lines[-1]
+        openai_line = up.stdout.readline()  # type: ignore[union-attr]
+        assert f"OpenAI-compatible API: http://127.0.0.1:{http_port}/v1" in openai_line
 
         ask = subprocess.run(
             [*KVFERRY, "ask", "--address", address, "--doc", str(BUNDLED_DOCUMENT), "--retention", "0.5",
@@ -93,6 +98,7 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
         assert stats.returncode == 0, stats.stderr
         assert "requests: 4 total, 0 active, 1 failed" in stats.stdout
         assert "decode 127.0.0.1" in stats.stdout and "0/" in stats.stdout  # no page left in use
+        check_openai_api_equals_grpc(address, f"http://127.0.0.1:{http_port}/v1")
     finally:
         up.send_signal(signal.SIGINT)
         try:
@@ -104,6 +110,41 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
     assert up.returncode == 0, out
     stopped = [line for line in out.splitlines() if line.startswith("stopped:")]
     assert stopped and stopped[0].count("exit 0") == 3, out
+
+
+def check_openai_api_equals_grpc(address: str, base_url: str) -> None:
+    """The README's OpenAI snippet against `kvferry up` with SmolLM2: chat (whole and streamed) and text
+    completions, compression through extra_body; the same greedy tokens as the gRPC API."""
+    import openai
+
+    from kvferry.clients import Client
+
+    document = BUNDLED_DOCUMENT.read_text()
+    messages = [
+        {"role": "system", "content": "Answer the question using the document.\n\n" + document},
+        {"role": "user", "content": BUNDLED_QUESTION},
+    ]
+    compression = {"method": "compactor", "retention": 0.5, "protect_last_user_turn": True}
+    with Client(address, timeout=300) as grpc_client:
+        expected = grpc_client.generate(
+            messages=messages, compression=compression, max_new_tokens=24, temperature=0
+        )
+        expected_text = grpc_client.generate("The Marrowick Canal", max_new_tokens=12, temperature=0)
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=24, temperature=0, extra_body={"compression": compression}
+    )
+    assert reply.choices[0].message.content == expected.text and "Eleanor Brandt" in expected.text
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.model_extra["kvferry"]["retention"] == pytest.approx(expected.stats.prefill.retention)
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=24, temperature=0, stream=True,
+        extra_body={"compression": compression},
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.text
+    text = client.completions.create(model=model, prompt="The Marrowick Canal", max_tokens=12, temperature=0)
+    assert text.choices[0].text == expected_text.text
 
 
 def _taken(port: int) -> bool:

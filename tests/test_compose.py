@@ -7,7 +7,10 @@ the host's PREFILL_GPU / DECODE_GPU name."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,10 @@ def test_ports_addresses_and_health_checks_agree(services: dict[str, Any]) -> No
             SETTINGS[name], [], environ={k: str(v) for k, v in svc["environment"].items()}
         )
         ports[name] = settings.port
-        assert svc["ports"] == [f"{settings.port}:{settings.port}"]
+        published = [f"{settings.port}:{settings.port}"]
+        if name == "coordinator":  # and the OpenAI-compatible HTTP API
+            published.append(f"{settings.http_port}:{settings.http_port}")
+        assert svc["ports"] == published
         check = svc["healthcheck"]["test"]
         assert check[:4] == ["CMD", "python", "-m", "kvferry.serving.healthcheck"]
         assert check[4] == f"127.0.0.1:{settings.port}"
@@ -118,7 +124,8 @@ def test_gpu_override_reserves_gpus_shares_ipc_and_places_each_role(
         known = {env_name(f) for f in dataclasses.fields(SETTINGS[name])}
         assert set(env) <= known, f"{name}: unknown variables {sorted(set(env) - known)}"
         settings[name] = parse_settings(SETTINGS[name], [], environ=env)
-        assert svc["image"] == "kvferry:gpu" and svc["build"]["args"]["BASE"]  # one CUDA-torch image
+        assert svc["image"] == "kvferry:gpu" and svc["build"]["dockerfile"] == "Dockerfile.gpu"
+        assert svc["build"]["args"]["CUDA_BASE"].startswith("nvidia/cuda:")  # one CUDA image
     for name in ("prefill", "decode"):
         (reservation,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert reservation["driver"] == "nvidia" and "gpu" in reservation["capabilities"]
@@ -136,10 +143,33 @@ def test_gpu_override_reserves_gpus_shares_ipc_and_places_each_role(
     )
 
 
-def test_dockerfile_copies_every_package() -> None:
-    text = (ROOT / "Dockerfile").read_text()
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfile_copies_every_package(dockerfile: str) -> None:
+    text = (ROOT / dockerfile).read_text()
     copied = set(re.findall(r"^COPY (\S+) ", text, flags=re.M))
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     packages = {folder.split("/")[0] for folder in package_dirs.values()}
     assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
     assert "scripts/install.sh" in text or "scripts" in copied
+
+
+def test_cpu_image_takes_torch_from_the_cpu_index_and_refuses_cuda_packages() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    assert '--index-url "${TORCH_INDEX}" torch==' in text
+    assert "grep -iE '^(nvidia-|cuda-|triton==)'" in text  # the build fails on any CUDA package
+    assert re.search(r"^FROM \$\{CUDA_BASE\}", (ROOT / "Dockerfile.gpu").read_text(), flags=re.M)
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
+def test_docker_compose_config_accepts_the_files(files: list[str]) -> None:
+    """The real `docker-compose config` (no daemon needed). CI installs it (.ci/run); elsewhere the
+    test is skipped when the tool is missing."""
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed; .ci/run installs Debian's package")
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    args = [tool, *(a for f in files for a in ("-f", str(ROOT / f))), "config", "-q"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

@@ -173,7 +173,8 @@ def test_chat_protection_keeps_the_system_prompt_and_the_question(chat_llm: LLM)
         {"role": "assistant", "content": "The animal was"},
     ]
     both = CompressionParams(protect_system_prompt=True, protect_last_user_turn=True)
-    ids, params = encode_request(tok, messages=messages, compression=both)
+    encoded = encode_request(tok, messages=messages, compression=both)
+    ids, params = encoded.ids, encoded.compression
     system, last = params.protected_spans
     assert "Answer with one word." in tok.decode(ids[slice(*system)])
     assert "Notes" not in tok.decode(ids[slice(*system)])

@@ -365,6 +365,7 @@ def test_page_checksum_small(dtype) -> None:
     flipped.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[ids[5], 1, 2, 3] ^= 1
     assert page_checksum(flipped, ids) != want
     assert page_checksum(pool, ids[:0]) == 0
+    assert page_checksum(pool[:0]) == 0  # an empty payload (a transfer of no pages) sums to 0
 
 
 def test_page_checksum_wide_pages_loop_over_blocks() -> None:

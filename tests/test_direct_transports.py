@@ -404,7 +404,7 @@ def test_prefill_reserves_early_for_prompts_longer_than_a_chunk(cluster: InProce
     channel = grpc.insecure_channel(cluster.address("prefill"))
     prefill = prefill_pb2_grpc.PrefillServiceStub(channel)
     decode = decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(cluster.address("decode")))
-    early = cluster.prefill.metrics.early
+    registry = cluster.hosts["prefill"].metrics
     counts: list[float] = []
     try:
         for length, compression in ((150, None), (150, 0.5), (40, 0.5)):
@@ -429,7 +429,7 @@ def test_prefill_reserves_early_for_prompts_longer_than_a_chunk(cluster: InProce
             ]
             assert len(tokens) == 3
             cluster.assert_no_leaks()
-            counts.append(early.value())
+            counts.append(registry.get_sample_value("kvferry_kv_early_reservations_total"))
     finally:
         channel.close()
     assert counts == [1, 2, 2]  # 150 tokens: 3 chunks of 64, reserved early; 40: one chunk, as usual

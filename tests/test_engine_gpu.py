@@ -6,6 +6,8 @@ and greedy decode, with and without compression (random scores, adaptive budget:
 its own count, so decode runs over ragged head-sparse caches). In float32 the CUDA engine must
 produce the same tokens and, at every fed position, the same logits as the CPU engine; in bfloat16
 its prompt logits must stay as close to the float32 ones as the CPU engine's in bfloat16 do.
+Questions over a cached compressed context (engine/context_cache.py) give the CPU engine's tokens
+and logits in float32, and in bfloat16 a hit gives exactly a miss's tokens.
 GPU only (marker `gpu`).
 """
 
@@ -50,9 +52,9 @@ def llama_8b_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple[list[list[int]], list]:
-    """Greedy outputs of every prompt, and every logits row the model computed, in call order."""
-    engine = LLMEngine(
+def make_engine(path: Path, device: str, dtype: str, enforce_eager: bool = True) -> LLMEngine:
+    """enforce_eager: the logit hook sees every eager step (graph replays run no Python)."""
+    return LLMEngine(
         EngineConfig(
             model=str(path),
             device=device,
@@ -60,9 +62,14 @@ def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple
             page_size=16,
             prefill_chunk=256,
             kv_cache_bytes=256 << 20,
-            enforce_eager=True,  # the logit hook sees every eager step (graph replays run no Python)
+            enforce_eager=enforce_eager,
         )
     )
+
+
+def serve(path: Path, device: str, dtype: str, compression: Any = None) -> tuple[list[list[int]], list]:
+    """Greedy outputs of every prompt, and every logits row the model computed, in call order."""
+    engine = make_engine(path, device, dtype)
     prompts = [random_prompt(n, VOCAB, seed=n) for n in PROMPT_LENS]
     with record_logits(engine.model) as rows:
         seqs = [engine.add_request(p, greedy(NEW_TOKENS), compression=compression) for p in prompts]
@@ -121,6 +128,55 @@ def test_cuda_engine_bf16_no_worse_than_cpu_bf16(llama_8b_heads: Path) -> None:
     assert agree(gpu) > agree(cpu) - 0.05, (agree(gpu), agree(cpu))
 
 
+def answer_on_cached_context(
+    path: Path, device: str, dtype: str, compression: Any, enforce_eager: bool = True
+) -> tuple[list[list[int]], list, list[str]]:
+    """Questions over one context with cache_context (a miss, then hits), then the first question
+    again on the emptied cache (a miss): tokens, logits rows (eager only) and each one's cache use."""
+    engine = make_engine(path, device, dtype, enforce_eager)
+    context = random_prompt(1500, VOCAB, seed=9)
+    questions = [random_prompt(n, VOCAB, seed=100 + n) for n in (300, 37, 1)]
+    tokens, uses = [], []
+    with record_logits(engine.model) as rows:
+        for q in [*questions, questions[0]]:
+            if len(uses) == len(questions):
+                engine.context_cache.clear()
+            seq = engine.add_request(
+                context + q, greedy(NEW_TOKENS), compression, context_len=len(context), cache_context=True
+            )
+            while engine.has_unfinished():
+                engine.step()
+            tokens.append(seq.output_token_ids)
+            uses.append(seq.stats.context_cache)
+    engine.context_cache.clear()
+    engine.pool.assert_no_leaks()
+    return tokens, [r.float().cpu() for r in rows], uses
+
+
+def test_cached_context_cuda_matches_cpu_fp32(llama_8b_heads: Path) -> None:
+    """Questions prefilled over a ragged head-sparse cached context (random scores, adaptive budget:
+    the Triton prefill with per-head prefixes, slots computed on the device) give the CPU engine's
+    tokens and logits."""
+    compression = CompressionParams(method="random", retention=0.4, budget="adaptive", sink=4, recent=16)
+    cpu_tokens, cpu_rows, uses = answer_on_cached_context(llama_8b_heads, "cpu", "float32", compression)
+    gpu_tokens, gpu_rows, gpu_uses = answer_on_cached_context(llama_8b_heads, "cuda", "float32", compression)
+    assert uses == gpu_uses == ["miss", "hit", "hit", "miss"]
+    assert [r.shape for r in gpu_rows] == [r.shape for r in cpu_rows]
+    diff = max((g - c).abs().max().item() for g, c in zip(gpu_rows, cpu_rows))
+    assert diff < 2e-3, f"CUDA logits differ from CPU by {diff}"
+    assert gpu_tokens == cpu_tokens and gpu_tokens[0] == gpu_tokens[3]
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda_graphs"])
+def test_cached_context_hit_equals_miss_bf16(llama_8b_heads: Path, enforce_eager: bool) -> None:
+    """The default CUDA setup (bf16, compactor on its Triton scoring kernels, decode from CUDA
+    graphs): a hit gives exactly the tokens of a miss."""
+    compression = CompressionParams(method="compactor", retention=0.5, budget="adaptive")
+    tokens, _, uses = answer_on_cached_context(llama_8b_heads, "cuda", "bfloat16", compression, enforce_eager)
+    assert uses == ["miss", "hit", "hit", "miss"]
+    assert tokens[0] == tokens[3]
+
+
 def test_auto_retention_on_cuda_matches_cpu(llama_8b_heads: Path) -> None:
     """retention="auto" on CUDA: the context NLL (the lm_head on sampled positions, summed on the device)
     and the retention chosen from it equal the CPU engine's, and so do the tokens (random scores: the
@@ -128,12 +184,7 @@ def test_auto_retention_on_cuda_matches_cpu(llama_8b_heads: Path) -> None:
     auto = CompressionParams(method="random", retention="auto", quality_target=0.05, sink=4, recent=16)
     out = {}
     for device in ("cpu", "cuda"):
-        engine = LLMEngine(
-            EngineConfig(
-                model=str(llama_8b_heads), device=device, dtype="float32", page_size=16, prefill_chunk=256,
-                kv_cache_bytes=256 << 20,
-            )
-        )  # fmt: skip
+        engine = make_engine(llama_8b_heads, device, "float32", enforce_eager=False)
         seqs = [engine.add_request(random_prompt(n, VOCAB, seed=n), greedy(8), auto) for n in (700, 1500)]
         while engine.has_unfinished():
             engine.step()

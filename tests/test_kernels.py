@@ -109,12 +109,25 @@ def check_decode(
 
 
 def check_prefill(
-    chunks: list[tuple[int, int]], kv_heads: int, group: int, head_dim: int, page_size: int, dtype, **kw
+    chunks: list[tuple[int, int]],
+    kv_heads: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    dtype,
+    head_starts: list[list[int]] | None = None,
+    **kw,
 ) -> None:
-    """chunks: (start, num_tokens) of each sequence; each sequence's pages hold start + T tokens."""
-    starts = torch.tensor([s for s, _ in chunks])
+    """chunks: (start, num_tokens) of each sequence; each sequence's pages hold start + T tokens.
+    head_starts [S][H]: each head's own prefix instead of `start` (a compressed cached context: the
+    chunk follows every head's own kept tokens), passed to the kernel as starts [S, H]."""
     sizes = torch.tensor([t for _, t in chunks])
-    totals = (starts + sizes)[:, None].expand(-1, kv_heads)  # [S, H]
+    if head_starts is None:
+        starts = torch.tensor([s for s, _ in chunks])
+        prefixes = starts[:, None].expand(-1, kv_heads)  # [S, H]
+    else:
+        starts = prefixes = torch.tensor(head_starts)  # [S, H]
+    totals = prefixes + sizes[:, None]  # [S, H]
     max_pages = int(-(-totals.max() // page_size))
     num_pages = len(chunks) * kv_heads * max_pages + 5
     pool = random_pool(num_pages, page_size, head_dim, dtype)
@@ -125,11 +138,20 @@ def check_prefill(
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     kernels.prefill_attention(
-        q, pool, tables, cu.to(DEVICE), starts.to(DEVICE), int(sizes.max()), scale, out=out, **kw
+        q,
+        pool,
+        tables,
+        cu.to(DEVICE),
+        starts.to(torch.int32).to(DEVICE),
+        int(sizes.max()),
+        scale,
+        out=out,
+        **kw,
     )
     pool32 = pool.float()
-    for i, (start, _) in enumerate(chunks):
+    for i in range(len(chunks)):
         lo, hi = int(cu[i]), int(cu[i + 1])
+        start = int(starts[i]) if head_starts is None else prefixes[i]
         # The reference in pieces of rows: its scores are [H, G, rows, keys], 1 GB at 256 x 32K.
         want = torch.cat(
             [
@@ -257,6 +279,20 @@ def test_prefill_small(dtype, page_size, block_n, group, fold_scale) -> None:
     check_prefill(chunks, 2, group, 32, page_size, dtype, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size,block_n", [(16, 16), (8, 16)])
+@pytest.mark.parametrize("group", [1, 3])
+def test_prefill_small_per_head_prefixes(dtype, page_size, block_n, group) -> None:
+    """Chunks over per-head prefixes (a compressed cached context): empty heads, whole pages, lengths
+    off a page or block edge, one head far longer than its neighbours; 1-token and multi-block chunks."""
+    torch.manual_seed(2500 + page_size + group)
+    chunks = [(0, 1), (0, 21), (0, 9), (0, 40)]
+    head_starts = [[0, 16], [32, 5], [48, 0], [17, 64]]
+    for fold_scale in (False, True):
+        kw = dict(block_m=16, block_n=block_n, num_warps=4, fold_scale=fold_scale)
+        check_prefill(chunks, 2, group, 32, page_size, dtype, head_starts=head_starts, **kw)
+
+
 def test_store_kv_one_token_with_broadcast_offsets() -> None:
     """A one-token prefill chunk: every head's slot offset is one broadcast value (a stride-0 view),
     which flattens to a view of one element; the kernel must still read one offset per row (it read
@@ -377,6 +413,24 @@ def test_prefill_gpu_llama8b(dtype, page_size) -> None:
     torch.manual_seed(10 + page_size)
     chunks = [(0, 4096), (30000, 512), (4097, 300), (0, 1), (32768 - 777, 777), (63, 1)]
     check_prefill(chunks, 8, 4, 128, page_size, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_prefill_gpu_llama8b_per_head_prefixes(dtype, page_size) -> None:
+    """Questions over compressed 32K contexts: every head keeps its own whole pages of the context
+    (about half of it, as at retention 0.5 with an adaptive budget), a whole-prefill chunk after a
+    short context, and the engine's default tile and a sweep config."""
+    torch.manual_seed(40 + page_size)
+    gen = torch.Generator().manual_seed(page_size)
+    kept = torch.randint(4096, 28672, (3, 8), generator=gen) // page_size * page_size  # [S, H]
+    kept[1, 3] = 0  # a head that kept nothing of its context
+    chunks = [(0, 2048), (0, 77), (0, 1)]
+    check_prefill(chunks, 8, 4, 128, page_size, dtype, head_starts=kept.tolist())
+    short = [[page_size * (h + 1) for h in range(8)]]
+    check_prefill([(0, 2048)], 8, 4, 128, page_size, dtype, head_starts=short, block_m=128, block_n=64)
 
 
 @gpu

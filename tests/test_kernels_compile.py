@@ -73,13 +73,16 @@ for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32")):
         results.append(compile_for_sm90(_decode_balanced_merge_kernel, out, dict(H=8, G=4, D=128, BLOCK_S=block_s), num_warps=4))
     results.append(compile_for_sm90(_decode_merge_kernel, {k: v for k, v in out.items() if k not in ("ends_ptr", "num_heads", "min_tiles", "num_programs")} | {"num_splits": "i32"},
                                     dict(HQ=32, D=128, BLOCK_S=64), num_warps=4))
-# Prefill (the Triton path: short chunks, unaligned prefixes), the compactor's scoring kernels.
-results.append(compile_for_sm90(
-    _prefill_kernel,
-    {"q_ptr": "*bf16", "kv_ptr": "*bf16", "pt_ptr": "*i32", "cu_ptr": "*i32", "starts_ptr": "*i32", "out_ptr": "*bf16",
-     "scale_log2": "fp32", **{s: "i32" for s in ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_ps", "stride_ph"]}},
-    dict(H=8, G=4, D=128, PAGE_SIZE=16, BLOCK_M=256, BLOCK_N=64, PRECISION="tf32", UPCAST=False, FOLD=False),
-    num_warps=8, num_stages=3))
+# Prefill (the Triton path: short chunks, unaligned prefixes; per-head prefixes over a cached
+# context), the compactor's scoring kernels.
+for head_starts in (False, True):
+    results.append(compile_for_sm90(
+        _prefill_kernel,
+        {"q_ptr": "*bf16", "kv_ptr": "*bf16", "pt_ptr": "*i32", "cu_ptr": "*i32", "starts_ptr": "*i32", "out_ptr": "*bf16",
+         "scale_log2": "fp32", **{s: "i32" for s in ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_ps", "stride_ph"]}},
+        dict(H=8, G=4, D=128, PAGE_SIZE=16, BLOCK_M=256, BLOCK_N=64, PRECISION="tf32", UPCAST=False, FOLD=False,
+             HEAD_STARTS=head_starts),
+        num_warps=8, num_stages=3))
 for block_b in (128, 256):
     results.append(compile_for_sm90(
         _attention_mass_kernel,
@@ -110,7 +113,7 @@ def test_kernels_compile_for_hopper() -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout)
-    assert len(results) == 2 * (2 * 4 + 3) + 4 + 2
+    assert len(results) == 2 * (2 * 4 + 3) + 5 + 2
     for r in results:
         assert 0 < r["shared"] <= SM90_SHARED_BYTES, r
         if r["kernel"] in ("_decode_balanced_kernel", "_decode_split_kernel", "_prefill_kernel"):

@@ -149,3 +149,51 @@ def test_large_reservation_is_vectorised() -> None:
         best = min(best, time.perf_counter() - t0)
     pool.assert_no_leaks()
     assert best < 0.03, best
+
+
+def test_a_shared_page_goes_back_with_its_last_holder() -> None:
+    """A cached context's page is held by the cache and by each request reading it: `share` adds a
+    holder, `free` drops one, and the page returns to the free stack only with the last."""
+    pool = make_pool(10)
+    pages = pool.allocate(3)
+    pool.share(pages[:2])
+    pool.share(pages[:1])
+    assert pool.holders(pages).tolist() == [3, 2, 1]
+    pool.free(pages)  # one holder fewer each: the third page is free again
+    assert pool.num_used == 2 and pool.holders(pages).tolist() == [2, 1, 0]
+    pool.free(pages[:2])
+    pool.free(pages[:1])
+    pool.assert_no_leaks()
+    assert sorted(pool.allocate(10)) == list(range(10))  # nothing lost or duplicated
+    for bad, match in (([pages[0], pages[0]], "twice"), ([11], "outside the pool")):
+        with pytest.raises(RuntimeError, match=match):
+            pool.share(bad)
+    pool.free(pages[:1])
+    with pytest.raises(RuntimeError, match="share of a free"):
+        pool.share(pages[:1])
+    assert pool.num_used == 9
+
+
+def test_leak_check_tells_cached_pages_from_leaked_ones() -> None:
+    """With no request running, the pages the context cache holds are in use and not a leak, as long
+    as the cache is their only holder; anything else in use is a leak."""
+    pool = make_pool(10)
+    pages = pool.allocate(4)
+    pool.mark_cached(np.array(pages[:2]), True)
+    with pytest.raises(AssertionError, match="2 pages in use beyond the 2"):
+        pool.assert_no_leaks()
+    pool.free(pages[2:])
+    pool.assert_no_leaks()
+    pool.share(pages[:1])  # a request still reading a cached page after it ended: a leak
+    with pytest.raises(AssertionError, match="second holder"):
+        pool.assert_no_leaks()
+    pool.free(pages[:1])
+    pool.assert_no_leaks()
+    with pytest.raises(RuntimeError, match="context cache still holds"):
+        pool.free(pages[:1])  # the cache unflags before it lets go
+    with pytest.raises(RuntimeError, match="already flagged"):
+        pool.mark_cached(np.array(pages[:1]), True)
+    pool.mark_cached(np.array(pages[:2]), False)
+    pool.free(pages[:2])
+    assert pool.num_cached == 0
+    pool.assert_no_leaks()

@@ -1,21 +1,20 @@
-"""Prometheus endpoints of the three services, the request id in every service's log lines, and
-bounded admission (RESOURCE_EXHAUSTED, retryable) on the coordinator and the prefill service."""
+"""Prometheus endpoints of the three services (parsed by prometheus_client's own parser), deadlines
+counted apart from cancels, the request id in every service's log lines, and bounded admission
+(RESOURCE_EXHAUSTED, retryable) on the coordinator and the prefill service."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from builders import TinyModel
-from cluster import ClusterSpec, InProcessCluster
+from cluster import ClusterSpec, InProcessCluster, scrape_url
 
 from kvferry.clients import Client, KvferryRpcError
-from kvferry.serving.metrics import Registry, parse_text
+from kvferry.serving.metrics import RATIO_BUCKETS, new_registry
 from kvferry.serving.request_context import RequestIdFilter
 from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -43,10 +42,7 @@ def cluster(tiny_model: Callable[[str], TinyModel]) -> Iterator[InProcessCluster
 
 
 def scrape(cluster: InProcessCluster, node: str) -> dict[str, float]:
-    port = cluster.hosts[node].metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        return parse_text(reply.read().decode())
+    return scrape_url(f"http://127.0.0.1:{cluster.hosts[node].metrics_port}/metrics")
 
 
 def test_metrics_endpoints(cluster: InProcessCluster) -> None:
@@ -62,15 +58,19 @@ def test_metrics_endpoints(cluster: InProcessCluster) -> None:
     cluster.assert_no_leaks()
     c, p, d = (scrape(cluster, n) for n in ("coordinator", "prefill", "decode"))
     assert c['kvferry_requests_total{outcome="ok"}'] >= 1
-    assert c["kvferry_ttft_seconds_count"] >= 1 and c["kvferry_tpot_seconds_count"] >= 1
-    assert c['kvferry_ttft_seconds_bucket{le="+Inf"}'] == c["kvferry_ttft_seconds_count"]
+    assert c["kvferry_time_to_first_token_seconds_count"] >= 1
+    assert c["kvferry_time_per_output_token_seconds_count"] >= 1
+    ttft_count = c["kvferry_time_to_first_token_seconds_count"]
+    assert c['kvferry_time_to_first_token_seconds_bucket{le="+Inf"}'] == ttft_count
+    assert c["kvferry_e2e_request_latency_seconds_count"] == ttft_count
+    assert c["kvferry_prompt_tokens_total"] >= 199 and c["kvferry_generation_tokens_total"] >= 5
     assert c["kvferry_retention_ratio_count"] >= 1
     assert 0 < c["kvferry_kv_bytes_shipped_total"] < c["kvferry_kv_bytes_uncompressed_total"]
     assert c["kvferry_kv_transfer_seconds_count"] >= 1
     assert (
-        c['kvferry_rpc_requests_total{method="kvferry.v1.CoordinatorService/GenerateUnary",code="OK"}'] >= 1
+        c['kvferry_rpc_requests_total{code="OK",method="kvferry.v1.CoordinatorService/GenerateUnary"}'] >= 1
     )
-    assert p['kvferry_rpc_requests_total{method="kvferry.v1.PrefillService/Prefill",code="OK"}'] >= 1
+    assert p['kvferry_rpc_requests_total{code="OK",method="kvferry.v1.PrefillService/Prefill"}'] >= 1
     assert p["kvferry_kv_bytes_shipped_total"] == c["kvferry_kv_bytes_shipped_total"]
     assert p["kvferry_prefill_queue_depth"] == 0 and p["kvferry_prefill_seconds_count"] >= 1
     assert p['kvferry_chosen_retention_ratio_count{mode="ratio"}'] >= 1
@@ -79,12 +79,10 @@ def test_metrics_endpoints(cluster: InProcessCluster) -> None:
     for s in (p, d):  # pages: all free again, and the states add up
         assert s['kvferry_kv_pages{state="total"}'] == s['kvferry_kv_pages{state="free"}'] > 0
         assert s['kvferry_kv_pages{state="used"}'] == s['kvferry_kv_pages{state="reserved"}'] == 0
-        assert s['kvferry_engine_sequences{state="waiting"}'] == 0
-    assert d["kvferry_decode_reservations"] == 0
-    port = cluster.hosts["decode"].metrics_port
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
-    assert err.value.code == 404
+        assert s["kvferry_num_requests_waiting"] == s["kvferry_num_requests_running"] == 0
+        assert s["kvferry_kv_cache_usage_perc"] == 0
+    assert d["kvferry_decode_reservations"] == 0 and d["kvferry_decode_leases_expired_total"] == 0
+    assert 'kvferry_gc_pause_seconds_count{generation="0"}' not in c  # in-process hosts leave GC alone
 
 
 def test_auto_retention_choices_are_a_histogram(cluster: InProcessCluster) -> None:
@@ -96,25 +94,35 @@ def test_auto_retention_choices_are_a_histogram(cluster: InProcessCluster) -> No
     assert 0 < chosen < 1
     p = scrape(cluster, "prefill")
     assert p['kvferry_chosen_retention_ratio_count{mode="auto"}'] == before + 1
-    upper = min(b for b in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0) if chosen <= b)
-    assert p[f'kvferry_chosen_retention_ratio_bucket{{mode="auto",le="{upper:g}"}}'] >= 1
+    upper = min(b for b in RATIO_BUCKETS if chosen <= b)
+    assert p[f'kvferry_chosen_retention_ratio_bucket{{le="{upper!r}",mode="auto"}}'] >= 1
     cluster.assert_no_leaks()
 
 
-def test_exposition_format() -> None:
-    registry = Registry()
-    registry.counter("a_total", "a counter", ["x"]).inc(2, x='q"uote')
-    h = registry.histogram("h_seconds", "a histogram", buckets=(0.1, 1.0))
-    h.observe(0.05)
-    h.observe(0.5)
-    h.observe(5)
-    registry.gauge("g", "a gauge").set(1.5)
-    text = registry.render()
-    assert "# TYPE a_total counter" in text and 'a_total{x="q\\"uote"} 2' in text
-    samples = parse_text(text)
-    assert samples['h_seconds_bucket{le="0.1"}'] == 1 and samples['h_seconds_bucket{le="1"}'] == 2
-    assert samples['h_seconds_bucket{le="+Inf"}'] == 3 and samples["h_seconds_count"] == 3
-    assert samples["h_seconds_sum"] == pytest.approx(5.55) and samples["g"] == 1.5
+def test_a_deadline_is_counted_apart_from_a_cancel(cluster: InProcessCluster) -> None:
+    """Issue 19: a request whose deadline passes is DEADLINE_EXCEEDED in the metrics (the coordinator's
+    outcome and its gRPC call code), a stream the client closes is CANCELLED."""
+    method = "kvferry.v1.CoordinatorService/Generate"
+    before = scrape(cluster, "coordinator")
+    with Client(cluster.coordinator_address, timeout=30) as client:
+        # the deadline passes while the request is in the (stalled) prefill engine
+        with cluster.stalled("prefill"), pytest.raises(KvferryRpcError) as err:
+            list(client.stream([1, 2, 3, 4], max_new_tokens=4, timeout=0.3))
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        cluster.assert_no_leaks()
+        stream = client.stream(list(range(1, 50)), max_new_tokens=400, temperature=0, ignore_eos=True)
+        next(stream)
+        stream.close()  # the client leaves mid-stream
+    cluster.assert_no_leaks()
+    after = scrape(cluster, "coordinator")
+
+    def grew(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew('kvferry_requests_total{outcome="deadline_exceeded"}') == 1
+    assert grew('kvferry_requests_total{outcome="cancelled"}') == 1
+    assert grew(f'kvferry_rpc_requests_total{{code="DEADLINE_EXCEEDED",method="{method}"}}') == 1
+    assert grew(f'kvferry_rpc_requests_total{{code="CANCELLED",method="{method}"}}') == 1
 
 
 def test_request_id_is_in_every_services_log_lines(cluster: InProcessCluster) -> None:
@@ -192,23 +200,22 @@ def test_prefill_refuses_beyond_max_pending_requests(cluster: InProcessCluster) 
     cluster.assert_no_leaks()
 
 
-def test_metrics_server_survives_garbage() -> None:
-    from kvferry.serving.metrics import MetricsServer
+def test_metrics_endpoint_refuses_a_taken_port_and_frees_its_own() -> None:
+    """prometheus_client's server on a service's metrics port: a port already bound fails the start
+    (one process per port), and stop() gives the port back."""
+    import socket
 
-    async def go() -> bytes:
-        server = MetricsServer(Registry(), "127.0.0.1", 0)
-        port = await server.start()
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"\xff\xfe garbage\r\n\r\n")
-            await writer.drain()
-            reply = await reader.read()
-            writer.close()
-            return reply
-        finally:
-            await server.stop()
+    from kvferry.serving.metrics import MetricsEndpoint
 
-    assert asyncio.run(go()).startswith(b"HTTP/1.1 404")
+    endpoint = MetricsEndpoint(new_registry(), "127.0.0.1", 0)
+    port = endpoint.start()
+    try:
+        with pytest.raises(OSError):
+            MetricsEndpoint(new_registry(), "127.0.0.1", port).start()
+    finally:
+        endpoint.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again
 
 
 def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -216,7 +223,7 @@ def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog: pytest.
 
     from kvferry.serving import gc_pauses
 
-    registry = Registry()
+    registry = new_registry()
     pauses = gc_pauses.GcPauses(registry)
     pauses.install()
     try:
@@ -225,9 +232,9 @@ def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog: pytest.
     finally:
         pauses.uninstall()
     gc.collect()  # not counted: uninstalled
-    samples = parse_text(registry.render())
-    assert samples['kvferry_gc_pause_seconds_count{generation="2"}'] == 1
-    assert samples['kvferry_gc_pause_seconds_count{generation="0"}'] >= 1
+    count = "kvferry_gc_pause_seconds_count"
+    assert registry.get_sample_value(count, {"generation": "2"}) == 1
+    assert registry.get_sample_value(count, {"generation": "0"}) >= 1
     with caplog.at_level(logging.INFO, logger="kvferry.serving.gc_pauses"):
         pauses._callback("start", {})
         pauses._started -= 0.05  # a 50 ms pause

@@ -18,6 +18,11 @@ DOCUMENT = long_document(30, "The access code of the north gate is 5093.", seed=
 QUESTION = "What is the access code of the north gate?"
 
 
+def encode(tokenizer: object, **request: object) -> tuple[list[int], CompressionParams]:
+    encoded = encode_request(tokenizer, **request)  # type: ignore[arg-type]
+    return encoded.ids, encoded.compression  # type: ignore[return-value]
+
+
 def protected_text(llm: LLM, ids: list[int], params: CompressionParams) -> list[str]:
     return [llm.tokenizer.decode(ids[a:b]) for a, b in params.protected_spans]
 
@@ -25,19 +30,19 @@ def protected_text(llm: LLM, ids: list[int], params: CompressionParams) -> list[
 def test_question_is_appended_and_kept(chat_llm: LLM) -> None:
     tok = chat_llm.tokenizer
     params = CompressionParams(retention=0.1)
-    chat_ids, chat_params = encode_request(
+    chat_ids, chat_params = encode(
         tok, messages=[{"role": "user", "content": DOCUMENT}], question=QUESTION, compression=params
     )
     joined = [{"role": "user", "content": DOCUMENT + QUESTION_SEPARATOR + QUESTION}]
-    assert chat_ids == encode_request(tok, messages=joined)[0]  # the same prompt as writing it out
+    assert chat_ids == encode(tok, messages=joined)[0]  # the same prompt as writing it out
     (span,) = chat_params.protected_spans
     assert tok.decode(chat_ids[span[0] : span[1]]).lstrip().startswith(QUESTION)
     assert span[1] == len(chat_ids) and span[1] - span[0] < 30  # the question and the generation prompt
-    text_ids, text_params = encode_request(tok, prompt=DOCUMENT, question=QUESTION, compression=params)
-    assert text_ids == encode_request(tok, prompt=DOCUMENT + QUESTION_SEPARATOR + QUESTION)[0]
+    text_ids, text_params = encode(tok, prompt=DOCUMENT, question=QUESTION, compression=params)
+    assert text_ids == encode(tok, prompt=DOCUMENT + QUESTION_SEPARATOR + QUESTION)[0]
     assert protected_text(chat_llm, text_ids, text_params)[0].strip() == QUESTION
     # token ids: the question's own tokens after them
-    ids_ids, ids_params = encode_request(tok, prompt=[7, 8, 9], question=QUESTION, compression=params)
+    ids_ids, ids_params = encode(tok, prompt=[7, 8, 9], question=QUESTION, compression=params)
     assert ids_ids[:3] == [7, 8, 9] and ids_params.protected_spans == [(3, len(ids_ids))]
     assert tok.decode(ids_ids[3:]).strip() == QUESTION
 
@@ -46,7 +51,7 @@ def test_question_survives_any_retention(chat_llm: LLM) -> None:
     chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": DOCUMENT}]
     params = CompressionParams(retention=0.01, sink=0, recent=0)
     (out,) = chat_llm.generate_chat([chat], greedy(3), compression=params, question=QUESTION)
-    ids, encoded = encode_request(chat_llm.tokenizer, messages=chat, question=QUESTION, compression=params)
+    ids, encoded = encode(chat_llm.tokenizer, messages=chat, question=QUESTION, compression=params)
     (span,) = encoded.protected_spans
     assert out.prompt_token_ids == ids
     assert out.stats.protected_tokens == span[1] - span[0]
@@ -65,27 +70,25 @@ def test_protect_question_keeps_just_the_trailing_question(chat_llm: LLM) -> Non
     tok = chat_llm.tokenizer
     content = DOCUMENT + "\n\nAnswer from the document. " + QUESTION
     params = CompressionParams(protect_question=True)
-    ids, found = encode_request(tok, messages=[{"role": "user", "content": content}], compression=params)
+    ids, found = encode(tok, messages=[{"role": "user", "content": content}], compression=params)
     (text,) = protected_text(chat_llm, ids, found)
     assert text.lstrip().startswith("Answer from the document. " + QUESTION)  # both sentences: they fit
     assert "5093" not in text  # never back across the blank line into the document
-    text_ids, text_found = encode_request(tok, prompt=content, compression=params)
+    text_ids, text_found = encode(tok, prompt=content, compression=params)
     assert (
         protected_text(chat_llm, text_ids, text_found)[0].strip() == "Answer from the document. " + QUESTION
     )
     # at most question_tokens: whole sentences while they fit, then words of the last one
     (short,) = protected_text(
         chat_llm,
-        *encode_request(
+        *encode(
             tok, prompt=content, compression=CompressionParams(protect_question=True, question_tokens=12)
         ),
     )
     assert short.strip() == QUESTION
     (words,) = protected_text(
         chat_llm,
-        *encode_request(
-            tok, prompt=content, compression=CompressionParams(protect_question=True, question_tokens=4)
-        ),
+        *encode(tok, prompt=content, compression=CompressionParams(protect_question=True, question_tokens=4)),
     )
     assert QUESTION.endswith(words.strip()) and 0 < len(tok(words.strip()).input_ids) <= 5
 
@@ -129,3 +132,15 @@ def test_question_needs_a_tokenizer(tiny_model) -> None:  # type: ignore[no-unty
     with pytest.raises(InvalidArgumentError) as err:
         encode_request(None, prompt=[1, 2, 3], question=QUESTION)
     assert err.value.field == "question" and tiny.loaded.tokenizer is None
+
+
+def test_question_after_a_context(chat_llm: LLM) -> None:
+    """With a context in front (the context cache's form of a prompt), the question's span moves with it."""
+    tok = chat_llm.tokenizer
+    encoded = encode_request(tok, prompt="Which gate?", context=DOCUMENT, question=QUESTION, compression={})
+    head = tok(DOCUMENT).input_ids
+    assert encoded.context_len == len(head) and encoded.ids[: len(head)] == head
+    (span,) = encoded.compression.protected_spans
+    assert tok.decode(encoded.ids[span[0] : span[1]]).strip() == QUESTION and span[1] == len(encoded.ids)
+    chat = [{"role": "system", "content": DOCUMENT}, {"role": "user", "content": "Which gate?"}]
+    assert encode_request(tok, messages=chat, question=QUESTION, chat_context=True).context_len > len(head)

@@ -5,6 +5,7 @@ ReserveKV before anything is reserved."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def cluster(
             tls_ca=str(pki.ca),  # every outgoing channel verifies its peer
         ),
         # the client-facing port: TLS and a bearer token (clients carry no certificate)
-        coordinator=dict(tls_client_ca=None, auth_token_file=str(token_file)),
+        coordinator=dict(tls_client_ca=None, auth_token_file=str(token_file), http_port=0),
     )
     c = InProcessCluster(spec).start()
     yield c
@@ -72,6 +73,34 @@ def secure_client(cluster: InProcessCluster, pki: Pki, **kwargs: Any) -> Client:
 
 
 # ---- the client-facing API: TLS + bearer token ----------------------------------------------------
+def test_the_http_api_serves_https_with_the_same_certificate_and_token(
+    cluster: InProcessCluster, pki: Pki
+) -> None:
+    import httpx
+
+    port = cluster.hosts["coordinator"].http_port
+    body = {"model": "x", "prompt": [1, 2, 3], "max_tokens": 2}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=30) as https:
+        assert https.get(f"https://127.0.0.1:{port}/health").status_code == 200
+        refused = https.post(f"https://127.0.0.1:{port}/v1/completions", json=body)
+        assert refused.status_code == 401  # checked before anything else
+        model = https.get(f"https://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"})
+        body["model"] = model.json()["data"][0]["id"]
+        served = https.post(
+            f"https://127.0.0.1:{port}/v1/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] >= 1
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    with pytest.raises(httpx.ConnectError):  # a client trusting another CA
+        httpx.get(
+            f"https://127.0.0.1:{port}/health", verify=ssl.create_default_context(cafile=str(pki.rogue_ca))
+        )
+    cluster.assert_no_leaks()
+
+
 def test_tls_with_token_serves_and_frees_everything(cluster: InProcessCluster, pki: Pki) -> None:
     with secure_client(cluster, pki) as client:
         r = client.generate(list(range(1, 60)), max_new_tokens=6, temperature=0, ignore_eos=True)

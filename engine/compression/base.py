@@ -31,6 +31,10 @@ class Scorer:
     # True when raw scores of different layers share one scale (needed by the `global` budget to be
     # meaningful); z-standardised or rank-like scores are only comparable within a layer.
     comparable_across_layers: ClassVar[bool] = False
+    # True when a token's score does not depend on what comes after the scored text (no question in
+    # it): only such a method may compress a context once for every later question (a cached context,
+    # engine/context_cache.py). Methods that score from the prompt's last queries must leave it False.
+    query_agnostic: ClassVar[bool] = False
 
     def __init__(self, params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> None:
         self.params = params

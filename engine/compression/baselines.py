@@ -13,6 +13,8 @@ class StreamingScorer(Scorer):
     """StreamingLLM: the later a token, the higher its score. The sinks are the `sink` protection
     (default 4), so under a budget it keeps the first `sink` tokens and the most recent ones."""
 
+    query_agnostic = True
+
     def scores(self) -> torch.Tensor:
         s = self.shape
         position = torch.arange(s.prompt_len, dtype=torch.float32)
@@ -23,6 +25,8 @@ class StreamingScorer(Scorer):
 class RandomScorer(Scorer):
     """Uniform random scores from `seed`: what any scorer must beat."""
 
+    query_agnostic = True
+
     def scores(self) -> torch.Tensor:
         s = self.shape
         gen = torch.Generator().manual_seed(self.params.seed)
@@ -32,6 +36,8 @@ class RandomScorer(Scorer):
 @register("none")
 class NoCompression(Scorer):
     """Keeps every token; CompressionParams(method="none").active is False, so it never runs."""
+
+    query_agnostic = True
 
     def scores(self) -> torch.Tensor:
         s = self.shape

@@ -47,6 +47,7 @@ def layers_per_leverage_launch(
 
 @register("compactor")
 class CompactorScorer(Scorer):
+    query_agnostic = True  # key leverage and block-local attention mass: the text alone decides
     # On CUDA: the fused Triton kernels (kernels/leverage_scores.py, kernels/attention_mass.py),
     # launched on a side stream so scoring overlaps the prefill's own work. Off CUDA, or with
     # use_kernels False: the PyTorch reference below. Class knobs, for tests and benchmarks.

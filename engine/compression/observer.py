@@ -62,9 +62,10 @@ class CompressionObserver:
             self.context_nll.observe(logits_of, hidden, start)
             self.seconds += time.perf_counter() - t0
 
-    def compress(self, seq: Sequence) -> None:
-        """The whole prompt is cached: decide the budget (auto: from the measured context), select each
-        head's tokens and compact its pages in place."""
+    def compress(self, seq: Sequence, round_to: int = 1) -> None:
+        """The whole prompt (or context) is cached: decide the budget (auto: from the measured context),
+        select each head's tokens and compact its pages in place; `round_to` whole pages per head for a
+        cached context (select_tokens)."""
         assert seq.kv is not None
         t0 = time.perf_counter()
         params = self.params
@@ -73,12 +74,12 @@ class CompressionObserver:
             params = params.with_retention(self.calibration.choose(nll, params.quality_target))
             seq.stats.context_nll = nll
             self.scorer.params = params
-        n = seq.num_prompt_tokens
+        n = self.scorer.shape.prompt_len  # the tokens compressed: the prompt, or its cached context
         seq.stats.chosen_retention = float(params.retention)  # type: ignore[arg-type]
         seq.stats.protected_tokens = int(
             protected_mask(n, params.sink, params.recent, params.protected_spans).sum()
         )
-        compress_kv(seq.kv, self.scorer.scores(), params)
+        compress_kv(seq.kv, self.scorer.scores(), params, round_to)
         _cover_decode_growth(seq)
         self.seconds += time.perf_counter() - t0
         seq.stats.scoring_seconds = self.seconds
@@ -86,17 +87,24 @@ class CompressionObserver:
 
 def make_observer(seq: Sequence, calibration: ModelCalibration | None = None) -> CompressionObserver | None:
     """The observer for a request about to start prefill, or None when it keeps its whole cache.
-    `calibration`: the engine's model fits, which retention="auto" chooses by."""
-    params = seq.compression
+    A request with a cached context (engine/context_cache.py) compresses its context on its own and
+    nothing after it: the observer covers the context's tokens, and only while this request computes
+    the context (not on a cache hit). `calibration`: the engine's model fits, which retention="auto"
+    chooses by (from the NLL of the tokens it compresses)."""
+    params, n = seq.compression, seq.num_prompt_tokens
+    if seq.context_len:
+        if not seq.context_pending:
+            return None
+        params, n = seq.context_params, seq.context_len
     if not isinstance(params, CompressionParams) or not params.active:
         return None
     assert seq.kv is not None, "pages are assigned at admission, before the first prefill chunk"
-    shape = PromptShape(seq.kv.num_layers, seq.kv.num_kv_heads, seq.num_prompt_tokens)
+    shape = PromptShape(seq.kv.num_layers, seq.kv.num_kv_heads, n)
     scorer = make_scorer(params, shape, seq.kv)
     if not params.auto:
         return CompressionObserver(params, scorer)
     fits = calibration or ModelCalibration()
-    nll = ContextNLL(seq.prompt_token_ids, seq.kv.pool.kv.device)
+    nll = ContextNLL(seq.prompt_token_ids[:n], seq.kv.pool.kv.device)
     return CompressionObserver(params, scorer, nll, fits.for_method(params.method))
 
 

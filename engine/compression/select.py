@@ -17,22 +17,41 @@ from kvferry.engine.page_table import SequenceKV
 from kvferry.engine.uploads import upload
 
 
-def select_tokens(scores: torch.Tensor, params: CompressionParams) -> tuple[torch.Tensor, torch.Tensor]:
+def select_tokens(
+    scores: torch.Tensor, params: CompressionParams, round_to: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [L, H, n] -> kept positions [L, H, K] (ascending, -1 padded; on the scores' device) and
     kept_lens [L, H] (int64, on the host).
 
     A uniform budget keeps the same number of tokens in every head, known on the host: its positions
-    come from one top-k and a sort of the kept ones, and the host never waits for the GPU."""
+    come from one top-k and a sort of the kept ones, and the host never waits for the GPU.
+    `round_to` (the page size, for a cached context) raises each head's count to a multiple of it,
+    at most n, with its next-best tokens: they fill the head's last page, which is allocated anyway,
+    so no head ends in a partly filled page that a sequence could later write into."""
     n = scores.shape[-1]
     protected = protected_mask(n, params.sink, params.recent, params.protected_spans)  # on the host
     on_device = upload(protected, scores.device)
     if params.budget == "uniform":
         share = max(uniform_share(n, params.retention), int(protected.sum()))
+        share = min(n, -(-share // round_to) * round_to)
         s = scores.float().masked_fill(on_device, float("inf"))
         kept = torch.topk(s, share, dim=-1, sorted=False).indices.sort(dim=-1).values
         return kept, torch.full(scores.shape[:2], share, dtype=torch.int64)
-    kept, lens = mask_to_indices(keep_mask(scores, on_device, params))
+    mask = keep_mask(scores, on_device, params)
+    if round_to > 1:
+        mask = round_up_kept(mask, scores, round_to)
+    kept, lens = mask_to_indices(mask)
     return kept, lens.cpu()
+
+
+def round_up_kept(mask: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Bool [L, H, n]: each head's kept set grown with its best dropped tokens to a multiple of
+    `multiple` tokens (at most n)."""
+    n = mask.shape[-1]
+    target = torch.clamp(-(-mask.sum(dim=-1) // multiple) * multiple, max=n)  # [L, H]
+    order = scores.float().masked_fill(mask, float("inf")).argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=mask.device).expand_as(order))
+    return rank < target[..., None]
 
 
 def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +121,12 @@ def compact_in_place(seq_kv: SequenceKV, kept: torch.Tensor, kept_lens: torch.Te
     seq_kv.set_heads(kept_lens, table, dropped)
 
 
-def compress_kv(seq_kv: SequenceKV, scores: torch.Tensor, params: CompressionParams) -> None:
-    """Select with `params` and compact the sequence's cache in place; a no-op if every head keeps all."""
-    kept, kept_lens = select_tokens(scores, params)
+def compress_kv(
+    seq_kv: SequenceKV, scores: torch.Tensor, params: CompressionParams, round_to: int = 1
+) -> None:
+    """Select with `params` and compact the sequence's cache in place; a no-op if every head keeps all.
+    `round_to`: see select_tokens."""
+    kept, kept_lens = select_tokens(scores, params, round_to)
     if bool((kept_lens == seq_kv.head_lens).all()):
         return
     compact_in_place(seq_kv, kept, kept_lens)

@@ -35,23 +35,26 @@ def gather_heads(
 
 
 def prefill_attention(
-    q: torch.Tensor, pool_kv: torch.Tensor, page_table: torch.Tensor, start: int, scale: float
+    q: torch.Tensor, pool_kv: torch.Tensor, page_table: torch.Tensor, start: int | torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Causal attention of a chunk over a sequence's cached prefix plus itself.
 
-    q [T, Hq, D] at positions start..start+T-1; page_table [H, max_pages] already holds the chunk's
-    K/V (every head has start+T tokens, in position order). Returns [T, Hq, D].
+    q [T, Hq, D]; page_table [H, max_pages] already holds the chunk's K/V after each head's prefix.
+    `start`: the tokens every head holds before the chunk (the chunk's first position), or per-head
+    prefix lengths [H] (a compressed, head-sparse cached context: head h keeps start[h] tokens of it,
+    then the chunk). Chunk token t sees its head's whole prefix and chunk tokens 0..t. Returns [T, Hq, D].
     """
     t, hq, d = q.shape
     h = page_table.shape[0]
-    total = start + t
+    prefix = torch.as_tensor(start).to(torch.int64).cpu().expand(h)  # [H]
+    total = int(prefix.max()) + t
     page_size = pool_kv.shape[2]
     k, v = gather_heads(pool_kv, page_table, -(-total // page_size))
-    k, v = k[:, :total].float(), v[:, :total].float()  # [H, L, D]
+    k, v = k[:, :total].float(), v[:, :total].float()  # [H, L, D]; past a head's prefix + t: masked
     qg = q.float().view(t, h, hq // h, d).permute(1, 2, 0, 3)  # [H, G, T, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)[:, None]) * scale  # [H, G, T, L]
-    causal = torch.arange(total)[None, :] <= (start + torch.arange(t))[:, None]  # [T, L]
-    scores = scores.masked_fill(~causal.to(scores.device), float("-inf"))
+    visible = torch.arange(total)[None, None, :] <= (prefix[:, None] + torch.arange(t)[None, :])[..., None]
+    scores = scores.masked_fill(~visible[:, None].to(scores.device), float("-inf"))  # [H, 1, T, L] mask
     out = torch.matmul(torch.softmax(scores, dim=-1), v[:, None])  # [H, G, T, D]
     return out.permute(2, 0, 1, 3).reshape(t, hq, d).to(q.dtype)
 
