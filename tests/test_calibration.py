@@ -213,6 +213,40 @@ def test_keep_tokens_keeps_that_many_per_head(llm: LLM, tiny_model: Callable[[st
     llm.engine.pool.assert_no_leaks()
 
 
+def test_auto_and_keep_tokens_on_a_cached_context(tiny_model: Callable[[str], TinyModel]) -> None:
+    """With a cached context the budget is the context's: auto reads the context's NLL alone (a hit
+    reports what the miss chose), keep_tokens counts the context's tokens."""
+    tiny = tiny_model("llama")
+    engine = tiny.engine(page_size=PAGE, prefill_chunk=64, max_model_len=512)
+    context = random_prompt(240, tiny.vocab_size, seed=21)
+    questions = [random_prompt(n, tiny.vocab_size, seed=n) for n in (30, 12)]
+
+    def ask(question: list[int], compression: dict) -> object:
+        seq = engine.add_request(
+            context + question, greedy(2), compression, context_len=240, cache_context=True
+        )
+        while engine.has_unfinished():
+            engine.step()
+        return seq.stats
+
+    auto = {"method": "compactor", "retention": "auto", "quality_target": 0.05, "sink": 2, "recent": 4}
+    miss, hit = (ask(q, auto) for q in questions)
+    assert (miss.context_cache, hit.context_cache) == ("miss", "hit")
+    positions = ContextNLL(context, torch.device("cpu")).positions
+    logits = tiny.reference_logits(context)
+    want = torch.nn.functional.cross_entropy(
+        logits[positions], torch.tensor(context)[[p + 1 for p in positions]]
+    )
+    assert miss.context_nll == pytest.approx(float(want), rel=1e-4)  # the context's, not the question's
+    assert (hit.chosen_retention, hit.context_nll) == (miss.chosen_retention, miss.context_nll)
+    assert miss.chosen_retention == DEFAULT_CALIBRATION.choose(miss.context_nll, 0.05) < 1.0
+    kept = ask(questions[0], {"method": "compactor", "keep_tokens": 32, "sink": 2, "recent": 4})
+    heads = engine.num_layers * engine.num_kv_heads
+    assert kept.chosen_retention == pytest.approx(32 / 240) and kept.context_kept_tokens == heads * 32
+    engine.context_cache.clear()
+    engine.pool.assert_no_leaks()
+
+
 @pytest.mark.parametrize(
     ("compression", "field"),
     [
