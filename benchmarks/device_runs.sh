@@ -20,14 +20,30 @@
 #   bash benchmarks/device_runs.sh 1gpu-calibration  # nvidia-h100-x1: retention=auto on CUDA (GPU test), the calibration signal's prefill share at 8K and 32K
 #   bash benchmarks/device_runs.sh 1gpu-ctxcache      # nvidia-h100-x1: cached contexts: per-head prefill kernel + engine GPU tests,
 #                                                     #   the per-head prefill vs dense, hit vs miss TTFT (8B shape, 32K context)
+#   bash benchmarks/device_runs.sh 1gpu-quality       # nvidia-h100-x1: quality sweep on the tuning split, kvferry + kvpress
+#
+# 1gpu-quality needs SmolLM2's GGUF (98 MB), more than one call may carry (64 MiB), so it travels in
+# two parts over two calls to the same warm machine (it stays warm 30 s after a call), and kvpress's
+# own transformers in .whl/kvpress/ (installed apart, for the kvpress step only). Here, once:
+#   mkdir -p .model .whl/kvpress
+#   split -b 54M "$(python -P -c 'from kvferry.engine.loader.default_model import default_model_path as p; print(p())')" .model/smollm2.gguf.part-
+#   cd .whl && python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform any gguf==0.19.0 && cd kvpress && python3 -m pip download --no-deps \
+#     --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform any \
+#     kvpress==0.5.5 transformers==5.2.0 tokenizers==0.22.2 cachetools==5.5.2 termcolor==3.3.0 datasets==5.2.0 \
+#     dill==0.4.1 multiprocess==0.70.19 && python3 -m pip wheel --no-deps fire==0.6.0 && cd ../..
+# then call 1: command "ls -l .model", carry [".model/smollm2.gguf.part-aa"] (59 MiB with the tree); at once call 2:
+# command "bash benchmarks/device_runs.sh 1gpu-quality", carry [".model/smollm2.gguf.part-ab", ".whl"] (60 MiB).
+# Expected: call 1 ~1-2 min (start + upload); call 2 ~9.5 min (set-up ~0.5, kvferry <= 250 s + one sample,
+# kvpress <= 170 s + one sample, summary); both runs stop starting samples at their budgets, seed by seed.
 #
 # Needs the .whl folder carried (grpcio_health_checking, grpcio_reflection); results go to $OUT.
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-calibration) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-quality | 1gpu-calibration) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-calibration}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-quality|1gpu-calibration}" >&2
     exit 2
     ;;
 esac
@@ -170,6 +186,30 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       > "$OUT/cached_context_kernels.log" 2>&1; grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" | cut -c1-250
     timeout 240 python -P benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
       > "$OUT/context_cache.log" 2>&1; grep -vE "^  r=" "$OUT/context_cache.log" | tail -8
+    ;;
+  1gpu-quality)
+    GGUF=.model/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat .model/smollm2.gguf.part-* > $GGUF 2>/dev/null
+    if ! echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c --quiet -; then
+      echo "SmolLM2's GGUF is incomplete: carry .model/smollm2.gguf.part-aa in one call and part-ab in the next (see the top)"
+      ls -l .model; exit 1
+    fi
+    python3 -m pip install -q --no-index --no-deps --target /tmp/kvp_site .whl/kvpress/*.whl 2>&1 | tail -1
+    # kvferry: every variant x retentions {0.5, 0.25, 0.1} x both settings + the full cache, seed by seed
+    # (QUALITY_DEVICE=cpu and the *_ARGS / KVPRESS_PYTHON variables: a CPU rehearsal of this mode)
+    timeout 310 python benchmarks/quality.py --model $GGUF --device ${QUALITY_DEVICE:-cuda} --dtype float32 --kv-gib 30 \
+      --prefill-chunk 2048 --split tuning --per-cell ${QUALITY_PER_CELL:-4} --time-budget ${QUALITY_BUDGET:-250} \
+      --tokens-out "$OUT/quality_tokens.jsonl" --out "$OUT/quality_tuning.json" ${QUALITY_ARGS:-} > "$OUT/quality.log" 2>&1
+    grep -E "budget|Error|error|full cache" "$OUT/quality.log" | tail -5
+    # kvpress 0.5.5 on the same token ids (context setting), with its own transformers 5.2
+    PYTHONPATH=/tmp/kvp_site:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error \
+      timeout 220 ${KVPRESS_PYTHON:-python} benchmarks/quality_kvpress.py --tokens "$OUT/quality_tokens.jsonl" --model $GGUF \
+      --device ${QUALITY_DEVICE:-cuda} --time-budget ${KVPRESS_BUDGET:-170} --out "$OUT/quality_kvpress.json" \
+      ${KVPRESS_ARGS:-} > "$OUT/kvpress.log" 2>&1
+    grep -E "budget|Error|error" "$OUT/kvpress.log" | tail -5
+    KVP="$OUT/quality_kvpress.json"
+    python benchmarks/quality.py --summarize "$OUT/quality_tuning.json" ${KVP:+$([ -f "$KVP" ] && echo --merge-kvpress "$KVP")} \
+      2>&1 | head -80
     ;;
   1gpu-bench)
     handoff h100_ipc --transports cuda_ipc,cuda_ipc:noverify

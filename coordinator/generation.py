@@ -16,8 +16,7 @@ import grpc
 from kvferry.coordinator.nodes import NodePool
 from kvferry.serving import request_context
 from kvferry.serving.deadline import Deadline
-from kvferry.serving.reservations import abort_reservation
-from kvferry.v1 import common_pb2, coordinator_pb2, decode_pb2, prefill_pb2
+from kvferry.v1 import common_pb2, coordinator_pb2, prefill_pb2
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +73,7 @@ async def generate(
         try:
             yield first
             streamed.append(prefilled.first_token_id)
-            stream = decode.stub.Decode(
-                decode_pb2.DecodeRequest(reservation_id=handle.reservation_id),
-                timeout=deadline.remaining(),
-                metadata=metadata,
-            )
+            stream = decode.decode(handle.reservation_id, deadline.remaining(), metadata)
             async for part in stream:
                 response = coordinator_pb2.GenerateResponse(token_ids=part.token_ids, text=part.text)
                 if part.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -109,7 +104,7 @@ async def generate(
                 on_retry()
         finally:
             if not finished:  # cancelled, deadline, or the stream broke: free the pages now
-                await asyncio.shield(abort_reservation(decode.stub, handle.reservation_id, metadata))
+                await asyncio.shield(decode.abort(handle.reservation_id, metadata))
 
 
 def _remaining_tokens(request: Any, streamed: list[int]) -> int:

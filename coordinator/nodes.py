@@ -5,22 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
+from kvferry.decode_service.client import DecodeClient
 from kvferry.engine.errors import UnavailableError
 from kvferry.serving.security import ChannelFactory
 from kvferry.serving.server import CHANNEL_OPTIONS
-from kvferry.v1 import coordinator_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from kvferry.v1 import coordinator_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
 
 
 @dataclass
 class Node:
+    """A prefill node (decode nodes are DecodeClients: every call into one goes through it)."""
+
     address: str
-    stub: Any  # PrefillServiceStub or DecodeServiceStub
+    stub: prefill_pb2_grpc.PrefillServiceStub
     channel: grpc.aio.Channel
+
+
+N = TypeVar("N", Node, DecodeClient)
 
 
 class NodePool:
@@ -32,27 +39,29 @@ class NodePool:
         channels: ChannelFactory | None = None,
     ) -> None:
         self.channels = channels or ChannelFactory(options=tuple(CHANNEL_OPTIONS))
-        self.prefill = [self._node(a, prefill_pb2_grpc.PrefillServiceStub) for a in prefill_addresses]
-        self.decode = [self._node(a, decode_pb2_grpc.DecodeServiceStub) for a in decode_addresses]
+        self.prefill = [self._prefill_node(a) for a in prefill_addresses]
+        self.decode = [DecodeClient.connect(a, self.channels) for a in decode_addresses]
         self._by_address = {n.address: n for n in self.decode}
         self.info_timeout = info_timeout
         self._turn = itertools.count()  # breaks ties so equal nodes share the load
 
     async def close(self) -> None:
-        for node in [*self.prefill, *self.decode]:
+        for node in self.prefill:
             await node.channel.close()
+        for client in self._by_address.values():
+            await client.close()
 
-    def decode_node(self, address: str) -> Node:
+    def decode_node(self, address: str) -> DecodeClient:
         if address not in self._by_address:  # a handle naming a node this coordinator does not know
-            self._by_address[address] = self._node(address, decode_pb2_grpc.DecodeServiceStub)
+            self._by_address[address] = DecodeClient.connect(address, self.channels)
         return self._by_address[address]
 
-    def _node(self, address: str, stub_class: Any) -> Node:
+    def _prefill_node(self, address: str) -> Node:
         channel = self.channels.aio_channel(address)
-        return Node(address, stub_class(channel), channel)
+        return Node(address, prefill_pb2_grpc.PrefillServiceStub(channel), channel)
 
     async def pick_prefill(self) -> Node:
-        infos = await self._infos(self.prefill, prefill_pb2.PrefillInfoRequest())
+        infos = await self._infos(self.prefill, self._prefill_info)
         live = [
             (info.queue_depth, next(self._turn) % 1000, n) for n, info in zip(self.prefill, infos) if info
         ]
@@ -62,9 +71,9 @@ class NodePool:
             )
         return min(live, key=lambda t: t[:2])[2]
 
-    async def pick_decode(self, exclude: set[str] | frozenset[str] = frozenset()) -> Node:
+    async def pick_decode(self, exclude: set[str] | frozenset[str] = frozenset()) -> DecodeClient:
         candidates = [n for n in self.decode if n.address not in exclude]
-        infos = await self._infos(candidates, decode_pb2.DecodeInfoRequest())
+        infos = await self._infos(candidates, self._decode_info)
         live = [
             (info.pool.available_pages, -(next(self._turn) % 1000), n)
             for n, info in zip(candidates, infos)
@@ -76,8 +85,8 @@ class NodePool:
 
     async def describe(self) -> coordinator_pb2.InfoResponse:
         prefill, decode = await asyncio.gather(
-            self._infos(self.prefill, prefill_pb2.PrefillInfoRequest(), errors=True),
-            self._infos(self.decode, decode_pb2.DecodeInfoRequest(), errors=True),
+            self._infos(self.prefill, self._prefill_info, errors=True),
+            self._infos(self.decode, self._decode_info, errors=True),
         )
         reply = coordinator_pb2.InfoResponse()
         for node, info in zip(self.prefill, prefill):
@@ -86,19 +95,27 @@ class NodePool:
             reply.decode_nodes.append(_node_info(node, info, lambda i: i.running))
         return reply
 
-    async def _infos(self, nodes: list[Node], request: Any, errors: bool = False) -> list[Any]:
+    async def _prefill_info(self, node: Node) -> prefill_pb2.PrefillInfoResponse:
+        return await node.stub.Info(prefill_pb2.PrefillInfoRequest(), timeout=self.info_timeout)
+
+    async def _decode_info(self, node: DecodeClient) -> decode_pb2.DecodeInfoResponse:
+        return await node.info(self.info_timeout)
+
+    async def _infos(
+        self, nodes: Sequence[N], info: Callable[[N], Awaitable[Any]], errors: bool = False
+    ) -> list[Any]:
         """Each node's Info reply; None (or the error, with errors=True) for nodes that do not answer."""
 
-        async def ask(node: Node) -> Any:
+        async def ask(node: N) -> Any:
             try:
-                return await node.stub.Info(request, timeout=self.info_timeout)
+                return await info(node)
             except grpc.aio.AioRpcError as e:
                 return e if errors else None
 
         return list(await asyncio.gather(*(ask(n) for n in nodes)))
 
 
-def _node_info(node: Node, info: Any, load: Any) -> coordinator_pb2.NodeInfo:
+def _node_info(node: Node | DecodeClient, info: Any, load: Any) -> coordinator_pb2.NodeInfo:
     if isinstance(info, grpc.aio.AioRpcError):
         return coordinator_pb2.NodeInfo(
             address=node.address, reachable=False, error=f"{info.code().name}: {info.details()}"

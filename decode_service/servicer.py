@@ -1,4 +1,4 @@
-"""DecodeService RPCs: thin wrappers over DecodeEngine."""
+"""DecodeService RPCs: thin wrappers over DecodeEngine and its KVReceiver."""
 
 from __future__ import annotations
 
@@ -49,12 +49,13 @@ class DecodeMetrics:
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, decode: DecodeEngine, metrics: CollectorRegistry | None = None) -> None:
         self.decode = decode
+        self.receiver = decode.receiver
         self.metrics = DecodeMetrics(metrics or new_registry())
 
     def _bind(self, reservation_id: str) -> None:
         """Log lines of a call about a reservation carry its request's id."""
         with contextlib.suppress(ReservationNotFoundError):
-            request_context.bind(self.decode.reservations.get(reservation_id).request_id)
+            request_context.bind(self.receiver.records.get(reservation_id).request_id)
 
     async def ReserveKV(
         self, request: decode_pb2.ReserveKVRequest, context: grpc.aio.ServicerContext
@@ -67,7 +68,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         check_transfer_size(
             request.manifest, self.decode.spec, engine.pool.num_pages, self.decode.settings.max_transfer_bytes
         )
-        r = await self.decode.reserve(request)
+        r = await self.receiver.reserve(request)
         reply = decode_pb2.ReserveKVResponse(
             reservation_id=r.id,
             lease_seconds=r.lease_seconds,
@@ -86,7 +87,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def PushKV(
         self, request_iterator: AsyncIterator[decode_pb2.PushKVRequest], context: grpc.aio.ServicerContext
     ) -> decode_pb2.PushKVResponse:
-        reply = await self.decode.receive(self._bound(request_iterator))
+        reply = await self.receiver.receive(self._bound(request_iterator))
         self.metrics.received.inc(reply.bytes_received)
         self.metrics.transfers.labels(transport="grpc").inc()
         return reply
@@ -95,10 +96,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self, request: decode_pb2.CommitKVRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.CommitKVResponse:
         self._bind(request.reservation_id)
-        transport = self.decode.reservations.get(request.reservation_id).transport
+        transport = self.receiver.records.get(request.reservation_id).transport
         checksum = request.checksum if request.HasField("checksum") else None
         final = EarlyFinal(request.manifest, request.first_token_id) if request.HasField("manifest") else None
-        reply = await self.decode.commit_direct(request.reservation_id, checksum, final)
+        reply = await self.receiver.commit_direct(request.reservation_id, checksum, final)
         self.metrics.received.inc(reply.bytes_received)
         self.metrics.transfers.labels(transport=transport).inc()
         self.metrics.commit.labels(transport=transport).observe(reply.transfer_seconds)
@@ -150,7 +151,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self, request: decode_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.AbortResponse:
         self._bind(request.reservation_id)
-        return decode_pb2.AbortResponse(found=self.decode.abort(request.reservation_id))
+        return decode_pb2.AbortResponse(found=self.receiver.abort(request.reservation_id))
 
     async def Info(
         self, request: decode_pb2.DecodeInfoRequest, context: grpc.aio.ServicerContext
@@ -160,6 +161,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             model=model_info(engine),
             pool=pool_info(engine.pool),
             running=engine.scheduler.running_count(),
-            reservations=len(self.decode.reservations),
+            reservations=len(self.receiver.records),
             lease_seconds=self.decode.settings.lease_seconds,
         )

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import torch
 
+from kvferry.decode_service.client import DecodeClient
 from kvferry.kvtransfer.device_util import first_pages_of_runs
 from kvferry.kvtransfer.errors import LeaseLapsedError, TransferIntegrityError
 from kvferry.kvtransfer.nccl import NcclPair
-from kvferry.kvtransfer.transport import EarlyFinal, TransferResult, Transport, run_to_end
+from kvferry.kvtransfer.transport import Shipment, TransferResult, Transport, run_to_end
 from kvferry.v1 import decode_pb2
 
 
@@ -37,19 +37,11 @@ class DirectWriteTransport(Transport):
         self.name = name  # type: ignore[misc] - one class serves cuda_ipc and shm
         self.mapped = mapped
 
-    async def send(
-        self,
-        decode: Any,
-        reservation: decode_pb2.ReserveKVResponse,
-        payload: torch.Tensor,
-        timeout: float | None = None,
-        checksum: Awaitable[int] | None = None,
-        early: EarlyFinal | None = None,
-        write_by: float | None = None,
-    ) -> TransferResult:
-        runs = list(reservation.page_runs)
+    async def send(self, decode: DecodeClient, shipment: Shipment) -> TransferResult:
+        payload: torch.Tensor = shipment.payload
+        runs = list(shipment.reservation.page_runs)
         pages = sum(runs[1::2])
-        if early is not None and payload.shape[0] <= pages:  # an early reservation: its first pages
+        if shipment.early is not None and payload.shape[0] <= pages:  # an early reservation: its first pages
             runs, pages = first_pages_of_runs(runs, payload.shape[0]), payload.shape[0]
         if pages != payload.shape[0]:
             raise TransferIntegrityError(
@@ -58,12 +50,14 @@ class DirectWriteTransport(Transport):
         start = time.perf_counter()
 
         def write() -> float:  # in a worker thread, which may start late on a busy host
-            _check_window(reservation, write_by)
+            _check_window(shipment)
             return self.mapped.write(payload, None, runs)  # runs: no page-id upload
 
         await run_to_end(write)
-        value = None if checksum is None else await checksum  # computed while the write ran
-        return await _commit(decode, reservation, payload, start, timeout, value, early)
+        checksum = (
+            None if shipment.checksum is None else await shipment.checksum
+        )  # computed while the write ran
+        return await _commit(decode, shipment, checksum, start)
 
 
 class NcclTransport(Transport):
@@ -76,35 +70,26 @@ class NcclTransport(Transport):
     def reserve_fields(self) -> dict[str, Any]:
         return {"nccl_pair_id": self.pair.pair_id}
 
-    async def send(
-        self,
-        decode: Any,
-        reservation: decode_pb2.ReserveKVResponse,
-        payload: torch.Tensor,
-        timeout: float | None = None,
-        checksum: Awaitable[int] | None = None,
-        early: EarlyFinal | None = None,
-        write_by: float | None = None,
-    ) -> TransferResult:
-        value = None if checksum is None else await checksum  # CommitKV carries it: ready before the send
+    async def send(self, decode: DecodeClient, shipment: Shipment) -> TransferResult:
+        # CommitKV carries the checksum: ready before the send
+        checksum = None if shipment.checksum is None else await shipment.checksum
         async with self.lock:
             # The decode node receives inside CommitKV, which owns the reservation from its start; a
             # reservation that may have lapsed would answer NOT_FOUND and leave this send unmatched.
-            _check_window(reservation, write_by)
+            _check_window(shipment)
             start = time.perf_counter()
-            commit = asyncio.ensure_future(
-                _commit(decode, reservation, payload, start, timeout, value, early)
-            )
+            commit = asyncio.ensure_future(_commit(decode, shipment, checksum, start))
             try:
-                await run_to_end(self.pair.send_pages, payload, timeout)
+                await run_to_end(self.pair.send_pages, shipment.payload, shipment.timeout)
             except BaseException:
                 commit.cancel()
                 raise
             return await commit
 
 
-def _check_window(reservation: decode_pb2.ReserveKVResponse, write_by: float | None) -> None:
-    if write_by is not None and time.monotonic() > write_by:
+def _check_window(shipment: Shipment) -> None:
+    if shipment.write_by is not None and time.monotonic() > shipment.write_by:
+        reservation = shipment.reservation
         raise LeaseLapsedError(
             f"reservation {reservation.reservation_id}: its {reservation.lease_seconds:g} s lease may run "
             "out before the pages are in (the decode node may have freed them); nothing sent"
@@ -112,19 +97,16 @@ def _check_window(reservation: decode_pb2.ReserveKVResponse, write_by: float | N
 
 
 async def _commit(
-    decode: Any,
-    reservation: decode_pb2.ReserveKVResponse,
-    payload: torch.Tensor,
-    start: float,
-    timeout: float | None,
-    checksum: int | None,
-    early: EarlyFinal | None = None,
+    decode: DecodeClient, shipment: Shipment, checksum: int | None, start: float
 ) -> TransferResult:
-    request = decode_pb2.CommitKVRequest(reservation_id=reservation.reservation_id, checksum=checksum)
-    if early is not None:
-        request.manifest.CopyFrom(early.manifest)
-        request.first_token_id = early.first_token_id
-    reply = await decode.CommitKV(request, timeout=timeout)
+    request = decode_pb2.CommitKVRequest(
+        reservation_id=shipment.reservation.reservation_id, checksum=checksum
+    )
+    if shipment.early is not None:
+        request.manifest.CopyFrom(shipment.early.manifest)
+        request.first_token_id = shipment.early.first_token_id
+    reply = await decode.commit(request, shipment.timeout)
+    payload: torch.Tensor = shipment.payload
     sent = payload.numel() * payload.element_size()
     if reply.bytes_received != sent:
         raise TransferIntegrityError(

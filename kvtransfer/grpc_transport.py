@@ -6,14 +6,14 @@ Works anywhere (CPU default, cross-host fallback). The decode node commits when 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import torch
 
+from kvferry.decode_service.client import DecodeClient
 from kvferry.kvtransfer.errors import TransferIntegrityError
 from kvferry.kvtransfer.payload import pages_to_bytes
-from kvferry.kvtransfer.transport import EarlyFinal, TransferResult, Transport
+from kvferry.kvtransfer.transport import Shipment, TransferResult, Transport
 from kvferry.v1 import decode_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -30,21 +30,14 @@ class GrpcTransport(Transport):
     def payload(self, pages: torch.Tensor) -> memoryview:
         return pages_to_bytes(pages)
 
-    async def send(
-        self,
-        decode: Any,
-        reservation: decode_pb2.ReserveKVResponse,
-        payload: memoryview,
-        timeout: float | None = None,
-        checksum: Awaitable[int] | None = None,  # unused: the manifest's crc32 covers the bytes
-        early: EarlyFinal | None = None,
-        write_by: float | None = None,  # unused: each chunk renews the lease
-    ) -> TransferResult:
-        if early is not None:
+    async def send(self, decode: DecodeClient, shipment: Shipment) -> TransferResult:
+        # The manifest's crc32 covers the bytes (no separate checksum); each chunk renews the lease.
+        if shipment.early is not None:
             raise ValueError("the grpc transport takes no early reservation (its manifest carries the crc32)")
+        reservation, payload = shipment.reservation, shipment.payload
         chunk = min(self.chunk_bytes, reservation.max_chunk_bytes or self.chunk_bytes)
         start = time.perf_counter()
-        reply = await decode.PushKV(_chunks(reservation.reservation_id, payload, chunk), timeout=timeout)
+        reply = await decode.push(_chunks(reservation.reservation_id, payload, chunk), shipment.timeout)
         if reply.bytes_received != len(payload):
             raise TransferIntegrityError(
                 f"sent {len(payload)} bytes but the decode node committed {reply.bytes_received}"

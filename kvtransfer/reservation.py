@@ -8,9 +8,11 @@ it when the lease runs out. Each received chunk and the commit renew the lease.
 from __future__ import annotations
 
 import enum
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 
@@ -114,20 +116,41 @@ class Reservation:
         self.committed_at = time.monotonic()
         self.renew()
 
+    def begin_decoding(self) -> None:
+        """A Decode call streams the request from now on: it owns the reservation (no lease)."""
+        if self.state != ReservationState.COMMITTED:
+            raise FailedPreconditionError(
+                f"reservation_id: {self.id} is {self.state.value}; Decode needs committed pages",
+                field="reservation_id",
+            )
+        self.state = ReservationState.DECODING
 
-class ReservationTable:
+
+R = TypeVar("R", bound=Reservation)
+
+
+class ReservationTable(Generic[R]):
+    """Reservations by id. The service's event loop adds and removes them; its engine thread may look
+    them up too (`find`, `snapshot`), hence the lock."""
+
     def __init__(self) -> None:
-        self._by_id: dict[str, Reservation] = {}
+        self._by_id: dict[str, R] = {}
+        self._lock = threading.Lock()
         self.expired_total = 0  # reservations freed by their lease since start (a metric)
 
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def add(self, reservation: Reservation) -> None:
-        self._by_id[reservation.id] = reservation
+    def add(self, reservation: R) -> None:
+        with self._lock:
+            self._by_id[reservation.id] = reservation
 
-    def get(self, reservation_id: str) -> Reservation:
-        reservation = self._by_id.get(reservation_id)
+    def find(self, reservation_id: str) -> R | None:
+        with self._lock:
+            return self._by_id.get(reservation_id)
+
+    def get(self, reservation_id: str) -> R:
+        reservation = self.find(reservation_id)
         if reservation is None:
             raise ReservationNotFoundError(
                 f"reservation_id: no reservation {reservation_id!r} (finished, aborted or lease expired)",
@@ -135,13 +158,19 @@ class ReservationTable:
             )
         return reservation
 
-    def pop(self, reservation_id: str) -> Reservation | None:
-        return self._by_id.pop(reservation_id, None)
+    def snapshot(self) -> list[R]:
+        with self._lock:
+            return list(self._by_id.values())
 
-    def pop_expired(self, now: float | None = None) -> list[Reservation]:
+    def pop(self, reservation_id: str) -> R | None:
+        with self._lock:
+            return self._by_id.pop(reservation_id, None)
+
+    def pop_expired(self, now: float | None = None) -> list[R]:
         now = time.monotonic() if now is None else now
-        gone = [r for r in self._by_id.values() if r.expired(now)]
-        for r in gone:
-            del self._by_id[r.id]
+        with self._lock:
+            gone = [r for r in self._by_id.values() if r.expired(now)]
+            for r in gone:
+                del self._by_id[r.id]
         self.expired_total += len(gone)
         return gone

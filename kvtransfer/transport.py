@@ -1,8 +1,10 @@
-"""The transport interface the prefill side uses, and the registry of transports by name.
+"""The transport interface the prefill side uses.
 
 A Transport is bound to one decode node (prefill_service.links sets direct ones up). The prefill side
 turns the gathered pages into the transport's payload (`payload`), builds the manifest from it, reserves
-on the decode node, then calls `send`, which must not return before the decode node committed.
+on the decode node, then calls `send` with a `Shipment` (the reservation, the payload and how to send
+it), which must not return before the decode node committed. The states of a request's KV on both
+nodes around this, and who frees what on each failure: docs/kv-handoff.md.
 
 - `grpc` streams page bytes (PushKV); the decode node verifies their crc32 and writes them.
 - `cuda_ipc` and `shm` write the pages into the decode node's mapped pool, then call CommitKV; the
@@ -20,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from kvferry.decode_service.client import DecodeClient
 from kvferry.v1 import decode_pb2, kv_pb2
 
 T = TypeVar("T")
@@ -52,6 +55,25 @@ class EarlyFinal:
     first_token_id: int
 
 
+@dataclass(frozen=True)
+class Shipment:
+    """One request's pages on their way into one reservation."""
+
+    reservation: decode_pb2.ReserveKVResponse
+    payload: Any  # what Transport.payload made of the pages
+    timeout: float | None = None  # of the calls that move and commit the pages
+    # The pages' sum64 still being computed (direct transports), sent with CommitKV when the manifest
+    # left it out.
+    checksum: Awaitable[int] | None = None
+    # The reservation was made early (direct transports only): the pages go to its first pages and the
+    # commit carries their manifest and the first token.
+    early: EarlyFinal | None = None
+    # `write_deadline`: the direct transports raise LeaseLapsedError instead of starting later (cuda_ipc
+    # and shm write the decode node's pages themselves; nccl's receive is CommitKV, which would find the
+    # reservation gone); grpc ignores it, as each chunk renews the lease.
+    write_by: float | None = None
+
+
 class Transport(ABC):
     name: ClassVar[str]
 
@@ -64,23 +86,9 @@ class Transport(ABC):
         return {}
 
     @abstractmethod
-    async def send(
-        self,
-        decode: Any,  # a DecodeServiceStub on an aio channel
-        reservation: decode_pb2.ReserveKVResponse,
-        payload: Any,
-        timeout: float | None = None,
-        checksum: Awaitable[int] | None = None,
-        early: EarlyFinal | None = None,
-        write_by: float | None = None,
-    ) -> TransferResult:
-        """Deliver `payload` (the pages in travel order) into `reservation` and commit it. `checksum`:
-        the pages' sum64 still being computed (direct transports), sent with CommitKV when the manifest
-        left it out. `early`: the reservation was made early (direct transports only); the pages go to
-        its first pages and the commit carries their manifest and the first token. `write_by`
-        (`write_deadline`): the direct transports raise LeaseLapsedError instead of starting later
-        (cuda_ipc and shm write the decode node's pages themselves; nccl's receive is CommitKV, which
-        would find the reservation gone); grpc ignores it, as each chunk renews the lease."""
+    async def send(self, decode: DecodeClient, shipment: Shipment) -> TransferResult:
+        """Deliver the shipment's payload (the pages in travel order) into its reservation on `decode`
+        and commit it; must not return before the decode node committed."""
 
 
 async def run_to_end(fn: Callable[..., T], *args: Any) -> T:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from kvferry.engine.compression import CompressionParams
 from kvferry.engine.compression.budget import max_kept_pages
 from kvferry.engine.errors import ResourceExhaustedError, require
+from kvferry.engine.sampling_params import SamplingParams
 from kvferry.kvtransfer import ModelSpec
 from kvferry.prefill_service.early_reservation import EarlyReservation
 from kvferry.prefill_service.handoff import KVHandoff
+from kvferry.prefill_service.handoff_request import HandoffRequest
 from kvferry.prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
 from kvferry.serving import request_context
 from kvferry.serving.compression_policy import CompressionPolicy
@@ -115,22 +116,20 @@ class PrefillPipeline:
             self.policy.apply(request)  # the operator's compression for a request that asks for none
             # tokenize (chat template included), compression params with their regions: off the loop
             prompt, compression = await asyncio.to_thread(encode_request_proto, engine.tokenizer, request)
-            request_id = request.request_id or uuid.uuid4().hex
-            spec = ModelSpec.of_engine(engine)
+            handoff = HandoffRequest(
+                request.request_id or uuid.uuid4().hex, request.decode_address, prompt, request.sampling,
+                ModelSpec.of_engine(engine), transport, deadline,
+            )  # fmt: skip
             early = None
             if self.early_reserve:
+                spec = handoff.spec
                 bound = None if compression is None else compression.largest(len(prompt))  # auto: unknown yet
                 max_pages = max_kept_pages(
                     bound, len(prompt), spec.num_layers, spec.num_kv_heads, spec.page_size
                 )
-                early = EarlyReservation(
-                    self.handoff, request_id, request.decode_address, prompt, request.sampling, spec, max_pages,
-                    transport, deadline,
-                )  # fmt: skip
+                early = self.handoff.early(handoff, max_pages)
             try:
-                return await self._prefill_and_ship(
-                    request, prompt, sampling, compression, request_id, spec, transport, deadline, early
-                )
+                return await self._prefill_and_ship(handoff, sampling, compression, early)
             finally:
                 if early is not None:
                     await early.discard()
@@ -139,18 +138,13 @@ class PrefillPipeline:
 
     async def _prefill_and_ship(
         self,
-        request: prefill_pb2.PrefillRequest,
-        prompt: list[int],
-        sampling: Any,
+        handoff: HandoffRequest,
+        sampling: SamplingParams,
         compression: CompressionParams | None,
-        request_id: str,
-        spec: ModelSpec,
-        transport: str,
-        deadline: Deadline,
         early: EarlyReservation | None,
     ) -> prefill_pb2.PrefillResponse:
         outcome = await self.engine.prefill(
-            prompt, sampling, compression, request_id, None if early is None else early.start
+            handoff.prompt, sampling, compression, handoff.request_id, None if early is None else early.start
         )
         response = prefill_pb2.PrefillResponse(
             first_token_id=outcome.first_token, first_text=outcome.first_text
@@ -166,17 +160,7 @@ class PrefillPipeline:
         if outcome.finish_reason is not None:
             response.finish_reason = FINISH_REASONS[outcome.finish_reason]
             return response
-        shipped = await self.handoff.ship(
-            request_id,
-            request.decode_address,
-            outcome,
-            prompt,
-            request.sampling,
-            spec,
-            transport,
-            deadline,
-            early,
-        )
+        shipped = await self.handoff.ship(handoff, outcome, early)
         response.kv_handle.CopyFrom(shipped.handle)
         response.stats.kv_bytes_shipped = shipped.transfer.bytes_sent
         response.stats.manifest_bytes = shipped.manifest_bytes
@@ -192,7 +176,7 @@ class PrefillPipeline:
         log.info(
             "prefilled %d prompt tokens in %.3f s (kept %.0f%%); shipped %d bytes to %s in %.3f s",
             outcome.stats.prompt_tokens, outcome.stats.prefill_seconds, 100 * outcome.stats.retention,
-            shipped.transfer.bytes_sent, request.decode_address, shipped.seconds,
+            shipped.transfer.bytes_sent, handoff.decode_address, shipped.seconds,
         )  # fmt: skip
         return response
 

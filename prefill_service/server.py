@@ -7,9 +7,10 @@ import logging
 import torch
 from prometheus_client import Gauge
 
+from kvferry.decode_service.client import DecodeClient
 from kvferry.kvtransfer.selection import parse_transports
 from kvferry.prefill_service.handoff import KVHandoff
-from kvferry.prefill_service.links import DecodeLinks
+from kvferry.prefill_service.links import DecodeLinks, LinkOptions
 from kvferry.prefill_service.pipeline import PrefillPipeline
 from kvferry.prefill_service.prefill_engine import PrefillEngine
 from kvferry.prefill_service.servicer import PrefillServicer
@@ -27,15 +28,15 @@ def build(settings: PrefillSettings) -> ServiceHost:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     engine = PrefillEngine(settings.engine_config())
-    links = DecodeLinks(
-        str(settings.engine_config().torch_device()),
-        parse_transports(settings.transports),
-        settings.transport,
-        settings.chunk_bytes,
-    )
-    handoff = KVHandoff(links, settings.reserve_wait_seconds)
     host = ServiceHost(settings, [SERVICE_NAME])
-    handoff.channels = host.channels  # TLS toward decode nodes
+    options = LinkOptions(
+        device=str(settings.engine_config().torch_device()),
+        transports=parse_transports(settings.transports),
+        default=settings.transport,
+        grpc_chunk_bytes=settings.chunk_bytes,
+        reserve_wait_seconds=settings.reserve_wait_seconds,
+    )
+    handoff = KVHandoff(DecodeLinks(options, lambda address: DecodeClient.connect(address, host.channels)))
     policy = settings.compression_policy()
     log.info("compression policy: %s", policy.describe())
     pipeline = PrefillPipeline(

@@ -262,6 +262,24 @@ def make_pool(num_pages: int, page_size: int = 4, head_dim: int = 8) -> KVPool:
     return KVPool(num_pages, page_size, head_dim, torch.float32, "cpu")
 
 
+def cache_prompt(keys: torch.Tensor, values: torch.Tensor | None = None, page_size: int = 16) -> SequenceKV:
+    """keys (and values, else zeros) [L, n, H, D] written into a real pool and page table, as prefill
+    leaves them."""
+    from kvferry.engine.layers.paged_attention import store_kv
+
+    layers, n, h, d = keys.shape
+    pool = KVPool(layers * h * -(-n // page_size), page_size, d, torch.float32, "cpu")
+    seq_kv = SequenceKV(pool, layers, h, n)
+    seq_kv.grow(n)
+    for layer in range(layers):
+        pages, offsets = seq_kv.slots(layer, n)
+        k = keys[layer].transpose(0, 1)  # [H, n, D]
+        v = torch.zeros_like(k) if values is None else values[layer].transpose(0, 1)
+        store_kv(pool.kv, pages, offsets, k, v)
+    seq_kv.head_lens += n
+    return seq_kv
+
+
 def make_seq_kv(
     pool: KVPool | None = None, num_layers: int = 2, num_kv_heads: int = 3, max_tokens: int = 32
 ) -> SequenceKV:

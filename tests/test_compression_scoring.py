@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from builders import cache_prompt
 from scipy.stats import spearmanr
 
 from kvferry.engine import CompressionParams
@@ -14,9 +15,6 @@ from kvferry.engine.compression import PromptShape, make_scorer
 from kvferry.engine.compression.attention_scores import block_attention_mass, window_attention
 from kvferry.engine.compression.blocks import BlockStream, block_bounds
 from kvferry.engine.compression.leverage import exact_leverage, gaussian_sketch, sketched_leverage
-from kvferry.engine.kv_pool import KVPool
-from kvferry.engine.layers.paged_attention import store_kv
-from kvferry.engine.page_table import SequenceKV
 
 
 def keys_with_decaying_spectrum(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -90,20 +88,6 @@ def test_block_stream_regroups_any_chunking() -> None:
         for s in range(0, n, chunk):
             got += [(lo, t.tolist()) for lo, (t,) in stream.push(s, data[s : s + chunk])]
         assert got == [(a, list(range(a, b))) for a, b in zip(bounds, bounds[1:])]
-
-
-def cache_prompt(keys: torch.Tensor, page_size: int = 16) -> SequenceKV:
-    """keys [L, n, H, D] written into a real pool and page table, as prefill leaves them."""
-    layers, n, h, d = keys.shape
-    pool = KVPool(layers * h * -(-n // page_size), page_size, d, torch.float32, "cpu")
-    seq_kv = SequenceKV(pool, layers, h, n)
-    seq_kv.grow(n)
-    for layer in range(layers):
-        pages, offsets = seq_kv.slots(layer, n)
-        k = keys[layer].transpose(0, 1)  # [H, n, D]
-        store_kv(pool.kv, pages, offsets, k, torch.zeros_like(k))
-    seq_kv.head_lens += n
-    return seq_kv
 
 
 @pytest.mark.parametrize("method", ["compactor", "snapkv", "kvcompress"])

@@ -26,6 +26,7 @@ import torch
 from builders import TinyModel
 from cluster import ClusterSpec, InProcessCluster
 
+from kvferry.decode_service.client import DecodeClient
 from kvferry.engine.errors import FailedPreconditionError, UnavailableError
 from kvferry.engine.kv_handoff import KVLayout
 from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
@@ -34,7 +35,8 @@ from kvferry.kvtransfer.manifest import early_manifest
 from kvferry.kvtransfer.selection import NodeInfo, choose_transport
 from kvferry.kvtransfer.shm import MappedShmPool, SharedPool, ShmExport, sweep_stale_files
 from kvferry.prefill_service.early_reservation import EarlyReservation
-from kvferry.prefill_service.links import DecodeLinks
+from kvferry.prefill_service.handoff_request import HandoffRequest
+from kvferry.prefill_service.links import DecodeLinks, LinkOptions
 from kvferry.serving.deadline import Deadline
 from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -273,6 +275,13 @@ def test_a_transport_the_nodes_cannot_use_is_refused_and_nothing_leaks(
 
 
 # ---- links ----------------------------------------------------------------------------------------
+def _links(stub: Any) -> DecodeLinks:
+    """Links whose every decode client calls `stub`."""
+    return DecodeLinks(
+        LinkOptions("cpu", ("grpc", "shm"), "auto"), lambda address: DecodeClient(address, stub)
+    )
+
+
 class _DecodeAnswering:
     """Answers ExportKV as a decode node whose pool file is not there (another /dev/shm)."""
 
@@ -297,11 +306,11 @@ def test_auto_falls_back_to_grpc_when_the_pool_cannot_be_mapped_and_a_named_one_
     decode = _DecodeAnswering(export)
 
     async def scenario() -> tuple[str, str]:
-        links = DecodeLinks("cpu", ("grpc", "shm"), "auto", 1 << 20)
-        first = await links.transport("decode:1", decode, "")
-        again = await links.transport("decode:1", decode, "auto")
+        link = _links(decode).link("decode:1")
+        first = await link.transport("")
+        again = await link.transport("auto")
         with pytest.raises(UnavailableError):
-            await links.transport("decode:1", decode, "shm")
+            await link.transport("shm")
         return first.name, again.name
 
     assert asyncio.run(scenario()) == ("grpc", "grpc")
@@ -312,14 +321,14 @@ def test_links_follow_a_restarted_decode_node(cluster: InProcessCluster) -> None
     real = cluster.decode.direct.export()
 
     async def scenario() -> None:
-        links = DecodeLinks("cpu", ("grpc", "shm"), "auto", 1 << 20)
         decode = _DecodeAnswering(real)
-        transport = await links.transport("decode:1", decode, "")
+        link = _links(decode).link("decode:1")
+        transport = await link.transport("")
         assert transport.name == "shm"
-        assert links.matches("decode:1", real.node_id) and not links.matches("decode:1", "another-process")
-        links.forget("decode:1")
-        assert not links.matches("decode:1", real.node_id)
-        assert (await links.transport("decode:1", decode, "")).name == "shm" and decode.calls == 2
+        assert link.serves(real.node_id) and not link.serves("another-process")
+        link.forget()
+        assert not link.serves(real.node_id)
+        assert (await link.transport("")).name == "shm" and decode.calls == 2
 
     asyncio.run(scenario())
 
@@ -438,21 +447,23 @@ def test_prefill_reserves_early_for_prompts_longer_than_a_chunk(cluster: InProce
 @pytest.mark.parametrize("when", ["reserved", "in_flight"])
 def test_an_unused_early_reservation_is_freed(cluster: InProcessCluster, when: str) -> None:
     """A prefill that fails, is cancelled or ends at its first token never ships into its early
-    reservation: discarding it frees the decode pages, whether ReserveKV was answered or still running."""
+    reservation: its holder frees the decode pages at once, whether ReserveKV was answered (the handoff,
+    once it took it) or still running (discard cancels it)."""
     pipeline = cluster.prefill
     spec = ModelSpec.of_engine(cluster.decode.worker.engine)
     sampling = common_pb2.SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
 
     async def scenario() -> int:
-        early = EarlyReservation(
-            pipeline.handoff, "unused", cluster.address("decode"), [1 + i % 250 for i in range(40)], sampling, spec, 30, "shm",
+        request = HandoffRequest(
+            "unused", cluster.address("decode"), [1 + i % 250 for i in range(40)], sampling, spec, "shm",
             Deadline(10.0),
         )  # fmt: skip
+        early = pipeline.handoff.early(request, 30)
         early.start()
         if when == "reserved":
             taken = await early.take()
-            assert taken is not None and taken[1].num_pages == 30
-            early.give_up()  # as when the prefill failed after the reservation came back
+            assert taken is not None and taken.num_pages == 30
+            await taken.abort()  # what its holder does when the prefill failed after it came back
         else:
             await asyncio.sleep(0)  # ReserveKV sent, not answered
         await early.discard()
@@ -474,7 +485,7 @@ def test_a_direct_write_past_its_window_is_refused_and_writes_nothing(
     the decode node already freed and handed to another request: DirectWriteTransport refuses it."""
     from kvferry.kvtransfer.direct_transport import DirectWriteTransport
     from kvferry.kvtransfer.errors import LeaseLapsedError
-    from kvferry.kvtransfer.transport import write_deadline
+    from kvferry.kvtransfer.transport import Shipment, write_deadline
 
     spec, layout, pages = _pages(cluster, 12)
     manifest = build_manifest(spec, layout, pages)
@@ -492,8 +503,8 @@ def test_a_direct_write_past_its_window_is_refused_and_writes_nothing(
     async def send(write_by: float) -> Any:
         channel = grpc.aio.insecure_channel(cluster.address("decode"))
         try:
-            decode = decode_pb2_grpc.DecodeServiceStub(channel)
-            return await transport.send(decode, reservation, pages, timeout=10, write_by=write_by)
+            decode = DecodeClient(cluster.address("decode"), decode_pb2_grpc.DecodeServiceStub(channel))
+            return await transport.send(decode, Shipment(reservation, pages, timeout=10, write_by=write_by))
         finally:
             await channel.close()
 
@@ -517,10 +528,9 @@ def test_a_prefill_that_outlasts_its_early_reservation_reserves_again(
 
     async def aged_take(self: EarlyReservation) -> Any:
         taken = await original(self)
-        if taken is None:
-            return None
-        transport, reservation, sent_at = taken
-        return transport, reservation, sent_at - reservation.lease_seconds  # as if sent a lease ago
+        if taken is not None:
+            taken.sent_at -= taken.reply.lease_seconds  # as if sent a lease ago
+        return taken
 
     def serve(request_id: str) -> tuple[list[int], Any]:
         channel = grpc.insecure_channel(cluster.address("prefill"))
@@ -556,6 +566,7 @@ def test_nccl_starts_no_send_into_a_lapsed_reservation() -> None:
     reservation, and a send would have no receiver. Neither the send nor CommitKV starts."""
     from kvferry.kvtransfer.direct_transport import NcclTransport
     from kvferry.kvtransfer.errors import LeaseLapsedError
+    from kvferry.kvtransfer.transport import Shipment
 
     calls: list[str] = []
 
@@ -566,7 +577,7 @@ def test_nccl_starts_no_send_into_a_lapsed_reservation() -> None:
             calls.append("send")
 
     class Decode:
-        async def CommitKV(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
+        async def commit(self, request: Any, timeout: float | None) -> Any:
             calls.append("commit")
             return decode_pb2.CommitKVResponse(bytes_received=64)
 
@@ -574,7 +585,9 @@ def test_nccl_starts_no_send_into_a_lapsed_reservation() -> None:
     transport = NcclTransport(Pair(), asyncio.Lock())  # type: ignore[arg-type]
     pages = torch.zeros(4, 4)  # 64 bytes
     with pytest.raises(LeaseLapsedError):
-        asyncio.run(transport.send(Decode(), reservation, pages, write_by=time.monotonic() - 0.1))
+        asyncio.run(transport.send(Decode(), Shipment(reservation, pages, write_by=time.monotonic() - 0.1)))  # type: ignore[arg-type]
     assert calls == []
-    result = asyncio.run(transport.send(Decode(), reservation, pages, write_by=time.monotonic() + 10))
+    result = asyncio.run(
+        transport.send(Decode(), Shipment(reservation, pages, write_by=time.monotonic() + 10))
+    )  # type: ignore[arg-type]
     assert sorted(calls) == ["commit", "send"] and result.bytes_received == 64

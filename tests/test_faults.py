@@ -276,6 +276,32 @@ def test_logs_carry_the_request_id_across_processes(cluster: LocalCluster, clien
         assert "[fault-trace-7]" in text, f"{node}: no line names the request"
 
 
+def grpc_reserve_request(
+    stub: decode_pb2_grpc.DecodeServiceStub, request_id: str, prompt_len: int, max_new_tokens: int
+) -> decode_pb2.ReserveKVRequest:
+    """A ReserveKV for the grpc transfer of a `prompt_len`-token prompt's whole KV (zero pages), for the
+    model the decode node behind `stub` serves."""
+    import torch
+
+    from kvferry.engine.kv_handoff import KVLayout
+    from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
+    from kvferry.v1 import common_pb2
+
+    info = stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5)
+    m = info.model
+    spec = ModelSpec(m.fingerprint, m.dtype, info.pool.page_size, m.num_layers, m.num_kv_heads, m.head_dim, 4)
+    layout = KVLayout(torch.full((m.num_layers, m.num_kv_heads), prompt_len), spec.page_size)
+    payload = pages_to_bytes(torch.zeros(layout.num_pages, 2, spec.page_size, spec.head_dim))
+    return decode_pb2.ReserveKVRequest(
+        request_id=request_id,
+        manifest=build_manifest(spec, layout, payload),
+        sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=max_new_tokens),
+        prompt_token_ids=tokens(prompt_len, 9),
+        first_token_id=5,
+        transport="grpc",
+    )
+
+
 RESERVER = """
 import sys, time, grpc
 from kvferry.v1 import decode_pb2, decode_pb2_grpc
@@ -294,26 +320,8 @@ def test_sender_killed_between_reserve_and_pages_is_freed_by_the_lease(
     import subprocess
     import sys
 
-    import torch
-
-    from kvferry.engine.kv_handoff import KVLayout
-    from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-    from kvferry.v1 import common_pb2
-
     stub = decode_stub(cluster)
-    info = stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5)
-    m = info.model
-    spec = ModelSpec(m.fingerprint, m.dtype, info.pool.page_size, m.num_layers, m.num_kv_heads, m.head_dim, 4)
-    layout = KVLayout(torch.full((m.num_layers, m.num_kv_heads), 40), spec.page_size)
-    payload = pages_to_bytes(torch.zeros(layout.num_pages, 2, spec.page_size, spec.head_dim))
-    request = decode_pb2.ReserveKVRequest(
-        request_id="doomed-sender",
-        manifest=build_manifest(spec, layout, payload),
-        sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=8),
-        prompt_token_ids=tokens(40, 9),
-        first_token_id=5,
-        transport="grpc",
-    )
+    request = grpc_reserve_request(stub, "doomed-sender", 40, max_new_tokens=8)
     (tmp_path / "reserve.bin").write_bytes(request.SerializeToString())
     sender = subprocess.Popen(
         [sys.executable, "-P", "-c", RESERVER, cluster.address("decode"), str(tmp_path / "reserve.bin")],

@@ -49,7 +49,7 @@ def test_the_wheel_installs_only_the_kvferry_package(tmp_path: Path) -> None:
 LIGHT = """
 import sys
 import kvferry.clients, kvferry.clients.cli, kvferry.coordinator.server, kvferry.engine.errors
-import kvferry.kvtransfer.errors, kvferry.engine, kvferry.kvtransfer
+import kvferry.kvtransfer.errors, kvferry.engine, kvferry.kvtransfer, kvferry.decode_service.client
 from kvferry.v1 import coordinator_pb2_grpc, decode_pb2_grpc, prefill_pb2_grpc
 try:
     kvferry.clients.cli.main(["--help"])

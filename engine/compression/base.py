@@ -55,11 +55,15 @@ class Scorer:
 
     def cached_keys(self, layer: int) -> torch.Tensor:
         """Post-RoPE keys [H, n, D] of this layer's prompt, read back from the sequence's pages."""
+        return self.cached_kv(layer)[0]
+
+    def cached_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE keys and values, each [H, n, D], of this layer's prompt, from the sequence's pages."""
         kv = self.seq_kv
         n = self.shape.prompt_len
         table = kv.page_table[layer].to(kv.pool.kv.device)
-        k, _ = gather_heads(kv.pool.kv, table, -(-n // kv.pool.page_size))
-        return k[:, :n]
+        k, v = gather_heads(kv.pool.kv, table, -(-n // kv.pool.page_size))
+        return k[:, :n], v[:, :n]
 
 
 def make_scorer(params: CompressionParams, shape: PromptShape, seq_kv: SequenceKV) -> Scorer:

@@ -11,6 +11,11 @@ a: non-causal attention mass inside `attention_block`-token blocks: column sums 
    softmax(Q Kᵀ · scale) (post-RoPE, no causal mask) over the block's queries and the GQA group.
 z: standardise over the tokens x heads of one layer.
 Both statistics stream with chunked prefill; nothing but [L, H, n] floats is kept.
+
+Options (CompressionParams; off by default): λ = 1 - retention (`blend="ratio"`, kvpress's
+CompactorPress), a weighted by the value norms ‖v‖ (`value_norm`) and average-pooled over
+neighbouring positions (`mass_smoothing`), both as kvpress's non-causal attention press does, and
++ μ·z(snapkv votes of the last `window` queries) (`query_weight`: the question, when it ends the prompt).
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvferry.engine.compression.attention_scores import block_attention_mass
 from kvferry.engine.compression.base import PromptShape, Scorer
 from kvferry.engine.compression.blocks import BlockStream, block_bounds
 from kvferry.engine.compression.leverage import gaussian_sketch, sketched_leverage
 from kvferry.engine.compression.params import CompressionParams
-from kvferry.engine.compression.registry import register
+from kvferry.engine.compression.registry import SCORERS, register
 from kvferry.engine.page_table import SequenceKV
 
 
@@ -33,6 +39,16 @@ def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=(1, 2), keepdim=True)
     std = x.std(dim=(1, 2), keepdim=True).nan_to_num(0.0).clamp(min=1e-6)
     return (x - mean) / std
+
+
+def smooth_positions(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [L, H, n] -> the mean over each position's `width` (odd) neighbours; the edges average
+    over the neighbours that exist."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    pooled = F.avg_pool1d(
+        x.reshape(-1, 1, n), width, stride=1, padding=width // 2, count_include_pad=False
+    )  # [L*H, 1, n]
+    return pooled.reshape(*lead, n)
 
 
 def layers_per_leverage_launch(
@@ -81,10 +97,17 @@ class CompactorScorer(Scorer):
         self.stream: torch.cuda.Stream | None = None
         self.ready: torch.cuda.Event | None = None  # reused: the side stream waits for the prefill
         self.mass_rows: list[torch.Tensor] = []  # per layer: its mass [H, n]
+        self.norms: torch.Tensor | None = None  # value_norm: ‖v‖ [L, H, n], read once
+        # query_weight > 0: snapkv's votes of the last `window` prompt queries, observed alongside
+        self.query: Scorer | None = (
+            SCORERS["snapkv"](params, shape, seq_kv) if params.query_weight > 0 else None
+        )
 
     def observe(
         self, layer: int, q: torch.Tensor, k_pre_rope: torch.Tensor, k: torch.Tensor, start: int
     ) -> None:
+        if self.query is not None:
+            self.query.observe(layer, q, k_pre_rope, k, start)
         if self.sketch is None:
             self._start(k)
         if not self.group:
@@ -184,11 +207,28 @@ class CompactorScorer(Scorer):
             leverage[:, lo : lo + o.shape[1]] = o / o.mean(dim=1, keepdim=True).clamp(min=1e-12)
 
     def scores(self) -> torch.Tensor:
+        """z(a) + λ·z(o) (+ μ·z(query votes)); may be called again after `params` changed (the
+        benchmark scores several retentions from one prefill)."""
         assert self.leverage is not None and self.mass is not None, "no prefill chunk was observed"
         if self.stream is not None:
             torch.cuda.current_stream(self.leverage.device).wait_stream(self.stream)
-        lam = self.params.leverage_weight
-        return standardize_per_layer(self.mass) + lam * standardize_per_layer(self.leverage)
+        p = self.params
+        mass = self.mass
+        if p.value_norm:
+            mass = mass * self.value_norms()
+        if p.mass_smoothing > 1:
+            mass = smooth_positions(mass, p.mass_smoothing)
+        out = standardize_per_layer(mass) + p.blend_weight * standardize_per_layer(self.leverage)
+        if self.query is not None and p.query_weight > 0:
+            out = out + p.query_weight * standardize_per_layer(self.query.scores().to(out.device))
+        return out
+
+    def value_norms(self) -> torch.Tensor:
+        """‖v‖ [L, H, n] of every prompt token, read back from the pages (one layer at a time)."""
+        if self.norms is None:
+            layers = range(self.shape.num_layers)
+            self.norms = torch.stack([self.cached_kv(layer)[1].float().norm(dim=-1) for layer in layers])
+        return self.norms
 
 
 class FusedScoring:

@@ -25,6 +25,7 @@ from kvferry.engine.retention import (
 )
 
 BUDGETS = ("uniform", "adaptive", "global")
+BLENDS = ("fixed", "ratio")
 
 
 @dataclass
@@ -50,6 +51,15 @@ class CompressionParams:
     window: int = 32  # observation window: the last prompt queries
     pool_kernel: int = 5  # snapkv: max-pooling width over key positions (odd)
     seed: int = 0  # random scorer
+    # Levers of issue 23 (benchmarks/quality.py sweeps them; the defaults keep the original behaviour).
+    # compactor: "fixed" blends with λ = leverage_weight; "ratio" with λ = 1 - retention (kvpress's
+    # CompactorPress: more leverage the harder the compression)
+    blend: str = "fixed"
+    value_norm: bool = False  # compactor: weight each token's attention mass by its value norm ‖v‖
+    mass_smoothing: int = 1  # compactor: average-pool width (odd) over positions of the mass (kvpress: 3)
+    query_weight: float = 0.0  # compactor: + μ·z(snapkv votes of the last `window` prompt queries)
+    score_pool: int = 1  # any method: max-pool width (odd) of the scores: a high scorer keeps its neighbours
+    span_chunk: int = 0  # any method: keep whole chunks of this many tokens, ranked by mean score (0: off)
     # ---- the budget's other forms, and the question (issue 23) ----
     quality_target: float = DEFAULT_QUALITY_TARGET  # retention="auto": share of full-cache quality kept
     keep_tokens: int | None = None  # a budget in prompt tokens per KV head (instead of retention)
@@ -90,6 +100,20 @@ class CompressionParams:
             require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value}")
         require(self.pool_kernel % 2 == 1, "pool_kernel", f"must be odd, got {self.pool_kernel}")
         require(self.leverage_weight >= 0, "leverage_weight", f"must be >= 0, got {self.leverage_weight}")
+        require(self.blend in BLENDS, "blend", f"must be one of {BLENDS}, got {self.blend!r}")
+        require(isinstance(self.value_norm, bool), "value_norm", f"must be a bool, got {self.value_norm!r}")
+        for name in ("mass_smoothing", "score_pool"):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and value >= 1 and value % 2 == 1
+            require(ok, name, f"must be an odd integer >= 1, got {value}")
+        require(self.query_weight >= 0, "query_weight", f"must be >= 0, got {self.query_weight}")
+        ok = isinstance(self.span_chunk, int) and self.span_chunk >= 0
+        require(ok, "span_chunk", f"must be an integer >= 0, got {self.span_chunk}")
+
+    @property
+    def blend_weight(self) -> float:
+        """λ of the compactor's z(attention mass) + λ·z(leverage)."""
+        return 1.0 - self.retention if self.blend == "ratio" else self.leverage_weight
 
     @property
     def active(self) -> bool:

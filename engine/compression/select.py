@@ -13,6 +13,7 @@ import torch
 from kvferry.engine.compression.budget import keep_mask, uniform_share
 from kvferry.engine.compression.params import CompressionParams
 from kvferry.engine.compression.protection import protected_mask
+from kvferry.engine.compression.spans import shape_scores
 from kvferry.engine.page_table import SequenceKV
 from kvferry.engine.uploads import upload
 
@@ -29,6 +30,7 @@ def select_tokens(
     at most n, with its next-best tokens: they fill the head's last page, which is allocated anyway,
     so no head ends in a partly filled page that a sequence could later write into."""
     n = scores.shape[-1]
+    scores = shape_scores(scores, params)
     protected = protected_mask(n, params.sink, params.recent, params.protected_spans)  # on the host
     on_device = upload(protected, scores.device)
     if params.budget == "uniform":
