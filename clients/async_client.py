@@ -46,13 +46,14 @@ class AsyncClient:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
         **sampling: Any,
     ) -> GenerateResult:
         request = build_request(
-            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling
+            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, question
         )
         try:
             reply = await self._stub.GenerateUnary(
@@ -68,14 +69,17 @@ class AsyncClient:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
         **sampling: Any,
     ) -> AsyncIterator[StreamChunk]:
         """Chunks as tokens are produced; leaving the loop early (or cancelling the task) cancels the
         request and frees its KV on every node."""
-        request = build_request(GENERATE, prompt, messages, compression, retention, request_id, sampling)
+        request = build_request(
+            GENERATE, prompt, messages, compression, retention, request_id, sampling, question
+        )
         call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for msg in call:

@@ -31,6 +31,7 @@ from kvferry.clients.cluster_options import add_cluster_flags, cluster_options
 from kvferry.clients.errors import KvferryRpcError
 from kvferry.clients.local_cluster import DEFAULT_PORTS, ClusterError, LocalCluster
 from kvferry.clients.supervisor import RestartPolicy, Supervisor
+from kvferry.engine.retention import AUTO, DEFAULT_QUALITY_TARGET
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "engine" / "data" / "marrowick_canal.txt"
 BUNDLED_QUESTION = "Who was the chief engineer of the Marrowick Canal?"
@@ -59,13 +60,30 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _compression(args: argparse.Namespace) -> dict[str, Any] | None:
-    if args.method is None and args.retention is None:
-        return None
+def _compression(args: argparse.Namespace) -> dict[str, Any]:
+    """`ask` and `demo`: compactor at retention auto unless the flags say otherwise; the question is
+    its own last user turn (document_messages), which protect_last_user_turn keeps."""
     spec: dict[str, Any] = {"method": args.method or "compactor", "protect_last_user_turn": True}
-    if args.retention is not None:
+    if args.keep_tokens is not None:
+        spec["keep_tokens"] = args.keep_tokens
+    else:
         spec["retention"] = args.retention
+    if args.quality_target is not None:
+        spec["quality_target"] = args.quality_target
     return spec
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    if spec["method"] == "none":
+        return "none (the whole cache)"
+    if "keep_tokens" in spec:
+        return f"{spec['method']} keeping {spec['keep_tokens']} tokens per head"
+    target = (
+        f" (quality target {spec.get('quality_target', DEFAULT_QUALITY_TARGET)})"
+        if spec["retention"] == AUTO
+        else ""
+    )
+    return f"{spec['method']} at retention {spec['retention']}{target}"
 
 
 def ask(
@@ -100,7 +118,10 @@ def ask(
 
 def summary(stats: Any) -> str:
     p = stats.prefill
-    kept = f"kept {p.kept_tokens:,} of {p.full_tokens:,} cached tokens ({p.retention:.0%}, {p.compression_method})"
+    how = p.compression_method
+    if p.HasField("context_nll"):
+        how += f", auto chose {p.chosen_retention:.0%} for context NLL {p.context_nll:.2f}"
+    kept = f"kept {p.kept_tokens:,} of {p.full_tokens:,} cached tokens ({p.retention:.0%}, {how})"
     shipped = f"shipped {_human_bytes(p.kv_bytes_shipped)} of {_human_bytes(p.kv_bytes_full)} over {p.transport or '-'}"
     tokens = stats.decode.output_tokens if stats.HasField("decode") else 1
     timing = f"TTFT {stats.ttft_seconds:.2f} s, {tokens} tokens in {stats.total_seconds:.2f} s"
@@ -197,7 +218,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ports = {"coordinator": args.port, "prefill": args.port + 1, "decode": args.port + 2}
     env, token_flag = _auth_env(args)
     http = ["--http-port", str(args.http_port)] if args.http_port else []
-    cluster = _start_cluster(args, ports, args.log_dir, http, env)
+    cluster = _start_cluster(args, ports, args.log_dir, [*http, *_policy_args(args)], env)
     print(f"kvferry is up: coordinator {cluster.coordinator_address} (clients connect here)")
     if args.http_port:
         print(f"  OpenAI-compatible API: http://{cluster.host}:{args.http_port}/v1")
@@ -238,8 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             print(f"\ndocument: {BUNDLED_DOCUMENT.name} ({len(document):,} characters)")
             print(f"question: {args.question}")
-            print(f"compression: {args.method} at retention {args.retention}\nanswer: ", end="", flush=True)
-            compression = {"method": args.method, "retention": args.retention, "protect_last_user_turn": True}
+            compression = _compression(args)
+            print(f"compression: {_describe(compression)}\nanswer: ", end="", flush=True)
             return ask(cluster.coordinator_address, document, args.question, compression, args.max_new_tokens)
         finally:
             cluster.stop()
@@ -285,6 +306,50 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-server-name", help="name expected in the coordinator's certificate")
 
 
+def _retention(text: str) -> float | str:
+    """ "auto" or a number; its range is the server's to check (INVALID_ARGUMENT naming the field)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'want a fraction in (0, 1] or "{AUTO}", got {text!r}') from None
+
+
+def _add_compression_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method", default="compactor",
+        help="compression method (compactor, snapkv, kvcompress, streaming, random; none keeps the whole cache)",
+    )  # fmt: skip
+    p.add_argument(
+        "--retention", type=_retention, default=AUTO,
+        help='fraction of the prompt KV kept, in (0, 1], or "auto": chosen from the document to keep '
+        "--quality-target of the full cache's quality (default: auto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--quality-target", type=float, help="auto: share of full-cache quality to keep (default 0.95)"
+    )
+    p.add_argument(
+        "--keep-tokens", type=int, help="keep this many prompt tokens per KV head instead of a ratio"
+    )
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression policy (the coordinator's: for requests that ask for none)")
+    g.add_argument("--default-compression", help="method, e.g. compactor (default: none, the whole cache)")
+    g.add_argument("--default-retention", help='a fraction in (0, 1] or "auto"')
+    g.add_argument("--default-quality-target", help="auto's quality target, in (0, 1]")
+
+
+def _policy_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for name in ("default_compression", "default_retention", "default_quality_target"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out += ["--" + name.replace("_", "-"), str(value)]
+    return out
+
+
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_cluster_flags(p)
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
@@ -303,8 +368,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="local cluster answers a question about the bundled document")
     _add_engine_flags(demo)
     demo.add_argument("--question", default=BUNDLED_QUESTION)
-    demo.add_argument("--method", default="compactor", help="compression method")
-    demo.add_argument("--retention", type=float, default=0.5, help="fraction of the prompt KV kept")
+    _add_compression_flags(demo)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.set_defaults(run=cmd_demo)
 
@@ -334,16 +398,14 @@ def parser() -> argparse.ArgumentParser:
         default=RestartPolicy.max_restarts,
         help="restarts of a crashed service within 5 minutes before `up` gives up and stops (0: never restart)",
     )
+    _add_policy_flags(up)
     up.set_defaults(run=cmd_up)
 
     ask_p = sub.add_parser("ask", help="ask a question about a document through a running cluster")
     ask_p.add_argument("question")
     ask_p.add_argument("--doc", required=True, help="text file holding the document")
     _add_client_flags(ask_p)
-    ask_p.add_argument(
-        "--method", help="compression method (compactor, snapkv, kvcompress, streaming, random, none)"
-    )
-    ask_p.add_argument("--retention", type=float, help="fraction of the prompt KV kept, in (0, 1]")
+    _add_compression_flags(ask_p)
     ask_p.add_argument("--max-new-tokens", type=int, default=128)
     ask_p.set_defaults(run=cmd_ask)
 

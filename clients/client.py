@@ -27,8 +27,10 @@ def channel_options(tls_server_name: str | None = None) -> list[tuple[str, objec
 class Client:
     """Sampling keywords: max_new_tokens, temperature (0 = greedy), top_p, top_k, seed, stop,
     stop_token_ids, ignore_eos. Compression: `compression` (a method name or a dict of
-    CompressionParams fields) and/or `retention` (fraction of the prompt KV kept). Failures raise
-    KvferryRpcError with the gRPC status code.
+    CompressionParams fields) and/or `retention` (fraction of the prompt KV kept, or "auto": chosen per
+    request from the context, see `quality_target`); neither: the services' compression policy.
+    `question` is appended to the prompt or last user message and always kept by compression.
+    Failures raise KvferryRpcError with the gRPC status code.
 
     Security: `token` is the coordinator's bearer token; `tls_ca` (a PEM file path or bytes) turns on
     TLS and verifies the coordinator's certificate; `tls_cert`/`tls_key` present a client certificate
@@ -62,13 +64,14 @@ class Client:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
         **sampling: Any,
     ) -> GenerateResult:
         request = build_request(
-            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling
+            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, question
         )
         try:
             reply = self._stub.GenerateUnary(
@@ -84,14 +87,17 @@ class Client:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
         **sampling: Any,
     ) -> Iterator[StreamChunk]:
         """Chunks as tokens are produced. Stopping early (break, close()) cancels the request and frees
         its KV on every node."""
-        request = build_request(GENERATE, prompt, messages, compression, retention, request_id, sampling)
+        request = build_request(
+            GENERATE, prompt, messages, compression, retention, request_id, sampling, question
+        )
         call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for msg in call:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kvferry.engine.retention import check_retention
 from kvferry.v1 import common_pb2, coordinator_pb2
 
 Messages = Sequence[Mapping[str, str]]
@@ -26,6 +27,10 @@ _COMPRESSION_FIELDS = (
     "recent",
     "protect_system_prompt",
     "protect_last_user_turn",
+    "quality_target",
+    "keep_tokens",
+    "protect_question",
+    "question_tokens",
 )
 
 
@@ -34,15 +39,18 @@ def build_request(
     prompt: str | Sequence[int] | None,
     messages: Messages | None,
     compression: str | Mapping[str, Any] | None,
-    retention: float | None,
+    retention: float | str | None,
     request_id: str | None,
     sampling: Mapping[str, Any],
+    question: str | None = None,
 ) -> Any:
     """A GenerateRequest or GenerateUnaryRequest.
 
     `prompt` is text or token ids; `messages` a chat ([{"role", "content"}]); exactly one of them.
-    `compression` is a method name or a dict of CompressionParams fields (method, retention, budget,
-    sink, recent, protected_spans, knobs...); `retention` alone implies the default method.
+    `question` is appended to it and always kept by compression. `compression` is a method name or a
+    dict of CompressionParams fields (method, retention, quality_target, keep_tokens, budget, sink,
+    recent, protected_spans, protect_question, knobs...); `retention` (a fraction or "auto") alone
+    implies the default method. Neither: the services' compression policy.
     """
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
@@ -68,10 +76,12 @@ def build_request(
     spec = _compression_spec(compression, retention)
     if spec is not None:
         request.compression.CopyFrom(spec)
+    if question is not None:
+        request.question = question
     return request
 
 
-def _compression_spec(compression: str | Mapping[str, Any] | None, retention: float | None) -> Any:
+def _compression_spec(compression: str | Mapping[str, Any] | None, retention: float | str | None) -> Any:
     if compression is None and retention is None:
         return None
     values = (
@@ -80,6 +90,11 @@ def _compression_spec(compression: str | Mapping[str, Any] | None, retention: fl
     if retention is not None:
         values["retention"] = retention
     msg = common_pb2.CompressionParams(method=values.pop("method", None) or "")
+    if isinstance(
+        values.get("retention"), str
+    ):  # "auto" travels as auto_retention; numbers the server checks
+        check_retention(values.pop("retention"), "compression.retention")
+        msg.auto_retention = True
     for span in values.pop("protected_spans", ()):
         msg.protected_spans.add(start=span[0], end=span[1])
     for name, value in values.pop("knobs", {}).items():

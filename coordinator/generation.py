@@ -133,6 +133,7 @@ def _may_continue(
         error.code() == grpc.StatusCode.UNAVAILABLE
         and retried < retries
         and request.WhichOneof("input") == "prompt_token_ids"
+        and not request.HasField("question")  # its tokens follow the prompt's: no place for streamed ones
         and bool(streamed)
         and _remaining_tokens(request, streamed, max_model_len) >= 1
     )
@@ -160,4 +161,6 @@ def _prefill_request(request: Any, request_id: str, decode_address: str) -> pref
         out.prompt_token_ids.CopyFrom(request.prompt_token_ids)
     if request.HasField("compression"):
         out.compression.CopyFrom(request.compression)
+    if request.HasField("question"):
+        out.question = request.question
     return out

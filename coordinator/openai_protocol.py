@@ -4,15 +4,16 @@ Requests are pydantic models (an unknown field is refused, as OpenAI does, so a 
 never passes silently) that become the gRPC API's GenerateRequest through the Python clients' own
 builder, so a request means the same thing on both APIs. kvferry's options travel as extra body fields,
 the way vLLM takes them (`extra_body` in the openai client): `compression` (a method name or a dict of
-CompressionParams fields), `retention`, `top_k`, `ignore_eos`, `stop_token_ids`, `request_id` and
-`timeout` (the request's deadline in seconds). Responses carry `usage` and, in the extra field
+CompressionParams fields), `retention` (a fraction or "auto"), `question` (appended to the prompt or the
+last user message and always kept by compression), `top_k`, `ignore_eos`, `stop_token_ids`, `request_id`
+and `timeout` (the request's deadline in seconds). Responses carry `usage` and, in the extra field
 `kvferry`, what compression kept and shipped.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,7 +52,8 @@ class _GenerateBody(BaseModel):
     logit_bias: dict[str, float] | None = None
     # kvferry's own options (extra_body)
     compression: str | dict[str, Any] | None = None
-    retention: float | None = Field(None, allow_inf_nan=False)
+    retention: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] | None = None
+    question: str | None = None
     top_k: int | None = Field(None, ge=0, le=MAX_UINT32)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -88,6 +90,7 @@ class _GenerateBody(BaseModel):
                 self.retention,
                 request_id,
                 sampling,
+                self.question,
             )
         except (TypeError, ValueError) as e:  # a compression knob protobuf cannot hold
             raise InvalidArgumentError(f"compression: {e}", field="compression") from None
@@ -193,6 +196,9 @@ def kvferry_stats(stats: coordinator_pb2.GenerateStats) -> dict[str, Any]:
         "request_id": stats.request_id,
         "compression_method": p.compression_method,
         "retention": p.retention,
+        "chosen_retention": p.chosen_retention,
+        **({"context_nll": p.context_nll} if p.HasField("context_nll") else {}),
+        "protected_share": p.protected_share,
         "kept_tokens": p.kept_tokens,
         "full_tokens": p.full_tokens,
         "kv_bytes_shipped": p.kv_bytes_shipped,

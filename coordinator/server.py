@@ -3,12 +3,15 @@ on `http_port`."""
 
 from __future__ import annotations
 
+import logging
+
 from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.servicer import CoordinatorServicer
 from kvferry.coordinator.settings import CoordinatorSettings
 from kvferry.serving.server import ServiceHost, configure_logging
 from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
 
@@ -18,7 +21,11 @@ def build(settings: CoordinatorSettings) -> ServiceHost:
     nodes = NodePool(
         settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels
     )
-    servicer = CoordinatorServicer(nodes, host.metrics, settings.max_active_requests, settings.decode_retries)
+    policy = settings.compression_policy()
+    log.info("compression policy: %s", policy.describe())
+    servicer = CoordinatorServicer(
+        nodes, host.metrics, settings.max_active_requests, settings.decode_retries, policy
+    )
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, host.server)
     if settings.http_port is not None:
         from kvferry.coordinator.openai_api import build_app  # FastAPI loads only when the front is on

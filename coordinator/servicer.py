@@ -15,6 +15,7 @@ from kvferry.coordinator.metrics import CoordinatorMetrics
 from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.stats import CoordinatorStats
 from kvferry.engine.errors import ResourceExhaustedError
+from kvferry.serving.compression_policy import CompressionPolicy
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.metrics import new_registry
 from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -27,8 +28,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         metrics: CollectorRegistry | None = None,
         max_active_requests: int = 0,
         decode_retries: int = 0,
+        policy: CompressionPolicy | None = None,
     ) -> None:
         self.nodes = nodes
+        self.policy = policy or CompressionPolicy()
         self.stats = CoordinatorStats()
         self.metrics = CoordinatorMetrics(metrics or new_registry())
         self.max_active_requests = max_active_requests
@@ -75,6 +78,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 "retry later"
             )
         deadline = Deadline(timeout)
+        self.policy.apply(request)  # the operator's compression for a request that asks for none
         stats.requests_total += 1
         stats.requests_active += 1
         metrics.active.inc()

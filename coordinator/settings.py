@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvferry.serving.settings import ServerSettings, setting
+from kvferry.serving.settings import CompressionPolicySettings, ServerSettings, setting
 
 
 @dataclass
-class CoordinatorSettings(ServerSettings):
+class CoordinatorSettings(ServerSettings, CompressionPolicySettings):
     """kvferry coordinator: routes client requests through prefill and decode services."""
 
     port: int = setting(50051, "port to bind (0 picks a free one and logs it)")
@@ -41,3 +41,4 @@ class CoordinatorSettings(ServerSettings):
             raise ValueError(f"decode_retries: must be >= 0, got {self.decode_retries}")
         if self.max_active_requests < 0:
             raise ValueError(f"max_active_requests: must be >= 0, got {self.max_active_requests}")
+        self.compression_policy()  # its checks at start-up (the method is checked by the prefill nodes)

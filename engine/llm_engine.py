@@ -11,6 +11,7 @@ import torch
 
 from kvferry.engine.compression import SCORERS, CompressionParams, as_compression_params, make_observer
 from kvferry.engine.compression.budget import max_kept_pages
+from kvferry.engine.compression.calibration import ModelCalibration
 from kvferry.engine.config import EngineConfig
 from kvferry.engine.context_cache import DEFAULT_DEVICE_SHARE, ContextCache, ContextCacheState, context_handle
 from kvferry.engine.cuda_graphs import make_decode_graph_runner
@@ -83,6 +84,8 @@ class LLMEngine:
         )
         self.eos_ids = eos_token_ids(self.tokenizer, mc)
         self.requests: dict[str, Sequence] = {}
+        # retention="auto": this model's shipped fits (the conservative default where there are none)
+        self.calibration = ModelCalibration.for_weights(self.loaded.weights_key)
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -129,6 +132,8 @@ class LLMEngine:
         seq = Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
         if self.config.cache_context if cache_context is None else cache_context:
             self._set_context(seq, context_len)
+        if compression is not None and not seq.context_len:
+            seq.compression = compression.for_prompt(n)  # keep_tokens -> its share of this prompt
         seq.stats.prefill_tokens_computed = n
         return seq
 
@@ -157,9 +162,10 @@ class LLMEngine:
         seq.stats.context_tokens = aligned
         if params is not None and params.active:
             spans = [(a, min(b, aligned)) for a, b in params.protected_spans if a < aligned]
-            params = replace(params, protected_spans=spans)
+            params = replace(params, protected_spans=spans).for_prompt(aligned)  # keep_tokens of the context
         seq.context_params = params
-        worst = max_kept_pages(params, aligned, self.num_layers, self.num_kv_heads, page_size)
+        bound = None if params is None else params.largest(aligned)  # auto: chosen once the context is read
+        worst = max_kept_pages(bound, aligned, self.num_layers, self.num_kv_heads, page_size)
         if self.context_cache.can_hold(worst):
             seq.context_handle = context_handle(
                 self.loaded.fingerprint,
@@ -215,7 +221,9 @@ class LLMEngine:
             seq = work.seq
             if seq.prefill_start is None:
                 seq.prefill_start = time.perf_counter()
-                seq.scorer_state = make_observer(seq)  # None when the request keeps its whole cache
+                seq.scorer_state = make_observer(
+                    seq, self.calibration
+                )  # None when the request keeps its whole cache
             try:
                 logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
             except PrefillCancelled:
@@ -259,6 +267,8 @@ class LLMEngine:
             if entry is not None:
                 self.context_cache.pin(entry)
                 seq.context_entry = entry
+                # what its compression chose, for the stats of the requests that hit it
+                entry.chosen_retention, entry.context_nll = seq.stats.chosen_retention, seq.stats.context_nll
 
     def context_cache_state(self) -> ContextCacheState:
         """Entries, bytes per tier, hits, misses, spills, restores and evictions of the context cache."""

@@ -130,23 +130,6 @@ def chat_context_len(tokenizer: Any, messages: list[Message]) -> int:
     return chat_message_spans(tokenizer, messages)[users[-1]][0]
 
 
-def chat_protected_spans(
-    tokenizer: Any, messages: list[Message], system_prompt: bool, last_user_turn: bool
-) -> list[tuple[int, int]]:
-    """Token spans compression must keep: the system message, and/or the last user turn with everything
-    after it (the generation prompt and any answer prefix)."""
-    if not (system_prompt or last_user_turn):
-        return []
-    spans = chat_message_spans(tokenizer, messages)
-    out = []
-    if system_prompt and messages[0]["role"] == "system":
-        out.append(spans[0])
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    if last_user_turn and users:
-        out.append((spans[users[-1]][0], spans[-1][1]))
-    return out
-
-
 def eos_token_ids(tokenizer: Any | None, config: Any) -> set[int]:
     ids: set[int] = set()
     eos = getattr(config, "eos_token_id", None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -19,13 +18,8 @@ from kvferry.prefill_service.handoff import KVHandoff
 from kvferry.prefill_service.handoff_request import HandoffRequest
 from kvferry.prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
 from kvferry.serving import request_context
-from kvferry.serving.convert import (
-    FINISH_REASONS,
-    compression_fields,
-    compression_from_proto,
-    encode_input,
-    sampling_from_proto,
-)
+from kvferry.serving.compression_policy import CompressionPolicy
+from kvferry.serving.convert import FINISH_REASONS, encode_request_proto, sampling_from_proto
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.metrics import LATENCY_BUCKETS, RATIO_BUCKETS, new_registry
 from kvferry.v1 import prefill_pb2
@@ -55,6 +49,14 @@ class PrefillMetrics:
         self.shipped = Counter(
             "kvferry_kv_bytes_shipped_total", "KV bytes sent to decode nodes", registry=registry
         )
+        self.chosen_retention = Histogram(
+            "kvferry_chosen_retention_ratio",
+            "the retention each compressed request's budget was set to, by how it was asked for: auto "
+            "(chosen from the context by calibration), ratio, or tokens (keep_tokens / prompt length)",
+            ["mode"],
+            buckets=RATIO_BUCKETS,
+            registry=registry,
+        )
         self.full = Counter(
             "kvferry_kv_bytes_uncompressed_total",
             "KV bytes the shipped prompts take uncompressed",
@@ -83,8 +85,10 @@ class PrefillPipeline:
         max_pending: int = 0,
         metrics: CollectorRegistry | None = None,
         early_reserve: bool = True,
+        policy: CompressionPolicy | None = None,
     ) -> None:
         self.engine = engine
+        self.policy = policy or CompressionPolicy()
         self.handoff = handoff
         self.early_reserve = early_reserve  # ReserveKV when the last prefill chunk starts (direct transports)
         self.in_flight = 0  # accepted and not answered: the queue depth the coordinator balances on
@@ -109,8 +113,11 @@ class PrefillPipeline:
             transport = self.handoff.links.check_name(
                 request.transport
             )  # an unknown one fails before prefill
+            self.policy.apply(request)  # the operator's compression for a request that asks for none
+            # tokenize (chat template included; a text too long for max_model_len refused first) and
+            # the compression params with their regions: off the loop
             prompt, compression = await asyncio.to_thread(
-                _prepare, engine.tokenizer, request, engine.max_model_len
+                encode_request_proto, engine.tokenizer, request, engine.max_model_len
             )
             handoff = HandoffRequest(
                 request.request_id or uuid.uuid4().hex, request.decode_address, prompt, request.sampling,
@@ -119,8 +126,9 @@ class PrefillPipeline:
             early = None
             if self.early_reserve:
                 spec = handoff.spec
+                bound = None if compression is None else compression.largest(len(prompt))  # auto: unknown yet
                 max_pages = max_kept_pages(
-                    compression, len(prompt), spec.num_layers, spec.num_kv_heads, spec.page_size
+                    bound, len(prompt), spec.num_layers, spec.num_kv_heads, spec.page_size
                 )
                 early = self.handoff.early(handoff, max_pages)
             try:
@@ -150,6 +158,8 @@ class PrefillPipeline:
         m.prefill.observe(outcome.stats.prefill_seconds)
         if outcome.stats.full_tokens:
             m.retention.observe(outcome.stats.retention)
+        if _compressed(compression, outcome.stats.prompt_tokens):
+            m.chosen_retention.labels(mode=_budget_mode(compression)).observe(outcome.stats.chosen_retention)  # type: ignore[arg-type]
         if outcome.finish_reason is not None:
             response.finish_reason = FINISH_REASONS[outcome.finish_reason]
             return response
@@ -174,21 +184,6 @@ class PrefillPipeline:
         return response
 
 
-def _prepare(
-    tokenizer: Any, request: prefill_pb2.PrefillRequest, max_model_len: int
-) -> tuple[list[int], CompressionParams | None]:
-    """Tokenize (chat template included) and build the compression params; runs off the event loop. A
-    text that cannot fit max_model_len is refused before it is tokenized, and compression settings that
-    do not fit the prompt here, so their errors name `compression.<field>` (the engine checks again)."""
-    prompt, messages = encode_input(tokenizer, request, max_model_len)
-    if not request.HasField("compression"):
-        return prompt, None
-    compression = compression_from_proto(request.compression, tokenizer, messages)
-    with compression_fields():
-        compression.check_prompt(len(prompt), max_model_len)
-    return prompt, compression
-
-
 def _fill_stats(
     stats: prefill_pb2.PrefillStats, outcome: PrefillOutcome, compression: CompressionParams | None
 ) -> None:
@@ -204,6 +199,21 @@ def _fill_stats(
     stats.queue_seconds = outcome.queue_seconds
     stats.prefill_seconds = s.prefill_seconds
     stats.scoring_seconds = s.scoring_seconds
-    stats.compression_method = (
-        compression.method if compression is not None and compression.active else "none"
-    )
+    stats.compression_method = compression.method if _compressed(compression, s.prompt_tokens) else "none"  # type: ignore[union-attr]
+    stats.chosen_retention = s.chosen_retention
+    if s.context_nll is not None:
+        stats.context_nll = s.context_nll
+    stats.protected_tokens = s.protected_tokens
+    stats.protected_share = s.protected_share
+
+
+def _compressed(compression: CompressionParams | None, prompt_tokens: int) -> bool:
+    """Whether the request's KV was compressed (keep_tokens of a prompt no longer keeps it whole)."""
+    return compression is not None and compression.for_prompt(prompt_tokens).active
+
+
+def _budget_mode(compression: CompressionParams) -> str:
+    """How a request asked for its budget (the params still say: the engine resolves its own copy)."""
+    if compression.auto:
+        return "auto"
+    return "tokens" if compression.keep_tokens is not None else "ratio"

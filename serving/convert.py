@@ -11,8 +11,9 @@ from kvferry.engine.compression import CompressionParams
 from kvferry.engine.errors import InvalidArgumentError, require
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.prompt_regions import encode_request
+from kvferry.engine.retention import AUTO
 from kvferry.engine.sampling_params import SamplingParams
-from kvferry.engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
 from kvferry.v1 import common_pb2 as pb
 
 FINISH_REASONS = {
@@ -21,7 +22,16 @@ FINISH_REASONS = {
     "abort": pb.FINISH_REASON_ABORT,
 }
 _SAMPLING_OPTIONALS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
-_COMPRESSION_OPTIONALS = ("retention", "budget", "head_floor", "sink", "recent")
+_COMPRESSION_OPTIONALS = (
+    "retention",
+    "budget",
+    "head_floor",
+    "sink",
+    "recent",
+    "quality_target",
+    "keep_tokens",
+    "question_tokens",
+)
 _COMPRESSION_FIELDS = {f.name: f for f in dataclasses.fields(CompressionParams)}
 _KNOBS = {
     "leverage_weight",
@@ -41,47 +51,73 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def encode_input(
+def encode_request_proto(
     tokenizer: Any | None, request: Any, max_tokens: int | None = None
-) -> tuple[list[int], list[Message] | None]:
-    """The prompt token ids of a request with an `input` oneof, and its messages when it is a chat. With
-    `max_tokens` (max_model_len), an input that cannot fit is refused before it is tokenized or copied."""
+) -> tuple[list[int], CompressionParams | None]:
+    """The prompt token ids of a request with an `input` oneof (its `question` appended) and its
+    compression params, the regions it asks to keep as spans (engine.prompt_regions: as the offline
+    API encodes the same input). With `max_tokens` (max_model_len), an input that cannot fit is refused
+    before it is tokenized or copied, and compression settings that do not fit the prompt are refused
+    here, so their errors name `compression.<field>` (the engine checks again)."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidArgumentError("prompt: set one of prompt, messages, prompt_token_ids", field="prompt")
-    if which == "prompt":
-        return encode_prompt(tokenizer, request.prompt, max_tokens), None
-    if which == "messages":
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        return encode_chat(tokenizer, messages, max_tokens), messages
-    count = len(request.prompt_token_ids.ids)
-    require(count > 0, "prompt_token_ids", "must not be empty")
-    require(
-        max_tokens is None or count < max_tokens,
-        "prompt",  # as the engine names it
-        f"has {count:,} tokens but max_model_len is {max_tokens}; shorten it (one position must stay for output)",
-    )
-    return list(request.prompt_token_ids.ids), None
+    params = compression_from_proto(request.compression) if request.HasField("compression") else None
+    question = request.question if request.HasField("question") else None
+    with compression_fields():
+        if which == "prompt":
+            encoded = encode_request(
+                tokenizer, prompt=request.prompt, question=question, compression=params, max_tokens=max_tokens
+            )
+        elif which == "messages":
+            messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+            encoded = encode_request(
+                tokenizer, messages=messages, question=question, compression=params, max_tokens=max_tokens
+            )
+        else:
+            count = len(request.prompt_token_ids.ids)
+            require(count > 0, "prompt_token_ids", "must not be empty")
+            require(
+                max_tokens is None or count < max_tokens,
+                "prompt",  # as the engine names it
+                f"has {count:,} tokens but max_model_len is {max_tokens}; shorten it (one position must "
+                "stay for output)",
+            )
+            ids = list(request.prompt_token_ids.ids)
+            encoded = encode_request(
+                tokenizer, prompt=ids, question=question, compression=params, max_tokens=max_tokens
+            )
+        if encoded.compression is not None and max_tokens is not None:
+            encoded.compression.check_prompt(len(encoded.ids), max_tokens)
+    return encoded.ids, encoded.compression
 
 
 @contextmanager
 def compression_fields() -> Iterator[None]:
-    """Errors of CompressionParams checks, re-raised with their field named `compression.<field>`."""
+    """Errors of CompressionParams checks, re-raised with their field named `compression.<field>`
+    (errors of other fields pass unchanged)."""
     try:
         yield
     except InvalidArgumentError as e:
+        if e.field not in _COMPRESSION_FIELDS:
+            raise
         raise InvalidArgumentError(f"compression.{e}", field=f"compression.{e.field}") from None
 
 
-def compression_from_proto(
-    msg: pb.CompressionParams, tokenizer: Any | None = None, messages: list[Message] | None = None
-) -> CompressionParams:
+def compression_from_proto(msg: pb.CompressionParams) -> CompressionParams:
     """engine.CompressionParams of a request; error fields are named `compression.<field>`."""
     values: dict[str, Any] = {
         name: getattr(msg, name) for name in _COMPRESSION_OPTIONALS if msg.HasField(name)
     }
     if msg.method:
         values["method"] = msg.method
+    if msg.auto_retention:
+        require(
+            not msg.HasField("retention"),
+            "compression.retention",
+            "set either a retention or auto_retention, not both",
+        )
+        values["retention"] = AUTO
     for name, value in msg.knobs.items():
         require(name in _KNOBS, "compression.knobs", f"unknown knob {name!r}; known: {sorted(_KNOBS)}")
         if isinstance(_COMPRESSION_FIELDS[name].default, int):
@@ -93,14 +129,9 @@ def compression_from_proto(
     values["protected_spans"] = [(s.start, s.end) for s in msg.protected_spans]
     values["protect_system_prompt"] = msg.protect_system_prompt
     values["protect_last_user_turn"] = msg.protect_last_user_turn
+    values["protect_question"] = msg.protect_question
     with compression_fields():
-        params = CompressionParams(**values)
-    if messages is not None and (params.protect_system_prompt or params.protect_last_user_turn):
-        spans = chat_protected_spans(
-            tokenizer, messages, params.protect_system_prompt, params.protect_last_user_turn
-        )
-        params = params.with_spans(spans)
-    return params
+        return CompressionParams(**values)
 
 
 def dtype_name(engine: LLMEngine) -> str:

@@ -75,14 +75,19 @@ def prompt(length: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(1, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[list[int]]:
+def colocated_stats(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[Any]:
+    """The prompts through the colocated engine, greedy: the finished Sequences (tokens and stats)."""
     engine = tiny.engine(page_size=PAGE_SIZE, prefill_chunk=64, max_model_len=MAX_MODEL_LEN)
     sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
     seqs = [engine.add_request(p, sp, compression) for p in prompts]
     while engine.has_unfinished():
         engine.step()
     engine.pool.assert_no_leaks()
-    return [s.output_token_ids for s in seqs]
+    return seqs
+
+
+def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[list[int]]:
+    return [s.output_token_ids for s in colocated_stats(tiny, prompts, n, compression)]
 
 
 # ---- the golden path ------------------------------------------------------------------------------
@@ -175,7 +180,88 @@ def test_async_client(tiny: TinyModel, cluster: InProcessCluster) -> None:
     cluster.assert_no_leaks()
 
 
+# ---- retention="auto", keep_tokens, the compression policy -----------------------------------------
+AUTO = {"method": "compactor", "retention": "auto", "quality_target": 0.05, "sink": 2, "recent": 8}
+KEEP = {"method": "snapkv", "keep_tokens": 48, "sink": 2, "recent": 8}
+
+
+@pytest.mark.parametrize("spec", [AUTO, KEEP], ids=["auto", "keep_tokens"])
+def test_auto_and_keep_tokens_disaggregated_equal_colocated(
+    tiny: TinyModel, client: Client, spec: dict[str, Any]
+) -> None:
+    prompts = [prompt(n, seed=n, vocab=tiny.vocab_size) for n in (40, 130, 301)]
+    expected = colocated_stats(tiny, prompts, 12, CompressionParams(**spec))
+    for p, want in zip(prompts, expected):
+        r = client.generate(p, max_new_tokens=12, temperature=0, ignore_eos=True, compression=spec)
+        assert r.token_ids == want.output_token_ids
+        s = r.stats.prefill
+        assert s.chosen_retention == pytest.approx(want.stats.chosen_retention)
+        protected = 10 if s.chosen_retention < 1.0 else 0  # counted where the request was compressed
+        assert s.kept_tokens == want.stats.kept_tokens and s.protected_tokens == protected
+        assert s.protected_share == pytest.approx(protected / len(p))
+        if spec is AUTO:
+            assert s.HasField("context_nll") and s.context_nll == pytest.approx(want.stats.context_nll)
+            assert s.chosen_retention < 1.0 and s.compression_method == "compactor"
+        else:
+            assert not s.HasField("context_nll")
+            want_ratio = min(1.0, 48 / len(p))
+            assert s.chosen_retention == pytest.approx(want_ratio)
+            assert s.compression_method == ("none" if len(p) <= 48 else "snapkv")
+
+
+def test_the_operator_policy_fills_what_a_request_leaves_unset(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    from kvferry.serving.compression_policy import CompressionPolicy
+
+    servicer = cluster.hosts["coordinator"].component
+    p = prompt(200, seed=4, vocab=tiny.vocab_size)
+    ask = dict(max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert client.generate(p, **ask).stats.prefill.compression_method == "none"  # no policy: whole cache
+    servicer.policy = CompressionPolicy.from_settings("streaming", "auto", 0.05)
+    try:
+        auto = client.generate(p, **ask).stats.prefill
+        assert auto.compression_method == "streaming" and auto.HasField("context_nll")
+        assert auto.chosen_retention < 1.0
+        ratio = client.generate(p, compression={"retention": 0.25}, **ask).stats.prefill
+        assert (ratio.compression_method, ratio.chosen_retention) == ("streaming", 0.25)
+        named = client.generate(p, compression="snapkv", **ask).stats.prefill
+        assert named.compression_method == "snapkv" and named.HasField("context_nll")
+        opted_out = client.generate(p, compression="none", **ask).stats.prefill
+        assert opted_out.compression_method == "none" and opted_out.kv_bytes == opted_out.kv_bytes_full
+    finally:
+        servicer.policy = CompressionPolicy()
+    # a prefill node's own policy serves requests that reach it still without settings
+    cluster.prefill.policy = CompressionPolicy.from_settings(None, "0.5", None)
+    try:
+        fixed = client.generate(p, **ask).stats.prefill
+        assert (fixed.compression_method, fixed.chosen_retention) == ("compactor", 0.5)
+    finally:
+        cluster.prefill.policy = CompressionPolicy()
+
+
+def test_bad_retention_forms(client: Client) -> None:
+    """ "auto" and a number at once over raw gRPC; a retention that is neither, before it is sent."""
+    from kvferry.engine.errors import InvalidArgumentError
+    from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    request = coordinator_pb2.GenerateUnaryRequest(prompt_token_ids=common_pb2.TokenIds(ids=[1, 2, 3]))
+    request.compression.retention = 0.5
+    request.compression.auto_retention = True
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(client._channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateUnary(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("kvferry-field", "compression.retention") in err.value.trailing_metadata()
+    with pytest.raises(InvalidArgumentError) as local:
+        client.generate([1, 2, 3], retention="most")
+    assert local.value.field == "compression.retention"
+
+
 # ---- errors ---------------------------------------------------------------------------------------
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(
     ("kwargs", "code", "field"),
     [
@@ -185,6 +271,23 @@ def test_async_client(tiny: TinyModel, cluster: InProcessCluster) -> None:
         (dict(compression={"method": "zip"}), grpc.StatusCode.INVALID_ARGUMENT, "compression.method"),
         (dict(compression={"retention": 1.5}), grpc.StatusCode.INVALID_ARGUMENT, "compression.retention"),
         (dict(compression={"retention": 0.0}), grpc.StatusCode.INVALID_ARGUMENT, "compression.retention"),
+        (
+            dict(compression={"retention": "auto", "quality_target": 1.5}),
+            INVALID,
+            "compression.quality_target",
+        ),
+        (
+            dict(compression={"retention": "auto", "quality_target": 0.0}),
+            INVALID,
+            "compression.quality_target",
+        ),
+        (dict(compression={"keep_tokens": 0}), INVALID, "compression.keep_tokens"),
+        (dict(compression={"keep_tokens": -5}), INVALID, "compression.keep_tokens"),
+        (dict(compression={"keep_tokens": 8, "retention": 0.5}), INVALID, "compression.keep_tokens"),
+        (dict(compression={"keep_tokens": 8}, retention="auto"), INVALID, "compression.keep_tokens"),
+        (dict(compression={"protect_last_user_turn": True}), INVALID, "compression.protect_last_user_turn"),
+        (dict(compression={"protect_question": True}), INVALID, "compression.protect_question"),
+        (dict(question="Which one?"), INVALID, "question"),  # the tiny model has no tokenizer
         (dict(prompt=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
         (dict(prompt=[7] * 600), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (dict(prompt=[1, 999]), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),

@@ -26,7 +26,7 @@ from kvferry.v1 import common_pb2 as kvferry_dot_v1_dot_common__pb2
 from kvferry.v1 import kv_pb2 as kvferry_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvferry/v1/prefill.proto\x12\nkvferry.v1\x1a\x17kvferry/v1/common.proto\x1a\x13kvferry/v1/kv.proto\"\xac\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.kvferry.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x32\n\x0b\x63ompression\x18\x06 \x01(\x0b\x32\x1d.kvferry.v1.CompressionParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x07 \x01(\t\x12\x11\n\ttransport\x18\x08 \x01(\tB\x07\n\x05input\"\xc0\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12\'\n\tkv_handle\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.KVHandle\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.kvferry.v1.PrefillStats\"\x99\x03\n\x0cPrefillStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x13\n\x0bkept_tokens\x18\x02 \x01(\x04\x12\x13\n\x0b\x66ull_tokens\x18\x03 \x01(\x04\x12\x11\n\tretention\x18\x04 \x01(\x01\x12\x1d\n\x15kept_tokens_per_layer\x18\x05 \x03(\x04\x12\x10\n\x08kv_pages\x18\x06 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12\x15\n\rkv_bytes_full\x18\x08 \x01(\x04\x12\x18\n\x10kv_bytes_shipped\x18\t \x01(\x04\x12\x16\n\x0emanifest_bytes\x18\n \x01(\x04\x12\x15\n\rqueue_seconds\x18\x0b \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x0c \x01(\x01\x12\x17\n\x0fscoring_seconds\x18\r \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x0e \x01(\x01\x12\x11\n\ttransport\x18\x0f \x01(\t\x12\x1a\n\x12\x63ompression_method\x18\x10 \x01(\t\x12\x17\n\x0fhandoff_seconds\x18\x11 \x01(\x01\"\x14\n\x12PrefillInfoRequest\"t\n\x13PrefillInfoResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x02 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r2\x9d\x01\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.kvferry.v1.PrefillRequest\x1a\x1b.kvferry.v1.PrefillResponse\x12G\n\x04Info\x12\x1e.kvferry.v1.PrefillInfoRequest\x1a\x1f.kvferry.v1.PrefillInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvferry/v1/prefill.proto\x12\nkvferry.v1\x1a\x17kvferry/v1/common.proto\x1a\x13kvferry/v1/kv.proto\"\xd0\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.kvferry.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x32\n\x0b\x63ompression\x18\x06 \x01(\x0b\x32\x1d.kvferry.v1.CompressionParams\x12\x15\n\x08question\x18\x10 \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x07 \x01(\t\x12\x11\n\ttransport\x18\x08 \x01(\tB\x07\n\x05inputB\x0b\n\t_question\"\xc0\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12\'\n\tkv_handle\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.KVHandle\x12\'\n\x05stats\x18\x05 \x01(\x0b\x32\x18.kvferry.v1.PrefillStats\"\x90\x04\n\x0cPrefillStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x13\n\x0bkept_tokens\x18\x02 \x01(\x04\x12\x13\n\x0b\x66ull_tokens\x18\x03 \x01(\x04\x12\x11\n\tretention\x18\x04 \x01(\x01\x12\x1d\n\x15kept_tokens_per_layer\x18\x05 \x03(\x04\x12\x10\n\x08kv_pages\x18\x06 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12\x15\n\rkv_bytes_full\x18\x08 \x01(\x04\x12\x18\n\x10kv_bytes_shipped\x18\t \x01(\x04\x12\x16\n\x0emanifest_bytes\x18\n \x01(\x04\x12\x15\n\rqueue_seconds\x18\x0b \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x0c \x01(\x01\x12\x17\n\x0fscoring_seconds\x18\r \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x0e \x01(\x01\x12\x11\n\ttransport\x18\x0f \x01(\t\x12\x1a\n\x12\x63ompression_method\x18\x10 \x01(\t\x12\x17\n\x0fhandoff_seconds\x18\x11 \x01(\x01\x12\x18\n\x10\x63hosen_retention\x18\x12 \x01(\x01\x12\x18\n\x0b\x63ontext_nll\x18\x13 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10protected_tokens\x18\x14 \x01(\r\x12\x17\n\x0fprotected_share\x18\x15 \x01(\x01\x42\x0e\n\x0c_context_nll\"\x14\n\x12PrefillInfoRequest\"t\n\x13PrefillInfoResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x02 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r2\x9d\x01\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.kvferry.v1.PrefillRequest\x1a\x1b.kvferry.v1.PrefillResponse\x12G\n\x04Info\x12\x1e.kvferry.v1.PrefillInfoRequest\x1a\x1f.kvferry.v1.PrefillInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvferry.v1.prefill_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=87
-  _globals['_PREFILLREQUEST']._serialized_end=387
-  _globals['_PREFILLRESPONSE']._serialized_start=390
-  _globals['_PREFILLRESPONSE']._serialized_end=582
-  _globals['_PREFILLSTATS']._serialized_start=585
-  _globals['_PREFILLSTATS']._serialized_end=994
-  _globals['_PREFILLINFOREQUEST']._serialized_start=996
-  _globals['_PREFILLINFOREQUEST']._serialized_end=1016
-  _globals['_PREFILLINFORESPONSE']._serialized_start=1018
-  _globals['_PREFILLINFORESPONSE']._serialized_end=1134
-  _globals['_PREFILLSERVICE']._serialized_start=1137
-  _globals['_PREFILLSERVICE']._serialized_end=1294
+  _globals['_PREFILLREQUEST']._serialized_end=423
+  _globals['_PREFILLRESPONSE']._serialized_start=426
+  _globals['_PREFILLRESPONSE']._serialized_end=618
+  _globals['_PREFILLSTATS']._serialized_start=621
+  _globals['_PREFILLSTATS']._serialized_end=1149
+  _globals['_PREFILLINFOREQUEST']._serialized_start=1151
+  _globals['_PREFILLINFOREQUEST']._serialized_end=1171
+  _globals['_PREFILLINFORESPONSE']._serialized_start=1173
+  _globals['_PREFILLINFORESPONSE']._serialized_end=1289
+  _globals['_PREFILLSERVICE']._serialized_start=1292
+  _globals['_PREFILLSERVICE']._serialized_end=1449
 # @@protoc_insertion_point(module_scope)
