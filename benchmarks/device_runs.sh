@@ -17,6 +17,7 @@
 #   bash benchmarks/device_runs.sh 1gpu-layers-check  # nvidia-h100-x1: layer/engine/graph/serving GPU tests, fused projections, decode steps
 #   bash benchmarks/device_runs.sh 1gpu-pages         # nvidia-h100-x1: decode over page sizes 16-128, split-count variants at B=1
 #   bash benchmarks/device_runs.sh 1gpu-decode-check  # nvidia-h100-x1: decode + engine GPU tests, B1/B8 both kernels, 64-token pages
+#   bash benchmarks/device_runs.sh 1gpu-calibration  # nvidia-h100-x1: retention=auto on CUDA (GPU test), the calibration signal's prefill share at 8K and 32K
 #   bash benchmarks/device_runs.sh 1gpu-ctxcache      # nvidia-h100-x1: cached contexts: per-head prefill kernel + engine GPU tests,
 #                                                     #   the per-head prefill vs dense, hit vs miss TTFT (8B shape, 32K context)
 #   bash benchmarks/device_runs.sh 1gpu-quality       # nvidia-h100-x1: quality sweep on the tuning split, kvferry + kvpress
@@ -40,9 +41,9 @@
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-quality) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-quality | 1gpu-calibration) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-quality}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-quality|1gpu-calibration}" >&2
     exit 2
     ;;
 esac
@@ -216,5 +217,12 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       --device cuda:0 --prefill-kv-cache-gib 10 --decode-kv-cache-gib 12 \
       --prefill-args "--reserve-wait-seconds 300" --num-requests 6 --input-len 16k-32k --output-len 256 \
       --concurrency 6 --retention 1,0.25 --warmup 1 --quiet --out "$OUT/bench/serving_h100_long" 2>&1 | tail -4
+    ;;
+  1gpu-calibration)
+    timeout 150 python -P -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_engine_gpu.py -k auto 2>&1 | tail -4
+    # the auto mode pins the calibration to --retention, so auto - fused_side_stream is the signal alone
+    timeout 400 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 7 --no-reference \
+      > "$OUT/calibration.log" 2>&1
+    grep -E "calibration signal|fused_side_stream: share|auto: share" "$OUT/calibration.log" | tail -8
     ;;
 esac

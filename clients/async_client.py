@@ -54,7 +54,8 @@ class AsyncClient:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         context: Context | None = None,
         cache_context: bool | None = None,
         request_id: str | None = None,
@@ -62,7 +63,7 @@ class AsyncClient:
         **sampling: Any,
     ) -> GenerateResult:
         request = build_request(
-            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, context,
+            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, question, context,
             cache_context,
         )  # fmt: skip
         try:
@@ -79,7 +80,8 @@ class AsyncClient:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         context: Context | None = None,
         cache_context: bool | None = None,
         request_id: str | None = None,
@@ -89,8 +91,9 @@ class AsyncClient:
         """Chunks as tokens are produced; leaving the loop early (or cancelling the task) cancels the
         request and frees its KV on every node."""
         request = build_request(
-            GENERATE, prompt, messages, compression, retention, request_id, sampling, context, cache_context
-        )
+            GENERATE, prompt, messages, compression, retention, request_id, sampling, question, context,
+            cache_context,
+        )  # fmt: skip
         call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for msg in call:
@@ -106,7 +109,7 @@ class AsyncClient:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> ContextHandle:

@@ -236,7 +236,8 @@ async def run_cluster(
 
     records = [Record(len(r.prompt)) for r in work]
     samples: list[dict[str, float]] = []
-    compression = None if retention >= 1.0 else {"method": args.method, "retention": retention}
+    # "none", not unset: a cluster with a compression policy would compress a request that names none
+    compression = {"method": "none"} if retention >= 1.0 else {"method": args.method, "retention": retention}
     bar = tqdm(total=len(work), desc=f"disaggregated r={retention}", disable=quiet or args.quiet)
     pool: dict[str, Any] = {}
     async with AsyncClient(address, timeout=args.timeout, **_client_kwargs(args)) as client:

@@ -1,9 +1,10 @@
 """The `kvferry` command line.
 
 kvferry demo                         start a local cluster, ask the bundled document a question, stop
-kvferry up                           coordinator + prefill + decode on this machine (Ctrl-C stops all),
-                                     the OpenAI-compatible API on :8000 (--http-port);
-                                     --prefill-device cuda:0 --decode-device cuda:1 --transport auto ...
+kvferry up                           coordinator + prefill + decode on this machine, restarted when they
+                                     crash (Ctrl-C stops all), the OpenAI-compatible API on :8000
+                                     (--http-port); --prefill-device cuda:0 --decode-device cuda:1
+                                     --transport auto --auth-token-file FILE ...
 kvferry bench                        load generator: TTFT / TPOT / throughput, JSON + PNG (a local
                                      cluster, --target HOST:PORT, --colocated or --compare)
 kvferry ask --doc FILE Q1 [Q2 ...]   stream answers about a document through a running cluster (the
@@ -30,6 +31,8 @@ from kvferry.clients.client import DEFAULT_ADDRESS, Client
 from kvferry.clients.cluster_options import add_cluster_flags, cluster_options
 from kvferry.clients.errors import KvferryRpcError
 from kvferry.clients.local_cluster import DEFAULT_PORTS, ClusterError, LocalCluster
+from kvferry.clients.supervisor import RestartPolicy, Supervisor
+from kvferry.engine.retention import AUTO, DEFAULT_QUALITY_TARGET
 
 BUNDLED_DOCUMENT = Path(__file__).resolve().parent.parent / "engine" / "data" / "marrowick_canal.txt"
 BUNDLED_QUESTION = "Who was the chief engineer of the Marrowick Canal?"
@@ -64,13 +67,30 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _compression(args: argparse.Namespace) -> dict[str, Any] | None:
-    if args.method is None and args.retention is None:
-        return None
+def _compression(args: argparse.Namespace) -> dict[str, Any]:
+    """`ask` and `demo`: compactor at retention auto unless the flags say otherwise; the question is
+    its own last user turn (document_messages), which protect_last_user_turn keeps."""
     spec: dict[str, Any] = {"method": args.method or "compactor", "protect_last_user_turn": True}
-    if args.retention is not None:
+    if args.keep_tokens is not None:
+        spec["keep_tokens"] = args.keep_tokens
+    else:
         spec["retention"] = args.retention
+    if args.quality_target is not None:
+        spec["quality_target"] = args.quality_target
     return spec
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    if spec["method"] == "none":
+        return "none (the whole cache)"
+    if "keep_tokens" in spec:
+        return f"{spec['method']} keeping {spec['keep_tokens']} tokens per head"
+    target = (
+        f" (quality target {spec.get('quality_target', DEFAULT_QUALITY_TARGET)})"
+        if spec["retention"] == AUTO
+        else ""
+    )
+    return f"{spec['method']} at retention {spec['retention']}{target}"
 
 
 def ask(
@@ -125,7 +145,10 @@ def ask(
 
 def summary(stats: Any) -> str:
     p = stats.prefill
-    kept = f"kept {p.kept_tokens:,} of {p.full_tokens:,} cached tokens ({p.retention:.0%}, {p.compression_method})"
+    how = p.compression_method
+    if p.HasField("context_nll"):
+        how += f", auto chose {p.chosen_retention:.0%} for context NLL {p.context_nll:.2f}"
+    kept = f"kept {p.kept_tokens:,} of {p.full_tokens:,} cached tokens ({p.retention:.0%}, {how})"
     shipped = f"shipped {_human_bytes(p.kv_bytes_shipped)} of {_human_bytes(p.kv_bytes_full)} over {p.transport or '-'}"
     tokens = stats.decode.output_tokens if stats.HasField("decode") else 1
     timing = f"TTFT {stats.ttft_seconds:.2f} s, {tokens} tokens in {stats.total_seconds:.2f} s"
@@ -196,9 +219,10 @@ def _start_cluster(
     ports: dict[str, int] | None,
     log_dir: Path | None,
     coordinator_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> LocalCluster:
     cluster = LocalCluster.from_options(
-        cluster_options(args), ports=ports, log_dir=log_dir, coordinator_args=coordinator_args
+        cluster_options(args), ports=ports, log_dir=log_dir, coordinator_args=coordinator_args, env=env or {}
     )
     print("starting coordinator, prefill and decode services (each loads the model; ~15-30 s on CPU)...")
     cluster.start()
@@ -225,20 +249,42 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _auth_env(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """The services' environment for the bearer token (a file named by --auth-token-file, or
+    KVFERRY_AUTH_TOKEN inherited from this environment) and the flags a client then needs."""
+    from kvferry.serving.security import read_token
+
+    if args.auth_token_file is None:
+        return {}, " --token-file FILE" if os.environ.get("KVFERRY_AUTH_TOKEN") else ""
+    path = str(Path(args.auth_token_file).resolve())
+    read_token(None, path)  # unreadable or empty: refused here, not by three children
+    return {"KVFERRY_AUTH_TOKEN_FILE": path, "KVFERRY_AUTH_TOKEN": ""}, f" --token-file {path}"
+
+
+def _stamped(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     _stop_on_signals()
     ports = {"coordinator": args.port, "prefill": args.port + 1, "decode": args.port + 2}
+    env, token_flag = _auth_env(args)
     http = ["--http-port", str(args.http_port)] if args.http_port else []
-    cluster = _start_cluster(args, ports, args.log_dir, http)
+    cluster = _start_cluster(args, ports, args.log_dir, [*http, *_policy_args(args)], env)
     print(f"kvferry is up: coordinator {cluster.coordinator_address} (clients connect here)")
     if args.http_port:
         print(f"  OpenAI-compatible API: http://{cluster.host}:{args.http_port}/v1")
     print(f"  prefill {cluster.address('prefill')}, decode {cluster.address('decode')}")
-    print(f"  try: kvferry ask --address {cluster.coordinator_address} --doc FILE 'your question'")
-    print("Ctrl-C stops all three.")
+    if token_flag:
+        print("  every service requires the bearer token")
+    print(
+        f"  try: kvferry ask --address {cluster.coordinator_address}{token_flag} --doc FILE 'your question'"
+    )
+    print("A crashed service is restarted; Ctrl-C stops all three.")
+    supervisor = Supervisor(cluster, RestartPolicy(max_restarts=args.max_restarts), report=_stamped)
     try:
         while True:
-            cluster.check()
+            supervisor.poll()
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping...")
@@ -265,8 +311,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             print(f"\ndocument: {BUNDLED_DOCUMENT.name} ({len(document):,} characters)")
             print(f"question: {args.question}")
-            print(f"compression: {args.method} at retention {args.retention}\nanswer: ", end="", flush=True)
-            compression = {"method": args.method, "retention": args.retention, "protect_last_user_turn": True}
+            compression = _compression(args)
+            print(f"compression: {_describe(compression)}\nanswer: ", end="", flush=True)
             return ask(
                 cluster.coordinator_address, document, args.question, compression, args.max_new_tokens,
                 cache_context=False,  # one question on a fresh cluster: nothing to reuse
@@ -316,6 +362,50 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-server-name", help="name expected in the coordinator's certificate")
 
 
+def _retention(text: str) -> float | str:
+    """ "auto" or a number; its range is the server's to check (INVALID_ARGUMENT naming the field)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'want a fraction in (0, 1] or "{AUTO}", got {text!r}') from None
+
+
+def _add_compression_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method", default="compactor",
+        help="compression method (compactor, snapkv, kvcompress, streaming, random; none keeps the whole cache)",
+    )  # fmt: skip
+    p.add_argument(
+        "--retention", type=_retention, default=AUTO,
+        help='fraction of the prompt KV kept, in (0, 1], or "auto": chosen from the document to keep '
+        "--quality-target of the full cache's quality (default: auto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--quality-target", type=float, help="auto: share of full-cache quality to keep (default 0.95)"
+    )
+    p.add_argument(
+        "--keep-tokens", type=int, help="keep this many prompt tokens per KV head instead of a ratio"
+    )
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression policy (the coordinator's: for requests that ask for none)")
+    g.add_argument("--default-compression", help="method, e.g. compactor (default: none, the whole cache)")
+    g.add_argument("--default-retention", help='a fraction in (0, 1] or "auto"')
+    g.add_argument("--default-quality-target", help="auto's quality target, in (0, 1]")
+
+
+def _policy_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for name in ("default_compression", "default_retention", "default_quality_target"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out += ["--" + name.replace("_", "-"), str(value)]
+    return out
+
+
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_cluster_flags(p)
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
@@ -334,8 +424,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="local cluster answers a question about the bundled document")
     _add_engine_flags(demo)
     demo.add_argument("--question", default=BUNDLED_QUESTION)
-    demo.add_argument("--method", default="compactor", help="compression method")
-    demo.add_argument("--retention", type=float, default=0.5, help="fraction of the prompt KV kept")
+    _add_compression_flags(demo)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.set_defaults(run=cmd_demo)
 
@@ -354,6 +443,18 @@ def parser() -> argparse.ArgumentParser:
         help="the coordinator's OpenAI-compatible HTTP API (0: off)",
     )
     up.add_argument("--log-dir", type=Path, help="write each service's log here instead of this terminal")
+    up.add_argument(
+        "--auth-token-file",
+        help="every service requires the bearer token in this file, and sends it to the others "
+        "(or set KVFERRY_AUTH_TOKEN); clients pass it with --token-file",
+    )
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=RestartPolicy.max_restarts,
+        help="restarts of a crashed service within 5 minutes before `up` gives up and stops (0: never restart)",
+    )
+    _add_policy_flags(up)
     up.set_defaults(run=cmd_up)
 
     ask_p = sub.add_parser("ask", help="ask questions about a document through a running cluster")
@@ -367,10 +468,7 @@ def parser() -> argparse.ArgumentParser:
         "snapkv or kvcompress, whose scores need the question",
     )
     _add_client_flags(ask_p)
-    ask_p.add_argument(
-        "--method", help="compression method (compactor, snapkv, kvcompress, streaming, random, none)"
-    )
-    ask_p.add_argument("--retention", type=float, help="fraction of the prompt KV kept, in (0, 1]")
+    _add_compression_flags(ask_p)
     ask_p.add_argument("--max-new-tokens", type=int, default=128)
     ask_p.set_defaults(run=cmd_ask)
 

@@ -35,11 +35,13 @@ def channel_options(tls_server_name: str | None = None) -> list[tuple[str, objec
 class Client:
     """Sampling keywords: max_new_tokens, temperature (0 = greedy), top_p, top_k, seed, stop,
     stop_token_ids, ignore_eos. Compression: `compression` (a method name or a dict of
-    CompressionParams fields) and/or `retention` (fraction of the prompt KV kept). Cached contexts:
-    `context` (text or token ids in front of the prompt, or a ContextHandle from `put_context`) and
-    `cache_context` (compress the context, or a chat's turns before its last user turn, on its own
-    and reuse it across requests; None: the cluster's default). Failures raise KvferryRpcError with
-    the gRPC status code.
+    CompressionParams fields) and/or `retention` (fraction of the prompt KV kept, or "auto": chosen per
+    request from the context, see `quality_target`); neither: the services' compression policy.
+    `question` is appended to the prompt or last user message and always kept by compression. Cached
+    contexts: `context` (text or token ids in front of the prompt, or a ContextHandle from
+    `put_context`) and `cache_context` (compress the context, or a chat's turns before its last user
+    turn, on its own and reuse it across requests; None: the cluster's default). Failures raise
+    KvferryRpcError with the gRPC status code.
 
     Security: `token` is the coordinator's bearer token; `tls_ca` (a PEM file path or bytes) turns on
     TLS and verifies the coordinator's certificate; `tls_cert`/`tls_key` present a client certificate
@@ -73,7 +75,8 @@ class Client:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         context: Context | None = None,
         cache_context: bool | None = None,
         request_id: str | None = None,
@@ -81,7 +84,7 @@ class Client:
         **sampling: Any,
     ) -> GenerateResult:
         request = build_request(
-            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, context,
+            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, question, context,
             cache_context,
         )  # fmt: skip
         try:
@@ -98,7 +101,8 @@ class Client:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
+        question: str | None = None,
         context: Context | None = None,
         cache_context: bool | None = None,
         request_id: str | None = None,
@@ -108,8 +112,9 @@ class Client:
         """Chunks as tokens are produced. Stopping early (break, close()) cancels the request and frees
         its KV on every node."""
         request = build_request(
-            GENERATE, prompt, messages, compression, retention, request_id, sampling, context, cache_context
-        )
+            GENERATE, prompt, messages, compression, retention, request_id, sampling, question, context,
+            cache_context,
+        )  # fmt: skip
         call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for msg in call:
@@ -125,7 +130,7 @@ class Client:
         *,
         messages: Messages | None = None,
         compression: str | Mapping[str, Any] | None = None,
-        retention: float | None = None,
+        retention: float | str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> ContextHandle:

@@ -4,10 +4,15 @@ Each service is its own process, started exactly as a user would (`python -m dec
 the cluster behaves like a deployed one: real gRPC between processes, KV shipped over the transport
 the prefill service picks (auto by default: cuda_ipc between GPUs of this host, shm between CPU
 engines; `ClusterOptions.transport` names one). `wait_ready` polls the standard health service until every node reports SERVING.
+On Linux each child is started with a parent-death signal (SIGTERM, armed in the child before exec), so
+the services stop with the process that started them even when it is killed with SIGKILL: the kernel
+sends the signal when the starting *thread* exits, so start nodes from a thread that outlives them (the
+main thread does). `clients/supervisor.py` restarts nodes that crash.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -30,8 +35,27 @@ MODULES = {
 }
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 class ClusterError(RuntimeError):
     """A node exited or did not become ready."""
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` (Linux) that has the kernel send the child SIGTERM when this process dies, however
+    it dies; None elsewhere. libc is looked up here, in the parent: the child only calls prctl."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed: nobody would send it
+            os._exit(1)
+
+    return arm
 
 
 def free_port() -> int:
@@ -115,7 +139,11 @@ class LocalCluster:
             mode = "ab" if node in self.processes else "wb"  # a restarted node appends to its log
             output = open(self.log_dir / f"{node}.log", mode)  # noqa: SIM115 - the child owns it
         self.processes[node] = subprocess.Popen(
-            self.command(node), env=env, stdout=output, stderr=subprocess.STDOUT if output else None
+            self.command(node),
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+            preexec_fn=die_with_parent(),  # only prctl runs in the child (fork with threads is safe for it)
         )
         if output is not None:
             output.close()
@@ -149,15 +177,14 @@ class LocalCluster:
             if pending:
                 time.sleep(0.25)
 
-    def check(self) -> None:
-        """ClusterError when any node has exited."""
-        for node in self.processes:
-            self._check_alive(node)
+    def log_path(self, node: str) -> Path | None:
+        return None if self.log_dir is None else self.log_dir / f"{node}.log"
 
     def _check_alive(self, node: str) -> None:
         code = self.processes[node].poll()
         if code is not None:
-            where = f"; see {self.log_dir / (node + '.log')}" if self.log_dir else ""
+            log = self.log_path(node)
+            where = f"; see {log}" if log is not None else " (its messages are above)"
             raise ClusterError(f"the {node} service exited with code {code}{where}")
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:

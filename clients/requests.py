@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvferry.engine.retention import check_retention
 from kvferry.v1 import common_pb2, coordinator_pb2
 
 Messages = Sequence[Mapping[str, str]]
@@ -52,6 +53,10 @@ _COMPRESSION_FIELDS = (
     "recent",
     "protect_system_prompt",
     "protect_last_user_turn",
+    "quality_target",
+    "keep_tokens",
+    "protect_question",
+    "question_tokens",
 )
 
 
@@ -60,19 +65,22 @@ def build_request(
     prompt: str | Sequence[int] | None,
     messages: Messages | None,
     compression: str | Mapping[str, Any] | None,
-    retention: float | None,
+    retention: float | str | None,
     request_id: str | None,
     sampling: Mapping[str, Any],
+    question: str | None = None,
     context: Context | None = None,
     cache_context: bool | None = None,
 ) -> Any:
     """A GenerateRequest or GenerateUnaryRequest.
 
     `prompt` is text or token ids; `messages` a chat ([{"role", "content"}]); exactly one of them.
-    `compression` is a method name or a dict of CompressionParams fields (method, retention, budget,
-    sink, recent, protected_spans, knobs...); `retention` alone implies the default method.
-    `context`: text or token ids in front of the prompt, or a ContextHandle from put_context;
-    `cache_context`: cache it (None: the cluster's default).
+    `question` is appended to it and always kept by compression. `compression` is a method name or a
+    dict of CompressionParams fields (method, retention, quality_target, keep_tokens, budget, sink,
+    recent, protected_spans, protect_question, knobs...); `retention` (a fraction or "auto") alone
+    implies the default method. Neither: the services' compression policy. `context`: text or token
+    ids in front of the prompt, or a ContextHandle from put_context; `cache_context`: cache it (None:
+    the cluster's default).
     """
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
@@ -102,6 +110,8 @@ def build_request(
         request.context.CopyFrom(context_message(context))
     if cache_context is not None:
         request.cache_context = cache_context
+    if question is not None:
+        request.question = question
     return request
 
 
@@ -117,7 +127,7 @@ def build_put_context(
     context: str | Sequence[int] | None,
     messages: Messages | None,
     compression: str | Mapping[str, Any] | None,
-    retention: float | None,
+    retention: float | str | None,
     request_id: str | None,
 ) -> common_pb2.PutContextRequest:
     """A PutContextRequest: `context` (text or token ids) or `messages` (the conversation before the
@@ -139,7 +149,7 @@ def build_put_context(
     return request
 
 
-def _compression_spec(compression: str | Mapping[str, Any] | None, retention: float | None) -> Any:
+def _compression_spec(compression: str | Mapping[str, Any] | None, retention: float | str | None) -> Any:
     if compression is None and retention is None:
         return None
     values = (
@@ -148,6 +158,11 @@ def _compression_spec(compression: str | Mapping[str, Any] | None, retention: fl
     if retention is not None:
         values["retention"] = retention
     msg = common_pb2.CompressionParams(method=values.pop("method", None) or "")
+    if isinstance(
+        values.get("retention"), str
+    ):  # "auto" travels as auto_retention; numbers the server checks
+        check_retention(values.pop("retention"), "compression.retention")
+        msg.auto_retention = True
     for span in values.pop("protected_spans", ()):
         msg.protected_spans.add(start=span[0], end=span[1])
     for name, value in values.pop("knobs", {}).items():

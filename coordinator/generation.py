@@ -17,6 +17,7 @@ import grpc
 
 from kvferry.coordinator.context_routes import ContextRoutes, request_key
 from kvferry.coordinator.nodes import Node, NodePool
+from kvferry.engine.sampling_params import DEFAULT_MAX_NEW_TOKENS
 from kvferry.serving import request_context
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.error_interceptor import FIELD_METADATA_KEY
@@ -48,8 +49,9 @@ async def generate(
     failed: set[str] = set()  # decode nodes that broke during this request
     stats: coordinator_pb2.GenerateStats | None = None
     routes = routes if routes is not None else ContextRoutes()
+    max_model_len = 0  # the failed decode node's, for a continuation
     while True:
-        current = request if not streamed else _continuation(request, streamed)
+        current = request if not streamed else _continuation(request, streamed, max_model_len)
         prefill_ranked, decode_ranked = await asyncio.gather(
             nodes.prefill_by_load(), nodes.decode_by_load(failed)
         )
@@ -107,7 +109,8 @@ async def generate(
                 streamed.extend(part.token_ids)
             return
         except grpc.aio.AioRpcError as e:
-            if not _may_continue(e, request, streamed, len(failed), decode_retries):
+            max_model_len = nodes.max_model_len.get(decode.address, 0)
+            if not _may_continue(e, request, streamed, len(failed), decode_retries, max_model_len):
                 raise
             failed.add(decode.address)
             log.warning(
@@ -150,29 +153,41 @@ def _unknown_handle(error: grpc.aio.AioRpcError) -> bool:
     return error.code() == grpc.StatusCode.NOT_FOUND and field == "context.handle"
 
 
-def _remaining_tokens(request: Any, streamed: list[int]) -> int:
-    wanted = request.sampling.max_new_tokens if request.sampling.HasField("max_new_tokens") else 256
+def _remaining_tokens(request: Any, streamed: list[int], max_model_len: int) -> int:
+    """Tokens still due to a token-id request: its max_new_tokens, or when it set none the engine's
+    default as the decode node applied it (capped by the room its max_model_len left)."""
+    if request.sampling.HasField("max_new_tokens"):
+        wanted = request.sampling.max_new_tokens
+    else:
+        room = max_model_len - len(request.prompt_token_ids.ids)
+        wanted = min(DEFAULT_MAX_NEW_TOKENS, room) if max_model_len else DEFAULT_MAX_NEW_TOKENS
     return wanted - len(streamed)
 
 
 def _may_continue(
-    error: grpc.aio.AioRpcError, request: Any, streamed: list[int], retried: int, retries: int
+    error: grpc.aio.AioRpcError,
+    request: Any,
+    streamed: list[int],
+    retried: int,
+    retries: int,
+    max_model_len: int,
 ) -> bool:
     return (
         error.code() == grpc.StatusCode.UNAVAILABLE
         and retried < retries
         and request.WhichOneof("input") == "prompt_token_ids"
+        and not request.HasField("question")  # its tokens follow the prompt's: no place for streamed ones
         and bool(streamed)
-        and _remaining_tokens(request, streamed) >= 1
+        and _remaining_tokens(request, streamed, max_model_len) >= 1
     )
 
 
-def _continuation(request: Any, streamed: list[int]) -> Any:
+def _continuation(request: Any, streamed: list[int], max_model_len: int) -> Any:
     """The same request with the streamed tokens appended to its prompt, for the tokens still due."""
     out = type(request)()
     out.CopyFrom(request)
     out.prompt_token_ids.ids.extend(streamed)
-    out.sampling.max_new_tokens = _remaining_tokens(request, streamed)
+    out.sampling.max_new_tokens = _remaining_tokens(request, streamed, max_model_len)
     return out
 
 
@@ -193,4 +208,6 @@ def _prefill_request(request: Any, request_id: str, decode_address: str) -> pref
         out.cache_context = request.cache_context
     if request.HasField("context"):
         out.context.CopyFrom(request.context)
+    if request.HasField("question"):
+        out.question = request.question
     return out

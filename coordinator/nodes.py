@@ -49,6 +49,7 @@ class NodePool:
         self._by_address = {n.address: n for n in self.decode}
         self.info_timeout = info_timeout
         self._turn = itertools.count()  # breaks ties so equal nodes share the load
+        self.max_model_len: dict[str, int] = {}  # each decode node's model's, from its last Info
 
     async def close(self) -> None:
         for node in self.prefill:
@@ -100,6 +101,9 @@ class NodePool:
         """The decode nodes that answer Info (but `exclude`) with their available pages, most first."""
         candidates = [n for n in self.decode if n.address not in exclude]
         infos = await self._infos(candidates, self._decode_info)
+        for node, info in zip(candidates, infos):
+            if info:
+                self.max_model_len[node.address] = info.model.max_model_len
         live = [
             (info.pool.available_pages, -(next(self._turn) % 1000), n)
             for n, info in zip(candidates, infos)

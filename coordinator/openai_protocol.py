@@ -4,7 +4,8 @@ Requests are pydantic models (an unknown field is refused, as OpenAI does, so a 
 never passes silently) that become the gRPC API's GenerateRequest through the Python clients' own
 builder, so a request means the same thing on both APIs. kvferry's options travel as extra body fields,
 the way vLLM takes them (`extra_body` in the openai client): `compression` (a method name or a dict of
-CompressionParams fields), `retention`, `top_k`, `ignore_eos`, `stop_token_ids`, `request_id`,
+CompressionParams fields), `retention` (a fraction or "auto"), `question` (appended to the prompt or the
+last user message and always kept by compression), `top_k`, `ignore_eos`, `stop_token_ids`, `request_id`,
 `timeout` (the request's deadline in seconds), and for the cache of compressed contexts
 `cache_context`, `context` (text or token ids in front of the prompt) and `context_handle` (a
 PutContext handle instead). Responses carry `usage` (with `prompt_tokens_details.cached_tokens` on a
@@ -15,7 +16,7 @@ and what the context cache did.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,7 +55,8 @@ class _GenerateBody(BaseModel):
     logit_bias: dict[str, float] | None = None
     # kvferry's own options (extra_body)
     compression: str | dict[str, Any] | None = None
-    retention: float | None = Field(None, allow_inf_nan=False)
+    retention: Annotated[float, Field(allow_inf_nan=False)] | Literal["auto"] | None = None
+    question: str | None = None
     top_k: int | None = Field(None, ge=0, le=MAX_UINT32)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -100,6 +102,7 @@ class _GenerateBody(BaseModel):
                 self.retention,
                 request_id,
                 sampling,
+                self.question,
                 ContextHandle(self.context_handle) if self.context_handle is not None else self.context,
                 self.cache_context,
             )
@@ -211,6 +214,9 @@ def kvferry_stats(stats: coordinator_pb2.GenerateStats) -> dict[str, Any]:
         "request_id": stats.request_id,
         "compression_method": p.compression_method,
         "retention": p.retention,
+        "chosen_retention": p.chosen_retention,
+        **({"context_nll": p.context_nll} if p.HasField("context_nll") else {}),
+        "protected_share": p.protected_share,
         "kept_tokens": p.kept_tokens,
         "full_tokens": p.full_tokens,
         "kv_bytes_shipped": p.kv_bytes_shipped,

@@ -19,6 +19,7 @@ from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.stats import CoordinatorStats
 from kvferry.engine.errors import NotFoundError, ResourceExhaustedError
 from kvferry.serving import request_context
+from kvferry.serving.compression_policy import CompressionPolicy
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.metrics import new_registry
 from kvferry.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -31,9 +32,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         metrics: CollectorRegistry | None = None,
         max_active_requests: int = 0,
         decode_retries: int = 0,
+        policy: CompressionPolicy | None = None,
         routes: ContextRoutes | None = None,
     ) -> None:
         self.nodes = nodes
+        self.policy = policy or CompressionPolicy()
         self.routes = routes or ContextRoutes()
         self.stats = CoordinatorStats()
         self.metrics = CoordinatorMetrics(metrics or new_registry())
@@ -72,6 +75,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: common_pb2.PutContextRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.PutContextResponse:
         request_context.bind(request.request_id)
+        self.policy.apply(request)  # a put without compression settings gets the operator's
         key = put_key(request)
         route = self.routes.get(key)
         node = await self.nodes.pick_prefill(route.prefill if route else None)
@@ -110,6 +114,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 "retry later"
             )
         deadline = Deadline(timeout)
+        self.policy.apply(request)  # the operator's compression for a request that asks for none
         stats.requests_total += 1
         stats.requests_active += 1
         metrics.active.inc()

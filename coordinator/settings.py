@@ -4,22 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvferry.serving.settings import ServerSettings, setting
+from kvferry.serving.settings import CompressionPolicySettings, ServerSettings, setting
 
 
 @dataclass
-class CoordinatorSettings(ServerSettings):
+class CoordinatorSettings(ServerSettings, CompressionPolicySettings):
     """kvferry coordinator: routes client requests through prefill and decode services."""
 
     port: int = setting(50051, "port to bind (0 picks a free one and logs it)")
     prefill_addresses: list[str] = setting(["127.0.0.1:50052"], "prefill services, comma-separated host:port")
     decode_addresses: list[str] = setting(["127.0.0.1:50053"], "decode services, comma-separated host:port")
     info_timeout_seconds: float = setting(2.0, "how long a node may take to answer Info before it is skipped")
-    auth_token: str | None = setting(
-        None,
-        "bearer token clients must send (metadata 'authorization: Bearer <token>'); default: none needed",
-    )
-    auth_token_file: str | None = setting(None, "file holding the bearer token (instead of auth_token)")
     decode_retries: int = setting(
         1,
         "times a request whose decode node fails mid-stream is continued on another decode node "
@@ -67,3 +62,4 @@ class CoordinatorSettings(ServerSettings):
             raise ValueError(f"context_prefill_slack: must be >= 0, got {self.context_prefill_slack}")
         if not 0 <= self.context_decode_share <= 1:
             raise ValueError(f"context_decode_share: must be in [0, 1], got {self.context_decode_share}")
+        self.compression_policy()  # its checks at start-up (the method is checked by the prefill nodes)

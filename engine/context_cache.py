@@ -112,6 +112,10 @@ class CachedContext:
         self.host_kv: torch.Tensor | None = None  # [num_pages, 2, P, D] in (layer, head, page) order
         self.pins = 0  # requests using it now
         self.dropped = False  # dropped while pinned: its pages go when the last pin does
+        # the retention its compression chose and, for retention="auto", the NLL it chose from: the
+        # stats of every request that hits it
+        self.chosen_retention = 1.0
+        self.context_nll: float | None = None
 
     @property
     def on_device(self) -> bool:

@@ -80,10 +80,16 @@ class PrefillObserver(Protocol):
     ) -> None: ...
 
 
+class PrefillCancelled(Exception):
+    """A prefill chunk stopped between two layers because its request was cancelled."""
+
+
 class PrefillBatch:
     """One chunk of one sequence: tokens start..start+T-1 (their RoPE positions). Every head holds
     `start` tokens before the chunk, except over a compressed cached context (engine/context_cache.py):
-    there each head holds its own kept prefix (head_lens [L, H], whole pages) and the chunk goes after it."""
+    there each head holds its own kept prefix (head_lens [L, H], whole pages) and the chunk goes after it.
+    `cancelled` is asked before each layer (the model calls `stop_if_cancelled`): a long chunk of a
+    cancelled request ends within one layer's work, not after all of them (1.5-5 s for a long prompt)."""
 
     def __init__(
         self,
@@ -92,11 +98,13 @@ class PrefillBatch:
         num_tokens: int,
         observer: PrefillObserver | None = None,
         dense: bool = True,
+        cancelled: Callable[[], bool] | None = None,
     ):
         self.seq_kv = seq_kv
         self.start = start
         self.num_tokens = num_tokens
         self.observer = observer
+        self.cancelled = cancelled
         device = seq_kv.pool.kv.device
         self.positions = torch.arange(start, start + num_tokens, device=device)
         # Each head's tokens before this chunk, [L, H]; equal to `start` everywhere but after a cached context.
@@ -135,6 +143,11 @@ class PrefillBatch:
                 num_tokens, start, device, pool.kv.dtype, pool.head_dim
             ):
                 self.dense_attention = prefill_dense.prefill_attention_dense
+
+    def stop_if_cancelled(self) -> None:
+        """Called by the model before each layer: raise PrefillCancelled once the request is cancelled."""
+        if self.cancelled is not None and self.cancelled():
+            raise PrefillCancelled
 
     def attend(
         self,

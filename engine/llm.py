@@ -7,19 +7,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvferry.engine.compression import CompressionParams, as_compression_params
 from kvferry.engine.config import EngineConfig
 from kvferry.engine.llm_engine import LLMEngine
 from kvferry.engine.outputs import RequestOutput
+from kvferry.engine.prompt_regions import encode_request
 from kvferry.engine.sampling_params import SamplingParams
-from kvferry.engine.tokenizer import (
-    Message,
-    chat_context_len,
-    chat_protected_spans,
-    encode_chat,
-    encode_continuation,
-    encode_prompt,
-)
+from kvferry.engine.tokenizer import Message
 
 Prompt = str | list[int]
 
@@ -40,24 +33,31 @@ class LLM:
         use_tqdm: bool = False,
         context: Prompt | list[Prompt | None] | None = None,
         cache_context: bool | None = None,
+        question: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Text prompts or token-id prompts -> one RequestOutput each, in order.
 
         `context` (text or token ids; one for every prompt, or a list with one per prompt) goes in
         front of its prompt. With `cache_context` (None: the engine's default) it is compressed on its
         own, by a query-agnostic method, and kept in the context cache, so later prompts on the same
-        context prefill only themselves; `compression` then applies to the context only."""
+        context prefill only themselves; `compression` then applies to the context only. `question`
+        (one for all, or one per prompt) is appended to its prompt and always kept by compression."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # type: ignore[list-item]
-        tokenizer = self.engine.tokenizer
-        ids, context_lens = [], []
-        for p, c in zip(prompts, _per_request_context(context, len(prompts))):  # type: ignore[arg-type]
-            head = [] if c is None else encode_prompt(tokenizer, c)
-            ids.append(head + (encode_continuation(tokenizer, p) if head else encode_prompt(tokenizer, p)))
-            context_lens.append(len(head))
-        return self._run(ids, sampling_params, compression, use_tqdm, context_lens, cache_context)
+        n = len(prompts)
+        tok, max_len = self.engine.tokenizer, self.engine.max_model_len
+        encoded = [
+            encode_request(tok, prompt=p, question=q, compression=c, context=k, max_tokens=max_len)
+            for p, k, q, c in zip(
+                prompts,  # type: ignore[arg-type]
+                _per_request_context(context, n),
+                _per_request(question, n, None),
+                _per_request(compression, n, None),
+            )
+        ]
+        return self._run_encoded(encoded, sampling_params, use_tqdm, cache_context)
 
     def generate_chat(
         self,
@@ -66,27 +66,34 @@ class LLM:
         compression: Any = None,
         use_tqdm: bool = False,
         cache_context: bool | None = None,
+        question: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Conversations (role/content dicts) through the model's chat template; a final assistant
         message is treated as the start of the answer and continued. With `cache_context` (None: the
-        engine's default) everything before the last user turn is the context: see `generate`."""
-        tokenizer = self.engine.tokenizer
-        ids = [encode_chat(tokenizer, m) for m in messages_batch]
-        per_chat = _per_request(compression, len(messages_batch), None)
-        comp = [self._chat_compression(m, c) for m, c in zip(messages_batch, per_chat)]
+        engine's default) everything before the last user turn is the context: see `generate`.
+        `question` (one for all, or one per conversation) becomes the last part of the last user
+        message and is always kept by compression."""
+        n = len(messages_batch)
+        tok, max_len = self.engine.tokenizer, self.engine.max_model_len
         caching = self.engine.config.cache_context if cache_context is None else cache_context
-        context_lens = [chat_context_len(tokenizer, m) if caching else 0 for m in messages_batch]
-        return self._run(ids, sampling_params, comp, use_tqdm, context_lens, cache_context)
+        encoded = [
+            encode_request(
+                tok, messages=m, question=q, compression=c, chat_context=caching, max_tokens=max_len
+            )
+            for m, q, c in zip(
+                messages_batch, _per_request(question, n, None), _per_request(compression, n, None)
+            )
+        ]
+        return self._run_encoded(encoded, sampling_params, use_tqdm, cache_context)
 
-    def _chat_compression(self, messages: list[Message], compression: Any) -> CompressionParams | None:
-        """Turn protect_system_prompt / protect_last_user_turn into token spans of this conversation."""
-        params = as_compression_params(compression)
-        if params is None or not (params.protect_system_prompt or params.protect_last_user_turn):
-            return params
-        spans = chat_protected_spans(
-            self.engine.tokenizer, messages, params.protect_system_prompt, params.protect_last_user_turn
+    def _run_encoded(
+        self, encoded: list[Any], sampling_params: Any, use_tqdm: bool, cache_context: bool | None
+    ) -> list[RequestOutput]:
+        """Every request encoded (all validated before any runs): run them."""
+        ids, comp, context_lens = (
+            [getattr(e, f) for e in encoded] for f in ("ids", "compression", "context_len")
         )
-        return params.with_spans(spans)
+        return self._run(ids, sampling_params, comp, use_tqdm, context_lens, cache_context)
 
     def _run(
         self,

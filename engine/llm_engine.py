@@ -11,6 +11,7 @@ import torch
 
 from kvferry.engine.compression import SCORERS, CompressionParams, as_compression_params, make_observer
 from kvferry.engine.compression.budget import max_kept_pages
+from kvferry.engine.compression.calibration import ModelCalibration
 from kvferry.engine.config import EngineConfig
 from kvferry.engine.context_cache import (
     DEFAULT_DEVICE_SHARE,
@@ -21,6 +22,7 @@ from kvferry.engine.context_cache import (
 )
 from kvferry.engine.cuda_graphs import make_decode_graph_runner
 from kvferry.engine.errors import InvalidArgumentError, require
+from kvferry.engine.forward_batch import PrefillCancelled
 from kvferry.engine.kv_handoff import ContextRef, KVLayout
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.layers.fused_projections import use_fused_projections
@@ -97,6 +99,8 @@ class LLMEngine:
         )
         self.eos_ids = eos_token_ids(self.tokenizer, mc)
         self.requests: dict[str, Sequence] = {}
+        # retention="auto": this model's shipped fits (the conservative default where there are none)
+        self.calibration = ModelCalibration.for_weights(self.loaded.weights_key)
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -139,11 +143,15 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise InvalidArgumentError(f"request_id: {request_id!r} is already running", field="request_id")
         compression = as_compression_params(compression)
-        max_new = min(sampling.max_new_tokens, self.max_model_len - n)
+        if compression is not None:
+            compression.check_prompt(n, self.max_model_len)
+        max_new = sampling.max_new_tokens_for(n, self.max_model_len)
         seq = Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
         seq.context_only = context_only
         if self.config.cache_context if cache_context is None else cache_context:
             self._set_context(seq, context_len)
+        if compression is not None and not seq.context_len:
+            seq.compression = compression.for_prompt(n)  # keep_tokens -> its share of this prompt
         seq.stats.prefill_tokens_computed = n
         return seq
 
@@ -175,9 +183,10 @@ class LLMEngine:
         seq.stats.context_tokens = aligned
         if params is not None and params.active:
             spans = [(a, min(b, aligned)) for a, b in params.protected_spans if a < aligned]
-            params = replace(params, protected_spans=spans)
+            params = replace(params, protected_spans=spans).for_prompt(aligned)  # keep_tokens of the context
         seq.context_params = params
-        worst = max_kept_pages(params, aligned, self.num_layers, self.num_kv_heads, page_size)
+        bound = None if params is None else params.largest(aligned)  # auto: chosen once the context is read
+        worst = max_kept_pages(bound, aligned, self.num_layers, self.num_kv_heads, page_size)
         seq.context_key = context_handle(
             self.loaded.fingerprint,
             str(self.dtype).removeprefix("torch."),
@@ -248,6 +257,14 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         return True
 
+    def request_cancel(self, request_id: str) -> None:
+        """Thread-safe, from any thread: a prefill chunk of this request running now (or later) stops at
+        its next layer boundary and the request is aborted, its pages freed; `abort` (between steps) is
+        still what ends a request that is not prefilling."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            seq.cancel_requested = True
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -262,8 +279,14 @@ class LLMEngine:
             seq = work.seq
             if seq.prefill_start is None:
                 seq.prefill_start = time.perf_counter()
-                seq.scorer_state = make_observer(seq)  # None when the request keeps its whole cache
-            logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
+                seq.scorer_state = make_observer(
+                    seq, self.calibration
+                )  # None when the request keeps its whole cache
+            try:
+                logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
+            except PrefillCancelled:
+                self.abort(seq.request_id)
+                return ended
             if seq.context_pending and seq.num_prefilled == seq.context_len:
                 self._finish_context(seq)
                 if seq.context_only:  # a put whose context is whole pages ends here, logits unused
@@ -306,6 +329,8 @@ class LLMEngine:
             if entry is not None:
                 self.context_cache.pin(entry)
                 seq.context_entry = entry
+                # what its compression chose, for the stats of the requests that hit it
+                entry.chosen_retention, entry.context_nll = seq.stats.chosen_retention, seq.stats.context_nll
 
     def context_cache_state(self) -> ContextCacheState:
         """Entries, bytes per tier, hits, misses, spills, restores and evictions of the context cache."""
@@ -523,7 +548,7 @@ class LLMEngine:
         """Pages an imported KV reserves: every page it can ever hold, its kept tokens (`layout`, or at
         most `max_pages` for an early import) plus the max_new_tokens - 1 it will cache. Cheap enough
         for a caller to check the pool's room before asking the engine thread."""
-        growth = max(min(sampling.max_new_tokens, self.max_model_len - prompt_len) - 1, 0)
+        growth = max(sampling.max_new_tokens_for(prompt_len, self.max_model_len) - 1, 0)
         page_size = self.pool.page_size
         if layout is not None:
             lens = layout.head_lens.to(torch.int64)

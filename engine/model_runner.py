@@ -3,6 +3,9 @@ graph when the engine has a `DecodeGraphRunner` with a bucket for the batch, els
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from kvferry.engine.cuda_graphs import DecodeGraphRunner
@@ -11,6 +14,16 @@ from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.models import CausalLM
 from kvferry.engine.sequence import Sequence
 from kvferry.engine.uploads import upload_values
+
+
+@runtime_checkable
+class OutputObserver(Protocol):
+    """A prefill observer that also sees each chunk's final hidden states (the compression observer
+    measures the context's NLL there for retention="auto")."""
+
+    def observe_output(
+        self, logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, start: int
+    ) -> None: ...
 
 
 class ModelRunner:
@@ -37,9 +50,18 @@ class ModelRunner:
         start = seq.num_prefilled
         ids = upload_values(seq.prompt_token_ids[start : start + num_tokens], torch.int64, self.device)
         seq.kv.grow(num_tokens)
-        batch = PrefillBatch(seq.kv, start, num_tokens, observer, dense=self.dense_prefill)
+        batch = PrefillBatch(
+            seq.kv,
+            start,
+            num_tokens,
+            observer,
+            dense=self.dense_prefill,
+            cancelled=lambda: seq.cancel_requested,
+        )
         hidden = self.model(ids, batch.positions, batch)
         batch.finish()
+        if isinstance(observer, OutputObserver):
+            observer.observe_output(self.model.logits, hidden, start)
         seq.num_prefilled += num_tokens
         if seq.num_prefilled < seq.num_prompt_tokens:
             return None

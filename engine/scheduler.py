@@ -145,6 +145,7 @@ class Scheduler:
             seq.num_prefilled = seq.context_len
             seq.stats.context_cache = "hit"
             seq.stats.context_kept_tokens = int(entry.head_lens.sum())
+            seq.stats.chosen_retention, seq.stats.context_nll = entry.chosen_retention, entry.context_nll
             cache.hits += 1
         else:
             kv.reserve(self.worst_case_pages(seq))

@@ -38,6 +38,13 @@ class RequestStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     scoring_seconds: float = 0.0  # compression scoring + selection inside prefill
+    # the budget's ratio: the request's retention, keep_tokens / prompt_tokens, or what "auto" chose from
+    # context_nll (1.0: not compressed); `retention` below is what was kept, protected tokens included.
+    # With a cached context, these describe the context (what was compressed), on a hit as on a miss.
+    chosen_retention: float = 1.0
+    context_nll: float | None = None  # retention="auto": the prompt's mean next-token NLL, nats
+    # prompt tokens compression had to keep (sink, recent, spans, chat regions, question); 0 uncompressed
+    protected_tokens: int = 0
     # A cached context (engine/context_cache.py): "hit" (its compressed pages came from the cache),
     # "miss" (this request computed them), "off" (no cached context)
     context_cache: str = "off"
@@ -48,6 +55,10 @@ class RequestStats:
     @property
     def retention(self) -> float:
         return self.kept_tokens / self.full_tokens if self.full_tokens else 1.0
+
+    @property
+    def protected_share(self) -> float:
+        return self.protected_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 class Sequence:
@@ -96,6 +107,9 @@ class Sequence:
         # A decode node's import of a context it did not hold: the context's kept tokens per head
         # [L, H] at the front of `kv`, published into the cache at the commit (context_pending).
         self.context_import_lens: torch.Tensor | None = None
+        # Set from any thread (LLMEngine.request_cancel): a prefill chunk of this request stops at its
+        # next layer boundary instead of running the chunk to its end.
+        self.cancel_requested = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from kvferry.serving.memory_trim import limit_malloc_arenas
 from kvferry.serving.settings import parse_settings
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_malloc_arenas()  # before any thread allocates (serving/memory_trim.py)
     from kvferry.prefill_service.settings import PrefillSettings
 
     settings = parse_settings(PrefillSettings, argv, prog="python -m prefill_service")

@@ -23,14 +23,9 @@ import numpy as np
 
 from kvferry.engine.compression import SCORERS, CompressionParams
 from kvferry.engine.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, require
-from kvferry.engine.tokenizer import (
-    Message,
-    chat_context_len,
-    encode_chat,
-    encode_continuation,
-    encode_prompt,
-)
-from kvferry.serving.convert import compression_from_proto, encode_input
+from kvferry.engine.prompt_regions import encode_request
+from kvferry.engine.tokenizer import Message, encode_prompt
+from kvferry.serving.convert import compression_fields, compression_from_proto, encode_request_proto
 from kvferry.v1 import common_pb2, prefill_pb2
 
 _PROBE_TURN: Message = {"role": "user", "content": "?"}  # a question after a put conversation, to measure it
@@ -110,37 +105,36 @@ def put_of(request: prefill_pb2.PrefillRequest, puts: PutContexts) -> PutContext
 
 
 def prepare(
-    tokenizer: Any | None, request: prefill_pb2.PrefillRequest, put: PutContext | None, default_cache: bool
+    tokenizer: Any | None,
+    request: prefill_pb2.PrefillRequest,
+    put: PutContext | None,
+    default_cache: bool,
+    max_tokens: int | None = None,
 ) -> PreparedRequest:
     """The prompt, compression and context of a Prefill call (tokenizing: off the event loop); `put`:
-    the put context it names (put_of)."""
+    the put context it names (put_of); `max_tokens` (max_model_len) bounds the input before it is
+    tokenized (serving.convert.encode_request_proto)."""
     if put is not None:
-        return _after_put(tokenizer, request, put)
+        return _after_put(tokenizer, request, put, max_tokens)
     source = request.context.WhichOneof("source") if request.HasField("context") else None
-    which = request.WhichOneof("input")
+    params = _compression(request)
+    cache = _cache_context(request, params, default_cache)
     if source is None:
-        prompt, messages = encode_input(tokenizer, request)
-        compression = _compression(request, tokenizer, messages)
-        cache = _cache_context(request, compression, default_cache)
-        context_len = chat_context_len(tokenizer, messages) if cache and messages is not None else 0
-        return PreparedRequest(prompt, compression, context_len, cache)
-    require(
-        which != "messages",
-        "context",
-        "a conversation's context is its turns before the last user turn: send messages without a context",
-    )
-    head = encode_prompt(
-        tokenizer, request.context.text if source == "text" else list(request.context.token_ids.ids)
-    )
-    body = _continuation(tokenizer, request)
-    compression = _compression(request, tokenizer, None)
-    return PreparedRequest(
-        head + body, compression, len(head), _cache_context(request, compression, default_cache)
-    )
+        encoded = encode_request_proto(
+            tokenizer,
+            request,
+            max_tokens,
+            params,
+            chat_context=cache and request.WhichOneof("input") == "messages",
+        )
+    else:
+        head = request.context.text if source == "text" else list(request.context.token_ids.ids)
+        encoded = encode_request_proto(tokenizer, request, max_tokens, params, context=head)
+    return PreparedRequest(encoded.ids, encoded.compression, encoded.context_len, cache)
 
 
 def _after_put(
-    tokenizer: Any | None, request: prefill_pb2.PrefillRequest, put: PutContext
+    tokenizer: Any | None, request: prefill_pb2.PrefillRequest, put: PutContext, max_tokens: int | None
 ) -> PreparedRequest:
     require(
         not request.HasField("compression"),
@@ -155,66 +149,69 @@ def _after_put(
             "messages",
             "this context was put as text or token ids: send the text (or tokens) that follows it as the prompt",
         )
-        prompt = head + _continuation(tokenizer, request)
+        encoded = encode_request_proto(tokenizer, request, max_tokens, put.compression, context=head)
     else:
         require(
             which == "messages",
             "prompt",
             "this context was put as a conversation: send the turns after it as messages",
         )
-        turns = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        prompt = encode_chat(tokenizer, [*put.messages, *turns])
+        whole = prefill_pb2.PrefillRequest()
+        whole.CopyFrom(request)
+        turns = list(request.messages.messages)
+        del whole.messages.messages[:]
+        whole.messages.messages.extend([common_pb2.ChatMessage(**m) for m in put.messages])
+        whole.messages.messages.extend(turns)
+        encoded = encode_request_proto(tokenizer, whole, max_tokens, put.compression, chat_context=True)
         require(
-            prompt[: len(head)] == head,
+            encoded.ids[: len(head)] == head and encoded.context_len == len(head),
             "messages",
             "the chat template renders the put conversation differently when these turns follow it",
         )
     cache = request.cache_context if request.HasField("cache_context") else True
-    return PreparedRequest(prompt, put.compression, len(head), cache)
+    return PreparedRequest(encoded.ids, encoded.compression, len(head), cache)
 
 
 def prepare_put(
-    tokenizer: Any | None, request: common_pb2.PutContextRequest
-) -> tuple[list[int], tuple[Message, ...] | None, CompressionParams | None]:
-    """A PutContext's token ids, conversation (None: text or token ids) and compression."""
+    tokenizer: Any | None, request: common_pb2.PutContextRequest, max_tokens: int | None = None
+) -> tuple[list[int], tuple[Message, ...] | None, CompressionParams | None, CompressionParams | None]:
+    """A PutContext's token ids, conversation (None: text or token ids), compression as requests with
+    its handle give it (their regions are added to it then), and compression of the put itself (the
+    conversation's regions added)."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidArgumentError("text: set one of text, messages, token_ids", field="text")
+    params = _compression(request)
     messages: tuple[Message, ...] | None = None
-    probe = None
-    if which == "text":
-        ids = encode_prompt(tokenizer, request.text)
-    elif which == "token_ids":
-        ids = [int(t) for t in request.token_ids.ids]
-        require(len(ids) > 0, "token_ids", "must not be empty")
-    else:
+    if which == "messages":
         messages = tuple({"role": m.role, "content": m.content} for m in request.messages.messages)
         require(len(messages) > 0, "messages", "must hold at least one message")
-        probe = [*messages, _PROBE_TURN]  # the put conversation is what comes before a later question
-        ids = encode_chat(tokenizer, probe)[: chat_context_len(tokenizer, probe)]
+        # the put conversation is what comes before a later question: measured with one after it
+        with compression_fields():
+            encoded = encode_request(
+                tokenizer, messages=[*messages, _PROBE_TURN], compression=params, chat_context=True,
+                max_tokens=max_tokens,
+            )  # fmt: skip
+        ids = encoded.ids[: encoded.context_len]
         require(len(ids) > 0, "messages", "render to no tokens before a question")
-    compression = _compression(request, tokenizer, probe)
-    return ids, messages, compression
+        return ids, messages, params, encoded.compression
+    if which == "text":
+        ids = encode_prompt(tokenizer, request.text, max_tokens)
+    else:
+        ids = [int(t) for t in request.token_ids.ids]
+        require(len(ids) > 0, "token_ids", "must not be empty")
+    require(
+        max_tokens is None or len(ids) < max_tokens,
+        which,
+        f"has {len(ids):,} tokens but max_model_len is {max_tokens}; a context must leave room for a question",
+    )
+    return ids, None, params, params
 
 
-def _continuation(tokenizer: Any | None, request: prefill_pb2.PrefillRequest) -> list[int]:
-    """The input after a context: text without a new BOS, or token ids."""
-    which = request.WhichOneof("input")
-    if which == "prompt":
-        return encode_continuation(tokenizer, request.prompt)
-    if which == "prompt_token_ids":
-        ids = list(request.prompt_token_ids.ids)
-        require(len(ids) > 0, "prompt_token_ids", "must not be empty")
-        return ids
-    raise InvalidArgumentError("prompt: set one of prompt, prompt_token_ids after a context", field="prompt")
-
-
-def _compression(
-    request: Any, tokenizer: Any | None, messages: list[Message] | None
-) -> CompressionParams | None:
+def _compression(request: Any) -> CompressionParams | None:
     if not request.HasField("compression"):
         return None
-    return compression_from_proto(request.compression, tokenizer, messages)
+    return compression_from_proto(request.compression)
 
 
 def _cache_context(

@@ -27,6 +27,7 @@ from kvferry.prefill_service.handoff import KVHandoff
 from kvferry.prefill_service.handoff_request import HandoffRequest
 from kvferry.prefill_service.prefill_engine import PrefillEngine, PrefillOutcome
 from kvferry.serving import request_context
+from kvferry.serving.compression_policy import CompressionPolicy
 from kvferry.serving.convert import FINISH_REASONS, drop_context, sampling_from_proto
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.metrics import LATENCY_BUCKETS, RATIO_BUCKETS, new_registry
@@ -56,6 +57,14 @@ class PrefillMetrics:
         )  # fmt: skip
         self.shipped = Counter(
             "kvferry_kv_bytes_shipped_total", "KV bytes sent to decode nodes", registry=registry
+        )
+        self.chosen_retention = Histogram(
+            "kvferry_chosen_retention_ratio",
+            "the retention each compressed request's budget was set to, by how it was asked for: auto "
+            "(chosen from the context by calibration), ratio, or tokens (keep_tokens / prompt length)",
+            ["mode"],
+            buckets=RATIO_BUCKETS,
+            registry=registry,
         )
         self.full = Counter(
             "kvferry_kv_bytes_uncompressed_total",
@@ -100,8 +109,10 @@ class PrefillPipeline:
         early_reserve: bool = True,
         cache_context: bool = False,
         max_put_context_tokens: int = 4_000_000,
+        policy: CompressionPolicy | None = None,
     ) -> None:
         self.engine = engine
+        self.policy = policy or CompressionPolicy()
         self.handoff = handoff
         self.cache_context = cache_context  # the default of requests that leave cache_context unset
         self.puts = PutContexts(max_put_context_tokens)
@@ -128,8 +139,13 @@ class PrefillPipeline:
             transport = self.handoff.links.check_name(
                 request.transport
             )  # an unknown one fails before prefill
+            self.policy.apply(request)  # the operator's compression for a request that asks for none
             put = put_of(request, self.puts)  # on the loop: the registry is the loop's
-            prepared = await asyncio.to_thread(prepare, engine.tokenizer, request, put, self.cache_context)
+            # tokenize (chat template included; a text too long for max_model_len refused first) and
+            # the compression params with their regions: off the loop
+            prepared = await asyncio.to_thread(
+                prepare, engine.tokenizer, request, put, self.cache_context, engine.max_model_len
+            )
             handoff = HandoffRequest(
                 request.request_id or uuid.uuid4().hex, request.decode_address, prepared.prompt,
                 request.sampling, ModelSpec.of_engine(engine), transport, deadline,
@@ -139,10 +155,11 @@ class PrefillPipeline:
             # is known only then (the decode node's answer), and a hit's prefill is short anyway.
             if self.early_reserve and not (prepared.cache_context and prepared.context_len):
                 spec = handoff.spec
+                params = prepared.compression
+                bound = None if params is None else params.largest(len(prepared.prompt))  # auto: unknown yet
                 max_pages = max_kept_pages(
-                    prepared.compression, len(prepared.prompt), spec.num_layers, spec.num_kv_heads,
-                    spec.page_size,
-                )  # fmt: skip
+                    bound, len(prepared.prompt), spec.num_layers, spec.num_kv_heads, spec.page_size
+                )
                 early = self.handoff.early(handoff, max_pages)
             try:
                 return await self._prefill_and_ship(handoff, sampling, prepared, early)
@@ -185,6 +202,8 @@ class PrefillPipeline:
         m.prefill.observe(outcome.stats.prefill_seconds)
         if outcome.stats.full_tokens:
             m.retention.observe(outcome.stats.retention)
+        if _compressed(compression, outcome.stats.prompt_tokens):
+            m.chosen_retention.labels(mode=_budget_mode(compression)).observe(outcome.stats.chosen_retention)  # type: ignore[arg-type]
         if outcome.finish_reason is not None:
             response.finish_reason = FINISH_REASONS[outcome.finish_reason]
             return response
@@ -222,12 +241,15 @@ class PrefillPipeline:
             )
         self.in_flight += 1
         try:
-            ids, messages, compression = await asyncio.to_thread(prepare_put, engine.tokenizer, request)
+            self.policy.apply(request)  # a put without compression settings gets the operator's
+            ids, messages, params, compression = await asyncio.to_thread(
+                prepare_put, engine.tokenizer, request, engine.max_model_len
+            )
             put = await self.engine.put_context(ids, compression, request.request_id or uuid.uuid4().hex)
         finally:
             self.in_flight -= 1
         token_ids = np.asarray(ids, dtype=np.int32)
-        self.puts.add(put.handle, PutContext(token_ids, messages, compression))
+        self.puts.add(put.handle, PutContext(token_ids, messages, params))
         outcome = "hit" if put.hit else "computed" if put.cached else "uncached"
         self.metrics.puts.labels(outcome=outcome).inc()
         log.info("put context %s: %d tokens, %s in %.3f s", put.handle[:12], len(ids), outcome, put.seconds)
@@ -259,12 +281,27 @@ def _fill_stats(
     stats.queue_seconds = outcome.queue_seconds
     stats.prefill_seconds = s.prefill_seconds
     stats.scoring_seconds = s.scoring_seconds
-    stats.compression_method = (
-        compression.method if compression is not None and compression.active else "none"
-    )
+    stats.compression_method = compression.method if _compressed(compression, s.prompt_tokens) else "none"  # type: ignore[union-attr]
+    stats.chosen_retention = s.chosen_retention
+    if s.context_nll is not None:
+        stats.context_nll = s.context_nll
+    stats.protected_tokens = s.protected_tokens
+    stats.protected_share = s.protected_share
     stats.context_cache = s.context_cache
     stats.context_tokens = s.context_tokens
     stats.context_kept_tokens = s.context_kept_tokens
     stats.prefill_tokens_computed = s.prefill_tokens_computed
     if s.context_cache != "off" and outcome.context_handle is not None:
         stats.context_handle = outcome.context_handle
+
+
+def _compressed(compression: CompressionParams | None, prompt_tokens: int) -> bool:
+    """Whether the request's KV was compressed (keep_tokens of a prompt no longer keeps it whole)."""
+    return compression is not None and compression.for_prompt(prompt_tokens).active
+
+
+def _budget_mode(compression: CompressionParams) -> str:
+    """How a request asked for its budget (the params still say: the engine resolves its own copy)."""
+    if compression.auto:
+        return "auto"
+    return "tokens" if compression.keep_tokens is not None else "ratio"

@@ -157,6 +157,9 @@ class PrefillEngine:
             await self.worker.call(add)
             return await future
         except asyncio.CancelledError:
+            engine = self.worker.engine
+            if engine is not None:  # a chunk running now stops at its next layer, not at its end
+                engine.request_cancel(request_id)
             self.worker.submit(lambda e: self._drop(e, request_id))
             raise
 

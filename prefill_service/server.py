@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from prometheus_client import Gauge
 
@@ -17,6 +19,7 @@ from kvferry.serving.engine_metrics import register_engine_metrics
 from kvferry.serving.server import ServiceHost, configure_logging
 from kvferry.v1 import prefill_pb2, prefill_pb2_grpc
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 
 
@@ -34,9 +37,12 @@ def build(settings: PrefillSettings) -> ServiceHost:
         reserve_wait_seconds=settings.reserve_wait_seconds,
     )
     handoff = KVHandoff(DecodeLinks(options, lambda address: DecodeClient.connect(address, host.channels)))
+    policy = settings.compression_policy()
+    log.info("compression policy: %s", policy.describe())
     pipeline = PrefillPipeline(
         engine, handoff, settings.max_pending_requests, host.metrics, early_reserve=settings.early_reserve,
         cache_context=settings.cache_context, max_put_context_tokens=settings.max_put_context_tokens,
+        policy=policy,
     )  # fmt: skip
     depth = Gauge(
         "kvferry_prefill_queue_depth", "Prefill calls accepted and not answered", registry=host.metrics

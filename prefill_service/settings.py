@@ -5,11 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvferry.kvtransfer.selection import AUTO, TRANSPORT_NAMES, parse_transports
-from kvferry.serving.settings import EngineSettings, ServerSettings, setting
+from kvferry.serving.compression_policy import CompressionPolicy
+from kvferry.serving.settings import CompressionPolicySettings, EngineSettings, ServerSettings, setting
+
+
+def check_policy_method(policy: CompressionPolicy) -> None:
+    """The policy's method is a registered one (the coordinator cannot tell: it never imports torch)."""
+    from kvferry.engine.compression import SCORERS
+
+    if policy.method is not None and policy.method not in SCORERS:
+        raise ValueError(
+            f"default_compression: unknown method {policy.method!r}; choose one of {sorted(SCORERS)}"
+        )
 
 
 @dataclass
-class PrefillSettings(ServerSettings, EngineSettings):
+class PrefillSettings(ServerSettings, EngineSettings, CompressionPolicySettings):
     """kvferry prefill service: prefills prompts, compresses their KV and ships it to decode services."""
 
     port: int = setting(50052, "port to bind (0 picks a free one and logs it)")
@@ -51,6 +62,7 @@ class PrefillSettings(ServerSettings, EngineSettings):
     def __post_init__(self) -> None:
         parse_transports(self.transports)
         self.engine_config()  # the engine's own checks at start-up (a bad value names its flag)
+        check_policy_method(self.compression_policy())
         if self.transport not in (AUTO, *TRANSPORT_NAMES):
             raise ValueError(f"transport: unknown {self.transport!r}; use {AUTO} or one of {TRANSPORT_NAMES}")
         if self.reserve_wait_seconds < 0:

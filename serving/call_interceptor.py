@@ -1,5 +1,8 @@
 """The outer server interceptor: bearer-token check (UNAUTHENTICATED), the caller's request id bound
-for the handler's log lines, and per-method call counts by status code and durations.
+for the handler's log lines, undecodable request messages refused with INVALID_ARGUMENT (gRPC itself
+says UNKNOWN for a unary request and INTERNAL inside a request stream), per-method call counts by
+status code and durations, and heap memory given back after a call with a large request
+(serving/memory_trim.py).
 
 It wraps the error interceptor, so it sees the final status code of every call.
 """
@@ -15,7 +18,9 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from kvferry.engine.errors import InvalidArgumentError
 from kvferry.serving import request_context
+from kvferry.serving.memory_trim import LARGE_REQUEST_BYTES, MemoryTrimmer
 from kvferry.serving.security import TokenAuth
 
 
@@ -53,9 +58,15 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: RpcMetrics | None = None, auth: TokenAuth | None = None) -> None:
+    def __init__(
+        self,
+        metrics: RpcMetrics | None = None,
+        auth: TokenAuth | None = None,
+        trimmer: MemoryTrimmer | None = None,
+    ) -> None:
         self.metrics = metrics
         self.auth = auth
+        self.trimmer = trimmer
 
     async def intercept_service(
         self,
@@ -70,12 +81,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         denial = self.auth.denial(metadata) if self.auth and self.auth.applies(method) else None
         request_id = request_context.from_metadata(metadata)
         short = method.rsplit("/", 1)[-1] if method.startswith("/grpc.") else method.lstrip("/")
+        # undecodable bytes: INVALID_ARGUMENT naming the request, not UNKNOWN / INTERNAL
         codecs = dict(
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
         )
-        wrap = _Wrap(self.metrics, short, denial, request_id)
-        if handler.unary_unary or handler.unary_stream:  # undecodable bytes: INVALID_ARGUMENT, not UNKNOWN
-            codecs["request_deserializer"] = _tolerant(handler.request_deserializer)
+        streamed = handler.stream_unary is not None or handler.stream_stream is not None
+        wrap = _Wrap(self.metrics, short, denial, request_id, streamed, self.trimmer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(wrap.single(handler.unary_unary), **codecs)
         if handler.stream_unary:
@@ -83,6 +95,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(wrap.stream(handler.unary_stream), **codecs)
         return grpc.stream_stream_rpc_method_handler(wrap.stream(handler.stream_stream), **codecs)
+
+
+def _size(request: Any) -> int:
+    return request.ByteSize() if hasattr(request, "ByteSize") else 0
 
 
 class _Undecodable:
@@ -110,16 +126,50 @@ async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -
         )
 
 
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream whose undecodable message raises InvalidArgumentError inside the servicer, which
+    frees what the call holds (a PushKV reservation) and answers INVALID_ARGUMENT."""
+    index = 0
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgumentError(
+                f"request: message {index} of the stream is not a valid message "
+                f"({type(request.error).__name__})",
+                field="request",
+            )
+        index += 1
+        yield request
+
+
 class _Wrap:
-    def __init__(self, metrics: RpcMetrics | None, method: str, denial: str | None, request_id: str | None):
+    def __init__(
+        self,
+        metrics: RpcMetrics | None,
+        method: str,
+        denial: str | None,
+        request_id: str | None,
+        streamed_requests: bool,
+        trimmer: MemoryTrimmer | None = None,
+    ) -> None:
         self.metrics = metrics
         self.method = method
         self.denial = denial
         self.request_id = request_id
+        self.streamed_requests = streamed_requests
+        self.trimmer = trimmer
 
-    def _done(self, code: str, start: float) -> None:
+    async def _checked(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The request to hand the servicer: a unary one checked now, a stream message by message."""
+        if self.streamed_requests:
+            return _decoded(request)
+        await _refuse_undecodable(request, context)
+        return request
+
+    def _done(self, code: str, start: float, request: Any) -> None:
         if self.metrics is not None:
             self.metrics.observe(self.method, code, time.perf_counter() - start)
+        if self.trimmer is not None and not self.streamed_requests and _size(request) >= LARGE_REQUEST_BYTES:
+            self.trimmer.after_large_request()
 
     def single(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -128,7 +178,7 @@ class _Wrap:
             try:
                 if self.denial is not None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.denial)
-                await _refuse_undecodable(request, context)
+                request = await self._checked(request, context)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = _code_name(context)
@@ -140,7 +190,7 @@ class _Wrap:
                 code = "UNKNOWN"
                 raise
             finally:
-                self._done(code, start)
+                self._done(code, start, request)
 
         return call
 
@@ -154,7 +204,7 @@ class _Wrap:
             try:
                 if self.denial is not None:
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.denial)
-                await _refuse_undecodable(request, context)
+                request = await self._checked(request, context)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
@@ -167,6 +217,6 @@ class _Wrap:
                 code = "UNKNOWN"
                 raise
             finally:
-                self._done(code, start)
+                self._done(code, start, request)
 
         return call

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kvferry.engine.compression import CompressionParams
@@ -11,8 +12,9 @@ from kvferry.engine.context_cache import ContextCacheState
 from kvferry.engine.errors import InvalidArgumentError, NotFoundError, require
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.prompt_regions import EncodedRequest, encode_request
+from kvferry.engine.retention import AUTO
 from kvferry.engine.sampling_params import SamplingParams
-from kvferry.engine.tokenizer import Message, chat_protected_spans, encode_chat, encode_prompt
 from kvferry.v1 import common_pb2 as pb
 
 FINISH_REASONS = {
@@ -21,7 +23,16 @@ FINISH_REASONS = {
     "abort": pb.FINISH_REASON_ABORT,
 }
 _SAMPLING_OPTIONALS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
-_COMPRESSION_OPTIONALS = ("retention", "budget", "head_floor", "sink", "recent")
+_COMPRESSION_OPTIONALS = (
+    "retention",
+    "budget",
+    "head_floor",
+    "sink",
+    "recent",
+    "quality_target",
+    "keep_tokens",
+    "question_tokens",
+)
 _COMPRESSION_FIELDS = {f.name: f for f in dataclasses.fields(CompressionParams)}
 _KNOBS = {
     "leverage_weight",
@@ -41,30 +52,91 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def encode_input(tokenizer: Any | None, request: Any) -> tuple[list[int], list[Message] | None]:
-    """The prompt token ids of a request with an `input` oneof, and its messages when it is a chat."""
+def encode_request_proto(
+    tokenizer: Any | None,
+    request: Any,
+    max_tokens: int | None = None,
+    params: CompressionParams | None = None,
+    context: str | list[int] | None = None,
+    chat_context: bool = False,
+) -> EncodedRequest:
+    """The prompt token ids of a request with an `input` oneof (its `question` appended) and its
+    compression params, the regions it asks to keep as spans (engine.prompt_regions: as the offline
+    API encodes the same input). With `max_tokens` (max_model_len), an input that cannot fit is refused
+    before it is tokenized or copied, and compression settings that do not fit the prompt are refused
+    here, so their errors name `compression.<field>` (the engine checks again). `params`: the
+    compression to use instead of the request's (a put context's); `context` (plain prompts: text or
+    token ids in front of the input) and `chat_context` (measure a chat's turns before its last user
+    turn) give the cached context's length (EncodedRequest.context_len)."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidArgumentError("prompt: set one of prompt, messages, prompt_token_ids", field="prompt")
-    if which == "prompt":
-        return encode_prompt(tokenizer, request.prompt), None
-    if which == "messages":
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        return encode_chat(tokenizer, messages), messages
-    ids = list(request.prompt_token_ids.ids)
-    require(len(ids) > 0, "prompt_token_ids", "must not be empty")
-    return ids, None
+    if params is None and request.HasField("compression"):
+        params = compression_from_proto(request.compression)
+    question = request.question if request.HasField("question") else None
+    with compression_fields():
+        if which == "prompt":
+            encoded = encode_request(
+                tokenizer, prompt=request.prompt, question=question, compression=params, context=context,
+                max_tokens=max_tokens,
+            )  # fmt: skip
+        elif which == "messages":
+            require(
+                context is None,
+                "context",
+                "a conversation's context is its turns before the last user turn: send messages without "
+                "a context",
+            )
+            messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+            encoded = encode_request(
+                tokenizer, messages=messages, question=question, compression=params,
+                chat_context=chat_context, max_tokens=max_tokens,
+            )  # fmt: skip
+        else:
+            count = len(request.prompt_token_ids.ids)
+            require(count > 0, "prompt_token_ids", "must not be empty")
+            require(
+                max_tokens is None or count < max_tokens,
+                "prompt",  # as the engine names it
+                f"has {count:,} tokens but max_model_len is {max_tokens}; shorten it (one position must "
+                "stay for output)",
+            )
+            ids = list(request.prompt_token_ids.ids)
+            encoded = encode_request(
+                tokenizer, prompt=ids, question=question, compression=params, context=context,
+                max_tokens=max_tokens,
+            )  # fmt: skip
+        if encoded.compression is not None and max_tokens is not None:
+            encoded.compression.check_prompt(len(encoded.ids), max_tokens)
+    return encoded
 
 
-def compression_from_proto(
-    msg: pb.CompressionParams, tokenizer: Any | None = None, messages: list[Message] | None = None
-) -> CompressionParams:
+@contextmanager
+def compression_fields() -> Iterator[None]:
+    """Errors of CompressionParams checks, re-raised with their field named `compression.<field>`
+    (errors of other fields pass unchanged)."""
+    try:
+        yield
+    except InvalidArgumentError as e:
+        if e.field not in _COMPRESSION_FIELDS:
+            raise
+        raise InvalidArgumentError(f"compression.{e}", field=f"compression.{e.field}") from None
+
+
+def compression_from_proto(msg: pb.CompressionParams) -> CompressionParams:
     """engine.CompressionParams of a request; error fields are named `compression.<field>`."""
     values: dict[str, Any] = {
         name: getattr(msg, name) for name in _COMPRESSION_OPTIONALS if msg.HasField(name)
     }
     if msg.method:
         values["method"] = msg.method
+    if msg.auto_retention:
+        require(
+            not msg.HasField("retention"),
+            "compression.retention",
+            "set either a retention or auto_retention, not both",
+        )
+        values["retention"] = AUTO
     for name, value in msg.knobs.items():
         require(name in _KNOBS, "compression.knobs", f"unknown knob {name!r}; known: {sorted(_KNOBS)}")
         if isinstance(_COMPRESSION_FIELDS[name].default, int):
@@ -76,16 +148,9 @@ def compression_from_proto(
     values["protected_spans"] = [(s.start, s.end) for s in msg.protected_spans]
     values["protect_system_prompt"] = msg.protect_system_prompt
     values["protect_last_user_turn"] = msg.protect_last_user_turn
-    try:
-        params = CompressionParams(**values)
-    except InvalidArgumentError as e:
-        raise InvalidArgumentError(f"compression.{e}", field=f"compression.{e.field}") from None
-    if messages is not None and (params.protect_system_prompt or params.protect_last_user_turn):
-        spans = chat_protected_spans(
-            tokenizer, messages, params.protect_system_prompt, params.protect_last_user_turn
-        )
-        params = params.with_spans(spans)
-    return params
+    values["protect_question"] = msg.protect_question
+    with compression_fields():
+        return CompressionParams(**values)
 
 
 def dtype_name(engine: LLMEngine) -> str:

@@ -6,13 +6,16 @@ Every service takes the same certificate settings (ServerSettings):
 - `tls_client_ca`: require a client certificate signed by this CA on its port (mTLS);
 - `tls_ca`: verify the services it calls against this CA (TLS on its outgoing channels);
 - `tls_server_name`: the name to expect in their certificates when it is not the address's host.
-The coordinator also takes a bearer token (`auth_token` or `auth_token_file`), which its
-client-facing methods require in the `authorization: Bearer <token>` metadata.
+Every service also takes a bearer token (`auth_token` or `auth_token_file`; one per cluster): with it,
+every method of its own services and of reflection requires `authorization: Bearer <token>` (the scheme
+in any case), and every channel it opens to another service carries the token (`ChannelFactory`), so
+the calls between services pass the same check. Health stays open: it says SERVING or not, nothing else.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,16 +97,20 @@ def client_credentials(
 
 @dataclass
 class ChannelFactory:
-    """Opens the channels a service uses to call other services, with its TLS settings."""
+    """Opens the channels a service uses to call other services, with its TLS settings and its bearer
+    token (added to every call by an interceptor, so callers need not pass it)."""
 
     credentials: grpc.ChannelCredentials | None = None
     server_name: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    token: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, options: list[tuple[str, Any]]) -> ChannelFactory:
+    def from_settings(
+        cls, settings: Any, options: list[tuple[str, Any]], token: str | None = None
+    ) -> ChannelFactory:
         credentials = client_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
-        return cls(credentials, settings.tls_server_name, tuple(options))
+        return cls(credentials, settings.tls_server_name, tuple(options), token)
 
     @property
     def secure(self) -> bool:
@@ -116,23 +123,22 @@ class ChannelFactory:
         return options
 
     def aio_channel(self, address: str) -> grpc.aio.Channel:
+        interceptors = bearer_interceptors(self.token) if self.token else None
         if self.credentials is None:
-            return grpc.aio.insecure_channel(address, options=self._options())
-        return grpc.aio.secure_channel(address, self.credentials, options=self._options())
-
-    def channel(self, address: str) -> grpc.Channel:
-        if self.credentials is None:
-            return grpc.insecure_channel(address, options=self._options())
-        return grpc.secure_channel(address, self.credentials, options=self._options())
+            return grpc.aio.insecure_channel(address, options=self._options(), interceptors=interceptors)
+        return grpc.aio.secure_channel(
+            address, self.credentials, options=self._options(), interceptors=interceptors
+        )
 
 
 class TokenAuth:
-    """Checks `authorization: Bearer <token>` on the methods of the protected services."""
+    """Checks `authorization: Bearer <token>` on the methods of the protected services. The scheme is
+    matched in any case (RFC 7235), the token exactly and in constant time."""
 
     def __init__(self, token: str, services: list[str]) -> None:
         if not token:
             raise ValueError("auth token: must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._prefixes = tuple(f"/{name}/" for name in services)
 
     def applies(self, method: str) -> bool:
@@ -146,12 +152,62 @@ class TokenAuth:
                 presented = value
         if presented is None:
             return "missing bearer token: send metadata 'authorization: Bearer <token>'"
-        if isinstance(presented, str):
-            presented = presented.encode()
-        if not hmac.compare_digest(presented, self._expected):
+        if isinstance(presented, bytes):
+            presented = presented.decode("latin-1")
+        scheme, _, token = presented.partition(" ")
+        if scheme.lower() != "bearer":
+            return "authorization: use the Bearer scheme ('authorization: Bearer <token>')"
+        if not hmac.compare_digest(token.strip(" ").encode("latin-1", "replace"), self._expected):
             return "invalid bearer token"
         return None
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((AUTH_METADATA_KEY, f"Bearer {token}"),) if token else ()
+
+
+class _AddsToken:
+    """Adds the bearer token to a call's metadata (the base of the four aio client interceptors: grpc.aio
+    files an interceptor under one call kind only)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = auth_metadata(token)[0]
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(*self._header)
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+
+    async def _call(self, continuation: Callable[..., Awaitable[Any]], details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _UnaryUnaryToken(_AddsToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await self._call(continuation, client_call_details, request)
+
+
+class _UnaryStreamToken(_AddsToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await self._call(continuation, client_call_details, request)
+
+
+class _StreamUnaryToken(_AddsToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._call(continuation, client_call_details, request_iterator)
+
+
+class _StreamStreamToken(_AddsToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._call(continuation, client_call_details, request_iterator)
+
+
+def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """aio client interceptors that send `authorization: Bearer <token>` on every call of a channel."""
+    return [
+        cls(token) for cls in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
+    ]

@@ -1,14 +1,17 @@
 """Running one gRPC service: a grpc.aio server with the call interceptor (bearer token, request id,
 call metrics) around the error interceptor, grpc.health.v1 (NOT_SERVING until warm-up ends), server
-reflection, TLS/mTLS from the settings, an optional Prometheus endpoint, an optional HTTP server
-beside it (`http`: the coordinator's OpenAI-compatible front), and a graceful stop on SIGTERM or
-SIGINT."""
+reflection of its own services only, TLS/mTLS and the bearer token from the settings, an optional
+Prometheus endpoint, an optional HTTP server beside it (`http`: the coordinator's OpenAI-compatible
+front), and a graceful stop on SIGTERM or SIGINT. One process per port: the port is bound without
+SO_REUSEPORT, so a second service on a taken port fails to start instead of sharing it."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,9 +23,11 @@ from kvferry.serving.call_interceptor import CallInterceptor, RpcMetrics
 from kvferry.serving.error_interceptor import ErrorInterceptor
 from kvferry.serving.gc_pauses import GcPauses, freeze_start_up_heap
 from kvferry.serving.gpu_metrics import register_gpu_metrics
+from kvferry.serving.memory_trim import MemoryTrimmer
 from kvferry.serving.metrics import MetricsEndpoint, new_registry
+from kvferry.serving.reflection import served_pool
 from kvferry.serving.request_context import LOG_FORMAT, RequestIdFilter
-from kvferry.serving.security import ChannelFactory, TokenAuth, server_credentials
+from kvferry.serving.security import ChannelFactory, TokenAuth, read_token, server_credentials
 from kvferry.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,32 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# gRPC binds with SO_REUSEPORT by default: a second process on the same port would start, report
+# SERVING and take half the calls (a reservation made on one decode process, its Decode call on the other).
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
+class ListenError(RuntimeError):
+    """The service cannot listen on its address (the port is taken, or the address is not this host's)."""
+
+
+def _why_not_bindable(host: str, port: int) -> str:
+    """The reason a bind to host:port fails, asked of the OS (gRPC's own error does not say)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot resolve {host!r}: {e}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no owner
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} is in use by another process (another kvferry service?); stop it or pick another --port"
+            return f"{e.strerror or e} (is {host} an address of this host?)"
+    return "gRPC could not bind it"
 
 
 def configure_logging(level: str) -> None:
@@ -42,27 +73,30 @@ def configure_logging(level: str) -> None:
 
 
 class ServiceHost:
-    """Owns the server; `service_names` are the full names (kvferry.v1.X) registered on it. With
-    `auth`, calls to the services it protects need the bearer token (health and reflection never do).
-    `channels` opens this service's channels to other services with its TLS settings."""
+    """Owns the server; `service_names` are the full names (kvferry.v1.X) registered on it. With a
+    bearer token in the settings (`auth`), every call to them and to reflection needs it (health never
+    does). `channels` opens this service's channels to other services with its TLS settings and token."""
 
-    def __init__(
-        self, settings: ServerSettings, service_names: list[str], auth: TokenAuth | None = None
-    ) -> None:
+    def __init__(self, settings: ServerSettings, service_names: list[str]) -> None:
         self.settings = settings
         self.service_names = service_names
         self.credentials = server_credentials(settings)  # reads the PEM files now: a bad path fails here
-        self.channels = ChannelFactory.from_settings(settings, CHANNEL_OPTIONS)
+        token = read_token(settings.auth_token, settings.auth_token_file)
+        self.auth = TokenAuth(token, [*service_names, reflection.SERVICE_NAME]) if token else None
+        self.channels = ChannelFactory.from_settings(settings, CHANNEL_OPTIONS, token)
         self.metrics = new_registry()  # this service's prometheus_client CollectorRegistry
         self.gpu_metrics = register_gpu_metrics(self.metrics)
-        interceptors = [CallInterceptor(RpcMetrics(self.metrics), auth), ErrorInterceptor()]
-        self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+        self.trimmer = MemoryTrimmer()
+        interceptors = [
+            CallInterceptor(RpcMetrics(self.metrics), self.auth, self.trimmer),
+            ErrorInterceptor(),
+        ]
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.metrics_server: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        reflected = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(reflected, self.server, pool=served_pool(reflected))
         self.port = 0
         self.serving = False  # what grpc.health.v1 reports for the whole server
         self.http: Any = None  # serving.http_server.AsgiServer beside the gRPC port (the coordinator's)
@@ -87,10 +121,14 @@ class ServiceHost:
         `self.warmed` resolves when warm-up ends (with its exception if it failed)."""
         await self.set_serving(False)
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self.credentials)
+        try:
+            if self.credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, self.credentials)
+        except RuntimeError:
+            why = _why_not_bindable(self.settings.host, self.settings.port)
+            raise ListenError(f"cannot listen on {address}: {why}") from None
         await self.server.start()
         log.info(
             "listening on %s:%d (%s; %s)",
@@ -156,9 +194,16 @@ class ServiceHost:
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code (1 when warm-up failed)."""
         self.owns_process = True  # before start(): its warm-up freezes the heap for this process
+        try:
+            await self.start()
+        except (ListenError, OSError) as e:  # its port, the HTTP port or the metrics port is taken
+            log.error("%s", e)
+            if self.http is not None:
+                await self.http.stop()
+            await self.server.stop(None)
+            return 1
         gc_pauses = GcPauses(self.metrics)
         gc_pauses.install()  # the process's own GC: in-process (test) hosts leave it alone
-        await self.start()
         assert self.warmed is not None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

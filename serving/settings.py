@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from kvferry.engine.config import EngineConfig
+    from kvferry.serving.compression_policy import CompressionPolicy
 
 ENV_PREFIX = "KVFERRY_"
 S = TypeVar("S")
@@ -124,10 +125,44 @@ class ServerSettings:
     metrics_port: int | None = setting(
         None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default: off)"
     )
+    auth_token: str | None = setting(
+        None,
+        "bearer token of the cluster: every call to this service must send it (metadata "
+        "'authorization: Bearer <token>'; health excepted), and this service sends it to the services it "
+        "calls; default: none needed",
+    )
+    auth_token_file: str | None = setting(None, "file holding the bearer token (instead of auth_token)")
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass
+class CompressionPolicySettings:
+    """The operator's compression policy (serving/compression_policy.py): what requests that do not say
+    how to compress get."""
+
+    default_compression: str = setting(
+        "",
+        "compression method for requests that name none (compactor, snapkv, ...); none: they keep their whole "
+        "cache unless they ask for compression; empty: none, or compactor if --default-retention is given",
+    )
+    default_retention: str | None = setting(
+        None,
+        'retention for requests that give no budget: a fraction of the KV kept in (0, 1], or "auto" (chosen '
+        "per request from the context)",
+    )
+    default_quality_target: float | None = setting(
+        None, 'the quality target of "auto" for requests that give none, in (0, 1] (unset: 0.95)'
+    )
+
+    def compression_policy(self) -> CompressionPolicy:
+        from kvferry.serving.compression_policy import CompressionPolicy
+
+        return CompressionPolicy.from_settings(
+            self.default_compression, self.default_retention, self.default_quality_target
+        )
 
 
 @dataclasses.dataclass

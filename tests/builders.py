@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen3Config,
@@ -330,6 +331,34 @@ def long_document(num_sentences: int, fact: str, seed: int = 0) -> str:
     ]
     sentences.insert(num_sentences // 2, fact)
     return " ".join(sentences)
+
+
+# save_tiny_llama's shape: GQA 4 q over 2 kv heads
+LAYERS, KV_HEADS, HEAD_DIM = 3, 2, 16
+
+
+def save_tiny_llama(path: Path, vocab_size: int = 300, seed: int = 0) -> Path:
+    """A tiny Llama (GQA 4 q over 2 kv heads) with O(1)-scale random weights, so its outputs react
+    to every cached token (transformers' 0.02-std init gives near-flat attention)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        num_hidden_layers=LAYERS,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else noise / math.sqrt(p.shape[-1]))
+    model.save_pretrained(path)
+    return path
 
 
 # ChatML, as SmolLM2's template renders it (the engine's chat path needs a template).

@@ -185,6 +185,15 @@ class InProcessCluster:
         self.run(check())
 
 
+def tiny_engine(model: Any, **overrides: Any) -> dict[str, Any]:
+    """EngineSettings fields for a tiny test model on CPU: small pages and chunks, one thread."""
+    settings = dict(
+        model=str(model), device="cpu", dtype="float32", page_size=4, prefill_chunk=64, max_model_len=512,
+        kv_cache_bytes=2 << 20, torch_threads=1,
+    )  # fmt: skip
+    return {**settings, **overrides}
+
+
 def with_overrides(spec: ClusterSpec, **decode: Any) -> ClusterSpec:
     return replace(spec, decode={**spec.decode, **decode})
 

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `import builders`
 sys.path.append(str(REPO_ROOT / "benchmarks"))  # and the benchmarks' modules (`import quality_tasks`)
 
-from builders import TinyModel, make_tiny_model  # noqa: E402
+from builders import TinyModel, make_tiny_model, save_tiny_llama  # noqa: E402
 
 from kvferry.engine import LLM  # noqa: E402
 
@@ -76,3 +76,16 @@ def smollm2_hf(smollm2: LLM) -> Any:
     gguf = Path(smollm2.engine.loaded.source)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def chat_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    """A tiny random Llama (builders.save_tiny_llama) that carries SmolLM2's real tokenizer and chat
+    template: fast tests of everything that needs text (chat templates, regions, questions)."""
+    from kvferry.engine.loader.default_model import default_model_path
+    from kvferry.engine.loader.gguf_cache import gguf_tokenizer
+
+    tokenizer = gguf_tokenizer(Path(default_model_path()))
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny_chat"), vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    return LLM(str(path), device="cpu", dtype="float32", page_size=16, kv_cache_bytes=64 << 20)

@@ -1,10 +1,11 @@
 """`kvferry up` starts three real processes with the default model (its --transport flag reaching the
-prefill service), `kvferry ask` answers a question about a document through them and reports what
-compression kept and how it was shipped, `kvferry stats` shows the request, and Ctrl-C (SIGINT) stops
-every process cleanly."""
+prefill service, its compression policy the coordinator), `kvferry ask` answers a question about a
+document through them (at retention auto by default) and reports what compression kept and how it was
+shipped, `kvferry stats` shows the requests, and Ctrl-C (SIGINT) stops every process cleanly."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kvferry.clients import Client
 from kvferry.clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION
 from kvferry.clients.local_cluster import free_port
 
@@ -42,6 +44,10 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
             "1",
             "--transport",
             "grpc",  # auto would pick shm here (tests/test_bench.py runs that); this checks the flag
+            "--default-compression",
+            "streaming",  # the coordinator's policy, for requests that ask for no compression
+            "--default-retention",
+            "0.5",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -66,7 +72,8 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
         )  # fmt: skip
         assert ask.returncode == 0, ask.stderr
         assert "Eleanor Brandt" in ask.stdout
-        assert "(50%, compactor)" in ask.stdout and "over grpc" in ask.stdout
+        # the document (a cached context) kept at 50%, the question's tokens after it whole
+        assert re.search(r"\(5[01]%, compactor\)", ask.stdout) and "over grpc" in ask.stdout
 
         bad = subprocess.run(
             [*KVFERRY, "ask", "--address", address, "--doc", str(BUNDLED_DOCUMENT), "--retention", "2", "Q?"],
@@ -75,11 +82,23 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
         assert bad.returncode == 2
         assert "INVALID_ARGUMENT" in bad.stderr and "compression.retention" in bad.stderr
 
+        auto = subprocess.run(  # ask's default: compactor at retention auto
+            [*KVFERRY, "ask", "--address", address, "--doc", str(BUNDLED_DOCUMENT), "--max-new-tokens", "2",
+             BUNDLED_QUESTION],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert auto.returncode == 0, auto.stderr
+        assert "compactor, auto chose" in auto.stdout and "for context NLL" in auto.stdout
+
+        with Client(address, timeout=120) as client:  # a request naming no compression gets the policy
+            p = client.generate("The river was calm that morning. " * 20, max_new_tokens=2).stats.prefill
+        assert (p.compression_method, p.chosen_retention) == ("streaming", 0.5)
+
         stats = subprocess.run(
             [*KVFERRY, "stats", "--address", address], capture_output=True, text=True, timeout=60
         )
         assert stats.returncode == 0, stats.stderr
-        assert "requests: 2 total, 0 active, 1 failed" in stats.stdout
+        assert "requests: 4 total, 0 active, 1 failed" in stats.stdout
         assert "decode 127.0.0.1" in stats.stdout and "0/" in stats.stdout  # no page left in use
         check_openai_api_equals_grpc(address, f"http://127.0.0.1:{http_port}/v1")
     finally:

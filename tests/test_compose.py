@@ -44,7 +44,7 @@ def test_environment_is_real_settings_that_parse(services: dict[str, Any]) -> No
     for name, svc in services.items():
         cls = SETTINGS[name]
         known = {env_name(f) for f in dataclasses.fields(cls)}
-        env = {k: str(v) for k, v in svc["environment"].items()}
+        env = _interpolate({k: str(v) for k, v in svc["environment"].items()}, {})
         assert set(env) <= known, f"{name}: unknown variables {sorted(set(env) - known)}"
         settings = parse_settings(cls, [], environ=env)
         assert settings.host == "0.0.0.0"
@@ -60,7 +60,7 @@ def test_ports_addresses_and_health_checks_agree(services: dict[str, Any]) -> No
         published = [f"{settings.port}:{settings.port}"]
         if name == "coordinator":  # and the OpenAI-compatible HTTP API
             published.append(f"{settings.http_port}:{settings.http_port}")
-        assert svc["ports"] == published
+        assert [p.removeprefix("127.0.0.1:") for p in svc["ports"]] == published
         check = svc["healthcheck"]["test"]
         assert check[:4] == ["CMD", "python", "-m", "kvferry.serving.healthcheck"]
         assert check[4] == f"127.0.0.1:{settings.port}"
@@ -72,6 +72,26 @@ def test_ports_addresses_and_health_checks_agree(services: dict[str, Any]) -> No
     assert coordinator.prefill_addresses == [f"prefill:{ports['prefill']}"]
     assert coordinator.decode_addresses == [f"decode:{ports['decode']}"]
     assert set(services["coordinator"]["depends_on"]) == {"prefill", "decode"}
+
+
+def test_internal_services_are_published_on_the_host_loopback_only(services: dict[str, Any]) -> None:
+    """Prefill and decode serve plaintext in this file: published beyond the host, anyone on the network
+    could reserve decode's pages or read its pool's path. The coordinator is the client-facing port."""
+    for name in ("prefill", "decode"):
+        env = _interpolate({k: str(v) for k, v in services[name]["environment"].items()}, {})
+        settings = parse_settings(SETTINGS[name], [], environ=env)
+        assert settings.tls_cert is None  # plaintext, so:
+        for published in services[name]["ports"]:
+            assert published.startswith("127.0.0.1:"), f"{name} publishes {published} beyond the host"
+    assert services["coordinator"]["ports"] == ["50051:50051", "8000:8000"]  # the client API, gRPC and HTTP
+
+
+@pytest.mark.parametrize("host_token", [None, "from-the-host"])
+def test_the_host_token_reaches_every_role(services: dict[str, Any], host_token: str | None) -> None:
+    host_env = {} if host_token is None else {"KVFERRY_AUTH_TOKEN": host_token}
+    for name, svc in services.items():
+        env = _interpolate({k: str(v) for k, v in svc["environment"].items()}, host_env)
+        assert parse_settings(SETTINGS[name], [], environ=env).auth_token == host_token, name
 
 
 def test_base_file_runs_without_gpus_and_shares_ipc(services: dict[str, Any]) -> None:
@@ -137,10 +157,8 @@ def test_gpu_override_reserves_gpus_shares_ipc_and_places_each_role(
     # the NCCL rendezvous store is reached by the decode service's name on the compose network
     assert settings["decode"].nccl_store_host == "decode"
     assert "deploy" not in services["coordinator"]
-    assert (
-        services["coordinator"]["environment"]
-        == yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["coordinator"]["environment"]
-    )
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["coordinator"]
+    assert services["coordinator"]["environment"] == _interpolate(base["environment"], host_env)
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])

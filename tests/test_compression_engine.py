@@ -5,41 +5,16 @@ in the pages, dropped pages return to the pool, and bad parameters are refused u
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from builders import HEAD_DIM, KV_HEADS, LAYERS, save_tiny_llama
 
 from kvferry.engine import LLM, CompressionParams, InvalidArgumentError, SamplingParams
 from kvferry.engine.compression import SCORERS
 from kvferry.engine.compression.budget import uniform_share
 
-LAYERS, KV_HEADS, HEAD_DIM, PAGE = 3, 2, 16, 16
-
-
-def save_tiny_llama(path: Path, vocab_size: int = 300, seed: int = 0) -> Path:
-    """A tiny Llama (GQA 4 q over 2 kv heads) with O(1)-scale random weights, so its outputs react
-    to every cached token (transformers' 0.02-std init gives near-flat attention)."""
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        num_hidden_layers=LAYERS,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if "norm" in name else noise / math.sqrt(p.shape[-1]))
-    model.save_pretrained(path)
-    return path
+PAGE = 16
 
 
 @pytest.fixture(scope="module")
@@ -186,20 +161,8 @@ def test_invalid_compression_is_refused_before_anything_is_queued(llm: LLM) -> N
     llm.engine.pool.assert_no_leaks()
 
 
-@pytest.fixture(scope="module")
-def chat_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
-    """A tiny random Llama that carries SmolLM2's real tokenizer and chat template."""
-    from kvferry.engine.loader.default_model import default_model_path
-    from kvferry.engine.loader.gguf_cache import gguf_tokenizer
-
-    tokenizer = gguf_tokenizer(Path(default_model_path()))
-    path = save_tiny_llama(tmp_path_factory.mktemp("tiny_chat"), vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(path)
-    return LLM(str(path), device="cpu", dtype="float32", page_size=PAGE, kv_cache_bytes=64 << 20)
-
-
 def test_chat_protection_keeps_the_system_prompt_and_the_question(chat_llm: LLM) -> None:
-    from kvferry.engine.tokenizer import chat_protected_spans, encode_chat
+    from kvferry.engine.prompt_regions import encode_request
 
     tok = chat_llm.tokenizer
     messages = [
@@ -209,8 +172,10 @@ def test_chat_protection_keeps_the_system_prompt_and_the_question(chat_llm: LLM)
         {"role": "user", "content": "Which animal ran?"},
         {"role": "assistant", "content": "The animal was"},
     ]
-    ids = encode_chat(tok, messages)
-    system, last = chat_protected_spans(tok, messages, system_prompt=True, last_user_turn=True)
+    both = CompressionParams(protect_system_prompt=True, protect_last_user_turn=True)
+    encoded = encode_request(tok, messages=messages, compression=both)
+    ids, params = encoded.ids, encoded.compression
+    system, last = params.protected_spans
     assert "Answer with one word." in tok.decode(ids[slice(*system)])
     assert "Notes" not in tok.decode(ids[slice(*system)])
     tail = tok.decode(ids[slice(*last)])

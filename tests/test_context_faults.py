@@ -105,7 +105,7 @@ async def _stream_then_kill(
     """A long answer on a cached context; `node` is killed once its first tokens arrived."""
     async with AsyncClient(cluster.coordinator_address, timeout=60) as c:
         stream = c.stream(
-            question, context=context, cache_context=True, compression=COMPACTOR, max_new_tokens=400,
+            question, context=context, cache_context=True, compression=COMPACTOR, max_new_tokens=300,
             temperature=0, ignore_eos=True,
         )  # fmt: skip
         with pytest.raises(KvferryRpcError) as err:

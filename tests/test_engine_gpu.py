@@ -175,3 +175,22 @@ def test_cached_context_hit_equals_miss_bf16(llama_8b_heads: Path, enforce_eager
     tokens, _, uses = answer_on_cached_context(llama_8b_heads, "cuda", "bfloat16", compression, enforce_eager)
     assert uses == ["miss", "hit", "hit", "miss"]
     assert tokens[0] == tokens[3]
+
+
+def test_auto_retention_on_cuda_matches_cpu(llama_8b_heads: Path) -> None:
+    """retention="auto" on CUDA: the context NLL (the lm_head on sampled positions, summed on the device)
+    and the retention chosen from it equal the CPU engine's, and so do the tokens (random scores: the
+    same selection on both)."""
+    auto = CompressionParams(method="random", retention="auto", quality_target=0.05, sink=4, recent=16)
+    out = {}
+    for device in ("cpu", "cuda"):
+        engine = make_engine(llama_8b_heads, device, "float32", enforce_eager=False)
+        seqs = [engine.add_request(random_prompt(n, VOCAB, seed=n), greedy(8), auto) for n in (700, 1500)]
+        while engine.has_unfinished():
+            engine.step()
+        engine.pool.assert_no_leaks()
+        out[device] = [(s.output_token_ids, s.stats.context_nll, s.stats.chosen_retention) for s in seqs]
+    for (cpu_tokens, cpu_nll, cpu_r), (gpu_tokens, gpu_nll, gpu_r) in zip(out["cpu"], out["cuda"]):
+        assert gpu_nll == pytest.approx(cpu_nll, rel=1e-4)
+        assert gpu_r == pytest.approx(cpu_r, rel=1e-3) and cpu_r < 1.0
+        assert gpu_tokens == cpu_tokens

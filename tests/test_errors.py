@@ -67,6 +67,8 @@ def llm(tiny: TinyModel) -> Iterator[LLM]:
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
@@ -114,9 +116,51 @@ def test_prompt_over_max_model_len(llm: LLM, tiny: TinyModel) -> None:
     with pytest.raises(InvalidArgumentError) as e:
         llm.generate(random_prompt(MAX_MODEL_LEN, tiny.vocab_size, 1), greedy(4))
     assert "max_model_len" in expect(e, InvalidArgumentError, "prompt")
-    # One position short of the limit is accepted; the output is cut to the positions left.
-    (out,) = llm.generate(random_prompt(MAX_MODEL_LEN - 3, tiny.vocab_size, 1), greedy(20))
+    # One position short of the limit is accepted; without max_new_tokens the output gets the positions left.
+    prompt = random_prompt(MAX_MODEL_LEN - 3, tiny.vocab_size, 1)
+    (out,) = llm.generate(prompt, SamplingParams(temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    (out,) = llm.generate(prompt, greedy(3))
+    assert len(out.token_ids) == 3
+
+
+@pytest.mark.parametrize("max_new_tokens", [4, 10**9])
+def test_max_new_tokens_beyond_max_model_len_is_refused_before_any_page(
+    llm: LLM, tiny: TinyModel, max_new_tokens: int
+) -> None:
+    """A request may not ask for more tokens than max_model_len leaves after its prompt: asking for 10^9
+    would reserve pages for the whole context (clamped, as before, it held 17.5% of a decode pool)."""
+    prompt = random_prompt(MAX_MODEL_LEN - 3, tiny.vocab_size, 1)
+    with pytest.raises(InvalidArgumentError) as e:
+        llm.generate(prompt, greedy(max_new_tokens))
+    assert "room for 3" in expect(e, InvalidArgumentError, "max_new_tokens")
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.pool.num_used == llm.engine.pool.num_reserved == 0
+
+
+@pytest.mark.parametrize(
+    ("compression", "field"),
+    [
+        ({"method": "streaming", "protected_spans": [(0, 11)]}, "protected_spans"),  # past the 10 tokens
+        ({"method": "streaming", "protected_spans": [(3, 2**32 - 1)]}, "protected_spans"),
+        ({"method": "streaming", "sink": 2**32 - 1}, "sink"),
+        ({"method": "streaming", "recent": MAX_MODEL_LEN + 1}, "recent"),
+        ({"method": "snapkv", "window": 10**12}, "window"),
+        ({"method": "snapkv", "pool_kernel": 65}, "pool_kernel"),
+        ({"method": "compactor", "attention_block": 4096}, "attention_block"),
+        ({"method": "compactor", "sketch_size": 10**6}, "sketch_size"),
+        ({"method": "compactor", "leverage_block": (1 << 20) + 1}, "leverage_block"),
+        ({"method": "compactor", "leverage_weight": float("inf")}, "leverage_weight"),
+    ],
+)
+def test_out_of_range_compression_is_refused(
+    llm: LLM, tiny: TinyModel, compression: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        llm.generate(random_prompt(10, tiny.vocab_size, 4), greedy(2), compression=compression)
+    expect(e, InvalidArgumentError, field)
+    assert not llm.engine.has_unfinished()
+    llm.engine.pool.assert_no_leaks()
 
 
 def test_bad_request_in_a_batch_queues_nothing(llm: LLM, tiny: TinyModel) -> None:
@@ -134,6 +178,39 @@ def test_bad_chat_messages(llm: LLM) -> None:
     with pytest.raises(InvalidArgumentError) as e:
         llm.generate_chat([[{"role": "user"}]])
     expect(e, InvalidArgumentError, "messages")
+    with pytest.raises(InvalidArgumentError) as e:
+        llm.generate_chat([[{"role": "user", "content": "hi"}, {"role": "hacker", "content": "x"}]])
+    assert "'hacker'" in expect(e, InvalidArgumentError, "messages[1].role")
+
+
+def test_text_longer_than_max_model_len_can_hold_is_refused_before_tokenizing(
+    smollm2: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound is max_model_len x the longest token's bytes; a 10 MB prompt is refused in
+    milliseconds instead of being tokenized (7-24 s of CPU and gigabytes of RSS)."""
+    import time
+
+    from kvferry.engine.tokenizer import max_token_bytes
+
+    tokenizer, max_len = smollm2.tokenizer, smollm2.engine.max_model_len
+    assert max_token_bytes(tokenizer) == 81  # SmolLM2's longest token: 81 bytes of text
+    calls = []
+    original = type(tokenizer).__call__
+    monkeypatch.setattr(
+        type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    for text, chat in (("x" * (10 << 20), False), ("é" * (max_len * 81 // 2 + 1), True)):
+        start = time.perf_counter()
+        with pytest.raises(InvalidArgumentError) as e:
+            if chat:
+                smollm2.generate_chat([[{"role": "user", "content": text}]], greedy(2))
+            else:
+                smollm2.generate(text, greedy(2))
+        assert time.perf_counter() - start < 1.0
+        assert "max_model_len" in expect(e, InvalidArgumentError, "messages" if chat else "prompt")
+    assert calls == []  # never tokenized
+    (out,) = smollm2.generate("Hello " * 50, greedy(2))  # a text under the bound is served as before
+    assert len(out.token_ids) == 2 and calls
 
 
 def test_duplicate_request_id(llm: LLM, tiny: TinyModel) -> None:

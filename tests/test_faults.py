@@ -406,7 +406,7 @@ def _running(address: str) -> int:
 
 def test_tls_cluster_of_real_processes(tiny_model: Callable[[str], TinyModel], tmp_path: Path) -> None:
     """The three processes configured only through KVFERRY_* env (as in compose): mutual TLS between
-    all of them, the coordinator with a token; a client with the CA and token is served, and a
+    all of them and the token on every port; a client with the CA and token is served, and a
     plaintext one is refused."""
     from certs import make_pki
 
@@ -418,7 +418,7 @@ def test_tls_cluster_of_real_processes(tiny_model: Callable[[str], TinyModel], t
         "KVFERRY_TLS_KEY": str(pki.service_key),
         "KVFERRY_TLS_CLIENT_CA": str(pki.ca),
         "KVFERRY_TLS_CA": str(pki.ca),
-        "KVFERRY_AUTH_TOKEN": "real-process-token",  # only the coordinator has this setting
+        "KVFERRY_AUTH_TOKEN": "real-process-token",  # every service requires it and sends it
     }
     engine = ["--model", str(tiny_model("llama").path), "--device", "cpu", "--dtype", "float32",
               "--page-size", "4", "--max-model-len", "512", "--kv-cache-bytes", str(2 << 20),

@@ -1,9 +1,10 @@
 """The golden test on the real model, with every service its own process on 127.0.0.1: SmolLM2 chats
 (one over 2K tokens) through coordinator -> prefill -> grpc transport -> decode give exactly the
-colocated engine's greedy tokens, compressed and not; the bytes shipped are the kept pages plus a small
-manifest; and afterwards both services report zero used and zero reserved pages. With a cached
+colocated engine's greedy tokens, compressed and not (at a ratio, at retention auto, with keep_tokens,
+and with the question given beside a document-only user turn); the bytes shipped are the kept pages plus
+a small manifest; and afterwards both services report zero used and zero reserved pages. With a cached
 context (the document), a hit gives exactly the tokens of a miss on a fresh cache, colocated and
-disaggregated, sent whole or by a PutContext handle."""
+disaggregated, sent whole or by a PutContext handle, at a ratio and at retention auto."""
 
 from __future__ import annotations
 
@@ -87,9 +88,9 @@ def test_smollm2_disaggregated_equals_colocated(
         assert (node.pool.used_pages, node.pool.reserved_pages) == (0, 0), node
 
 
-@pytest.mark.parametrize("retention", [None, 0.5])
+@pytest.mark.parametrize("retention", [None, 0.5, "auto"])
 def test_smollm2_a_cached_context_hit_equals_a_miss(
-    smollm2: LLM, smollm2_processes: LocalCluster, retention: float | None
+    smollm2: LLM, smollm2_processes: LocalCluster, retention: float | str | None
 ) -> None:
     document = BUNDLED_DOCUMENT.read_text()
     questions = [BUNDLED_QUESTION, "What did the canal carry?", "When did the canal open?"]
@@ -137,3 +138,48 @@ def test_smollm2_a_cached_context_hit_equals_a_miss(
     for node in [*info.prefill_nodes, *info.decode_nodes]:
         pool = node.pool
         assert (pool.used_pages - pool.cached_pages, pool.reserved_pages) == (0, 0), node
+
+
+OPTIONS = {
+    "auto": ({"method": "compactor", "retention": "auto", "protect_last_user_turn": True}, None),
+    "keep_tokens": ({"method": "snapkv", "keep_tokens": 400, "protect_last_user_turn": True}, None),
+    # the usual layout: the document alone in the user turn, the question beside it (always kept)
+    "question": ({"method": "compactor", "retention": 0.25}, BUNDLED_QUESTION),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_smollm2_budget_and_question_options_disaggregated_equal_colocated(
+    smollm2: LLM, smollm2_processes: LocalCluster, option: str
+) -> None:
+    spec, question = OPTIONS[option]
+    documents = [BUNDLED_DOCUMENT.read_text(), long_document(90, NEEDLE, seed=7)]
+    chats = CHATS[1:] if question is None else [[{"role": "user", "content": d}] for d in documents]
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS // 2)
+    expected = smollm2.generate_chat(
+        chats, sampling, compression=CompressionParams(**spec), question=question
+    )
+    with Client(smollm2_processes.coordinator_address, timeout=300) as client:
+        for chat, want in zip(chats, expected):
+            got = client.generate(
+                messages=chat,
+                compression=spec,
+                question=question,
+                temperature=0.0,
+                max_new_tokens=NEW_TOKENS // 2,
+            )
+            assert got.token_ids == want.token_ids and got.text == want.text
+            p, s = got.stats.prefill, want.stats
+            assert (p.prompt_tokens, p.kept_tokens, p.protected_tokens) == (
+                s.prompt_tokens, s.kept_tokens, s.protected_tokens,
+            )  # fmt: skip
+            assert p.chosen_retention == pytest.approx(s.chosen_retention) and s.chosen_retention < 1.0
+            if option == "auto":
+                assert p.context_nll == pytest.approx(s.context_nll)
+            if option == "question":
+                assert p.protected_share < 0.05  # the question, not the document
+        info = client.info()
+    if option == "auto":  # the bundled prose reads at ~3 nats: auto keeps most of it
+        assert "Eleanor Brandt" in expected[0].text
+    for node in [*info.prefill_nodes, *info.decode_nodes]:
+        assert (node.pool.used_pages, node.pool.reserved_pages) == (0, 0), node

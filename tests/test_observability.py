@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from builders import TinyModel
-from cluster import ClusterSpec, InProcessCluster, scrape_url
+from cluster import ClusterSpec, InProcessCluster, scrape_url, tiny_engine
 
 from kvferry.clients import Client, KvferryRpcError
-from kvferry.serving.metrics import new_registry
+from kvferry.serving.metrics import RATIO_BUCKETS, new_registry
 from kvferry.serving.request_context import RequestIdFilter
 from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -22,16 +22,7 @@ from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, pre
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Callable[[str], TinyModel]) -> Iterator[InProcessCluster]:
     spec = ClusterSpec(
-        engine=dict(
-            model=str(tiny_model("llama").path),
-            device="cpu",
-            dtype="float32",
-            page_size=4,
-            prefill_chunk=64,
-            max_model_len=512,
-            kv_cache_bytes=2 << 20,
-            torch_threads=1,
-        ),
+        engine=tiny_engine(tiny_model("llama").path),
         server=dict(metrics_port=0),
         prefill=dict(max_pending_requests=1),
         coordinator=dict(max_active_requests=1),
@@ -73,6 +64,7 @@ def test_metrics_endpoints(cluster: InProcessCluster) -> None:
     assert p['kvferry_rpc_requests_total{code="OK",method="kvferry.v1.PrefillService/Prefill"}'] >= 1
     assert p["kvferry_kv_bytes_shipped_total"] == c["kvferry_kv_bytes_shipped_total"]
     assert p["kvferry_prefill_queue_depth"] == 0 and p["kvferry_prefill_seconds_count"] >= 1
+    assert p['kvferry_chosen_retention_ratio_count{mode="ratio"}'] >= 1
     assert d["kvferry_kv_bytes_received_total"] == p["kvferry_kv_bytes_shipped_total"]
     assert d["kvferry_decode_output_tokens_total"] >= 5
     for s in (p, d):  # pages: all free again, and the states add up
@@ -82,6 +74,20 @@ def test_metrics_endpoints(cluster: InProcessCluster) -> None:
         assert s["kvferry_kv_cache_usage_perc"] == 0
     assert d["kvferry_decode_reservations"] == 0 and d["kvferry_decode_leases_expired_total"] == 0
     assert 'kvferry_gc_pause_seconds_count{generation="0"}' not in c  # in-process hosts leave GC alone
+
+
+def test_auto_retention_choices_are_a_histogram(cluster: InProcessCluster) -> None:
+    before = scrape(cluster, "prefill").get('kvferry_chosen_retention_ratio_count{mode="auto"}', 0.0)
+    auto = {"retention": "auto", "quality_target": 0.05}
+    with Client(cluster.coordinator_address, timeout=30) as client:
+        r = client.generate(list(range(1, 150)), max_new_tokens=2, temperature=0, compression=auto)
+    chosen = r.stats.prefill.chosen_retention
+    assert 0 < chosen < 1
+    p = scrape(cluster, "prefill")
+    assert p['kvferry_chosen_retention_ratio_count{mode="auto"}'] == before + 1
+    upper = min(b for b in RATIO_BUCKETS if chosen <= b)
+    assert p[f'kvferry_chosen_retention_ratio_bucket{{le="{upper!r}",mode="auto"}}'] >= 1
+    cluster.assert_no_leaks()
 
 
 def test_a_deadline_is_counted_apart_from_a_cancel(cluster: InProcessCluster) -> None:

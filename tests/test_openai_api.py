@@ -142,6 +142,25 @@ def test_streamed_chat_completion_with_usage(
     assert len({c.id for c in chunks}) == 1
 
 
+def test_auto_retention_and_a_question_through_the_http_api(
+    client: openai.OpenAI, cluster: InProcessCluster, model_id: str
+) -> None:
+    """retention "auto" and a question beside the chat, as extra body fields: what the gRPC API answers."""
+    document = [CHAT[0], {"role": "user", "content": "Notes: the canal opened in 1841. " * 12}]
+    options = dict(retention="auto", compression={"quality_target": 0.05}, question="When did it open?")
+    reply = client.chat.completions.create(
+        model=model_id, messages=document, max_completion_tokens=6, temperature=0,
+        extra_body={**options, "ignore_eos": True},
+    )  # fmt: skip
+    expected = grpc_answer(
+        cluster, messages=document, max_new_tokens=6, temperature=0, ignore_eos=True, **options
+    )
+    assert reply.choices[0].message.content == expected.text
+    stats, p = reply.model_extra["kvferry"], expected.stats.prefill
+    assert stats["chosen_retention"] == p.chosen_retention < 1.0
+    assert stats["context_nll"] == p.context_nll and 0 < stats["protected_share"] < 0.5
+
+
 def test_text_and_token_id_completions_sync_and_async(
     client: openai.OpenAI, cluster: InProcessCluster, base_url: str, model_id: str
 ) -> None:

@@ -1,7 +1,7 @@
 """TLS, mutual TLS and the bearer token, positive and negative, over real gRPC: the coordinator serves
 TLS with a bearer token to clients; the prefill and decode services require client certificates
-(mTLS) and every inter-service channel verifies its peer. Oversized KV transfers are refused at
-ReserveKV before anything is reserved."""
+(mTLS) and the same token, and every inter-service channel verifies its peer and carries the token.
+Oversized KV transfers are refused at ReserveKV before anything is reserved."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from kvferry.clients import AsyncClient, Client, KvferryRpcError
 from kvferry.coordinator.settings import CoordinatorSettings
 from kvferry.engine.kv_handoff import KVLayout
 from kvferry.kvtransfer import ModelSpec, build_manifest, pages_to_bytes
-from kvferry.serving.security import client_credentials, read_token, server_credentials
+from kvferry.serving.security import auth_metadata, client_credentials, read_token, server_credentials
 from kvferry.serving.settings import ServerSettings
 from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -57,9 +57,10 @@ def cluster(
             tls_key=str(pki.service_key),
             tls_client_ca=str(pki.ca),  # prefill and decode: mutual TLS
             tls_ca=str(pki.ca),  # every outgoing channel verifies its peer
+            auth_token_file=str(token_file),  # every port requires it, every outgoing channel sends it
         ),
-        # the client-facing port: TLS and a bearer token (clients carry no certificate)
-        coordinator=dict(tls_client_ca=None, auth_token_file=str(token_file), http_port=0),
+        # the client-facing port: TLS and the bearer token (clients carry no certificate), and the HTTP API
+        coordinator=dict(tls_client_ca=None, http_port=0),
     )
     c = InProcessCluster(spec).start()
     yield c
@@ -167,14 +168,19 @@ def test_client_trusting_another_ca_is_refused(cluster: InProcessCluster, pki: P
 
 
 # ---- inter-service links: mutual TLS --------------------------------------------------------------
-def _info(address: str, node: str, credentials: grpc.ChannelCredentials | None) -> Any:
+def _info(
+    address: str, node: str, credentials: grpc.ChannelCredentials | None, token: str | None = TOKEN
+) -> Any:
     channel = (
         grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
     )
+    metadata = auth_metadata(token)
     with channel:
         if node == "decode":
-            return decode_pb2_grpc.DecodeServiceStub(channel).Info(decode_pb2.DecodeInfoRequest(), timeout=5)
-        return prefill_pb2_grpc.PrefillServiceStub(channel).Info(prefill_pb2.PrefillInfoRequest(), timeout=5)
+            stub = decode_pb2_grpc.DecodeServiceStub(channel)
+            return stub.Info(decode_pb2.DecodeInfoRequest(), timeout=5, metadata=metadata)
+        stub = prefill_pb2_grpc.PrefillServiceStub(channel)
+        return stub.Info(prefill_pb2.PrefillInfoRequest(), timeout=5, metadata=metadata)
 
 
 @pytest.mark.parametrize("node", ["prefill", "decode"])
@@ -193,6 +199,10 @@ def test_services_require_a_client_certificate_from_the_ca(
         with pytest.raises(grpc.RpcError) as err:
             _info(address, node, refused)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # the right certificate without the token: mTLS alone does not open the service
+    with pytest.raises(grpc.RpcError) as err:
+        _info(address, node, client_credentials(pki.ca, pki.client_cert, pki.client_key), token=None)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_tls_settings_are_checked() -> None:
@@ -289,6 +299,7 @@ def test_bad_manifests_are_refused_before_any_page(
                 transport="grpc",
             ),
             timeout=10,
+            metadata=auth_metadata(TOKEN),
         )
     assert err.value.code() == code, err.value.details()
     assert dict(err.value.trailing_metadata())["kvferry-field"] == field

@@ -75,14 +75,19 @@ def prompt(length: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(1, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[list[int]]:
+def colocated_stats(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[Any]:
+    """The prompts through the colocated engine, greedy: the finished Sequences (tokens and stats)."""
     engine = tiny.engine(page_size=PAGE_SIZE, prefill_chunk=64, max_model_len=MAX_MODEL_LEN)
     sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
     seqs = [engine.add_request(p, sp, compression) for p in prompts]
     while engine.has_unfinished():
         engine.step()
     engine.pool.assert_no_leaks()
-    return [s.output_token_ids for s in seqs]
+    return seqs
+
+
+def colocated(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[list[int]]:
+    return [s.output_token_ids for s in colocated_stats(tiny, prompts, n, compression)]
 
 
 # ---- the golden path ------------------------------------------------------------------------------
@@ -175,7 +180,88 @@ def test_async_client(tiny: TinyModel, cluster: InProcessCluster) -> None:
     cluster.assert_no_leaks()
 
 
+# ---- retention="auto", keep_tokens, the compression policy -----------------------------------------
+AUTO = {"method": "compactor", "retention": "auto", "quality_target": 0.05, "sink": 2, "recent": 8}
+KEEP = {"method": "snapkv", "keep_tokens": 48, "sink": 2, "recent": 8}
+
+
+@pytest.mark.parametrize("spec", [AUTO, KEEP], ids=["auto", "keep_tokens"])
+def test_auto_and_keep_tokens_disaggregated_equal_colocated(
+    tiny: TinyModel, client: Client, spec: dict[str, Any]
+) -> None:
+    prompts = [prompt(n, seed=n, vocab=tiny.vocab_size) for n in (40, 130, 301)]
+    expected = colocated_stats(tiny, prompts, 12, CompressionParams(**spec))
+    for p, want in zip(prompts, expected):
+        r = client.generate(p, max_new_tokens=12, temperature=0, ignore_eos=True, compression=spec)
+        assert r.token_ids == want.output_token_ids
+        s = r.stats.prefill
+        assert s.chosen_retention == pytest.approx(want.stats.chosen_retention)
+        protected = 10 if s.chosen_retention < 1.0 else 0  # counted where the request was compressed
+        assert s.kept_tokens == want.stats.kept_tokens and s.protected_tokens == protected
+        assert s.protected_share == pytest.approx(protected / len(p))
+        if spec is AUTO:
+            assert s.HasField("context_nll") and s.context_nll == pytest.approx(want.stats.context_nll)
+            assert s.chosen_retention < 1.0 and s.compression_method == "compactor"
+        else:
+            assert not s.HasField("context_nll")
+            want_ratio = min(1.0, 48 / len(p))
+            assert s.chosen_retention == pytest.approx(want_ratio)
+            assert s.compression_method == ("none" if len(p) <= 48 else "snapkv")
+
+
+def test_the_operator_policy_fills_what_a_request_leaves_unset(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    from kvferry.serving.compression_policy import CompressionPolicy
+
+    servicer = cluster.hosts["coordinator"].component
+    p = prompt(200, seed=4, vocab=tiny.vocab_size)
+    ask = dict(max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert client.generate(p, **ask).stats.prefill.compression_method == "none"  # no policy: whole cache
+    servicer.policy = CompressionPolicy.from_settings("streaming", "auto", 0.05)
+    try:
+        auto = client.generate(p, **ask).stats.prefill
+        assert auto.compression_method == "streaming" and auto.HasField("context_nll")
+        assert auto.chosen_retention < 1.0
+        ratio = client.generate(p, compression={"retention": 0.25}, **ask).stats.prefill
+        assert (ratio.compression_method, ratio.chosen_retention) == ("streaming", 0.25)
+        named = client.generate(p, compression="snapkv", **ask).stats.prefill
+        assert named.compression_method == "snapkv" and named.HasField("context_nll")
+        opted_out = client.generate(p, compression="none", **ask).stats.prefill
+        assert opted_out.compression_method == "none" and opted_out.kv_bytes == opted_out.kv_bytes_full
+    finally:
+        servicer.policy = CompressionPolicy()
+    # a prefill node's own policy serves requests that reach it still without settings
+    cluster.prefill.policy = CompressionPolicy.from_settings(None, "0.5", None)
+    try:
+        fixed = client.generate(p, **ask).stats.prefill
+        assert (fixed.compression_method, fixed.chosen_retention) == ("compactor", 0.5)
+    finally:
+        cluster.prefill.policy = CompressionPolicy()
+
+
+def test_bad_retention_forms(client: Client) -> None:
+    """ "auto" and a number at once over raw gRPC; a retention that is neither, before it is sent."""
+    from kvferry.engine.errors import InvalidArgumentError
+    from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    request = coordinator_pb2.GenerateUnaryRequest(prompt_token_ids=common_pb2.TokenIds(ids=[1, 2, 3]))
+    request.compression.retention = 0.5
+    request.compression.auto_retention = True
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(client._channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateUnary(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("kvferry-field", "compression.retention") in err.value.trailing_metadata()
+    with pytest.raises(InvalidArgumentError) as local:
+        client.generate([1, 2, 3], retention="most")
+    assert local.value.field == "compression.retention"
+
+
 # ---- errors ---------------------------------------------------------------------------------------
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(
     ("kwargs", "code", "field"),
     [
@@ -185,15 +271,61 @@ def test_async_client(tiny: TinyModel, cluster: InProcessCluster) -> None:
         (dict(compression={"method": "zip"}), grpc.StatusCode.INVALID_ARGUMENT, "compression.method"),
         (dict(compression={"retention": 1.5}), grpc.StatusCode.INVALID_ARGUMENT, "compression.retention"),
         (dict(compression={"retention": 0.0}), grpc.StatusCode.INVALID_ARGUMENT, "compression.retention"),
+        (
+            dict(compression={"retention": "auto", "quality_target": 1.5}),
+            INVALID,
+            "compression.quality_target",
+        ),
+        (
+            dict(compression={"retention": "auto", "quality_target": 0.0}),
+            INVALID,
+            "compression.quality_target",
+        ),
+        (dict(compression={"keep_tokens": 0}), INVALID, "compression.keep_tokens"),
+        (dict(compression={"keep_tokens": -5}), INVALID, "compression.keep_tokens"),
+        (dict(compression={"keep_tokens": 8, "retention": 0.5}), INVALID, "compression.keep_tokens"),
+        (dict(compression={"keep_tokens": 8}, retention="auto"), INVALID, "compression.keep_tokens"),
+        (dict(compression={"protect_last_user_turn": True}), INVALID, "compression.protect_last_user_turn"),
+        (dict(compression={"protect_question": True}), INVALID, "compression.protect_question"),
+        (dict(question="Which one?"), INVALID, "question"),  # the tiny model has no tokenizer
         (dict(prompt=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
         (dict(prompt=[7] * 600), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (dict(prompt=[1, 999]), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        # issue 19: silently accepted before
+        (dict(temperature=float("inf")), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(max_new_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (dict(prompt=[1] * 500, max_new_tokens=13), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (dict(prompt=[7] * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (
+            dict(
+                prompt=None, messages=[{"role": "user", "content": "hi"}, {"role": "hacker", "content": "x"}]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages[1].role",
+        ),
+        (
+            dict(compression={"method": "streaming", "protected_spans": [(1, 2**32 - 1)]}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "compression.protected_spans",
+        ),
+        (
+            dict(compression={"method": "streaming", "sink": 2**32 - 1}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "compression.sink",
+        ),
+        (
+            dict(compression={"method": "snapkv", "window": 10**12}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "compression.window",
+        ),
     ],
 )
 def test_bad_requests_are_invalid_argument_naming_the_field(
     client: Client, kwargs: dict[str, Any], code: grpc.StatusCode, field: str
 ) -> None:
     kwargs = {"prompt": [1, 2, 3], **kwargs}
+    if kwargs["prompt"] is None:
+        del kwargs["prompt"]
     with pytest.raises(KvferryRpcError) as err:
         client.generate(**kwargs)
     assert err.value.code == code
@@ -246,7 +378,7 @@ def test_cancelled_stream_frees_pages_on_both_nodes(
     tiny: TinyModel, cluster: InProcessCluster, client: Client
 ) -> None:
     p = prompt(200, seed=4, vocab=tiny.vocab_size)
-    stream = client.stream(p, max_new_tokens=400, temperature=0, ignore_eos=True)
+    stream = client.stream(p, max_new_tokens=300, temperature=0, ignore_eos=True)
     got = [next(stream) for _ in range(3)]
     assert all(c.finish_reason is None for c in got)
     assert cluster.pool_state()["decode"] != (0, 0)  # it is really decoding, holding pages
@@ -260,13 +392,74 @@ def test_cancelled_stream_frees_pages_on_both_nodes(
 def test_deadline_exceeded_frees_pages(tiny: TinyModel, cluster: InProcessCluster, client: Client) -> None:
     p = prompt(100, seed=6, vocab=tiny.vocab_size)
     with cluster.stalled("prefill"), pytest.raises(KvferryRpcError) as err:  # no prefill before the deadline
-        for _ in client.stream(p, max_new_tokens=480, temperature=0, ignore_eos=True, timeout=0.4):
+        for _ in client.stream(p, max_new_tokens=400, temperature=0, ignore_eos=True, timeout=0.4):
             pass
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_cancel_during_a_prefill_chunk_stops_it_at_the_next_layer(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client, how: str
+) -> None:
+    """The prefill engine is held inside layer 0 of the first chunk of a 4-chunk prompt; the call is
+    cancelled (or its deadline passes) meanwhile. Released, the chunk stops before layer 1 and the
+    request is freed: the rest of the chunk and the 3 chunks after it never run."""
+    from kvferry.clients.requests import GENERATE_UNARY, build_request
+    from kvferry.v1 import coordinator_pb2_grpc
+
+    model = cluster.prefill.engine.worker.engine.model.model
+    inside, release, last_layer_runs = threading.Event(), threading.Event(), []
+    request_id = f"held-in-layer-0-{how}"
+
+    def hold(_module: Any, _args: Any) -> None:
+        if not inside.is_set():
+            inside.set()
+            release.wait(30)
+
+    hooks = [
+        model.layers[0].register_forward_pre_hook(hold),
+        model.layers[-1].register_forward_pre_hook(lambda *_: last_layer_runs.append(1)),
+    ]
+    try:
+        request = build_request(
+            GENERATE_UNARY, prompt(250, seed=8, vocab=tiny.vocab_size), None, None, None, request_id,
+            dict(max_new_tokens=8, temperature=0, ignore_eos=True),
+        )  # fmt: skip
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(grpc.insecure_channel(cluster.coordinator_address))
+        call = stub.GenerateUnary.future(request, timeout=None if how == "cancel" else 1.0)
+        assert inside.wait(30)
+        if how == "cancel":
+            call.cancel()
+        engine = cluster.prefill.engine.worker.engine
+        deadline = time.monotonic() + 30  # the cancel reaches the prefill handler, which flags the request
+        while not engine.requests[request_id].cancel_requested:
+            assert time.monotonic() < deadline, "the cancel never reached the prefill engine"
+            time.sleep(0.01)
+        release.set()
+        with pytest.raises(grpc.RpcError if how == "deadline" else grpc.FutureCancelledError) as err:
+            call.result(30)
+        if how == "deadline":
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert cluster.wait_idle() == {"prefill": (0, 0), "decode": (0, 0)}
+        assert last_layer_runs == []  # stopped between layer 0 and layer 1 of the first chunk
+    finally:
+        release.set()
+        for hook in hooks:
+            hook.remove()
+
+
+def _assert_gone(stub: decode_pb2_grpc.DecodeServiceStub, reservation_id: str) -> None:
+    with pytest.raises(grpc.RpcError) as gone:
+        stub.Decode(decode_pb2.DecodeRequest(reservation_id=reservation_id), timeout=5).next()
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _decode_channel(cluster: InProcessCluster) -> grpc.Channel:
+    return grpc.insecure_channel(cluster.address("decode"))
+
+
 def _decode_stub(cluster: InProcessCluster) -> decode_pb2_grpc.DecodeServiceStub:
-    return decode_pb2_grpc.DecodeServiceStub(grpc.insecure_channel(cluster.address("decode")))
+    return decode_pb2_grpc.DecodeServiceStub(_decode_channel(cluster))
 
 
 def _manifest(cluster: InProcessCluster, head_len: int, **overrides: Any) -> tuple[Any, memoryview]:
@@ -313,22 +506,55 @@ def test_manifest_of_another_model_is_failed_precondition(cluster: InProcessClus
     assert dict(err.value.trailing_metadata())["kvferry-field"] == "manifest.model_fingerprint"
 
 
-def test_corrupt_pages_are_data_loss_and_freed(cluster: InProcessCluster, client: Client) -> None:
+@pytest.mark.parametrize("fault", ["flipped byte", "out of order"])
+def test_corrupt_pages_are_data_loss_and_freed(cluster: InProcessCluster, client: Client, fault: str) -> None:
     stub = _decode_stub(cluster)
     manifest, payload = _manifest(cluster, 30)
     reservation = _reserve(stub, manifest, 30)
-    corrupt = bytearray(payload)
-    corrupt[100] ^= 0xFF
-    chunks = [
-        decode_pb2.PushKVRequest(reservation_id=reservation.reservation_id, offset=0, data=bytes(corrupt))
-    ]
+    rid = reservation.reservation_id
+    if fault == "flipped byte":
+        corrupt = bytearray(payload)
+        corrupt[100] ^= 0xFF
+        chunks = [decode_pb2.PushKVRequest(reservation_id=rid, offset=0, data=bytes(corrupt))]
+        why = "checksum"
+    else:
+        first = bytes(payload[:512])
+        chunks = [
+            decode_pb2.PushKVRequest(reservation_id=rid, offset=0, data=first),
+            decode_pb2.PushKVRequest(reservation_id=rid, offset=4096, data=first),
+        ]
+        why = "offset 4096"
     with pytest.raises(grpc.RpcError) as err:
         stub.PushKV(iter(chunks), timeout=10)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
-    assert "checksum" in err.value.details()
-    with pytest.raises(grpc.RpcError) as gone:  # the reservation is gone with its pages
-        stub.Decode(decode_pb2.DecodeRequest(reservation_id=reservation.reservation_id), timeout=5).next()
-    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert why in err.value.details()
+    _assert_gone(stub, rid)  # the reservation is gone with its pages
+
+
+@pytest.mark.parametrize("garbage_at", [0, 1])
+def test_undecodable_push_kv_messages_are_invalid_argument_and_freed(
+    cluster: InProcessCluster, client: Client, garbage_at: int
+) -> None:
+    """Bytes that are no PushKVRequest, first or inside the stream: INVALID_ARGUMENT (was INTERNAL), and
+    a reservation the stream had started to fill is freed with its pages."""
+    stub = _decode_stub(cluster)
+    manifest, payload = _manifest(cluster, 30)
+    reservation = _reserve(stub, manifest, 30)
+    good = decode_pb2.PushKVRequest(
+        reservation_id=reservation.reservation_id, offset=0, data=bytes(payload[:512])
+    )
+    messages = [good.SerializeToString()]
+    messages.insert(garbage_at, b"\xff\xff\xff\xff not a protobuf message")
+    push = _decode_channel(cluster).stream_unary(
+        "/kvferry.v1.DecodeService/PushKV", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        push(iter(messages), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert f"message {garbage_at} of the stream is not a valid message" in err.value.details()
+    if garbage_at == 0:  # nothing touched the reservation: the sender may still fill it, or abort it
+        assert stub.Abort(decode_pb2.AbortRequest(reservation_id=reservation.reservation_id), timeout=5).found
+    _assert_gone(stub, reservation.reservation_id)
 
 
 def test_unknown_reservation_is_not_found(cluster: InProcessCluster, client: Client) -> None:

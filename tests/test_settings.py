@@ -80,3 +80,77 @@ def test_bad_engine_values_exit_at_start(cls, argv, needle, capsys: pytest.Captu
         parse_settings(cls, argv, environ={})
     assert exit_.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls", [CoordinatorSettings, PrefillSettings])
+def test_compression_policy_from_flags_and_environment(cls: type) -> None:
+    from kvferry.serving.compression_policy import CompressionPolicy
+
+    assert parse_settings(cls, [], environ={}).compression_policy() == CompressionPolicy()
+    env = {"KVFERRY_DEFAULT_RETENTION": "auto", "KVFERRY_DEFAULT_QUALITY_TARGET": "0.9"}
+    s = parse_settings(cls, ["--default-compression", "snapkv"], environ=env)
+    assert s.compression_policy() == CompressionPolicy("snapkv", "auto", 0.9)
+    s = parse_settings(cls, ["--default-retention", "0.25"], environ={})
+    assert s.compression_policy() == CompressionPolicy(None, 0.25, None)
+    assert (
+        not parse_settings(cls, ["--default-compression", "none"], environ={}).compression_policy().compresses
+    )
+
+
+@pytest.mark.parametrize("cls", [CoordinatorSettings, PrefillSettings])
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--default-retention", "most"], "default_retention"),
+        (["--default-retention", "1.5"], "default_retention"),
+        (["--default-retention", "0"], "default_retention"),
+        (["--default-quality-target", "0"], "default_quality_target"),
+        (["--default-quality-target", "2"], "default_quality_target"),
+        (["--default-compression", "none", "--default-retention", "0.5"], "default_retention"),
+    ],
+)
+def test_bad_compression_policy_exits_at_start(
+    cls: type, argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(cls, argv, environ={})
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_the_prefill_service_checks_the_policys_method(capsys: pytest.CaptureFixture[str]) -> None:
+    """The coordinator cannot (it never imports torch); the prefill nodes refuse to start."""
+    with pytest.raises(SystemExit):
+        parse_settings(PrefillSettings, ["--default-compression", "h2o"], environ={})
+    assert "default_compression" in capsys.readouterr().err
+
+
+def test_the_policy_fills_only_what_a_request_leaves_unset() -> None:
+    from kvferry.serving.compression_policy import CompressionPolicy
+    from kvferry.v1 import coordinator_pb2
+
+    policy = CompressionPolicy.from_settings("snapkv", "auto", 0.9)
+    empty = coordinator_pb2.GenerateRequest()
+    policy.apply(empty)
+    c = empty.compression
+    assert (c.method, c.auto_retention, c.quality_target, c.HasField("retention")) == (
+        "snapkv",
+        True,
+        0.9,
+        False,
+    )
+    given = coordinator_pb2.GenerateRequest()
+    given.compression.keep_tokens = 100
+    given.compression.quality_target = 0.99
+    policy.apply(given)
+    c = given.compression
+    assert (c.method, c.auto_retention, c.keep_tokens, c.quality_target) == ("snapkv", False, 100, 0.99)
+    opted_out = coordinator_pb2.GenerateRequest()
+    opted_out.compression.method = "none"
+    policy.apply(opted_out)
+    assert (
+        opted_out.compression == coordinator_pb2.GenerateRequest(compression={"method": "none"}).compression
+    )
+    untouched = coordinator_pb2.GenerateRequest()
+    CompressionPolicy.from_settings(None, None, 0.9).apply(untouched)  # a target alone compresses nothing
+    assert not untouched.HasField("compression")

@@ -1,26 +1,51 @@
 """Per-request compression settings, validated on construction.
 
-Retention is the fraction of the prompt's KV that is KEPT (1.0 = nothing removed). Protected tokens
-(the first `sink`, the last `recent`, and `protected_spans`) are always kept and count toward the
-budget; when they alone exceed it, they are kept anyway and the stats report the real count.
+Retention is the fraction of the prompt's KV that is KEPT (1.0 = nothing removed), or "auto": the
+prefill measures the context and keeps the smallest share expected to hold `quality_target` of the
+full cache's quality (engine/compression/calibration.py). `keep_tokens` asks for a count of tokens
+per KV head instead. Protected tokens (the first `sink`, the last `recent`, `protected_spans`, and
+the chat regions) are always kept and count toward the budget; when they alone exceed it, they are
+kept anyway and the stats report the real count.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvferry.engine.compression.registry import SCORERS
 from kvferry.engine.errors import InvalidArgumentError, require
+from kvferry.engine.retention import (
+    AUTO,
+    DEFAULT_QUALITY_TARGET,
+    DEFAULT_RETENTION,
+    check_keep_tokens,
+    check_quality_target,
+    check_retention,
+)
 
 BUDGETS = ("uniform", "adaptive", "global")
 BLENDS = ("fixed", "ratio")
+# Upper bounds of the method knobs: each sizes scoring work or memory (snapkv's window probabilities are
+# [heads, window, prompt]; a compactor attention block's are [heads, block, block]; the sketch's Gram is
+# [k, k] per head; the pooling widths are kernels slid over every score); far past the defaults a request
+# could take a node's memory or time for one prompt.
+KNOB_MAX = {
+    "sketch_size": 256,
+    "leverage_block": 1 << 20,  # linear in the block (1 << 16: the whole prompt, as kvpress scores it)
+    "attention_block": 1024,
+    "window": 512,
+    "pool_kernel": 63,
+}
+POOL_WIDTH_MAX = 63  # mass_smoothing, score_pool
 
 
 @dataclass
 class CompressionParams:
     method: str = "compactor"  # a name in engine.compression.SCORERS
-    retention: float = 0.5  # fraction of prompt KV kept, in (0, 1]
+    # fraction of prompt KV kept, in (0, 1], or "auto"; None: 0.5, unless keep_tokens is given
+    retention: float | str | None = None
     # uniform: every head of a layer keeps round(retention * n); adaptive: one top-k across the layer's
     # heads; global: one top-k across every head of every layer (kvcompress-style ranking).
     budget: str = "uniform"
@@ -48,6 +73,13 @@ class CompressionParams:
     query_weight: float = 0.0  # compactor: + μ·z(snapkv votes of the last `window` prompt queries)
     score_pool: int = 1  # any method: max-pool width (odd) of the scores: a high scorer keeps its neighbours
     span_chunk: int = 0  # any method: keep whole chunks of this many tokens, ranked by mean score (0: off)
+    # ---- the budget's other forms, and the question (issue 23) ----
+    quality_target: float = DEFAULT_QUALITY_TARGET  # retention="auto": share of full-cache quality kept
+    keep_tokens: int | None = None  # a budget in prompt tokens per KV head (instead of retention)
+    # keep the prompt's trailing question: the last sentences of the last user turn (of a plain prompt:
+    # of the prompt), at most question_tokens tokens, and everything after them (the generation prompt)
+    protect_question: bool = False
+    question_tokens: int = 64
 
     def __post_init__(self) -> None:
         self.protected_spans = [_span(s) for s in self.protected_spans]
@@ -56,28 +88,50 @@ class CompressionParams:
             "method",
             f"unknown compression method {self.method!r}; choose one of {sorted(SCORERS)}",
         )
+        if self.keep_tokens is not None:
+            self.keep_tokens = check_keep_tokens(self.keep_tokens)
+            require(
+                self.retention is None,
+                "keep_tokens",
+                f"set either retention or keep_tokens, not both (got retention={self.retention!r})",
+            )
+        else:
+            self.retention = check_retention(DEFAULT_RETENTION if self.retention is None else self.retention)
+        self.quality_target = check_quality_target(self.quality_target)
         require(
-            isinstance(self.retention, (int, float)) and 0 < self.retention <= 1,
-            "retention",
-            f"is the fraction of KV kept and must be in (0, 1], got {self.retention}",
+            isinstance(self.question_tokens, int) and self.question_tokens >= 1,
+            "question_tokens",
+            f"must be an integer >= 1, got {self.question_tokens}",
         )
         require(self.budget in BUDGETS, "budget", f"must be one of {BUDGETS}, got {self.budget!r}")
         require(0 <= self.head_floor <= 1, "head_floor", f"must be in [0, 1], got {self.head_floor}")
         for name in ("sink", "recent"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0, got {value}")
-        for name in ("sketch_size", "leverage_block", "attention_block", "window", "pool_kernel"):
+        for name, most in KNOB_MAX.items():
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value}")
+            require(
+                isinstance(value, int) and 1 <= value <= most,
+                name,
+                f"must be an integer in [1, {most}], got {value}",
+            )
         require(self.pool_kernel % 2 == 1, "pool_kernel", f"must be odd, got {self.pool_kernel}")
-        require(self.leverage_weight >= 0, "leverage_weight", f"must be >= 0, got {self.leverage_weight}")
+        require(
+            math.isfinite(self.leverage_weight) and self.leverage_weight >= 0,
+            "leverage_weight",
+            f"must be a finite number >= 0, got {self.leverage_weight}",
+        )
         require(self.blend in BLENDS, "blend", f"must be one of {BLENDS}, got {self.blend!r}")
         require(isinstance(self.value_norm, bool), "value_norm", f"must be a bool, got {self.value_norm!r}")
         for name in ("mass_smoothing", "score_pool"):
             value = getattr(self, name)
-            ok = isinstance(value, int) and value >= 1 and value % 2 == 1
-            require(ok, name, f"must be an odd integer >= 1, got {value}")
-        require(self.query_weight >= 0, "query_weight", f"must be >= 0, got {self.query_weight}")
+            ok = isinstance(value, int) and 1 <= value <= POOL_WIDTH_MAX and value % 2 == 1
+            require(ok, name, f"must be an odd integer in [1, {POOL_WIDTH_MAX}], got {value}")
+        require(
+            math.isfinite(self.query_weight) and self.query_weight >= 0,
+            "query_weight",
+            f"must be a finite number >= 0, got {self.query_weight}",
+        )
         ok = isinstance(self.span_chunk, int) and self.span_chunk >= 0
         require(ok, "span_chunk", f"must be an integer >= 0, got {self.span_chunk}")
 
@@ -89,10 +143,47 @@ class CompressionParams:
     @property
     def active(self) -> bool:
         """False when the request keeps its whole prompt cache (output is exactly uncompressed)."""
-        return self.method != "none" and self.retention < 1.0
+        if self.method == "none":
+            return False
+        return self.keep_tokens is not None or self.retention == AUTO or self.retention < 1.0  # type: ignore[operator]
+
+    @property
+    def auto(self) -> bool:
+        return self.retention == AUTO
 
     def with_spans(self, spans: list[tuple[int, int]]) -> CompressionParams:
         return replace(self, protected_spans=[*self.protected_spans, *spans])
+
+    def check_prompt(self, prompt_len: int, max_model_len: int) -> None:
+        """The checks that need the prompt: spans inside it, kept-token counts within max_model_len."""
+        for name in ("sink", "recent", "span_chunk"):
+            value = getattr(self, name)
+            require(
+                value <= max_model_len, name, f"must be at most max_model_len ({max_model_len}), got {value}"
+            )
+        for start, end in self.protected_spans:
+            require(
+                end <= prompt_len,
+                "protected_spans",
+                f"span [{start}, {end}) ends past the prompt's {prompt_len} tokens",
+            )
+
+    def with_retention(self, retention: float) -> CompressionParams:
+        """The same settings at a fixed ratio (what `auto` and `keep_tokens` become for a prompt)."""
+        return replace(self, retention=retention, keep_tokens=None)
+
+    def for_prompt(self, n: int) -> CompressionParams:
+        """These settings for an n-token prompt: keep_tokens becomes its share of n (a uniform budget
+        then keeps exactly keep_tokens per head); "auto" stays until the prefill has measured the context."""
+        if self.keep_tokens is None:
+            return self
+        return self.with_retention(min(1.0, self.keep_tokens / n))
+
+    def largest(self, n: int) -> CompressionParams:
+        """The settings under which this request keeps the most KV of an n-token prompt (what an early
+        decode reservation must hold before the prefill ends): "auto" may choose to keep everything."""
+        params = self.for_prompt(n)
+        return params.with_retention(1.0) if params.auto else params
 
 
 def _span(value: Any) -> tuple[int, int]:

@@ -24,6 +24,9 @@ class LoadedModel:
     tokenizer: Any | None  # a HF tokenizer, or None when the source ships none (token-id prompts only)
     fingerprint: str  # identifies architecture + weights source; prefill and decode must agree
     source: str
+    # names the weights by their files' names and sizes: stable across library versions (the fingerprint
+    # hashes the config as transformers renders it); what a calibration is keyed by. None: dummy weights
+    weights_key: str | None = None
 
 
 def load_model(
@@ -58,7 +61,7 @@ def load_model(
     # After the dtype cast, which would round the RoPE frequencies to bf16 (angles off by ~0.4% at
     # long positions): they stay float32, as in transformers.
     model.model.rotary.inv_freq = _fresh_inv_freq(model).to(device)
-    return LoadedModel(model, config, tokenizer, _fingerprint(config, p), source)
+    return LoadedModel(model, config, tokenizer, _fingerprint(config, p), source, weights_key(p))
 
 
 def _load_dummy(path: Path, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
@@ -93,7 +96,21 @@ def _load_weights(model: CausalLM, state_dict: dict[str, torch.Tensor]) -> tuple
 
 def _fingerprint(config: Any, path: Path) -> str:
     h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    for f in _weight_files(path):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+
+
+def weights_key(path: Path) -> str | None:
+    """sha256 of the weight files' names and sizes (16 hex digits); None when there are none."""
+    files = _weight_files(path)
+    if not files:
+        return None
+    h = hashlib.sha256()
     for f in files:
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]

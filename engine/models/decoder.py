@@ -62,7 +62,12 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [N, hidden]
         rope = self.rotary(positions, x.dtype)
         residual = None
+        # A prefill chunk checks for a cancel between layers (PrefillBatch.stop_if_cancelled); decode
+        # batches have no such hook, and a CUDA graph replays no Python at all.
+        stop_if_cancelled = getattr(batch, "stop_if_cancelled", None)
         for layer in self.layers:
+            if stop_if_cancelled is not None:
+                stop_if_cancelled()
             x, residual = layer(x, residual, rope, batch)
         return self.norm(residual + x)
 

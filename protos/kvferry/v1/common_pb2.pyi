@@ -47,7 +47,7 @@ class TokenSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class CompressionParams(_message.Message):
-    __slots__ = ("method", "retention", "budget", "head_floor", "sink", "recent", "protected_spans", "protect_system_prompt", "protect_last_user_turn", "knobs")
+    __slots__ = ("method", "retention", "budget", "head_floor", "sink", "recent", "protected_spans", "protect_system_prompt", "protect_last_user_turn", "knobs", "auto_retention", "quality_target", "keep_tokens", "protect_question", "question_tokens")
     class KnobsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,11 @@ class CompressionParams(_message.Message):
     PROTECT_SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROTECT_LAST_USER_TURN_FIELD_NUMBER: _ClassVar[int]
     KNOBS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_RETENTION_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_TARGET_FIELD_NUMBER: _ClassVar[int]
+    KEEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROTECT_QUESTION_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     method: str
     retention: float
     budget: str
@@ -75,7 +80,12 @@ class CompressionParams(_message.Message):
     protect_system_prompt: bool
     protect_last_user_turn: bool
     knobs: _containers.ScalarMap[str, float]
-    def __init__(self, method: _Optional[str] = ..., retention: _Optional[float] = ..., budget: _Optional[str] = ..., head_floor: _Optional[float] = ..., sink: _Optional[int] = ..., recent: _Optional[int] = ..., protected_spans: _Optional[_Iterable[_Union[TokenSpan, _Mapping]]] = ..., protect_system_prompt: _Optional[bool] = ..., protect_last_user_turn: _Optional[bool] = ..., knobs: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    auto_retention: bool
+    quality_target: float
+    keep_tokens: int
+    protect_question: bool
+    question_tokens: int
+    def __init__(self, method: _Optional[str] = ..., retention: _Optional[float] = ..., budget: _Optional[str] = ..., head_floor: _Optional[float] = ..., sink: _Optional[int] = ..., recent: _Optional[int] = ..., protected_spans: _Optional[_Iterable[_Union[TokenSpan, _Mapping]]] = ..., protect_system_prompt: _Optional[bool] = ..., protect_last_user_turn: _Optional[bool] = ..., knobs: _Optional[_Mapping[str, float]] = ..., auto_retention: _Optional[bool] = ..., quality_target: _Optional[float] = ..., keep_tokens: _Optional[int] = ..., protect_question: _Optional[bool] = ..., question_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
