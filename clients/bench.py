@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ MODES = ("colocated", "disaggregated")
 class Request:
     prompt: list[int]
     output_len: int
+    context: list[int] | None = None  # a document in front of the prompt (the docqa workload)
 
 
 @dataclass
@@ -64,6 +65,10 @@ class Record:
     transfer_seconds: float = 0.0
     handoff_seconds: float = 0.0
     transport: str = ""
+    context_cache: str = ""  # the prefill node's "hit" / "miss" / "off" (requests with a context)
+    decode_context_cache: str = ""
+    prefill_tokens_computed: int = 0
+    context_handle: str = ""
     error: str | None = None
 
     @property
@@ -186,6 +191,11 @@ def summarize(records: list[Record], wall: float, samples: list[dict[str, float]
         "decode_batch": percentiles([s["running"] for s in samples]),
         "decode_kv_used_bytes": percentiles([s["kv_used_bytes"] for s in samples]),
         "samples": samples,
+        "context_cache": {
+            node: {kind: sum(getattr(r, attr) == kind for r in ok) for kind in ("hit", "miss", "off")}
+            for node, attr in (("prefill", "context_cache"), ("decode", "decode_context_cache"))
+        },
+        "prefill_tokens_computed": sum(r.prefill_tokens_computed for r in ok),
         "per_request": [
             {
                 "input_len": r.input_len,
@@ -228,17 +238,30 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_cluster(
-    args: argparse.Namespace, address: str, work: list[Request], retention: float, quiet: bool = False
-) -> dict[str, Any]:
+    args: argparse.Namespace,
+    address: str,
+    work: list[Request],
+    retention: float | str,
+    quiet: bool = False,
+    cache_context: bool | None = None,
+    label: str | None = None,
+) -> tuple[dict[str, Any], list[Record]]:
+    """The summary of `work` through the coordinator at `address`, and each request's record.
+    `retention`: a fraction (1: the whole cache) or "auto"; `cache_context`: requests with a context
+    cache it (None: the cluster's default)."""
     from tqdm import tqdm
 
     from kvferry.clients import AsyncClient
 
-    records = [Record(len(r.prompt)) for r in work]
+    records = [Record(len(r.prompt) + len(r.context or ())) for r in work]
     samples: list[dict[str, float]] = []
     # "none", not unset: a cluster with a compression policy would compress a request that names none
-    compression = {"method": "none"} if retention >= 1.0 else {"method": args.method, "retention": retention}
-    bar = tqdm(total=len(work), desc=f"disaggregated r={retention}", disable=quiet or args.quiet)
+    compression = (
+        {"method": "none"}
+        if retention != "auto" and float(retention) >= 1.0
+        else {"method": args.method, "retention": retention}
+    )
+    bar = tqdm(total=len(work), desc=label or f"disaggregated r={retention}", disable=quiet or args.quiet)
     pool: dict[str, Any] = {}
     async with AsyncClient(address, timeout=args.timeout, **_client_kwargs(args)) as client:
         info = await client.info(timeout=10)
@@ -271,7 +294,7 @@ async def run_cluster(
             try:
                 async for chunk in client.stream(
                     req.prompt, compression=compression, temperature=0.0, max_new_tokens=req.output_len,
-                    ignore_eos=True,
+                    ignore_eos=True, context=req.context, cache_context=cache_context,
                 ):  # fmt: skip
                     now = time.perf_counter()
                     rec.token_times += [now] * len(chunk.token_ids)
@@ -284,6 +307,12 @@ async def run_cluster(
                         )
                         rec.transfer_seconds, rec.handoff_seconds = p.transfer_seconds, p.handoff_seconds
                         rec.transport = p.transport
+                        rec.context_cache, rec.prefill_tokens_computed = (
+                            p.context_cache,
+                            p.prefill_tokens_computed,
+                        )
+                        rec.context_handle = p.context_handle
+                        rec.decode_context_cache = chunk.stats.decode.context_cache
             except Exception as e:  # counted, not fatal: a benchmark reports failures
                 rec.error = f"{type(e).__name__}: {e}"
             bar.update(1)
@@ -294,7 +323,7 @@ async def run_cluster(
         done.set()
         await sampler
     bar.close()
-    return {**summarize(records, wall, samples), **pool}
+    return {**summarize(records, wall, samples), **pool}, records
 
 
 # ---- colocated engine ------------------------------------------------------------------------------
@@ -441,6 +470,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token of --target")
     p.add_argument("--tls-ca", help="PEM CA of --target (turns TLS on)")
     w = p.add_argument_group("workload")
+    w.add_argument(
+        "--workload", choices=("random", "docqa"), default="random",
+        help="random: independent random prompts; docqa: questions on shared documents (clients/docqa_bench.py)",
+    )  # fmt: skip
     w.add_argument("--num-requests", type=int, default=32)
     w.add_argument("--input-len", type=parse_length, default=(8192, 8192), help="N, 16k or a range 16k-32k")
     w.add_argument("--input-len-max", type=int, help="top of the input range (same as --input-len A-B)")
@@ -466,6 +499,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, help="write <out>.json and <out>.png")
     o.add_argument("--append", action="store_true", help="add the runs to an existing <out>.json")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    from kvferry.clients.docqa_bench import add_docqa_flags  # it builds on this module
+
+    add_docqa_flags(p)
     add_cluster_flags(p)
 
 
@@ -531,6 +567,26 @@ def _colocated_runs(
             torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def coordinator_address(args: argparse.Namespace, options: ClusterOptions) -> Iterator[str]:
+    """--target, or a coordinator + prefill + decode started here (with the cluster flags) and stopped
+    on the way out."""
+    from kvferry.clients.local_cluster import LocalCluster
+
+    if args.target is not None:
+        yield args.target
+        return
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvferry-bench-"))
+    cluster = LocalCluster.from_options(options, log_dir=log_dir)
+    print(f"starting coordinator, prefill and decode (logs in {log_dir})", file=sys.stderr, flush=True)
+    cluster.start()
+    try:
+        cluster.wait_ready(timeout=args.ready_timeout, progress=lambda line: print(line, file=sys.stderr))
+        yield cluster.coordinator_address
+    finally:
+        cluster.stop()
+
+
 def _disaggregated_runs(
     args: argparse.Namespace,
     options: ClusterOptions,
@@ -538,20 +594,8 @@ def _disaggregated_runs(
     done: Callable[[dict[str, Any]], None],
 ) -> None:
     from kvferry.clients import Client
-    from kvferry.clients.local_cluster import LocalCluster
 
-    cluster = None
-    address = args.target
-    if address is None:
-        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvferry-bench-"))
-        cluster = LocalCluster.from_options(options, log_dir=log_dir)
-        print(f"starting coordinator, prefill and decode (logs in {log_dir})", file=sys.stderr, flush=True)
-        cluster.start()
-    try:
-        if cluster is not None:
-            cluster.wait_ready(timeout=args.ready_timeout, progress=lambda line: print(line, file=sys.stderr))
-            address = cluster.coordinator_address
-        assert address is not None
+    with coordinator_address(args, options) as address:
         with Client(address, timeout=30, **_client_kwargs(args)) as c:
             model = c.info().decode_nodes[0].model
         _check_fits(args, model.max_model_len)
@@ -559,11 +603,10 @@ def _disaggregated_runs(
             if args.warmup:
                 warm = warmup_workload(args, model.vocab_size)
                 asyncio.run(run_cluster(args, address, warm, retention, quiet=True))
-            result = asyncio.run(run_cluster(args, address, make_workload(args, model.vocab_size), retention))
+            result, _ = asyncio.run(
+                run_cluster(args, address, make_workload(args, model.vocab_size), retention)
+            )
             done({"mode": "disaggregated", "retention": retention, "target": address, **result})
-    finally:
-        if cluster is not None:
-            cluster.stop()
 
 
 def describe_workload(args: argparse.Namespace) -> str:
@@ -585,29 +628,55 @@ def _line(r: dict[str, Any]) -> str:
     )
 
 
+def _run_meta(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """What every result file records about its run."""
+    options = bench_options(args)
+    return {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "target": args.target,
+        "decode_kv_bytes": options.decode_kv_cache_bytes or options.kv_cache_bytes,
+        "prefill_argv": options.prefill_argv(),
+        "decode_argv": options.decode_argv(),
+    }
+
+
+def _with_sigterm(body: Callable[[], int]) -> int:
+    """`body()`, with SIGTERM raising KeyboardInterrupt meanwhile (so services started here stop)."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    try:
+        return body()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, before)
+
+
 def run(args: argparse.Namespace, command: str) -> int:
     """Run the benchmark `args` describe (flags of add_bench_flags); `command` is recorded in the JSON.
 
     <out>.json and <out>.png are rewritten after every run, so a run cut short keeps what finished.
     SIGTERM stops services started here before exiting (as Ctrl-C does)."""
+    if args.workload == "docqa":
+        from kvferry.clients import docqa_bench
+
+        return _with_sigterm(lambda: docqa_bench.run(args, command, _run_meta(args, command)))
     modes = bench_modes(args)
     retentions = [float(x) for x in args.retention.split(",")]
     options = bench_options(args)
     previous: dict[str, Any] | None = None
     if args.out and args.append and args.out.with_suffix(".json").exists():
         previous = json.loads(args.out.with_suffix(".json").read_text())
+    meta = _run_meta(args, command)
+    if previous is not None:
+        meta["command"] = previous["meta"]["command"] + " ; " + command
     results: dict[str, Any] = {
-        "meta": {
-            "device": device_name(),
-            "date": datetime.date.today().isoformat(),
-            "command": command if previous is None else previous["meta"]["command"] + " ; " + command,
-            "workload": describe_workload(args),
-            "modes": modes,
-            "target": args.target,
-            "decode_kv_bytes": options.decode_kv_cache_bytes or options.kv_cache_bytes,
-            "prefill_argv": options.prefill_argv(),
-            "decode_argv": options.decode_argv(),
-        },
+        "meta": {**meta, "workload": describe_workload(args), "modes": modes},
         "runs": [] if previous is None else list(previous["runs"]),
     }
     runs: list[dict[str, Any]] = []
@@ -622,17 +691,12 @@ def run(args: argparse.Namespace, command: str) -> int:
             json_path.write_text(json.dumps(results, indent=1))
             plot(results, args.out.with_suffix(".png"))
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    in_main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, terminate) if in_main else None
-    try:
+    def body() -> int:
         for mode in modes:
             (_colocated_runs if mode == "colocated" else _disaggregated_runs)(args, options, retentions, done)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, before)
+        return 0
+
+    _with_sigterm(body)
     if args.out:
         print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     failed = sum(r["failed"] for r in runs)
