@@ -174,6 +174,51 @@ def test_put_context_then_questions_by_handle(
     assert info.decode_nodes[0].context_cache.device_entries == 0
 
 
+def test_auto_retention_is_chosen_once_per_cached_context(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    """retention="auto" keys the cache by its settings, not by a number: the miss chooses the context's
+    retention from its NLL, every hit reuses those pages and reports the same choice, and the answers
+    equal a fresh engine's."""
+    auto = {"method": "compactor", "retention": "auto"}
+    context = tokens(150, seed=5, vocab=tiny.vocab_size)
+    questions = [tokens(9, seed=6, vocab=tiny.vocab_size), tokens(21, seed=7, vocab=tiny.vocab_size)]
+    results = [ask(client, context, q, compression=auto) for q in questions]
+    assert [r.stats.prefill.context_cache for r in results] == ["miss", "hit"]
+    miss, hit = (r.stats.prefill for r in results)
+    assert 0 < miss.chosen_retention <= 1 and hit.chosen_retention == miss.chosen_retention
+    assert hit.context_kept_tokens == miss.context_kept_tokens and hit.context_handle == miss.context_handle
+    for r, q in zip(results, questions):
+        assert r.token_ids == fresh(tiny, context, q, 8, auto)
+    # a fixed retention is another cache entry, even at the number auto chose
+    fixed = ask(client, context, questions[0], compression={"method": "compactor", "retention": 0.5})
+    assert (
+        fixed.stats.prefill.context_cache == "miss"
+        and fixed.stats.prefill.context_handle != miss.context_handle
+    )
+
+
+def test_the_policy_fills_a_put_and_leaves_requests_on_its_handle_alone(
+    tiny: TinyModel, cluster: InProcessCluster, client: Client
+) -> None:
+    from kvferry.serving.compression_policy import CompressionPolicy
+
+    servicer = cluster.hosts["coordinator"].component
+    servicer.policy = CompressionPolicy.from_settings("compactor", "0.5", None)
+    try:
+        context = tokens(100, seed=8, vocab=tiny.vocab_size)
+        put = client.put_context(context)  # no compression: the policy's
+        kept_per_head = -(-50 // PAGE_SIZE) * PAGE_SIZE  # half, whole pages
+        assert put.cached and put.kept_tokens == kept_per_head * LAYERS * KV_HEADS
+        question = tokens(9, seed=9, vocab=tiny.vocab_size)
+        got = ask(client, put, question, compression=None)  # the policy must not set compression here
+        assert got.stats.prefill.context_cache == "hit"
+        assert got.token_ids == fresh(tiny, context, question, 8)
+        client.drop_context(put)
+    finally:
+        servicer.policy = CompressionPolicy()
+
+
 @pytest.mark.parametrize(
     ("call", "code", "field"),
     [
