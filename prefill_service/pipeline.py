@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -128,13 +130,7 @@ class PrefillPipeline:
         deadline = Deadline(timeout)
         require(bool(request.decode_address), "decode_address", "must name the decode service (host:port)")
         request_context.bind(request.request_id)
-        if self.max_pending and self.in_flight >= self.max_pending:
-            self.metrics.rejected.inc()
-            raise ResourceExhaustedError(
-                f"{self.in_flight} requests are pending on this prefill node (max_pending_requests); retry later"
-            )
-        self.in_flight += 1
-        try:
+        with self._pending():
             sampling = sampling_from_proto(request.sampling)
             transport = self.handoff.links.check_name(
                 request.transport
@@ -166,8 +162,6 @@ class PrefillPipeline:
             finally:
                 if early is not None:
                     await early.discard()
-        finally:
-            self.in_flight -= 1
 
     async def _prefill_and_ship(
         self,
@@ -229,11 +223,10 @@ class PrefillPipeline:
         )  # fmt: skip
         return response
 
-    async def put_context(self, request: common_pb2.PutContextRequest) -> common_pb2.PutContextResponse:
-        """Compute and cache a context, and remember it under its handle (a cancelled call frees what
-        it computed)."""
-        engine = self.engine.ready_engine()
-        request_context.bind(request.request_id)
+    @contextlib.contextmanager
+    def _pending(self) -> Iterator[None]:
+        """One call counted in `in_flight` while it runs; beyond max_pending_requests, retryable
+        RESOURCE_EXHAUSTED."""
         if self.max_pending and self.in_flight >= self.max_pending:
             self.metrics.rejected.inc()
             raise ResourceExhaustedError(
@@ -241,13 +234,21 @@ class PrefillPipeline:
             )
         self.in_flight += 1
         try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def put_context(self, request: common_pb2.PutContextRequest) -> common_pb2.PutContextResponse:
+        """Compute and cache a context, and remember it under its handle (a cancelled call frees what
+        it computed)."""
+        engine = self.engine.ready_engine()
+        request_context.bind(request.request_id)
+        with self._pending():
             self.policy.apply(request)  # a put without compression settings gets the operator's
             ids, messages, params, compression = await asyncio.to_thread(
                 prepare_put, engine.tokenizer, request, engine.max_model_len
             )
             put = await self.engine.put_context(ids, compression, request.request_id or uuid.uuid4().hex)
-        finally:
-            self.in_flight -= 1
         token_ids = np.asarray(ids, dtype=np.int32)
         self.puts.add(put.handle, PutContext(token_ids, messages, params))
         outcome = "hit" if put.hit else "computed" if put.cached else "uncached"
