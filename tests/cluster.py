@@ -13,10 +13,12 @@ from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvferry.clients.local_cluster import LocalCluster
 from kvferry.coordinator import server as coordinator_server
 from kvferry.coordinator.settings import CoordinatorSettings
 from kvferry.decode_service import server as decode_server
@@ -210,3 +212,24 @@ def scrape_url(url: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return samples
+
+
+@contextmanager
+def process_cluster(model: Path, log_dir: Path, lease_seconds: float) -> Iterator[LocalCluster]:
+    """The three services as processes on a tiny CPU model (4-token pages, 64-token chunks, 512
+    positions), the decode node's lease `lease_seconds`: what the kill -9 tests take down."""
+    engine = ["--model", str(model), "--device", "cpu", "--dtype", "float32", "--page-size", "4",
+              "--prefill-chunk", "64", "--max-model-len", "512", "--torch-threads", "1", "--log-level", "INFO"]  # fmt: skip
+    c = LocalCluster(
+        engine_args=engine,
+        decode_args=["--kv-cache-bytes", str(8 << 20), "--lease-seconds", str(lease_seconds)],
+        prefill_args=["--kv-cache-bytes", str(4 << 20)],
+        coordinator_args=["--info-timeout-seconds", "1"],
+        log_dir=log_dir,
+    )
+    c.start()
+    try:
+        c.wait_ready(timeout=180)
+        yield c
+    finally:
+        c.stop()
