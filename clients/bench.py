@@ -6,7 +6,8 @@ request produces exactly its output length. Load is a fixed number of requests i
 (--concurrency) or Poisson arrivals (--rate). Reports TTFT, TPOT (mean time per output token after the
 first), inter-token latency and end-to-end latency at p50/p90/p99, output and request throughput,
 retention, KV bytes shipped vs uncompressed, the transport, and the decode side's KV bytes in use and
-batch size sampled over the run; writes <out>.json and <out>.png.
+batch size sampled over the run; writes <out>.json and <out>.png. `--workload docqa` asks many
+questions on a few shared documents instead, with the context cache off and on (clients/docqa_bench.py).
 
 Where the load goes:
   (default)          start coordinator + prefill + decode here with the cluster flags, stop them after
