@@ -7,6 +7,7 @@ served uncached; every greedy answer equals the colocated engine's, and nothing 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -475,21 +476,30 @@ def test_a_context_leaves_its_nodes_when_they_are_much_busier() -> None:
     from kvferry.coordinator.nodes import NodePool
     from kvferry.v1 import prefill_pb2
 
-    pool = NodePool(
-        ["p0:1", "p1:1"], ["d0:1", "d1:1"], 1.0, preference=RoutePreference(prefill_slack=2, decode_share=0.5)
-    )
-    p0, p1 = pool.prefill
-    ranked = [
-        (p1, prefill_pb2.PrefillInfoResponse(queue_depth=1)),
-        (p0, prefill_pb2.PrefillInfoResponse(queue_depth=3)),
-    ]
-    assert pool.preferred_prefill(ranked, "p0:1") is p0  # within the slack: stays
-    ranked[1][1].queue_depth = 4
-    assert pool.preferred_prefill(ranked, "p0:1") is p1  # beyond it: by load
-    d0, d1 = pool.decode
-    assert pool.preferred_decode([(d1, 100), (d0, 60)], "d0:1") is d0
-    assert pool.preferred_decode([(d1, 100), (d0, 40)], "d0:1") is d1
-    assert pool.preferred_decode([(d1, 100), (d0, 60)], None) is d1
+    async def check() -> None:  # the pool's channels belong to a running loop
+        pool = NodePool(
+            ["p0:1", "p1:1"],
+            ["d0:1", "d1:1"],
+            1.0,
+            preference=RoutePreference(prefill_slack=2, decode_share=0.5),
+        )
+        try:
+            p0, p1 = pool.prefill
+            ranked = [
+                (p1, prefill_pb2.PrefillInfoResponse(queue_depth=1)),
+                (p0, prefill_pb2.PrefillInfoResponse(queue_depth=3)),
+            ]
+            assert pool.preferred_prefill(ranked, "p0:1") is p0  # within the slack: stays
+            ranked[1][1].queue_depth = 4
+            assert pool.preferred_prefill(ranked, "p0:1") is p1  # beyond it: by load
+            d0, d1 = pool.decode
+            assert pool.preferred_decode([(d1, 100), (d0, 60)], "d0:1") is d0
+            assert pool.preferred_decode([(d1, 100), (d0, 40)], "d0:1") is d1
+            assert pool.preferred_decode([(d1, 100), (d0, 60)], None) is d1
+        finally:
+            await pool.close()
+
+    asyncio.run(check())
 
 
 # ---- the command line -------------------------------------------------------------------------------
