@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvferry.clients.bench import (
+from kvferry.clients.load import (
     Request,
     _client_kwargs,
     _draw,
