@@ -212,18 +212,21 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     python3 -m pip install -q --no-index --no-deps --target /tmp/kvp_site .whl/kvpress/*.whl 2>&1 | tail -1
     # kvferry: every variant x retentions {0.5, 0.25, 0.1} x both settings + the full cache, seed by seed
     # (QUALITY_DEVICE=cpu and the *_ARGS / KVPRESS_PYTHON variables: a CPU rehearsal of this mode)
-    timeout 310 python benchmarks/quality.py --model $GGUF --device ${QUALITY_DEVICE:-cuda} --dtype float32 --kv-gib 30 \
-      --prefill-chunk 2048 --split tuning --per-cell ${QUALITY_PER_CELL:-4} --time-budget ${QUALITY_BUDGET:-250} \
-      --tokens-out "$OUT/quality_tokens.jsonl" --out "$OUT/quality_tuning.json" ${QUALITY_ARGS:-} > "$OUT/quality.log" 2>&1
+    # QUALITY_SPLIT=test reports the test split; KVPRESS_BUDGET=0 skips kvpress
+    SPLIT=${QUALITY_SPLIT:-tuning}
+    timeout $((${QUALITY_BUDGET:-250} + 60)) python benchmarks/quality.py --model $GGUF --device ${QUALITY_DEVICE:-cuda} \
+      --dtype float32 --kv-gib 30 --prefill-chunk 2048 --split $SPLIT --per-cell ${QUALITY_PER_CELL:-4} \
+      --time-budget ${QUALITY_BUDGET:-250} --tokens-out "$OUT/quality_tokens.jsonl" --out "$OUT/quality_$SPLIT.json" \
+      ${QUALITY_ARGS:-} > "$OUT/quality.log" 2>&1
     grep -E "budget|Error|error|full cache" "$OUT/quality.log" | tail -5
     # kvpress 0.5.5 on the same token ids (context setting), with its own transformers 5.2
-    PYTHONPATH=/tmp/kvp_site:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error \
-      timeout 220 ${KVPRESS_PYTHON:-python} benchmarks/quality_kvpress.py --tokens "$OUT/quality_tokens.jsonl" --model $GGUF \
+    [ "${KVPRESS_BUDGET:-170}" = 0 ] || PYTHONPATH=/tmp/kvp_site:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error \
+      timeout $((${KVPRESS_BUDGET:-170} + 50)) ${KVPRESS_PYTHON:-python} benchmarks/quality_kvpress.py --tokens "$OUT/quality_tokens.jsonl" --model $GGUF \
       --device ${QUALITY_DEVICE:-cuda} --time-budget ${KVPRESS_BUDGET:-170} --out "$OUT/quality_kvpress.json" \
       ${KVPRESS_ARGS:-} > "$OUT/kvpress.log" 2>&1
     grep -E "budget|Error|error" "$OUT/kvpress.log" | tail -5
     KVP="$OUT/quality_kvpress.json"
-    python benchmarks/quality.py --summarize "$OUT/quality_tuning.json" ${KVP:+$([ -f "$KVP" ] && echo --merge-kvpress "$KVP")} \
+    python benchmarks/quality.py --summarize "$OUT/quality_$SPLIT.json" ${KVP:+$([ -f "$KVP" ] && echo --merge-kvpress "$KVP")} \
       2>&1 | head -80
     ;;
   1gpu-bench)

@@ -58,9 +58,28 @@ LEVERS: dict[str, dict[str, Any]] = {
         "recent": 4,
     },  # fmt: skip
 }
+# The levers that helped on the tuning split's first runs, combined: the candidates for new defaults.
+# lw = leverage over the whole context, br = blend weight by ratio, chunkN = span_chunk N.
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "lw_chunk8": {"leverage_block": 1 << 16, "span_chunk": 8},
+    "lw_chunk16": {"leverage_block": 1 << 16, "span_chunk": 16},
+    "lw_br_chunk8": {"leverage_block": 1 << 16, "blend": "ratio", "span_chunk": 8},
+    "lw_mb256_chunk8": {"leverage_block": 1 << 16, "attention_block": 256, "span_chunk": 8},
+    "lw_q_chunk8": {"leverage_block": 1 << 16, "query_weight": 0.5, "span_chunk": 8},
+    # kvpress's CompactorPress without its value-norm weighting (which hurt on its own), in chunks
+    "kvp_nonorm_chunk8": {
+        "blend": "ratio",
+        "mass_smoothing": 3,
+        "leverage_block": 1 << 16,
+        "attention_block": 256,
+        "sink": 8,
+        "recent": 4,
+        "span_chunk": 8,
+    },  # fmt: skip
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     **METHODS,
-    **{name: {"method": "compactor", **overrides} for name, overrides in LEVERS.items()},
+    **{name: {"method": "compactor", **overrides} for name, overrides in {**LEVERS, **COMBINATIONS}.items()},
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 # Fields that only steer selection: variants differing in these alone share one scorer (one set of

@@ -107,6 +107,10 @@ def test_fits_are_found_by_the_weights_key(tmp_path: Path, caplog: pytest.LogCap
     assert (got.alpha, got.beta, got.min_retention, got.max_retention) == (2.0, -6.0, 0.2, 0.9)
     assert got.source == "model-a.json" and fits.model == "model A"
     assert fits.for_method("streaming") is DEFAULT_CALIBRATION  # no fit for this method
+    assert fits.for_method("compactor", question_kept=False) == got  # no @context entry: the method's
+    save_fit(tmp_path / "model-a.json", "key-a", "model A", "compactor@context", Calibration(3.0, -7.0))
+    context = ModelCalibration.for_weights("key-a", tmp_path).for_method("compactor", question_kept=False)
+    assert (context.alpha, context.beta) == (3.0, -7.0)
     assert ModelCalibration.for_weights("key-z", tmp_path).for_method("compactor") is DEFAULT_CALIBRATION
     assert ModelCalibration.for_weights(None, tmp_path).fits == {}  # dummy weights: never a fit
 

@@ -46,20 +46,24 @@ def test_bad_lever_values_name_their_field(field: str, value: object) -> None:
     assert err.value.field == field
 
 
-def test_defaults_leave_the_scores_and_the_selection_unchanged() -> None:
+def test_defaults_are_the_tuned_ones_and_other_methods_rank_single_tokens() -> None:
     p = CompressionParams()
     assert (p.blend, p.value_norm, p.mass_smoothing, p.query_weight, p.score_pool, p.span_chunk) == (
-        "fixed", False, 1, 0.0, 1, 0,
+        "ratio", False, 1, 0.0, 1, 8,
     )  # fmt: skip
+    assert p.leverage_block == 8192
+    assert CompressionParams(span_chunk=0).span_chunk == 0  # an explicit 0 turns chunks off
+    for method in ("snapkv", "kvcompress", "streaming", "random"):
+        assert CompressionParams(method=method).span_chunk == 0
     scores = torch.randn(LAYERS, HEADS, N)
-    assert shape_scores(scores, p) is scores
+    assert shape_scores(scores, CompressionParams(method="snapkv")) is scores
 
 
 def test_blend_ratio_weighs_leverage_by_the_compression() -> None:
     assert CompressionParams(retention=0.25, blend="ratio").blend_weight == pytest.approx(0.75)
-    assert CompressionParams(retention=0.25).blend_weight == 0.4
+    assert CompressionParams(retention=0.25, blend="fixed").blend_weight == 0.4
     ratio, _ = observed(CompressionParams(retention=0.1, blend="ratio"))
-    fixed, _ = observed(CompressionParams(retention=0.1, leverage_weight=0.9))
+    fixed, _ = observed(CompressionParams(retention=0.1, blend="fixed", leverage_weight=0.9))
     torch.testing.assert_close(ratio.scores(), fixed.scores())
     ratio.params = CompressionParams(retention=0.5, blend="ratio")  # the benchmark re-forms scores per cell
     torch.testing.assert_close(
@@ -74,14 +78,14 @@ def test_value_norm_and_smoothing_reshape_the_attention_mass() -> None:
     torch.testing.assert_close(both.value_norms(), norms)
     mass = both.mass * norms
     smoothed = torch.stack([mass[..., max(0, i - 1) : i + 2].mean(-1) for i in range(N)], dim=-1)
-    want = standardize_per_layer(smoothed) + 0.4 * standardize_per_layer(both.leverage)
+    want = standardize_per_layer(smoothed) + both.params.blend_weight * standardize_per_layer(both.leverage)
     got = both.scores()
     assert got.shape == (LAYERS, HEADS, N)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(smooth_positions(mass, 3), smoothed)
     # the weighting moves tokens in and out of the kept set
-    kept_base, _ = select_tokens(base.scores(), CompressionParams(retention=0.3))
-    kept_both, _ = select_tokens(got, CompressionParams(retention=0.3))
+    kept_base, _ = select_tokens(base.scores(), CompressionParams(retention=0.3, span_chunk=0))
+    kept_both, _ = select_tokens(got, CompressionParams(retention=0.3, span_chunk=0))
     assert not torch.equal(kept_base, kept_both)
 
 
@@ -114,8 +118,8 @@ def test_score_pool_keeps_the_neighbours_of_a_high_scorer() -> None:
     scores = torch.rand(1, 1, 100, generator=torch.Generator().manual_seed(3))
     scores[0, 0, 50] = 10.0
     torch.testing.assert_close(pool_max(scores, 5)[0, 0, 48:53], torch.full((5,), 10.0))
-    plain = CompressionParams(retention=0.1, sink=0, recent=0)
-    pooled = CompressionParams(retention=0.1, sink=0, recent=0, score_pool=5)
+    plain = CompressionParams(retention=0.1, sink=0, recent=0, span_chunk=0)
+    pooled = CompressionParams(retention=0.1, sink=0, recent=0, score_pool=5, span_chunk=0)
     kept_plain, _ = select_tokens(scores, plain)
     kept_pooled, lens = select_tokens(scores, pooled)
     assert int(lens) == 10  # the same count: only the ranking changed
@@ -137,7 +141,7 @@ def test_span_chunk_keeps_whole_chunks_ranked_by_their_mean() -> None:
 
 
 @pytest.mark.parametrize("budget", ["uniform", "adaptive", "global"])
-@pytest.mark.parametrize("shaping", [{"score_pool": 7}, {"span_chunk": 16}])
+@pytest.mark.parametrize("shaping", [{"score_pool": 7, "span_chunk": 0}, {"span_chunk": 16}])
 def test_shaping_still_keeps_every_protected_token(budget: str, shaping: dict) -> None:
     scores = torch.randn(LAYERS, HEADS, N, generator=torch.Generator().manual_seed(5))
     params = CompressionParams(

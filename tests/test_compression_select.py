@@ -1,5 +1,5 @@
 """Budget policies, protection and select-and-pack on a real pool: what is kept, where it lands,
-and that every dropped page goes back to the pool."""
+and that every dropped page goes back to the pool (span_chunk=0 where a test checks the budget on raw scores)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_protected_tokens_are_always_kept(budget: str, retention: float) -> None
 
 
 def test_uniform_keeps_each_heads_top_share() -> None:
-    params = CompressionParams(retention=0.3, budget="uniform", sink=2, recent=3)
+    params = CompressionParams(retention=0.3, budget="uniform", sink=2, recent=3, span_chunk=0)
     scores = random_scores(1)
     kept, lens = select_tokens(scores, params)
     share = uniform_share(N, 0.3)
@@ -65,7 +65,7 @@ def test_protection_beyond_the_budget_is_kept_and_reported() -> None:
 
 
 def test_adaptive_respects_the_floor_and_the_layer_total() -> None:
-    params = CompressionParams(retention=0.25, budget="adaptive", head_floor=0.2, sink=1, recent=2)
+    params = CompressionParams(retention=0.25, budget="adaptive", head_floor=0.2, sink=1, recent=2, span_chunk=0)
     share = uniform_share(N, 0.25)
     floor = math.ceil(0.2 * share)
     scores = random_scores(3)
@@ -80,7 +80,7 @@ def test_adaptive_respects_the_floor_and_the_layer_total() -> None:
 
 
 def test_adaptive_spends_the_rest_on_the_best_tokens_of_the_layer() -> None:
-    params = CompressionParams(retention=0.3, budget="adaptive", head_floor=0.0, sink=0, recent=0)
+    params = CompressionParams(retention=0.3, budget="adaptive", head_floor=0.0, sink=0, recent=0, span_chunk=0)
     scores = random_scores(4)
     mask = keep_mask(scores, protected_mask(N, 0, 0, []), params)
     for layer in range(L):
@@ -90,7 +90,7 @@ def test_adaptive_spends_the_rest_on_the_best_tokens_of_the_layer() -> None:
 
 
 def test_global_budget_ranks_across_layers() -> None:
-    params = CompressionParams(retention=0.2, budget="global", head_floor=0.2, sink=0, recent=0)
+    params = CompressionParams(retention=0.2, budget="global", head_floor=0.2, sink=0, recent=0, span_chunk=0)
     scores = random_scores(5)
     scores[0] += 50.0  # layer 0 is "more important" on this common scale
     mask = keep_mask(scores, protected_mask(N, 0, 0, []), params)

@@ -19,7 +19,9 @@ prompt position in 16 (at least MIN_SAMPLES and at most MAX_SAMPLES per prompt),
 prefill ends, which is when the budget is decided (before select-and-pack).
 
 Fits ship as JSON files in `calibrations/` (package data), one per model, keyed by
-`LoadedModel.weights_key`, with one entry per compression method (see `save_fit`). A model or method
+`LoadedModel.weights_key`, with one entry per compression method (see `save_fit`), and one per
+method for compression without the question in view (`<method>@context`: a cached context, or a
+prompt whose end is not protected; such compression loses more, so its curve is fitted apart). A model or method
 without a fit gets `DEFAULT_CALIBRATION`: not fitted, deliberately conservative (never below half the
 cache; 0.95 of it and more for text of 3 nats and up, as a small model reads ordinary prose). Fitting is `fit_calibration`,
 called by the benchmark's fit script on its tuning split.
@@ -102,6 +104,7 @@ class Calibration:
 # NLL of 3 nats and more above (dense facts, ids; SmolLM2 reads the bundled prose at ~3.1), 0.82 at 2
 # nats, 0.58 at 1 nat, and half the cache, its floor, below ~0.7 nats (repetitive text).
 DEFAULT_CALIBRATION = Calibration(alpha=2.5, beta=-7.5, min_retention=0.5, max_retention=1.0)
+CONTEXT_SUFFIX = "@context"  # a fit file's entry for compression without the question (for_method)
 
 
 @dataclass
@@ -111,7 +114,13 @@ class ModelCalibration:
     fits: dict[str, Calibration] = field(default_factory=dict)
     model: str = ""  # the fit file's description of the model
 
-    def for_method(self, method: str) -> Calibration:
+    def for_method(self, method: str, question_kept: bool = True) -> Calibration:
+        """The curve for `method`. `question_kept`: the compressed tokens end with a protected question
+        (the whole prompt is compressed with its question kept); False when the question is not among
+        them (a cached context; a prompt whose end is not protected), which tolerates less
+        compression: such requests use the method's `<method>@context` fit when the file has one."""
+        if not question_kept and f"{method}{CONTEXT_SUFFIX}" in self.fits:
+            return self.fits[f"{method}{CONTEXT_SUFFIX}"]
         return self.fits.get(method, DEFAULT_CALIBRATION)
 
     @classmethod

@@ -12,8 +12,9 @@ a: non-causal attention mass inside `attention_block`-token blocks: column sums 
 z: standardise over the tokens x heads of one layer.
 Both statistics stream with chunked prefill; nothing but [L, H, n] floats is kept.
 
-Options (CompressionParams; off by default): λ = 1 - retention (`blend="ratio"`, kvpress's
-CompactorPress), a weighted by the value norms ‖v‖ (`value_norm`) and average-pooled over
+λ = 1 - retention by default (`blend="ratio"`, kvpress's CompactorPress; `blend="fixed"`: λ =
+`leverage_weight`). Options (CompressionParams; off by default): a weighted by the value norms ‖v‖
+(`value_norm`) and average-pooled over
 neighbouring positions (`mass_smoothing`), both as kvpress's non-causal attention press does, and
 + μ·z(snapkv votes of the last `window` queries) (`query_weight`: the question, when it ends the prompt).
 """

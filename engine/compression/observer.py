@@ -105,7 +105,9 @@ def make_observer(seq: Sequence, calibration: ModelCalibration | None = None) ->
         return CompressionObserver(params, scorer)
     fits = calibration or ModelCalibration()
     nll = ContextNLL(seq.prompt_token_ids[:n], seq.kv.pool.kv.device)
-    return CompressionObserver(params, scorer, nll, fits.for_method(params.method))
+    # the question is in view when a protected span reaches the end of the compressed tokens
+    question_kept = not seq.context_len and any(end >= n for _, end in params.protected_spans)
+    return CompressionObserver(params, scorer, nll, fits.for_method(params.method, question_kept))
 
 
 def _cover_decode_growth(seq: Sequence) -> None:

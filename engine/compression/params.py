@@ -39,6 +39,7 @@ KNOB_MAX = {
     "pool_kernel": 63,
 }
 POOL_WIDTH_MAX = 63  # mass_smoothing, score_pool
+SPAN_CHUNK_DEFAULTS = {"compactor": 8}  # tuned for compactor only; other methods rank single tokens
 
 
 @dataclass
@@ -56,23 +57,27 @@ class CompressionParams:
     protect_system_prompt: bool = False  # generate_chat: keep the system message's tokens
     protect_last_user_turn: bool = False  # generate_chat: keep the last user turn and all after it
     # compactor
-    leverage_weight: float = 0.4  # λ in z(attention mass) + λ·z(leverage)
+    leverage_weight: float = 0.4  # λ in z(attention mass) + λ·z(leverage), with blend="fixed"
     sketch_size: int = 48  # k: columns of the Gaussian sketch of pre-RoPE keys
-    leverage_block: int = 1024  # tokens per leverage block (each block centred, scored on its own)
+    # tokens per leverage block (each block centred, scored on its own); 8192: the whole of most
+    # contexts (docs/benchmarks/quality.md: whole-context leverage beat 1024-token blocks)
+    leverage_block: int = 8192
     attention_block: int = 128  # tokens per non-causal attention-mass block
     # snapkv / kvcompress
     window: int = 32  # observation window: the last prompt queries
     pool_kernel: int = 5  # snapkv: max-pooling width over key positions (odd)
     seed: int = 0  # random scorer
-    # Levers of issue 23 (benchmarks/quality.py sweeps them; the defaults keep the original behaviour).
-    # compactor: "fixed" blends with λ = leverage_weight; "ratio" with λ = 1 - retention (kvpress's
-    # CompactorPress: more leverage the harder the compression)
-    blend: str = "fixed"
+    # Levers of issue 23 (benchmarks/quality.py sweeps them; defaults chosen on its tuning split).
+    # compactor: "ratio" blends with λ = 1 - retention (kvpress's CompactorPress: more leverage the
+    # harder the compression); "fixed" with λ = leverage_weight
+    blend: str = "ratio"
     value_norm: bool = False  # compactor: weight each token's attention mass by its value norm ‖v‖
     mass_smoothing: int = 1  # compactor: average-pool width (odd) over positions of the mass (kvpress: 3)
     query_weight: float = 0.0  # compactor: + μ·z(snapkv votes of the last `window` prompt queries)
     score_pool: int = 1  # any method: max-pool width (odd) of the scores: a high scorer keeps its neighbours
-    span_chunk: int = 0  # any method: keep whole chunks of this many tokens, ranked by mean score (0: off)
+    # any method: keep whole chunks of this many tokens, ranked by their mean score (0: off); None: the
+    # method's default, SPAN_CHUNK_DEFAULTS (compactor 8: a key stays bound to its value)
+    span_chunk: int | None = None
     # ---- the budget's other forms, and the question (issue 23) ----
     quality_target: float = DEFAULT_QUALITY_TARGET  # retention="auto": share of full-cache quality kept
     keep_tokens: int | None = None  # a budget in prompt tokens per KV head (instead of retention)
@@ -132,6 +137,8 @@ class CompressionParams:
             "query_weight",
             f"must be a finite number >= 0, got {self.query_weight}",
         )
+        if self.span_chunk is None:
+            self.span_chunk = SPAN_CHUNK_DEFAULTS.get(self.method, 0)
         ok = isinstance(self.span_chunk, int) and self.span_chunk >= 0
         require(ok, "span_chunk", f"must be an integer >= 0, got {self.span_chunk}")
 
