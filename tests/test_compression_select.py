@@ -65,7 +65,9 @@ def test_protection_beyond_the_budget_is_kept_and_reported() -> None:
 
 
 def test_adaptive_respects_the_floor_and_the_layer_total() -> None:
-    params = CompressionParams(retention=0.25, budget="adaptive", head_floor=0.2, sink=1, recent=2, span_chunk=0)
+    params = CompressionParams(
+        retention=0.25, budget="adaptive", head_floor=0.2, sink=1, recent=2, span_chunk=0
+    )
     share = uniform_share(N, 0.25)
     floor = math.ceil(0.2 * share)
     scores = random_scores(3)
@@ -80,7 +82,9 @@ def test_adaptive_respects_the_floor_and_the_layer_total() -> None:
 
 
 def test_adaptive_spends_the_rest_on_the_best_tokens_of_the_layer() -> None:
-    params = CompressionParams(retention=0.3, budget="adaptive", head_floor=0.0, sink=0, recent=0, span_chunk=0)
+    params = CompressionParams(
+        retention=0.3, budget="adaptive", head_floor=0.0, sink=0, recent=0, span_chunk=0
+    )
     scores = random_scores(4)
     mask = keep_mask(scores, protected_mask(N, 0, 0, []), params)
     for layer in range(L):
