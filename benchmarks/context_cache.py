@@ -12,9 +12,9 @@ questions; a config folder with random weights (--load-format dummy) gets random
 Targets (issue 21): hit TTFT <= 20% of miss on CPU with the default model and a ~4K context; <= 5%
 on an H100 with the 8B shape and a 32K context at retention 0.5.
 
-    python3 -P benchmarks/context_cache.py --out docs/benchmarks --threads 1     # CPU, SmolLM2, 4K
-    python3 -P benchmarks/context_cache.py --gpu-8b --out docs/benchmarks        # H100, 8B shape, 32K
-    python3 -P benchmarks/context_cache.py --plot docs/benchmarks/context_cache.json
+    python3 benchmarks/context_cache.py --out docs/benchmarks --threads 1     # CPU, SmolLM2, 4K
+    python3 benchmarks/context_cache.py --gpu-8b --out docs/benchmarks        # H100, 8B shape, 32K
+    python3 benchmarks/context_cache.py --plot docs/benchmarks/context_cache.json
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     timeout 120 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -3
     timeout 100 python benchmarks/attention_kernels.py --cached-context --retentions 0.5 0.25 --out "$OUT/bench" \
       > "$OUT/cached_context_kernels.log" 2>&1; grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" | cut -c1-250
-    timeout 240 python -P benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
+    timeout 240 python benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
       > "$OUT/context_cache.log" 2>&1; grep -vE "^  r=" "$OUT/context_cache.log" | tail -8
     ;;
   1gpu-docqa)

@@ -7,7 +7,7 @@ each refusal (and a short pause, so the service's post-call heap trim has run) i
 service's RSS. Growth is measured from the RSS after the first `--warm-up` refusals (gRPC and the
 allocator size their buffers on the first big messages) to the last.
 
-    python -P benchmarks/oversized_prompts.py --prompts 100 --out docs/benchmarks/oversized_prompts
+    python benchmarks/oversized_prompts.py --prompts 100 --out docs/benchmarks/oversized_prompts
 
 Writes NAME.json and NAME.png; `tests/test_bounded_requests.py` runs a short version.
 """
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         with cluster:
             cluster.wait_ready(600)
             result = refuse_oversized(cluster, args.prompts, int(args.prompt_mib * 2**20), args.warm_up)
-    result["command"] = "python -P benchmarks/oversized_prompts.py " + shlex.join(argv or sys.argv[1:])
+    result["command"] = "python benchmarks/oversized_prompts.py " + shlex.join(argv or sys.argv[1:])
     result["date"] = datetime.date.today().isoformat()
     result["machine"] = f"{platform.machine()}, {psutil.cpu_count()} CPUs (shared), {platform.platform()}"
     growth = ", ".join(f"{n} {100 * g:+.1f}%" for n, g in result["growth_after_warm_up"].items())

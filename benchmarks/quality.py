@@ -17,10 +17,10 @@ decoded over the compressed cache equals the full cache's (the whole setting: th
 token, the first one that sees the compressed cache), and calibration signals: the model's mean
 token negative log-likelihood on the context and the default compactor's score concentration.
 
-    python -P benchmarks/quality.py --split tuning --per-cell 4            # the tuning sweep
-    python -P benchmarks/quality.py --limit 2 --lengths 2048 --variants compactor snapkv   # smoke
-    python -P benchmarks/quality.py --device cuda --dtype bfloat16 --kv-gib 40 ...        # on a GPU
-    python -P benchmarks/quality.py --summarize docs/benchmarks/quality.json \\
+    python benchmarks/quality.py --split tuning --per-cell 4            # the tuning sweep
+    python benchmarks/quality.py --limit 2 --lengths 2048 --variants compactor snapkv   # smoke
+    python benchmarks/quality.py --device cuda --dtype bfloat16 --kv-gib 40 ...        # on a GPU
+    python benchmarks/quality.py --summarize docs/benchmarks/quality.json \\
         --merge-kvpress docs/benchmarks/quality_kvpress.json     # add kvpress, redo tables and plot
 """
 

@@ -17,7 +17,7 @@ SmolLM2's tokenizer and chat template, so text and chat prompts are tokenized fo
 lets 64 clients be served (SmolLM2 itself prefills ~70 tokens/s on one shared core); `--model` runs
 another.
 
-    python -P benchmarks/soak.py --duration 600 --clients 64 --out docs/benchmarks/soak
+    python benchmarks/soak.py --duration 600 --clients 64 --out docs/benchmarks/soak
 
 Writes NAME.json and NAME.png; tests/test_soak.py runs 60 seconds of it.
 """
@@ -394,9 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         with cluster:
             cluster.wait_ready(600)
             result = run_soak(cluster, config)
-    result["command"] = "python -P benchmarks/soak.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    result["command"] = "python benchmarks/soak.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result["date"] = datetime.date.today().isoformat()
     result["machine"] = (
         f"{platform.machine()}, {psutil.cpu_count()} CPUs shared with other work, {platform.platform()}"
