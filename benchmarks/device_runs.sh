@@ -21,6 +21,8 @@
 #   bash benchmarks/device_runs.sh 1gpu-ctxcache      # nvidia-h100-x1: cached contexts: per-head prefill kernel + engine GPU tests,
 #                                                     #   the per-head prefill vs dense, hit vs miss TTFT (8B shape, 32K context)
 #   bash benchmarks/device_runs.sh 1gpu-quality       # nvidia-h100-x1: quality sweep on the tuning split, kvferry + kvpress
+#   bash benchmarks/device_runs.sh 1gpu-docqa         # nvidia-h100-x1: kvferry bench --workload docqa through the services
+#                                                     #   (8B shape, 8 documents of 16K-32K x 16 questions; ~7.5 min)
 #
 # 1gpu-quality needs SmolLM2's GGUF (98 MB), more than one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine (it stays warm 30 s after a call), and kvpress's
@@ -41,9 +43,9 @@
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-quality | 1gpu-calibration) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-quality | 1gpu-calibration | 1gpu-docqa) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-quality|1gpu-calibration}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-quality|1gpu-calibration|1gpu-docqa}" >&2
     exit 2
     ;;
 esac
@@ -186,6 +188,19 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       > "$OUT/cached_context_kernels.log" 2>&1; grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" | cut -c1-250
     timeout 240 python benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
       > "$OUT/context_cache.log" 2>&1; grep -vE "^  r=" "$OUT/context_cache.log" | tail -8
+    ;;
+  1gpu-docqa)
+    # Prefill and decode share the GPU: 2 x 16 GB of weights, KV pools of 16 + 12 GiB with context
+    # caches of 12 + 8 GiB (a 32K document is 4 GiB uncompressed: r=1 cannot hold all 8, r=0.5 nearly).
+    # The settings run cached first, `off` (128 uncached 16K-32K prefills) last; the JSON is rewritten
+    # after each, so a step cut short keeps the settings that finished.
+    timeout 470 python -P -m kvferry.clients.cli bench --workload docqa --model $MODEL --load-format dummy \
+      --max-model-len 33024 --device cuda:0 --prefill-kv-cache-gib 16 --decode-kv-cache-gib 12 \
+      --prefill-args "--context-cache-gib 12 --reserve-wait-seconds 300" --decode-args "--context-cache-gib 8" \
+      --documents 8 --questions-per-document 16 --input-len 16k-32k --question-len 32-64 --output-len 32 \
+      --concurrency 4 --zipf 1.0 --context-caches 0.5,auto,1,off --warmup 1 --quiet \
+      --log-dir "$OUT/logs-docqa" --out "$OUT/bench/docqa_h100_8b" 2>&1 | tail -8
+    grep -hE "Error|error|Traceback" "$OUT"/logs-docqa/*/*.log 2>/dev/null | cut -c1-220 | tail -6
     ;;
   1gpu-quality)
     GGUF=.model/SmolLM2-135M-Instruct.Q4_1.gguf

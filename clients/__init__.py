@@ -10,6 +10,7 @@ with Client("127.0.0.1:50051") as client:
 from kvferry.clients.async_client import AsyncClient
 from kvferry.clients.client import Client
 from kvferry.clients.errors import KvferryRpcError
+from kvferry.clients.requests import ContextHandle
 from kvferry.clients.results import GenerateResult, StreamChunk
 
-__all__ = ["AsyncClient", "Client", "GenerateResult", "KvferryRpcError", "StreamChunk"]
+__all__ = ["AsyncClient", "Client", "ContextHandle", "GenerateResult", "KvferryRpcError", "StreamChunk"]

@@ -9,10 +9,18 @@ import grpc
 
 from kvferry.clients.client import DEFAULT_ADDRESS, channel_options
 from kvferry.clients.errors import KvferryRpcError
-from kvferry.clients.requests import GENERATE, GENERATE_UNARY, Messages, build_request
+from kvferry.clients.requests import (
+    GENERATE,
+    GENERATE_UNARY,
+    Context,
+    ContextHandle,
+    Messages,
+    build_put_context,
+    build_request,
+)
 from kvferry.clients.results import GenerateResult, StreamChunk
 from kvferry.serving.security import auth_metadata, client_credentials
-from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+from kvferry.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 
 class AsyncClient:
@@ -48,13 +56,16 @@ class AsyncClient:
         compression: str | Mapping[str, Any] | None = None,
         retention: float | str | None = None,
         question: str | None = None,
+        context: Context | None = None,
+        cache_context: bool | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
         **sampling: Any,
     ) -> GenerateResult:
         request = build_request(
-            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, question
-        )
+            GENERATE_UNARY, prompt, messages, compression, retention, request_id, sampling, question, context,
+            cache_context,
+        )  # fmt: skip
         try:
             reply = await self._stub.GenerateUnary(
                 request, timeout=timeout or self.timeout, metadata=self._metadata
@@ -71,6 +82,8 @@ class AsyncClient:
         compression: str | Mapping[str, Any] | None = None,
         retention: float | str | None = None,
         question: str | None = None,
+        context: Context | None = None,
+        cache_context: bool | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
         **sampling: Any,
@@ -78,8 +91,9 @@ class AsyncClient:
         """Chunks as tokens are produced; leaving the loop early (or cancelling the task) cancels the
         request and frees its KV on every node."""
         request = build_request(
-            GENERATE, prompt, messages, compression, retention, request_id, sampling, question
-        )
+            GENERATE, prompt, messages, compression, retention, request_id, sampling, question, context,
+            cache_context,
+        )  # fmt: skip
         call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for msg in call:
@@ -88,6 +102,40 @@ class AsyncClient:
             raise KvferryRpcError.from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    async def put_context(
+        self,
+        context: str | Sequence[int] | None = None,
+        *,
+        messages: Messages | None = None,
+        compression: str | Mapping[str, Any] | None = None,
+        retention: float | str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ContextHandle:
+        """Compress and cache a context (text, token ids, or `messages`: the conversation before the
+        questions) on the cluster; later requests pass the handle as `context=` instead of the context
+        (with `messages`: the turns after it). It stays until `drop_context`."""
+        request = build_put_context(context, messages, compression, retention, request_id)
+        try:
+            reply = await self._stub.PutContext(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
+        return ContextHandle.from_proto(reply)
+
+    async def drop_context(self, handle: ContextHandle | str, timeout: float | None = None) -> None:
+        """Forget a context on every node (NOT_FOUND when no node knows it)."""
+        name = handle.handle if isinstance(handle, ContextHandle) else handle
+        try:
+            await self._stub.DropContext(
+                common_pb2.DropContextRequest(handle=name),
+                timeout=timeout or self.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise KvferryRpcError.from_rpc_error(e) from None
 
     async def info(self, timeout: float | None = None) -> coordinator_pb2.InfoResponse:
         try:

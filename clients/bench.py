@@ -6,7 +6,8 @@ request produces exactly its output length. Load is a fixed number of requests i
 (--concurrency) or Poisson arrivals (--rate). Reports TTFT, TPOT (mean time per output token after the
 first), inter-token latency and end-to-end latency at p50/p90/p99, output and request throughput,
 retention, KV bytes shipped vs uncompressed, the transport, and the decode side's KV bytes in use and
-batch size sampled over the run; writes <out>.json and <out>.png.
+batch size sampled over the run; writes <out>.json and <out>.png. `--workload docqa` asks many
+questions on a few shared documents instead, with the context cache off and on (clients/docqa_bench.py).
 
 Where the load goes:
   (default)          start coordinator + prefill + decode here with the cluster flags, stop them after
@@ -24,95 +25,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import gc
 import json
 import random
 import shlex
 import signal
-import statistics
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvferry.clients.cluster_options import ClusterOptions, add_cluster_flags, cluster_options
+from kvferry.clients.cluster_options import ClusterOptions, add_cluster_flags
+from kvferry.clients.load import (  # noqa: F401  (arrival_offsets, parse_length: this module's face too)
+    Record,
+    Request,
+    _client_kwargs,
+    _draw,
+    arrival_offsets,
+    bench_options,
+    coordinator_address,
+    length_range,
+    parse_length,
+    run_cluster,
+    summarize,
+    warmup_workload,
+)
 
 MODES = ("colocated", "disaggregated")
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    output_len: int
-
-
-@dataclass
-class Record:
-    input_len: int
-    output_len: int = 0
-    send: float = 0.0
-    token_times: list[float] = field(default_factory=list)
-    retention: float = 1.0
-    kv_bytes_shipped: int = 0
-    kv_bytes_full: int = 0
-    transfer_seconds: float = 0.0
-    handoff_seconds: float = 0.0
-    transport: str = ""
-    error: str | None = None
-
-    @property
-    def ttft(self) -> float:
-        return self.token_times[0] - self.send
-
-    @property
-    def e2e(self) -> float:
-        return self.token_times[-1] - self.send
-
-    @property
-    def tpot(self) -> float | None:
-        n = len(self.token_times)
-        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
-
-
-# ---- workload -------------------------------------------------------------------------------------
-def parse_length(text: str) -> tuple[int, int]:
-    """ "8192" -> (8192, 8192); "16k" -> (16384, 16384); "16k-32k" or "16384:32768" -> a range (k = 1024)."""
-
-    def one(part: str) -> int:
-        part = part.strip().lower()
-        value = int(float(part[:-1]) * 1024) if part.endswith("k") else int(part)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"lengths must be >= 1, got {part!r}")
-        return value
-
-    for sep in ("-", ":"):
-        if sep in text:
-            lo, hi = (one(p) for p in text.split(sep, 1))
-            if hi < lo:
-                raise argparse.ArgumentTypeError(f"empty range {text!r}")
-            return lo, hi
-    n = one(text)
-    return n, n
-
-
-def _draw(rng: random.Random, lo: int, hi: int, dist: str) -> int:
-    if hi <= lo:
-        return lo
-    if dist == "normal":  # centred in the range, 3 sigma to either end, clipped
-        return min(hi, max(lo, round(rng.gauss((lo + hi) / 2, (hi - lo) / 6))))
-    return rng.randint(lo, hi)
-
-
-def length_range(args: argparse.Namespace, which: str) -> tuple[int, int]:
-    lo, hi = getattr(args, f"{which}_len")
-    top = getattr(args, f"{which}_len_max")
-    return lo, max(lo, top) if top else hi
 
 
 def make_workload(args: argparse.Namespace, vocab: int) -> list[Request]:
@@ -124,177 +66,6 @@ def make_workload(args: argparse.Namespace, vocab: int) -> list[Request]:
         n_out = _draw(rng, out_lo, out_hi, args.output_dist)
         out.append(Request([rng.randrange(1, vocab) for _ in range(n_in)], n_out))
     return out
-
-
-def warmup_workload(args: argparse.Namespace, vocab: int) -> list[Request]:
-    """--warmup requests, run (and discarded) before each measured run: short (at most 2048 prompt and
-    16 output tokens, so 32K workloads do not spend minutes warming up), enough to compile the kernels
-    and take every code path once."""
-    rng = random.Random(args.seed + 7)
-    n_in = min(length_range(args, "input")[0], 2048)
-    n_out = min(length_range(args, "output")[0], 16)
-    return [Request([rng.randrange(1, vocab) for _ in range(n_in)], n_out) for _ in range(args.warmup)]
-
-
-def arrival_offsets(args: argparse.Namespace, n: int) -> list[float] | None:
-    """Seconds after the start at which each request arrives (Poisson at --rate); None: concurrency."""
-    if not args.request_rate:
-        return None
-    rng = random.Random(args.seed + 1)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(args.request_rate)
-    return out
-
-
-# ---- results --------------------------------------------------------------------------------------
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return {"mean": statistics.fmean(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
-
-
-def summarize(records: list[Record], wall: float, samples: list[dict[str, float]]) -> dict[str, Any]:
-    ok = [r for r in records if r.error is None and r.token_times]
-    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
-    out_tokens = sum(len(r.token_times) for r in ok)
-    return {
-        "requests": len(records),
-        "failed": len(records) - len(ok),
-        "errors": sorted({r.error for r in records if r.error})[:5],
-        "wall_seconds": wall,
-        "input_tokens": sum(r.input_len for r in ok),
-        "output_tokens": out_tokens,
-        "output_throughput_tok_s": out_tokens / wall,
-        "request_throughput_req_s": len(ok) / wall,
-        "ttft_s": percentiles([r.ttft for r in ok]),
-        "tpot_s": percentiles([t for r in ok if (t := r.tpot) is not None]),
-        "itl_s": percentiles(itl),
-        "e2e_s": percentiles([r.e2e for r in ok]),
-        "retention_mean": statistics.fmean(r.retention for r in ok) if ok else None,
-        "kv_bytes_shipped": sum(r.kv_bytes_shipped for r in ok),
-        "kv_bytes_full": sum(r.kv_bytes_full for r in ok),
-        "transports": sorted({r.transport for r in ok if r.transport}),
-        "transfer_s": percentiles([r.transfer_seconds for r in ok if r.transport]),
-        "handoff_s": percentiles([r.handoff_seconds for r in ok if r.handoff_seconds]),
-        "decode_batch": percentiles([s["running"] for s in samples]),
-        "decode_kv_used_bytes": percentiles([s["kv_used_bytes"] for s in samples]),
-        "samples": samples,
-        "per_request": [
-            {
-                "input_len": r.input_len,
-                "output_len": len(r.token_times),
-                "ttft_s": r.ttft,
-                "tpot_s": r.tpot,
-                "e2e_s": r.e2e,
-            }  # fmt: skip
-            for r in ok
-        ],
-    }
-
-
-# ---- against a coordinator ------------------------------------------------------------------------
-async def drive(
-    args: argparse.Namespace, jobs: list[Callable[[], Awaitable[None]]], offsets: list[float] | None
-) -> None:
-    """Fixed concurrency, or each job started at its arrival offset (Poisson at --rate)."""
-    if offsets is not None:
-        loop = asyncio.get_running_loop()
-        start, tasks = loop.time(), []
-        for job, at in zip(jobs, offsets):
-            delay = start + at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(job()))
-        await asyncio.gather(*tasks)
-        return
-    queue = list(reversed(jobs))
-
-    async def worker() -> None:
-        while queue:
-            await queue.pop()()
-
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-
-
-def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"token": getattr(args, "token", None), "tls_ca": getattr(args, "tls_ca", None)}
-
-
-async def run_cluster(
-    args: argparse.Namespace, address: str, work: list[Request], retention: float, quiet: bool = False
-) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from kvferry.clients import AsyncClient
-
-    records = [Record(len(r.prompt)) for r in work]
-    samples: list[dict[str, float]] = []
-    # "none", not unset: a cluster with a compression policy would compress a request that names none
-    compression = {"method": "none"} if retention >= 1.0 else {"method": args.method, "retention": retention}
-    bar = tqdm(total=len(work), desc=f"disaggregated r={retention}", disable=quiet or args.quiet)
-    pool: dict[str, Any] = {}
-    async with AsyncClient(address, timeout=args.timeout, **_client_kwargs(args)) as client:
-        info = await client.info(timeout=10)
-        decode = [n for n in info.decode_nodes if n.reachable]
-        pool["kv_pool_bytes"] = sum(n.pool.total_pages * n.pool.bytes_per_page for n in decode)
-        pool["model"] = decode[0].model.source if decode else ""
-        start = time.perf_counter()
-        done = asyncio.Event()
-
-        async def sample() -> None:  # the coordinator's view of its decode nodes (works through TLS)
-            while not done.is_set():
-                try:
-                    nodes = [n for n in (await client.info(timeout=5)).decode_nodes if n.reachable]
-                except Exception:  # a sample missed is not a failed request
-                    nodes = None
-                if nodes is not None:
-                    samples.append(
-                        {
-                            "t": time.perf_counter() - start,
-                            "running": sum(n.load for n in nodes),
-                            "kv_used_bytes": sum(n.pool.used_pages * n.pool.bytes_per_page for n in nodes),
-                        }
-                    )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(done.wait(), args.sample_seconds)
-
-        async def one(i: int) -> None:
-            rec, req = records[i], work[i]
-            rec.send = time.perf_counter()
-            try:
-                async for chunk in client.stream(
-                    req.prompt, compression=compression, temperature=0.0, max_new_tokens=req.output_len,
-                    ignore_eos=True,
-                ):  # fmt: skip
-                    now = time.perf_counter()
-                    rec.token_times += [now] * len(chunk.token_ids)
-                    if chunk.stats is not None:
-                        p = chunk.stats.prefill
-                        rec.retention, rec.kv_bytes_shipped, rec.kv_bytes_full = (
-                            p.retention,
-                            p.kv_bytes_shipped,
-                            p.kv_bytes_full,
-                        )
-                        rec.transfer_seconds, rec.handoff_seconds = p.transfer_seconds, p.handoff_seconds
-                        rec.transport = p.transport
-            except Exception as e:  # counted, not fatal: a benchmark reports failures
-                rec.error = f"{type(e).__name__}: {e}"
-            bar.update(1)
-
-        sampler = asyncio.create_task(sample())
-        await drive(args, [lambda i=i: one(i) for i in range(len(work))], arrival_offsets(args, len(work)))
-        wall = time.perf_counter() - start
-        done.set()
-        await sampler
-    bar.close()
-    return {**summarize(records, wall, samples), **pool}
 
 
 # ---- colocated engine ------------------------------------------------------------------------------
@@ -441,6 +212,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token of --target")
     p.add_argument("--tls-ca", help="PEM CA of --target (turns TLS on)")
     w = p.add_argument_group("workload")
+    w.add_argument(
+        "--workload", choices=("random", "docqa"), default="random",
+        help="random: independent random prompts; docqa: questions on shared documents (clients/docqa_bench.py)",
+    )  # fmt: skip
     w.add_argument("--num-requests", type=int, default=32)
     w.add_argument("--input-len", type=parse_length, default=(8192, 8192), help="N, 16k or a range 16k-32k")
     w.add_argument("--input-len-max", type=int, help="top of the input range (same as --input-len A-B)")
@@ -466,6 +241,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, help="write <out>.json and <out>.png")
     o.add_argument("--append", action="store_true", help="add the runs to an existing <out>.json")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    from kvferry.clients.docqa_bench import add_docqa_flags  # it builds on this module
+
+    add_docqa_flags(p)
     add_cluster_flags(p)
 
 
@@ -481,13 +259,6 @@ def bench_modes(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"--compare: unknown modes {bad}; use {','.join(MODES)}")
         return modes
     return ["disaggregated"]
-
-
-def bench_options(args: argparse.Namespace) -> ClusterOptions:
-    options = cluster_options(args)
-    if args.decode_kv_bytes and options.decode_kv_cache_bytes is None:
-        options.decode_kv_cache_bytes = args.decode_kv_bytes
-    return options
 
 
 def _check_fits(args: argparse.Namespace, max_model_len: int) -> None:
@@ -538,20 +309,8 @@ def _disaggregated_runs(
     done: Callable[[dict[str, Any]], None],
 ) -> None:
     from kvferry.clients import Client
-    from kvferry.clients.local_cluster import LocalCluster
 
-    cluster = None
-    address = args.target
-    if address is None:
-        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvferry-bench-"))
-        cluster = LocalCluster.from_options(options, log_dir=log_dir)
-        print(f"starting coordinator, prefill and decode (logs in {log_dir})", file=sys.stderr, flush=True)
-        cluster.start()
-    try:
-        if cluster is not None:
-            cluster.wait_ready(timeout=args.ready_timeout, progress=lambda line: print(line, file=sys.stderr))
-            address = cluster.coordinator_address
-        assert address is not None
+    with coordinator_address(args, options) as address:
         with Client(address, timeout=30, **_client_kwargs(args)) as c:
             model = c.info().decode_nodes[0].model
         _check_fits(args, model.max_model_len)
@@ -559,11 +318,10 @@ def _disaggregated_runs(
             if args.warmup:
                 warm = warmup_workload(args, model.vocab_size)
                 asyncio.run(run_cluster(args, address, warm, retention, quiet=True))
-            result = asyncio.run(run_cluster(args, address, make_workload(args, model.vocab_size), retention))
+            result, _ = asyncio.run(
+                run_cluster(args, address, make_workload(args, model.vocab_size), retention)
+            )
             done({"mode": "disaggregated", "retention": retention, "target": address, **result})
-    finally:
-        if cluster is not None:
-            cluster.stop()
 
 
 def describe_workload(args: argparse.Namespace) -> str:
@@ -585,29 +343,55 @@ def _line(r: dict[str, Any]) -> str:
     )
 
 
+def _run_meta(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """What every result file records about its run."""
+    options = bench_options(args)
+    return {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "target": args.target,
+        "decode_kv_bytes": options.decode_kv_cache_bytes or options.kv_cache_bytes,
+        "prefill_argv": options.prefill_argv(),
+        "decode_argv": options.decode_argv(),
+    }
+
+
+def _with_sigterm(body: Callable[[], int]) -> int:
+    """`body()`, with SIGTERM raising KeyboardInterrupt meanwhile (so services started here stop)."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    try:
+        return body()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, before)
+
+
 def run(args: argparse.Namespace, command: str) -> int:
     """Run the benchmark `args` describe (flags of add_bench_flags); `command` is recorded in the JSON.
 
     <out>.json and <out>.png are rewritten after every run, so a run cut short keeps what finished.
     SIGTERM stops services started here before exiting (as Ctrl-C does)."""
+    if args.workload == "docqa":
+        from kvferry.clients import docqa_bench
+
+        return _with_sigterm(lambda: docqa_bench.run(args, command, _run_meta(args, command)))
     modes = bench_modes(args)
     retentions = [float(x) for x in args.retention.split(",")]
     options = bench_options(args)
     previous: dict[str, Any] | None = None
     if args.out and args.append and args.out.with_suffix(".json").exists():
         previous = json.loads(args.out.with_suffix(".json").read_text())
+    meta = _run_meta(args, command)
+    if previous is not None:
+        meta["command"] = previous["meta"]["command"] + " ; " + command
     results: dict[str, Any] = {
-        "meta": {
-            "device": device_name(),
-            "date": datetime.date.today().isoformat(),
-            "command": command if previous is None else previous["meta"]["command"] + " ; " + command,
-            "workload": describe_workload(args),
-            "modes": modes,
-            "target": args.target,
-            "decode_kv_bytes": options.decode_kv_cache_bytes or options.kv_cache_bytes,
-            "prefill_argv": options.prefill_argv(),
-            "decode_argv": options.decode_argv(),
-        },
+        "meta": {**meta, "workload": describe_workload(args), "modes": modes},
         "runs": [] if previous is None else list(previous["runs"]),
     }
     runs: list[dict[str, Any]] = []
@@ -622,17 +406,12 @@ def run(args: argparse.Namespace, command: str) -> int:
             json_path.write_text(json.dumps(results, indent=1))
             plot(results, args.out.with_suffix(".png"))
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    in_main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, terminate) if in_main else None
-    try:
+    def body() -> int:
         for mode in modes:
             (_colocated_runs if mode == "colocated" else _disaggregated_runs)(args, options, retentions, done)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, before)
+        return 0
+
+    _with_sigterm(body)
     if args.out:
         print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     failed = sum(r["failed"] for r in runs)

@@ -7,7 +7,8 @@ kvferry up                           coordinator + prefill + decode on this mach
                                      --transport auto --auth-token-file FILE ...
 kvferry bench                        load generator: TTFT / TPOT / throughput, JSON + PNG (a local
                                      cluster, --target HOST:PORT, --colocated or --compare)
-kvferry ask --doc FILE QUESTION      stream an answer about a document through a running cluster
+kvferry ask --doc FILE Q1 [Q2 ...]   stream answers about a document through a running cluster (the
+                                     document is cached once and every question reuses it)
 kvferry stats                        the coordinator's counters and its nodes' page accounting
 kvferry coordinator|prefill|decode   run one service (the same flags as python -m <service>)
 """
@@ -43,13 +44,19 @@ SERVICES = {
 }
 
 
+QUERY_AWARE_METHODS = ("snapkv", "kvcompress")  # their scores need the question: no cached context
+
+
+def document_context(document: str) -> list[dict[str, str]]:
+    """The turns before the question: the document, which a cached context holds."""
+    return [{"role": "system", "content": "Answer the question using the document.\n\n" + document}]
+
+
 def document_messages(document: str, question: str) -> list[dict[str, str]]:
     """The chat a document question becomes: the document, then the question as its own last turn (so
-    `protect_last_user_turn` keeps the whole question however hard the document is compressed)."""
-    return [
-        {"role": "system", "content": "Answer the question using the document.\n\n" + document},
-        {"role": "user", "content": question},
-    ]
+    `protect_last_user_turn` keeps the whole question however hard the document is compressed, and
+    the document is the context a cache keeps)."""
+    return [*document_context(document), {"role": "user", "content": question}]
 
 
 def _human_bytes(n: float) -> str:
@@ -89,30 +96,50 @@ def _describe(spec: dict[str, Any]) -> str:
 def ask(
     address: str,
     document: str,
-    question: str,
+    questions: str | Sequence[str],
     compression: dict[str, Any] | None,
     max_new_tokens: int,
     out: Any = None,
     security: dict[str, Any] | None = None,
+    cache_context: bool = True,
 ) -> int:
-    """Stream the answer to `out`, then one summary line of what compression kept and shipped.
-    `security`: Client keywords (token, tls_ca, tls_cert, tls_key, tls_server_name)."""
+    """Stream each answer to `out`, then one summary line of what compression kept and shipped.
+    With `cache_context` (and a method that may compress a context on its own) the document is a
+    cached context: several questions put it once (PutContext) and then send only themselves, each
+    prefilled over the document's compressed pages. `security`: Client keywords (token, tls_ca,
+    tls_cert, tls_key, tls_server_name)."""
     out = out or sys.stdout  # looked up at call time: callers and tests may swap sys.stdout
-    stats = None
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    caching = cache_context and (compression or {}).get("method") not in QUERY_AWARE_METHODS
     with Client(address, **(security or {})) as client:
-        for chunk in client.stream(
-            messages=document_messages(document, question),
-            compression=compression,
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-        ):
-            out.write(chunk.text)
-            out.flush()
-            if chunk.stats is not None:
-                stats = chunk.stats
-    out.write("\n")
-    if stats is not None:
-        out.write(summary(stats) + "\n")
+        handle = None
+        if caching and len(questions) > 1:
+            handle = client.put_context(messages=document_context(document), compression=compression)
+            cached = f"{handle.cached_tokens:,} tokens cached" if handle.cached else "not cached (too large)"
+            out.write(
+                f"[document put once: {handle.context_tokens:,} tokens, {cached}, {handle.seconds:.2f} s]\n"
+            )
+        for i, question in enumerate(questions):
+            if len(questions) > 1:
+                out.write(f"{'' if i == 0 else chr(10)}Q{i + 1}: {question}\nA{i + 1}: ")
+            stats = None
+            for chunk in client.stream(
+                messages=[{"role": "user", "content": question}]
+                if handle
+                else document_messages(document, question),
+                compression=None if handle else compression,
+                context=handle,
+                cache_context=caching,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+            ):
+                out.write(chunk.text)
+                out.flush()
+                if chunk.stats is not None:
+                    stats = chunk.stats
+            out.write("\n")
+            if stats is not None:
+                out.write(summary(stats) + "\n")
     return 0
 
 
@@ -125,7 +152,14 @@ def summary(stats: Any) -> str:
     shipped = f"shipped {_human_bytes(p.kv_bytes_shipped)} of {_human_bytes(p.kv_bytes_full)} over {p.transport or '-'}"
     tokens = stats.decode.output_tokens if stats.HasField("decode") else 1
     timing = f"TTFT {stats.ttft_seconds:.2f} s, {tokens} tokens in {stats.total_seconds:.2f} s"
-    return f"[{p.prompt_tokens:,} prompt tokens; {kept}; {shipped}; {timing}]"
+    parts = [f"{p.prompt_tokens:,} prompt tokens", kept, shipped]
+    if p.context_cache and p.context_cache != "off":
+        decode = stats.decode.context_cache if stats.HasField("decode") else "-"
+        parts.append(
+            f"context {p.context_cache} on prefill, {decode} on decode "
+            f"({p.context_tokens:,} tokens cached, {p.prefill_tokens_computed:,} computed)"
+        )
+    return "[" + "; ".join([*parts, timing]) + "]"
 
 
 def print_stats(address: str, out: Any = None, security: dict[str, Any] | None = None) -> int:
@@ -148,6 +182,11 @@ def print_stats(address: str, out: Any = None, security: dict[str, Any] | None =
     finished = s.requests_total - s.requests_active - s.requests_failed - s.requests_cancelled
     if finished > 0:
         out.write(f"  mean TTFT: {s.ttft_seconds_sum / finished:.3f} s\n")
+    if s.context_hits_total or s.context_misses_total:
+        out.write(
+            f"  cached contexts: prefill {s.context_hits_total} hits / {s.context_misses_total} misses, "
+            f"decode {s.decode_context_hits_total} hits / {s.decode_context_misses_total} misses\n"
+        )
     for kind, nodes in (("prefill", info.prefill_nodes), ("decode", info.decode_nodes)):
         for n in nodes:
             if not n.reachable:
@@ -155,11 +194,24 @@ def print_stats(address: str, out: Any = None, security: dict[str, Any] | None =
                 continue
             pool = n.pool
             out.write(
-                f"  {kind} {n.address}: load {n.load}, pages {pool.used_pages}/{pool.total_pages} used, "
-                f"{pool.available_pages} available ({_human_bytes(pool.available_pages * pool.bytes_per_page)}),"
-                f" model {n.model.source} [{n.model.dtype}]\n"
+                f"  {kind} {n.address}: load {n.load}, pages {pool.used_pages - pool.cached_pages}/{pool.total_pages}"
+                f" used by requests, {pool.available_pages} available "
+                f"({_human_bytes(pool.available_pages * pool.bytes_per_page)}), model {n.model.source} [{n.model.dtype}]\n"
             )
+            out.write(f"    {context_cache_line(n.context_cache)}\n")
     return 0
+
+
+def context_cache_line(c: Any) -> str:
+    """One node's cache of compressed contexts (ContextCacheInfo), in one line."""
+    line = (
+        f"context cache: {c.device_entries} in the pool ({_human_bytes(c.device_bytes)} of "
+        f"{_human_bytes(c.device_budget_bytes)}), {c.host_entries} in host memory ({_human_bytes(c.host_bytes)} of "
+        f"{_human_bytes(c.host_budget_bytes)}); {c.hits} hits, {c.misses} misses, {c.evictions} evictions"
+    )
+    if c.put_contexts:
+        line += f"; {c.put_contexts} put"
+    return line
 
 
 def _start_cluster(
@@ -261,7 +313,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"question: {args.question}")
             compression = _compression(args)
             print(f"compression: {_describe(compression)}\nanswer: ", end="", flush=True)
-            return ask(cluster.coordinator_address, document, args.question, compression, args.max_new_tokens)
+            return ask(
+                cluster.coordinator_address, document, args.question, compression, args.max_new_tokens,
+                cache_context=False,  # one question on a fresh cluster: nothing to reuse
+            )  # fmt: skip
         finally:
             cluster.stop()
 
@@ -285,10 +340,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return ask(
         args.address,
         document,
-        args.question,
+        args.questions,
         _compression(args),
         args.max_new_tokens,
         security=_security(args),
+        cache_context=args.cache_context,
     )
 
 
@@ -401,9 +457,16 @@ def parser() -> argparse.ArgumentParser:
     _add_policy_flags(up)
     up.set_defaults(run=cmd_up)
 
-    ask_p = sub.add_parser("ask", help="ask a question about a document through a running cluster")
-    ask_p.add_argument("question")
+    ask_p = sub.add_parser("ask", help="ask questions about a document through a running cluster")
+    ask_p.add_argument("questions", nargs="+", metavar="question")
     ask_p.add_argument("--doc", required=True, help="text file holding the document")
+    ask_p.add_argument(
+        "--cache-context",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compress the document once and reuse it for every question (and later asks); not with "
+        "snapkv or kvcompress, whose scores need the question",
+    )
     _add_client_flags(ask_p)
     _add_compression_flags(ask_p)
     ask_p.add_argument("--max-new-tokens", type=int, default=128)

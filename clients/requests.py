@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kvferry.engine.retention import check_retention
 from kvferry.v1 import common_pb2, coordinator_pb2
 
 Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class ContextHandle:
+    """A context put on the cluster (`put_context`): pass it as `context=` instead of the context
+    itself. `ContextHandle("<hex>")` names one by its handle alone."""
+
+    handle: str
+    context_tokens: int = 0  # tokens of the context
+    cached_tokens: int = 0  # of them, cached (whole pages)
+    kept_tokens: int = 0  # kept over all layers and kv heads after compression
+    cached: bool = False  # the prefill node keeps its pages (else each request computes it again)
+    hit: bool = False  # it was cached already
+    prefill_node: str = ""
+    seconds: float = 0.0
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.PutContextResponse) -> ContextHandle:
+        return cls(
+            msg.handle, msg.context_tokens, msg.cached_tokens, msg.kept_tokens, msg.cached, msg.hit,
+            msg.prefill_node, msg.seconds,
+        )  # fmt: skip
+
+
+Context = str | Sequence[int] | ContextHandle
 _SAMPLING_FIELDS = (
     "temperature",
     "top_p",
@@ -43,6 +69,8 @@ def build_request(
     request_id: str | None,
     sampling: Mapping[str, Any],
     question: str | None = None,
+    context: Context | None = None,
+    cache_context: bool | None = None,
 ) -> Any:
     """A GenerateRequest or GenerateUnaryRequest.
 
@@ -50,7 +78,9 @@ def build_request(
     `question` is appended to it and always kept by compression. `compression` is a method name or a
     dict of CompressionParams fields (method, retention, quality_target, keep_tokens, budget, sink,
     recent, protected_spans, protect_question, knobs...); `retention` (a fraction or "auto") alone
-    implies the default method. Neither: the services' compression policy.
+    implies the default method. Neither: the services' compression policy. `context`: text or token
+    ids in front of the prompt, or a ContextHandle from put_context; `cache_context`: cache it (None:
+    the cluster's default).
     """
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
@@ -76,8 +106,46 @@ def build_request(
     spec = _compression_spec(compression, retention)
     if spec is not None:
         request.compression.CopyFrom(spec)
+    if context is not None:
+        request.context.CopyFrom(context_message(context))
+    if cache_context is not None:
+        request.cache_context = cache_context
     if question is not None:
         request.question = question
+    return request
+
+
+def context_message(context: Context) -> common_pb2.Context:
+    if isinstance(context, ContextHandle):
+        return common_pb2.Context(handle=context.handle)
+    if isinstance(context, str):
+        return common_pb2.Context(text=context)
+    return common_pb2.Context(token_ids=common_pb2.TokenIds(ids=[int(t) for t in context]))
+
+
+def build_put_context(
+    context: str | Sequence[int] | None,
+    messages: Messages | None,
+    compression: str | Mapping[str, Any] | None,
+    retention: float | str | None,
+    request_id: str | None,
+) -> common_pb2.PutContextRequest:
+    """A PutContextRequest: `context` (text or token ids) or `messages` (the conversation before the
+    questions), exactly one of them."""
+    if (context is None) == (messages is None):
+        raise ValueError("pass exactly one of context or messages")
+    request = common_pb2.PutContextRequest(request_id=request_id or "")
+    if isinstance(context, str):
+        request.text = context
+    elif context is not None:
+        request.token_ids.ids.extend(int(t) for t in context)
+    else:
+        request.messages.messages.extend(
+            common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()
+        )
+    spec = _compression_spec(compression, retention)
+    if spec is not None:
+        request.compression.CopyFrom(spec)
     return request
 
 

@@ -1,6 +1,8 @@
 """One Generate call: prefill on one node (which ships the KV to the chosen decode node), then relay
 the decode node's token stream. Cancellation and the deadline travel to both nodes; a stream that
-ends early aborts the decode reservation so its pages are freed at once."""
+ends early aborts the decode reservation so its pages are freed at once. A request on a cached
+context goes to the nodes that served its context last (coordinator/context_routes.py); one naming a
+PutContext handle that its prefill node does not know tries the other prefill nodes before NOT_FOUND."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from typing import Any
 
 import grpc
 
-from kvferry.coordinator.nodes import NodePool
+from kvferry.coordinator.context_routes import ContextRoutes, request_key
+from kvferry.coordinator.nodes import Node, NodePool
 from kvferry.engine.sampling_params import DEFAULT_MAX_NEW_TOKENS
 from kvferry.serving import request_context
 from kvferry.serving.deadline import Deadline
+from kvferry.serving.error_interceptor import FIELD_METADATA_KEY
 from kvferry.v1 import common_pb2, coordinator_pb2, prefill_pb2
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ async def generate(
     timeout: float | None,
     decode_retries: int = 0,
     on_retry: Callable[[], None] | None = None,
+    routes: ContextRoutes | None = None,
 ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
     """`request` is a GenerateRequest or GenerateUnaryRequest; the last response carries the stats.
 
@@ -43,16 +48,25 @@ async def generate(
     streamed: list[int] = []  # tokens already sent to the client
     failed: set[str] = set()  # decode nodes that broke during this request
     stats: coordinator_pb2.GenerateStats | None = None
+    routes = routes if routes is not None else ContextRoutes()
     max_model_len = 0  # the failed decode node's, for a continuation
     while True:
         current = request if not streamed else _continuation(request, streamed, max_model_len)
-        prefill_node, decode_node = await asyncio.gather(nodes.pick_prefill(), nodes.pick_decode(failed))
-        log.debug("prefill on %s, decode on %s", prefill_node.address, decode_node.address)
-        prefilled: prefill_pb2.PrefillResponse = await prefill_node.stub.Prefill(
-            _prefill_request(current, request_id, decode_node.address),
-            timeout=deadline.remaining(),
-            metadata=metadata,
+        prefill_ranked, decode_ranked = await asyncio.gather(
+            nodes.prefill_by_load(), nodes.decode_by_load(failed)
         )
+        caching = any(info.context_cache.cache_context_default for _, info in prefill_ranked)
+        key = request_key(current, caching)
+        route = routes.get(key)
+        prefill_node = nodes.preferred_prefill(prefill_ranked, route.prefill if route else None)
+        decode_node = nodes.preferred_decode(decode_ranked, route.decode if route else None)
+        log.debug("prefill on %s, decode on %s", prefill_node.address, decode_node.address)
+        prefill_request = _prefill_request(current, request_id, decode_node.address)
+        others = [n for n, _ in prefill_ranked if n is not prefill_node]
+        prefill_node, prefilled = await _prefill(
+            prefill_node, others, prefill_request, deadline, metadata, handle=current.context.handle
+        )
+        routes.record(key, prefill_node.address, prefilled.kv_handle.decode_address or None)
         if stats is None:
             stats = coordinator_pb2.GenerateStats(
                 request_id=request_id,
@@ -110,6 +124,35 @@ async def generate(
                 await asyncio.shield(decode.abort(handle.reservation_id, metadata))
 
 
+async def _prefill(
+    node: Node,
+    others: list[Node],
+    request: prefill_pb2.PrefillRequest,
+    deadline: Deadline,
+    metadata: Any,
+    handle: str,
+) -> tuple[Node, prefill_pb2.PrefillResponse]:
+    """Prefill on `node`; a PutContext handle it does not know is tried on the `others` in turn (the
+    coordinator forgot where it was put: a restart, or its route was pushed out)."""
+    candidates = [node, *others] if handle else [node]
+    for i, candidate in enumerate(candidates):
+        try:
+            reply = await candidate.stub.Prefill(request, timeout=deadline.remaining(), metadata=metadata)
+            return candidate, reply
+        except grpc.aio.AioRpcError as e:
+            if i == len(candidates) - 1 or not _unknown_handle(e):
+                raise
+            log.info(
+                "context handle %s is not on %s; trying another prefill node", handle[:12], candidate.address
+            )
+    raise AssertionError("unreachable")
+
+
+def _unknown_handle(error: grpc.aio.AioRpcError) -> bool:
+    field = dict(error.trailing_metadata() or ()).get(FIELD_METADATA_KEY)
+    return error.code() == grpc.StatusCode.NOT_FOUND and field == "context.handle"
+
+
 def _remaining_tokens(request: Any, streamed: list[int], max_model_len: int) -> int:
     """Tokens still due to a token-id request: its max_new_tokens, or when it set none the engine's
     default as the decode node applied it (capped by the room its max_model_len left)."""
@@ -161,6 +204,10 @@ def _prefill_request(request: Any, request_id: str, decode_address: str) -> pref
         out.prompt_token_ids.CopyFrom(request.prompt_token_ids)
     if request.HasField("compression"):
         out.compression.CopyFrom(request.compression)
+    if request.HasField("cache_context"):
+        out.cache_context = request.cache_context
+    if request.HasField("context"):
+        out.context.CopyFrom(request.context)
     if request.HasField("question"):
         out.question = request.question
     return out

@@ -70,8 +70,18 @@ class CoordinatorMetrics:
             "requests continued on another decode node after theirs failed",
             registry=registry,
         )
+        self.context = Counter(
+            "kvferry_context_requests_total",
+            "finished requests on a cached context, by node and what it found: hit (cached there) or miss "
+            "(prefill: computed it; decode: received its pages)",
+            ["node", "cache"],
+            registry=registry,
+        )
         for outcome in OUTCOMES:  # every series exists from the start, at 0
             self.requests.labels(outcome=outcome)
+        for node in ("prefill", "decode"):
+            for cache in ("hit", "miss"):
+                self.context.labels(node=node, cache=cache)
 
     def ended(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -91,3 +101,6 @@ class CoordinatorMetrics:
             self.transfer.observe(p.transfer_seconds)
         self.prompt_tokens.inc(p.prompt_tokens)
         self.generation_tokens.inc(output_tokens)
+        for node, cache in (("prefill", p.context_cache), ("decode", stats.decode.context_cache)):
+            if cache in ("hit", "miss"):
+                self.context.labels(node=node, cache=cache).inc()

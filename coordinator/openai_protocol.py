@@ -5,9 +5,12 @@ never passes silently) that become the gRPC API's GenerateRequest through the Py
 builder, so a request means the same thing on both APIs. kvferry's options travel as extra body fields,
 the way vLLM takes them (`extra_body` in the openai client): `compression` (a method name or a dict of
 CompressionParams fields), `retention` (a fraction or "auto"), `question` (appended to the prompt or the
-last user message and always kept by compression), `top_k`, `ignore_eos`, `stop_token_ids`, `request_id`
-and `timeout` (the request's deadline in seconds). Responses carry `usage` and, in the extra field
-`kvferry`, what compression kept and shipped.
+last user message and always kept by compression), `top_k`, `ignore_eos`, `stop_token_ids`, `request_id`,
+`timeout` (the request's deadline in seconds), and for the cache of compressed contexts
+`cache_context`, `context` (text or token ids in front of the prompt) and `context_handle` (a
+PutContext handle instead). Responses carry `usage` (with `prompt_tokens_details.cached_tokens` on a
+request with a cached context) and, in the extra field `kvferry`, what compression kept and shipped
+and what the context cache did.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvferry.clients.requests import GENERATE, build_request
+from kvferry.clients.requests import GENERATE, ContextHandle, build_request
 from kvferry.engine.errors import InvalidArgumentError
 from kvferry.v1 import coordinator_pb2
 
@@ -59,11 +62,20 @@ class _GenerateBody(BaseModel):
     stop_token_ids: list[int] | None = None
     request_id: str | None = None
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    cache_context: bool | None = None
+    context: str | list[int] | None = None
+    context_handle: str | None = None
 
     def refuse_unsupported(self) -> None:
         for name in ("logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias"):
             if getattr(self, name):
                 raise InvalidArgumentError(f"{name}: not supported by kvferry", field=name)
+        if self.context is not None and self.context_handle is not None:
+            raise InvalidArgumentError(
+                "context: give a context or a context_handle, not both", field="context"
+            )
+        if isinstance(self.context, list) and not all(0 <= t <= MAX_UINT32 for t in self.context):
+            raise InvalidArgumentError("context: token ids must be in [0, 2^32)", field="context")
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -91,6 +103,8 @@ class _GenerateBody(BaseModel):
                 request_id,
                 sampling,
                 self.question,
+                ContextHandle(self.context_handle) if self.context_handle is not None else self.context,
+                self.cache_context,
             )
         except (TypeError, ValueError) as e:  # a compression knob protobuf cannot hold
             raise InvalidArgumentError(f"compression: {e}", field="compression") from None
@@ -180,13 +194,17 @@ class CompletionRequest(_GenerateBody):
 FINISH_REASONS = {0: None, 1: "stop", 2: "length", 3: "abort"}  # common_pb2.FinishReason -> OpenAI
 
 
-def usage(stats: coordinator_pb2.GenerateStats, completion_tokens: int) -> dict[str, int]:
-    prompt_tokens = stats.prefill.prompt_tokens
-    return {
+def usage(stats: coordinator_pb2.GenerateStats, completion_tokens: int) -> dict[str, Any]:
+    p = stats.prefill
+    prompt_tokens = p.prompt_tokens
+    body: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if p.context_cache != "off" and p.context_cache:  # OpenAI's and vLLM's field for reused prompt tokens
+        body["prompt_tokens_details"] = {"cached_tokens": prompt_tokens - p.prefill_tokens_computed}
+    return body
 
 
 def kvferry_stats(stats: coordinator_pb2.GenerateStats) -> dict[str, Any]:
@@ -208,6 +226,12 @@ def kvferry_stats(stats: coordinator_pb2.GenerateStats) -> dict[str, Any]:
         "total_seconds": stats.total_seconds,
         "prefill_node": stats.prefill_node,
         "decode_node": stats.decode_node,
+        "context_cache": p.context_cache or "off",
+        "decode_context_cache": stats.decode.context_cache or "off",
+        "context_tokens": p.context_tokens,
+        "context_kept_tokens": p.context_kept_tokens,
+        "prefill_tokens_computed": p.prefill_tokens_computed,
+        "context_handle": p.context_handle,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from kvferry.coordinator.context_routes import ContextRoutes, RoutePreference
 from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.servicer import CoordinatorServicer
 from kvferry.coordinator.settings import CoordinatorSettings
@@ -18,14 +19,17 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
 def build(settings: CoordinatorSettings) -> ServiceHost:
     """The service, not started yet (`await host.start()` / `await host.stop()`, or `host.run()`)."""
     host = ServiceHost(settings, [SERVICE_NAME])
+    preference = RoutePreference(settings.context_prefill_slack, settings.context_decode_share)
     nodes = NodePool(
-        settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels
-    )
+        settings.prefill_addresses, settings.decode_addresses, settings.info_timeout_seconds, host.channels,
+        preference,
+    )  # fmt: skip
     policy = settings.compression_policy()
     log.info("compression policy: %s", policy.describe())
     servicer = CoordinatorServicer(
-        nodes, host.metrics, settings.max_active_requests, settings.decode_retries, policy
-    )
+        nodes, host.metrics, settings.max_active_requests, settings.decode_retries, policy,
+        ContextRoutes(settings.context_routes),
+    )  # fmt: skip
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, host.server)
     if settings.http_port is not None:
         from kvferry.coordinator.openai_api import build_app  # FastAPI loads only when the front is on

@@ -1,5 +1,7 @@
 """CoordinatorService RPCs: thin wrappers over generation.generate, with counters. `serve` is the one
-counted path of a Generate call, for the gRPC methods and the OpenAI-compatible HTTP front alike."""
+counted path of a Generate call, for the gRPC methods and the OpenAI-compatible HTTP front alike.
+PutContext goes to one prefill node (where the same context went before, else the least loaded) and
+DropContext to every node."""
 
 from __future__ import annotations
 
@@ -10,15 +12,17 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from kvferry.coordinator.context_routes import HANDLE_PREFIX, ContextRoutes, put_key
 from kvferry.coordinator.generation import generate
 from kvferry.coordinator.metrics import CoordinatorMetrics
 from kvferry.coordinator.nodes import NodePool
 from kvferry.coordinator.stats import CoordinatorStats
-from kvferry.engine.errors import ResourceExhaustedError
+from kvferry.engine.errors import NotFoundError, ResourceExhaustedError
+from kvferry.serving import request_context
 from kvferry.serving.compression_policy import CompressionPolicy
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.metrics import new_registry
-from kvferry.v1 import coordinator_pb2, coordinator_pb2_grpc
+from kvferry.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -29,9 +33,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         max_active_requests: int = 0,
         decode_retries: int = 0,
         policy: CompressionPolicy | None = None,
+        routes: ContextRoutes | None = None,
     ) -> None:
         self.nodes = nodes
         self.policy = policy or CompressionPolicy()
+        self.routes = routes or ContextRoutes()
         self.stats = CoordinatorStats()
         self.metrics = CoordinatorMetrics(metrics or new_registry())
         self.max_active_requests = max_active_requests
@@ -65,6 +71,36 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.StatsResponse:
         return self.stats.to_proto()
 
+    async def PutContext(
+        self, request: common_pb2.PutContextRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.PutContextResponse:
+        request_context.bind(request.request_id)
+        self.policy.apply(request)  # a put without compression settings gets the operator's
+        key = put_key(request)
+        route = self.routes.get(key)
+        node = await self.nodes.pick_prefill(route.prefill if route else None)
+        reply: common_pb2.PutContextResponse = await node.stub.PutContext(
+            request, timeout=context.time_remaining(), metadata=request_context.metadata(request.request_id)
+        )
+        reply.prefill_node = node.address
+        decode = route.decode if route and route.prefill == node.address else None
+        self.routes.record(key, node.address, decode)
+        self.routes.record(HANDLE_PREFIX + reply.handle, node.address, decode)
+        return reply
+
+    async def DropContext(
+        self, request: common_pb2.DropContextRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.DropContextResponse:
+        """Drop the context on every node; NOT_FOUND when none knew it."""
+        found = await self.nodes.drop_context(request, context.time_remaining())
+        self.routes.forget(HANDLE_PREFIX + request.handle)
+        if not found:
+            raise NotFoundError(
+                f"handle: no node knows context {request.handle!r} (never put or cached, or dropped)",
+                field="handle",
+            )
+        return common_pb2.DropContextResponse(found=True)
+
     async def serve(
         self, request: Any, timeout: float | None
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
@@ -85,7 +121,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         output_tokens = 0
         try:
             async for part in generate(
-                self.nodes, request, timeout, self.decode_retries, metrics.retries.inc
+                self.nodes, request, timeout, self.decode_retries, metrics.retries.inc, self.routes
             ):
                 output_tokens += len(part.token_ids)
                 if part.HasField("stats"):

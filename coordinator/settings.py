@@ -31,6 +31,21 @@ class CoordinatorSettings(ServerSettings, CompressionPolicySettings):
     max_active_requests: int = setting(
         256, "Generate calls served at once; more are refused with RESOURCE_EXHAUSTED (0: no limit)"
     )
+    context_routes: int = setting(
+        100_000,
+        "cached contexts whose prefill and decode nodes the coordinator remembers, to send later requests on "
+        "them there (least recently used forgotten first)",
+    )
+    context_prefill_slack: int = setting(
+        8,
+        "a request on a cached context stays with the prefill node holding it while that node's queue is at "
+        "most this many requests longer than the shortest one",
+    )
+    context_decode_share: float = setting(
+        0.25,
+        "... and with the decode node holding it while that node has at least this share of the most "
+        "available pages of any decode node",
+    )
 
     def __post_init__(self) -> None:
         if not self.prefill_addresses:
@@ -41,4 +56,10 @@ class CoordinatorSettings(ServerSettings, CompressionPolicySettings):
             raise ValueError(f"decode_retries: must be >= 0, got {self.decode_retries}")
         if self.max_active_requests < 0:
             raise ValueError(f"max_active_requests: must be >= 0, got {self.max_active_requests}")
+        if self.context_routes < 0:
+            raise ValueError(f"context_routes: must be >= 0, got {self.context_routes}")
+        if self.context_prefill_slack < 0:
+            raise ValueError(f"context_prefill_slack: must be >= 0, got {self.context_prefill_slack}")
+        if not 0 <= self.context_decode_share <= 1:
+            raise ValueError(f"context_decode_share: must be in [0, 1], got {self.context_decode_share}")
         self.compression_policy()  # its checks at start-up (the method is checked by the prefill nodes)

@@ -3,8 +3,8 @@
 The prefill node reserves pages (`reserve`: ReserveKV, waiting while the node is full for now), sets a
 direct link up (`export`: ExportKV, `open_nccl`: OpenNccl), moves pages (`push`: PushKV for grpc,
 `commit`: CommitKV for the direct transports) and frees a reservation it will not use (`abort`). The
-coordinator streams a request's tokens (`decode`), reads the node's load (`info`) and frees the
-reservation of a client that went away (`abort`).
+coordinator streams a request's tokens (`decode`), reads the node's load (`info`), frees the
+reservation of a client that went away (`abort`) and drops cached contexts (`drop_context`).
 
 Torch-free: the coordinator imports it.
 """
@@ -23,7 +23,7 @@ import grpc
 from kvferry.serving.deadline import Deadline
 from kvferry.serving.error_interceptor import is_retryable
 from kvferry.serving.security import ChannelFactory
-from kvferry.v1 import decode_pb2, decode_pb2_grpc
+from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 Metadata = Sequence[tuple[str, str]]
@@ -136,6 +136,11 @@ class DecodeClient:
 
     async def info(self, timeout: float) -> decode_pb2.DecodeInfoResponse:
         return await self.stub.Info(decode_pb2.DecodeInfoRequest(), timeout=timeout)
+
+    async def drop_context(self, handle: str, timeout: float) -> bool:
+        """Remove a cached context from the node; whether it held it."""
+        reply = await self.stub.DropContext(common_pb2.DropContextRequest(handle=handle), timeout=timeout)
+        return reply.found
 
 
 async def _backoff_delays() -> AsyncIterator[float]:

@@ -11,6 +11,11 @@ Before DECODING a lease runs; `abort` (an Abort call, a failed check, a cancelle
 the record and its pages in any state; a DECODING record ends with its stream (`ended`). Every engine
 call goes through the engine thread; the records live on the event loop, and the engine thread looks
 them up to publish tokens. The lifecycle on both nodes, step by step: docs/kv-handoff.md.
+
+A request whose KV starts with a cached context (ReserveKVRequest.context) shares the context's pages
+when the engine's context cache holds it (only the request's own pages travel), else receives them
+ahead of its own, and the commit caches them. A ReserveKV for a context another record is receiving
+waits (at most one lease) for that record to commit or end, then shares what it brought.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from kvferry.decode_service.direct_receiver import DirectReceiver
 from kvferry.decode_service.settings import DecodeSettings
 from kvferry.decode_service.token_stream import TokenStream
 from kvferry.engine.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, require
-from kvferry.engine.kv_handoff import KVLayout
-from kvferry.engine.llm_engine import LLMEngine
+from kvferry.engine.kv_handoff import ContextRef, KVLayout
+from kvferry.engine.llm_engine import ContextInFlight, LLMEngine
 from kvferry.engine.sequence import Sequence
 from kvferry.kvtransfer import (
     ModelSpec,
@@ -41,7 +46,12 @@ from kvferry.kvtransfer import (
 )
 from kvferry.kvtransfer.device_util import TransferTimeoutError, pool_checksum
 from kvferry.kvtransfer.errors import TransferIntegrityError
-from kvferry.kvtransfer.manifest import CHECKSUM_ALGORITHM, DEVICE_CHECKSUM_ALGORITHM, check_early_manifest
+from kvferry.kvtransfer.manifest import (
+    CHECKSUM_ALGORITHM,
+    DEVICE_CHECKSUM_ALGORITHM,
+    check_early_manifest,
+    context_ref,
+)
 from kvferry.kvtransfer.transport import EarlyFinal, run_to_end
 from kvferry.serving.convert import sampling_from_proto
 from kvferry.serving.engine_worker import EngineWorker
@@ -56,6 +66,7 @@ class IncomingRequest(Reservation):
     its tokens leave through."""
 
     stream: TokenStream = field(kw_only=True)
+    context_cache: str = field(default="off", kw_only=True)  # its cached context here: hit, miss or off
 
     def publish(self, engine: LLMEngine, seq: Sequence) -> None:
         """Engine thread: `seq`'s new tokens, and its final output once it finished."""
@@ -73,6 +84,7 @@ class KVReceiver:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._freed = asyncio.Event()  # set (and replaced) whenever a request gives its pages back
+        self._settled = asyncio.Event()  # set (and replaced) whenever a record receiving a context ends
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, spec: ModelSpec) -> None:
@@ -114,11 +126,16 @@ class KVReceiver:
             "manifest.checksum_algorithm",
             f"must be {algorithm!r} for the {transport} transport, got {request.manifest.checksum_algorithm!r}",
         )
+        context = None
+        if request.HasField("context"):
+            require(not request.early, "context", "an early reservation cannot carry a cached context")
+            context = context_ref(request.context, self.spec)
         sampling = sampling_from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
         first = request.first_token_id
         rid = uuid.uuid4().hex
         loop = self._loop
+        wait_for_context = True  # the waiter rule: wait for another record's arriving context once
 
         ran: list[float] = []  # when the engine thread started and ended `reserve`
 
@@ -127,32 +144,47 @@ class KVReceiver:
             if request.early:
                 page_ids = engine.reserve_import_early(prompt, sampling, early_pages, rid)
             else:
-                page_ids = engine.reserve_import(prompt, first, sampling, layout, rid)
-            kv = engine.requests[rid].kv
+                page_ids = engine.reserve_import(
+                    prompt, first, sampling, layout, rid, context, wait_if_arriving=wait_for_context
+                )
+            seq = engine.requests[rid]
+            kv = seq.kv
             assert kv is not None
+            shared = 0 if seq.context_entry is None else seq.context_entry.num_pages  # not this request's
             record = IncomingRequest(
-                request.request_id, request.manifest, page_ids, kv.num_pages_held + kv.reserved,
+                request.request_id, request.manifest, page_ids, kv.num_pages_held + kv.reserved - shared,
                 self.settings.lease_seconds, id=rid, transport=transport, nccl_pair_id=request.nccl_pair_id,
                 early=request.early,
                 stream=TokenStream(loop, engine.tokenizer, sampling, None if request.early else first),
+                context_cache=seq.stats.context_cache,
             )  # fmt: skip
+            if seq.stats.context_cache == "miss":  # the context's pages travel ahead of the manifest's
+                assert context is not None and self.spec is not None
+                record.context_pages = context.num_pages
+                record.context_bytes = context.num_pages * self.spec.bytes_per_page
             ran.append(time.perf_counter())
             return record
 
         needed = engine.import_pages_needed(
             len(prompt), sampling, layout=None if request.early else layout,
             max_pages=early_pages if request.early else None,
-        )  # fmt: skip
+        ) + (0 if context is None else context.num_pages)  # fmt: skip
         hold_until = time.monotonic() + self.settings.reserve_hold_seconds
         while True:
             asked = time.perf_counter()
             try:
-                engine.pool.check_room(needed)  # a stale read off the engine thread, which decides
+                if engine.pool.num_cached == 0:  # else cached contexts may give room: the engine decides
+                    engine.pool.check_room(needed)  # a stale read off the engine thread, which decides
                 record = await self.worker.call(reserve)
                 break
             except ResourceExhaustedError as e:
                 if not e.retryable or not await self._pages_freed(hold_until):
                     raise
+                ran.clear()
+            except ContextInFlight as e:
+                assert context is not None
+                await self._context_settled(engine, context, e.request_id)
+                wait_for_context = False
                 ran.clear()
             except asyncio.CancelledError:  # runs after `reserve` if it ran; no one reads its stream
                 self.worker.submit(lambda e: self._abort_on_engine(e, rid, None))
@@ -182,6 +214,30 @@ class KVReceiver:
             return False
         return True
 
+    async def _context_settled(self, engine: LLMEngine, context: ContextRef, receiver: str) -> None:
+        """Wait until the record receiving `context` (its engine request `receiver`) committed or
+        ended, at most one lease: then the context is cached here, or the caller receives it itself."""
+        until = time.monotonic() + self.settings.lease_seconds
+        log.info("context %s is arriving with %s; waiting for it", context.handle[:12], receiver)
+        while engine.context_cache.computing(context.handle) == receiver:  # a dict read: atomic
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            settled = self._settled
+            try:
+                await asyncio.wait_for(settled.wait(), left)
+            except TimeoutError:
+                return
+
+    def context_settled(self) -> None:
+        """Engine thread: a record that was receiving a context committed or ended."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._signal_settled)
+
+    def _signal_settled(self) -> None:
+        self._settled.set()
+        self._settled = asyncio.Event()
+
     def pages_returned(self) -> None:
         """Engine thread: a request gave its pages back (it finished or was aborted); every ReserveKV
         waiting for room wakes up."""
@@ -203,6 +259,7 @@ class KVReceiver:
                     candidate.begin_receive()
                     record = candidate
                     started = time.perf_counter()
+                    _take_checksum(record, chunk.checksum if chunk.HasField("checksum") else None)
                 elif chunk.reservation_id not in ("", record.id):
                     raise InvalidArgumentError(
                         "reservation_id: one PushKV stream carries one reservation", field="reservation_id"
@@ -220,7 +277,7 @@ class KVReceiver:
                 )
             assert self.spec is not None
             payload = record.verified_payload()  # count and checksum, before any page is written
-            await self._commit(record, bytes_to_pages(payload, self.spec, record.page_ids.numel()))
+            await self._commit(record, bytes_to_pages(payload, self.spec, record.travel_pages))
         except BaseException:
             if record is not None:
                 self.abort(record.id)
@@ -248,11 +305,17 @@ class KVReceiver:
             assert final is not None
             record.manifest = final.manifest  # what was written: its first pages
             placement = (final.first_token_id, layout)
+        if record.context_pages and checksum is None:
+            self.abort(record.id)
+            raise InvalidArgumentError(
+                "checksum: CommitKV must carry the sum64 of every page sent when a context's pages travel",
+                field="checksum",
+            )
         expected = record.manifest.checksum if checksum is None else checksum
         record.begin_receive(direct=True)
         started = time.perf_counter()
         engine = self.ready_engine()
-        page_ids = record.page_ids[: record.manifest.num_pages].to(engine.pool.kv.device)
+        page_ids = record.page_ids[: record.travel_pages].to(engine.pool.kv.device)
         received = verified = started
         try:
             if record.transport == "nccl":
@@ -268,7 +331,7 @@ class KVReceiver:
                         f"checksum mismatch: sum64 of the {record.transport} pages in the pool is "
                         f"{found:#018x}, the sender says {expected:#018x}"
                     )
-            record.received = record.manifest.byte_count
+            record.received = record.travel_bytes
             verified = time.perf_counter()
             await self._commit(record, None, placement)
         except TransferTimeoutError as e:
@@ -344,6 +407,8 @@ class KVReceiver:
                 device = engine.pool.kv.device
                 engine.pool.kv[record.page_ids.to(device)] = pages.to(device)
             seq = engine.commit_import(rid)
+            if record.context_cache == "miss":  # its context is cached now (or kept alone): waiters go
+                self.context_settled()
             if seq.is_finished:  # the first token was the last one allowed
                 record.publish(engine, seq)
 
@@ -371,6 +436,7 @@ class KVReceiver:
     def _abort_on_engine(self, engine: LLMEngine, rid: str, stream: TokenStream | None) -> None:
         if engine.abort(rid):
             self.pages_returned()
+            self.context_settled()
         if stream is not None:
             stream.close("abort")
 
@@ -384,3 +450,17 @@ class KVReceiver:
                     record.id, record.request_id, record.state.value,
                 )  # fmt: skip
                 self.worker.submit(lambda e, r=record: self._abort_on_engine(e, r.id, r.stream))
+
+
+def _take_checksum(record: IncomingRequest, checksum: int | None) -> None:
+    """The first PushKV message's checksum: required, and only allowed, when a context's pages travel
+    ahead of the manifest's (the manifest's crc32 covers its own pages only)."""
+    if record.context_pages:
+        require(
+            checksum is not None,
+            "checksum",
+            "the crc32 of every byte sent is required when a context's pages travel",
+        )
+    else:
+        require(checksum is None, "checksum", "only when a context's pages travel ahead of the manifest's")
+    record.checksum = checksum

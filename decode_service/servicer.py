@@ -17,9 +17,9 @@ from kvferry.kvtransfer.manifest import check_transfer_size
 from kvferry.kvtransfer.selection import DIRECT_WRITE
 from kvferry.kvtransfer.transport import EarlyFinal
 from kvferry.serving import request_context
-from kvferry.serving.convert import FINISH_REASONS, model_info, pool_info
+from kvferry.serving.convert import FINISH_REASONS, context_cache_info, drop_context, model_info, pool_info
 from kvferry.serving.metrics import LATENCY_BUCKETS, new_registry
-from kvferry.v1 import decode_pb2, decode_pb2_grpc
+from kvferry.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         assert self.decode.spec is not None
         # An oversized transfer is refused before the manifest is even parsed into a layout.
         check_transfer_size(
-            request.manifest, self.decode.spec, engine.pool.num_pages, self.decode.settings.max_transfer_bytes
-        )
+            request.manifest, self.decode.spec, engine.pool.num_pages, self.decode.settings.max_transfer_bytes,
+            request.context.num_pages if request.HasField("context") else 0,
+        )  # fmt: skip
         r = await self.receiver.reserve(request)
         reply = decode_pb2.ReserveKVResponse(
             reservation_id=r.id,
@@ -77,6 +78,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             max_chunk_bytes=self.decode.settings.max_chunk_bytes,
             page_runs=encode_runs(r.page_ids) if r.transport in DIRECT_WRITE else [],
             node_id=self.decode.direct.node_id,
+            context_cached=r.context_cache == "hit",
         )
         log.info(
             "ReserveKV answered in %.1f ms (%d page runs)", 1e3 * (time.perf_counter() - started),
@@ -136,6 +138,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             if event.finish_reason is not None:
                 response.finish_reason = FINISH_REASONS[event.finish_reason]
                 stats = response.stats
+                stats.context_cache = reservation.context_cache
                 stats.kv_bytes_received = reservation.received
                 stats.kv_pages = reservation.page_ids.numel()
                 if reservation.committed_at is not None:
@@ -163,4 +166,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             running=engine.scheduler.running_count(),
             reservations=len(self.receiver.records),
             lease_seconds=self.decode.settings.lease_seconds,
+            context_cache=context_cache_info(engine.context_cache_state()),
+        )
+
+    async def DropContext(
+        self, request: common_pb2.DropContextRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.DropContextResponse:
+        self.decode.ready_engine()
+        return common_pb2.DropContextResponse(
+            found=await self.decode.worker.call(drop_context(request.handle))
         )

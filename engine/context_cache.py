@@ -201,20 +201,23 @@ class ContextCache:
             del self._computing[handle]
 
     # ---- entries in and out -------------------------------------------------------------------
-    def publish(self, handle: str, num_tokens: int, kv: SequenceKV) -> CachedContext | None:
-        """Cache the compressed context a request just computed: the first `num_tokens` tokens of
-        `kv`, whose heads hold whole pages of kept tokens and nothing else yet. The cache becomes one
-        more holder of those pages (no copy). Returns the entry, or None when the device budget cannot
-        take it now (too large, or full of contexts in use): the request then keeps its pages alone."""
+    def publish(
+        self, handle: str, num_tokens: int, kv: SequenceKV, head_lens: torch.Tensor | None = None
+    ) -> CachedContext | None:
+        """Cache the compressed context a request just computed (or a decode node just received): the
+        first `num_tokens` tokens of `kv`, whose heads start with `head_lens` [L, H] kept tokens in
+        whole pages (None: all that `kv` holds). The cache becomes one more holder of those pages (no
+        copy). Returns the entry, or None when the device budget cannot take it now (too large, or
+        full of contexts in use): the request then keeps its pages alone."""
         page_size = self.pool.page_size
-        lens = kv.head_lens.clone()
+        lens = (kv.head_lens if head_lens is None else head_lens).to(torch.int64).clone()
         assert bool((lens % page_size == 0).all()), "a cached head must end on a page boundary"
         if handle in self._device or handle in self._host:  # computed twice (the waiter rule allows it)
             return None
         entry = CachedContext(handle, num_tokens, lens, page_size)
         if entry.num_pages == 0 or not self._make_room(self.bytes_of(entry.num_pages)):
             return None
-        entry.set_pages(kv.ordered_page_ids())
+        entry.set_pages(kv.ordered_page_ids(end=entry.pages_per_head))
         ids = entry.page_ids()
         self.pool.share(ids)
         self.pool.mark_cached(ids, True)
@@ -362,14 +365,17 @@ class ContextCache:
 
     # ---- visibility -------------------------------------------------------------------------------
     def state(self) -> ContextCacheState:
+        """A snapshot; safe to take off the engine thread (a scrape): tuple() of a dict's values runs
+        without a thread switch, and the rest are plain integers (a step stale at most)."""
+        device = tuple(self._device.values())
         return ContextCacheState(
-            device_entries=len(self._device),
+            device_entries=len(device),
             host_entries=len(self._host),
             device_bytes=self.device_bytes,
             host_bytes=self.host_bytes,
             device_budget_bytes=self.device_budget,
             host_budget_bytes=self.host_budget,
-            pinned_entries=sum(1 for e in self._device.values() if e.pins),
+            pinned_entries=sum(1 for e in device if e.pins),
             computing=len(self._computing),
             hits=self.hits,
             misses=self.misses,

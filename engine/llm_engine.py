@@ -13,11 +13,17 @@ from kvferry.engine.compression import SCORERS, CompressionParams, as_compressio
 from kvferry.engine.compression.budget import max_kept_pages
 from kvferry.engine.compression.calibration import ModelCalibration
 from kvferry.engine.config import EngineConfig
-from kvferry.engine.context_cache import DEFAULT_DEVICE_SHARE, ContextCache, ContextCacheState, context_handle
+from kvferry.engine.context_cache import (
+    DEFAULT_DEVICE_SHARE,
+    CachedContext,
+    ContextCache,
+    ContextCacheState,
+    context_handle,
+)
 from kvferry.engine.cuda_graphs import make_decode_graph_runner
 from kvferry.engine.errors import InvalidArgumentError, require
 from kvferry.engine.forward_batch import PrefillCancelled
-from kvferry.engine.kv_handoff import KVLayout
+from kvferry.engine.kv_handoff import ContextRef, KVLayout
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.layers.fused_projections import use_fused_projections
 from kvferry.engine.layers.layer_kernels import use_layer_kernels
@@ -32,6 +38,15 @@ from kvferry.engine.sequence import Sequence, SequenceStatus
 from kvferry.engine.tokenizer import eos_token_ids
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+class ContextInFlight(Exception):
+    """reserve_import: another import is receiving the same context right now (`request_id`). Its
+    commit caches the context, so the caller waits for that import to end and asks again."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"context arriving with request {request_id}")
+        self.request_id = request_id
 
 
 class LLMEngine:
@@ -103,12 +118,14 @@ class LLMEngine:
         hold_kv: bool = False,
         context_len: int = 0,
         cache_context: bool | None = None,
+        context_only: bool = False,
     ) -> Sequence:
         """Validate a request against this engine's limits and build its Sequence (not queued).
 
         `context_len`: the prompt's first tokens that are its context (0: none). With `cache_context`
         (None: the engine's default) the context is compressed on its own and shared through the
-        context cache (engine/context_cache.py); `compression` then applies to the context only."""
+        context cache (engine/context_cache.py); `compression` then applies to the context only.
+        `context_only`: the whole prompt is a context to cache, nothing is sampled (`add_context`)."""
         sampling.validate()
         n = len(prompt_token_ids)
         require(n > 0, "prompt", "must not be empty")
@@ -130,6 +147,7 @@ class LLMEngine:
             compression.check_prompt(n, self.max_model_len)
         max_new = sampling.max_new_tokens_for(n, self.max_model_len)
         seq = Sequence(prompt_token_ids, sampling, max_new, compression, request_id, hold_kv)
+        seq.context_only = context_only
         if self.config.cache_context if cache_context is None else cache_context:
             self._set_context(seq, context_len)
         if compression is not None and not seq.context_len:
@@ -141,9 +159,12 @@ class LLMEngine:
         """Give a cache_context request its cached context: the first whole pages of its context, the
         compression settings that apply to them, and its cache handle (None: it could never fit)."""
         n = seq.num_prompt_tokens
-        require(
-            0 <= context_len < n, "context", f"must leave at least one prompt token after it ({n} in all)"
-        )
+        if seq.context_only:
+            require(0 < context_len <= n, "context", "must not be empty")
+        else:
+            require(
+                0 <= context_len < n, "context", f"must leave at least one prompt token after it ({n} in all)"
+            )
         if context_len == 0:  # nothing to cache: the request runs as without the cache ("off")
             return
         params = seq.compression
@@ -166,14 +187,15 @@ class LLMEngine:
         seq.context_params = params
         bound = None if params is None else params.largest(aligned)  # auto: chosen once the context is read
         worst = max_kept_pages(bound, aligned, self.num_layers, self.num_kv_heads, page_size)
+        seq.context_key = context_handle(
+            self.loaded.fingerprint,
+            str(self.dtype).removeprefix("torch."),
+            page_size,
+            seq.prompt_token_ids[:aligned],
+            params if isinstance(params, CompressionParams) else None,
+        )
         if self.context_cache.can_hold(worst):
-            seq.context_handle = context_handle(
-                self.loaded.fingerprint,
-                str(self.dtype).removeprefix("torch."),
-                page_size,
-                seq.prompt_token_ids[:aligned],
-                params if isinstance(params, CompressionParams) else None,
-            )
+            seq.context_handle = seq.context_key
 
     def add_request(
         self,
@@ -191,6 +213,39 @@ class LLMEngine:
         seq = self.make_sequence(
             prompt_token_ids, sampling, compression, request_id, hold_kv, context_len, cache_context
         )
+        self.scheduler.add(seq)
+        self.requests[seq.request_id] = seq
+        return seq
+
+    def add_context(
+        self, token_ids: list[int], compression: Any = None, request_id: str | None = None
+    ) -> Sequence:
+        """Queue a context-only request (the services' PutContext): its whole pages are prefilled,
+        compressed on their own and offered to the context cache, and it ends there (finish reason
+        "context", no token sampled; the cache holds the pages). It ends at once, without running,
+        when the context is cached already (`stats.context_cache` "hit") or never could be
+        (`context_handle` None: larger than the cache budget). `context_key` is its handle either way."""
+        seq = self.make_sequence(
+            token_ids,
+            SamplingParams(max_new_tokens=1),
+            compression,
+            request_id,
+            context_len=len(token_ids),
+            cache_context=True,
+            context_only=True,
+        )
+        page_size = self.pool.page_size
+        require(
+            seq.context_len > 0, "context", f"must hold at least one page ({page_size} tokens) to be cached"
+        )
+        entry = None if seq.context_handle is None else self.context_cache.lookup(seq.context_handle)
+        if entry is not None:
+            self.scheduler.end_put(seq, entry)
+            return seq
+        if seq.context_handle is None:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "context"
+            return seq
         self.scheduler.add(seq)
         self.requests[seq.request_id] = seq
         return seq
@@ -217,6 +272,9 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Run one scheduled step; returns the sequences that produced a token (finished ones included)."""
         work = self.scheduler.schedule()
+        ended = self.scheduler.take_ended()  # puts whose context another request cached meanwhile
+        for seq in ended:
+            self.requests.pop(seq.request_id, None)
         if isinstance(work, PrefillStep):
             seq = work.seq
             if seq.prefill_start is None:
@@ -228,23 +286,27 @@ class LLMEngine:
                 logits = self.runner.prefill(seq, work.num_tokens, seq.scorer_state)
             except PrefillCancelled:
                 self.abort(seq.request_id)
-                return []
+                return ended
+            if seq.context_pending and seq.num_prefilled == seq.context_len:
+                self._finish_context(seq)
+                if seq.context_only:  # a put whose context is whole pages ends here, logits unused
+                    seq.stats.prefill_seconds = time.perf_counter() - seq.prefill_start
+                    self._finish(seq, "context")
+                    return [*ended, seq]
             if logits is None:
-                if seq.context_pending and seq.num_prefilled == seq.context_len:
-                    self._finish_context(seq)
-                return []
+                return ended
             self.finish_prefill(seq)
             self._append(seq, sample(logits[None], [seq.sampling], [seq.generator])[0])
             if seq.hold_kv and not seq.is_finished:
                 self._hold(seq)
-            return [seq]
+            return [*ended, seq]
         if isinstance(work, DecodeStep):
             logits = self.runner.decode(work.seqs)
             tokens = sample(logits, [s.sampling for s in work.seqs], [s.generator for s in work.seqs])
             for seq, token in zip(work.seqs, tokens):
                 self._append(seq, token)
-            return work.seqs
-        return []
+            return [*ended, *work.seqs]
+        return ended
 
     def _finish_context(self, seq: Sequence) -> None:
         """A request's context is prefilled: compress it alone (each head to whole pages), shrink the
@@ -332,6 +394,25 @@ class LLMEngine:
         assert seq.kv is not None
         return KVLayout(seq.kv.head_lens.clone(), self.pool.page_size), seq.kv.ordered_page_ids()
 
+    def held_kv_after_context(self, request_id: str) -> tuple[KVLayout, torch.Tensor, CachedContext | None]:
+        """`held_kv` with a cached context kept apart: the layout and pages [N] ((layer, head, page)
+        order) of the request's own tokens after its context, and the context's entry, pinned once more
+        for the caller (a handoff), which must `unpin_context` it once its pages need not be read any
+        more. A request without a cached context (none, or computed privately): `held_kv` and None."""
+        seq = self._get(request_id, SequenceStatus.HELD)
+        kv = seq.kv
+        entry = seq.context_entry
+        assert kv is not None
+        if entry is None or entry.dropped:
+            return (*self.held_kv(request_id), None)
+        self.context_cache.pin(entry)
+        own = KVLayout(kv.head_lens - entry.head_lens, self.pool.page_size)
+        return own, kv.ordered_page_ids(start=entry.pages_per_head), entry
+
+    def unpin_context(self, entry: CachedContext) -> None:
+        """Drop a pin `held_kv_after_context` gave its caller."""
+        self.context_cache.unpin(entry)
+
     def release(self, request_id: str) -> None:
         """Free a held request's pages after its KV was shipped (or the handoff failed)."""
         seq = self._get(request_id, SequenceStatus.HELD)
@@ -345,10 +426,23 @@ class LLMEngine:
         sampling: SamplingParams,
         layout: KVLayout,
         request_id: str,
+        context: ContextRef | None = None,
+        wait_if_arriving: bool = False,
     ) -> torch.Tensor:
         """Set pages aside for an incoming KV (status RECEIVING) and return their ids [N] in the
         order the pages travel. Reserves the decode growth too, so the request can never run out
-        of pages later. Raises ResourceExhaustedError when the pool cannot hold it now."""
+        of pages later. Raises ResourceExhaustedError when the pool cannot hold it now.
+
+        With `context` the KV starts with that cached context and `layout` holds the request's own
+        tokens after it. A context this engine's cache holds is shared: only the request's own pages
+        are set aside and returned (`stats.context_cache` "hit"). One it does not hold travels too: its
+        pages come first in the returned ids, and `commit_import` offers them to the cache ("miss").
+        `wait_if_arriving`: raise ContextInFlight instead of a miss while another import is receiving
+        the same context (the waiter rule of engine/context_cache.py, across imports)."""
+        if context is not None:
+            return self._reserve_import_after_context(
+                prompt_token_ids, first_token, sampling, layout, request_id, context, wait_if_arriving
+            )
         seq = self.make_sequence(prompt_token_ids, sampling, None, request_id)
         L, H = self.num_layers, self.num_kv_heads
         lens = self._checked_lens(layout, len(prompt_token_ids), first_token)
@@ -359,6 +453,90 @@ class LLMEngine:
         seq.status = SequenceStatus.RECEIVING
         self.requests[request_id] = seq
         return page_ids
+
+    def _reserve_import_after_context(
+        self,
+        prompt_token_ids: list[int],
+        first_token: int,
+        sampling: SamplingParams,
+        layout: KVLayout,
+        request_id: str,
+        context: ContextRef,
+        wait_if_arriving: bool,
+    ) -> torch.Tensor:
+        seq = self.make_sequence(prompt_token_ids, sampling, None, request_id)
+        n = len(prompt_token_ids)
+        context_lens = self._checked_context(context, n)
+        own = self._checked_lens(layout, n - context.num_tokens, first_token)
+        cache, handle = self.context_cache, context.handle
+        entry = cache.lookup(handle)
+        if entry is None and wait_if_arriving and cache.computing(handle) not in (None, request_id):
+            raise ContextInFlight(cache.computing(handle))  # type: ignore[arg-type]
+        require(
+            entry is None or bool(torch.equal(entry.head_lens, context_lens)),
+            "context.head_lens",
+            "differ from those of the context this node caches under the same handle",
+        )
+        seq.output_token_ids = [first_token]
+        seq.context_len = context.num_tokens
+        seq.context_handle = seq.context_key = handle
+        seq.stats.context_tokens = context.num_tokens
+        seq.stats.context_kept_tokens = int(context_lens.sum())
+        own_pages = self.import_pages_needed(n, sampling, layout=KVLayout(own, self.pool.page_size))
+        kv = seq.kv = SequenceKV(self.pool, self.num_layers, self.num_kv_heads, seq.cache_tokens_needed() + 1)
+        if entry is not None:  # shared: the request's own pages only (and the entry's, back from the host)
+            need = own_pages + (0 if entry.on_device else entry.num_pages)
+            cache.reclaim(need, keep=entry)
+            self.pool.check_room(need)
+            if not entry.on_device:
+                cache.restore(entry)
+            kv.reserve(own_pages)
+            cache.pin(entry)
+            seq.context_entry = entry
+            try:
+                kv.attach_shared(entry.page_table, entry.head_lens)  # type: ignore[arg-type]
+                page_ids = kv.grow_to(context_lens + own)
+            except BaseException:
+                self.scheduler.finish(seq, "abort")  # its pages, reservation and pin
+                raise
+            seq.stats.context_cache = "hit"
+            cache.hits += 1
+        else:  # received: the context's pages, then the request's own
+            need = own_pages + context.num_pages
+            cache.reclaim(need)
+            kv.reserve(need)
+            page_ids = torch.cat([kv.grow_to(context_lens), kv.grow_to(context_lens + own)])
+            seq.context_import_lens = context_lens
+            seq.context_pending = True  # the claim below ends with the commit or the request
+            if cache.computing(handle) is None:
+                cache.begin_computing(handle, request_id)
+            seq.stats.context_cache = "miss"
+            cache.misses += 1
+        seq.status = SequenceStatus.RECEIVING
+        self.requests[request_id] = seq
+        return page_ids
+
+    def _checked_context(self, context: ContextRef, prompt_len: int) -> torch.Tensor:
+        """An imported context's kept tokens per head [L, H], after checking them against this model
+        and the prompt (whole pages of at most the context's tokens, and a prompt token after it)."""
+        L, H, page_size = self.num_layers, self.num_kv_heads, self.pool.page_size
+        lens = context.head_lens.to(torch.int64)
+        require(len(context.handle) > 0, "context.handle", "must name the cached context")
+        require(tuple(lens.shape) == (L, H), "context.head_lens", f"must be [{L}, {H}] for this model")
+        require(context.page_size == page_size, "context.page_size", f"must be {page_size}")
+        require(
+            context.num_tokens % page_size == 0 and 0 < context.num_tokens < prompt_len,
+            "context.num_tokens",
+            f"must be whole pages of the prompt with at least one prompt token after them, got "
+            f"{context.num_tokens} of {prompt_len}",
+        )
+        require(
+            bool((lens % page_size == 0).all() and (lens >= 0).all())
+            and int(lens.max()) <= context.num_tokens,
+            "context.head_lens",
+            "each head keeps whole pages of at most the context's tokens",
+        )
+        return lens
 
     def import_pages_needed(
         self,
@@ -444,8 +622,11 @@ class LLMEngine:
         return lens
 
     def commit_import(self, request_id: str) -> Sequence:
-        """The pages of a RECEIVING request are all written: start decoding it."""
+        """The pages of a RECEIVING request are all written: start decoding it. A context that came
+        with them is offered to the context cache (which becomes one more holder of its pages)."""
         seq = self._get(request_id, SequenceStatus.RECEIVING)
+        if seq.context_pending:
+            self._publish_import(seq)
         seq.status = SequenceStatus.DECODE
         seq.first_token_time = time.perf_counter()
         if len(seq.output_token_ids) >= seq.max_new_tokens:
@@ -453,6 +634,18 @@ class LLMEngine:
         else:
             self.scheduler.attach(seq)
         return seq
+
+    def _publish_import(self, seq: Sequence) -> None:
+        """Cache the context a committed import received (the request keeps it alone when the cache
+        cannot take it now) and end its claim, so the imports waiting for it share it."""
+        assert seq.kv is not None and seq.context_handle is not None and seq.context_import_lens is not None
+        cache = self.context_cache
+        entry = cache.publish(seq.context_handle, seq.context_len, seq.kv, seq.context_import_lens)
+        cache.end_computing(seq.context_handle, seq.request_id)
+        seq.context_pending = False
+        if entry is not None:
+            cache.pin(entry)
+            seq.context_entry = entry
 
     def _get(self, request_id: str, status: SequenceStatus) -> Sequence:
         seq = self.requests.get(request_id)

@@ -160,10 +160,17 @@ class SequenceKV:
         self.num_pages_held = 0
         self.release_reservation()
 
-    def ordered_page_ids(self) -> torch.Tensor:
-        """Held page ids in (layer, head, page) order: the order pages travel in a handoff. [N]"""
-        held = self.pages_per_head(self.head_lens)
-        mask = torch.arange(self.max_pages)[None, None, :] < held[..., None]
+    def ordered_page_ids(
+        self, start: torch.Tensor | None = None, end: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Held page ids in (layer, head, page) order: the order pages travel in a handoff. With
+        `start` / `end` [L, H] (page indices), each head's pages in [start, end) only: a cached
+        context's pages (end = its pages per head), or a request's own pages behind it (start). [N]"""
+        held = self.pages_per_head(self.head_lens) if end is None else end
+        slot = torch.arange(self.max_pages)[None, None, :]
+        mask = slot < held[..., None]
+        if start is not None:
+            mask &= slot >= start[..., None]
         return self.page_table[mask].to(torch.int64)
 
     def kv_bytes(self) -> int:

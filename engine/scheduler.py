@@ -53,6 +53,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.ended: list[Sequence] = []  # finished at admission (a put whose context got cached meanwhile)
 
     def worst_case_pages(self, seq: Sequence) -> int:
         per_head = -(-seq.cache_tokens_needed() // self.pool.page_size)
@@ -88,6 +89,11 @@ class Scheduler:
                 if entry is None and self._waits_for_context(seq):
                     i += 1  # not for pages: the requests behind it may go first
                     continue
+            if entry is not None and seq.context_only:  # a put: nothing left to compute
+                del self.waiting[i]
+                self.end_put(seq, entry)
+                self.ended.append(seq)
+                continue
             need = self.worst_case_pages(seq)
             if entry is not None:  # a hit: its own pages, and the entry's if it must come back from the host
                 need = self.own_pages(seq) + (0 if entry.on_device else entry.num_pages)
@@ -107,6 +113,21 @@ class Scheduler:
             return False
         seq.context_waited_on = computer
         return True
+
+    def end_put(self, seq: Sequence, entry: CachedContext) -> None:
+        """A context-only request (PutContext) whose context is cached: it ends without running."""
+        assert self.context_cache is not None
+        self.context_cache.hits += 1
+        seq.stats.context_cache = "hit"
+        seq.stats.context_kept_tokens = int(entry.head_lens.sum())
+        seq.stats.prefill_tokens_computed = 0
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "context"
+
+    def take_ended(self) -> list[Sequence]:
+        """The requests that ended at admission since the last call."""
+        ended, self.ended = self.ended, []
+        return ended
 
     def _start(self, seq: Sequence, entry: CachedContext | None) -> None:
         """Admit `seq`: its pages, its reservation, and its context's pages on a hit. Whatever it takes

@@ -100,6 +100,13 @@ class Sequence:
         self.context_pending = False  # this request computes its context (a miss) and has not yet
         self.context_entry: Any = None  # the cached context this request holds a pin on
         self.context_waited_on: str | None = None  # the request computing its context it waited for
+        # The cache key of the context even when it could never be cached (context_handle None): what
+        # the services' PutContext registers. None without a context.
+        self.context_key: str | None = None
+        self.context_only = False  # a PutContext: the request ends once its context is cached
+        # A decode node's import of a context it did not hold: the context's kept tokens per head
+        # [L, H] at the front of `kv`, published into the cache at the commit (context_pending).
+        self.context_import_lens: torch.Tensor | None = None
         # Set from any thread (LLMEngine.request_cancel): a prefill chunk of this request stops at its
         # next layer boundary instead of running the chunk to its end.
         self.cancel_requested = False

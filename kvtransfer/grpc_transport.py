@@ -31,13 +31,16 @@ class GrpcTransport(Transport):
         return pages_to_bytes(pages)
 
     async def send(self, decode: DecodeClient, shipment: Shipment) -> TransferResult:
-        # The manifest's crc32 covers the bytes (no separate checksum); each chunk renews the lease.
+        # The manifest's crc32 covers the bytes, unless the payload is more than its pages (a cached
+        # context's pages ahead of them): then the first message carries the crc32 of all of them.
+        # Each chunk renews the lease.
         if shipment.early is not None:
             raise ValueError("the grpc transport takes no early reservation (its manifest carries the crc32)")
         reservation, payload = shipment.reservation, shipment.payload
         chunk = min(self.chunk_bytes, reservation.max_chunk_bytes or self.chunk_bytes)
+        crc = None if shipment.checksum is None else await shipment.checksum
         start = time.perf_counter()
-        reply = await decode.push(_chunks(reservation.reservation_id, payload, chunk), shipment.timeout)
+        reply = await decode.push(_chunks(reservation.reservation_id, payload, chunk, crc), shipment.timeout)
         if reply.bytes_received != len(payload):
             raise TransferIntegrityError(
                 f"sent {len(payload)} bytes but the decode node committed {reply.bytes_received}"
@@ -46,11 +49,14 @@ class GrpcTransport(Transport):
 
 
 async def _chunks(
-    reservation_id: str, payload: memoryview, chunk: int
+    reservation_id: str, payload: memoryview, chunk: int, crc: int | None = None
 ) -> AsyncIterator[decode_pb2.PushKVRequest]:
     if len(payload) == 0:  # still tell the decode node which reservation is complete
-        yield decode_pb2.PushKVRequest(reservation_id=reservation_id, offset=0, data=b"")
+        yield decode_pb2.PushKVRequest(reservation_id=reservation_id, offset=0, data=b"", checksum=crc)
         return
     for offset in range(0, len(payload), chunk):
         data = bytes(payload[offset : offset + chunk])
-        yield decode_pb2.PushKVRequest(reservation_id=reservation_id, offset=offset, data=data)
+        first = crc if offset == 0 else None
+        yield decode_pb2.PushKVRequest(
+            reservation_id=reservation_id, offset=offset, data=data, checksum=first
+        )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvferry.engine.errors import ResourceExhaustedError, require
-from kvferry.engine.kv_handoff import KVLayout
+from kvferry.engine.kv_handoff import ContextRef, KVLayout
 from kvferry.kvtransfer.errors import ManifestMismatchError
 from kvferry.v1 import kv_pb2
 
@@ -176,20 +176,38 @@ def _layout_of(manifest: kv_pb2.KVManifest, spec: ModelSpec) -> KVLayout:
     return layout
 
 
+def context_ref(ref: kv_pb2.ContextRef, spec: ModelSpec) -> ContextRef:
+    """The cached context a ReserveKV names, its shape checked against this node's model (the engine
+    checks it against the prompt)."""
+    L, H = spec.num_layers, spec.num_kv_heads
+    require(len(ref.head_lens) == L * H, "context.head_lens", f"must hold {L} x {H} counts")
+    lens = torch.tensor(list(ref.head_lens), dtype=torch.int64).view(L, H)
+    context = ContextRef(ref.handle, ref.num_tokens, lens, spec.page_size)
+    require(
+        bool((lens % spec.page_size == 0).all()) and ref.num_pages == context.num_pages,
+        "context.num_pages",
+        f"is {ref.num_pages} but head_lens take {int((lens // spec.page_size).sum())} whole pages",
+    )
+    return context
+
+
 def check_transfer_size(
-    manifest: kv_pb2.KVManifest, spec: ModelSpec, pool_pages: int, max_bytes: int
+    manifest: kv_pb2.KVManifest, spec: ModelSpec, pool_pages: int, max_bytes: int, context_pages: int = 0
 ) -> None:
     """Refuse a transfer that can never be taken, before anything is reserved or allocated: more
-    bytes than `max_bytes` (0: no limit of its own) or more pages than the whole pool holds."""
-    if manifest.byte_count > max_bytes > 0:
+    bytes than `max_bytes` (0: no limit of its own) or more pages than the whole pool holds
+    (`context_pages`: a cached context's, which travel too when this node does not hold it)."""
+    num_pages = manifest.num_pages + context_pages
+    byte_count = manifest.byte_count + context_pages * spec.bytes_per_page
+    if byte_count > max_bytes > 0:
         raise ResourceExhaustedError(
-            f"manifest.byte_count: {manifest.byte_count} bytes exceed this node's max_transfer_bytes {max_bytes}",
+            f"manifest.byte_count: {byte_count} bytes exceed this node's max_transfer_bytes {max_bytes}",
             field="manifest.byte_count",
             retryable=False,
         )
-    if manifest.num_pages > pool_pages or manifest.byte_count > pool_pages * spec.bytes_per_page:
+    if num_pages > pool_pages or byte_count > pool_pages * spec.bytes_per_page:
         raise ResourceExhaustedError(
-            f"manifest.num_pages: {manifest.num_pages} pages ({manifest.byte_count} bytes) can never fit in "
+            f"manifest.num_pages: {num_pages} pages ({byte_count} bytes) can never fit in "
             f"this node's pool of {pool_pages} pages",
             field="manifest.num_pages",
             retryable=False,

@@ -40,6 +40,11 @@ class Reservation:
     transport: str = "grpc"  # grpc: bytes through accept(); a direct one writes the pool itself
     nccl_pair_id: str = ""
     early: bool = False  # ReserveKVRequest.early: page_ids are staged, laid out at the commit
+    # A cached context this node did not hold travels ahead of the manifest's pages: its pages (the
+    # first of page_ids) and bytes; the sender then gives the checksum of everything it sends.
+    context_pages: int = 0
+    context_bytes: int = 0
+    checksum: int | None = None  # of everything sent, when it is more than the manifest's pages
     state: ReservationState = ReservationState.AWAITING_PAGES
     created: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
@@ -50,6 +55,18 @@ class Reservation:
 
     def __post_init__(self) -> None:
         self.renew()
+
+    @property
+    def travel_pages(self) -> int:
+        """Pages the transport brings: a context's that travel ahead, then the manifest's."""
+        return self.context_pages + self.manifest.num_pages
+
+    @property
+    def travel_bytes(self) -> int:
+        return self.context_bytes + self.manifest.byte_count
+
+    def expected_checksum(self) -> int:
+        return self.manifest.checksum if self.checksum is None else self.checksum
 
     def renew(self) -> None:
         self.deadline = time.monotonic() + self.lease_seconds
@@ -77,7 +94,7 @@ class Reservation:
         self.state = ReservationState.RECEIVING
         self.renew()
         if not direct:
-            self._buffer = bytearray(self.manifest.byte_count)
+            self._buffer = bytearray(self.travel_bytes)
 
     def accept(self, offset: int, data: bytes) -> None:
         """Take the next chunk; bytes must come in order and never beyond what the manifest announced."""
@@ -87,10 +104,8 @@ class Reservation:
                 f"chunk at offset {offset} but {self.received} bytes were received so far"
             )
         end = offset + len(data)
-        if end > self.manifest.byte_count:
-            raise TransferIntegrityError(
-                f"got {end} bytes but the manifest announced {self.manifest.byte_count}"
-            )
+        if end > self.travel_bytes:
+            raise TransferIntegrityError(f"got {end} bytes but the manifest announced {self.travel_bytes}")
         self._buffer[offset:end] = data
         self._crc = checksum(data, self._crc)
         self.received = end
@@ -98,14 +113,14 @@ class Reservation:
 
     def verified_payload(self) -> bytearray:
         """All bytes, after checking their count and checksum against the manifest."""
-        if self.received != self.manifest.byte_count:
+        if self.received != self.travel_bytes:
             raise TransferIntegrityError(
-                f"received {self.received} bytes but the manifest announced {self.manifest.byte_count}"
+                f"received {self.received} bytes but the manifest announced {self.travel_bytes}"
             )
-        if self._crc != self.manifest.checksum:
+        if self._crc != self.expected_checksum():
             raise TransferIntegrityError(
                 f"checksum mismatch: {self.manifest.checksum_algorithm} of the bytes is {self._crc:#010x}, "
-                f"the manifest says {self.manifest.checksum:#010x}"
+                f"the sender says {self.expected_checksum():#010x}"
             )
         assert self._buffer is not None
         return self._buffer

@@ -1,6 +1,11 @@
 """Shipping one request's kept pages to a decode node: transport, payload and manifest, ReserveKV (or
 the early reservation), send and commit. The reservation it holds is aborted on every other way out.
-The lifecycle on both nodes, step by step: docs/kv-handoff.md."""
+The lifecycle on both nodes, step by step: docs/kv-handoff.md.
+
+A request on a cached context names the context in its ReserveKV (its manifest then covers the
+request's own pages): a decode node that holds it takes the own pages alone; one that does not gets
+the context's pages ahead of them (gathered from the prefill pool only then), with the checksum of
+everything sent (crc32 in the first PushKV message, sum64 with CommitKV)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from kvferry.kvtransfer import TransferResult, Transport, build_manifest
 from kvferry.kvtransfer.device_util import page_checksum
 from kvferry.kvtransfer.errors import LeaseLapsedError
+from kvferry.kvtransfer.manifest import checksum as crc32
 from kvferry.kvtransfer.transport import EarlyFinal, run_to_end
 from kvferry.prefill_service.decode_reservation import DecodeReservation
 from kvferry.prefill_service.early_reservation import EarlyReservation
@@ -40,6 +46,7 @@ class Shipped:
     transport: str
     handoff_seconds: float  # payload + manifest + ReserveKV to commit
     reserved_early: bool = False  # shipped into a reservation made while the prefill ran
+    context_shipped: bool = False  # the decode node lacked the request's cached context: its pages went too
 
 
 class KVHandoff:
@@ -77,16 +84,20 @@ class KVHandoff:
                 await reservation.abort()
                 reservation = None
             final = EarlyFinal(manifest, outcome.first_token)  # what an early reservation's commit brings
+            context = None if outcome.context is None else outcome.context.ref()
             start = time.perf_counter()  # payload and manifest ready
             with _running(run_to_end(page_checksum, payload) if direct else None) as checksum:
                 while True:
                     if reservation is None:
-                        reserve = request.reserve_kv(manifest, transport, outcome.first_token)
+                        reserve = request.reserve_kv(manifest, transport, outcome.first_token, context)
                         reservation = await _reserve(link, transport, reserve, request.deadline)
                     try:
                         transport = await _same_process(link, request, transport, reservation)
                         reserved = time.perf_counter()
-                        result = await reservation.send(transport, payload, checksum, final)
+                        if context is not None and not reservation.reply.context_cached:
+                            result = await _send_with_context(reservation, transport, outcome, final)
+                        else:
+                            result = await reservation.send(transport, payload, checksum, final)
                         log.info(
                             "handoff over %s%s: payload + manifest %.1f ms, ReserveKV %.1f ms, send + commit %.1f ms",
                             transport.name, " (reserved early)" if reservation.early else "",
@@ -118,7 +129,25 @@ class KVHandoff:
             transport.name,
             time.perf_counter() - handoff_start,
             reservation.early,
+            context is not None and not reservation.reply.context_cached,
         )
+
+
+async def _send_with_context(
+    reservation: DecodeReservation, transport: Transport, outcome: PrefillOutcome, final: EarlyFinal
+) -> TransferResult:
+    """The decode node lacks the request's cached context: send its pages, then the request's own, with
+    the checksum of all of them (crc32 of the bytes for grpc, sum64 of the pages otherwise)."""
+    assert outcome.context is not None and outcome.pages is not None
+    pages = await outcome.context.pages_before(outcome.pages)
+    payload = await asyncio.to_thread(transport.payload, pages)
+    summed = (
+        run_to_end(page_checksum, payload)
+        if isinstance(payload, torch.Tensor)
+        else asyncio.to_thread(crc32, payload)
+    )
+    with _running(summed) as checksum:
+        return await reservation.send(transport, payload, checksum, final)
 
 
 async def _reserve(

@@ -26,11 +26,17 @@ class HandoffRequest:
     deadline: Deadline
 
     def reserve_kv(
-        self, manifest: kv_pb2.KVManifest, transport: Transport, first_token: int | None
+        self,
+        manifest: kv_pb2.KVManifest,
+        transport: Transport,
+        first_token: int | None,
+        context: kv_pb2.ContextRef | None = None,
     ) -> decode_pb2.ReserveKVRequest:
         """The ReserveKV for `manifest` over `transport`. `first_token` None: an early reservation (made
-        while the prefill runs; the first token and the final manifest come with CommitKV)."""
+        while the prefill runs; the first token and the final manifest come with CommitKV). `context`:
+        the cached context the KV starts with (the manifest then covers the pages after it)."""
         return decode_pb2.ReserveKVRequest(
+            context=context,
             request_id=self.request_id,
             manifest=manifest,
             sampling=self.sampling,

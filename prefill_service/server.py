@@ -40,8 +40,10 @@ def build(settings: PrefillSettings) -> ServiceHost:
     policy = settings.compression_policy()
     log.info("compression policy: %s", policy.describe())
     pipeline = PrefillPipeline(
-        engine, handoff, settings.max_pending_requests, host.metrics, settings.early_reserve, policy
-    )
+        engine, handoff, settings.max_pending_requests, host.metrics, early_reserve=settings.early_reserve,
+        cache_context=settings.cache_context, max_put_context_tokens=settings.max_put_context_tokens,
+        policy=policy,
+    )  # fmt: skip
     depth = Gauge(
         "kvferry_prefill_queue_depth", "Prefill calls accepted and not answered", registry=host.metrics
     )

@@ -46,6 +46,18 @@ class PrefillSettings(ServerSettings, EngineSettings, CompressionPolicySettings)
         64,
         "Prefill calls accepted and not answered yet; more are refused with RESOURCE_EXHAUSTED (0: no limit)",
     )
+    cache_context: bool = setting(
+        False,
+        "cache the context of requests that leave cache_context unset (an explicit context, or a chat's turns "
+        "before its last user turn): compressed on its own, without the question, and reused by later "
+        "requests on it. Off by default: it changes what compression keeps (the question no longer guides "
+        "it), and query-aware methods (snapkv, kvcompress) then run uncached",
+    )
+    max_put_context_tokens: int = setting(
+        4_000_000,
+        "tokens of PutContext contexts this node remembers (their token ids, so requests can name them by "
+        "handle); beyond it the least recently used are forgotten (their handles then give NOT_FOUND)",
+    )
 
     def __post_init__(self) -> None:
         parse_transports(self.transports)
@@ -59,3 +71,5 @@ class PrefillSettings(ServerSettings, EngineSettings, CompressionPolicySettings)
             raise ValueError(f"max_pending_requests: must be >= 0, got {self.max_pending_requests}")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes: must be >= 1, got {self.chunk_bytes}")
+        if self.max_put_context_tokens < 0:
+            raise ValueError(f"max_put_context_tokens: must be >= 0, got {self.max_put_context_tokens}")

@@ -60,6 +60,8 @@ class CompressionPolicy:
         GenerateUnaryRequest, PrefillRequest) in place."""
         if not self.compresses and self.quality_target is None:
             return
+        if _names_a_put_context(request):
+            return  # compressed as the context was put (a request on it may not set compression)
         if not request.HasField("compression"):
             if not self.compresses:
                 return  # a quality target alone asks for no compression
@@ -83,3 +85,12 @@ class CompressionPolicy:
             return "none (requests keep their whole cache unless they ask for compression)"
         target = "" if self.quality_target is None else f", quality target {self.quality_target}"
         return f"{self.method or 'compactor'} at retention {self.retention or 'default'}{target}"
+
+
+def _names_a_put_context(request: Any) -> bool:
+    """Whether a request names a PutContext handle as its context."""
+    return (
+        "context" in request.DESCRIPTOR.fields_by_name
+        and request.HasField("context")
+        and request.context.WhichOneof("source") == "handle"
+    )

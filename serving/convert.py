@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from kvferry.engine.compression import CompressionParams
-from kvferry.engine.errors import InvalidArgumentError, require
+from kvferry.engine.context_cache import ContextCacheState
+from kvferry.engine.errors import InvalidArgumentError, NotFoundError, require
 from kvferry.engine.kv_pool import KVPool
 from kvferry.engine.llm_engine import LLMEngine
-from kvferry.engine.prompt_regions import encode_request
+from kvferry.engine.prompt_regions import EncodedRequest, encode_request
 from kvferry.engine.retention import AUTO
 from kvferry.engine.sampling_params import SamplingParams
 from kvferry.v1 import common_pb2 as pb
@@ -52,28 +53,45 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def encode_request_proto(
-    tokenizer: Any | None, request: Any, max_tokens: int | None = None
-) -> tuple[list[int], CompressionParams | None]:
+    tokenizer: Any | None,
+    request: Any,
+    max_tokens: int | None = None,
+    params: CompressionParams | None = None,
+    context: str | list[int] | None = None,
+    chat_context: bool = False,
+) -> EncodedRequest:
     """The prompt token ids of a request with an `input` oneof (its `question` appended) and its
     compression params, the regions it asks to keep as spans (engine.prompt_regions: as the offline
     API encodes the same input). With `max_tokens` (max_model_len), an input that cannot fit is refused
     before it is tokenized or copied, and compression settings that do not fit the prompt are refused
-    here, so their errors name `compression.<field>` (the engine checks again)."""
+    here, so their errors name `compression.<field>` (the engine checks again). `params`: the
+    compression to use instead of the request's (a put context's); `context` (plain prompts: text or
+    token ids in front of the input) and `chat_context` (measure a chat's turns before its last user
+    turn) give the cached context's length (EncodedRequest.context_len)."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidArgumentError("prompt: set one of prompt, messages, prompt_token_ids", field="prompt")
-    params = compression_from_proto(request.compression) if request.HasField("compression") else None
+    if params is None and request.HasField("compression"):
+        params = compression_from_proto(request.compression)
     question = request.question if request.HasField("question") else None
     with compression_fields():
         if which == "prompt":
             encoded = encode_request(
-                tokenizer, prompt=request.prompt, question=question, compression=params, max_tokens=max_tokens
-            )
+                tokenizer, prompt=request.prompt, question=question, compression=params, context=context,
+                max_tokens=max_tokens,
+            )  # fmt: skip
         elif which == "messages":
+            require(
+                context is None,
+                "context",
+                "a conversation's context is its turns before the last user turn: send messages without "
+                "a context",
+            )
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
             encoded = encode_request(
-                tokenizer, messages=messages, question=question, compression=params, max_tokens=max_tokens
-            )
+                tokenizer, messages=messages, question=question, compression=params,
+                chat_context=chat_context, max_tokens=max_tokens,
+            )  # fmt: skip
         else:
             count = len(request.prompt_token_ids.ids)
             require(count > 0, "prompt_token_ids", "must not be empty")
@@ -85,11 +103,12 @@ def encode_request_proto(
             )
             ids = list(request.prompt_token_ids.ids)
             encoded = encode_request(
-                tokenizer, prompt=ids, question=question, compression=params, max_tokens=max_tokens
-            )
+                tokenizer, prompt=ids, question=question, compression=params, context=context,
+                max_tokens=max_tokens,
+            )  # fmt: skip
         if encoded.compression is not None and max_tokens is not None:
             encoded.compression.check_prompt(len(encoded.ids), max_tokens)
-    return encoded.ids, encoded.compression
+    return encoded
 
 
 @contextmanager
@@ -160,4 +179,23 @@ def pool_info(pool: KVPool) -> pb.PoolInfo:
         used_pages=pool.num_used,
         reserved_pages=pool.num_reserved,
         available_pages=max(pool.num_available, 0),
+        cached_pages=pool.num_cached,
     )
+
+
+def context_cache_info(state: ContextCacheState, **extra: Any) -> pb.ContextCacheInfo:
+    """A node's context cache (`extra`: the prefill node's put_contexts and cache_context_default)."""
+    return pb.ContextCacheInfo(**dataclasses.asdict(state), **extra)
+
+
+def drop_context(handle: str) -> Callable[[LLMEngine], bool]:
+    """An engine command: remove `handle` from the context cache; whether it was there."""
+
+    def drop(engine: LLMEngine) -> bool:
+        try:
+            engine.context_cache.drop(handle)
+        except NotFoundError:
+            return False
+        return True
+
+    return drop

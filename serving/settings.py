@@ -199,6 +199,17 @@ class EngineSettings:
     fused_projections: bool = setting(
         True, "q/k/v in one matmul, and the SwiGLU gate and up projections in one (off: one matmul each)"
     )
+    context_cache_gib: float | None = setting(
+        None,
+        "GiB of the KV pool the cache of compressed contexts may hold (default: a quarter of the pool; 0: "
+        "contexts are never kept). Prefill: compressed once, reused by every request on the context; "
+        "decode: shared by the requests on it, shipped once",
+    )
+    context_cache_host_gib: float | None = setting(
+        None,
+        "GiB of host memory (pinned on CUDA) for contexts pushed out of the pool, restored on their next "
+        "hit (default: as much as context_cache_gib; 0: none)",
+    )
 
     def engine_config(self) -> EngineConfig:
         from kvferry.engine.config import (
@@ -219,4 +230,14 @@ class EngineSettings:
             prefill_attention=self.prefill_attention,
             layer_kernels=self.layer_kernels,
             fused_projections=self.fused_projections,
+            context_cache_bytes=_gib_bytes("context_cache_gib", self.context_cache_gib),
+            context_cache_host_bytes=_gib_bytes("context_cache_host_gib", self.context_cache_host_gib),
         )
+
+
+def _gib_bytes(name: str, gib: float | None) -> int | None:
+    if gib is None:
+        return None
+    if not gib >= 0:  # NaN included
+        raise ValueError(f"{name}: must be >= 0 GiB, got {gib}")
+    return int(gib * (1 << 30))

@@ -1,6 +1,7 @@
 """A real cluster inside the test process: decode, prefill and coordinator gRPC servers on free ports,
 served by one asyncio loop on a background thread. Tests talk to it over real gRPC with the public
-clients; `leaks()` inspects both engines' pools on their own engine threads."""
+clients; `assert_no_leaks()` inspects the engines' pools on their own engine threads. One node of each
+role by default; `ClusterSpec.nodes` asks for more (hosts "prefill", "prefill-1", ..., "decode-1", ...)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvferry.clients.local_cluster import LocalCluster
 from kvferry.coordinator import server as coordinator_server
 from kvferry.coordinator.settings import CoordinatorSettings
 from kvferry.decode_service import server as decode_server
@@ -36,6 +39,7 @@ class ClusterSpec:
     prefill: dict[str, Any] = field(default_factory=dict)  # PrefillSettings fields
     server: dict[str, Any] = field(default_factory=dict)  # ServerSettings fields of all three (TLS...)
     coordinator: dict[str, Any] = field(default_factory=dict)  # CoordinatorSettings fields (auth...)
+    nodes: dict[str, int] = field(default_factory=lambda: {"prefill": 1, "decode": 1})  # per role
 
 
 class InProcessCluster:
@@ -54,18 +58,21 @@ class InProcessCluster:
     async def _start(self) -> None:
         server = dict(host="127.0.0.1", port=0, grace_seconds=1.0, log_level="WARNING", **self.spec.server)
         common = dict(**server, **self.spec.engine)
-        decode = decode_server.build(DecodeSettings(**{**common, **self.spec.decode}))
-        prefill = prefill_server.build(PrefillSettings(**{**common, **self.spec.prefill}))
-        for name, host in (("decode", decode), ("prefill", prefill)):
-            self.hosts[name] = host
-            await host.start()
-        await asyncio.gather(decode.warmed, prefill.warmed)  # type: ignore[arg-type]
+        builds = {
+            "decode": lambda: decode_server.build(DecodeSettings(**{**common, **self.spec.decode})),
+            "prefill": lambda: prefill_server.build(PrefillSettings(**{**common, **self.spec.prefill})),
+        }
+        for role in ("decode", "prefill"):
+            for i in range(self.spec.nodes[role]):
+                host = self.hosts[role if i == 0 else f"{role}-{i}"] = builds[role]()
+                await host.start()
+        await asyncio.gather(*(host.warmed for host in self.hosts.values()))  # type: ignore[arg-type]
         coordinator = coordinator_server.build(
             CoordinatorSettings(
                 **{
                     **server,
-                    "prefill_addresses": [self.address("prefill")],
-                    "decode_addresses": [self.address("decode")],
+                    "prefill_addresses": [self.address(n) for n in self.names("prefill")],
+                    "decode_addresses": [self.address(n) for n in self.names("decode")],
                     **self.spec.coordinator,
                 }
             )
@@ -74,9 +81,13 @@ class InProcessCluster:
         await coordinator.start()
         await coordinator.warmed  # type: ignore[misc]
 
+    def names(self, role: str) -> list[str]:
+        """The hosts of one role ("prefill" or "decode"), the first one named after the role."""
+        return [n for n in self.hosts if n == role or n.startswith(role + "-")]
+
     def stop(self) -> None:
         async def stop_all() -> None:
-            for name in ("coordinator", "prefill", "decode"):
+            for name in ["coordinator", *self.names("prefill"), *self.names("decode")]:
                 if name in self.hosts:
                     await self.hosts[name].stop()
 
@@ -127,16 +138,30 @@ class InProcessCluster:
         finally:
             release.set()
 
+    def workers(self) -> dict[str, Any]:
+        """Each engine host's engine worker (serving.engine_worker.EngineWorker), by host name."""
+        out = {}
+        for name in [*self.names("prefill"), *self.names("decode")]:
+            component = self.hosts[name].component
+            out[name] = component.engine.worker if name.startswith("prefill") else component.worker
+        return out
+
     def pool_state(self) -> dict[str, tuple[int, int]]:
-        """(pages in use, pages reserved) of each engine's pool, read on its engine thread."""
+        """(pages in use, pages reserved) of each engine's pool, read on its engine thread; pages in use
+        leave out those the context cache holds (KVPool.assert_no_leaks tells them apart exactly)."""
 
         async def read() -> dict[str, tuple[int, int]]:
             state = {}
-            for name, worker in (("prefill", self.prefill.engine.worker), ("decode", self.decode.worker)):
-                state[name] = await worker.call(lambda e: (e.pool.num_used, e.pool.num_reserved))
+            for name, worker in self.workers().items():
+                state[name] = await worker.call(
+                    lambda e: (e.pool.num_used - e.pool.num_cached, e.pool.num_reserved)
+                )
             return state
 
         return self.run(read())
+
+    def reservations(self) -> int:
+        return sum(len(self.hosts[n].component.reservations) for n in self.names("decode"))
 
     def wait_idle(self, timeout: float = 20.0) -> dict[str, tuple[int, int]]:
         """Poll until both pools hold nothing and no reservation is left (frees can trail a reply by a
@@ -144,19 +169,20 @@ class InProcessCluster:
         deadline = time.monotonic() + timeout
         while True:
             state = self.pool_state()
-            idle = all(v == (0, 0) for v in state.values()) and len(self.decode.reservations) == 0
+            idle = all(v == (0, 0) for v in state.values()) and self.reservations() == 0
             if idle or time.monotonic() > deadline:
                 return state
             time.sleep(0.05)
 
     def assert_no_leaks(self, timeout: float = 20.0) -> None:
         state = self.wait_idle(timeout)
-        assert state == {"prefill": (0, 0), "decode": (0, 0)}, f"pages still held (used, reserved): {state}"
-        assert len(self.decode.reservations) == 0, "a decode reservation outlived its request"
+        assert all(v == (0, 0) for v in state.values()), f"pages still held (used, reserved): {state}"
+        assert self.reservations() == 0, "a decode reservation outlived its request"
 
         async def check() -> None:
-            for worker in (self.prefill.engine.worker, self.decode.worker):
+            for worker in self.workers().values():
                 await worker.call(lambda e: e.pool.assert_no_leaks())
+                await worker.call(lambda e: e.context_cache.assert_idle())
 
         self.run(check())
 
@@ -186,3 +212,24 @@ def scrape_url(url: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return samples
+
+
+@contextmanager
+def process_cluster(model: Path, log_dir: Path, lease_seconds: float) -> Iterator[LocalCluster]:
+    """The three services as processes on a tiny CPU model (4-token pages, 64-token chunks, 512
+    positions), the decode node's lease `lease_seconds`: what the kill -9 tests take down."""
+    engine = ["--model", str(model), "--device", "cpu", "--dtype", "float32", "--page-size", "4",
+              "--prefill-chunk", "64", "--max-model-len", "512", "--torch-threads", "1", "--log-level", "INFO"]  # fmt: skip
+    c = LocalCluster(
+        engine_args=engine,
+        decode_args=["--kv-cache-bytes", str(8 << 20), "--lease-seconds", str(lease_seconds)],
+        prefill_args=["--kv-cache-bytes", str(4 << 20)],
+        coordinator_args=["--info-timeout-seconds", "1"],
+        log_dir=log_dir,
+    )
+    c.start()
+    try:
+        c.wait_ready(timeout=180)
+        yield c
+    finally:
+        c.stop()

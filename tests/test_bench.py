@@ -105,6 +105,37 @@ def test_bench_against_a_running_cluster(cluster: InProcessCluster, tmp_path: Pa
     cluster.assert_no_leaks()
 
 
+def test_docqa_questions_on_cached_documents(cluster: InProcessCluster, tmp_path: Path) -> None:
+    out = tmp_path / "docqa"
+    code = cli_main(
+        ["bench", "--target", cluster.coordinator_address, "--workload", "docqa", "--documents", "2",
+         "--questions-per-document", "3", "--zipf", "0", "--input-len", "96", "--question-len", "8-12",
+         "--output-len", "4", "--concurrency", "2", "--context-caches", "off,1,0.5,auto", "--warmup", "0",
+         "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    results = _read(out)
+    assert results["meta"]["questions_per_document"] == [3, 3]
+    off, whole, half, auto = results["runs"]
+    assert [r["context_cache_setting"] for r in results["runs"]] == ["off", "1", "0.5", "auto"]
+    for run in results["runs"]:
+        assert run["requests"] == 6 and run["failed"] == 0 and run["output_tokens"] == 6 * 4
+        _check_latencies(run)
+        assert run["cached_pages_after_drop"] == 0  # each setting's contexts dropped: the next starts cold
+    assert off["context_cache"]["prefill"] == {"hit": 0, "miss": 0, "off": 6}
+    assert off["documents_cached"] == 0 and off["documents_per_gib"] is None
+    assert off["prefill_tokens_computed"] == sum(r["input_len"] for r in off["per_request"])
+    for run in (whole, half, auto):  # each document computed once, its other questions hit
+        assert run["context_cache"]["prefill"] == {"hit": 4, "miss": 2, "off": 0}
+        assert run["context_cache"]["decode"]["hit"] + run["context_cache"]["decode"]["miss"] == 6
+        assert run["documents_cached"] == 2 and run["prefill_evictions"] == 0
+        assert run["prefill_tokens_computed"] < off["prefill_tokens_computed"]
+    # half the pages of a document at retention 0.5: twice the documents per GiB
+    assert 1.6 < half["documents_per_gib"] / whole["documents_per_gib"] <= 2.0
+    assert auto["documents_per_gib"] >= whole["documents_per_gib"]
+    cluster.assert_no_leaks()
+
+
 def test_compare_puts_the_same_load_through_both(
     cluster: InProcessCluster, tiny: TinyModel, tmp_path: Path
 ) -> None:

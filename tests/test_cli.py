@@ -5,6 +5,7 @@ shipped, `kvferry stats` shows the requests, and Ctrl-C (SIGINT) stops every pro
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def test_up_ask_stats_and_ctrl_c(tmp_path: Path) -> None:
         )  # fmt: skip
         assert ask.returncode == 0, ask.stderr
         assert "Eleanor Brandt" in ask.stdout
-        assert "(50%, compactor)" in ask.stdout and "over grpc" in ask.stdout
+        # the document (a cached context) kept at 50%, the question's tokens after it whole
+        assert re.search(r"\(5[01]%, compactor\)", ask.stdout) and "over grpc" in ask.stdout
 
         bad = subprocess.run(
             [*KVFERRY, "ask", "--address", address, "--doc", str(BUNDLED_DOCUMENT), "--retention", "2", "Q?"],

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from builders import TinyModel
+from cluster import process_cluster
 
 from kvferry.clients import AsyncClient, Client, KvferryRpcError
 from kvferry.clients.local_cluster import LocalCluster
@@ -35,22 +36,8 @@ def tokens(n: int, seed: int) -> list[int]:
 def cluster(
     tiny_model: Callable[[str], TinyModel], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
-    engine = ["--model", str(tiny_model("llama").path), "--device", "cpu", "--dtype", "float32",
-              "--page-size", "4", "--prefill-chunk", "64", "--max-model-len", "512", "--torch-threads", "1",
-              "--log-level", "INFO"]  # fmt: skip
-    c = LocalCluster(
-        engine_args=engine,
-        decode_args=["--kv-cache-bytes", str(8 << 20), "--lease-seconds", str(LEASE_SECONDS)],
-        prefill_args=["--kv-cache-bytes", str(4 << 20)],
-        coordinator_args=["--info-timeout-seconds", "1"],
-        log_dir=tmp_path_factory.mktemp("fault_logs"),
-    )
-    c.start()
-    try:
-        c.wait_ready(timeout=180)
+    with process_cluster(tiny_model("llama").path, tmp_path_factory.mktemp("fault_logs"), LEASE_SECONDS) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture

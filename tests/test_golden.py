@@ -2,7 +2,9 @@
 (one over 2K tokens) through coordinator -> prefill -> grpc transport -> decode give exactly the
 colocated engine's greedy tokens, compressed and not (at a ratio, at retention auto, with keep_tokens,
 and with the question given beside a document-only user turn); the bytes shipped are the kept pages plus
-a small manifest; and afterwards both services report zero used and zero reserved pages."""
+a small manifest; and afterwards both services report zero used and zero reserved pages. With a cached
+context (the document), a hit gives exactly the tokens of a miss on a fresh cache, colocated and
+disaggregated, sent whole or by a PutContext handle, at a ratio and at retention auto."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from builders import long_document
 
 from kvferry.clients import Client
-from kvferry.clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION, document_messages
+from kvferry.clients.cli import BUNDLED_DOCUMENT, BUNDLED_QUESTION, document_context, document_messages
 from kvferry.clients.local_cluster import LocalCluster
 from kvferry.engine import LLM, CompressionParams, SamplingParams
 
@@ -37,6 +39,8 @@ def smollm2_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loca
         "float32",
         "--kv-cache-bytes",
         str(256 << 20),
+        "--context-cache-gib",
+        "0.125",  # the bundled document uncompressed (83 MB) fits
         "--torch-threads",
         "1",
     ]
@@ -82,6 +86,58 @@ def test_smollm2_disaggregated_equals_colocated(
     assert "Eleanor Brandt" in expected[1].text and "5093" in expected[2].text
     for node in [*info.prefill_nodes, *info.decode_nodes]:
         assert (node.pool.used_pages, node.pool.reserved_pages) == (0, 0), node
+
+
+@pytest.mark.parametrize("retention", [None, 0.5, "auto"])
+def test_smollm2_a_cached_context_hit_equals_a_miss(
+    smollm2: LLM, smollm2_processes: LocalCluster, retention: float | str | None
+) -> None:
+    document = BUNDLED_DOCUMENT.read_text()
+    questions = [BUNDLED_QUESTION, "What did the canal carry?", "When did the canal open?"]
+    chats = [document_messages(document, q) for q in questions]
+    spec = None if retention is None else {"method": "compactor", "retention": retention}
+    compression = None if spec is None else CompressionParams(**spec)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS)
+    cache = smollm2.engine.context_cache
+    misses = []
+    for chat in chats:  # each question alone on an empty cache: a miss
+        cache.clear()
+        [out] = smollm2.generate_chat([chat], sampling, compression=compression, cache_context=True)
+        assert out.stats.context_cache == "miss"
+        misses.append(out.token_ids)
+    cache.clear()
+    hits = smollm2.generate_chat(chats, sampling, compression=compression, cache_context=True)
+    assert [o.stats.context_cache for o in hits] == ["miss", "hit", "hit"]
+    assert [o.token_ids for o in hits] == misses
+    cache.clear()
+    assert "Eleanor Brandt" in smollm2.engine.decode_text(misses[0])
+    with Client(smollm2_processes.coordinator_address, timeout=300) as client:
+        for i, chat in enumerate(chats):
+            got = client.generate(
+                messages=chat,
+                compression=spec,
+                cache_context=True,
+                temperature=0.0,
+                max_new_tokens=NEW_TOKENS,
+            )
+            assert got.token_ids == misses[i], f"question {i} sent whole"
+            if i:
+                assert (got.stats.prefill.context_cache, got.stats.decode.context_cache) == ("hit", "hit")
+                assert got.stats.prefill.kv_bytes_shipped < 0.05 * got.stats.prefill.kv_bytes
+        handle = client.put_context(messages=document_context(document), compression=spec)
+        assert handle.cached and handle.hit  # the same context the questions cached
+        for i, question in enumerate(questions):
+            got = client.generate(
+                messages=[{"role": "user", "content": question}], context=handle, temperature=0.0,
+                max_new_tokens=NEW_TOKENS,
+            )  # fmt: skip
+            assert got.token_ids == misses[i], f"question {i} by handle"
+            assert got.stats.prefill.context_cache == "hit"
+        client.drop_context(handle)
+        info = client.info()
+    for node in [*info.prefill_nodes, *info.decode_nodes]:
+        pool = node.pool
+        assert (pool.used_pages - pool.cached_pages, pool.reserved_pages) == (0, 0), node
 
 
 OPTIONS = {

@@ -351,3 +351,62 @@ def test_grpc_client_still_works_beside_http(cluster: InProcessCluster) -> None:
     with Client(cluster.coordinator_address, timeout=30) as c, pytest.raises(KvferryRpcError) as err:
         c.generate([1, 2, 3], max_new_tokens=2)  # the same token guards both APIs
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_cached_context_through_the_openai_api(
+    client: openai.OpenAI, cluster: InProcessCluster, model_id: str
+) -> None:
+    """cache_context as an extra body field: the second question on the document finds it cached on
+    both nodes, reports the reused prompt tokens as OpenAI's cached_tokens, and answers as the gRPC
+    API does; a context given as text and a put context's handle work the same way."""
+    document = "The Marrowick Canal was built by Eleanor Brandt. " * 4
+    extra = {
+        "cache_context": True,
+        "compression": {"method": "compactor", "retention": 0.5},
+        "ignore_eos": True,
+    }
+    replies = []
+    for question in ("Who built it?", "When?"):
+        messages = [{"role": "system", "content": document}, {"role": "user", "content": question}]
+        reply = client.chat.completions.create(
+            model=model_id, messages=messages, max_tokens=6, temperature=0, extra_body=extra
+        )
+        expected = grpc_answer(
+            cluster, messages=messages, compression=extra["compression"], cache_context=True,
+            max_new_tokens=6, temperature=0, ignore_eos=True,
+        )  # fmt: skip
+        assert reply.choices[0].message.content == expected.text
+        replies.append(reply)
+    first, second = (r.model_extra["kvferry"] for r in replies)
+    assert first["context_cache"] == "miss" and second["context_cache"] == "hit"
+    assert second["decode_context_cache"] == "hit" and second["context_handle"] == first["context_handle"]
+    assert second["context_tokens"] > 0
+    cached = replies[1].usage.prompt_tokens_details.cached_tokens
+    assert (
+        cached
+        == second["context_tokens"]
+        == replies[1].usage.prompt_tokens - second["prefill_tokens_computed"]
+    )
+    text = client.completions.create(
+        model=model_id, prompt=" Who?", max_tokens=4, temperature=0, extra_body={**extra, "context": document}
+    )
+    assert text.model_extra["kvferry"]["context_cache"] == "miss"
+    with Client(cluster.coordinator_address, token=TOKEN, timeout=60) as c:
+        put = c.put_context(document, compression=extra["compression"])
+    by_handle = client.completions.create(
+        model=model_id, prompt=" Who?", max_tokens=4, temperature=0,
+        extra_body={"context_handle": put.handle, "ignore_eos": True},
+    )  # fmt: skip
+    assert by_handle.model_extra["kvferry"]["context_cache"] == "hit"
+    with pytest.raises(openai.BadRequestError) as err:  # both at once
+        client.completions.create(
+            model=model_id,
+            prompt="x",
+            max_tokens=2,
+            extra_body={"context": "a", "context_handle": put.handle},
+        )
+    assert err.value.body["param"] == "context"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(
+            model=model_id, prompt="x", max_tokens=2, extra_body={"context_handle": "0" * 64}
+        )

@@ -128,7 +128,7 @@ class ModelInfo(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
-    __slots__ = ("page_size", "bytes_per_page", "total_pages", "free_pages", "used_pages", "reserved_pages", "available_pages")
+    __slots__ = ("page_size", "bytes_per_page", "total_pages", "free_pages", "used_pages", "reserved_pages", "available_pages", "cached_pages")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_PAGE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class PoolInfo(_message.Message):
     USED_PAGES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_PAGES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     bytes_per_page: int
     total_pages: int
@@ -143,4 +144,95 @@ class PoolInfo(_message.Message):
     used_pages: int
     reserved_pages: int
     available_pages: int
-    def __init__(self, page_size: _Optional[int] = ..., bytes_per_page: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., used_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., available_pages: _Optional[int] = ...) -> None: ...
+    cached_pages: int
+    def __init__(self, page_size: _Optional[int] = ..., bytes_per_page: _Optional[int] = ..., total_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., used_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., available_pages: _Optional[int] = ..., cached_pages: _Optional[int] = ...) -> None: ...
+
+class Context(_message.Message):
+    __slots__ = ("text", "token_ids", "handle")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: TokenIds
+    handle: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., handle: _Optional[str] = ...) -> None: ...
+
+class ContextCacheInfo(_message.Message):
+    __slots__ = ("device_entries", "host_entries", "device_bytes", "device_budget_bytes", "host_bytes", "host_budget_bytes", "pinned_entries", "computing", "hits", "misses", "spills", "restores", "evictions", "put_contexts", "cache_context_default")
+    DEVICE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTING_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    SPILLS_FIELD_NUMBER: _ClassVar[int]
+    RESTORES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PUT_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CONTEXT_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    device_entries: int
+    host_entries: int
+    device_bytes: int
+    device_budget_bytes: int
+    host_bytes: int
+    host_budget_bytes: int
+    pinned_entries: int
+    computing: int
+    hits: int
+    misses: int
+    spills: int
+    restores: int
+    evictions: int
+    put_contexts: int
+    cache_context_default: bool
+    def __init__(self, device_entries: _Optional[int] = ..., host_entries: _Optional[int] = ..., device_bytes: _Optional[int] = ..., device_budget_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., host_budget_bytes: _Optional[int] = ..., pinned_entries: _Optional[int] = ..., computing: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., spills: _Optional[int] = ..., restores: _Optional[int] = ..., evictions: _Optional[int] = ..., put_contexts: _Optional[int] = ..., cache_context_default: _Optional[bool] = ...) -> None: ...
+
+class PutContextRequest(_message.Message):
+    __slots__ = ("request_id", "text", "messages", "token_ids", "compression")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    text: str
+    messages: ChatMessages
+    token_ids: TokenIds
+    compression: CompressionParams
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., compression: _Optional[_Union[CompressionParams, _Mapping]] = ...) -> None: ...
+
+class PutContextResponse(_message.Message):
+    __slots__ = ("handle", "context_tokens", "cached_tokens", "kept_tokens", "cached", "hit", "prefill_node", "seconds")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    HIT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NODE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    context_tokens: int
+    cached_tokens: int
+    kept_tokens: int
+    cached: bool
+    hit: bool
+    prefill_node: str
+    seconds: float
+    def __init__(self, handle: _Optional[str] = ..., context_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kept_tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., hit: _Optional[bool] = ..., prefill_node: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class DropContextRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+
+class DropContextResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...

@@ -27,7 +27,7 @@ from kvferry.v1 import decode_pb2 as kvferry_dot_v1_dot_decode__pb2
 from kvferry.v1 import prefill_pb2 as kvferry_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvferry/v1/coordinator.proto\x12\nkvferry.v1\x1a\x17kvferry/v1/common.proto\x1a\x17kvferry/v1/decode.proto\x1a\x18kvferry/v1/prefill.proto\"\xa6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.kvferry.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x32\n\x0b\x63ompression\x18\x06 \x01(\x0b\x32\x1d.kvferry.v1.CompressionParams\x12\x15\n\x08question\x18\x10 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_question\"\x8e\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.kvferry.v1.GenerateStats\"\xab\x02\n\x14GenerateUnaryRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.kvferry.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x32\n\x0b\x63ompression\x18\x06 \x01(\x0b\x32\x1d.kvferry.v1.CompressionParams\x12\x15\n\x08question\x18\x10 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_question\"\x93\x01\n\x15GenerateUnaryResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.kvferry.v1.GenerateStats\"\xcf\x01\n\rGenerateStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprefill_node\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x03 \x01(\t\x12)\n\x07prefill\x18\x04 \x01(\x0b\x32\x18.kvferry.v1.PrefillStats\x12\'\n\x06\x64\x65\x63ode\x18\x05 \x01(\x0b\x32\x17.kvferry.v1.DecodeStats\x12\x14\n\x0cttft_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\"\r\n\x0bInfoRequest\"\x95\x01\n\x08NodeInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12$\n\x05model\x18\x04 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x05 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x0c\n\x04load\x18\x06 \x01(\r\"g\n\x0cInfoResponse\x12+\n\rprefill_nodes\x18\x01 \x03(\x0b\x32\x14.kvferry.v1.NodeInfo\x12*\n\x0c\x64\x65\x63ode_nodes\x18\x02 \x03(\x0b\x32\x14.kvferry.v1.NodeInfo\"\x0e\n\x0cStatsRequest\"\x9e\x02\n\rStatsResponse\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x17\n\x0frequests_active\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x04 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x05 \x01(\x04\x12\x1b\n\x13output_tokens_total\x18\x06 \x01(\x04\x12\x1e\n\x16kv_bytes_shipped_total\x18\x07 \x01(\x04\x12\x1b\n\x13kv_bytes_full_total\x18\x08 \x01(\x04\x12\x18\n\x10ttft_seconds_sum\x18\t \x01(\x01\x12\x16\n\x0euptime_seconds\x18\n \x01(\x01\x32\xac\x02\n\x12\x43oordinatorService\x12G\n\x08Generate\x12\x1b.kvferry.v1.GenerateRequest\x1a\x1c.kvferry.v1.GenerateResponse0\x01\x12T\n\rGenerateUnary\x12 .kvferry.v1.GenerateUnaryRequest\x1a!.kvferry.v1.GenerateUnaryResponse\x12\x39\n\x04Info\x12\x17.kvferry.v1.InfoRequest\x1a\x18.kvferry.v1.InfoResponse\x12<\n\x05Stats\x12\x18.kvferry.v1.StatsRequest\x1a\x19.kvferry.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvferry/v1/coordinator.proto\x12\nkvferry.v1\x1a\x17kvferry/v1/common.proto\x1a\x17kvferry/v1/decode.proto\x1a\x18kvferry/v1/prefill.proto\"\xfa\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.kvferry.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x32\n\x0b\x63ompression\x18\x06 \x01(\x0b\x32\x1d.kvferry.v1.CompressionParams\x12\x1a\n\rcache_context\x18\x1e \x01(\x08H\x01\x88\x01\x01\x12$\n\x07\x63ontext\x18\x1f \x01(\x0b\x32\x13.kvferry.v1.Context\x12\x15\n\x08question\x18\x10 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05inputB\x10\n\x0e_cache_contextB\x0b\n\t_question\"\x8e\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.kvferry.v1.GenerateStats\"\xff\x02\n\x14GenerateUnaryRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.kvferry.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.kvferry.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x32\n\x0b\x63ompression\x18\x06 \x01(\x0b\x32\x1d.kvferry.v1.CompressionParams\x12\x1a\n\rcache_context\x18\x1e \x01(\x08H\x01\x88\x01\x01\x12$\n\x07\x63ontext\x18\x1f \x01(\x0b\x32\x13.kvferry.v1.Context\x12\x15\n\x08question\x18\x10 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05inputB\x10\n\x0e_cache_contextB\x0b\n\t_question\"\x93\x01\n\x15GenerateUnaryResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.kvferry.v1.GenerateStats\"\xcf\x01\n\rGenerateStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprefill_node\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x03 \x01(\t\x12)\n\x07prefill\x18\x04 \x01(\x0b\x32\x18.kvferry.v1.PrefillStats\x12\'\n\x06\x64\x65\x63ode\x18\x05 \x01(\x0b\x32\x17.kvferry.v1.DecodeStats\x12\x14\n\x0cttft_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\"\r\n\x0bInfoRequest\"\xca\x01\n\x08NodeInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12$\n\x05model\x18\x04 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x05 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x0c\n\x04load\x18\x06 \x01(\r\x12\x33\n\rcontext_cache\x18\x07 \x01(\x0b\x32\x1c.kvferry.v1.ContextCacheInfo\"g\n\x0cInfoResponse\x12+\n\rprefill_nodes\x18\x01 \x03(\x0b\x32\x14.kvferry.v1.NodeInfo\x12*\n\x0c\x64\x65\x63ode_nodes\x18\x02 \x03(\x0b\x32\x14.kvferry.v1.NodeInfo\"\x0e\n\x0cStatsRequest\"\xa0\x03\n\rStatsResponse\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x17\n\x0frequests_active\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x04 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x05 \x01(\x04\x12\x1b\n\x13output_tokens_total\x18\x06 \x01(\x04\x12\x1e\n\x16kv_bytes_shipped_total\x18\x07 \x01(\x04\x12\x1b\n\x13kv_bytes_full_total\x18\x08 \x01(\x04\x12\x18\n\x10ttft_seconds_sum\x18\t \x01(\x01\x12\x16\n\x0euptime_seconds\x18\n \x01(\x01\x12\x1a\n\x12\x63ontext_hits_total\x18\x0b \x01(\x04\x12\x1c\n\x14\x63ontext_misses_total\x18\x0c \x01(\x04\x12!\n\x19\x64\x65\x63ode_context_hits_total\x18\r \x01(\x04\x12#\n\x1b\x64\x65\x63ode_context_misses_total\x18\x0e \x01(\x04\x32\xc9\x03\n\x12\x43oordinatorService\x12G\n\x08Generate\x12\x1b.kvferry.v1.GenerateRequest\x1a\x1c.kvferry.v1.GenerateResponse0\x01\x12T\n\rGenerateUnary\x12 .kvferry.v1.GenerateUnaryRequest\x1a!.kvferry.v1.GenerateUnaryResponse\x12\x39\n\x04Info\x12\x17.kvferry.v1.InfoRequest\x1a\x18.kvferry.v1.InfoResponse\x12<\n\x05Stats\x12\x18.kvferry.v1.StatsRequest\x1a\x19.kvferry.v1.StatsResponse\x12K\n\nPutContext\x12\x1d.kvferry.v1.PutContextRequest\x1a\x1e.kvferry.v1.PutContextResponse\x12N\n\x0b\x44ropContext\x12\x1e.kvferry.v1.DropContextRequest\x1a\x1f.kvferry.v1.DropContextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvferry.v1.coordinator_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=121
-  _globals['_GENERATEREQUEST']._serialized_end=415
-  _globals['_GENERATERESPONSE']._serialized_start=418
-  _globals['_GENERATERESPONSE']._serialized_end=560
-  _globals['_GENERATEUNARYREQUEST']._serialized_start=563
-  _globals['_GENERATEUNARYREQUEST']._serialized_end=862
-  _globals['_GENERATEUNARYRESPONSE']._serialized_start=865
-  _globals['_GENERATEUNARYRESPONSE']._serialized_end=1012
-  _globals['_GENERATESTATS']._serialized_start=1015
-  _globals['_GENERATESTATS']._serialized_end=1222
-  _globals['_INFOREQUEST']._serialized_start=1224
-  _globals['_INFOREQUEST']._serialized_end=1237
-  _globals['_NODEINFO']._serialized_start=1240
-  _globals['_NODEINFO']._serialized_end=1389
-  _globals['_INFORESPONSE']._serialized_start=1391
-  _globals['_INFORESPONSE']._serialized_end=1494
-  _globals['_STATSREQUEST']._serialized_start=1496
-  _globals['_STATSREQUEST']._serialized_end=1510
-  _globals['_STATSRESPONSE']._serialized_start=1513
-  _globals['_STATSRESPONSE']._serialized_end=1799
-  _globals['_COORDINATORSERVICE']._serialized_start=1802
-  _globals['_COORDINATORSERVICE']._serialized_end=2102
+  _globals['_GENERATEREQUEST']._serialized_end=499
+  _globals['_GENERATERESPONSE']._serialized_start=502
+  _globals['_GENERATERESPONSE']._serialized_end=644
+  _globals['_GENERATEUNARYREQUEST']._serialized_start=647
+  _globals['_GENERATEUNARYREQUEST']._serialized_end=1030
+  _globals['_GENERATEUNARYRESPONSE']._serialized_start=1033
+  _globals['_GENERATEUNARYRESPONSE']._serialized_end=1180
+  _globals['_GENERATESTATS']._serialized_start=1183
+  _globals['_GENERATESTATS']._serialized_end=1390
+  _globals['_INFOREQUEST']._serialized_start=1392
+  _globals['_INFOREQUEST']._serialized_end=1405
+  _globals['_NODEINFO']._serialized_start=1408
+  _globals['_NODEINFO']._serialized_end=1610
+  _globals['_INFORESPONSE']._serialized_start=1612
+  _globals['_INFORESPONSE']._serialized_end=1715
+  _globals['_STATSREQUEST']._serialized_start=1717
+  _globals['_STATSREQUEST']._serialized_end=1731
+  _globals['_STATSRESPONSE']._serialized_start=1734
+  _globals['_STATSRESPONSE']._serialized_end=2150
+  _globals['_COORDINATORSERVICE']._serialized_start=2153
+  _globals['_COORDINATORSERVICE']._serialized_end=2610
 # @@protoc_insertion_point(module_scope)

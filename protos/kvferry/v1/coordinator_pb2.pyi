@@ -10,13 +10,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "messages", "prompt_token_ids", "sampling", "compression", "question")
+    __slots__ = ("request_id", "prompt", "messages", "prompt_token_ids", "sampling", "compression", "cache_context", "context", "question")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
@@ -24,8 +26,10 @@ class GenerateRequest(_message.Message):
     prompt_token_ids: _common_pb2.TokenIds
     sampling: _common_pb2.SamplingParams
     compression: _common_pb2.CompressionParams
+    cache_context: bool
+    context: _common_pb2.Context
     question: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., compression: _Optional[_Union[_common_pb2.CompressionParams, _Mapping]] = ..., question: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., compression: _Optional[_Union[_common_pb2.CompressionParams, _Mapping]] = ..., cache_context: _Optional[bool] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., question: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "stats")
@@ -40,13 +44,15 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ...) -> None: ...
 
 class GenerateUnaryRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "messages", "prompt_token_ids", "sampling", "compression", "question")
+    __slots__ = ("request_id", "prompt", "messages", "prompt_token_ids", "sampling", "compression", "cache_context", "context", "question")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
@@ -54,8 +60,10 @@ class GenerateUnaryRequest(_message.Message):
     prompt_token_ids: _common_pb2.TokenIds
     sampling: _common_pb2.SamplingParams
     compression: _common_pb2.CompressionParams
+    cache_context: bool
+    context: _common_pb2.Context
     question: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., compression: _Optional[_Union[_common_pb2.CompressionParams, _Mapping]] = ..., question: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., compression: _Optional[_Union[_common_pb2.CompressionParams, _Mapping]] = ..., cache_context: _Optional[bool] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., question: _Optional[str] = ...) -> None: ...
 
 class GenerateUnaryResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "stats")
@@ -92,20 +100,22 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("address", "reachable", "error", "model", "pool", "load")
+    __slots__ = ("address", "reachable", "error", "model", "pool", "load", "context_cache")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_FIELD_NUMBER: _ClassVar[int]
     address: str
     reachable: bool
     error: str
     model: _common_pb2.ModelInfo
     pool: _common_pb2.PoolInfo
     load: int
-    def __init__(self, address: _Optional[str] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., pool: _Optional[_Union[_common_pb2.PoolInfo, _Mapping]] = ..., load: _Optional[int] = ...) -> None: ...
+    context_cache: _common_pb2.ContextCacheInfo
+    def __init__(self, address: _Optional[str] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., pool: _Optional[_Union[_common_pb2.PoolInfo, _Mapping]] = ..., load: _Optional[int] = ..., context_cache: _Optional[_Union[_common_pb2.ContextCacheInfo, _Mapping]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("prefill_nodes", "decode_nodes")
@@ -120,7 +130,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("requests_total", "requests_active", "requests_failed", "requests_cancelled", "prompt_tokens_total", "output_tokens_total", "kv_bytes_shipped_total", "kv_bytes_full_total", "ttft_seconds_sum", "uptime_seconds")
+    __slots__ = ("requests_total", "requests_active", "requests_failed", "requests_cancelled", "prompt_tokens_total", "output_tokens_total", "kv_bytes_shipped_total", "kv_bytes_full_total", "ttft_seconds_sum", "uptime_seconds", "context_hits_total", "context_misses_total", "decode_context_hits_total", "decode_context_misses_total")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +141,10 @@ class StatsResponse(_message.Message):
     KV_BYTES_FULL_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TTFT_SECONDS_SUM_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_HITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_MISSES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CONTEXT_HITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CONTEXT_MISSES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_active: int
     requests_failed: int
@@ -141,4 +155,8 @@ class StatsResponse(_message.Message):
     kv_bytes_full_total: int
     ttft_seconds_sum: float
     uptime_seconds: float
-    def __init__(self, requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., output_tokens_total: _Optional[int] = ..., kv_bytes_shipped_total: _Optional[int] = ..., kv_bytes_full_total: _Optional[int] = ..., ttft_seconds_sum: _Optional[float] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    context_hits_total: int
+    context_misses_total: int
+    decode_context_hits_total: int
+    decode_context_misses_total: int
+    def __init__(self, requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., output_tokens_total: _Optional[int] = ..., kv_bytes_shipped_total: _Optional[int] = ..., kv_bytes_full_total: _Optional[int] = ..., ttft_seconds_sum: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., context_hits_total: _Optional[int] = ..., context_misses_total: _Optional[int] = ..., decode_context_hits_total: _Optional[int] = ..., decode_context_misses_total: _Optional[int] = ...) -> None: ...

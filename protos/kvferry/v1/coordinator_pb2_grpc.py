@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from kvferry.v1 import common_pb2 as kvferry_dot_v1_dot_common__pb2
 from kvferry.v1 import coordinator_pb2 as kvferry_dot_v1_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
@@ -55,6 +56,16 @@ class CoordinatorServiceStub:
                 request_serializer=kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.PutContext = channel.unary_unary(
+                '/kvferry.v1.CoordinatorService/PutContext',
+                request_serializer=kvferry_dot_v1_dot_common__pb2.PutContextRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_common__pb2.PutContextResponse.FromString,
+                _registered_method=True)
+        self.DropContext = channel.unary_unary(
+                '/kvferry.v1.CoordinatorService/DropContext',
+                request_serializer=kvferry_dot_v1_dot_common__pb2.DropContextRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_common__pb2.DropContextResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -89,6 +100,20 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutContext(self, request, context):
+        """Compute and cache a context on a prefill node; requests then send Context.handle instead of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropContext(self, request, context):
+        """Forget a context on every node. NOT_FOUND when no node knows the handle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +136,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.FromString,
                     response_serializer=kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.SerializeToString,
+            ),
+            'PutContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutContext,
+                    request_deserializer=kvferry_dot_v1_dot_common__pb2.PutContextRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_common__pb2.PutContextResponse.SerializeToString,
+            ),
+            'DropContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropContext,
+                    request_deserializer=kvferry_dot_v1_dot_common__pb2.DropContextRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_common__pb2.DropContextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +257,60 @@ class CoordinatorService:
             '/kvferry.v1.CoordinatorService/Stats',
             kvferry_dot_v1_dot_coordinator__pb2.StatsRequest.SerializeToString,
             kvferry_dot_v1_dot_coordinator__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.CoordinatorService/PutContext',
+            kvferry_dot_v1_dot_common__pb2.PutContextRequest.SerializeToString,
+            kvferry_dot_v1_dot_common__pb2.PutContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.CoordinatorService/DropContext',
+            kvferry_dot_v1_dot_common__pb2.DropContextRequest.SerializeToString,
+            kvferry_dot_v1_dot_common__pb2.DropContextResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from kvferry.v1 import common_pb2 as kvferry_dot_v1_dot_common__pb2
 from kvferry.v1 import kv_pb2 as kvferry_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvferry/v1/decode.proto\x12\nkvferry.v1\x1a\x17kvferry/v1/common.proto\x1a\x13kvferry/v1/kv.proto\"\xe8\x01\n\x10ReserveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.kvferry.v1.KVManifest\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x05 \x01(\r\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x14\n\x0cnccl_pair_id\x18\x07 \x01(\t\x12\r\n\x05\x65\x61rly\x18\x08 \x01(\x08\"\xaa\x01\n\x11ReserveKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x11\n\tnum_pages\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_pages\x18\x04 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x11\n\tpage_runs\x18\x06 \x03(\x04\x12\x0f\n\x07node_id\x18\x07 \x01(\t\"\x11\n\x0f\x45xportKVRequest\"\x87\x01\n\x10\x45xportKVResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12\x13\n\x0bpool_export\x18\x06 \x01(\x0c\"G\n\x0fOpenNcclRequest\x12\x17\n\x0fprefill_host_id\x18\x01 \x01(\t\x12\x1b\n\x13prefill_device_uuid\x18\x02 \x01(\t\"y\n\x10OpenNcclResponse\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"\x8f\x01\n\x0f\x43ommitKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\x08\x63hecksum\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12(\n\x08manifest\x18\x03 \x01(\x0b\x32\x16.kvferry.v1.KVManifest\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\rB\x0b\n\t_checksum\"D\n\x10\x43ommitKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"E\n\rPushKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"\'\n\rDecodeRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x8a\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.kvferry.v1.DecodeStats\"\x83\x01\n\x0b\x44\x65\x63odeStats\x12\x15\n\routput_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x04\x12\x10\n\x08kv_pages\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11\x44\x65\x63odeInfoRequest\"\x9c\x01\n\x12\x44\x65\x63odeInfoResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x02 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x14\n\x0creservations\x18\x04 \x01(\r\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\x32\xb9\x04\n\rDecodeService\x12H\n\tReserveKV\x12\x1c.kvferry.v1.ReserveKVRequest\x1a\x1d.kvferry.v1.ReserveKVResponse\x12\x41\n\x06PushKV\x12\x19.kvferry.v1.PushKVRequest\x1a\x1a.kvferry.v1.PushKVResponse(\x01\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvferry.v1.DecodeRequest\x1a\x1a.kvferry.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvferry.v1.AbortRequest\x1a\x19.kvferry.v1.AbortResponse\x12\x45\n\x04Info\x12\x1d.kvferry.v1.DecodeInfoRequest\x1a\x1e.kvferry.v1.DecodeInfoResponse\x12\x45\n\x08\x45xportKV\x12\x1b.kvferry.v1.ExportKVRequest\x1a\x1c.kvferry.v1.ExportKVResponse\x12\x45\n\x08OpenNccl\x12\x1b.kvferry.v1.OpenNcclRequest\x1a\x1c.kvferry.v1.OpenNcclResponse\x12\x45\n\x08\x43ommitKV\x12\x1b.kvferry.v1.CommitKVRequest\x1a\x1c.kvferry.v1.CommitKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvferry/v1/decode.proto\x12\nkvferry.v1\x1a\x17kvferry/v1/common.proto\x1a\x13kvferry/v1/kv.proto\"\x91\x02\n\x10ReserveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.kvferry.v1.KVManifest\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvferry.v1.SamplingParams\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x05 \x01(\r\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x14\n\x0cnccl_pair_id\x18\x07 \x01(\t\x12\r\n\x05\x65\x61rly\x18\x08 \x01(\x08\x12\'\n\x07\x63ontext\x18\t \x01(\x0b\x32\x16.kvferry.v1.ContextRef\"\xc2\x01\n\x11ReserveKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x11\n\tnum_pages\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_pages\x18\x04 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x11\n\tpage_runs\x18\x06 \x03(\x04\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x16\n\x0e\x63ontext_cached\x18\x08 \x01(\x08\"\x11\n\x0f\x45xportKVRequest\"\x87\x01\n\x10\x45xportKVResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12\x13\n\x0bpool_export\x18\x06 \x01(\x0c\"G\n\x0fOpenNcclRequest\x12\x17\n\x0fprefill_host_id\x18\x01 \x01(\t\x12\x1b\n\x13prefill_device_uuid\x18\x02 \x01(\t\"y\n\x10OpenNcclResponse\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"\x8f\x01\n\x0f\x43ommitKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\x08\x63hecksum\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12(\n\x08manifest\x18\x03 \x01(\x0b\x32\x16.kvferry.v1.KVManifest\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\rB\x0b\n\t_checksum\"D\n\x10\x43ommitKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"i\n\rPushKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_checksum\"B\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"\'\n\rDecodeRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x8a\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.kvferry.v1.FinishReason\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.kvferry.v1.DecodeStats\"\x9a\x01\n\x0b\x44\x65\x63odeStats\x12\x15\n\routput_tokens\x18\x01 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x19\n\x11kv_bytes_received\x18\x03 \x01(\x04\x12\x10\n\x08kv_pages\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x15\n\rcontext_cache\x18\x06 \x01(\t\"&\n\x0c\x41\x62ortRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11\x44\x65\x63odeInfoRequest\"\xd1\x01\n\x12\x44\x65\x63odeInfoResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.kvferry.v1.ModelInfo\x12\"\n\x04pool\x18\x02 \x01(\x0b\x32\x14.kvferry.v1.PoolInfo\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x14\n\x0creservations\x18\x04 \x01(\r\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\x12\x33\n\rcontext_cache\x18\x06 \x01(\x0b\x32\x1c.kvferry.v1.ContextCacheInfo2\x89\x05\n\rDecodeService\x12H\n\tReserveKV\x12\x1c.kvferry.v1.ReserveKVRequest\x1a\x1d.kvferry.v1.ReserveKVResponse\x12\x41\n\x06PushKV\x12\x19.kvferry.v1.PushKVRequest\x1a\x1a.kvferry.v1.PushKVResponse(\x01\x12\x41\n\x06\x44\x65\x63ode\x12\x19.kvferry.v1.DecodeRequest\x1a\x1a.kvferry.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.kvferry.v1.AbortRequest\x1a\x19.kvferry.v1.AbortResponse\x12\x45\n\x04Info\x12\x1d.kvferry.v1.DecodeInfoRequest\x1a\x1e.kvferry.v1.DecodeInfoResponse\x12\x45\n\x08\x45xportKV\x12\x1b.kvferry.v1.ExportKVRequest\x1a\x1c.kvferry.v1.ExportKVResponse\x12\x45\n\x08OpenNccl\x12\x1b.kvferry.v1.OpenNcclRequest\x1a\x1c.kvferry.v1.OpenNcclResponse\x12\x45\n\x08\x43ommitKV\x12\x1b.kvferry.v1.CommitKVRequest\x1a\x1c.kvferry.v1.CommitKVResponse\x12N\n\x0b\x44ropContext\x12\x1e.kvferry.v1.DropContextRequest\x1a\x1f.kvferry.v1.DropContextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,39 +34,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvferry.v1.decode_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEKVREQUEST']._serialized_start=86
-  _globals['_RESERVEKVREQUEST']._serialized_end=318
-  _globals['_RESERVEKVRESPONSE']._serialized_start=321
-  _globals['_RESERVEKVRESPONSE']._serialized_end=491
-  _globals['_EXPORTKVREQUEST']._serialized_start=493
-  _globals['_EXPORTKVREQUEST']._serialized_end=510
-  _globals['_EXPORTKVRESPONSE']._serialized_start=513
-  _globals['_EXPORTKVRESPONSE']._serialized_end=648
-  _globals['_OPENNCCLREQUEST']._serialized_start=650
-  _globals['_OPENNCCLREQUEST']._serialized_end=721
-  _globals['_OPENNCCLRESPONSE']._serialized_start=723
-  _globals['_OPENNCCLRESPONSE']._serialized_end=844
-  _globals['_COMMITKVREQUEST']._serialized_start=847
-  _globals['_COMMITKVREQUEST']._serialized_end=990
-  _globals['_COMMITKVRESPONSE']._serialized_start=992
-  _globals['_COMMITKVRESPONSE']._serialized_end=1060
-  _globals['_PUSHKVREQUEST']._serialized_start=1062
-  _globals['_PUSHKVREQUEST']._serialized_end=1131
-  _globals['_PUSHKVRESPONSE']._serialized_start=1133
-  _globals['_PUSHKVRESPONSE']._serialized_end=1199
-  _globals['_DECODEREQUEST']._serialized_start=1201
-  _globals['_DECODEREQUEST']._serialized_end=1240
-  _globals['_DECODERESPONSE']._serialized_start=1243
-  _globals['_DECODERESPONSE']._serialized_end=1381
-  _globals['_DECODESTATS']._serialized_start=1384
-  _globals['_DECODESTATS']._serialized_end=1515
-  _globals['_ABORTREQUEST']._serialized_start=1517
-  _globals['_ABORTREQUEST']._serialized_end=1555
-  _globals['_ABORTRESPONSE']._serialized_start=1557
-  _globals['_ABORTRESPONSE']._serialized_end=1587
-  _globals['_DECODEINFOREQUEST']._serialized_start=1589
-  _globals['_DECODEINFOREQUEST']._serialized_end=1608
-  _globals['_DECODEINFORESPONSE']._serialized_start=1611
-  _globals['_DECODEINFORESPONSE']._serialized_end=1767
-  _globals['_DECODESERVICE']._serialized_start=1770
-  _globals['_DECODESERVICE']._serialized_end=2339
+  _globals['_RESERVEKVREQUEST']._serialized_end=359
+  _globals['_RESERVEKVRESPONSE']._serialized_start=362
+  _globals['_RESERVEKVRESPONSE']._serialized_end=556
+  _globals['_EXPORTKVREQUEST']._serialized_start=558
+  _globals['_EXPORTKVREQUEST']._serialized_end=575
+  _globals['_EXPORTKVRESPONSE']._serialized_start=578
+  _globals['_EXPORTKVRESPONSE']._serialized_end=713
+  _globals['_OPENNCCLREQUEST']._serialized_start=715
+  _globals['_OPENNCCLREQUEST']._serialized_end=786
+  _globals['_OPENNCCLRESPONSE']._serialized_start=788
+  _globals['_OPENNCCLRESPONSE']._serialized_end=909
+  _globals['_COMMITKVREQUEST']._serialized_start=912
+  _globals['_COMMITKVREQUEST']._serialized_end=1055
+  _globals['_COMMITKVRESPONSE']._serialized_start=1057
+  _globals['_COMMITKVRESPONSE']._serialized_end=1125
+  _globals['_PUSHKVREQUEST']._serialized_start=1127
+  _globals['_PUSHKVREQUEST']._serialized_end=1232
+  _globals['_PUSHKVRESPONSE']._serialized_start=1234
+  _globals['_PUSHKVRESPONSE']._serialized_end=1300
+  _globals['_DECODEREQUEST']._serialized_start=1302
+  _globals['_DECODEREQUEST']._serialized_end=1341
+  _globals['_DECODERESPONSE']._serialized_start=1344
+  _globals['_DECODERESPONSE']._serialized_end=1482
+  _globals['_DECODESTATS']._serialized_start=1485
+  _globals['_DECODESTATS']._serialized_end=1639
+  _globals['_ABORTREQUEST']._serialized_start=1641
+  _globals['_ABORTREQUEST']._serialized_end=1679
+  _globals['_ABORTRESPONSE']._serialized_start=1681
+  _globals['_ABORTRESPONSE']._serialized_end=1711
+  _globals['_DECODEINFOREQUEST']._serialized_start=1713
+  _globals['_DECODEINFOREQUEST']._serialized_end=1732
+  _globals['_DECODEINFORESPONSE']._serialized_start=1735
+  _globals['_DECODEINFORESPONSE']._serialized_end=1944
+  _globals['_DECODESERVICE']._serialized_start=1947
+  _globals['_DECODESERVICE']._serialized_end=2596
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReserveKVRequest(_message.Message):
-    __slots__ = ("request_id", "manifest", "sampling", "prompt_token_ids", "first_token_id", "transport", "nccl_pair_id", "early")
+    __slots__ = ("request_id", "manifest", "sampling", "prompt_token_ids", "first_token_id", "transport", "nccl_pair_id", "early", "context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ReserveKVRequest(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NCCL_PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     EARLY_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     manifest: _kv_pb2.KVManifest
     sampling: _common_pb2.SamplingParams
@@ -26,10 +27,11 @@ class ReserveKVRequest(_message.Message):
     transport: str
     nccl_pair_id: str
     early: bool
-    def __init__(self, request_id: _Optional[str] = ..., manifest: _Optional[_Union[_kv_pb2.KVManifest, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., transport: _Optional[str] = ..., nccl_pair_id: _Optional[str] = ..., early: _Optional[bool] = ...) -> None: ...
+    context: _kv_pb2.ContextRef
+    def __init__(self, request_id: _Optional[str] = ..., manifest: _Optional[_Union[_kv_pb2.KVManifest, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., transport: _Optional[str] = ..., nccl_pair_id: _Optional[str] = ..., early: _Optional[bool] = ..., context: _Optional[_Union[_kv_pb2.ContextRef, _Mapping]] = ...) -> None: ...
 
 class ReserveKVResponse(_message.Message):
-    __slots__ = ("reservation_id", "lease_seconds", "num_pages", "reserved_pages", "max_chunk_bytes", "page_runs", "node_id")
+    __slots__ = ("reservation_id", "lease_seconds", "num_pages", "reserved_pages", "max_chunk_bytes", "page_runs", "node_id", "context_cached")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +39,7 @@ class ReserveKVResponse(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_RUNS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHED_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     lease_seconds: float
     num_pages: int
@@ -44,7 +47,8 @@ class ReserveKVResponse(_message.Message):
     max_chunk_bytes: int
     page_runs: _containers.RepeatedScalarFieldContainer[int]
     node_id: str
-    def __init__(self, reservation_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., num_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., page_runs: _Optional[_Iterable[int]] = ..., node_id: _Optional[str] = ...) -> None: ...
+    context_cached: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., num_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., page_runs: _Optional[_Iterable[int]] = ..., node_id: _Optional[str] = ..., context_cached: _Optional[bool] = ...) -> None: ...
 
 class ExportKVRequest(_message.Message):
     __slots__ = ()
@@ -109,14 +113,16 @@ class CommitKVResponse(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
 
 class PushKVRequest(_message.Message):
-    __slots__ = ("reservation_id", "offset", "data")
+    __slots__ = ("reservation_id", "offset", "data", "checksum")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     offset: int
     data: bytes
-    def __init__(self, reservation_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    checksum: int
+    def __init__(self, reservation_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class PushKVResponse(_message.Message):
     __slots__ = ("bytes_received", "transfer_seconds")
@@ -145,18 +151,20 @@ class DecodeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., stats: _Optional[_Union[DecodeStats, _Mapping]] = ...) -> None: ...
 
 class DecodeStats(_message.Message):
-    __slots__ = ("output_tokens", "decode_seconds", "kv_bytes_received", "kv_pages", "transfer_seconds")
+    __slots__ = ("output_tokens", "decode_seconds", "kv_bytes_received", "kv_pages", "transfer_seconds", "context_cache")
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_FIELD_NUMBER: _ClassVar[int]
     output_tokens: int
     decode_seconds: float
     kv_bytes_received: int
     kv_pages: int
     transfer_seconds: float
-    def __init__(self, output_tokens: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., kv_bytes_received: _Optional[int] = ..., kv_pages: _Optional[int] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
+    context_cache: str
+    def __init__(self, output_tokens: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., kv_bytes_received: _Optional[int] = ..., kv_pages: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., context_cache: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("reservation_id",)
@@ -175,15 +183,17 @@ class DecodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecodeInfoResponse(_message.Message):
-    __slots__ = ("model", "pool", "running", "reservations", "lease_seconds")
+    __slots__ = ("model", "pool", "running", "reservations", "lease_seconds", "context_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     pool: _common_pb2.PoolInfo
     running: int
     reservations: int
     lease_seconds: float
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., pool: _Optional[_Union[_common_pb2.PoolInfo, _Mapping]] = ..., running: _Optional[int] = ..., reservations: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    context_cache: _common_pb2.ContextCacheInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., pool: _Optional[_Union[_common_pb2.PoolInfo, _Mapping]] = ..., running: _Optional[int] = ..., reservations: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., context_cache: _Optional[_Union[_common_pb2.ContextCacheInfo, _Mapping]] = ...) -> None: ...

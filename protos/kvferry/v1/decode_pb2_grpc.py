@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from kvferry.v1 import common_pb2 as kvferry_dot_v1_dot_common__pb2
 from kvferry.v1 import decode_pb2 as kvferry_dot_v1_dot_decode__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
@@ -75,6 +76,11 @@ class DecodeServiceStub:
                 request_serializer=kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
                 response_deserializer=kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
                 _registered_method=True)
+        self.DropContext = channel.unary_unary(
+                '/kvferry.v1.DecodeService/DropContext',
+                request_serializer=kvferry_dot_v1_dot_common__pb2.DropContextRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_common__pb2.DropContextResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -146,6 +152,13 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DropContext(self, request, context):
+        """Remove a cached context from this node (pages requests still use go when they end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +201,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.CommitKV,
                     request_deserializer=kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.FromString,
                     response_serializer=kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.SerializeToString,
+            ),
+            'DropContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropContext,
+                    request_deserializer=kvferry_dot_v1_dot_common__pb2.DropContextRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_common__pb2.DropContextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +425,33 @@ class DecodeService:
             '/kvferry.v1.DecodeService/CommitKV',
             kvferry_dot_v1_dot_decode__pb2.CommitKVRequest.SerializeToString,
             kvferry_dot_v1_dot_decode__pb2.CommitKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.DecodeService/DropContext',
+            kvferry_dot_v1_dot_common__pb2.DropContextRequest.SerializeToString,
+            kvferry_dot_v1_dot_common__pb2.DropContextResponse.FromString,
             options,
             channel_credentials,
             insecure,

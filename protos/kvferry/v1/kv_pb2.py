@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvferry/v1/kv.proto\x12\nkvferry.v1\"\xfc\x01\n\nKVManifest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x11\n\thead_lens\x18\x08 \x03(\r\x12\x11\n\tnum_pages\x18\t \x01(\x04\x12\x12\n\nbyte_count\x18\n \x01(\x04\x12\x1a\n\x12\x63hecksum_algorithm\x18\x0b \x01(\t\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\x04\":\n\x08KVHandle\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvferry/v1/kv.proto\x12\nkvferry.v1\"\xfc\x01\n\nKVManifest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x11\n\thead_lens\x18\x08 \x03(\r\x12\x11\n\tnum_pages\x18\t \x01(\x04\x12\x12\n\nbyte_count\x18\n \x01(\x04\x12\x1a\n\x12\x63hecksum_algorithm\x18\x0b \x01(\t\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\x04\"V\n\nContextRef\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x11\n\thead_lens\x18\x03 \x03(\r\x12\x11\n\tnum_pages\x18\x04 \x01(\x04\":\n\x08KVHandle\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVMANIFEST']._serialized_start=36
   _globals['_KVMANIFEST']._serialized_end=288
-  _globals['_KVHANDLE']._serialized_start=290
-  _globals['_KVHANDLE']._serialized_end=348
+  _globals['_CONTEXTREF']._serialized_start=290
+  _globals['_CONTEXTREF']._serialized_end=376
+  _globals['_KVHANDLE']._serialized_start=378
+  _globals['_KVHANDLE']._serialized_end=436
 # @@protoc_insertion_point(module_scope)

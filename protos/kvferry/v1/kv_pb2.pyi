@@ -34,6 +34,18 @@ class KVManifest(_message.Message):
     checksum: int
     def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., codec: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., head_lens: _Optional[_Iterable[int]] = ..., num_pages: _Optional[int] = ..., byte_count: _Optional[int] = ..., checksum_algorithm: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
 
+class ContextRef(_message.Message):
+    __slots__ = ("handle", "num_tokens", "head_lens", "num_pages")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_LENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    num_tokens: int
+    head_lens: _containers.RepeatedScalarFieldContainer[int]
+    num_pages: int
+    def __init__(self, handle: _Optional[str] = ..., num_tokens: _Optional[int] = ..., head_lens: _Optional[_Iterable[int]] = ..., num_pages: _Optional[int] = ...) -> None: ...
+
 class KVHandle(_message.Message):
     __slots__ = ("decode_address", "reservation_id")
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from kvferry.v1 import common_pb2 as kvferry_dot_v1_dot_common__pb2
 from kvferry.v1 import prefill_pb2 as kvferry_dot_v1_dot_prefill__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
@@ -45,6 +46,16 @@ class PrefillServiceStub:
                 request_serializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.SerializeToString,
                 response_deserializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.FromString,
                 _registered_method=True)
+        self.PutContext = channel.unary_unary(
+                '/kvferry.v1.PrefillService/PutContext',
+                request_serializer=kvferry_dot_v1_dot_common__pb2.PutContextRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_common__pb2.PutContextResponse.FromString,
+                _registered_method=True)
+        self.DropContext = channel.unary_unary(
+                '/kvferry.v1.PrefillService/DropContext',
+                request_serializer=kvferry_dot_v1_dot_common__pb2.DropContextRequest.SerializeToString,
+                response_deserializer=kvferry_dot_v1_dot_common__pb2.DropContextResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -66,6 +77,20 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutContext(self, request, context):
+        """Compute and cache a context for later requests (Context.handle); it stays known until dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropContext(self, request, context):
+        """Forget a put context and remove a context from the cache (pages requests still use go when they end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +103,16 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.FromString,
                     response_serializer=kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.SerializeToString,
+            ),
+            'PutContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutContext,
+                    request_deserializer=kvferry_dot_v1_dot_common__pb2.PutContextRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_common__pb2.PutContextResponse.SerializeToString,
+            ),
+            'DropContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropContext,
+                    request_deserializer=kvferry_dot_v1_dot_common__pb2.DropContextRequest.FromString,
+                    response_serializer=kvferry_dot_v1_dot_common__pb2.DropContextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +170,60 @@ class PrefillService:
             '/kvferry.v1.PrefillService/Info',
             kvferry_dot_v1_dot_prefill__pb2.PrefillInfoRequest.SerializeToString,
             kvferry_dot_v1_dot_prefill__pb2.PrefillInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.PrefillService/PutContext',
+            kvferry_dot_v1_dot_common__pb2.PutContextRequest.SerializeToString,
+            kvferry_dot_v1_dot_common__pb2.PutContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvferry.v1.PrefillService/DropContext',
+            kvferry_dot_v1_dot_common__pb2.DropContextRequest.SerializeToString,
+            kvferry_dot_v1_dot_common__pb2.DropContextResponse.FromString,
             options,
             channel_credentials,
             insecure,
