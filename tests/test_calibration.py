@@ -194,6 +194,36 @@ def test_auto_compresses_as_the_ratio_it_chooses(llm: LLM, tiny_model: Callable[
     llm.engine.pool.assert_no_leaks()
 
 
+def test_auto_takes_the_context_curve_when_the_question_is_not_kept(
+    llm: LLM, tiny_model: Callable[[str], TinyModel]
+) -> None:
+    """A protected span reaching the prompt's end (the question kept) uses the method's curve; a prompt
+    whose end is not protected, or a cached context, uses `<method>@context`."""
+    vocab = tiny_model("llama").vocab_size
+    prompt, tail = random_prompt(200, vocab, seed=4), random_prompt(12, vocab, seed=5)
+    shipped = llm.engine.calibration
+    llm.engine.calibration = ModelCalibration(
+        {
+            "compactor": Calibration(0.0, 0.0, 0.6, 0.6, "test"),
+            "compactor@context": Calibration(0.0, 0.0, 0.3, 0.3, "test"),
+        }
+    )
+    auto = {"retention": "auto", "sink": 2, "recent": 4}
+    try:
+        kept, unkept, middle = llm.generate(
+            [prompt] * 3, greedy(2),
+            compression=[{**auto, "protected_spans": [(180, 200)]}, auto, {**auto, "protected_spans": [(50, 60)]}],
+        )  # fmt: skip
+        (cached,) = llm.generate([tail], greedy(2), compression=auto, context=[prompt], cache_context=True)
+    finally:
+        llm.engine.calibration = shipped
+    assert kept.stats.chosen_retention == 0.6
+    assert unkept.stats.chosen_retention == middle.stats.chosen_retention == 0.3
+    assert cached.stats.chosen_retention == 0.3 and cached.stats.context_cache == "miss"
+    llm.engine.context_cache.clear()
+    llm.engine.pool.assert_no_leaks()
+
+
 def test_auto_reports_the_default_curves_choice(llm: LLM, tiny_model: Callable[[str], TinyModel]) -> None:
     prompt = random_prompt(200, tiny_model("llama").vocab_size, seed=3)
     for target in (0.05, 0.95):

@@ -76,12 +76,19 @@ def prompt(length: int, seed: int, vocab: int) -> list[int]:
 
 
 def colocated_stats(tiny: TinyModel, prompts: list[list[int]], n: int, compression: Any = None) -> list[Any]:
-    """The prompts through the colocated engine, greedy: the finished Sequences (tokens and stats)."""
+    """The prompts through the colocated engine, greedy: the finished Sequences (tokens and stats). On
+    one intra-op thread, as the services' engines run (torch_threads=1): sums taken in another order
+    differ in the last bits, enough to swap two near-tied chunks of a compressed cache."""
     engine = tiny.engine(page_size=PAGE_SIZE, prefill_chunk=64, max_model_len=MAX_MODEL_LEN)
     sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
-    seqs = [engine.add_request(p, sp, compression) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seqs = [engine.add_request(p, sp, compression) for p in prompts]
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        torch.set_num_threads(threads)
     engine.pool.assert_no_leaks()
     return seqs
 
