@@ -4,15 +4,14 @@ Each service is its own process, started exactly as a user would (`python -m dec
 the cluster behaves like a deployed one: real gRPC between processes, KV shipped over the transport
 the prefill service picks (auto by default: cuda_ipc between GPUs of this host, shm between CPU
 engines; `ClusterOptions.transport` names one). `wait_ready` polls the standard health service until every node reports SERVING.
-On Linux each child is started with a parent-death signal (SIGTERM, armed in the child before exec), so
-the services stop with the process that started them even when it is killed with SIGKILL: the kernel
-sends the signal when the starting *thread* exits, so start nodes from a thread that outlives them (the
-main thread does). `clients/supervisor.py` restarts nodes that crash.
+On Linux each child arms a parent-death signal (SIGTERM) first thing (serving/parent_death.py), so the
+services stop with the process that started them even when it is killed with SIGKILL: the kernel sends
+the signal when the starting *thread* exits, so start nodes from a thread that outlives them (the main
+thread does). `clients/supervisor.py` restarts nodes that crash.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -26,6 +25,7 @@ from typing import Any
 
 from kvferry.clients.cluster_options import ClusterOptions
 from kvferry.serving.healthcheck import is_serving
+from kvferry.serving.parent_death import parent_environment
 
 DEFAULT_PORTS = {"coordinator": 50051, "prefill": 50052, "decode": 50053}
 MODULES = {
@@ -35,27 +35,8 @@ MODULES = {
 }
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 class ClusterError(RuntimeError):
     """A node exited or did not become ready."""
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` (Linux) that has the kernel send the child SIGTERM when this process dies, however
-    it dies; None elsewhere. libc is looked up here, in the parent: the child only calls prctl."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the signal was armed: nobody would send it
-            os._exit(1)
-
-    return arm
 
 
 def free_port() -> int:
@@ -132,7 +113,7 @@ class LocalCluster:
 
     def start_node(self, node: str) -> None:
         """Start (or restart, after kill) one node on its port; returns at once (see wait_ready)."""
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, **parent_environment()}
         output = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +124,6 @@ class LocalCluster:
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
-            preexec_fn=die_with_parent(),  # only prctl runs in the child (fork with threads is safe for it)
         )
         if output is not None:
             output.close()

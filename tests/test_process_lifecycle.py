@@ -210,3 +210,29 @@ def test_services_stop_when_up_is_killed_with_sigkill(up_cluster: Callable[..., 
     up.process.wait(10)
     assert _gone(list(children.values()), timeout=30), [p.pid for p in children.values() if p.is_running()]
     assert not _shm_files(decode_pid)  # the SIGTERM they got let decode unlink its pool file
+
+
+ARMED = """
+import ctypes, os
+from kvferry.serving.parent_death import die_with_parent
+die_with_parent()
+signal = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(signal))  # PR_GET_PDEATHSIG
+print(signal.value, os.environ.get("KVFERRY_PARENT_PID"))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_service_arms_its_parent_death_signal_only_for_the_parent_that_named_itself() -> None:
+    """The child arms SIGTERM itself (no preexec_fn: the parent spawns without running fork handlers), and
+    refuses to start when the process named is not its parent (it died before the signal was armed)."""
+    run = [sys.executable, "-P", "-c", ARMED]
+    armed = subprocess.run(run, env={**os.environ, "KVFERRY_PARENT_PID": str(os.getpid())}, capture_output=True,
+                           text=True, timeout=60, check=True)  # fmt: skip
+    assert armed.stdout.split() == [str(int(signal.SIGTERM)), "None"]  # armed; not passed on to its children
+    unarmed = subprocess.run(run, env={k: v for k, v in os.environ.items() if k != "KVFERRY_PARENT_PID"},
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert unarmed.stdout.split() == ["0", "None"]
+    orphan = subprocess.run(run, env={**os.environ, "KVFERRY_PARENT_PID": "1"}, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert orphan.returncode == 1 and "has exited" in orphan.stderr
