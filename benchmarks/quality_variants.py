@@ -77,9 +77,22 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "span_chunk": 8,
     },  # fmt: skip
 }
+# After the test run: kvpress's non-causal press leaves 1/sqrt(d) out of its softmax, a sharper
+# attention mass than ours (mass_sharpness = sqrt(head_dim) = 8 for SmolLM2). Each is one change to the
+# new defaults; c.kvpress_exact is everything CompactorPress does, single tokens included.
+SHARPNESS: dict[str, dict[str, Any]] = {
+    "c.sharp2": {"mass_sharpness": 2.0},
+    "c.sharp4": {"mass_sharpness": 4.0},
+    "c.sharp8": {"mass_sharpness": 8.0},
+    "c.sharp8_kvmass": {"mass_sharpness": 8.0, "attention_block": 256, "mass_smoothing": 3},
+    "c.kvpress_exact": {**LEVERS["c.kvpress_like"], "mass_sharpness": 8.0, "span_chunk": 0},
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     **METHODS,
-    **{name: {"method": "compactor", **overrides} for name, overrides in {**LEVERS, **COMBINATIONS}.items()},
+    **{
+        name: {"method": "compactor", **overrides}
+        for name, overrides in {**LEVERS, **COMBINATIONS, **SHARPNESS}.items()
+    },
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 # Fields that only steer selection: variants differing in these alone share one scorer (one set of

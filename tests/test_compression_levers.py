@@ -9,6 +9,7 @@ from builders import cache_prompt
 
 from kvferry.engine import CompressionParams
 from kvferry.engine.compression import PromptShape, make_scorer, select_tokens
+from kvferry.engine.compression.attention_scores import block_attention_mass
 from kvferry.engine.compression.compactor import smooth_positions, standardize_per_layer
 from kvferry.engine.compression.protection import protected_mask
 from kvferry.engine.compression.spans import chunk_mean, pool_max, shape_scores
@@ -38,7 +39,8 @@ def observed(params: CompressionParams, seed: int = 0, chunk: int = 128):
 @pytest.mark.parametrize(
     ("field", "value"),
     [("blend", "half"), ("value_norm", 1), ("mass_smoothing", 2), ("mass_smoothing", 0), ("score_pool", 4),
-     ("query_weight", -0.1), ("span_chunk", -1), ("span_chunk", 2.5)],
+     ("query_weight", -0.1), ("span_chunk", -1), ("span_chunk", 2.5), ("mass_sharpness", 0),
+     ("mass_sharpness", float("nan")), ("mass_sharpness", 65), ("mass_sharpness", "8")],
 )  # fmt: skip
 def test_bad_lever_values_name_their_field(field: str, value: object) -> None:
     with pytest.raises(InvalidArgumentError) as err:
@@ -87,6 +89,28 @@ def test_value_norm_and_smoothing_reshape_the_attention_mass() -> None:
     kept_base, _ = select_tokens(base.scores(), CompressionParams(retention=0.3, span_chunk=0))
     kept_both, _ = select_tokens(got, CompressionParams(retention=0.3, span_chunk=0))
     assert not torch.equal(kept_base, kept_both)
+
+
+def test_mass_sharpness_multiplies_the_softmax_logits() -> None:
+    """mass_sharpness s: the mass is the column sums of softmax(Q Kᵀ · s / sqrt(d)) per block; s = sqrt(d)
+    is kvpress's unscaled softmax, and a sharper softmax concentrates the mass on fewer keys."""
+    block = 64
+    base, _ = observed(CompressionParams(attention_block=block))
+    sharp, _ = observed(CompressionParams(attention_block=block, mass_sharpness=DIM**0.5))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(LAYERS, N, HEADS * GROUP, DIM, generator=gen)  # the inputs `observed` drew
+    torch.randn(LAYERS, N, HEADS, DIM, generator=gen)
+    k = torch.randn(LAYERS, N, HEADS, DIM, generator=gen)
+    bounds = sharp.mass_streams[1].bounds
+    for lo, hi in zip(bounds, bounds[1:]):
+        want = block_attention_mass(q[1, lo:hi], k[1, lo:hi], scale=1.0)  # no 1/sqrt(d): kvpress's logits
+        torch.testing.assert_close(sharp.mass[1, :, lo:hi], want, rtol=1e-5, atol=1e-5)
+    top = max(1, N // 10)
+
+    def share(mass: torch.Tensor) -> float:
+        return float((mass.topk(top, dim=-1).values.sum(-1) / mass.sum(-1)).mean())
+
+    assert share(sharp.mass) > share(base.mass)
 
 
 def test_query_weight_adds_the_windows_votes() -> None:

@@ -8,7 +8,8 @@ o: sketched leverage of each kv head's PRE-RoPE keys, block by block (`leverage_
    scored in one launch over group x heads (fewer, fuller launches: the host issues 3 per group,
    not 3 per layer, and the inverse runs on group x heads programs at once).
 a: non-causal attention mass inside `attention_block`-token blocks: column sums of
-   softmax(Q Kᵀ · scale) (post-RoPE, no causal mask) over the block's queries and the GQA group.
+   softmax(Q Kᵀ · scale) (post-RoPE, no causal mask) over the block's queries and the GQA group;
+   scale = `mass_sharpness` / sqrt(d).
 z: standardise over the tokens x heads of one layer.
 Both statistics stream with chunked prefill; nothing but [L, H, n] floats is kept.
 
@@ -180,7 +181,7 @@ class CompactorScorer(Scorer):
         assert self.leverage is not None and self.mass is not None and self.sketch is not None
         if group_keys is not None:
             self._leverage(layer - layer % self.group, group_keys, start)
-        scale = k.shape[-1] ** -0.5
+        scale = k.shape[-1] ** -0.5 * self.params.mass_sharpness
         fused = self.fused
         mass = self.mass_rows[layer]
         if fused is not None and fused.mass_fits:

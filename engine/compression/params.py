@@ -39,6 +39,7 @@ KNOB_MAX = {
     "pool_kernel": 63,
 }
 POOL_WIDTH_MAX = 63  # mass_smoothing, score_pool
+MASS_SHARPNESS_MAX = 64.0  # past it the softmax is one-hot in float32 for any real key
 SPAN_CHUNK_DEFAULTS = {"compactor": 8}  # tuned for compactor only; other methods rank single tokens
 
 
@@ -73,6 +74,9 @@ class CompressionParams:
     blend: str = "ratio"
     value_norm: bool = False  # compactor: weight each token's attention mass by its value norm ‖v‖
     mass_smoothing: int = 1  # compactor: average-pool width (odd) over positions of the mass (kvpress: 3)
+    # compactor: the mass's softmax logits are Q Kᵀ / sqrt(d) times this (kvpress's non-causal press
+    # leaves out 1/sqrt(d): sqrt(head_dim), 8 for SmolLM2). Larger: sharper, fewer keys share the mass.
+    mass_sharpness: float = 1.0
     query_weight: float = 0.0  # compactor: + μ·z(snapkv votes of the last `window` prompt queries)
     score_pool: int = 1  # any method: max-pool width (odd) of the scores: a high scorer keeps its neighbours
     # any method: keep whole chunks of this many tokens, ranked by their mean score (0: off); None: the
@@ -132,6 +136,11 @@ class CompressionParams:
             value = getattr(self, name)
             ok = isinstance(value, int) and 1 <= value <= POOL_WIDTH_MAX and value % 2 == 1
             require(ok, name, f"must be an odd integer in [1, {POOL_WIDTH_MAX}], got {value}")
+        require(
+            isinstance(self.mass_sharpness, (int, float)) and 0 < self.mass_sharpness <= MASS_SHARPNESS_MAX,
+            "mass_sharpness",
+            f"must be a number in (0, {MASS_SHARPNESS_MAX}], got {self.mass_sharpness!r}",
+        )
         require(
             math.isfinite(self.query_weight) and self.query_weight >= 0,
             "query_weight",
