@@ -39,6 +39,18 @@ class ClusterError(RuntimeError):
     """A node exited or did not become ready."""
 
 
+def log_tail(path: Path, lines: int = 12) -> str:
+    """The last lines of a node's log, for an error message (a CI machine's temporary files are gone
+    by the time anyone reads them)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "; its last lines:\n" + "\n".join(f"  {line}" for line in tail) if tail else ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +176,7 @@ class LocalCluster:
         code = self.processes[node].poll()
         if code is not None:
             log = self.log_path(node)
-            where = f"; see {log}" if log is not None else " (its messages are above)"
+            where = f"; see {log}{log_tail(log)}" if log is not None else " (its messages are above)"
             raise ClusterError(f"the {node} service exited with code {code}{where}")
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:

@@ -236,3 +236,21 @@ def test_a_service_arms_its_parent_death_signal_only_for_the_parent_that_named_i
     orphan = subprocess.run(run, env={**os.environ, "KVFERRY_PARENT_PID": "1"}, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert orphan.returncode == 1 and "has exited" in orphan.stderr
+
+
+def test_a_node_that_dies_at_start_is_reported_with_its_last_log_lines(tmp_path: Path) -> None:
+    """wait_ready's error names the node, its exit code and the end of its log (a CI machine's log files
+    are gone by the time anyone reads the failure)."""
+    from kvferry.clients.local_cluster import ClusterError, LocalCluster
+
+    cluster = LocalCluster(log_dir=tmp_path)
+    with open(tmp_path / "decode.log", "wb") as log:
+        script = "import sys; print('\\n'.join(f'line {i}' for i in range(40))); sys.exit(3)"
+        cluster.processes["decode"] = subprocess.Popen([sys.executable, "-c", script], stdout=log)
+    cluster.processes["decode"].wait(30)
+    with pytest.raises(ClusterError) as err:
+        cluster.wait_ready(timeout=5, nodes=["decode"])
+    message = str(err.value)
+    assert (
+        "decode service exited with code 3" in message and "line 39" in message and "line 27" not in message
+    )
