@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from quality_plot import plot, print_tables  # noqa: E402
-from quality_stats import merge_kvpress, summarize  # noqa: E402
+from quality_stats import merge_kvpress, paired_difference, parse_cell, summarize  # noqa: E402
 from quality_tasks import FAMILIES, LENGTHS, SPLITS, Sample, make_sample, score, split_seeds  # noqa: E402
 from quality_variants import DEFAULT_VARIANTS, parse_variant, scorer_key  # noqa: E402
 from tqdm import tqdm
@@ -394,6 +394,23 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
+def versus_table(samples: list[dict[str, Any]], variant: str) -> str:
+    """Markdown: `variant` minus each other variant of the same setting and retention, paired, with the
+    95% CI and the number of samples both have."""
+    cells = {parse_cell(k) for s in samples for k in s["cells"]}
+    rows = []
+    for setting, other, r in sorted(cells, key=lambda c: (c[0], c[1], -c[2])):
+        if other == variant or (setting, variant, r) not in cells:
+            continue
+        d = paired_difference(samples, f"{setting}|{variant}@{r:g}", f"{setting}|{other}@{r:g}")
+        lo, hi = d["ci"]
+        rows.append(
+            f"| {setting} | {other} | {r:g} | {d['mean']:+.3f} [{lo:+.2f}, {hi:+.2f}] | {d['samples']} |"
+        )
+    head = f"| setting | {variant} minus | r | paired difference [95% CI] | samples |\n| --- | --- | ---: | ---: | ---: |"
+    return "\n".join([head, *rows])
+
+
 def jobs(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     seeds = split_seeds(args.split, args.per_cell, args.first_seed)
     out = [(f, length, s) for s in seeds for length in args.lengths for f in args.families]
@@ -445,16 +462,23 @@ def main() -> None:
     ap.add_argument(
         "--summarize", type=Path, default=None, help="redo the summary, tables and plot of an existing JSON"
     )
-    ap.add_argument("--merge-kvpress", type=Path, default=None, help="with --summarize: add kvpress's JSON")
+    ap.add_argument(
+        "--merge-kvpress", type=Path, nargs="+", default=[], help="with --summarize: add kvpress's JSON(s)"
+    )
+    ap.add_argument(
+        "--versus", default=None, help="with --summarize: print this variant minus every other, paired"
+    )
     args = ap.parse_args()
     if args.summarize:
         report = json.loads(args.summarize.read_text())
-        if args.merge_kvpress:
-            merge_kvpress(report, json.loads(args.merge_kvpress.read_text()))
+        for path in args.merge_kvpress:
+            merge_kvpress(report, json.loads(path.read_text()))
         report["summary"] = summarize(report["samples"])
         args.summarize.write_text(json.dumps(report, indent=1))
         plot(report, args.summarize.with_suffix(".png"))
         print_tables(report)
+        if args.versus:
+            print(versus_table(report["samples"], args.versus))
         return
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)

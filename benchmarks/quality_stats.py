@@ -129,7 +129,8 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def merge_kvpress(report: dict[str, Any], kv: dict[str, Any]) -> None:
     """Add kvpress's cells (benchmarks/quality_kvpress.py: the context setting, the same token ids)
-    to the samples they were run on, as 'context|kvpress.<press>@<r>'."""
+    to the samples they were run on, as 'context|kvpress.<press>@<r>'. Several kvpress runs (e.g. one on
+    a GPU, one on the CPU for the other samples) may be merged one after the other; each is listed."""
     by_id = {(s["family"], s["target_tokens"], s["seed"]): s for s in report["samples"]}
     merged = differ = 0
     for k in kv["samples"]:
@@ -143,10 +144,24 @@ def merge_kvpress(report: dict[str, Any], kv: dict[str, Any]) -> None:
         for key, cell in k["cells"].items():
             s["cells"][f"context|kvpress.{key}"] = cell
         s.setdefault("kvpress_full", k["full"])
-    report["kvpress"] = {
-        "status": "merged",
+    run = {
         "environment": kv["environment"],
         "settings": kv["settings"],
         "samples_merged": merged,
         "full_cache_answers_differ": differ,
     }
+    runs = report.get("kvpress", {}).get("runs")
+    if runs is None:  # a report merged before runs were listed holds one run's fields at the top
+        old = {k: v for k, v in report.get("kvpress", {}).items() if k != "status"}
+        runs = [old] if old else []
+    runs = [r for r in runs if r.get("environment") != run["environment"]] + [run]
+    report["kvpress"] = {"status": "merged", "runs": runs}
+
+
+def paired_difference(samples: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """Cell a minus cell b on the samples that have both: the macro mean over families, its 95% CI,
+    and the number of samples."""
+    diffs = [
+        None if x is None or y is None else x - y for x, y in zip(_values(samples, a), _values(samples, b))
+    ]
+    return {**macro([g[0] for g in _by_family(samples, diffs)]), "samples": sum(d is not None for d in diffs)}
