@@ -23,7 +23,9 @@ COLORS = {
     "kvpress.expected_attention": "tab:brown",
     "kvpress.streaming": "tab:green",
     "kvpress.kvzip": "tab:pink",
+    "lw_br_chunk8": "black",  # the new defaults (issue 23), under their run-2 name
 }
+LABELS = {"lw_br_chunk8": "lw_br_chunk8 (the new defaults)"}
 LEVER_RETENTION = 0.25  # the lever panel's retention
 FIELD_NAMES = {
     "mean": "accuracy",
@@ -60,9 +62,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             hi = [by_r[r]["share_of_full"]["ci"][1] - m for m, r in zip(means, rs)]
             kvpress = variant.startswith("kvpress.")
             ax.errorbar(
-                rs, means, yerr=[lo, hi], label=variant, color=COLORS[variant], capsize=2,
+                rs, means, yerr=[lo, hi], label=LABELS.get(variant, variant), color=COLORS[variant], capsize=2,
                 marker="s" if kvpress else "o", linestyle="--" if kvpress else "-",
-                linewidth=2.4 if variant == "compactor" else 1.3,
+                linewidth=2.4 if variant in ("compactor", "lw_br_chunk8") else 1.3,
             )  # fmt: skip
         ax.set_title(f"{setting} setting: share of full-cache accuracy")
         ax.set_xlabel("retention (fraction of KV kept)")
