@@ -207,13 +207,17 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     # caches of 12 + 8 GiB (a 32K document is 4 GiB uncompressed: r=1 cannot hold all 8, r=0.5 nearly).
     # The settings run cached first, `off` (128 uncached 16K-32K prefills) last; the JSON is rewritten
     # after each, so a step cut short keeps the settings that finished.
-    timeout 470 python -P -m kvferry.clients.cli bench --workload docqa --model $MODEL --load-format dummy \
+    timeout ${DOCQA_TIMEOUT:-470} python -P -m kvferry.clients.cli bench --workload docqa --model $MODEL --load-format dummy \
       --max-model-len 33024 --device cuda:0 --prefill-kv-cache-gib 16 --decode-kv-cache-gib 12 \
       --prefill-args "--context-cache-gib 12 --reserve-wait-seconds 300" --decode-args "--context-cache-gib 8" \
       --documents 8 --questions-per-document 16 --input-len 16k-32k --question-len 32-64 --output-len 32 \
-      --concurrency 4 --zipf 1.0 --context-caches 0.5,auto,1,off --warmup 1 --quiet \
-      --log-dir "$OUT/logs-docqa" --out "$OUT/bench/docqa_h100_8b" 2>&1 | tail -8
-    grep -hE "Error|error|Traceback" "$OUT"/logs-docqa/*/*.log 2>/dev/null | cut -c1-220 | tail -6
+      --concurrency ${DOCQA_CONCURRENCY:-16} --zipf 1.0 --context-caches 0.5,auto,1,off --warmup 1 --quiet \
+      --log-dir "$OUT/logs-docqa" --out "$OUT/bench/docqa_h100_8b_c${DOCQA_CONCURRENCY:-16}" 2>&1 | tail -8
+    grep -hE "Error|error|Traceback" "$OUT"/logs-docqa/*.log 2>/dev/null | cut -c1-220 | tail -6
+    grep -h "prefilled" "$OUT"/logs-docqa/prefill.log | grep -vE " in 0\.[0-9]+ s \(kept" | cut -c1-200 | head -12
+    [ -n "${DOCQA_THEN_KERNELS:-}" ] && timeout 60 python benchmarks/attention_kernels.py --cached-context \
+      --retentions 0.5 0.25 --out "$OUT/bench" > "$OUT/cached_context_kernels.log" 2>&1
+    grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" 2>/dev/null | cut -c1-250
     ;;
   1gpu-quality)
     GGUF=.model/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -437,6 +437,15 @@ INVERT_WARPS = 8  # the sweep's 48 steps are throughput-bound: more warps, fewer
 FUSED_WARPS = 4  # one program streams, inverts and scores: 4 warps 100-117 us, 8 warps 141-156, 2 warps 270
 
 
+def leverage_splits(max_block: int, block_t: int) -> int:
+    """The kernels' S (a compile-time constant): BLOCK_T-token splits of the longest block, rounded up to
+    a power of two. Near-equal blocks make the longest block's length follow the prompt's, so an exact
+    count would compile the kernels again for almost every new prompt length (seconds each on a GPU);
+    rounded, a process compiles at most log2(max block / BLOCK_T) + 1 variants. Splits past a block's
+    end compute nothing (fused, sketch paths) or zeros (split3)."""
+    return next_pow2(triton.cdiv(max_block, block_t))
+
+
 class LeverageWorkspace:
     """Scratch buffers of `leverage_scores`, grown on demand and reused across calls: a caller that
     keeps one (compactor keeps one per prompt) allocates nothing per call, and CUDA-graph captures
@@ -528,7 +537,7 @@ def leverage_scores(
     if num_blocks <= 0:
         return out
     kp = sketch.shape[1]
-    splits = triton.cdiv(max_block or t_len, block_t)
+    splits = leverage_splits(max_block or t_len, block_t)
     precision = "tf32x3" if keys.is_cuda else "ieee"
     ws = (workspace or LeverageWorkspace()).get(method, num_blocks * h, splits, block_t, kp, keys.device)
     grid = (num_blocks, h, splits)

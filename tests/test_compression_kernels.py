@@ -537,3 +537,21 @@ def test_compactor_on_cuda_keeps_what_the_cpu_compactor_keeps() -> None:
     table = compacted["cpu"][1]
     held = table[table >= 0].long()
     assert torch.equal(compacted["cuda"][2][held], compacted["cpu"][2][held])
+
+
+def test_leverage_kernels_compile_few_variants_across_prompt_lengths() -> None:
+    """Every new document length must not compile the leverage kernels again (seconds on a GPU, each
+    cache miss of a served document paid it): their split count is one of a few powers of two, and
+    still covers the longest block (test_leverage_blocks_longer_than_a_split_and_a_large_offset runs
+    the kernels with more splits than its blocks need: 3 of 64 tokens rounded up to 4)."""
+    from kvferry.kernels.leverage_scores import leverage_splits
+
+    block, block_t = 8192, 64
+    seen = set()
+    for n in range(1, 40_000, 37):
+        bounds = block_bounds(n, block)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        s = leverage_splits(longest, block_t)
+        assert s * block_t >= longest and s & (s - 1) == 0, (n, longest, s)
+        seen.add(s)
+    assert len(seen) <= (block // block_t).bit_length(), sorted(seen)
