@@ -24,7 +24,7 @@
 #   bash benchmarks/device_runs.sh 1gpu-owed          # nvidia-h100-x1: 1gpu-ctxcache's benchmarks and kernel test, then the
 #                                                     #   calibration signal's prefill share (no GPU test suites; ~9 min)
 #   bash benchmarks/device_runs.sh 1gpu-docqa         # nvidia-h100-x1: kvferry bench --workload docqa through the services
-#                                                     #   (8B shape, 8 documents of 16K-32K x 16 questions; ~7.5 min)
+#                                                     #   (8B shape, 8 documents of 16K-32K x 16 questions, 16 in flight; ~6 min)
 #
 # 1gpu-quality needs SmolLM2's GGUF (98 MB), more than one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine (it stays warm 30 s after a call), and kvpress's
