@@ -70,6 +70,17 @@ handoff() {  # $1: tag, then extra flags
   grep -hE "handoff over|ReserveKV answered|committed" "$OUT"/logs-"$tag"/*/*.log | cut -c1-220 | tail -12
 }
 
+cached_context_ttft() {  # $1: timeout. Hit vs miss TTFT, 8B shape, 32K context (issue 21's acceptance)
+  timeout "$1" python benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
+    > "$OUT/context_cache.log" 2>&1; grep -vE "^  r=" "$OUT/context_cache.log" | tail -8
+}
+
+cached_context_kernels() {  # $1: timeout. The per-head-prefix prefill kernel against a uniform prefix and the dense path
+  timeout "$1" python benchmarks/attention_kernels.py --cached-context --retentions 0.5 0.25 --out "$OUT/bench" \
+    > "$OUT/cached_context_kernels.log" 2>&1
+  grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" | cut -c1-250
+}
+
 case ${1:-} in
   2gpu-tests)
     timeout 280 python -P -m pytest -q -m gpu -p no:cacheprovider -rA tests/test_serving_gpu.py 2>&1 | tail -12
@@ -184,20 +195,16 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     ;;
   1gpu-ctxcache)
     # the acceptance number first (hit vs miss TTFT, 8B shape, 32K), then the kernel checks at real shapes
-    timeout 220 python benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
-      > "$OUT/context_cache.log" 2>&1; grep -vE "^  r=" "$OUT/context_cache.log" | tail -8
+    cached_context_ttft 220
     timeout 150 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_kernels.py \
       -k "per_head_prefixes or prefill_gpu_llama8b or forward_batches_run_triton" 2>&1 | tail -3
-    timeout 90 python benchmarks/attention_kernels.py --cached-context --retentions 0.5 0.25 --out "$OUT/bench" \
-      > "$OUT/cached_context_kernels.log" 2>&1; grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" | cut -c1-250
+    cached_context_kernels 90
     timeout 100 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -3
     ;;
   1gpu-owed)
-    timeout 200 python benchmarks/context_cache.py --gpu-8b --retentions 0.5 1 --out "$OUT/bench" \
-      > "$OUT/context_cache.log" 2>&1; grep -vE "^  r=" "$OUT/context_cache.log" | tail -8
+    cached_context_ttft 200
     timeout 120 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_kernels.py -k per_head_prefixes 2>&1 | tail -3
-    timeout 70 python benchmarks/attention_kernels.py --cached-context --retentions 0.5 0.25 --out "$OUT/bench" \
-      > "$OUT/cached_context_kernels.log" 2>&1; grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" | cut -c1-250
+    cached_context_kernels 70
     timeout 180 python benchmarks/compression_overhead.py --out "$OUT/bench" --reps 5 --no-reference --no-kernel-components \
       > "$OUT/calibration.log" 2>&1
     grep -E "calibration signal|fused_side_stream: share|auto: share|Error|error" "$OUT/calibration.log" | tail -8
@@ -215,9 +222,7 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       --log-dir "$OUT/logs-docqa" --out "$OUT/bench/docqa_h100_8b_c${DOCQA_CONCURRENCY:-16}" 2>&1 | tail -8
     grep -hE "Error|error|Traceback" "$OUT"/logs-docqa/*.log 2>/dev/null | cut -c1-220 | tail -6
     grep -h "prefilled" "$OUT"/logs-docqa/prefill.log | grep -vE " in 0\.[0-9]+ s \(kept" | cut -c1-200 | head -12
-    [ -n "${DOCQA_THEN_KERNELS:-}" ] && timeout 60 python benchmarks/attention_kernels.py --cached-context \
-      --retentions 0.5 0.25 --out "$OUT/bench" > "$OUT/cached_context_kernels.log" 2>&1
-    grep -E "cached context|wrote|Error|error" "$OUT/cached_context_kernels.log" 2>/dev/null | cut -c1-250
+    if [ -n "${DOCQA_THEN_KERNELS:-}" ]; then cached_context_kernels 60; fi
     ;;
   1gpu-quality)
     GGUF=.model/SmolLM2-135M-Instruct.Q4_1.gguf
