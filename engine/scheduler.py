@@ -1,6 +1,11 @@
 """Continuous batching: admit waiting requests by free pages (first come, first served), then run
 prefill chunks of admitted requests, otherwise one decode step over every running request.
 
+Among admitted prompts the one with the fewest tokens left to prefill runs its next chunk first: a
+question on a cached context (one short chunk) does not wait behind every remaining chunk of a long
+document admitted before it. So that a long prompt is never starved, the oldest one runs once it has
+been passed over `max_prefill_bypass` times in a row.
+
 Admission reserves every page a request can ever need (prompt plus all its output), so a running
 request never runs out of pages and nothing is preempted. Compression shrinks the reservation as
 soon as the prompt is compressed, which is what lets more compressed requests in.
@@ -44,6 +49,7 @@ class Scheduler:
         max_num_seqs: int,
         prefill_chunk: int,
         context_cache: ContextCache | None = None,
+        max_prefill_bypass: int = 16,
     ):
         self.pool = pool
         self.context_cache = context_cache
@@ -51,6 +57,9 @@ class Scheduler:
         self.num_kv_heads = num_kv_heads
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = prefill_chunk
+        self.max_prefill_bypass = max_prefill_bypass  # 0: first come, first served
+        # chunks of other prompts run in a row while the oldest prompt (its seq_id) waited
+        self._bypassed = (-1, 0)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.ended: list[Sequence] = []  # finished at admission (a put whose context got cached meanwhile)
@@ -163,12 +172,26 @@ class Scheduler:
 
     def schedule(self) -> PrefillStep | DecodeStep | None:
         self._admit()
-        for seq in self.running:
-            if seq.status == SequenceStatus.PREFILL:
-                remaining = seq.prefill_end - seq.num_prefilled
-                return PrefillStep(seq, min(self.prefill_chunk, remaining))
+        prefilling = [s for s in self.running if s.status == SequenceStatus.PREFILL]
+        if prefilling:
+            seq = self._next_prefill(prefilling)
+            return PrefillStep(seq, min(self.prefill_chunk, seq.prefill_end - seq.num_prefilled))
         decoding = [s for s in self.running if s.status == SequenceStatus.DECODE][: self.max_num_seqs]
         return DecodeStep(decoding) if decoding else None
+
+    def _next_prefill(self, prefilling: list[Sequence]) -> Sequence:
+        """The prompt whose chunk runs next: the fewest tokens left (the oldest among equals), or the
+        oldest once it has been passed over max_prefill_bypass times in a row. `prefilling` is in
+        admission order."""
+        oldest = prefilling[0]
+        shortest = min(prefilling, key=lambda s: s.prefill_end - s.num_prefilled)
+        waited_for, count = self._bypassed
+        count = count if waited_for == oldest.seq_id else 0
+        if shortest is oldest or count >= self.max_prefill_bypass:
+            self._bypassed = (oldest.seq_id, 0)
+            return oldest
+        self._bypassed = (oldest.seq_id, count + 1)
+        return shortest
 
     def detach(self, seq: Sequence) -> None:
         """Stop scheduling `seq` but keep its pages (held for a handoff)."""

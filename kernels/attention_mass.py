@@ -21,7 +21,7 @@ from kvferry.kernels._common import LOG2E, input_precision, next_pow2, upcast_do
 MAX_BLOCK = 128  # a block's scores [b, b] stay in registers
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset", "stride_oh"])  # a chunk's start, the prompt's length
 def _attention_mass_kernel(
     q_ptr,  # [T, Hq, D]
     k_ptr,  # [T, H, D]

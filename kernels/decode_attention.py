@@ -22,7 +22,8 @@ from kvferry.kernels._decode_tiles import attend_token_range, row_strides, tile_
 from kvferry.kernels.decode_balanced import DecodePlan, decode_attention_balanced
 
 
-@triton.jit
+# page-table widths follow the batch's longest sequence
+@triton.jit(do_not_specialize=["stride_pb", "stride_ph", "num_splits"])
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     kv_ptr,  # [num_pages, 2, P, D]
@@ -40,7 +41,7 @@ def _decode_split_kernel(
     stride_lh,
     stride_ob,
     stride_oh,
-    num_splits,  # a run-time value: a new split count costs no recompilation
+    num_splits,  # a run-time value, never specialized: a new split count costs no recompilation
     H: tl.constexpr,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -84,7 +85,7 @@ def _decode_split_kernel(
         tl.store(mid_lse_ptr + qh * num_splits + split, lse, mask=g < G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     mid_o_ptr,  # [B, Hq, S, D] fp32
     mid_lse_ptr,  # [B, Hq, S] fp32

@@ -83,7 +83,8 @@ def plan_decode(
     return DecodePlan(ends, runs, block_n, num_programs, min_tiles)
 
 
-@triton.jit
+# page-table widths follow the batch's longest sequence, the head count its size
+@triton.jit(do_not_specialize=["stride_pb", "stride_ph", "num_heads"])
 def _decode_balanced_kernel(
     q_ptr,  # [B, Hq, D]
     kv_ptr,  # [num_pages, 2, P, D]
@@ -170,7 +171,7 @@ def _decode_balanced_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads", "num_programs", "min_tiles"])
 def _decode_balanced_merge_kernel(
     ends_ptr,  # [B*H] int32
     mid_o_ptr,  # [2 * num_programs, G, D] fp32

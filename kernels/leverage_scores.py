@@ -61,7 +61,7 @@ def _sketch_tile(base, s0, hi, shift, phi, stride_kt, t, d, PRECISION: tl.conste
     return tl.dot(kc, phi, input_precision=PRECISION), ok  # [BLOCK_T, KP]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset"])
 def _partial_gram_kernel(
     keys_ptr,  # [T, H, D]
     bounds_ptr,  # [NB + 1] int32, prompt positions
@@ -146,7 +146,7 @@ def _invert_kernel(
     tl.store(norm_ptr + bh, norm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset", "stride_oh"])
 def _score_kernel(
     keys_ptr,  # [T, H, D]
     bounds_ptr,  # [NB + 1] int32
@@ -213,7 +213,7 @@ def _invert_tile(gram, xsum, count, ridge, r, c, K: tl.constexpr):
     return inv, m, norm
 
 
-@triton.jit(do_not_specialize=["blk0"])
+@triton.jit(do_not_specialize=["offset", "blk0"])
 def _sketch_gram_kernel(
     keys_ptr,  # [T, H, D]
     bounds_ptr,  # [NB + 1] int32, prompt positions
@@ -319,7 +319,7 @@ def _invert_partials_kernel(
     tl.store(norm_ptr + bh, norm)
 
 
-@triton.jit(do_not_specialize=["blk0", "out_col"])
+@triton.jit(do_not_specialize=["offset", "blk0", "out_col", "stride_oh"])
 def _score_x_kernel(
     bounds_ptr,  # [NB + 1] int32
     x_ptr,  # [NB, H, S, BLOCK_T, KP] fp32
@@ -357,7 +357,7 @@ def _score_x_kernel(
     tl.store(out_ptr + h * stride_oh + out_col + s0 + t, o / tl.load(norm_ptr + bh), mask=s0 + t < hi)
 
 
-@triton.jit(do_not_specialize=["blk0", "out_col"])
+@triton.jit(do_not_specialize=["offset", "blk0", "out_col", "stride_oh"])
 def _fused_kernel(
     keys_ptr,  # [T, H, D]
     bounds_ptr,  # [NB + 1] int32, prompt positions

@@ -22,7 +22,8 @@ import triton.language as tl
 from kvferry.kernels._common import check_pool
 
 
-@triton.jit
+# strides of tables and kept lists follow the prompt's length
+@triton.jit(do_not_specialize=["stride_sl", "stride_sh", "stride_dl", "stride_dh", "stride_kl", "stride_kh"])
 def _pack_kept_kernel(
     src_ptr,  # [num_pages, 2, P, D]
     dst_ptr,  # [num_dst_pages, 2, P, D]

@@ -98,7 +98,7 @@ def _softmax_pv(qk, v, acc, m, l_sum, scale_log2, PRECISION: tl.constexpr):
     return acc, m_new, l_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ps", "stride_ph"])  # page-table widths follow the prompt
 def _prefill_kernel(
     q_ptr,  # [N, Hq, D]
     kv_ptr,  # [num_pages, 2, P, D]

@@ -37,7 +37,9 @@ MIN_TOKENS = 256  # shorter chunks run the Triton kernel (little work; no plan p
 PREFIX_ALIGN = 1024  # prefixes that are a multiple of this (so few remainder shapes)
 
 
-@triton.jit
+# a chunk's token count and the log-sum-exp rows' strides follow the prompt (the outputs' head
+# strides, T x D, stay multiples of 16 and keep the hint their vector loads use)
+@triton.jit(do_not_specialize=["num_t", "stride_lah", "stride_lbh", "stride_lseh"])
 def _merge_kernel(
     oa_ptr,  # [Hq, T, D] (any strides)
     la_ptr,  # [Hq, T] fp32, natural log

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvferry.engine.compression import CompressionParams
 from kvferry.engine.config import EngineConfig
 from kvferry.engine.context_cache import CachedContext
 from kvferry.engine.errors import UnavailableError
@@ -270,14 +271,16 @@ def _resolve(waiter: Waiter, result: object) -> None:
 
 def _warm_up(engine: LLMEngine) -> None:
     """One short request through prefill, hold and release before reporting SERVING. On CUDA also a
-    compressed one over a full chunk and a ragged one: the first long compressed request on the H100
-    waited ~16 s (2026-11-23), most likely for kernel variants that short prompts never compile."""
+    compressed one of full chunks and a ragged one, as long as a leverage block (the longest prompts'
+    kernel variants: its split count, the dense path's merge), so that no user request compiles
+    them (benchmarks/cold_lengths.py: seconds on the first long prompt)."""
     _run_warm_up(engine, list(range(1, 9)), None)
     if engine.device.type == "cuda":
         half_pool = (
             engine.pool.num_pages * engine.pool.page_size // (2 * engine.num_layers * engine.num_kv_heads)
         )
-        length = min(engine.scheduler.prefill_chunk + 37, engine.max_model_len - 2, half_pool)
+        longest = max(engine.scheduler.prefill_chunk + 37, CompressionParams().leverage_block - 3)
+        length = min(longest, engine.max_model_len - 5, half_pool)
         vocab = int(engine.loaded.config.vocab_size)
         prompt = [1 + t % (vocab - 1) for t in range(length)]
         compactor = {"method": "compactor", "retention": 0.5}

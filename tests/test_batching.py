@@ -1,5 +1,6 @@
 """Continuous batching gives every request the tokens it gets alone; admission by free pages is
-first come, first served; pages are accounted exactly (pool and per-sequence page tables)."""
+first come, first served, and the prompt with the fewest tokens left prefills first (bounded, so
+none starves); pages are accounted exactly (pool and per-sequence page tables)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,72 @@ def test_admission_head_of_line_waits(tiny_model: Callable[[str], TinyModel]) ->
     late_small = engine.add_request(random_prompt(8, tm.vocab_size, 3), greedy(4))
     admitted, _ = _run_tracking_admissions(engine, [first, big, late_small])
     assert admitted == [0, 1, 2]
+    engine.pool.assert_no_leaks()
+
+
+def _prefill_order(engine: LLMEngine, seqs: list[Sequence]) -> list[int]:
+    """Step to completion; returns which request (index into `seqs`) each prefill chunk belonged to."""
+    index = {s.request_id: i for i, s in enumerate(seqs)}
+    order: list[int] = []
+    while engine.has_unfinished():
+        prefilled = {s.request_id: s.num_prefilled for s in seqs}
+        engine.step()
+        order += [index[s.request_id] for s in seqs if s.num_prefilled > prefilled[s.request_id]]
+    return order
+
+
+def test_short_prefill_runs_before_a_long_prompts_remaining_chunks(
+    tiny_model: Callable[[str], TinyModel],
+) -> None:
+    """A one-chunk prompt admitted behind a long one gets its chunk at the next step, not after every
+    chunk of the long prompt; its tokens are the ones it gets alone."""
+    tm = tiny_model("llama")
+    engine = tm.engine(page_size=4, prefill_chunk=8)
+    long_prompt, short_prompt = random_prompt(64, tm.vocab_size, 11), random_prompt(5, tm.vocab_size, 12)
+    long = engine.add_request(long_prompt, greedy(4))
+    engine.step()  # the long prompt's first chunk
+    short = engine.add_request(short_prompt, greedy(4))
+    assert _prefill_order(engine, [long, short])[:2] == [1, 0]
+    engine.pool.assert_no_leaks()
+    assert long.output_token_ids == _alone(engine, long_prompt, greedy(4))
+    assert short.output_token_ids == _alone(engine, short_prompt, greedy(4))
+
+
+def test_long_prompt_runs_after_max_prefill_bypass_chunks_of_shorter_ones(
+    tiny_model: Callable[[str], TinyModel],
+) -> None:
+    """Short prompts arriving without end cannot starve a long one: it runs a chunk every
+    max_prefill_bypass + 1 steps; 0 is first come, first served."""
+    tm = tiny_model("llama")
+    for bypass, expected in ((2, [1, 2, 0, 3, 4, 0, 5, 6, 0, 0]), (0, [0] * 4 + [1, 2, 3, 4, 5, 6])):
+        engine = tm.engine(page_size=4, prefill_chunk=8)
+        engine.scheduler.max_prefill_bypass = bypass
+        seqs = [engine.add_request(random_prompt(40, tm.vocab_size, 20), greedy(2))]
+        engine.step()
+        seqs += [engine.add_request(random_prompt(6, tm.vocab_size, 21 + i), greedy(2)) for i in range(6)]
+        assert _prefill_order(engine, seqs)[: len(expected)] == expected
+        engine.pool.assert_no_leaks()
+
+
+def test_interleaved_compressed_prefills_equal_each_alone(tiny_model: Callable[[str], TinyModel]) -> None:
+    """Compressed prompts whose chunks interleave (a short one between a long one's chunks) keep the
+    tokens and the kept tokens each gets alone: scoring state is per request."""
+    tm = tiny_model("llama")
+    engine = tm.engine(page_size=4, prefill_chunk=16)
+    compression = {"method": "compactor", "retention": 0.5}
+    prompts = [random_prompt(n, tm.vocab_size, 40 + n) for n in (90, 30, 20)]
+    seqs = [engine.add_request(prompts[0], greedy(5), compression)]
+    engine.step()
+    seqs += [engine.add_request(p, greedy(5), compression) for p in prompts[1:]]
+    order = _prefill_order(engine, seqs)
+    assert order[:4] == [2, 2, 1, 1], order  # the 20-token prompt first, then the 30-token one
+    engine.pool.assert_no_leaks()
+    for prompt, seq in zip(prompts, seqs):
+        ref = engine.add_request(prompt, greedy(5), compression)
+        while engine.has_unfinished():
+            engine.step()
+        assert seq.output_token_ids == ref.output_token_ids
+        assert seq.stats.kept_tokens_per_layer == ref.stats.kept_tokens_per_layer
     engine.pool.assert_no_leaks()
 
 

@@ -8,6 +8,7 @@ Llama-3.1-8B shapes. Inputs are fresh random (never zeros) and outputs are poiso
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -413,6 +414,51 @@ def test_compactor_scores_through_kernels_match_the_reference_path(
         assert scorer.group == 2
         results.append(scorer.scores())
     assert rel_err(results[1], results[0]) < 1e-3
+
+
+def _compactor_launch_keys(monkeypatch, n: int, chunk: int) -> dict[str, set[tuple]]:
+    """The compile keys of every scoring and compaction kernel launch of an n-token prompt scored in
+    `chunk`-token chunks (the engine's CUDA path, under the interpreter) and compacted into its pages."""
+    from kernel_keys import LaunchKeys
+
+    recorders = {}
+    for module_name, name in (("leverage_scores", "_fused_kernel"), ("attention_mass", "_attention_mass_kernel"),
+                              ("pack_kept", "_pack_kept_kernel")):  # fmt: skip
+        module = importlib.import_module(
+            f"kvferry.kernels.{module_name}"
+        )  # the package's names are its functions
+        recorders[name] = LaunchKeys(getattr(module, name))
+        monkeypatch.setattr(module, name, recorders[name])
+    monkeypatch.setattr(CompactorScorer, "leverage_method", "fused")
+    torch.manual_seed(n)
+    layers, h, g, d = 2, 2, 2, 32
+    params = CompressionParams(retention=0.5, leverage_block=256, attention_block=32, sketch_size=12)
+    scorer = CompactorScorer(params, PromptShape(layers, h, n), seq_kv=None)  # type: ignore[arg-type]
+    scorer._start(torch.randn(1, h, d, device=DEVICE))
+    scorer.fused = scorer.fused or scorer.fused_scoring()
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        for layer in range(layers):
+            q, k = torch.randn(e - s, h * g, d, device=DEVICE), torch.randn(e - s, h, d, device=DEVICE)
+            scorer.observe(layer, q, k, k, s)
+    seq = scattered_sequence(layers, h, n, 16, d, torch.float32)
+    kept, lens = select_tokens(scorer.scores(), params)
+    table = seq.page_table.clone()
+    table[torch.arange(table.shape[-1]) >= seq.pages_per_head(lens)[..., None]] = -1
+    kernels.pack_kept(seq.pool.kv, seq.page_table.to(DEVICE), kept, lens.to(DEVICE), table.to(DEVICE))
+    monkeypatch.undo()
+    return {name: set(r.keys) for name, r in recorders.items()}
+
+
+def test_a_new_prompt_length_compiles_no_scoring_or_compaction_kernel_again(monkeypatch) -> None:
+    """Prompts of lengths on and off multiples of 16 (row strides, page-table widths, kept-token
+    counts and chunk starts follow them) launch the scoring and compaction kernels under the same
+    compile keys: a served document of a new length compiles nothing (kernel_keys.py)."""
+    seen = [_compactor_launch_keys(monkeypatch, n, 64) for n in (160, 161, 176, 203)]
+    for name in seen[0]:
+        assert seen[0][name], f"{name} was never launched"
+        keys = set().union(*(s[name] for s in seen))
+        assert len(keys) == len(seen[0][name]), f"{name} compiles again for a new prompt length: {keys}"
 
 
 # ---- real shapes (GPU only): Llama-3.1-8B, 32 q / 8 kv heads, head_dim 128, bf16 ----

@@ -221,7 +221,7 @@ def test_a_request_waiting_for_its_context_does_not_hold_up_the_queue(tm: TinyMo
     other = engine.add_request(random_prompt(30, tm.vocab_size, seed=13), greedy(4))
     engine.step()
     assert waiter.status == SequenceStatus.WAITING
-    assert other.status == SequenceStatus.PREFILL, "admitted past the request waiting for a computation"
+    assert other.status != SequenceStatus.WAITING, "admitted past the request waiting for a computation"
     run(engine)
     assert (first.stats.context_cache, waiter.stats.context_cache) == ("miss", "hit")
     assert_clean(engine)

@@ -559,3 +559,34 @@ def test_forward_batches_run_triton_on_cuda() -> None:
     for seq in seqs:
         seq.free()
     pool.assert_no_leaks()
+
+
+def test_a_new_prompt_length_compiles_no_attention_kernel_again(monkeypatch) -> None:
+    """Prefill chunks and decode batches whose page tables are 16 to 32 pages wide (the
+    prompt's length sets the width) and chunks of 16 or 37 tokens launch the attention kernels
+    under one compile key each: a served document of a new length compiles nothing (kernel_keys.py)."""
+    import importlib
+
+    from kernel_keys import LaunchKeys
+
+    recorders = {}
+    for module_name, name in (("prefill_attention", "_prefill_kernel"), ("decode_attention", "_decode_split_kernel"),
+                              ("decode_attention", "_decode_merge_kernel"), ("decode_balanced", "_decode_balanced_kernel"),
+                              ("decode_balanced", "_decode_balanced_merge_kernel")):  # fmt: skip
+        module = importlib.import_module(
+            f"kvferry.kernels.{module_name}"
+        )  # the package's names are its functions
+        recorders[name] = LaunchKeys(getattr(module, name))
+        monkeypatch.setattr(module, name, recorders[name])
+    torch.manual_seed(7000)
+    for tokens in (250, 256, 350, 495):
+        for chunk in (16, 37):
+            check_prefill([(tokens - chunk, chunk)], 2, 2, 16, 16, torch.float32, block_m=16, block_n=16)
+        for balanced in (False, True):
+            lens = head_lens((3, 2), tokens, 16)
+            check_decode(3, 2, 2, 16, 16, tokens, torch.float32, lens=lens, balanced=balanced, block_n=16)
+    for name, recorder in recorders.items():
+        assert recorder.keys, f"{name} was never launched"
+        assert len(set(recorder.keys)) == 1, (
+            f"{name} compiles again for a new prompt length: {set(recorder.keys)}"
+        )
