@@ -21,6 +21,8 @@
 #   bash benchmarks/device_runs.sh 1gpu-ctxcache      # nvidia-h100-x1: cached contexts: per-head prefill kernel + engine GPU tests,
 #                                                     #   the per-head prefill vs dense, hit vs miss TTFT (8B shape, 32K context)
 #   bash benchmarks/device_runs.sh 1gpu-quality       # nvidia-h100-x1: quality sweep on the tuning split, kvferry + kvpress
+#   bash benchmarks/device_runs.sh 1gpu-cold          # nvidia-h100-x1: the kernels' GPU tests, then per-length cold costs
+#                                                     #   (benchmarks/cold_lengths.py; ~4 min)
 #   bash benchmarks/device_runs.sh 1gpu-owed          # nvidia-h100-x1: 1gpu-ctxcache's benchmarks and kernel test, then the
 #                                                     #   calibration signal's prefill share (no GPU test suites; ~9 min)
 #   bash benchmarks/device_runs.sh 1gpu-docqa         # nvidia-h100-x1: kvferry bench --workload docqa through the services
@@ -45,9 +47,9 @@
 # Every step has its own timeout and writes as it goes, so a cut-off step loses only itself.
 set -uo pipefail
 case ${1:-} in
-  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-quality | 1gpu-calibration | 1gpu-docqa | 1gpu-owed) ;;
+  2gpu-tests | 2gpu-bench | 1gpu-bench | 1gpu-handoff | 1gpu-serving | 1gpu-kernels | 1gpu-layers | 1gpu-wired | 1gpu-scoring | 1gpu-confirm | 1gpu-share | 1gpu-decode | 1gpu-engine-decode | 1gpu-decode-check | 1gpu-pages | 1gpu-layers-check | 1gpu-ctxcache | 1gpu-quality | 1gpu-calibration | 1gpu-docqa | 1gpu-owed | 1gpu-cold) ;;
   *)
-    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-quality|1gpu-calibration|1gpu-docqa|1gpu-owed}" >&2
+    echo "usage: $0 {2gpu-tests|2gpu-bench|1gpu-bench|1gpu-handoff|1gpu-serving|1gpu-kernels|1gpu-layers|1gpu-wired|1gpu-scoring|1gpu-confirm|1gpu-share|1gpu-decode|1gpu-engine-decode|1gpu-decode-check|1gpu-pages|1gpu-layers-check|1gpu-ctxcache|1gpu-quality|1gpu-calibration|1gpu-docqa|1gpu-owed|1gpu-cold}" >&2
     exit 2
     ;;
 esac
@@ -201,6 +203,11 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     cached_context_kernels 90
     timeout 100 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_engine_gpu.py tests/test_cuda_graphs_gpu.py 2>&1 | tail -3
     ;;
+  1gpu-cold)
+    # per-length cold costs (benchmarks/cold_lengths.py) and the kernels' GPU tests at real shapes
+    timeout 200 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_compression_kernels.py 2>&1 | tail -4
+    TRITON_CACHE_DIR=/tmp/triton-cold timeout 240 python -P benchmarks/cold_lengths.py --out "$OUT/bench" 2>&1 | grep -v Warning | tail -20
+    ;;
   1gpu-owed)
     cached_context_ttft 200
     timeout 120 python -P -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_kernels.py -k per_head_prefixes 2>&1 | tail -3
@@ -218,7 +225,7 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
       --max-model-len 33024 --device cuda:0 --prefill-kv-cache-gib 16 --decode-kv-cache-gib 12 \
       --prefill-args "--context-cache-gib 12 --reserve-wait-seconds 300" --decode-args "--context-cache-gib 8" \
       --documents 8 --questions-per-document 16 --input-len 16k-32k --question-len 32-64 --output-len 32 \
-      --concurrency ${DOCQA_CONCURRENCY:-16} --zipf 1.0 --context-caches 0.5,auto,1,off --warmup 1 --quiet \
+      --concurrency ${DOCQA_CONCURRENCY:-16} --zipf 1.0 --context-caches ${DOCQA_CACHES:-0.5,auto,1,off} --warmup 1 --quiet \
       --log-dir "$OUT/logs-docqa" --out "$OUT/bench/docqa_h100_8b_c${DOCQA_CONCURRENCY:-16}" 2>&1 | tail -8
     grep -hE "Error|error|Traceback" "$OUT"/logs-docqa/*.log 2>/dev/null | cut -c1-220 | tail -6
     grep -h "prefilled" "$OUT"/logs-docqa/prefill.log | grep -vE " in 0\.[0-9]+ s \(kept" | cut -c1-200 | head -12
