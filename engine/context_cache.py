@@ -109,6 +109,7 @@ class CachedContext:
         self.pages_per_head = head_lens // page_size  # [L, H]
         self.num_pages = int(self.pages_per_head.sum())
         self.page_table: torch.Tensor | None = None  # [L, H, W] int32 pool pages, -1 past each head
+        self._ids: torch.Tensor | None = None  # page_table's pages in travel order, once asked for
         self.host_kv: torch.Tensor | None = None  # [num_pages, 2, P, D] in (layer, head, page) order
         self.pins = 0  # requests using it now
         self.dropped = False  # dropped while pinned: its pages go when the last pin does
@@ -122,11 +123,14 @@ class CachedContext:
         return self.page_table is not None
 
     def page_ids(self) -> torch.Tensor:
-        """Its pool pages in (layer, head, page) order, the order pages travel in a handoff. [N] int64"""
+        """Its pool pages in (layer, head, page) order, the order pages travel in a handoff; computed
+        once per stay on the device (every hit reads them), so callers must not modify it. [N] int64"""
         assert self.page_table is not None, "the entry is on the host tier"
-        width = self.page_table.shape[-1]
-        mask = torch.arange(width)[None, None, :] < self.pages_per_head[..., None]
-        return self.page_table[mask].to(torch.int64)
+        if self._ids is None:
+            width = self.page_table.shape[-1]
+            mask = torch.arange(width)[None, None, :] < self.pages_per_head[..., None]
+            self._ids = self.page_table[mask].to(torch.int64)
+        return self._ids
 
     def set_pages(self, ids: torch.Tensor) -> None:
         """Lay out pool pages ids [N] ((layer, head, page) order) as this entry's page table."""
@@ -135,6 +139,12 @@ class CachedContext:
         table = torch.full((*self.head_lens.shape, width), -1, dtype=torch.int32)
         table[mask] = ids.to(torch.int32)
         self.page_table = table
+        self._ids = None
+
+    def clear_pages(self) -> None:
+        """Its pages left the pool (spilled to the host tier, or dropped)."""
+        self.page_table = None
+        self._ids = None
 
     def layout(self) -> KVLayout:
         return KVLayout(self.head_lens.clone(), self.page_size)
@@ -361,7 +371,7 @@ class ContextCache:
             self.device_bytes -= self.bytes_of(entry.num_pages)
         self.pool.mark_cached(ids, False)
         self.pool.free(ids)
-        entry.page_table = None
+        entry.clear_pages()
 
     # ---- visibility -------------------------------------------------------------------------------
     def state(self) -> ContextCacheState:

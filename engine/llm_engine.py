@@ -494,7 +494,7 @@ class LLMEngine:
             cache.pin(entry)
             seq.context_entry = entry
             try:
-                kv.attach_shared(entry.page_table, entry.head_lens)  # type: ignore[arg-type]
+                kv.attach_shared(entry.page_table, entry.head_lens, entry.page_ids())  # type: ignore[arg-type]
                 page_ids = kv.grow_to(context_lens + own)
             except BaseException:
                 self.scheduler.finish(seq, "abort")  # its pages, reservation and pin

@@ -150,7 +150,7 @@ class Scheduler:
             kv.reserve(self.own_pages(seq))
             cache.pin(entry)
             seq.context_entry = entry
-            kv.attach_shared(entry.page_table, entry.head_lens)  # type: ignore[arg-type]
+            kv.attach_shared(entry.page_table, entry.head_lens, entry.page_ids())  # type: ignore[arg-type]
             seq.num_prefilled = seq.context_len
             seq.stats.context_cache = "hit"
             seq.stats.context_kept_tokens = int(entry.head_lens.sum())
