@@ -206,6 +206,7 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
   1gpu-cold)
     # per-length cold costs (benchmarks/cold_lengths.py) and the kernels' GPU tests at real shapes
     timeout 200 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_compression_kernels.py 2>&1 | tail -4
+    timeout 120 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py -k cached_context 2>&1 | tail -4
     TRITON_CACHE_DIR=/tmp/triton-cold timeout 240 python -P benchmarks/cold_lengths.py --out "$OUT/bench" 2>&1 | grep -v Warning | tail -20
     ;;
   1gpu-owed)

@@ -177,6 +177,40 @@ def test_cached_context_hit_equals_miss_bf16(llama_8b_heads: Path, enforce_eager
     assert tokens[0] == tokens[3]
 
 
+def test_cached_context_spilled_to_host_and_restored_answers_the_same(llama_8b_heads: Path) -> None:
+    """A device tier with room for one context: caching a second spills the first to pinned host
+    memory, asking the first again restores it (both copies queued on the engine's stream, the
+    engine thread not waiting), and the answers equal those from before the round trip, while the
+    second context's pages (written into pages the spill freed) keep their answers too."""
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(llama_8b_heads), device="cuda", dtype="bfloat16", page_size=16, prefill_chunk=256,
+            kv_cache_bytes=256 << 20, context_cache_bytes=10 << 20, context_cache_host_bytes=256 << 20,
+        )
+    )  # fmt: skip
+    compression = CompressionParams(method="compactor", retention=0.5)
+    contexts = [random_prompt(1600, VOCAB, seed=30 + i) for i in range(2)]
+    question = random_prompt(20, VOCAB, seed=40)
+
+    def ask(context: list[int]) -> tuple[list[int], str]:
+        seq = engine.add_request(
+            context + question, greedy(NEW_TOKENS), compression, context_len=len(context), cache_context=True
+        )
+        while engine.has_unfinished():
+            engine.step()
+        return seq.output_token_ids, seq.stats.context_cache
+
+    first, use = ask(contexts[0])
+    second, _ = ask(contexts[1])
+    state = engine.context_cache_state()
+    assert (use, state.device_entries, state.host_entries, state.spills) == ("miss", 1, 1, 1)
+    assert ask(contexts[0]) == (first, "hit")  # restored (the second spilled to make room)
+    assert ask(contexts[1]) == (second, "hit")
+    assert engine.context_cache_state().restores == 2
+    engine.context_cache.clear()
+    engine.pool.assert_no_leaks()
+
+
 def test_auto_retention_on_cuda_matches_cpu(llama_8b_heads: Path) -> None:
     """retention="auto" on CUDA: the context NLL (the lm_head on sampled positions, summed on the device)
     and the retention chosen from it equal the CPU engine's, and so do the tokens (random scores: the
