@@ -222,6 +222,10 @@ for k, v in r['top_kernels_ms'].items(): print(f'{v:8.2f} ms  {k}')"
     # caches of 12 + 8 GiB (a 32K document is 4 GiB uncompressed: r=1 cannot hold all 8, r=0.5 nearly).
     # The settings run cached first, `off` (128 uncached 16K-32K prefills) last; the JSON is rewritten
     # after each, so a step cut short keeps the settings that finished.
+    if [ -n "${DOCQA_TESTS_FIRST:-}" ]; then  # the GPU tests of what the run depends on, short
+      timeout 150 python -P -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_kernels.py \
+        tests/test_compression_kernels.py -k "cached_context or per_head or llama8b" 2>&1 | tail -3
+    fi
     timeout ${DOCQA_TIMEOUT:-470} python -P -m kvferry.clients.cli bench --workload docqa --model $MODEL --load-format dummy \
       --max-model-len 33024 --device cuda:0 --prefill-kv-cache-gib 16 --decode-kv-cache-gib 12 \
       --prefill-args "--context-cache-gib 12 --reserve-wait-seconds 300" --decode-args "--context-cache-gib 8" \
