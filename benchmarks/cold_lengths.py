@@ -10,6 +10,7 @@ slower than its last ones pays something per length; the Triton cache folder say
 compiled (one entry per compiled variant).
 
     python3 benchmarks/cold_lengths.py --out docs/benchmarks          # H100, 8B shape (random weights)
+    python3 benchmarks/cold_lengths.py --plot docs/benchmarks/cold_lengths.json   # redraw its PNG
 """
 
 from __future__ import annotations
@@ -39,6 +40,37 @@ def compiled_kernels(cache_dir: Path) -> set[str]:
     return out
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Each request's time in run order, misses and hits, the ones that compiled a kernel marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(rows))
+    for kind, color in (("miss", "tab:blue"), ("hit", "tab:green")):
+        ax.bar([i + (0.2 if kind == "hit" else -0.2) for i in x], [r[f"{kind}_s"] for r in rows], 0.4,
+               color=color, label=kind)  # fmt: skip
+        for i, r in enumerate(rows):
+            if r[f"{kind}_compiled"]:
+                ax.annotate(f"{len(r[f'{kind}_compiled'])} compiled", (i, r[f"{kind}_s"]), ha="center",
+                            va="bottom", fontsize=7, color="tab:red")  # fmt: skip
+    ax.set_xticks(list(x), [f"{r['pass_'][:4]}\n{r['tokens']}" for r in rows], fontsize=7)
+    ax.set_ylabel("seconds")
+    ax.set_xlabel(
+        "pass (warm: r = 1, comp(ressed) and new: r = 0.5) and document tokens, in run order", fontsize=8
+    )
+    ax.set_title(
+        f"first request per document length after warm-up: {report['device']}, {report['date']}", fontsize=9
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(CONFIG_8B), help="a config folder, GGUF or checkpoint")
@@ -48,7 +80,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the lengths (a CPU smoke run: 0.1)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--name", default="cold_lengths", help="output name under --out")
+    p.add_argument("--plot", type=Path, help="redraw the PNG of this JSON and exit")
     args = p.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
     cache_dir = Path(os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-cold-")))
 
     import torch
@@ -117,7 +154,9 @@ def main() -> None:
     )  # fmt: skip
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cold_lengths.json").write_text(json.dumps(report, indent=1))
+        path = args.out / f"{args.name}.json"
+        path.write_text(json.dumps(report, indent=1))
+        plot(report, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
