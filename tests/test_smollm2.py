@@ -16,6 +16,7 @@ import torch
 from builders import long_document, record_logits
 
 from kvferry.engine import LLM, SamplingParams
+from kvferry.engine.scheduler import Scheduler
 from kvferry.engine.tokenizer import Message, encode_chat
 
 pytestmark = pytest.mark.slow
@@ -52,8 +53,12 @@ def runs(smollm2: LLM, smollm2_hf: Any) -> list[Run]:
     """Our engine generates all three chats as ONE batch; transformers generates each alone."""
     engine = smollm2.engine
     prompts = [encode_chat(smollm2.tokenizer, c) for c in CHATS]
-    with record_logits(engine.model) as rows:
-        outs = smollm2.generate_chat(CHATS, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
+    engine.scheduler.max_prefill_bypass = 0  # prompts prefill in request order (shortest first is
+    try:  # test_batching's), so the rows below are found by position
+        with record_logits(engine.model) as rows:
+            outs = smollm2.generate_chat(CHATS, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
+    finally:
+        engine.scheduler.max_prefill_bypass = Scheduler.max_prefill_bypass_default
     # All three are admitted at once and prefills run before any decode step, chunk by chunk in
     # request order; the last row of each request's last chunk predicted its first token.
     chunk = engine.scheduler.prefill_chunk
