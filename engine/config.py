@@ -21,6 +21,9 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output positions; None = the model's own limit
     kv_cache_bytes: int | None = None  # KV pool size; None = 2 GiB on CPU, 90% of free memory on CUDA
     max_num_seqs: int = 64  # sequences decoded together at most
+    # the prompt with the fewest tokens left prefills first; the oldest after being passed over this
+    # many times in a row (engine/scheduler.py); 0 = first come, first served
+    max_prefill_bypass: int = 16
     load_format: str = "auto"  # "auto" reads weights; "dummy" = random weights from config.json (speed work)
     enforce_eager: bool = False  # True: never replay decode steps from CUDA graphs (engine/cuda_graphs.py)
     # CUDA prefill attention: "auto" = cuDNN through kernels/prefill_dense.py where it applies (chunks
@@ -47,6 +50,9 @@ class EngineConfig:
             f"must be >= 1, got {self.prefill_chunk}",
         )
         require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        require(
+            self.max_prefill_bypass >= 0, "max_prefill_bypass", f"must be >= 0, got {self.max_prefill_bypass}"
+        )
         require(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         require(self.prefill_attention in ("auto", "triton"), "prefill_attention", "must be auto or triton")
         require(self.dtype in ("auto", *_DTYPES), "dtype", f"must be auto or one of {sorted(_DTYPES)}")

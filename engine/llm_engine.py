@@ -90,6 +90,7 @@ class LLMEngine:
             config.max_num_seqs,
             config.prefill_chunk_tokens(),
             self.context_cache,
+            config.max_prefill_bypass,
         )
         graphs = make_decode_graph_runner(
             config, self.model, self.pool, self.num_layers, self.num_kv_heads, self.max_model_len

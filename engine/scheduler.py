@@ -41,8 +41,6 @@ class DecodeStep:
 
 
 class Scheduler:
-    max_prefill_bypass_default = 16
-
     def __init__(
         self,
         pool: KVPool,
@@ -51,7 +49,7 @@ class Scheduler:
         max_num_seqs: int,
         prefill_chunk: int,
         context_cache: ContextCache | None = None,
-        max_prefill_bypass: int | None = None,
+        max_prefill_bypass: int = 16,
     ):
         self.pool = pool
         self.context_cache = context_cache
@@ -59,10 +57,7 @@ class Scheduler:
         self.num_kv_heads = num_kv_heads
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = prefill_chunk
-        # 0: first come, first served
-        self.max_prefill_bypass = (
-            self.max_prefill_bypass_default if max_prefill_bypass is None else max_prefill_bypass
-        )
+        self.max_prefill_bypass = max_prefill_bypass  # 0: first come, first served
         # chunks of other prompts run in a row while the oldest prompt (its seq_id) waited
         self._bypassed = (-1, 0)
         self.waiting: deque[Sequence] = deque()

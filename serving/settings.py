@@ -186,6 +186,11 @@ class EngineSettings:
     max_num_seqs: int = setting(
         64, "sequences the engine runs at once (admitted from its queue; on decode, the largest batch)"
     )
+    max_prefill_bypass: int = setting(
+        16,
+        "prefill order: the prompt with the fewest tokens left runs its chunk first, the oldest once passed "
+        "over this many times in a row; 0: first come, first served",
+    )
     torch_threads: int | None = setting(None, "torch intra-op CPU threads (default: torch's choice)")
     enforce_eager: bool = setting(False, "never replay decode steps from CUDA graphs (debugging; GPU only)")
     prefill_attention: str = setting(
@@ -226,6 +231,7 @@ class EngineSettings:
             max_model_len=self.max_model_len,
             kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs,
+            max_prefill_bypass=self.max_prefill_bypass,
             enforce_eager=self.enforce_eager,
             prefill_attention=self.prefill_attention,
             layer_kernels=self.layer_kernels,

@@ -228,6 +228,7 @@ def test_duplicate_request_id(llm: LLM, tiny: TinyModel) -> None:
         ({"page_size": 0}, "page_size"),
         ({"prefill_chunk": 0}, "prefill_chunk"),
         ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"max_prefill_bypass": -1}, "max_prefill_bypass"),
         ({"dtype": "float64"}, "dtype"),
         ({"max_model_len": 1}, "max_model_len"),
     ],

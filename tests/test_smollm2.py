@@ -16,7 +16,6 @@ import torch
 from builders import long_document, record_logits
 
 from kvferry.engine import LLM, SamplingParams
-from kvferry.engine.scheduler import Scheduler
 from kvferry.engine.tokenizer import Message, encode_chat
 
 pytestmark = pytest.mark.slow
@@ -58,7 +57,7 @@ def runs(smollm2: LLM, smollm2_hf: Any) -> list[Run]:
         with record_logits(engine.model) as rows:
             outs = smollm2.generate_chat(CHATS, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
     finally:
-        engine.scheduler.max_prefill_bypass = Scheduler.max_prefill_bypass_default
+        engine.scheduler.max_prefill_bypass = engine.config.max_prefill_bypass
     # All three are admitted at once and prefills run before any decode step, chunk by chunk in
     # request order; the last row of each request's last chunk predicted its first token.
     chunk = engine.scheduler.prefill_chunk
