@@ -9,6 +9,7 @@ a kernel in its module and records each launch's key (then runs it, under the in
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -45,3 +46,15 @@ def launch_key(kernel: Any, args: tuple, kwargs: dict[str, Any]) -> tuple:
                 (name, *native_specialize_impl(BaseBackend, value, False, name not in unspecialized, True))
             )
     return tuple(key)
+
+
+def record_launches(monkeypatch: Any, kernels: list[tuple[str, str]]) -> dict[str, LaunchKeys]:
+    """Stand a LaunchKeys in for each (module under kvferry.kernels, kernel name); by kernel name."""
+    recorders = {}
+    for module_name, name in kernels:
+        module = importlib.import_module(
+            f"kvferry.kernels.{module_name}"
+        )  # the package's names are its functions
+        recorders[name] = LaunchKeys(getattr(module, name))
+        monkeypatch.setattr(module, name, recorders[name])
+    return recorders

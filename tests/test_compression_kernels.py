@@ -8,7 +8,6 @@ Llama-3.1-8B shapes. Inputs are fresh random (never zeros) and outputs are poiso
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -419,16 +418,16 @@ def test_compactor_scores_through_kernels_match_the_reference_path(
 def _compactor_launch_keys(monkeypatch, n: int, chunk: int) -> dict[str, set[tuple]]:
     """The compile keys of every scoring and compaction kernel launch of an n-token prompt scored in
     `chunk`-token chunks (the engine's CUDA path, under the interpreter) and compacted into its pages."""
-    from kernel_keys import LaunchKeys
+    from kernel_keys import record_launches
 
-    recorders = {}
-    for module_name, name in (("leverage_scores", "_fused_kernel"), ("attention_mass", "_attention_mass_kernel"),
-                              ("pack_kept", "_pack_kept_kernel")):  # fmt: skip
-        module = importlib.import_module(
-            f"kvferry.kernels.{module_name}"
-        )  # the package's names are its functions
-        recorders[name] = LaunchKeys(getattr(module, name))
-        monkeypatch.setattr(module, name, recorders[name])
+    recorders = record_launches(
+        monkeypatch,
+        [
+            ("leverage_scores", "_fused_kernel"),
+            ("attention_mass", "_attention_mass_kernel"),
+            ("pack_kept", "_pack_kept_kernel"),
+        ],
+    )
     monkeypatch.setattr(CompactorScorer, "leverage_method", "fused")
     torch.manual_seed(n)
     layers, h, g, d = 2, 2, 2, 32

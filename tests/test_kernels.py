@@ -565,19 +565,14 @@ def test_a_new_prompt_length_compiles_no_attention_kernel_again(monkeypatch) -> 
     """Prefill chunks and decode batches whose page tables are 16 to 32 pages wide (the
     prompt's length sets the width) and chunks of 16 or 37 tokens launch the attention kernels
     under one compile key each: a served document of a new length compiles nothing (kernel_keys.py)."""
-    import importlib
+    from kernel_keys import record_launches
 
-    from kernel_keys import LaunchKeys
-
-    recorders = {}
-    for module_name, name in (("prefill_attention", "_prefill_kernel"), ("decode_attention", "_decode_split_kernel"),
-                              ("decode_attention", "_decode_merge_kernel"), ("decode_balanced", "_decode_balanced_kernel"),
-                              ("decode_balanced", "_decode_balanced_merge_kernel")):  # fmt: skip
-        module = importlib.import_module(
-            f"kvferry.kernels.{module_name}"
-        )  # the package's names are its functions
-        recorders[name] = LaunchKeys(getattr(module, name))
-        monkeypatch.setattr(module, name, recorders[name])
+    recorders = record_launches(
+        monkeypatch,
+        [("prefill_attention", "_prefill_kernel"), ("decode_attention", "_decode_split_kernel"),
+         ("decode_attention", "_decode_merge_kernel"), ("decode_balanced", "_decode_balanced_kernel"),
+         ("decode_balanced", "_decode_balanced_merge_kernel")],
+    )  # fmt: skip
     torch.manual_seed(7000)
     for tokens in (250, 256, 350, 495):
         for chunk in (16, 37):
