@@ -60,17 +60,13 @@ class SequenceKV:
         self.head_lens = head_lens.to(torch.int64).clone()
         return new_pages
 
-    def attach_shared(
-        self, table: torch.Tensor, head_lens: torch.Tensor, pages: torch.Tensor | None = None
-    ) -> None:
+    def attach_shared(self, table: torch.Tensor, head_lens: torch.Tensor, pages: torch.Tensor) -> None:
         """Start a fresh sequence on a cached context's pages: table [L, H, W] (-1 past each head's
-        pages) and head_lens [L, H], whole pages; `pages` [N]: the table's pages, when the caller
-        has them. This sequence becomes one more holder of those pages (nothing is copied); its own
-        tokens go into pages after them, so it never writes into one."""
+        pages), head_lens [L, H], whole pages, and the table's pages [N] (the entry keeps them). This
+        sequence becomes one more holder of those pages (nothing is copied); its own tokens go into
+        pages after them, so it never writes into one."""
         assert self.num_pages_held == 0, "a cached context goes in front of a fresh sequence"
         assert bool((head_lens % self.pool.page_size == 0).all()), "a shared head ends on a page boundary"
-        if pages is None:
-            pages = table[table >= 0]
         self.pool.share(pages)
         self.page_table[:, :, : table.shape[-1]] = table
         self.head_lens = head_lens.to(torch.int64).clone()

@@ -48,8 +48,8 @@ class Scheduler:
         num_kv_heads: int,
         max_num_seqs: int,
         prefill_chunk: int,
-        context_cache: ContextCache | None = None,
-        max_prefill_bypass: int = 16,
+        context_cache: ContextCache | None,
+        max_prefill_bypass: int,
     ):
         self.pool = pool
         self.context_cache = context_cache
